@@ -1,0 +1,56 @@
+"""kernelscope: measure the quantization kernel of a language model — the activation elements a
+quantizer rounds to zero — layer by layer, per-token against CrossQuant.
+
+Typical use::
+
+    import kernelscope as ks
+    loaded = ks.load_model("demo")
+    text = ks.load_text("pydoc")
+    windows = ks.make_windows(ks.tokenize(loaded.tokenizer, text.text), seqlen=512, nsamples=4)
+    result = ks.profile(loaded, windows, ks.default_configs(), text=text)
+    result.layers        # polars DataFrame, one row per layer x quantizer configuration
+
+Names are imported on first use, so that ``import kernelscope`` (and the CLI's ``--help``) stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "Windows": "kernelscope.data",
+    "load_text": "kernelscope.data",
+    "make_windows": "kernelscope.data",
+    "tokenize": "kernelscope.data",
+    "KernelscopeError": "kernelscope.errors",
+    "load_model": "kernelscope.models",
+    "select_linear_layers": "kernelscope.models",
+    "DEFAULT_ALPHA": "kernelscope.quant",
+    "QuantizerConfig": "kernelscope.quant",
+    "expand_configs": "kernelscope.quant",
+    "default_configs": "kernelscope.quant",
+    "read_run": "kernelscope.results",
+    "ProfileResult": "kernelscope.runs",
+    "profile": "kernelscope.runs",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+if TYPE_CHECKING:
+    from kernelscope.data import Windows, load_text, make_windows, tokenize
+    from kernelscope.errors import KernelscopeError
+    from kernelscope.models import load_model, select_linear_layers
+    from kernelscope.quant import DEFAULT_ALPHA, QuantizerConfig, default_configs, expand_configs
+    from kernelscope.results import read_run
+    from kernelscope.runs import ProfileResult, profile
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'kernelscope' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+"""The ``kernelscope`` command line: the only layer that prints."""
+
+from kernelscope.cli.app import app, main
+
+__all__ = ["app", "main"]

@@ -1,0 +1,146 @@
+"""Text from the hub (wikitext2, c4, pileval), a local file (.txt, .jsonl, .parquet), or ``pydoc``.
+
+Every source ends as one string: documents are joined with ``"\\n\\n"``, the join the WikiText-2
+perplexity protocol uses (SmoothQuant, AWQ, GPTQ, OmniQuant).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from kernelscope.errors import KernelscopeError
+from kernelscope.hub import hub_unreachable_reason
+
+DOC_SEPARATOR = "\n\n"
+
+HUB_DATASETS = {
+    "wikitext2": "WikiText-2 raw, test split (wikitext / wikitext-2-raw-v1)",
+    "c4": "C4 English, first validation shard (allenai/c4)",
+    "pileval": "The Pile, validation (mit-han-lab/pile-val-backup)",
+}
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """A whole text and where it came from."""
+
+    name: str
+    description: str
+    text: str
+
+    @property
+    def sha256(self) -> str:
+        """Fingerprint of the exact text (UTF-8), so two runs can tell whether they read the same."""
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+def _checked(name: str, description: str, text: str) -> TextSource:
+    if not text.strip():
+        raise KernelscopeError(f"the text from {name} is empty")
+    return TextSource(name, description, text)
+
+
+def _read_txt(path: Path) -> str:
+    data = path.read_bytes()
+    if b"\x00" in data[:65536]:
+        raise KernelscopeError(f"{path} looks like a binary file, not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise KernelscopeError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded)") from None
+
+
+def _read_jsonl(path: Path) -> str:
+    docs: list[str] = []
+    for number, line in enumerate(_read_txt(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise KernelscopeError(f"{path}:{number} is not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise KernelscopeError(f"{path}:{number} has no string field 'text'")
+        docs.append(record["text"])
+    return DOC_SEPARATOR.join(docs)
+
+
+def _read_parquet(path: Path) -> str:
+    import polars as pl
+
+    try:
+        frame = pl.read_parquet(path, columns=None)
+    except Exception as exc:  # polars raises several types for a damaged file
+        raise KernelscopeError(f"{path} is not a readable parquet file ({type(exc).__name__})") from None
+    if "text" not in frame.columns or frame.schema["text"] != pl.String:
+        raise KernelscopeError(f"{path} has no string column 'text' (columns: {', '.join(frame.columns)})")
+    return DOC_SEPARATOR.join(t for t in frame["text"].to_list() if t is not None)
+
+
+def _read_pydoc() -> str:
+    from pydoc_data.topics import topics
+
+    return DOC_SEPARATOR.join(topics[key] for key in sorted(topics))
+
+
+def _read_hub(name: str, max_chars: int | None) -> str:
+    reason = hub_unreachable_reason()
+    if reason is not None:
+        raise KernelscopeError(
+            f"--dataset {name} needs the Hugging Face hub, which cannot be reached: {reason}; "
+            "pass a local .txt/.jsonl/.parquet file or `pydoc` instead"
+        )
+    from datasets import load_dataset
+
+    try:
+        if name == "wikitext2":
+            rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+        elif name == "c4":
+            rows = load_dataset(
+                "allenai/c4", data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                split="validation",
+            )
+        else:
+            rows = load_dataset("mit-han-lab/pile-val-backup", split="validation")
+    except Exception as exc:
+        raise KernelscopeError(f"cannot load --dataset {name} from the hub: {str(exc).splitlines()[0]}") from None
+    if name == "wikitext2" or max_chars is None:
+        return DOC_SEPARATOR.join(rows["text"])
+    docs, size = [], 0
+    for text in rows["text"]:
+        docs.append(text)
+        size += len(text) + len(DOC_SEPARATOR)
+        if size >= max_chars:
+            break
+    return DOC_SEPARATOR.join(docs)
+
+
+def load_text(source: str, *, max_chars: int | None = None) -> TextSource:
+    """Read the text named by ``source``.
+
+    ``wikitext2`` is read whole (the perplexity protocol). For ``c4`` and ``pileval`` documents are
+    read in order until ``max_chars`` characters, when given, since those corpora are large.
+    """
+    key = source.strip().lower()
+    if key in HUB_DATASETS:
+        return _checked(key, HUB_DATASETS[key], _read_hub(key, max_chars))
+    if key == "pydoc":
+        return _checked("pydoc", "Python's own documentation topics (pydoc_data.topics), offline", _read_pydoc())
+    path = Path(source).expanduser()
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        if not path.exists():
+            raise KernelscopeError(f"text file not found: {source}")
+        if not path.is_file():
+            raise KernelscopeError(f"{source} is not a file")
+        suffix = path.suffix.lower()
+        if suffix == ".jsonl":
+            return _checked(source, f"local JSON lines file {path} (field 'text')", _read_jsonl(path))
+        if suffix == ".parquet":
+            return _checked(source, f"local parquet file {path} (column 'text')", _read_parquet(path))
+        return _checked(source, f"local text file {path}, read whole", _read_txt(path))
+    choices = ", ".join([*HUB_DATASETS, "pydoc"])
+    raise KernelscopeError(f"unknown dataset {source!r}: choose {choices}, or a path to a .txt/.jsonl/.parquet file")

@@ -1,0 +1,103 @@
+"""Cut one tokenized text into non-overlapping windows of ``seqlen`` tokens.
+
+Example: 1,030 tokens with ``seqlen=256`` hold 4 windows, starting at tokens 0, 256, 512 and 768;
+the last 6 tokens are dropped. ``selection="first"`` with ``nsamples=2`` takes the windows at 0 and
+256 (text order, as the perplexity protocol does); ``selection="random"`` takes 2 of the 4 drawn
+without replacement by a generator seeded with ``seed``, kept in text order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from kernelscope.errors import KernelscopeError
+
+SELECTIONS = ("first", "random")
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Selected windows ``tokens (n, seqlen)`` and how they were chosen."""
+
+    tokens: torch.Tensor  # (n, seqlen) int64
+    starts: list[int]  # token offset of each window in the whole text
+    seqlen: int
+    available: int  # non-overlapping windows the text holds
+    total_tokens: int
+    selection: str
+    seed: int
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def dropped_tokens(self) -> int:
+        return self.total_tokens - self.available * self.seqlen
+
+    @property
+    def sha256(self) -> str:
+        """Fingerprint of the exact token ids fed to the model."""
+        return hashlib.sha256(self.tokens.to(torch.int64).numpy().tobytes()).hexdigest()
+
+    def describe(self) -> str:
+        """One sentence for the run summary."""
+        n = len(self)
+        if self.selection == "first":
+            how = "all of them" if n == self.available else f"the first {n}, in text order"
+        else:
+            how = f"{n} drawn at random without replacement (seed {self.seed}), kept in text order"
+        return (
+            f"{n} of {self.available} non-overlapping {self.seqlen}-token windows ({how}); "
+            f"text of {self.total_tokens:,} tokens, last {self.dropped_tokens:,} dropped"
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "windows": len(self), "seqlen": self.seqlen, "available_windows": self.available,
+            "total_tokens": self.total_tokens, "dropped_tokens": self.dropped_tokens,
+            "selection": self.selection, "seed": self.seed, "starts": self.starts,
+            "tokens_sha256": self.sha256, "description": self.describe(),
+        }
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one sequence of ids ``(N,)``, special tokens as the tokenizer adds them."""
+    ids = tokenizer(text, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def make_windows(
+    ids: torch.Tensor,
+    seqlen: int,
+    nsamples: int | None = None,
+    *,
+    selection: str = "first",
+    seed: int = 0,
+) -> Windows:
+    """Select ``nsamples`` (all when None) non-overlapping windows of ``seqlen`` tokens from ``ids (N,)``."""
+    if seqlen < 1:
+        raise KernelscopeError(f"--seqlen must be at least 1, got {seqlen}")
+    if nsamples is not None and nsamples < 1:
+        raise KernelscopeError(f"--nsamples must be at least 1, got {nsamples}")
+    if selection not in SELECTIONS:
+        raise KernelscopeError(f"unknown window selection {selection!r}; choose {' or '.join(SELECTIONS)}")
+    total = ids.numel()
+    available = total // seqlen
+    if available == 0:
+        raise KernelscopeError(f"the text has {total} tokens, fewer than one window of --seqlen {seqlen}")
+    n = available if nsamples is None else nsamples
+    if n > available:
+        raise KernelscopeError(
+            f"--nsamples {n} asks for more windows than the {available} of {seqlen} tokens the text holds"
+        )
+    if selection == "first":
+        chosen = list(range(n))
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        chosen = sorted(torch.randperm(available, generator=gen)[:n].tolist())
+    grid = ids[: available * seqlen].view(available, seqlen)  # (available, seqlen)
+    tokens = grid[chosen].clone()  # (n, seqlen)
+    return Windows(tokens, [i * seqlen for i in chosen], seqlen, available, total, selection, seed)

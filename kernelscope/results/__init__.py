@@ -1,0 +1,11 @@
+"""Run folders: tables as parquet, a JSON summary, written atomically and read back with checks."""
+
+from kernelscope.results.run_dir import (
+    SCHEMA_VERSION,
+    RunFolder,
+    check_output_dir,
+    read_run,
+    write_run,
+)
+
+__all__ = ["SCHEMA_VERSION", "RunFolder", "check_output_dir", "read_run", "write_run"]

@@ -1,0 +1,114 @@
+"""A run folder holds ``summary.json`` plus one parquet file per table (``layers.parquet``, ...).
+
+Writes go to a hidden sibling folder first and are renamed into place, so a failed or interrupted
+run never leaves a half-written result behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from kernelscope.errors import KernelscopeError
+
+SCHEMA_VERSION = 1
+SUMMARY = "summary.json"
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities become null: JSON has no spelling for them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse early (before any work) an output folder that exists or cannot be created."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise KernelscopeError(f"--output {path} exists and is not a folder")
+    if out.exists() and not overwrite:
+        raise KernelscopeError(f"--output {path} already exists; pass --overwrite to replace it")
+    parent = out.resolve().parent
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise KernelscopeError(f"--output {path} cannot be written: {probe} is not a writable folder")
+    return out
+
+
+def write_run(path: str | Path, tables: dict[str, pl.DataFrame], summary: dict[str, Any],
+              *, overwrite: bool = False) -> Path:
+    """Write ``tables`` as ``<name>.parquet`` and ``summary`` as ``summary.json``, all or nothing."""
+    out = check_output_dir(path, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        for name, frame in tables.items():
+            frame.write_parquet(tmp / f"{name}.parquet")
+        body = {"schema_version": SCHEMA_VERSION, **summary}
+        (tmp / SUMMARY).write_text(json.dumps(_json_safe(body), indent=2, ensure_ascii=False) + "\n")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "run")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+@dataclass
+class RunFolder:
+    """A run read back: its summary and its tables."""
+
+    path: Path
+    summary: dict[str, Any]
+    tables: dict[str, pl.DataFrame]
+
+
+def read_run(path: str | Path) -> RunFolder:
+    """Read a run folder, refusing what is not one, is damaged, or was written by a newer version."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise KernelscopeError(f"{path} is not a folder")
+    summary_file = folder / SUMMARY
+    if not summary_file.is_file():
+        raise KernelscopeError(f"{path} is not a kernelscope run folder (no {SUMMARY})")
+    try:
+        summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise KernelscopeError(f"{summary_file} is damaged (not valid JSON)") from None
+    if not isinstance(summary, dict):
+        raise KernelscopeError(f"{summary_file} is damaged (not a JSON object)")
+    version = summary.get("schema_version")
+    if not isinstance(version, int):
+        raise KernelscopeError(f"{summary_file} has no schema_version; is it a kernelscope run?")
+    if version > SCHEMA_VERSION:
+        raise KernelscopeError(
+            f"{path} was written with schema version {version}, newer than this kernelscope reads "
+            f"({SCHEMA_VERSION}); upgrade kernelscope"
+        )
+    tables = {}
+    for file in sorted(folder.glob("*.parquet")):
+        try:
+            tables[file.stem] = pl.read_parquet(file)
+        except Exception:
+            raise KernelscopeError(f"{file} is damaged (not a readable parquet file)") from None
+    return RunFolder(folder, summary, tables)

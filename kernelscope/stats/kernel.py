@@ -1,0 +1,212 @@
+"""Per-layer kernel statistics for several quantizer configurations, streamed over batches.
+
+``observe`` reduces one batch of one layer's input to fixed-size tensors (an :class:`Observation`);
+``KernelStats.update`` adds it; ``KernelStats.merge`` adds another accumulator (another process,
+another shard of windows). Everything stays on the activation's device until ``result``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+from kernelscope.quant import (
+    QuantizerConfig,
+    activation_ranges,
+    kernel_mask,
+    per_token_step,
+    zero_bound,
+)
+from kernelscope.stats.histogram import LogHistogram
+
+HISTOGRAM = LogHistogram()
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+@dataclass
+class Observation:
+    """One batch of one layer's input, reduced. Fields with a config axis have length C."""
+
+    tokens: torch.Tensor  # () int64: rows (tokens) seen
+    elements: torch.Tensor  # () int64
+    nonfinite: torch.Tensor  # () int64: NaN or ±Inf elements
+    kernel: torch.Tensor  # (C,) int64
+    below_per_token: torch.Tensor  # (C,) int64: elements whose bound < the per-token bound
+    bound_sum: torch.Tensor  # (C,) float64
+    bound_min: torch.Tensor  # (C,) float64
+    bound_max: torch.Tensor  # (C,) float64
+    bound_hist: torch.Tensor  # (C, bins) int64
+    c_ge_t: torch.Tensor  # () int64: pairs (i, j) of one sequence with c_j >= t_i
+    abs_max: torch.Tensor  # () float32
+    channel_max: torch.Tensor  # (I,) float32: max over sequences of c_j
+    top_values: torch.Tensor  # (k,) float32: largest t_i
+    top_index: torch.Tensor  # (k,) int64: their global token index (-1: empty)
+
+
+def _as_sequences(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as ``(B, T, I)``: a 2-D input is one sequence, extra leading axes are sequences."""
+    if x.dim() < 2:
+        raise ValueError(f"a Linear input needs at least 2 dimensions, got shape {tuple(x.shape)}")
+    if x.dim() == 2:
+        return x.unsqueeze(0)  # (1, T, I)
+    return x.reshape(-1, x.shape[-2], x.shape[-1])  # (B, T, I)
+
+
+def count_c_ge_t(token: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+    """Number of pairs (i, j) with ``c_j >= t_i`` within each sequence, summed; by sorting c.
+
+    ``token (B, T, 1)``, ``channel (B, 1, I)``: O((T + I) log I) instead of T·I comparisons.
+    """
+    c_sorted = channel.squeeze(-2).sort(dim=-1).values  # (B, I)
+    t = token.squeeze(-1).contiguous()  # (B, T)
+    below = torch.searchsorted(c_sorted, t, side="left")  # (B, T): how many c_j < t_i
+    return (channel.shape[-1] - below).sum()
+
+
+def _top_k(values: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    k = min(k, values.numel())
+    top = torch.topk(values, k)
+    return top.values, index[top.indices]
+
+
+def observe(
+    x: torch.Tensor,
+    configs: list[QuantizerConfig],
+    *,
+    token_offset: int = 0,
+    top_k: int = 10,
+) -> Observation:
+    """Reduce one layer input ``x (..., T, I)`` for every config. ``x`` is neither kept nor changed.
+
+    ``token_offset`` is the global index of the batch's first token, so that the top tokens can be
+    traced back to the text.
+    """
+    x = _as_sequences(x)  # (B, T, I)
+    batch, seq, width = x.shape
+    ranges = activation_ranges(x)
+    t, c = ranges  # (B, T, 1), (B, 1, I)
+    ax = x.abs() if x.dtype in (torch.float32, torch.float64) else x.float().abs()  # (B, T, I)
+    elements = x.numel()
+
+    kernel, below, bsum, bmin, bmax, hist = [], [], [], [], [], []
+    per_token_cache: dict[int, torch.Tensor] = {}
+    for cfg in configs:
+        step = cfg.step(ranges)  # broadcastable to (B, T, I)
+        kernel.append(kernel_mask(ax, step, is_abs=True).sum())
+        if cfg.quantizer == "per_token":
+            below.append(torch.zeros((), dtype=torch.int64, device=x.device))
+        else:
+            if cfg.bits not in per_token_cache:
+                per_token_cache[cfg.bits] = per_token_step(ranges, cfg.bits)
+            below.append((step < per_token_cache[cfg.bits]).expand(batch, seq, width).sum())
+        bound = zero_bound(step)
+        weight = elements // bound.numel()  # each stored bound stands for this many elements
+        bsum.append(bound.sum(dtype=torch.float64) * weight)
+        bmin.append(bound.min().double())
+        bmax.append(bound.max().double())
+        hist.append(HISTOGRAM.counts(bound, weight))
+
+    flat_t = t.reshape(-1)  # (B*T,)
+    index = torch.arange(flat_t.numel(), device=x.device) + token_offset
+    top_values, top_index = _top_k(flat_t, index, top_k)
+    return Observation(
+        tokens=torch.tensor(batch * seq, dtype=torch.int64, device=x.device),
+        elements=torch.tensor(elements, dtype=torch.int64, device=x.device),
+        nonfinite=(~torch.isfinite(ax)).sum(),
+        kernel=torch.stack(kernel),
+        below_per_token=torch.stack(below),
+        bound_sum=torch.stack(bsum),
+        bound_min=torch.stack(bmin),
+        bound_max=torch.stack(bmax),
+        bound_hist=torch.stack(hist),
+        c_ge_t=count_c_ge_t(t, c),
+        abs_max=t.max().float(),
+        channel_max=c.amax(dim=0).reshape(-1).float(),  # (I,)
+        top_values=top_values.float(),
+        top_index=top_index,
+    )
+
+
+class KernelStats:
+    """Streaming kernel statistics of one layer for a fixed list of quantizer configurations."""
+
+    def __init__(self, configs: list[QuantizerConfig], top_k: int = 10) -> None:
+        self.configs = list(configs)
+        self.top_k = top_k
+        self.state: Observation | None = None
+
+    def update(self, obs: Observation) -> KernelStats:
+        """Add one observation (made with the same configs, in the same order)."""
+        if self.state is None:
+            self.state = Observation(**{f.name: getattr(obs, f.name).clone() for f in fields(obs)})
+            self.state.top_values, self.state.top_index = _top_k(obs.top_values, obs.top_index, self.top_k)
+            return self
+        s = self.state
+        for name in ("tokens", "elements", "nonfinite", "kernel", "below_per_token", "bound_sum",
+                     "bound_hist", "c_ge_t"):
+            getattr(s, name).add_(getattr(obs, name))
+        s.bound_min = torch.minimum(s.bound_min, obs.bound_min)
+        s.bound_max = torch.maximum(s.bound_max, obs.bound_max)
+        s.abs_max = torch.maximum(s.abs_max, obs.abs_max)
+        if s.channel_max.shape != obs.channel_max.shape:
+            raise ValueError("cannot merge statistics of layers with different widths")
+        s.channel_max = torch.maximum(s.channel_max, obs.channel_max)
+        s.top_values, s.top_index = _top_k(
+            torch.cat([s.top_values, obs.top_values]), torch.cat([s.top_index, obs.top_index]),
+            self.top_k,
+        )
+        return self
+
+    def merge(self, other: KernelStats) -> KernelStats:
+        """Fold another accumulator of the same layer and configs into this one."""
+        if other.configs != self.configs:
+            raise ValueError("cannot merge statistics of different quantizer configurations")
+        if other.state is not None:
+            self.update(other.state)
+        return self
+
+    @property
+    def empty(self) -> bool:
+        return self.state is None
+
+    def result(self) -> dict:
+        """Plain Python values: layer-wide figures and one dict per config (host sync happens here)."""
+        if self.state is None:
+            raise ValueError("no data was observed for this layer")
+        s = Observation(**{f.name: getattr(self.state, f.name).cpu() for f in fields(self.state)})
+        elements = int(s.elements)
+        k = min(self.top_k, s.channel_max.numel())
+        top_channels = torch.topk(s.channel_max, k)
+        valid = s.top_index >= 0
+        layer = {
+            "tokens": int(s.tokens),
+            "elements": elements,
+            "nonfinite_elements": int(s.nonfinite),
+            "c_ge_t_pairs": int(s.c_ge_t),
+            "c_ge_t_fraction": int(s.c_ge_t) / elements,
+            "abs_max": float(s.abs_max),
+            "in_features": int(s.channel_max.numel()),
+            "top_channels": top_channels.indices.tolist(),
+            "top_channel_absmax": top_channels.values.double().tolist(),
+            "top_token_index": s.top_index[valid].tolist(),
+            "top_token_absmax": s.top_values[valid].double().tolist(),
+        }
+        per_config = []
+        for i, cfg in enumerate(self.configs):
+            lo, hi = float(s.bound_min[i]), float(s.bound_max[i])
+            row = {
+                **cfg.as_dict(),
+                "kernel_elements": int(s.kernel[i]),
+                "kernel_fraction": int(s.kernel[i]) / elements,
+                "bound_mean": float(s.bound_sum[i]) / elements,
+                "bound_min": lo,
+                "bound_max": hi,
+                "bound_below_per_token_fraction": (
+                    None if cfg.quantizer == "per_token" else int(s.below_per_token[i]) / elements
+                ),
+            }
+            for q in QUANTILES:
+                row[f"bound_p{round(q * 100)}"] = HISTOGRAM.quantile(s.bound_hist[i], q, lo, hi)
+            per_config.append(row)
+        return {"layer": layer, "configs": per_config}

@@ -1,0 +1,64 @@
+"""Naive reference implementations of DESIGN.md §1, written independently of kernelscope.quant.
+
+They loop over sequences and use the textbook definitions (``round(x / Δ) == 0``), so that the
+package's vectorised, shared and streamed computations are checked against the formulas themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOOR = 1e-5
+
+
+def qmax(bits: int) -> int:
+    return 2 ** (bits - 1) - 1
+
+
+def step_for_sequence(x: torch.Tensor, quantizer: str, bits: int, alpha: float | None) -> torch.Tensor:
+    """Δ for one sequence ``x (T, I)`` in float32, as a full (T, I) matrix."""
+    x = x.float()
+    T, I = x.shape
+    t = x.abs().max(dim=1).values.reshape(T, 1)
+    c = x.abs().max(dim=0).values.reshape(1, I)
+    q = qmax(bits)
+    if quantizer == "per_token":
+        step = (t / q).expand(T, I)
+    elif quantizer == "per_channel":
+        step = (c / q).expand(T, I)
+    elif quantizer == "per_tensor":
+        step = (x.abs().max() / q).expand(T, I)
+    elif quantizer == "crossquant":
+        if alpha == 1.0:
+            s = t.expand(T, I)
+        elif alpha == 0.0:
+            s = c.expand(T, I)
+        else:
+            # Each power correctly rounded to float32 (computed in float64), then multiplied.
+            s = (t.double() ** alpha).float() * (c.double() ** (1 - alpha)).float()
+        step = s / q
+    else:
+        raise ValueError(quantizer)
+    return torch.clamp(step, min=FLOOR)
+
+
+def kernel_count(x: torch.Tensor, quantizer: str, bits: int, alpha: float | None) -> int:
+    """Elements of ``x (..., T, I)`` that round to zero, one sequence at a time."""
+    seqs = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() > 2 else x[None]
+    total = 0
+    for seq in seqs:
+        step = step_for_sequence(seq, quantizer, bits, alpha)
+        total += int((torch.round(seq.float() / step) == 0).sum())
+    return total
+
+
+def c_ge_t_pairs(x: torch.Tensor) -> int:
+    """Pairs (i, j) with c_j >= t_i, by brute force, one sequence at a time."""
+    seqs = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() > 2 else x[None]
+    total = 0
+    for seq in seqs:
+        a = seq.float().abs()
+        t = a.max(dim=1).values
+        c = a.max(dim=0).values
+        total += int((c[None, :] >= t[:, None]).sum())
+    return total

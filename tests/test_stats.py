@@ -1,0 +1,131 @@
+"""Streaming statistics: exact counts, mergeable, memory that does not grow with tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernelscope.quant import QuantizerConfig, crossquant_step, default_configs, per_token_step
+from kernelscope.stats import KernelStats, LogHistogram, observe
+from kernelscope.stats.kernel import count_c_ge_t
+from tests import reference as ref
+
+CONFIGS = default_configs() + [QuantizerConfig("per_tensor", 8), QuantizerConfig("per_channel", 4)]
+
+
+def activations(seed: int, shape=(3, 40, 24)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.logspace(-3, 1, shape[-1])  # channels of many scales
+    x[..., 5] *= 5000  # an outlier channel, well above the largest regular one
+    return x
+
+
+def test_counts_match_reference():
+    x = activations(0)
+    res = KernelStats(CONFIGS).update(observe(x, CONFIGS)).result()
+    assert res["layer"]["elements"] == x.numel()
+    assert res["layer"]["tokens"] == 3 * 40
+    for cfg, row in zip(CONFIGS, res["configs"]):
+        expect = ref.kernel_count(x, cfg.quantizer, cfg.bits, cfg.alpha)
+        assert row["kernel_elements"] == expect, cfg.label
+        assert row["kernel_fraction"] == expect / x.numel()
+    assert res["layer"]["c_ge_t_pairs"] == ref.c_ge_t_pairs(x)
+    assert res["layer"]["abs_max"] == x.abs().max().item()
+
+
+def test_c_ge_t_by_sorting_equals_brute_force_with_ties():
+    x = torch.tensor([[[1.0, 2.0, 2.0], [2.0, 0.5, 0.0], [0.0, 0.0, 0.0]]])  # t = (2, 2, 0), c = (2, 2, 2)
+    t = x.abs().amax(-1, keepdim=True)
+    c = x.abs().amax(-2, keepdim=True)
+    assert int(count_c_ge_t(t, c)) == ref.c_ge_t_pairs(x) == 9
+
+
+def test_streaming_equals_one_batch_and_merge_is_exact():
+    xs = [activations(s) for s in range(4)]
+    whole = KernelStats(CONFIGS).update(observe(torch.cat(xs), CONFIGS))
+    streamed = KernelStats(CONFIGS)
+    for i, x in enumerate(xs):
+        streamed.update(observe(x, CONFIGS, token_offset=i * 3 * 40))
+    left, right = KernelStats(CONFIGS), KernelStats(CONFIGS)
+    for i, x in enumerate(xs):
+        (left if i < 2 else right).update(observe(x, CONFIGS, token_offset=i * 3 * 40))
+    merged = left.merge(right)
+    a, b, c = whole.result(), streamed.result(), merged.result()
+    for other in (b, c):
+        assert other["layer"]["elements"] == a["layer"]["elements"]
+        assert other["layer"]["c_ge_t_pairs"] == a["layer"]["c_ge_t_pairs"]
+        assert other["layer"]["top_channels"] == a["layer"]["top_channels"]
+        assert other["layer"]["top_token_index"] == a["layer"]["top_token_index"]
+        for ra, ro in zip(a["configs"], other["configs"]):
+            for key in ("kernel_elements", "bound_p50", "bound_p90", "bound_p99", "bound_min", "bound_max",
+                        "bound_below_per_token_fraction"):
+                assert ro[key] == ra[key], key
+            assert ro["bound_mean"] == pytest.approx(ra["bound_mean"], rel=1e-12)
+
+
+def test_bound_statistics_against_direct_computation():
+    x = activations(7, (2, 64, 48))
+    cq = QuantizerConfig("crossquant", 8, 0.15)
+    pt = QuantizerConfig("per_token", 8)
+    res = KernelStats([pt, cq]).update(observe(x, [pt, cq])).result()
+    hist = LogHistogram()
+    for cfg, row in zip((pt, cq), res["configs"]):
+        bound = (0.5 * cfg.step(x)).expand_as(x).reshape(-1).double()
+        assert row["bound_mean"] == pytest.approx(bound.mean().item(), rel=1e-9)
+        assert row["bound_min"] == bound.min().item() and row["bound_max"] == bound.max().item()
+        for q in (0.5, 0.9, 0.99):
+            exact = torch.quantile(bound, q, interpolation="lower").item()
+            got = row[f"bound_p{round(q * 100)}"]
+            assert abs(got / exact - 1) <= hist.relative_resolution + 1e-9, (cfg.label, q)
+    below = (crossquant_step(x, 8, 0.15) < per_token_step(x, 8)).sum().item() / x.numel()
+    assert res["configs"][1]["bound_below_per_token_fraction"] == below
+    assert res["configs"][0]["bound_below_per_token_fraction"] is None
+
+
+def test_top_channels_and_tokens():
+    x = activations(3)
+    res = KernelStats(CONFIGS, top_k=4).update(observe(x, CONFIGS, token_offset=1000)).result()["layer"]
+    c = x.abs().amax(dim=(0, 1))
+    assert res["top_channels"] == torch.topk(c, 4).indices.tolist()
+    assert res["top_channels"][0] == 5
+    t = x.abs().amax(-1).reshape(-1)
+    top = torch.topk(t, 4)
+    assert res["top_token_index"] == (top.indices + 1000).tolist()
+    assert res["top_token_absmax"] == pytest.approx(top.values.tolist())
+
+
+def test_state_size_does_not_grow_with_tokens():
+    small, large = KernelStats(CONFIGS), KernelStats(CONFIGS)
+    small.update(observe(activations(1, (1, 16, 24)), CONFIGS))  # at least top_k tokens
+    for i in range(20):
+        large.update(observe(activations(i, (2, 128, 24)), CONFIGS))
+
+    def nbytes(acc):
+        return sum(v.numel() * v.element_size() for v in vars(acc.state).values())
+
+    assert nbytes(small) == nbytes(large)
+
+
+def test_zero_rows_and_all_zero_input_give_finite_statistics():
+    x = torch.zeros(2, 8, 6)
+    x[0, 3] = torch.arange(6.0)
+    res = KernelStats(CONFIGS).update(observe(x, CONFIGS)).result()
+    for row in res["configs"]:
+        for key, value in row.items():
+            if isinstance(value, float):
+                assert value == value, key  # no NaN
+    assert res["layer"]["nonfinite_elements"] == 0
+
+
+def test_two_dimensional_input_is_one_sequence():
+    x = activations(2, (1, 16, 8))
+    a = KernelStats(CONFIGS).update(observe(x[0], CONFIGS)).result()
+    b = KernelStats(CONFIGS).update(observe(x, CONFIGS)).result()
+    assert a == b
+
+
+def test_merge_refuses_different_configs():
+    a = KernelStats(CONFIGS[:2]).update(observe(activations(0), CONFIGS[:2]))
+    b = KernelStats(CONFIGS[:3]).update(observe(activations(0), CONFIGS[:3]))
+    with pytest.raises(ValueError):
+        a.merge(b)
