@@ -113,7 +113,7 @@ def list_layers(
 @app.command()
 def version() -> None:
     """Print the versions of kernelscope and the libraries it runs on."""
-    from kernelscope.runs.profile import versions
+    from kernelscope.runs.profiling import versions
 
     out.print(json.dumps(versions(), indent=2))
 

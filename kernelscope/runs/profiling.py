@@ -1,0 +1,194 @@
+"""``profile``: kernel statistics of every selected Linear input over a set of windows."""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+from torch import nn
+
+from kernelscope.capture import LinearInputCapture
+from kernelscope.data import TextSource, Windows
+from kernelscope.models import LinearLayer, LoadedModel, select_linear_layers
+from kernelscope.quant import QuantizerConfig
+from kernelscope.results import write_run
+from kernelscope.runs.forward import eval_mode, forward_windows
+from kernelscope.stats import KernelStats, observe
+from kernelscope.stats.kernel import HISTOGRAM
+
+ProgressFn = Callable[[int, int], None]
+"""Called as ``progress(windows_done, windows_total)`` after each batch."""
+
+
+def versions() -> dict[str, str]:
+    """Versions of what produced a result, for the summary."""
+    import transformers
+
+    from kernelscope import __version__
+
+    return {
+        "kernelscope": __version__, "torch": torch.__version__,
+        "transformers": transformers.__version__, "polars": pl.__version__,
+        "python": platform.python_version(),
+    }
+
+
+@dataclass
+class ProfileResult:
+    """Per-layer statistics (``layers``), model-level and per-module-type roll-ups, and a summary."""
+
+    layers: pl.DataFrame  # one row per layer x quantizer configuration
+    model_level: pl.DataFrame  # one row per configuration
+    by_module_type: pl.DataFrame  # one row per module type x configuration
+    summary: dict[str, Any]
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write ``layers.parquet`` and ``summary.json`` to ``path`` atomically."""
+        return write_run(path, {"layers": self.layers}, self.summary, overwrite=overwrite)
+
+
+def _rollup(layers: pl.DataFrame, by: list[str]) -> pl.DataFrame:
+    """Element-weighted kernel fraction (and c >= t share) over the rows of each group."""
+    return (
+        layers.group_by(by, maintain_order=True)
+        .agg(
+            pl.len().alias("layers"),
+            pl.col("elements").sum(),
+            pl.col("kernel_elements").sum(),
+            pl.col("c_ge_t_pairs").sum(),
+        )
+        .with_columns(
+            (pl.col("kernel_elements") / pl.col("elements")).alias("kernel_fraction"),
+            (pl.col("c_ge_t_pairs") / pl.col("elements")).alias("c_ge_t_fraction"),
+        )
+    )
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    if tokenizer is None:
+        return f"<id {token_id}>"
+    return tokenizer.decode([token_id])
+
+
+def profile(
+    model: nn.Module | LoadedModel,
+    windows: Windows,
+    configs: Sequence[QuantizerConfig],
+    *,
+    tokenizer=None,
+    text: TextSource | None = None,
+    layers: str | Sequence[LinearLayer] | None = None,
+    include_lm_head: bool = False,
+    batch_size: int = 1,
+    top_k: int = 10,
+    progress: ProgressFn | None = None,
+) -> ProfileResult:
+    """Run ``windows`` through ``model`` and measure the kernel of every selected Linear input.
+
+    ``layers`` is a regular expression over module names, a list from
+    :func:`~kernelscope.models.select_linear_layers`, or None for every Linear in the decoder blocks.
+    Statistics stream (memory does not grow with the number of windows); Linear layers fed the same
+    tensor (q/k/v, gate/up) share one computation. Hooks are removed and the model's training flag
+    restored whether the run succeeds or not.
+    """
+    info: dict[str, Any] = {}
+    if isinstance(model, LoadedModel):
+        info = dict(model.info)
+        tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+        model = model.model
+    configs = list(configs)
+    if not configs:
+        raise ValueError("profile needs at least one quantizer configuration")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    selected = (
+        list(layers) if layers is not None and not isinstance(layers, str)
+        else select_linear_layers(model, layers, include_lm_head=include_lm_head)
+    )
+    stats = {layer.name: KernelStats(configs, top_k) for layer in selected}
+    # The last input seen and its observation: q/k/v (and gate/up) receive the same tensor object.
+    shared: dict[str, Any] = {"x": None, "obs": None, "offset": 0}
+
+    def observer(name: str, x: torch.Tensor) -> None:
+        if shared["x"] is not x:
+            shared["obs"] = observe(x, configs, token_offset=shared["offset"], top_k=top_k)
+            shared["x"] = x
+        stats[name].update(shared["obs"])
+
+    n = len(windows)
+    started = time.perf_counter()
+    with eval_mode(model), LinearInputCapture({l.name: l.module for l in selected}, observer):
+        for first in range(0, n, batch_size):
+            batch = windows.tokens[first : first + batch_size]  # (b, T)
+            shared["offset"] = first * windows.seqlen
+            try:
+                forward_windows(model, batch, all_logits=include_lm_head)
+            finally:
+                shared["x"] = shared["obs"] = None
+            if progress is not None:
+                progress(min(first + batch_size, n), n)
+    elapsed = time.perf_counter() - started
+
+    rows = []
+    for layer in selected:
+        acc = stats[layer.name]
+        if acc.empty:
+            raise RuntimeError(f"layer {layer.name} never ran; is it used by the model's forward pass?")
+        res = acc.result()
+        lay = res["layer"]
+        positions = [(i // windows.seqlen, i % windows.seqlen) for i in lay["top_token_index"]]
+        token_ids = [int(windows.tokens[w, p]) for w, p in positions]
+        base = {
+            "layer": layer.name, "block": layer.block, "module_type": layer.module_type,
+            "in_features": layer.in_features, "tokens": lay["tokens"], "elements": lay["elements"],
+            "nonfinite_elements": lay["nonfinite_elements"],
+            "c_ge_t_pairs": lay["c_ge_t_pairs"], "c_ge_t_fraction": lay["c_ge_t_fraction"],
+            "abs_max": lay["abs_max"],
+            "top_channels": lay["top_channels"], "top_channel_absmax": lay["top_channel_absmax"],
+            "top_tokens": [_token_text(tokenizer, t) for t in token_ids],
+            "top_token_ids": token_ids,
+            "top_token_positions": [windows.starts[w] + p for w, p in positions],
+            "top_token_absmax": lay["top_token_absmax"],
+        }
+        for cfg, row in zip(configs, res["configs"], strict=True):
+            rows.append({**base, "config": cfg.label, **row})
+    frame = pl.DataFrame(rows, schema_overrides={"block": pl.Int64, "alpha": pl.Float64,
+                                                 "bound_below_per_token_fraction": pl.Float64})
+    lead = ["layer", "block", "module_type", "quantizer", "bits", "alpha", "config", "elements",
+            "kernel_elements", "kernel_fraction"]
+    frame = frame.select(lead + [c for c in frame.columns if c not in lead])
+
+    keys = ["config", "quantizer", "bits", "alpha"]
+    model_level = _rollup(frame, keys)
+    by_type = _rollup(frame, ["module_type", *keys])
+    tokens = n * windows.seqlen
+    summary = {
+        "kind": "profile",
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "model": info or {"architecture": type(model).__name__},
+        "text": (
+            {"source": text.name, "description": text.description, "sha256": text.sha256,
+             "characters": len(text.text)} if text is not None else None
+        ),
+        "windows": windows.as_dict(),
+        "quantizers": [c.as_dict() | {"label": c.label} for c in configs],
+        "layers": {"count": len(selected), "pattern": layers if isinstance(layers, str) else None,
+                   "include_lm_head": include_lm_head},
+        "settings": {"batch_size": batch_size, "top_k": top_k,
+                     "bound_quantiles": f"log histogram, {HISTOGRAM.per_decade} bins a decade "
+                                        f"(relative resolution {HISTOGRAM.relative_resolution:.2%})"},
+        "model_level": model_level.to_dicts(),
+        "by_module_type": by_type.to_dicts(),
+        "tokens": tokens,
+        "seconds": round(elapsed, 3),
+        "tokens_per_second": round(tokens / elapsed, 1) if elapsed > 0 else None,
+        "versions": versions(),
+    }
+    return ProfileResult(frame, model_level, by_type, summary)

@@ -1,0 +1,156 @@
+"""Capture and profile on tiny random models of six families, recounted by brute force."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernelscope.capture import LinearInputCapture, is_linear
+from kernelscope.data import make_windows
+from kernelscope.models import find_decoder_blocks, select_linear_layers
+from kernelscope.quant import QuantizerConfig, default_configs
+from kernelscope.runs import profile
+from tests import reference as ref
+from tests.conftest import FAMILIES, tiny_model
+
+EXPECTED_TYPES = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "opt": ["k_proj", "v_proj", "q_proj", "out_proj", "fc1", "fc2"],
+    "gpt2": ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"],
+}
+
+
+def no_hooks(model) -> bool:
+    return all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+def windows_for(seed: int = 0, n: int = 3, seqlen: int = 24):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 500, (n * seqlen + 5,), generator=g)
+    return make_windows(ids, seqlen, n)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_selection(family):
+    model = tiny_model(family)
+    layers = select_linear_layers(model)
+    per_block = [l.module_type for l in layers if l.block == 0]
+    assert sorted(per_block) == sorted(EXPECTED_TYPES[family])
+    assert len(layers) == 2 * len(EXPECTED_TYPES[family])
+    assert all("lm_head" not in l.name for l in layers)
+    head = select_linear_layers(model, include_lm_head=True)
+    assert head[-1].module_type == "lm_head" and len(head) == len(layers) + 1
+    only_first = select_linear_layers(model, r"\.0\.")
+    assert {l.block for l in only_first} == {0}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_profile_counts_equal_brute_force_recount(family):
+    model = tiny_model(family)
+    configs = default_configs() + [QuantizerConfig("crossquant", 8, 1.0), QuantizerConfig("per_tensor", 4)]
+    windows = windows_for()
+    names = {l.name for l in select_linear_layers(model)}
+
+    # Independent capture: plain hooks that keep a copy of every input.
+    captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: captured[n].append(args[0].detach().clone()))
+               for n, m in model.named_modules() if n in names]
+    try:
+        result = profile(model, windows, configs, batch_size=2)
+    finally:
+        for h in handles:
+            h.remove()
+    assert no_hooks(model)
+
+    layers = result.layers
+    assert layers.height == len(names) * len(configs)
+    for name, xs in captured.items():
+        assert len(xs) == 2  # two batches: 2 windows then 1
+        for cfg in configs:
+            row = layers.filter((layers["layer"] == name) & (layers["config"] == cfg.label)).row(0, named=True)
+            expect = sum(ref.kernel_count(x, cfg.quantizer, cfg.bits, cfg.alpha) for x in xs)
+            assert row["kernel_elements"] == expect, (name, cfg.label)
+            assert row["elements"] == sum(x.numel() for x in xs)
+        assert row["c_ge_t_pairs"] == sum(ref.c_ge_t_pairs(x) for x in xs)
+    # α = 1 reproduces per-token in every layer
+    pt = layers.filter(layers["config"] == "per_token int8")["kernel_elements"].to_list()
+    a1 = layers.filter(layers["config"] == "crossquant a=1 int8")["kernel_elements"].to_list()
+    assert pt == a1
+    # the model-level figure is elements-weighted
+    ml = result.model_level.filter(result.model_level["config"] == "per_token int8").row(0, named=True)
+    sub = layers.filter(layers["config"] == "per_token int8")
+    assert ml["kernel_fraction"] == sub["kernel_elements"].sum() / sub["elements"].sum()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_outputs_bitwise_identical_and_state_restored_after_profile(family):
+    model = tiny_model(family)
+    model.train()  # a caller's model in training mode is handed back in training mode
+    ids = windows_for(1).tokens
+    with torch.no_grad():
+        model.eval()
+        before = model(input_ids=ids).logits.clone()
+        model.train()
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    profile(model, windows_for(2), default_configs())
+    assert model.training
+    assert no_hooks(model)
+    assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        model.eval()
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)
+
+
+def test_hooks_removed_when_the_observer_raises():
+    model = tiny_model("llama")
+    modules = {l.name: l.module for l in select_linear_layers(model)}
+
+    def boom(name, x):
+        raise RuntimeError("observer failed")
+
+    with pytest.raises(RuntimeError, match="observer failed"):
+        with LinearInputCapture(modules, boom):
+            model(input_ids=windows_for().tokens[:1])
+    assert no_hooks(model)
+
+
+def test_hooks_removed_when_the_forward_pass_raises():
+    model = tiny_model("opt")
+    was_training = model.training
+    bad = windows_for().tokens.clone()
+    bad[0, 0] = 10_000  # beyond the vocabulary: the embedding raises
+    with pytest.raises(IndexError):
+        profile(model, make_windows(bad.reshape(-1), 24, 3), default_configs())
+    assert no_hooks(model)
+    assert model.training == was_training
+
+
+def test_shared_inputs_are_computed_once(monkeypatch):
+    import kernelscope.runs.profiling as prof
+
+    calls = []
+    real = prof.observe
+    monkeypatch.setattr(prof, "observe", lambda x, *a, **k: calls.append(1) or real(x, *a, **k))
+    model = tiny_model("llama")
+    profile(model, windows_for(n=1), default_configs())
+    # per block: q/k/v share one input, gate/up share one: 4 distinct inputs, not 7
+    assert len(calls) == 2 * 4
+
+
+def test_capture_is_scoped_and_not_reentrant():
+    model = tiny_model("gpt2")
+    modules = {n: m for n, m in model.named_modules() if is_linear(m)}
+    seen = []
+    cap = LinearInputCapture(modules, lambda n, x: seen.append(n))
+    with cap:
+        assert cap.attached
+        with pytest.raises(RuntimeError):
+            cap.__enter__()
+        model(input_ids=windows_for().tokens[:1])
+    assert not cap.attached and no_hooks(model)
+    assert "lm_head" in seen  # it is a Linear, captured because it was asked for here
+    assert find_decoder_blocks(model)[0] == "transformer.h"
