@@ -11,12 +11,16 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from kernelscope.errors import KernelscopeError
+
+try:  # typer >= 0.20 carries its own copy of click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer on top of click
+    from click import exceptions as click_exceptions
 
 app = typer.Typer(
     name="kernelscope",
@@ -127,13 +131,13 @@ def main(argv: list[str] | None = None) -> None:
     except KernelscopeError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(EXIT_USAGE)
-    except click.exceptions.NoArgsIsHelpError as exc:
+    except click_exceptions.NoArgsIsHelpError as exc:
         err.print(exc.format_message(), soft_wrap=True, markup=False)
         sys.exit(EXIT_USAGE)
-    except click.ClickException as exc:
-        err.print(f"[bold red]error:[/] {escape(click.unstyle(exc.format_message()))}", soft_wrap=True)
+    except click_exceptions.ClickException as exc:
+        err.print(f"[bold red]error:[/] {escape(exc.format_message())}", soft_wrap=True)
         sys.exit(EXIT_USAGE)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, click_exceptions.Abort):
         err.print("[bold red]interrupted[/]: nothing was written")
         sys.exit(130)
     except Exception as exc:

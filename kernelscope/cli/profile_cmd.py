@@ -105,6 +105,9 @@ def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, b
     if windows not in ("first", "random"):
         fail(f"--windows must be `first` or `random`, got {windows!r}")
     configs = _configs(quantizer, bits, alpha)
+    from kernelscope.models import resolve_model_source
+
+    resolve_model_source(model)
     if output is not None:
         check_output_dir(output, overwrite)
     if device == "auto":

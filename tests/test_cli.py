@@ -1,0 +1,134 @@
+"""The command line, end to end on a tiny local model, and every bad input it must refuse cleanly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+
+from kernelscope.cli import main
+
+REQUIRED_COLUMNS = {
+    "layer", "block", "module_type", "quantizer", "bits", "alpha", "elements", "kernel_elements",
+    "kernel_fraction", "bound_mean", "bound_p50", "bound_p90", "bound_p99",
+    "bound_below_per_token_fraction", "c_ge_t_fraction", "abs_max", "top_channels", "top_tokens",
+}
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def test_profile_end_to_end(capsys, tmp_path, tiny_llama_dir, text_file):
+    out = tmp_path / "run"
+    code, stdout, stderr = run_cli(capsys, "profile", str(tiny_llama_dir), "--dataset", str(text_file),
+                                   "--nsamples", "3", "--seqlen", "64", "--output", str(out))
+    assert code == 0, stderr
+    assert "Model-level kernel" in stdout and "per_token int8" in stdout and "q_proj" in stdout
+    flat = " ".join(stdout.replace("│", " ").split())  # the panel wraps long lines
+    assert "3 of " in flat and "(the first 3, in text order)" in flat
+    layers = pl.read_parquet(out / "layers.parquet")
+    assert REQUIRED_COLUMNS <= set(layers.columns)
+    assert layers.height == 14 * 4  # 2 blocks x 7 Linear layers, 4 default configurations
+    assert set(layers["quantizer"]) == {"per_token", "crossquant"} and set(layers["bits"]) == {8, 4}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["schema_version"] == 1 and summary["kind"] == "profile"
+    assert summary["windows"]["windows"] == 3 and summary["windows"]["seqlen"] == 64
+    assert len(summary["text"]["sha256"]) == 64 and summary["versions"]["kernelscope"]
+    levels = {(r["quantizer"], r["bits"]): r["kernel_fraction"] for r in summary["model_level"]}
+    pt8 = layers.filter((pl.col("quantizer") == "per_token") & (pl.col("bits") == 8))
+    assert levels[("per_token", 8)] == pt8["kernel_elements"].sum() / pt8["elements"].sum()
+
+
+def test_profile_json_and_options(capsys, tiny_llama_dir, text_file):
+    code, stdout, stderr = run_cli(
+        capsys, "profile", str(tiny_llama_dir), "-d", str(text_file), "-n", "2", "-s", "32", "--json",
+        "-q", "crossquant", "-a", "0.15", "-a", "1", "-b", "8", "--layers", r"mlp\.", "--windows", "random",
+        "--seed", "5", "--batch-size", "2",
+    )
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert [q["label"] for q in summary["quantizers"]] == ["crossquant a=0.15 int8", "crossquant a=1 int8"]
+    assert summary["layers"]["count"] == 6
+    assert summary["windows"]["selection"] == "random" and summary["windows"]["seed"] == 5
+
+
+def test_layers_and_version_commands(capsys, tiny_llama_dir):
+    code, stdout, _ = run_cli(capsys, "layers", str(tiny_llama_dir))
+    assert code == 0 and "model.layers.1.mlp.down_proj" in stdout and "14 Linear layers" in stdout
+    code, stdout, _ = run_cli(capsys, "version")
+    assert code == 0 and "kernelscope" in json.loads(stdout)
+
+
+BAD = {
+    "unknown hub model": (["nobody/no-such-model"], "hub cannot be reached"),
+    "missing folder": (["./missing-model-folder"], "model not found"),
+    "missing gguf": (["absent.gguf"], "GGUF file not found"),
+    "nsamples zero": (["{model}", "--nsamples", "0"], "--nsamples must be at least 1"),
+    "nsamples negative": (["{model}", "--nsamples", "-3"], "--nsamples must be at least 1"),
+    "nsamples not a number": (["{model}", "--nsamples", "many"], "Invalid value for '--nsamples'"),
+    "seqlen zero": (["{model}", "--seqlen", "0"], "--seqlen must be at least 1"),
+    "seqlen beyond context": (["{model}", "--seqlen", "512", "-n", "1"], "beyond the model's context of 256"),
+    "alpha above one": (["{model}", "--alpha", "1.5"], "--alpha 1.5 is out of range"),
+    "alpha negative": (["{model}", "--alpha", "-0.1"], "--alpha -0.1 is out of range"),
+    "alpha nan": (["{model}", "--alpha", "nan"], "--alpha nan is out of range"),
+    "bits one": (["{model}", "--bits", "1"], "--bits 1 is out of range"),
+    "bits nine": (["{model}", "--bits", "9"], "--bits 9 is out of range"),
+    "unknown quantizer": (["{model}", "-q", "per_row"], "unknown quantizer 'per_row'"),
+    "bad regex": (["{model}", "--layers", "(q_proj"], "not a valid regular expression"),
+    "regex matches nothing": (["{model}", "--layers", "no_such_layer", "-s", "64"], "no Linear layers match"),
+    "unknown dtype": (["{model}", "--dtype", "float8"], "unknown dtype"),
+    "cuda without cuda": (["{model}", "--device", "cuda"], "CUDA is not available"),
+    "unknown dataset": (["{model}", "--dataset", "wikitext3"], "unknown dataset"),
+    "empty text": (["{model}", "--dataset", "{empty}"], "is empty"),
+    "text shorter than a window": (["{model}", "--dataset", "{short}", "-s", "128"], "fewer than one window"),
+    "hub dataset offline": (["{model}", "--dataset", "wikitext2"], "needs the Hugging Face hub"),
+    "too many windows": (["{model}", "-n", "100000", "-s", "64"], "asks for more windows"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_exit_2_nothing_written(case, capsys, tmp_path, tiny_llama_dir, text_file):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words")
+    args, message = BAD[case]
+    args = [a.format(model=tiny_llama_dir, empty=empty, short=short) for a in args]
+    if "--dataset" not in args:
+        args += ["--dataset", str(text_file)]
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(capsys, "profile", *args, "--output", str(out))
+    assert code == 2, (stdout, stderr)
+    assert message in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+    assert "Traceback" not in stderr + stdout
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_existing_output_is_refused_before_any_work(capsys, tmp_path, tiny_llama_dir, text_file):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, stderr = run_cli(capsys, "profile", str(tiny_llama_dir), "-d", str(text_file), "-o", str(out))
+    assert code == 2 and "already exists; pass --overwrite" in stderr
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["profile", "./nowhere"], "model not found"),
+    (["profile", "demo", "--bits", "17"], "--bits 17 is out of range"),
+])
+def test_real_process_exit_code_and_stderr(args, message):
+    proc = subprocess.run([sys.executable, "-m", "kernelscope", *args], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
