@@ -15,6 +15,12 @@ def qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def vpow(v: torch.Tensor, e: float) -> torch.Tensor:
+    """``v ** e`` as torch's vectorised pow gives it: each value repeated 64 times, so that it never
+    falls into the scalar tail whose result can differ by an ulp."""
+    return (v.reshape(-1, 1).expand(-1, 64).contiguous() ** e)[:, 0].reshape(v.shape)
+
+
 def step_for_sequence(x: torch.Tensor, quantizer: str, bits: int, alpha: float | None) -> torch.Tensor:
     """Δ for one sequence ``x (T, I)`` in float32, as a full (T, I) matrix."""
     x = x.float()
@@ -34,8 +40,7 @@ def step_for_sequence(x: torch.Tensor, quantizer: str, bits: int, alpha: float |
         elif alpha == 0.0:
             s = c.expand(T, I)
         else:
-            # Each power correctly rounded to float32 (computed in float64), then multiplied.
-            s = (t.double() ** alpha).float() * (c.double() ** (1 - alpha)).float()
+            s = vpow(t, alpha) * vpow(c, 1 - alpha)
         step = s / q
     else:
         raise ValueError(quantizer)

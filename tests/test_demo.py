@@ -45,7 +45,7 @@ def independent_fractions() -> dict[tuple[str, int], float]:
             qmax = 2 ** (bits - 1) - 1
             steps = {
                 "per_token": (t / qmax).clamp(min=1e-5),
-                "crossquant": ((t.double() ** 0.15).float() * (c.double() ** 0.85).float() / qmax).clamp(min=1e-5),
+                "crossquant": (t.pow(0.15) * c.pow(0.85) / qmax).clamp(min=1e-5),
             }
             for name, step in steps.items():
                 counts[(name, bits)] += int((torch.round(x / step) == 0).sum())

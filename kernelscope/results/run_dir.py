@@ -21,6 +21,7 @@ from kernelscope.errors import KernelscopeError
 
 SCHEMA_VERSION = 1
 SUMMARY = "summary.json"
+SUMMARY_NAMES = (SUMMARY, "eval.json", "threshold.json", "sweep.json")
 
 
 def _json_safe(value: Any) -> Any:
@@ -51,8 +52,14 @@ def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
 
 
 def write_run(path: str | Path, tables: dict[str, pl.DataFrame], summary: dict[str, Any],
-              *, overwrite: bool = False) -> Path:
-    """Write ``tables`` as ``<name>.parquet`` and ``summary`` as ``summary.json``, all or nothing."""
+              *, overwrite: bool = False, summary_name: str = SUMMARY) -> Path:
+    """Write ``tables`` as ``<name>.parquet`` and ``summary`` as JSON, all or nothing.
+
+    ``summary_name`` is one of :data:`SUMMARY_NAMES` (``summary.json`` for a profile, ``eval.json``,
+    ``threshold.json`` or ``sweep.json`` for the other runs).
+    """
+    if summary_name not in SUMMARY_NAMES:
+        raise ValueError(f"summary_name must be one of {SUMMARY_NAMES}")
     out = check_output_dir(path, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -60,7 +67,7 @@ def write_run(path: str | Path, tables: dict[str, pl.DataFrame], summary: dict[s
         for name, frame in tables.items():
             frame.write_parquet(tmp / f"{name}.parquet")
         body = {"schema_version": SCHEMA_VERSION, **summary}
-        (tmp / SUMMARY).write_text(json.dumps(_json_safe(body), indent=2, ensure_ascii=False) + "\n")
+        (tmp / summary_name).write_text(json.dumps(_json_safe(body), indent=2, ensure_ascii=False) + "\n")
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old / "run")
@@ -88,9 +95,10 @@ def read_run(path: str | Path) -> RunFolder:
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise KernelscopeError(f"{path} is not a folder")
-    summary_file = folder / SUMMARY
-    if not summary_file.is_file():
-        raise KernelscopeError(f"{path} is not a kernelscope run folder (no {SUMMARY})")
+    found = [folder / name for name in SUMMARY_NAMES if (folder / name).is_file()]
+    if not found:
+        raise KernelscopeError(f"{path} is not a kernelscope run folder (no {' / '.join(SUMMARY_NAMES)})")
+    summary_file = found[0]
     try:
         summary = json.loads(summary_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):

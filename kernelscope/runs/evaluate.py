@@ -1,0 +1,213 @@
+"""``evaluate``: perplexity of a model under several schemes, one model load, one tokenization.
+
+Protocol (SmoothQuant, AWQ, GPTQ, OmniQuant): the text is tokenized once and cut into
+non-overlapping windows of ``seqlen`` tokens, the tail dropped; each window is one forward pass; the
+perplexity is ``exp`` of the mean negative log-likelihood of every token predicted from the tokens
+before it in its window (``seqlen - 1`` per window).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernelscope.capture import LinearInputCapture
+from kernelscope.data import TextSource, Windows
+from kernelscope.models import LinearLayer, LoadedModel, select_linear_layers
+from kernelscope.quant import smoothing_factors
+from kernelscope.results import write_run
+from kernelscope.runs.fakequant import SchemeApplied, _weight_out_in
+from kernelscope.runs.forward import eval_mode, model_device
+from kernelscope.runs.profiling import versions
+from kernelscope.runs.schemes import Scheme
+
+SchemeProgress = Callable[[str, int, int], None]
+"""Called as ``progress(scheme_name, windows_done, windows_total)``."""
+
+
+def protocol_text(windows: Windows) -> str:
+    return (
+        f"text tokenized once; {len(windows)} non-overlapping {windows.seqlen}-token windows "
+        f"({windows.selection}), tail dropped; perplexity = exp(mean NLL over "
+        f"{len(windows) * (windows.seqlen - 1):,} predicted tokens, {windows.seqlen - 1} per window) "
+        "— the WikiText-2 protocol of SmoothQuant, AWQ, GPTQ and OmniQuant"
+    )
+
+
+def nll_pass(
+    model: nn.Module,
+    windows: Windows,
+    *,
+    batch_size: int = 1,
+    after_batch: Callable[[], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[float, int]:
+    """Summed NLL (float64) over every predicted token of every window, and the token count."""
+    device = model_device(model)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    n = len(windows)
+    for first in range(0, n, batch_size):
+        batch = windows.tokens[first : first + batch_size].to(device)  # (b, T)
+        try:
+            logits = model(input_ids=batch, use_cache=False).logits  # (b, T, V)
+        finally:
+            if after_batch is not None:
+                after_batch()
+        vocab = logits.shape[-1]
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(),  # (b*(T-1), V)
+                              batch[:, 1:].reshape(-1), reduction="sum")
+        total += nll.double()
+        del logits
+        if progress is not None:
+            progress(min(first + batch_size, n), n)
+    return float(total), n * (windows.seqlen - 1)
+
+
+def calibrate_smoothing(
+    model: nn.Module, layers: list[LinearLayer], windows: Windows, alpha: float, *, batch_size: int = 1
+) -> dict[str, torch.Tensor]:
+    """SmoothQuant factors per layer from the channel maxima of its input over ``windows``."""
+    act_max: dict[str, torch.Tensor] = {}
+
+    def observer(name: str, x: torch.Tensor) -> None:
+        m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()  # (I,)
+        act_max[name] = m if name not in act_max else torch.maximum(act_max[name], m)
+
+    with eval_mode(model), LinearInputCapture({l.name: l.module for l in layers}, observer):
+        device = model_device(model)
+        for first in range(0, len(windows), batch_size):
+            model(input_ids=windows.tokens[first : first + batch_size].to(device), use_cache=False)
+    factors = {}
+    for layer in layers:
+        w_max = _weight_out_in(layer.module).detach().abs().amax(dim=0).float()  # (I,)
+        factors[layer.name] = smoothing_factors(act_max[layer.name].to(w_max.device), w_max, alpha)
+    return factors
+
+
+def run_scheme(
+    model: nn.Module,
+    windows: Windows,
+    scheme: Scheme,
+    layers: list[LinearLayer],
+    *,
+    smoothing: dict[str, torch.Tensor] | None = None,
+    batch_size: int = 1,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Perplexity of ``model`` under ``scheme`` on ``windows``, with the activation kernel it caused."""
+    started = time.perf_counter()
+    applied = SchemeApplied(layers, scheme, smoothing)
+    with eval_mode(model), applied:
+        nll, tokens = nll_pass(model, windows, batch_size=batch_size, after_batch=applied.end_batch,
+                               progress=progress)
+    seconds = time.perf_counter() - started
+    kernel = int(applied.kernel) if applied.kernel is not None else None
+    elements = int(applied.elements) if applied.elements is not None else None
+    return {
+        **scheme.describe(),
+        "perplexity": math.exp(nll / tokens),
+        "nll": nll / tokens,
+        "tokens": tokens,
+        "windows": len(windows),
+        "kernel_elements": kernel,
+        "elements": elements,
+        "kernel_fraction": kernel / elements if kernel is not None and elements else None,
+        "seconds": round(seconds, 3),
+    }
+
+
+@dataclass
+class EvalResult:
+    """One row per scheme (``table``) and the JSON summary written as ``eval.json``."""
+
+    table: pl.DataFrame
+    summary: dict[str, Any]
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        return write_run(path, {"eval": self.table}, self.summary, overwrite=overwrite,
+                         summary_name="eval.json")
+
+
+def run_context(model_info: dict, text: TextSource | None, windows: Windows, kind: str) -> dict[str, Any]:
+    """The part of every run summary that says what was measured on what."""
+    return {
+        "kind": kind,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "model": model_info,
+        "text": (
+            {"source": text.name, "description": text.description, "sha256": text.sha256,
+             "characters": len(text.text)} if text is not None else None
+        ),
+        "windows": windows.as_dict(),
+        "protocol": protocol_text(windows),
+        "versions": versions(),
+    }
+
+
+def unpack(model: nn.Module | LoadedModel) -> tuple[nn.Module, dict]:
+    if isinstance(model, LoadedModel):
+        return model.model, dict(model.info)
+    return model, {"architecture": type(model).__name__}
+
+
+def evaluate(
+    model: nn.Module | LoadedModel,
+    windows: Windows,
+    schemes: Sequence[Scheme],
+    *,
+    text: TextSource | None = None,
+    layers: str | Sequence[LinearLayer] | None = None,
+    calibration: Windows | None = None,
+    calibration_text: TextSource | None = None,
+    batch_size: int = 1,
+    progress: SchemeProgress | None = None,
+) -> EvalResult:
+    """Perplexity of ``model`` on ``windows`` under each scheme, in order.
+
+    Activations and weights of the selected Linear layers (default: every Linear in the decoder
+    blocks; ``lm_head`` stays in full precision, as in SmoothQuant) are treated as each scheme says.
+    SmoothQuant schemes need ``calibration`` windows (from text other than the evaluation text).
+    """
+    net, info = unpack(model)
+    if not schemes:
+        raise ValueError("evaluate needs at least one scheme")
+    selected = (list(layers) if layers is not None and not isinstance(layers, str)
+                else select_linear_layers(net, layers))
+    smoothing: dict[float, dict[str, torch.Tensor]] = {}
+    rows = []
+    for scheme in schemes:
+        factors = None
+        if scheme.smooth_alpha is not None:
+            if calibration is None:
+                raise ValueError(f"scheme {scheme.name} needs calibration windows")
+            if scheme.smooth_alpha not in smoothing:
+                smoothing[scheme.smooth_alpha] = calibrate_smoothing(
+                    net, selected, calibration, scheme.smooth_alpha, batch_size=batch_size)
+            factors = smoothing[scheme.smooth_alpha]
+        step = (lambda done, total, s=scheme.name: progress(s, done, total)) if progress else None
+        rows.append(run_scheme(net, windows, scheme, selected, smoothing=factors,
+                               batch_size=batch_size, progress=step))
+    table = pl.DataFrame(rows, infer_schema_length=None)
+    summary = {
+        **run_context(info, text, windows, "eval"),
+        "results": rows,
+        "layers": {"count": len(selected), "pattern": layers if isinstance(layers, str) else None,
+                   "lm_head": "full precision"},
+        "calibration": (
+            {"text": calibration_text.description if calibration_text else None,
+             "sha256": calibration_text.sha256 if calibration_text else None,
+             "windows": calibration.as_dict()} if calibration is not None and smoothing else None
+        ),
+        "settings": {"batch_size": batch_size},
+    }
+    return EvalResult(table, summary)

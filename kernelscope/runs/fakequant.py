@@ -1,0 +1,136 @@
+"""Apply a :class:`~kernelscope.runs.schemes.Scheme` to selected Linear layers for a ``with`` block.
+
+Activations are transformed by a forward pre-hook; quantized weights are computed once per layer,
+swapped in for the length of that layer's forward call and swapped back right after. On exit (error
+or not) every hook is removed, every weight is the caller's original tensor, and caches are freed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from kernelscope.capture.hooks import Conv1D
+from kernelscope.models import LinearLayer
+from kernelscope.quant import fake_quantize_counted, fake_quantize_weight, remove_kernel
+from kernelscope.runs.schemes import Scheme
+
+
+def _weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The weight as ``(O, I)`` (Conv1D stores it as ``(I, O)``)."""
+    w = module.weight
+    return w.t() if bool(Conv1D) and isinstance(module, Conv1D) else w
+
+
+def _as_module_layout(module: nn.Module, w_out_in: torch.Tensor) -> torch.Tensor:
+    return w_out_in.t().contiguous() if bool(Conv1D) and isinstance(module, Conv1D) else w_out_in
+
+
+class SchemeApplied:
+    """Context manager: ``scheme`` in force on ``layers``; counts the activation kernel it causes.
+
+    ``smoothing`` maps layer names to SmoothQuant factors ``s (I,)`` (for SmoothQuant schemes).
+    ``kernel`` and ``elements`` are int64 counters on the model's device, read once at the end.
+    """
+
+    def __init__(self, layers: list[LinearLayer], scheme: Scheme,
+                 smoothing: dict[str, torch.Tensor] | None = None) -> None:
+        if scheme.smooth_alpha is not None and smoothing is None:
+            raise ValueError(f"scheme {scheme.name} needs smoothing factors from calibration")
+        self.layers = layers
+        self.scheme = scheme
+        self.smoothing = smoothing
+        self.kernel: torch.Tensor | None = None
+        self.elements: torch.Tensor | None = None
+        self._handles: list[Any] = []
+        self._weights: dict[str, torch.Tensor] = {}
+        self._swapped: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+        self._last: tuple[torch.Tensor | None, Any] = (None, None)
+
+    # -- activation ---------------------------------------------------------------------------
+    def _transform(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scheme, act = self.scheme, self.scheme.activation
+        if self.smoothing is not None:
+            x = (x.float() / self.smoothing[name]).to(x.dtype)  # (..., I) / (I,)
+        step = act.step(x)
+        if scheme.mode == "remove_kernel":
+            return remove_kernel(x, step, scale=scheme.kernel_scale)
+        return fake_quantize_counted(x, step, act.qmax)
+
+    def _activation(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        # Layers fed the same tensor (q/k/v, gate/up) share one transform unless smoothing differs.
+        if self.smoothing is None and self._last[0] is x:
+            xq, zeros = self._last[1]
+        else:
+            xq, zeros = self._transform(name, x)
+            self._last = (x, (xq, zeros))
+        if self.kernel is None:
+            self.kernel = torch.zeros((), dtype=torch.int64, device=x.device)
+            self.elements = torch.zeros((), dtype=torch.int64, device=x.device)
+        self.kernel += zeros.to(self.kernel.device)
+        self.elements += x.numel()
+        return xq
+
+    # -- weight -------------------------------------------------------------------------------
+    def _quantized_weight(self, name: str, module: nn.Module) -> torch.Tensor:
+        if name not in self._weights:
+            w = _weight_out_in(module).detach()  # (O, I)
+            if self.smoothing is not None:
+                w = (w.float() * self.smoothing[name]).to(w.dtype)  # column j times s_j
+            if self.scheme.weight_bits is not None:
+                w = fake_quantize_weight(w, self.scheme.weight_bits, self.scheme.group_size)
+            self._weights[name] = _as_module_layout(module, w)
+        return self._weights[name]
+
+    def _pre_hook(self, name: str):
+        scheme = self.scheme
+        changes_weight = scheme.weight_bits is not None or self.smoothing is not None
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict):
+            if args:
+                x, rest = args[0], args[1:]
+            else:
+                return None
+            xq = x if scheme.mode == "fp" else self._activation(name, x)
+            if changes_weight:
+                self._swapped[name] = (module, module.weight.data)
+                module.weight.data = self._quantized_weight(name, module)
+            return (xq, *rest), kwargs
+
+        return hook
+
+    def _post_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            self._restore(name)
+
+        return hook
+
+    def _restore(self, name: str) -> None:
+        if name in self._swapped:
+            module, original = self._swapped.pop(name)
+            module.weight.data = original
+
+    def __enter__(self) -> SchemeApplied:
+        try:
+            for layer in self.layers:
+                self._handles.append(layer.module.register_forward_pre_hook(
+                    self._pre_hook(layer.name), with_kwargs=True))
+                self._handles.append(layer.module.register_forward_hook(self._post_hook(layer.name)))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+        for name in list(self._swapped):
+            self._restore(name)
+        self._weights.clear()
+        self._last = (None, None)
+
+    def end_batch(self) -> None:
+        """Drop the reference to the last activation (call after each forward pass)."""
+        self._last = (None, None)
