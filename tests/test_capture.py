@@ -56,7 +56,11 @@ def test_profile_counts_equal_brute_force_recount(family):
 
     # Independent capture: plain hooks that keep a copy of every input.
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: captured[n].append(args[0].detach().clone()))
+
+    def keep(name, x):  # (B, T, I); OPT flattens its MLP input to (B*T, I): split it by window
+        captured[name].append(x.detach().clone().reshape(-1, windows.seqlen, x.shape[-1]))
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: keep(n, args[0]))
                for n, m in model.named_modules() if n in names]
     try:
         result = profile(model, windows, configs, batch_size=2)

@@ -132,3 +132,71 @@ def test_real_process_exit_code_and_stderr(args, message):
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_eval_end_to_end(capsys, tmp_path, tiny_llama_dir, text_file):
+    out = tmp_path / "ev"
+    calib = tmp_path / "calib.txt"
+    calib.write_text(text_file.read_text()[::-1])
+    code, stdout, stderr = run_cli(
+        capsys, "eval", str(tiny_llama_dir), "-d", str(text_file), "-n", "2", "-s", "64",
+        "--scheme", "fp", "--scheme", "w8a8-per-token", "--scheme", "w8a8-crossquant", "--scheme",
+        "w4a8-g128-per-token", "--scheme", "w8a8-smoothquant", "--scheme", "remove-kernel-crossquant",
+        "--calib-dataset", str(calib), "--calib-nsamples", "2", "-o", str(out))
+    assert code == 0, stderr
+    assert "Perplexity" in stdout and "w8a8-smoothquant" in stdout
+    body = json.loads((out / "eval.json").read_text())
+    assert body["kind"] == "eval" and body["schema_version"] == 1
+    assert [r["scheme"] for r in body["results"]][:3] == ["fp", "w8a8-per-token", "w8a8-crossquant"]
+    for r in body["results"]:
+        assert {"scheme", "perplexity", "tokens", "windows"} <= set(r) and r["tokens"] == 2 * 63
+    assert "WikiText-2 protocol" in body["protocol"]
+    table = pl.read_parquet(out / "eval.parquet")
+    assert table.height == 6 and table["perplexity"].is_finite().all()
+
+
+def test_threshold_and_sweep_end_to_end(capsys, tmp_path, tiny_llama_dir, text_file):
+    code, stdout, stderr = run_cli(capsys, "threshold", str(tiny_llama_dir), "-d", str(text_file), "-n", "2",
+                                   "-s", "64", "--steps", "2", "--json")
+    assert code == 0, stderr
+    body = json.loads(stdout)
+    assert body["kind"] == "threshold" and len(body["verdicts"]) == 4 and body["curve"]
+    out = tmp_path / "sw"
+    code, stdout, stderr = run_cli(capsys, "sweep", str(tiny_llama_dir), "-d", str(text_file), "-n", "2",
+                                   "-s", "64", "--alpha", "0.15,0.5", "--alpha", "1", "-o", str(out))
+    assert code == 0, stderr
+    table = pl.read_parquet(out / "sweep.parquet")
+    assert table["alpha"].to_list() == [None, 0.15, 0.5, 1.0]
+    assert json.loads((out / "sweep.json").read_text())["kind"] == "sweep"
+
+
+BAD_RUNS = {
+    "unknown scheme": (["eval", "{model}", "--scheme", "w8a8-per-row"], "unknown scheme 'w8a8-per-row'"),
+    "duplicate scheme": (["eval", "{model}", "--scheme", "fp", "--scheme", "fp"], "given twice"),
+    "eval alpha": (["eval", "{model}", "--scheme", "w8a8-crossquant", "--alpha", "2"], "--alpha 2.0 is out of range"),
+    "eval bits": (["eval", "{model}", "--scheme", "remove-kernel-per-token", "--bits", "1"], "--bits 1 is out of range"),
+    "group without weights": (["eval", "{model}", "--scheme", "remove-kernel-per-token", "--group-size", "128"],
+                              "give --weight-bits too"),
+    "smoothquant calibration offline": (["eval", "{model}", "--scheme", "w8a8-smoothquant", "-n", "1", "-s", "64"],
+                                        "needs the Hugging Face hub"),
+    "tolerance zero": (["threshold", "{model}", "--tolerance", "0"], "--tolerance must be a positive number"),
+    "tolerance negative": (["threshold", "{model}", "--tolerance", "-0.01"], "--tolerance must be a positive number"),
+    "too few windows": (["threshold", "{model}", "-n", "1", "-s", "64"], "too few windows"),
+    "unknown family": (["threshold", "{model}", "--family", "per-row"], "unknown --family"),
+    "sweep alpha above one": (["sweep", "{model}", "--alpha", "0.15,1.5"], "--alpha 1.5 is out of range"),
+    "sweep alpha negative": (["sweep", "{model}", "--alpha", "-0.2"], "--alpha -0.2 is out of range"),
+    "sweep alpha not a number": (["sweep", "{model}", "--alpha", "0.1,x"], "--alpha 'x' is not a number"),
+    "sweep alpha nan": (["sweep", "{model}", "--alpha", "nan"], "--alpha nan is out of range"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RUNS))
+def test_bad_eval_threshold_sweep_input(case, capsys, tmp_path, tiny_llama_dir, text_file):
+    args, message = BAD_RUNS[case]
+    args = [a.format(model=tiny_llama_dir) for a in args] + ["--dataset", str(text_file)]
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(capsys, *args, "--output", str(out))
+    assert code == 2, (stdout, stderr)
+    assert message in stderr
+    assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr + stdout
+    assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []

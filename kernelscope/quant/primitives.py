@@ -61,6 +61,11 @@ def _stat_dtype(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
+def abs_in_stat_dtype(x: torch.Tensor) -> torch.Tensor:
+    """A new tensor ``|x|`` in the statistics dtype (one pass for float32, two for half types)."""
+    return x.abs() if x.dtype in (torch.float32, torch.float64) else x.float().abs_()
+
+
 class ActivationRanges(NamedTuple):
     """The two abs-max vectors every activation step is built from, for ``x (..., T, I)``.
 
@@ -72,10 +77,36 @@ class ActivationRanges(NamedTuple):
     channel: torch.Tensor
 
 
+def as_sequences(x: torch.Tensor, seq_len: int | None = None) -> torch.Tensor:
+    """``x`` viewed as ``(B, T, I)`` so that per-sequence statistics never mix sequences.
+
+    Some models flatten tokens before a Linear (OPT's fc1/fc2 see ``(B·T, I)``); given the window
+    length ``seq_len``, such an input is split back into its sequences. Without it, a 2-D input is
+    one sequence.
+    """
+    if x.dim() < 2:
+        raise ValueError(f"an activation needs at least 2 dimensions, got shape {tuple(x.shape)}")
+    width = x.shape[-1]
+    if x.dim() == 2:
+        if seq_len and x.shape[0] % seq_len == 0:
+            return x.reshape(-1, seq_len, width)  # (B, T, I)
+        return x.unsqueeze(0)  # (1, T, I)
+    return x.reshape(-1, x.shape[-2], width)  # (B, T, I)
+
+
+def _absmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``max |x|`` along ``dim`` (kept), in the statistics dtype, without materialising ``|x|``.
+
+    A maximum is exact in any dtype, so a bf16 input is reduced as it is and only the result widened.
+    """
+    hi = x.amax(dim=dim, keepdim=True)
+    lo = x.amin(dim=dim, keepdim=True)
+    return _stat_dtype(torch.maximum(hi, lo.neg_()).abs_())
+
+
 def activation_ranges(x: torch.Tensor) -> ActivationRanges:
     """t and c of ``x (..., T, I)``, computed once so that several quantizers can share them."""
-    ax = _stat_dtype(x).abs()  # (..., T, I)
-    return ActivationRanges(ax.amax(dim=-1, keepdim=True), ax.amax(dim=-2, keepdim=True))
+    return ActivationRanges(_absmax(x, -1), _absmax(x, -2))
 
 
 Activation = torch.Tensor | ActivationRanges
@@ -133,7 +164,8 @@ def crossquant_step(x: Activation, bits: int, alpha: float) -> torch.Tensor:
     elif alpha == 0.0:
         scale = c.expand(*c.shape[:-2], t.shape[-2], c.shape[-1])  # (..., T, I)
     else:
-        scale = _pow_rounded(t, alpha) * _pow_rounded(c, 1.0 - alpha)  # (..., T, I)
+        scale = torch.mul(_pow_rounded(t, alpha), _pow_rounded(c, 1.0 - alpha))  # (..., T, I)
+        return scale.div_(qmax).clamp_min_(STEP_FLOOR)
     return _floored(scale / qmax)
 
 
@@ -177,8 +209,10 @@ def quantize(x: torch.Tensor, step: torch.Tensor, qmax: int) -> torch.Tensor:
     """q = clamp(round(x / Δ), -qmax, qmax), integer-valued, in the statistics dtype.
 
     ``torch.round`` rounds half to even, so ``|x / Δ| = 0.5`` gives 0: that element is in the kernel.
+    The rounding and clamping work in place on the fresh quotient, never on ``x``.
     """
-    return torch.round(_stat_dtype(x) / step).clamp_(-qmax, qmax)
+    q = torch.div(_stat_dtype(x), step)
+    return q.round_().clamp_(-qmax, qmax)
 
 
 def dequantize(q: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -188,7 +222,7 @@ def dequantize(q: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 
 def fake_quantize(x: torch.Tensor, step: torch.Tensor, qmax: int) -> torch.Tensor:
     """Quantize then dequantize ``x`` with ``step``; returns a new tensor in ``x``'s dtype."""
-    return dequantize(quantize(x, step, qmax), step).to(x.dtype)
+    return quantize(x, step, qmax).mul_(step).to(x.dtype)
 
 
 def kernel_mask(
@@ -202,8 +236,8 @@ def kernel_mask(
     ``scale`` = λ widens the zero bound to λ·B (``|x| / Δ <= 0.5·λ``): the one-parameter family the
     threshold search walks along; λ = 1 is the quantizer's own kernel, λ = 0 only the exact zeros.
     """
-    ax = _stat_dtype(x)
-    return (ax if is_abs else ax.abs()) / step <= 0.5 * scale
+    ratio = torch.div(_stat_dtype(x), step) if is_abs else abs_in_stat_dtype(x).div_(step)
+    return torch.le(ratio, 0.5 * scale)
 
 
 def remove_kernel(x: torch.Tensor, step: torch.Tensor, *, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,13 +247,14 @@ def remove_kernel(x: torch.Tensor, step: torch.Tensor, *, scale: float = 1.0) ->
     This isolates the loss caused by the kernel alone (CrossQuant paper, §3).
     """
     mask = kernel_mask(x, step, scale=scale)
-    return x.masked_fill(mask, 0), mask.sum()
+    return torch.where(mask, 0.0, x), torch.count_nonzero(mask)
 
 
 def fake_quantize_counted(x: torch.Tensor, step: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fake_quantize` that also returns how many elements quantized to zero (the kernel)."""
     q = quantize(x, step, qmax)
-    return dequantize(q, step).to(x.dtype), (q == 0).sum()
+    zeros = q.numel() - torch.count_nonzero(q)
+    return q.mul_(step).to(x.dtype), zeros
 
 
 def fake_quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:

@@ -8,7 +8,6 @@ before it in its window (``seqlen - 1`` per window).
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -26,9 +25,9 @@ from kernelscope.data import TextSource, Windows
 from kernelscope.models import LinearLayer, LoadedModel, select_linear_layers
 from kernelscope.quant import smoothing_factors
 from kernelscope.results import write_run
-from kernelscope.runs.fakequant import SchemeApplied, _weight_out_in
+from kernelscope.runs.fakequant import SchemeApplied, weight_out_in
 from kernelscope.runs.forward import eval_mode, model_device
-from kernelscope.runs.profiling import versions
+from kernelscope.runs.common import run_context, text_facts, unpack
 from kernelscope.runs.schemes import Scheme
 
 SchemeProgress = Callable[[str, int, int], None]
@@ -89,7 +88,7 @@ def calibrate_smoothing(
             model(input_ids=windows.tokens[first : first + batch_size].to(device), use_cache=False)
     factors = {}
     for layer in layers:
-        w_max = _weight_out_in(layer.module).detach().abs().amax(dim=0).float()  # (I,)
+        w_max = weight_out_in(layer.module).detach().abs().amax(dim=0).float()  # (I,)
         factors[layer.name] = smoothing_factors(act_max[layer.name].to(w_max.device), w_max, alpha)
     return factors
 
@@ -106,7 +105,7 @@ def run_scheme(
 ) -> dict[str, Any]:
     """Perplexity of ``model`` under ``scheme`` on ``windows``, with the activation kernel it caused."""
     started = time.perf_counter()
-    applied = SchemeApplied(layers, scheme, smoothing)
+    applied = SchemeApplied(layers, scheme, smoothing, seq_len=windows.seqlen)
     with eval_mode(model), applied:
         nll, tokens = nll_pass(model, windows, batch_size=batch_size, after_batch=applied.end_batch,
                                progress=progress)
@@ -138,28 +137,6 @@ class EvalResult:
                          summary_name="eval.json")
 
 
-def run_context(model_info: dict, text: TextSource | None, windows: Windows, kind: str) -> dict[str, Any]:
-    """The part of every run summary that says what was measured on what."""
-    return {
-        "kind": kind,
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "model": model_info,
-        "text": (
-            {"source": text.name, "description": text.description, "sha256": text.sha256,
-             "characters": len(text.text)} if text is not None else None
-        ),
-        "windows": windows.as_dict(),
-        "protocol": protocol_text(windows),
-        "versions": versions(),
-    }
-
-
-def unpack(model: nn.Module | LoadedModel) -> tuple[nn.Module, dict]:
-    if isinstance(model, LoadedModel):
-        return model.model, dict(model.info)
-    return model, {"architecture": type(model).__name__}
-
-
 def evaluate(
     model: nn.Module | LoadedModel,
     windows: Windows,
@@ -178,7 +155,7 @@ def evaluate(
     blocks; ``lm_head`` stays in full precision, as in SmoothQuant) are treated as each scheme says.
     SmoothQuant schemes need ``calibration`` windows (from text other than the evaluation text).
     """
-    net, info = unpack(model)
+    net, info, _ = unpack(model)
     if not schemes:
         raise ValueError("evaluate needs at least one scheme")
     selected = (list(layers) if layers is not None and not isinstance(layers, str)
@@ -200,13 +177,13 @@ def evaluate(
     table = pl.DataFrame(rows, infer_schema_length=None)
     summary = {
         **run_context(info, text, windows, "eval"),
+        "protocol": protocol_text(windows),
         "results": rows,
         "layers": {"count": len(selected), "pattern": layers if isinstance(layers, str) else None,
                    "lm_head": "full precision"},
         "calibration": (
-            {"text": calibration_text.description if calibration_text else None,
-             "sha256": calibration_text.sha256 if calibration_text else None,
-             "windows": calibration.as_dict()} if calibration is not None and smoothing else None
+            {"text": text_facts(calibration_text), "windows": calibration.as_dict()}
+            if calibration is not None and smoothing else None
         ),
         "settings": {"batch_size": batch_size},
     }

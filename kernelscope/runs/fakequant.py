@@ -14,11 +14,11 @@ from torch import nn
 
 from kernelscope.capture.hooks import Conv1D
 from kernelscope.models import LinearLayer
-from kernelscope.quant import fake_quantize_counted, fake_quantize_weight, remove_kernel
+from kernelscope.quant import as_sequences, fake_quantize_counted, fake_quantize_weight, remove_kernel
 from kernelscope.runs.schemes import Scheme
 
 
-def _weight_out_in(module: nn.Module) -> torch.Tensor:
+def weight_out_in(module: nn.Module) -> torch.Tensor:
     """The weight as ``(O, I)`` (Conv1D stores it as ``(I, O)``)."""
     w = module.weight
     return w.t() if bool(Conv1D) and isinstance(module, Conv1D) else w
@@ -31,17 +31,19 @@ def _as_module_layout(module: nn.Module, w_out_in: torch.Tensor) -> torch.Tensor
 class SchemeApplied:
     """Context manager: ``scheme`` in force on ``layers``; counts the activation kernel it causes.
 
-    ``smoothing`` maps layer names to SmoothQuant factors ``s (I,)`` (for SmoothQuant schemes).
+    ``smoothing`` maps layer names to SmoothQuant factors ``s (I,)`` (for SmoothQuant schemes);
+    ``seq_len`` is the window length, for models that flatten tokens before a Linear.
     ``kernel`` and ``elements`` are int64 counters on the model's device, read once at the end.
     """
 
     def __init__(self, layers: list[LinearLayer], scheme: Scheme,
-                 smoothing: dict[str, torch.Tensor] | None = None) -> None:
+                 smoothing: dict[str, torch.Tensor] | None = None, seq_len: int | None = None) -> None:
         if scheme.smooth_alpha is not None and smoothing is None:
             raise ValueError(f"scheme {scheme.name} needs smoothing factors from calibration")
         self.layers = layers
         self.scheme = scheme
         self.smoothing = smoothing
+        self.seq_len = seq_len  # splits flattened (B·T, I) inputs back into sequences
         self.kernel: torch.Tensor | None = None
         self.elements: torch.Tensor | None = None
         self._handles: list[Any] = []
@@ -54,10 +56,15 @@ class SchemeApplied:
         scheme, act = self.scheme, self.scheme.activation
         if self.smoothing is not None:
             x = (x.float() / self.smoothing[name]).to(x.dtype)  # (..., I) / (I,)
-        step = act.step(x)
+        if scheme.mode == "fp":
+            return x, torch.zeros((), dtype=torch.int64, device=x.device)
+        seqs = as_sequences(x, self.seq_len)  # (B, T, I)
+        step = act.step(seqs)
         if scheme.mode == "remove_kernel":
-            return remove_kernel(x, step, scale=scheme.kernel_scale)
-        return fake_quantize_counted(x, step, act.qmax)
+            out, zeros = remove_kernel(seqs, step, scale=scheme.kernel_scale)
+        else:
+            out, zeros = fake_quantize_counted(seqs, step, act.qmax)
+        return out.reshape(x.shape), zeros
 
     def _activation(self, name: str, x: torch.Tensor) -> torch.Tensor:
         # Layers fed the same tensor (q/k/v, gate/up) share one transform unless smoothing differs.
@@ -76,7 +83,7 @@ class SchemeApplied:
     # -- weight -------------------------------------------------------------------------------
     def _quantized_weight(self, name: str, module: nn.Module) -> torch.Tensor:
         if name not in self._weights:
-            w = _weight_out_in(module).detach()  # (O, I)
+            w = weight_out_in(module).detach()  # (O, I)
             if self.smoothing is not None:
                 w = (w.float() * self.smoothing[name]).to(w.dtype)  # column j times s_j
             if self.scheme.weight_bits is not None:
@@ -93,7 +100,7 @@ class SchemeApplied:
                 x, rest = args[0], args[1:]
             else:
                 return None
-            xq = x if scheme.mode == "fp" else self._activation(name, x)
+            xq = x if scheme.mode == "fp" and self.smoothing is None else self._activation(name, x)
             if changes_weight:
                 self._swapped[name] = (module, module.weight.data)
                 module.weight.data = self._quantized_weight(name, module)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,25 +17,13 @@ from kernelscope.data import TextSource, Windows
 from kernelscope.models import LinearLayer, LoadedModel, select_linear_layers
 from kernelscope.quant import QuantizerConfig
 from kernelscope.results import write_run
+from kernelscope.runs.common import run_context, unpack
 from kernelscope.runs.forward import eval_mode, forward_windows
 from kernelscope.stats import KernelStats, observe
 from kernelscope.stats.kernel import HISTOGRAM
 
 ProgressFn = Callable[[int, int], None]
 """Called as ``progress(windows_done, windows_total)`` after each batch."""
-
-
-def versions() -> dict[str, str]:
-    """Versions of what produced a result, for the summary."""
-    import transformers
-
-    from kernelscope import __version__
-
-    return {
-        "kernelscope": __version__, "torch": torch.__version__,
-        "transformers": transformers.__version__, "polars": pl.__version__,
-        "python": platform.python_version(),
-    }
 
 
 @dataclass
@@ -98,11 +84,8 @@ def profile(
     tensor (q/k/v, gate/up) share one computation. Hooks are removed and the model's training flag
     restored whether the run succeeds or not.
     """
-    info: dict[str, Any] = {}
-    if isinstance(model, LoadedModel):
-        info = dict(model.info)
-        tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-        model = model.model
+    model, info, own_tokenizer = unpack(model)
+    tokenizer = tokenizer if tokenizer is not None else own_tokenizer
     configs = list(configs)
     if not configs:
         raise ValueError("profile needs at least one quantizer configuration")
@@ -118,7 +101,8 @@ def profile(
 
     def observer(name: str, x: torch.Tensor) -> None:
         if shared["x"] is not x:
-            shared["obs"] = observe(x, configs, token_offset=shared["offset"], top_k=top_k)
+            shared["obs"] = observe(x, configs, token_offset=shared["offset"], top_k=top_k,
+                                    seq_len=windows.seqlen)
             shared["x"] = x
         stats[name].update(shared["obs"])
 
@@ -170,14 +154,7 @@ def profile(
     by_type = _rollup(frame, ["module_type", *keys])
     tokens = n * windows.seqlen
     summary = {
-        "kind": "profile",
-        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "model": info or {"architecture": type(model).__name__},
-        "text": (
-            {"source": text.name, "description": text.description, "sha256": text.sha256,
-             "characters": len(text.text)} if text is not None else None
-        ),
-        "windows": windows.as_dict(),
+        **run_context(info, text, windows, "profile"),
         "quantizers": [c.as_dict() | {"label": c.label} for c in configs],
         "layers": {"count": len(selected), "pattern": layers if isinstance(layers, str) else None,
                    "include_lm_head": include_lm_head},
@@ -189,6 +166,5 @@ def profile(
         "tokens": tokens,
         "seconds": round(elapsed, 3),
         "tokens_per_second": round(tokens / elapsed, 1) if elapsed > 0 else None,
-        "versions": versions(),
     }
     return ProfileResult(frame, model_level, by_type, summary)

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 
 from kernelscope.errors import KernelscopeError
-from kernelscope.quant import DEFAULT_ALPHA, QuantizerConfig, check_alpha
+from kernelscope.quant import DEFAULT_ALPHA, QuantizerConfig, check_alpha, qmax_for_bits
 
 QUANTIZER_WORDS = {"per-token": "per_token", "per-tensor": "per_tensor", "per-channel": "per_channel",
                    "crossquant": "crossquant"}
@@ -75,6 +75,7 @@ def parse_scheme(
             return Scheme("fp", "fp")
         if m := _FAKE.match(name):
             wbits, abits, group, kind = int(m[1]), int(m[2]), m[3], m[4]
+            qmax_for_bits(wbits)
             if kind == "smoothquant":
                 act = QuantizerConfig("per_token", abits)
                 return Scheme(name, "fake_quant", act, wbits, int(group) if group else None,
@@ -86,7 +87,7 @@ def parse_scheme(
             quantizer = QUANTIZER_WORDS[m[1]]
             act = QuantizerConfig(quantizer, bits, alpha if quantizer == "crossquant" else None)
             if weight_bits is not None:
-                QuantizerConfig("per_token", weight_bits)  # validates the width
+                qmax_for_bits(weight_bits)
             return Scheme(name, "remove_kernel", act, weight_bits, group_size)
     except ValueError as exc:
         raise KernelscopeError(f"scheme {text!r}: {exc}") from None

@@ -13,7 +13,9 @@ import torch
 
 from kernelscope.quant import (
     QuantizerConfig,
+    abs_in_stat_dtype,
     activation_ranges,
+    as_sequences,
     kernel_mask,
     per_token_step,
     zero_bound,
@@ -44,15 +46,6 @@ class Observation:
     top_index: torch.Tensor  # (k,) int64: their global token index (-1: empty)
 
 
-def _as_sequences(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as ``(B, T, I)``: a 2-D input is one sequence, extra leading axes are sequences."""
-    if x.dim() < 2:
-        raise ValueError(f"a Linear input needs at least 2 dimensions, got shape {tuple(x.shape)}")
-    if x.dim() == 2:
-        return x.unsqueeze(0)  # (1, T, I)
-    return x.reshape(-1, x.shape[-2], x.shape[-1])  # (B, T, I)
-
-
 def count_c_ge_t(token: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
     """Number of pairs (i, j) with ``c_j >= t_i`` within each sequence, summed; by sorting c.
 
@@ -76,30 +69,31 @@ def observe(
     *,
     token_offset: int = 0,
     top_k: int = 10,
+    seq_len: int | None = None,
 ) -> Observation:
     """Reduce one layer input ``x (..., T, I)`` for every config. ``x`` is neither kept nor changed.
 
     ``token_offset`` is the global index of the batch's first token, so that the top tokens can be
-    traced back to the text.
+    traced back to the text; ``seq_len`` splits a flattened ``(B·T, I)`` input into its sequences.
     """
-    x = _as_sequences(x)  # (B, T, I)
+    x = as_sequences(x, seq_len)  # (B, T, I)
     batch, seq, width = x.shape
     ranges = activation_ranges(x)
     t, c = ranges  # (B, T, 1), (B, 1, I)
-    ax = x.abs() if x.dtype in (torch.float32, torch.float64) else x.float().abs()  # (B, T, I)
+    ax = abs_in_stat_dtype(x)  # (B, T, I)
     elements = x.numel()
 
     kernel, below, bsum, bmin, bmax, hist = [], [], [], [], [], []
     per_token_cache: dict[int, torch.Tensor] = {}
     for cfg in configs:
         step = cfg.step(ranges)  # broadcastable to (B, T, I)
-        kernel.append(kernel_mask(ax, step, is_abs=True).sum())
+        kernel.append(torch.count_nonzero(kernel_mask(ax, step, is_abs=True)))
         if cfg.quantizer == "per_token":
             below.append(torch.zeros((), dtype=torch.int64, device=x.device))
         else:
             if cfg.bits not in per_token_cache:
                 per_token_cache[cfg.bits] = per_token_step(ranges, cfg.bits)
-            below.append((step < per_token_cache[cfg.bits]).expand(batch, seq, width).sum())
+            below.append(torch.count_nonzero((step < per_token_cache[cfg.bits]).expand(batch, seq, width)))
         bound = zero_bound(step)
         weight = elements // bound.numel()  # each stored bound stands for this many elements
         bsum.append(bound.sum(dtype=torch.float64) * weight)
@@ -113,7 +107,7 @@ def observe(
     return Observation(
         tokens=torch.tensor(batch * seq, dtype=torch.int64, device=x.device),
         elements=torch.tensor(elements, dtype=torch.int64, device=x.device),
-        nonfinite=(~torch.isfinite(ax)).sum(),
+        nonfinite=ax.numel() - torch.count_nonzero(torch.isfinite(ax)),
         kernel=torch.stack(kernel),
         below_per_token=torch.stack(below),
         bound_sum=torch.stack(bsum),

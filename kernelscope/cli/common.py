@@ -1,0 +1,131 @@
+"""What every model-running command does first: check options, read the text, load the model,
+choose the windows; and the progress display."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from kernelscope.cli.console import err, fail, out
+
+
+def load_with_status(model: str, dtype: str, device: str, trust_remote_code: bool, *, quiet: bool):
+    """Load a model behind a spinner on stderr."""
+    from kernelscope.models import load_model
+
+    if quiet or not err.is_terminal:
+        return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    with err.status(f"loading model {escape(model)} ..."):
+        return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def check_positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        fail(f"{name} must be at least 1, got {value}")
+
+
+@dataclass
+class Prepared:
+    loaded: Any
+    text: Any
+    windows: Any
+    device: str
+
+
+def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, windows: str, seed: int,
+            layers: str | None, batch_size: int, dtype: str, device: str, trust_remote_code: bool,
+            output: Path | None, overwrite: bool, quiet: bool, min_windows: int = 1) -> Prepared:
+    """Check everything that can be checked cheaply, then read text, load the model, cut windows.
+
+    Nothing is written here; an existing ``output`` is refused before any work.
+    """
+    from kernelscope.data import load_text, make_windows, tokenize
+    from kernelscope.models import parse_device, parse_dtype, resolve_model_source
+    from kernelscope.results import check_output_dir
+
+    check_positive("--nsamples", nsamples)
+    check_positive("--seqlen", seqlen)
+    check_positive("--batch-size", batch_size)
+    if windows not in ("first", "random"):
+        fail(f"--windows must be `first` or `random`, got {windows!r}")
+    if nsamples is not None and nsamples < min_windows:
+        fail(f"--nsamples {nsamples} is too few windows; this command needs at least {min_windows}")
+    resolve_model_source(model)
+    if output is not None:
+        check_output_dir(output, overwrite)
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    parse_dtype(dtype, parse_device(device))
+    if layers is not None:
+        try:
+            re.compile(layers)
+        except re.error as exc:
+            fail(f"--layers {layers!r} is not a valid regular expression: {exc}")
+
+    max_chars = 20 * nsamples * seqlen if nsamples is not None else None
+    text = load_text(dataset, max_chars=max_chars)
+    loaded = load_with_status(model, dtype, device, trust_remote_code, quiet=quiet)
+    limit = loaded.info.get("max_position_embeddings")
+    if isinstance(limit, int) and seqlen > limit:
+        fail(f"--seqlen {seqlen} is beyond the model's context of {limit} tokens")
+    ids = tokenize(loaded.tokenizer, text.text)
+    chosen = make_windows(ids, seqlen, nsamples, selection=windows, seed=seed)
+    if len(chosen) < min_windows:
+        fail(f"the text holds {len(chosen)} window(s) of {seqlen} tokens; this command needs at least {min_windows}")
+    return Prepared(loaded, text, chosen, device)
+
+
+@contextlib.contextmanager
+def stage_progress(quiet: bool) -> Iterator[Any]:
+    """A progress display with one bar per stage; yields ``update(stage, done, total)``."""
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("windows"), TimeElapsedColumn(), console=err,
+                        disable=quiet or not err.is_terminal, transient=True)
+    tasks: dict[str, Any] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = progress.add_task(stage, total=total)
+        progress.update(tasks[stage], completed=done)
+
+    with progress:
+        yield update
+
+
+def finish(result, output: Path | None, overwrite: bool, as_json: bool, show) -> None:
+    """Save (if asked), then print JSON or the human view."""
+    if output is not None:
+        result.summary["output"] = str(Path(output))
+        result.save(output, overwrite=overwrite)
+    if as_json:
+        print(json.dumps(result.summary, indent=2, default=str))
+        return
+    show(result)
+    if output is not None:
+        out.print(f"wrote [bold]{escape(str(output))}[/]")
+
+
+def header(summary: dict, title: str) -> Any:
+    """The panel that says what was measured on what."""
+    from rich.panel import Panel
+
+    m = summary["model"]
+    lines = [
+        f"[bold]model[/]   {escape(str(m.get('path', m.get('architecture'))))}  ({m.get('architecture')}, "
+        f"{m.get('parameters', 0) / 1e6:.0f}M parameters, {m.get('dtype')}, {m.get('device')})",
+        f"[bold]text[/]    {escape(summary['text']['description'])}  sha256 {summary['text']['sha256'][:12]}",
+        f"[bold]windows[/] {escape(summary['windows']['description'])}",
+    ]
+    if "protocol" in summary:
+        lines.append(f"[bold]protocol[/] {escape(summary['protocol'])}")
+    return Panel("\n".join(lines), title=title, expand=False)

