@@ -35,17 +35,28 @@ _LAZY = {
     "read_run": "kernelscope.results",
     "ProfileResult": "kernelscope.runs",
     "profile": "kernelscope.runs",
+    "evaluate": "kernelscope.runs",
+    "parse_scheme": "kernelscope.runs",
+    "threshold_search": "kernelscope.runs",
+    "alpha_sweep": "kernelscope.runs",
 }
 
 __all__ = ["__version__", *_LAZY]
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # names for type checkers; at run time they load lazily
     from kernelscope.data import Windows, load_text, make_windows, tokenize
     from kernelscope.errors import KernelscopeError
     from kernelscope.models import load_model, select_linear_layers
     from kernelscope.quant import DEFAULT_ALPHA, QuantizerConfig, default_configs, expand_configs
     from kernelscope.results import read_run
-    from kernelscope.runs import ProfileResult, profile
+    from kernelscope.runs import (
+        ProfileResult,
+        alpha_sweep,
+        evaluate,
+        parse_scheme,
+        profile,
+        threshold_search,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -113,8 +113,8 @@ def _show_threshold(result) -> None:
 
 
 def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, group_size, **kw) -> None:
-    from kernelscope.runs.threshold import MIN_WINDOWS, threshold_search
     from kernelscope.runs.schemes import QUANTIZER_WORDS
+    from kernelscope.runs.threshold import MIN_WINDOWS, threshold_search
 
     if not (tolerance > 0 and math.isfinite(tolerance)):
         fail(f"--tolerance must be a positive number, got {tolerance}")

@@ -32,8 +32,8 @@ from kernelscope.quant.primitives import (
 )
 from kernelscope.quant.registry import (
     ACTIVATION_QUANTIZERS,
-    QuantizerConfig,
     DEFAULT_ALPHA,
+    QuantizerConfig,
     activation_step,
     default_configs,
     expand_configs,

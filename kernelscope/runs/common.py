@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
 
 import polars as pl
 import torch
 from torch import nn
 
 from kernelscope.data import TextSource, Windows
-from kernelscope.models import LoadedModel
+from kernelscope.models import LinearLayer, LoadedModel, select_linear_layers
+from kernelscope.results import write_run
+
+StageProgress = Callable[[str, int, int], None]
+"""``progress(stage, windows_done, windows_total)``; the stage names the pass (``fp``, ``α=0.15``, ...)."""
 
 
 def versions() -> dict[str, str]:
@@ -51,3 +58,33 @@ def run_context(model_info: dict, text: TextSource | None, windows: Windows, kin
         "windows": windows.as_dict(),
         "versions": versions(),
     }
+
+
+def resolve_layers(model: nn.Module, layers: str | Sequence[LinearLayer] | None,
+                   include_lm_head: bool = False) -> list[LinearLayer]:
+    """A regular expression, an explicit list, or None (every Linear in the decoder blocks)."""
+    if layers is not None and not isinstance(layers, str):
+        return list(layers)
+    return select_linear_layers(model, layers, include_lm_head=include_lm_head)
+
+
+def stage_callback(progress: StageProgress | None, stage: str) -> Callable[[int, int], None] | None:
+    """The per-window progress callback of one named pass."""
+    if progress is None:
+        return None
+    return lambda done, total: progress(stage, done, total)
+
+
+@dataclass
+class TableResult:
+    """A run's table and its JSON summary; ``save`` writes ``<TABLE>.parquet`` and ``<SUMMARY>``."""
+
+    table: pl.DataFrame
+    summary: dict[str, Any]
+    TABLE: ClassVar[str] = ""
+    SUMMARY: ClassVar[str] = ""
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the run folder atomically (all or nothing)."""
+        return write_run(path, {self.TABLE: self.table}, self.summary, overwrite=overwrite,
+                         summary_name=self.SUMMARY)

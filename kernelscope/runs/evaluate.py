@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -22,16 +20,20 @@ from torch import nn
 
 from kernelscope.capture import LinearInputCapture
 from kernelscope.data import TextSource, Windows
-from kernelscope.models import LinearLayer, LoadedModel, select_linear_layers
+from kernelscope.models import LinearLayer, LoadedModel
 from kernelscope.quant import smoothing_factors
-from kernelscope.results import write_run
+from kernelscope.runs.common import (
+    StageProgress,
+    TableResult,
+    resolve_layers,
+    run_context,
+    stage_callback,
+    text_facts,
+    unpack,
+)
 from kernelscope.runs.fakequant import SchemeApplied, weight_out_in
 from kernelscope.runs.forward import eval_mode, model_device
-from kernelscope.runs.common import run_context, text_facts, unpack
 from kernelscope.runs.schemes import Scheme
-
-SchemeProgress = Callable[[str, int, int], None]
-"""Called as ``progress(scheme_name, windows_done, windows_total)``."""
 
 
 def protocol_text(windows: Windows) -> str:
@@ -82,7 +84,7 @@ def calibrate_smoothing(
         m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()  # (I,)
         act_max[name] = m if name not in act_max else torch.maximum(act_max[name], m)
 
-    with eval_mode(model), LinearInputCapture({l.name: l.module for l in layers}, observer):
+    with eval_mode(model), LinearInputCapture({layer.name: layer.module for layer in layers}, observer):
         device = model_device(model)
         for first in range(0, len(windows), batch_size):
             model(input_ids=windows.tokens[first : first + batch_size].to(device), use_cache=False)
@@ -125,16 +127,11 @@ def run_scheme(
     }
 
 
-@dataclass
-class EvalResult:
+class EvalResult(TableResult):
     """One row per scheme (``table``) and the JSON summary written as ``eval.json``."""
 
-    table: pl.DataFrame
-    summary: dict[str, Any]
-
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        return write_run(path, {"eval": self.table}, self.summary, overwrite=overwrite,
-                         summary_name="eval.json")
+    TABLE = "eval"
+    SUMMARY = "eval.json"
 
 
 def evaluate(
@@ -147,7 +144,7 @@ def evaluate(
     calibration: Windows | None = None,
     calibration_text: TextSource | None = None,
     batch_size: int = 1,
-    progress: SchemeProgress | None = None,
+    progress: StageProgress | None = None,
 ) -> EvalResult:
     """Perplexity of ``model`` on ``windows`` under each scheme, in order.
 
@@ -158,8 +155,7 @@ def evaluate(
     net, info, _ = unpack(model)
     if not schemes:
         raise ValueError("evaluate needs at least one scheme")
-    selected = (list(layers) if layers is not None and not isinstance(layers, str)
-                else select_linear_layers(net, layers))
+    selected = resolve_layers(net, layers)
     smoothing: dict[float, dict[str, torch.Tensor]] = {}
     rows = []
     for scheme in schemes:
@@ -171,9 +167,8 @@ def evaluate(
                 smoothing[scheme.smooth_alpha] = calibrate_smoothing(
                     net, selected, calibration, scheme.smooth_alpha, batch_size=batch_size)
             factors = smoothing[scheme.smooth_alpha]
-        step = (lambda done, total, s=scheme.name: progress(s, done, total)) if progress else None
-        rows.append(run_scheme(net, windows, scheme, selected, smoothing=factors,
-                               batch_size=batch_size, progress=step))
+        rows.append(run_scheme(net, windows, scheme, selected, smoothing=factors, batch_size=batch_size,
+                               progress=stage_callback(progress, scheme.name)))
     table = pl.DataFrame(rows, infer_schema_length=None)
     summary = {
         **run_context(info, text, windows, "eval"),

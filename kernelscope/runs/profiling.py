@@ -14,10 +14,10 @@ from torch import nn
 
 from kernelscope.capture import LinearInputCapture
 from kernelscope.data import TextSource, Windows
-from kernelscope.models import LinearLayer, LoadedModel, select_linear_layers
+from kernelscope.models import LinearLayer, LoadedModel
 from kernelscope.quant import QuantizerConfig
 from kernelscope.results import write_run
-from kernelscope.runs.common import run_context, unpack
+from kernelscope.runs.common import resolve_layers, run_context, unpack
 from kernelscope.runs.forward import eval_mode, forward_windows
 from kernelscope.stats import KernelStats, observe
 from kernelscope.stats.kernel import HISTOGRAM
@@ -91,10 +91,7 @@ def profile(
         raise ValueError("profile needs at least one quantizer configuration")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    selected = (
-        list(layers) if layers is not None and not isinstance(layers, str)
-        else select_linear_layers(model, layers, include_lm_head=include_lm_head)
-    )
+    selected = resolve_layers(model, layers, include_lm_head)
     stats = {layer.name: KernelStats(configs, top_k) for layer in selected}
     # The last input seen and its observation: q/k/v (and gate/up) receive the same tensor object.
     shared: dict[str, Any] = {"x": None, "obs": None, "offset": 0}
@@ -108,7 +105,7 @@ def profile(
 
     n = len(windows)
     started = time.perf_counter()
-    with eval_mode(model), LinearInputCapture({l.name: l.module for l in selected}, observer):
+    with eval_mode(model), LinearInputCapture({layer.name: layer.module for layer in selected}, observer):
         for first in range(0, n, batch_size):
             batch = windows.tokens[first : first + batch_size]  # (b, T)
             shared["offset"] = first * windows.seqlen

@@ -3,34 +3,32 @@ Figure 8 / Table 4). α = 1 is per-token."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Sequence
 
 import polars as pl
 from torch import nn
 
 from kernelscope.data import TextSource, Windows
-from kernelscope.models import LinearLayer, LoadedModel, select_linear_layers
+from kernelscope.models import LinearLayer, LoadedModel
 from kernelscope.quant import QuantizerConfig, check_alpha
-from kernelscope.results import write_run
-from kernelscope.runs.common import run_context, unpack
+from kernelscope.runs.common import (
+    StageProgress,
+    TableResult,
+    resolve_layers,
+    run_context,
+    stage_callback,
+    unpack,
+)
 from kernelscope.runs.evaluate import protocol_text, run_scheme
 from kernelscope.runs.profiling import profile
 from kernelscope.runs.schemes import Scheme
 
-StageProgress = Callable[[str, int, int], None]
 
+class SweepResult(TableResult):
+    """One row per α plus the fp reference (``table``), and ``sweep.json``."""
 
-@dataclass
-class SweepResult:
-    table: pl.DataFrame  # one row per α, plus the fp reference
-    summary: dict[str, Any]
-
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        return write_run(path, {"sweep": self.table}, self.summary, overwrite=overwrite,
-                         summary_name="sweep.json")
+    TABLE = "sweep"
+    SUMMARY = "sweep.json"
 
 
 def alpha_sweep(
@@ -53,11 +51,8 @@ def alpha_sweep(
     if not alphas:
         raise ValueError("alpha_sweep needs at least one α")
     net, info, tokenizer = unpack(model)
-    selected = (list(layers) if layers is not None and not isinstance(layers, str)
-                else select_linear_layers(net, layers))
-
-    def stage(name: str):
-        return (lambda done, total: progress(name, done, total)) if progress else None
+    selected = resolve_layers(net, layers)
+    stage = lambda name: stage_callback(progress, name)  # noqa: E731
 
     configs = [QuantizerConfig("crossquant", bits, a) for a in alphas]
     kernels = profile(net, windows, configs, tokenizer=tokenizer, layers=selected,

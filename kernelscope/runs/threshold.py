@@ -16,18 +16,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import polars as pl
 from torch import nn
 
 from kernelscope.data import TextSource, Windows
-from kernelscope.models import LinearLayer, LoadedModel, select_linear_layers
+from kernelscope.models import LinearLayer, LoadedModel
 from kernelscope.quant import DEFAULT_ALPHA, QuantizerConfig
-from kernelscope.results import write_run
-from kernelscope.runs.common import run_context, unpack
+from kernelscope.runs.common import (
+    StageProgress,
+    TableResult,
+    resolve_layers,
+    run_context,
+    stage_callback,
+    unpack,
+)
 from kernelscope.runs.evaluate import protocol_text, run_scheme
 from kernelscope.runs.profiling import profile
 from kernelscope.runs.schemes import Scheme
@@ -35,18 +39,16 @@ from kernelscope.runs.schemes import Scheme
 MIN_WINDOWS = 2
 LAMBDA_MIN = 2.0**-12
 
-StageProgress = Callable[[str, int, int], None]
-"""``progress(stage, windows_done, windows_total)``; stage names the pass (``fp``, ``λ=0.5``, ...)."""
+class ThresholdResult(TableResult):
+    """The remove-kernel curve (``table``: one row per evaluated λ, by kernel proportion) and
+    ``threshold.json``."""
 
+    TABLE = "threshold"
+    SUMMARY = "threshold.json"
 
-@dataclass
-class ThresholdResult:
-    curve: pl.DataFrame  # one row per evaluated λ, by kernel proportion
-    summary: dict[str, Any]
-
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        return write_run(path, {"threshold": self.curve}, self.summary, overwrite=overwrite,
-                         summary_name="threshold.json")
+    @property
+    def curve(self) -> pl.DataFrame:
+        return self.table
 
 
 def bracket_crossing(within: Callable[[float], bool], lam_max: float, steps: int,
@@ -134,11 +136,8 @@ def threshold_search(
         raise ValueError(f"a threshold search needs at least {MIN_WINDOWS} windows, got {len(windows)}")
     family = family or QuantizerConfig("per_token", 8)
     net, info, tokenizer = unpack(model)
-    selected = (list(layers) if layers is not None and not isinstance(layers, str)
-                else select_linear_layers(net, layers))
-
-    def stage(name: str):
-        return (lambda done, total: progress(name, done, total)) if progress else None
+    selected = resolve_layers(net, layers)
+    stage = lambda name: stage_callback(progress, name)  # noqa: E731
 
     actual_configs = [QuantizerConfig("per_token", 8), QuantizerConfig("crossquant", 8, alpha),
                       QuantizerConfig("per_token", 4), QuantizerConfig("crossquant", 4, alpha)]
