@@ -23,6 +23,8 @@ try:  # typer >= 0.20 carries its own copy of click
 except ImportError:  # pragma: no cover - older typer on top of click
     from click import exceptions as click_exceptions
 
+_ABORT = tuple(getattr(m, "Abort") for m in (click_exceptions, typer) if hasattr(m, "Abort"))
+
 app = typer.Typer(
     name="kernelscope",
     help="Measure the quantization kernel of a causal LM (the activation elements a quantizer "
@@ -41,15 +43,16 @@ def profile(
     seqlen: o.Seqlen = 2048,
     windows: o.WindowsSel = "first",
     seed: o.Seed = 0,
-    quantizer: Annotated[list[str] | None, typer.Option("--quantizer", "-q", help="Activation "
+    quantizer: Annotated[list[str] | None, typer.Option("--quantizer", "-q", metavar="NAME", help="Activation "
         "quantizer, repeatable: per_token, crossquant, per_tensor, per_channel. [default: per_token, "
         "crossquant]", show_default=False)] = None,
-    bits: Annotated[list[int] | None, typer.Option("--bits", "-b", help="Bit width 2..8, repeatable. "
+    bits: Annotated[list[int] | None, typer.Option("--bits", "-b", metavar="N", help="Bit width 2..8, repeatable. "
         "[default: 8, 4]", show_default=False)] = None,
-    alpha: Annotated[list[float] | None, typer.Option("--alpha", "-a", help="CrossQuant exponent in "
+    alpha: Annotated[list[float] | None, typer.Option("--alpha", "-a", metavar="α", help="CrossQuant exponent in "
         "[0, 1], repeatable; 1 is per-token. [default: 0.15]", show_default=False)] = None,
     layers: o.Layers = None,
-    include_lm_head: Annotated[bool, typer.Option(help="Also measure the output projection.")] = False,
+    include_lm_head: Annotated[bool, typer.Option("--include-lm-head",
+                                                  help="Also measure the output projection.")] = False,
     batch_size: o.BatchSize = 1,
     top_k: Annotated[int, typer.Option(help="Outlier channels and tokens kept per layer.")] = 10,
     dtype: o.Dtype = "auto",
@@ -73,10 +76,10 @@ def profile(
 @app.command("eval")
 def evaluate(
     model: o.Model,
-    scheme: Annotated[list[str] | None, typer.Option("--scheme", help="Repeatable: fp, w8a8-per-token, "
+    scheme: Annotated[list[str] | None, typer.Option("--scheme", metavar="SCHEME", help="Repeatable: fp, w8a8-per-token, "
         "w8a8-crossquant, w4a8-g128-per-token, w4a8-g128-crossquant, w4a4-per-token, w4a4-crossquant, "
-        "w8a8-smoothquant, remove-kernel-per-token, remove-kernel-crossquant (any wXaY[-gG]-QUANTIZER).",
-        show_default=False)] = None,
+        "w8a8-smoothquant, remove-kernel-per-token, remove-kernel-crossquant (any wXaY[-gG]-QUANTIZER). "
+        "[default: fp, w8a8-per-token, w8a8-crossquant]", show_default=False)] = None,
     dataset: o.Dataset = "wikitext2",
     nsamples: Annotated[int | None, typer.Option("--nsamples", "-n", help="Windows to evaluate; "
         "default: every window of the text (the protocol).", show_default=False)] = None,
@@ -155,7 +158,7 @@ def threshold(
 @app.command()
 def sweep(
     model: o.Model,
-    alpha: Annotated[list[str] | None, typer.Option("--alpha", "-a", help="α values, comma-separated "
+    alpha: Annotated[list[str] | None, typer.Option("--alpha", "-a", metavar="LIST", help="α values, comma-separated "
         "or repeated. [default: 0.15,0.45,0.75,1]", show_default=False)] = None,
     dataset: o.Dataset = "wikitext2",
     nsamples: Annotated[int | None, typer.Option("--nsamples", "-n", help="Windows to evaluate; "
@@ -187,7 +190,8 @@ def sweep(
 def list_layers(
     model: o.Model,
     layers: o.Layers = None,
-    include_lm_head: Annotated[bool, typer.Option(help="Also list the output projection.")] = False,
+    include_lm_head: Annotated[bool, typer.Option("--include-lm-head",
+                                                  help="Also list the output projection.")] = False,
     trust_remote_code: o.TrustRemoteCode = False,
 ) -> None:
     """List the Linear layers a profile would capture, with block and module type."""
@@ -230,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     except click_exceptions.ClickException as exc:
         err.print(f"[bold red]error:[/] {escape(exc.format_message())}", soft_wrap=True)
         sys.exit(EXIT_USAGE)
-    except (KeyboardInterrupt, click_exceptions.Abort):
+    except (KeyboardInterrupt, *_ABORT):
         err.print("[bold red]interrupted[/]: nothing was written")
         sys.exit(130)
     except Exception as exc:

@@ -12,6 +12,8 @@ from kernelscope.cli.console import fail, out, pct
 from kernelscope.cli.profile_cmd import check_alphas, check_bits
 from kernelscope.quant import DEFAULT_ALPHA, QuantizerConfig
 
+DEFAULT_SCHEMES = ("fp", "w8a8-per-token", "w8a8-crossquant")
+
 
 def _common(kw: dict, **extra) -> dict:
     keys = ("model", "dataset", "nsamples", "seqlen", "windows", "seed", "layers", "batch_size", "dtype",
@@ -67,7 +69,7 @@ def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, cali
     check_bits([bits])
     _check_weights(weight_bits, group_size)
     schemes = [parse_scheme(s, alpha=alpha, bits=bits, weight_bits=weight_bits, group_size=group_size,
-                            smooth_alpha=smooth_alpha) for s in (scheme or ["fp"])]
+                            smooth_alpha=smooth_alpha) for s in (scheme or DEFAULT_SCHEMES)]
     names = [s.name for s in schemes]
     if len(set(names)) != len(names):
         fail("a --scheme is given twice")

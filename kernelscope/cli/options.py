@@ -26,11 +26,12 @@ Dtype = Annotated[str, typer.Option(
     help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16. Statistics are "
     "computed in float32 either way.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (cuda when present).")]
-TrustRemoteCode = Annotated[bool, typer.Option(help="Allow a hub model's own Python code to run.")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code",
+                                               help="Allow a hub model's own Python code to run.")]
 Output = Annotated[Path | None, typer.Option(
     "--output", "-o", help="Folder to write the results to (atomically: all or nothing).",
     show_default=False)]
-Overwrite = Annotated[bool, typer.Option(help="Replace an existing --output folder.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output folder.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout instead of tables.")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress display.")]
 WeightBits = Annotated[int | None, typer.Option(
