@@ -100,9 +100,10 @@ def _verdict(label: str, fraction: float, lo: dict | None, hi: dict | None, tole
     lo_pct = 100 * lo["kernel_fraction"] if lo else 0.0
     hi_pct = 100 * hi["kernel_fraction"]
     if fraction <= lo_pct / 100:
-        return f"{label} kernel {pct} is below the {lo_pct:.2f}% threshold: expect near-lossless (within {band})"
+        return (f"{label} kernel {pct} is below the {lo_pct:.2f}% threshold: removing it alone "
+                f"should cost less than {band} perplexity")
     if fraction >= hi_pct / 100:
-        return f"{label} kernel {pct} is above the {lo_pct:.2f}% threshold: expect loss"
+        return f"{label} kernel {pct} is above the {lo_pct:.2f}% threshold: expect loss from the kernel alone"
     return (f"{label} kernel {pct} lies inside the bracket {lo_pct:.2f}%..{hi_pct:.2f}% where the "
             f"crossing was located: undetermined at this resolution (add --steps)")
 
