@@ -90,6 +90,7 @@ BAD = {
     "text shorter than a window": (["{model}", "--dataset", "{short}", "-s", "128"], "fewer than one window"),
     "hub dataset offline": (["{model}", "--dataset", "wikitext2"], "needs the Hugging Face hub"),
     "too many windows": (["{model}", "-n", "100000", "-s", "64"], "asks for more windows"),
+    "report is a folder": (["{model}", "--report", "{folder}"], "is a folder"),
 }
 
 
@@ -100,7 +101,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, capsys, tmp_path, ti
     short = tmp_path / "short.txt"
     short.write_text("just a few words")
     args, message = BAD[case]
-    args = [a.format(model=tiny_llama_dir, empty=empty, short=short) for a in args]
+    args = [a.format(model=tiny_llama_dir, empty=empty, short=short, folder=tmp_path) for a in args]
     if "--dataset" not in args:
         args += ["--dataset", str(text_file)]
     out = tmp_path / "out"
@@ -162,9 +163,16 @@ def test_threshold_and_sweep_end_to_end(capsys, tmp_path, tiny_llama_dir, text_f
     body = json.loads(stdout)
     assert body["kind"] == "threshold" and len(body["verdicts"]) == 4 and body["curve"]
     out = tmp_path / "sw"
+    report = tmp_path / "sweep.html"
     code, stdout, stderr = run_cli(capsys, "sweep", str(tiny_llama_dir), "-d", str(text_file), "-n", "2",
-                                   "-s", "64", "--alpha", "0.15,0.5", "--alpha", "1", "-o", str(out))
+                                   "-s", "64", "--alpha", "0.15,0.5", "--alpha", "1", "-o", str(out),
+                                   "--report", str(report))
     assert code == 0, stderr
+    assert "CrossQuant α sweep" in report.read_text(encoding="utf-8")
+    code, stdout, stderr = run_cli(capsys, "threshold", str(tiny_llama_dir), "-d", str(text_file), "-n", "2",
+                                   "-s", "64", "--steps", "1", "--report", str(tmp_path / "t.html"))
+    assert code == 0, stderr  # a report without --output: built from the result in memory
+    assert "Remove-kernel" in stdout and (tmp_path / "t.html").stat().st_size > 1_000_000
     table = pl.read_parquet(out / "sweep.parquet")
     assert table["alpha"].to_list() == [None, 0.15, 0.5, 1.0]
     assert json.loads((out / "sweep.json").read_text())["kind"] == "sweep"

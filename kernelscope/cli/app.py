@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -60,6 +61,7 @@ def profile(
     trust_remote_code: o.TrustRemoteCode = False,
     output: o.Output = None,
     overwrite: o.Overwrite = False,
+    report: o.Report = None,
     as_json: o.AsJson = False,
     quiet: o.Quiet = False,
 ) -> None:
@@ -103,6 +105,7 @@ def evaluate(
     trust_remote_code: o.TrustRemoteCode = False,
     output: o.Output = None,
     overwrite: o.Overwrite = False,
+    report: o.Report = None,
     as_json: o.AsJson = False,
     quiet: o.Quiet = False,
 ) -> None:
@@ -141,6 +144,7 @@ def threshold(
     trust_remote_code: o.TrustRemoteCode = False,
     output: o.Output = None,
     overwrite: o.Overwrite = False,
+    report: o.Report = None,
     as_json: o.AsJson = False,
     quiet: o.Quiet = False,
 ) -> None:
@@ -176,6 +180,7 @@ def sweep(
     trust_remote_code: o.TrustRemoteCode = False,
     output: o.Output = None,
     overwrite: o.Overwrite = False,
+    report: o.Report = None,
     as_json: o.AsJson = False,
     quiet: o.Quiet = False,
 ) -> None:
@@ -184,6 +189,21 @@ def sweep(
     from kernelscope.cli.eval_cmd import run_sweep
 
     run_sweep(**options)
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders written with --output by profile, "
+        "eval, threshold or sweep; several overlay on the same axes.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write.")] = Path("report.html"),
+    title: Annotated[str | None, typer.Option(help="Page title.", show_default=False)] = None,
+    overwrite: o.Overwrite = False,
+) -> None:
+    """Write one self-contained HTML report (plotly embedded, opens offline) from run folders."""
+    from kernelscope.reports import write_report
+
+    path = write_report(runs, output, overwrite=overwrite, title=title)
+    out.print(f"wrote [bold]{escape(str(path))}[/] ({path.stat().st_size / 1e6:.1f} MB, {len(runs)} run(s))")
 
 
 @app.command("layers")

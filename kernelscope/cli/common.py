@@ -42,7 +42,8 @@ class Prepared:
 
 def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, windows: str, seed: int,
             layers: str | None, batch_size: int, dtype: str, device: str, trust_remote_code: bool,
-            output: Path | None, overwrite: bool, quiet: bool, min_windows: int = 1) -> Prepared:
+            output: Path | None, overwrite: bool, quiet: bool, min_windows: int = 1,
+            report: Path | None = None) -> Prepared:
     """Check everything that can be checked cheaply, then read text, load the model, cut windows.
 
     Nothing is written here; an existing ``output`` is refused before any work.
@@ -61,6 +62,7 @@ def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, wind
     resolve_model_source(model)
     if output is not None:
         check_output_dir(output, overwrite)
+    check_report_path(report, overwrite)
     if device == "auto":
         import torch
 
@@ -102,17 +104,38 @@ def stage_progress(quiet: bool) -> Iterator[Any]:
         yield update
 
 
-def finish(result, output: Path | None, overwrite: bool, as_json: bool, show) -> None:
-    """Save (if asked), then print JSON or the human view."""
+def check_report_path(report: Path | None, overwrite: bool) -> None:
+    """Refuse early a report file that exists (unless --overwrite) or whose folder is missing."""
+    if report is None:
+        return
+    if report.is_dir():
+        fail(f"--report {report} is a folder; give a file name such as report.html")
+    if report.exists() and not overwrite:
+        fail(f"--report {report} already exists; pass --overwrite to replace it")
+    if not report.expanduser().resolve().parent.is_dir():
+        fail(f"--report {report} cannot be written: its folder does not exist")
+
+
+def finish(result, output: Path | None, overwrite: bool, as_json: bool, show, report: Path | None = None) -> None:
+    """Save (if asked), write the report (if asked), then print JSON or the human view."""
     if output is not None:
         result.summary["output"] = str(Path(output))
         result.save(output, overwrite=overwrite)
+    if report is not None:
+        from kernelscope.reports import write_report
+        from kernelscope.results import RunFolder, json_safe, read_run
+
+        tables = {result.TABLE: result.table} if hasattr(result, "TABLE") else {"layers": result.layers}
+        run = read_run(output) if output is not None else RunFolder(
+            Path(result.summary.get("kind", "run")), json_safe({"schema_version": 1, **result.summary}), tables)
+        write_report([run], report, overwrite=overwrite)
     if as_json:
         print(json.dumps(result.summary, indent=2, default=str))
         return
     show(result)
-    if output is not None:
-        out.print(f"wrote [bold]{escape(str(output))}[/]")
+    for path in (output, report):
+        if path is not None:
+            out.print(f"wrote [bold]{escape(str(path))}[/]")
 
 
 def header(summary: dict, title: str) -> Any:

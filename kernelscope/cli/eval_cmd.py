@@ -17,7 +17,7 @@ DEFAULT_SCHEMES = ("fp", "w8a8-per-token", "w8a8-crossquant")
 
 def _common(kw: dict, **extra) -> dict:
     keys = ("model", "dataset", "nsamples", "seqlen", "windows", "seed", "layers", "batch_size", "dtype",
-            "device", "trust_remote_code", "output", "overwrite")
+            "device", "trust_remote_code", "output", "overwrite", "report")
     return {k: kw[k] for k in keys} | {"quiet": kw["quiet"] or kw["as_json"]} | extra
 
 
@@ -86,7 +86,7 @@ def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, cali
         result = evaluate(prep.loaded, prep.windows, schemes, text=prep.text, layers=kw["layers"],
                           calibration=calibration, calibration_text=calib_text,
                           batch_size=kw["batch_size"], progress=update)
-    finish(result, kw["output"], kw["overwrite"], kw["as_json"], _show_eval)
+    finish(result, kw["output"], kw["overwrite"], kw["as_json"], _show_eval, kw["report"])
 
 
 def _show_threshold(result) -> None:
@@ -134,7 +134,7 @@ def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, 
         result = threshold_search(prep.loaded, prep.windows, text=prep.text, family=base, tolerance=tolerance,
                                   steps=steps, alpha=alpha, weight_bits=weight_bits, group_size=group_size,
                                   layers=kw["layers"], batch_size=kw["batch_size"], progress=update)
-    finish(result, kw["output"], kw["overwrite"], kw["as_json"], _show_threshold)
+    finish(result, kw["output"], kw["overwrite"], kw["as_json"], _show_threshold, kw["report"])
 
 
 def parse_alpha_list(values: list[str]) -> list[float]:
@@ -179,4 +179,4 @@ def run_sweep(*, alpha, bits, weight_bits, group_size, **kw) -> None:
         result = alpha_sweep(prep.loaded, prep.windows, alphas, text=prep.text, bits=bits,
                              weight_bits=weight_bits, group_size=group_size, layers=kw["layers"],
                              batch_size=kw["batch_size"], progress=update)
-    finish(result, kw["output"], kw["overwrite"], kw["as_json"], _show_sweep)
+    finish(result, kw["output"], kw["overwrite"], kw["as_json"], _show_sweep, kw["report"])

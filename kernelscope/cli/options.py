@@ -39,3 +39,6 @@ WeightBits = Annotated[int | None, typer.Option(
     show_default=False)]
 GroupSize = Annotated[int | None, typer.Option(help="Group size for weight quantization (e.g. 128).",
                                                show_default=False)]
+Report = Annotated[Path | None, typer.Option(
+    "--report", help="Also write the HTML report of this run to this file (see `kernelscope report`).",
+    show_default=False)]

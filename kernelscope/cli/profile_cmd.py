@@ -69,7 +69,7 @@ def _show(result) -> None:
 
 def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, bits, alpha, layers,
                 include_lm_head, batch_size, top_k, dtype, device, trust_remote_code, output,
-                overwrite, as_json, quiet) -> None:
+                overwrite, report, as_json, quiet) -> None:
     from kernelscope.runs import profile
 
     configs = _configs(quantizer, bits, alpha)
@@ -78,9 +78,10 @@ def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, b
     quiet = quiet or as_json
     prep = prepare(model=model, dataset=dataset, nsamples=nsamples, seqlen=seqlen, windows=windows,
                    seed=seed, layers=layers, batch_size=batch_size, dtype=dtype, device=device,
-                   trust_remote_code=trust_remote_code, output=output, overwrite=overwrite, quiet=quiet)
+                   trust_remote_code=trust_remote_code, output=output, overwrite=overwrite, quiet=quiet,
+                   report=report)
     with stage_progress(quiet) as update:
         result = profile(prep.loaded, prep.windows, configs, text=prep.text, layers=layers,
                          include_lm_head=include_lm_head, batch_size=batch_size, top_k=top_k,
                          progress=lambda done, total: update("profiling", done, total))
-    finish(result, output, overwrite, as_json, _show)
+    finish(result, output, overwrite, as_json, _show, report)

@@ -4,8 +4,9 @@ from kernelscope.results.run_dir import (
     SCHEMA_VERSION,
     RunFolder,
     check_output_dir,
+    json_safe,
     read_run,
     write_run,
 )
 
-__all__ = ["SCHEMA_VERSION", "RunFolder", "check_output_dir", "read_run", "write_run"]
+__all__ = ["SCHEMA_VERSION", "RunFolder", "check_output_dir", "json_safe", "read_run", "write_run"]

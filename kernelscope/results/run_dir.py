@@ -24,14 +24,14 @@ SUMMARY = "summary.json"
 SUMMARY_NAMES = (SUMMARY, "eval.json", "threshold.json", "sweep.json")
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN and infinities become null: JSON has no spelling for them."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -67,7 +67,7 @@ def write_run(path: str | Path, tables: dict[str, pl.DataFrame], summary: dict[s
         for name, frame in tables.items():
             frame.write_parquet(tmp / f"{name}.parquet")
         body = {"schema_version": SCHEMA_VERSION, **summary}
-        (tmp / summary_name).write_text(json.dumps(_json_safe(body), indent=2, ensure_ascii=False) + "\n")
+        (tmp / summary_name).write_text(json.dumps(json_safe(body), indent=2, ensure_ascii=False) + "\n")
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old / "run")

@@ -1,0 +1,146 @@
+"""Plotly figures from run tables. Every string that came from a model or a file is HTML-escaped
+before it reaches plotly, which interprets a few tags in text."""
+
+from __future__ import annotations
+
+import html
+
+import plotly.graph_objects as go
+import polars as pl
+from plotly.subplots import make_subplots
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
+_AXIS = dict(gridcolor="#e5e5e5", zerolinecolor="#cccccc")
+# No template: plotly would embed a copy of it (about 7 kB) in every figure.
+LAYOUT = dict(template=None, height=380, margin=dict(l=60, r=20, t=40, b=50), plot_bgcolor="white",
+              legend=dict(orientation="h", y=-0.2), hovermode="closest", xaxis=_AXIS, yaxis=_AXIS)
+
+
+def esc(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def layer_order(layers: pl.DataFrame) -> pl.DataFrame:
+    """One row per layer in capture order, with its index along depth and a short hover name."""
+    return (layers.select("layer", "block", "module_type").unique(subset="layer", maintain_order=True)
+            .with_row_index("depth")
+            .with_columns(pl.when(pl.col("block").is_not_null())
+                          .then(pl.format("{}.{}", pl.col("block"), pl.col("module_type")))
+                          .otherwise(pl.col("layer")).alias("short")))
+
+
+def depth_kernel(profiles: list[tuple[str, pl.DataFrame]]) -> go.Figure:
+    """Kernel % of every layer along depth, per quantizer configuration and run."""
+    fig = go.Figure()
+    for r, (run, layers) in enumerate(profiles):
+        order = layer_order(layers)
+        for c, config in enumerate(layers["config"].unique(maintain_order=True)):
+            rows = layers.filter(pl.col("config") == config).join(order.select("layer", "depth", "short"), on="layer")
+            fig.add_trace(go.Scatter(
+                x=rows["depth"].to_list(), y=[round(100 * v, 4) for v in rows["kernel_fraction"]],
+                mode="lines", name=esc(f"{run}: {config}"), text=[esc(n) for n in rows["short"]],
+                hovertemplate="%{text}<br>kernel %{y:.2f}%<extra>%{fullData.name}</extra>",
+                line=dict(color=PALETTE[c % len(PALETTE)], dash=("solid", "dot", "dash")[r % 3])))
+    fig.update_layout(**LAYOUT, title="Kernel per layer along depth", xaxis_title="layer (capture order)",
+                      yaxis_title="kernel %")
+    return fig
+
+
+def heatmap(run: str, layers: pl.DataFrame) -> go.Figure:
+    """Block × module type kernel %, per-token INT8 beside CrossQuant INT8 (or the first configs)."""
+    configs = layers.filter(pl.col("bits") == 8)["config"].unique(maintain_order=True).to_list()[:2]
+    configs = configs or layers["config"].unique(maintain_order=True).to_list()[:2]
+    fig = make_subplots(rows=1, cols=len(configs), subplot_titles=[esc(c) for c in configs],
+                        shared_yaxes=True, horizontal_spacing=0.08)
+    in_blocks = layers.filter(pl.col("block").is_not_null())
+    types = in_blocks["module_type"].unique(maintain_order=True).to_list()
+    blocks = sorted(in_blocks["block"].unique().to_list())
+    top = max(in_blocks["kernel_fraction"].max() or 0.0, 1e-9) * 100
+    for i, config in enumerate(configs):
+        sub = in_blocks.filter(pl.col("config") == config)
+        cell = {(r["module_type"], r["block"]): r["kernel_fraction"] for r in sub.iter_rows(named=True)}
+        z = [[round(100 * cell[(t, b)], 3) if (t, b) in cell else None for b in blocks] for t in types]
+        fig.add_trace(go.Heatmap(z=z, x=blocks, y=[esc(t) for t in types], zmin=0, zmax=top,
+                                 colorscale="Viridis", showscale=i == len(configs) - 1,
+                                 colorbar=dict(title="kernel %"),
+                                 hovertemplate="block %{x}, %{y}: %{z:.2f}%<extra></extra>"),
+                      row=1, col=i + 1)
+    fig.update_layout(**{**LAYOUT, "height": 120 + 28 * len(types)},
+                      title=esc(f"{run}: kernel % by block and module type"))
+    return fig
+
+
+def zero_bounds(profiles: list[tuple[str, pl.DataFrame]]) -> go.Figure:
+    """Median and 99th percentile of the zero bound along depth: per-token B against CrossQuant B̃."""
+    fig = go.Figure()
+    for r, (run, layers) in enumerate(profiles):
+        order = layer_order(layers)
+        for c, config in enumerate(layers.filter(pl.col("bits") == 8)["config"].unique(maintain_order=True)):
+            rows = layers.filter(pl.col("config") == config).join(order.select("layer", "depth", "short"), on="layer")
+            for stat, dash in (("bound_p50", "solid"), ("bound_p99", "dot")):
+                fig.add_trace(go.Scatter(
+                    x=rows["depth"].to_list(), y=[float(f"{v:.4g}") for v in rows[stat]], mode="lines",
+                    name=esc(f"{run}: {config} {stat[6:]}"), text=[esc(n) for n in rows["short"]],
+                    hovertemplate="%{text}<br>%{y:.3g}<extra>%{fullData.name}</extra>",
+                    line=dict(color=PALETTE[(2 * r + c) % len(PALETTE)], dash=dash)))
+    fig.update_layout(**LAYOUT, title="Zero bound along depth (INT8): B per-token vs B̃ CrossQuant",
+                      xaxis_title="layer (capture order)", yaxis_title="zero bound (p50 solid, p99 dotted)",
+                      yaxis_type="log")
+    return fig
+
+
+def c_ge_t(profiles: list[tuple[str, pl.DataFrame]]) -> go.Figure:
+    """Share of pairs with c_j ≥ t_i per layer: where CrossQuant's bound is not below per-token's."""
+    fig = go.Figure()
+    for r, (run, layers) in enumerate(profiles):
+        order = layer_order(layers)
+        rows = layers.unique(subset="layer", maintain_order=True).join(order.select("layer", "depth", "short"), on="layer")
+        fig.add_trace(go.Scatter(
+            x=rows["depth"].to_list(), y=[round(100 * v, 4) for v in rows["c_ge_t_fraction"]], mode="lines",
+            name=esc(run), text=[esc(n) for n in rows["short"]],
+            hovertemplate="%{text}<br>c ≥ t: %{y:.2f}%<extra>%{fullData.name}</extra>",
+            line=dict(color=PALETTE[r % len(PALETTE)])))
+    fig.update_layout(**LAYOUT, title="Pairs with c_j ≥ t_i per layer", xaxis_title="layer (capture order)",
+                      yaxis_title="c ≥ t %")
+    return fig
+
+
+def threshold_curve(runs: list[tuple[str, dict]]) -> go.Figure:
+    """Remove-kernel perplexity against kernel proportion, with the tolerance and the crossing."""
+    fig = go.Figure()
+    for r, (run, summary) in enumerate(runs):
+        color = PALETTE[r % len(PALETTE)]
+        curve = sorted(summary["curve"], key=lambda p: p["kernel_fraction"])
+        fig.add_trace(go.Scatter(
+            x=[round(100 * p["kernel_fraction"], 4) for p in curve], y=[p["perplexity"] for p in curve],
+            mode="lines+markers", name=esc(f"{run}: remove-kernel"), line=dict(color=color),
+            text=[f"λ={p['lambda']:.4g}" for p in curve],
+            hovertemplate="%{text}<br>kernel %{x:.2f}%<br>ppl %{y:.4f}<extra>%{fullData.name}</extra>"))
+        fig.add_hline(y=summary["target_perplexity"], line=dict(color=color, dash="dot"),
+                      annotation_text=esc(f"{run}: fp + {100 * summary['tolerance']:g}%"))
+        within = (summary.get("bracket") or {}).get("within")
+        if within and summary.get("status") == "crossing bracketed":
+            fig.add_vline(x=100 * within["kernel_fraction"], line=dict(color=color, dash="dash"),
+                          annotation_text=esc(f"threshold {100 * within['kernel_fraction']:.2f}%"))
+    fig.update_layout(**LAYOUT, title="Threshold: remove-kernel perplexity vs kernel proportion",
+                      xaxis_title="kernel %", yaxis_title="perplexity")
+    return fig
+
+
+def alpha_sweep(runs: list[tuple[str, dict]]) -> go.Figure:
+    """Perplexity and kernel % against CrossQuant α (α = 1 is per-token)."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    for r, (run, summary) in enumerate(runs):
+        color = PALETTE[r % len(PALETTE)]
+        rows = [x for x in summary["results"] if x["alpha"] is not None]
+        alphas = [x["alpha"] for x in rows]
+        fig.add_trace(go.Scatter(x=alphas, y=[x["perplexity"] for x in rows], mode="lines+markers",
+                                 name=esc(f"{run}: perplexity"), line=dict(color=color)), secondary_y=False)
+        fig.add_trace(go.Scatter(x=alphas, y=[round(100 * x["kernel_fraction"], 4) for x in rows],
+                                 mode="lines+markers", name=esc(f"{run}: kernel %"),
+                                 line=dict(color=color, dash="dot")), secondary_y=True)
+    fig.update_layout(**LAYOUT, title="CrossQuant α sweep")
+    fig.update_xaxes(title_text="α")
+    fig.update_yaxes(title_text="perplexity", secondary_y=False)
+    fig.update_yaxes(title_text="kernel %", secondary_y=True)
+    return fig

