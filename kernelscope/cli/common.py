@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -112,8 +113,11 @@ def check_report_path(report: Path | None, overwrite: bool) -> None:
         fail(f"--report {report} is a folder; give a file name such as report.html")
     if report.exists() and not overwrite:
         fail(f"--report {report} already exists; pass --overwrite to replace it")
-    if not report.expanduser().resolve().parent.is_dir():
-        fail(f"--report {report} cannot be written: its folder does not exist")
+    probe = report.expanduser().resolve().parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        fail(f"--report {report} cannot be written: {probe} is not a writable folder")
 
 
 def finish(result, output: Path | None, overwrite: bool, as_json: bool, show, report: Path | None = None) -> None:

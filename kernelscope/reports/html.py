@@ -289,7 +289,11 @@ def write_report(run_dirs: Sequence[str | Path] | Sequence[RunFolder], output: s
     if out.exists() and (out.is_dir() or not overwrite):
         what = "is a folder" if out.is_dir() else "already exists; pass --overwrite to replace it"
         raise KernelscopeError(f"report {output} {what}")
-    if not out.parent.exists() or not os.access(out.parent, os.W_OK):
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        raise KernelscopeError(f"report {output} cannot be written: cannot create {out.parent}") from None
+    if not os.access(out.parent, os.W_OK):
         raise KernelscopeError(f"report {output} cannot be written: {out.parent} is not a writable folder")
     text = build_report(runs, title=title)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
