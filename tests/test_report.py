@@ -71,7 +71,8 @@ def test_sections_without_data_say_which_command_fills_them(run_dirs):
     assert "kernelscope threshold MODEL -o DIR</code> fills this section" in text
     assert "kernelscope sweep MODEL" in text and "kernelscope eval MODEL" in text
     text = build_report([read_run(run_dirs["sweep"])])
-    assert "kernelscope profile MODEL -o DIR</code> fills this section" in text
+    assert "kernelscope profile MODEL -o DIR</code> fills the per-layer, heatmap" in text
+    assert text.count("kernelscope profile MODEL -o DIR") == 2  # verdict, and once for all layer sections
 
 
 def test_markup_from_runs_is_escaped(run_dirs):

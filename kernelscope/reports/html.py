@@ -19,6 +19,7 @@ from kernelscope.reports import figures as F
 from kernelscope.reports.figures import esc
 from kernelscope.results import RunFolder, read_run
 
+PROFILE_COMMAND = "kernelscope profile MODEL -o DIR"
 REFERENCE_THRESHOLDS = {"OPT": 0.19, "LLaMA": 0.01}
 """Kernel proportions below which the CrossQuant paper finds perplexity near-lossless."""
 
@@ -30,6 +31,7 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 aut
 h1{font-size:1.6rem}h2{font-size:1.25rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.3rem}
 table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}td,th{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top}
 th{background:#f5f5f5}th.sortable{cursor:pointer}th.sortable:after{content:" \\2195";color:#999}
+table.facts thead{display:none}table.facts td:first-child{font-weight:600;white-space:nowrap}
 td.num{text-align:right;font-variant-numeric:tabular-nums}.missing{color:#777;font-style:italic}
 .below{color:#2ca02c}.above{color:#d62728}code{background:#f3f3f3;padding:0 .25rem}
 #layer-filter{width:24rem;padding:.3rem;margin:.3rem 0}.scroll{max-height:32rem;overflow:auto}
@@ -97,8 +99,14 @@ class _Page:
         data = json.loads(pio.to_json(fig, validate=False, pretty=False))
         self.add(f'<div class="figure" data-figure="{fid}"></div>{_json_script(fid, data)}')
 
-    def missing(self, what: str, command: str) -> None:
-        self.add(f'<p class="missing">No {esc(what)} in these runs: <code>{esc(command)}</code> fills this section.</p>')
+    def missing(self, what: str, command: str, fills: str = "this section") -> None:
+        self.add(f'<p class="missing">No {esc(what)} in these runs: <code>{esc(command)}</code> fills {esc(fills)}.</p>')
+
+
+def _section(page: _Page, title: str, figures: list) -> None:
+    page.add(f"<h2>{esc(title)}</h2>")
+    for fig in figures:
+        page.figure(fig)
 
 
 def _label_runs(runs: Sequence[RunFolder]) -> list[str]:
@@ -122,27 +130,31 @@ def _pct(x: float | None) -> str:
 
 def _measured(page: _Page, runs: list[tuple[str, RunFolder]]) -> None:
     page.add("<h2>What was measured</h2>")
-    rows = []
     for label, run in runs:
         s = run.summary
         m, t, w = s.get("model") or {}, s.get("text") or {}, s.get("windows") or {}
         what = ", ".join(q.get("label", "") for q in s.get("quantizers", [])) or ", ".join(
-            r.get("scheme", "") for r in s.get("results", []) if isinstance(r, dict)) or (
+            r.get("scheme", "") for r in s.get("results", []) if isinstance(r, dict) and r.get("scheme")) or (
             (s.get("family") or {}).get("label", ""))
-        versions = ", ".join(f"{k} {v}" for k, v in (s.get("versions") or {}).items())
-        rows.append([esc(label), esc(s.get("kind", "")),
-                     esc(f"{m.get('path', m.get('architecture', ''))} ({m.get('architecture', '')}, "
-                         f"{m.get('dtype', '')}, {m.get('device', '')})"),
-                     esc(f"{t.get('description', '')}") + f"<br><code>sha256 {esc(t.get('sha256', ''))}</code>",
-                     esc(w.get("description", "")), esc(f"{s.get('tokens', w.get('windows', 0) * w.get('seqlen', 0)):,}"),
-                     esc(what), esc(versions), esc(s.get("created", ""))])
-    page.add(_table(["run", "kind", "model", "text", "windows", "tokens", "quantizers / schemes", "versions", "date"], rows))
+        tokens = s.get("tokens") or (w.get("windows", 0) * w.get("seqlen", 0))
+        params = f", {m['parameters'] / 1e6:,.1f}M parameters" if m.get("parameters") else ""
+        rows = [
+            ("model", f"{m.get('path', m.get('architecture', ''))} ({m.get('architecture', '')}{params}, "
+                      f"{m.get('dtype', '')}, {m.get('device', '')})"),
+            ("text", t.get("description", "")), ("text sha256", t.get("sha256", "")),
+            ("windows", w.get("description", "")), ("tokens", f"{tokens:,}"),
+            ("protocol", s.get("protocol", "")), ("quantizers / schemes", what),
+            ("versions", ", ".join(f"{k} {v}" for k, v in (s.get("versions") or {}).items())),
+            ("date", s.get("created", "")),
+        ]
+        page.add(f"<h3>{esc(label)} <small>({esc(s.get('kind', ''))})</small></h3>")
+        page.add(_table(["", ""], [[esc(k), esc(v)] for k, v in rows if v], css="facts"))
 
 
 def _verdict(page: _Page, profiles, thresholds) -> None:
     page.add("<h2>Verdict</h2>")
     if not profiles and not thresholds:
-        page.missing("kernel measurement", "kernelscope profile MODEL -o DIR")
+        page.missing("kernel measurement", PROFILE_COMMAND)
         return
     located = {label: s for label, s in thresholds if s.get("threshold_kernel_fraction") is not None}
     rows = []
@@ -173,9 +185,6 @@ def _verdict(page: _Page, profiles, thresholds) -> None:
 
 def _outliers(page: _Page, profiles) -> None:
     page.add("<h2>Top outlier channels and tokens</h2>")
-    if not profiles:
-        page.missing("profile", "kernelscope profile MODEL -o DIR")
-        return
     for label, run in profiles:
         layers = run.tables["layers"].unique(subset="layer", maintain_order=True)
         top = layers.sort("abs_max", descending=True).head(12)
@@ -206,9 +215,6 @@ def _eval_table(page: _Page, evals) -> None:
 
 def _layer_table(page: _Page, profiles) -> None:
     page.add("<h2>Layers</h2>")
-    if not profiles:
-        page.missing("profile", "kernelscope profile MODEL -o DIR")
-        return
     frames = [run.tables["layers"].with_columns(pl.lit(label).alias("run")).select(TABLE_COLUMNS)
               for label, run in profiles]
     table = pl.concat(frames, how="vertical_relaxed")
@@ -242,25 +248,15 @@ def build_report(runs: Sequence[RunFolder], *, title: str | None = None) -> str:
     _measured(page, labelled)
     _verdict(page, profiles, thresholds)
     tables = [(lab, run.tables["layers"]) for lab, run in profiles]
-
-    page.add("<h2>Kernel along depth</h2>")
     if tables:
-        page.figure(F.depth_kernel(tables))
+        _section(page, "Kernel along depth", [F.depth_kernel(tables)])
+        _section(page, "Kernel by block and module type", [F.heatmap(lab, layers) for lab, layers in tables])
+        _section(page, "Zero bounds", [F.zero_bounds(tables)])
+        _section(page, "Where CrossQuant cannot shrink the bound", [F.c_ge_t(tables)])
+        _outliers(page, profiles)
     else:
-        page.missing("profile", "kernelscope profile MODEL -o DIR")
-    page.add("<h2>Kernel by block and module type</h2>")
-    for lab, layers in tables:
-        page.figure(F.heatmap(lab, layers))
-    if not tables:
-        page.missing("profile", "kernelscope profile MODEL -o DIR")
-    page.add("<h2>Zero bounds</h2>")
-    if tables:
-        page.figure(F.zero_bounds(tables))
-        page.add("<h2>Where CrossQuant cannot shrink the bound</h2>")
-        page.figure(F.c_ge_t(tables))
-    else:
-        page.missing("profile", "kernelscope profile MODEL -o DIR")
-    _outliers(page, profiles)
+        page.add("<h2>Per-layer kernel</h2>")
+        page.missing("profile", PROFILE_COMMAND, "the per-layer, heatmap, zero-bound, c ≥ t, outlier and layer sections")
     page.add("<h2>Threshold</h2>")
     if thresholds:
         page.figure(F.threshold_curve(thresholds))
@@ -272,7 +268,8 @@ def build_report(runs: Sequence[RunFolder], *, title: str | None = None) -> str:
     else:
         page.missing("α sweep", "kernelscope sweep MODEL --alpha 0.15,0.45,0.75,1 -o DIR")
     _eval_table(page, evals)
-    _layer_table(page, profiles)
+    if profiles:
+        _layer_table(page, profiles)
     page.add(f'<p class="missing">Written by kernelscope {esc(__version__)}.</p>')
 
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
