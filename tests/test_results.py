@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import polars as pl
 import pytest
@@ -19,6 +20,9 @@ def test_write_and_read_back(tmp_path):
     assert run.summary["schema_version"] == SCHEMA_VERSION and run.summary["x"] is None
     assert run.tables["layers"].equals(FRAME)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary left
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~mask  # an ordinary folder, not owner-only
 
 
 def test_existing_folder_refused_unless_overwrite(tmp_path):

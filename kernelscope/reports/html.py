@@ -17,7 +17,7 @@ from kernelscope import __version__
 from kernelscope.errors import KernelscopeError
 from kernelscope.reports import figures as F
 from kernelscope.reports.figures import esc
-from kernelscope.results import RunFolder, read_run
+from kernelscope.results import RunFolder, default_mode, read_run
 
 PROFILE_COMMAND = "kernelscope profile MODEL -o DIR"
 REFERENCE_THRESHOLDS = {"OPT": 0.19, "LLaMA": 0.01}
@@ -46,7 +46,9 @@ SCRIPT = """
   });
   var table = document.getElementById('layer-table');
   if(!table){return;}
-  var rows = parse('layer-rows'), cols = parse('layer-cols'), body = table.tBodies[0];
+  var cols = parse('layer-cols'), body = table.tBodies[0];
+  var rows = parse('layer-rows').map(function(r){
+    return r.map(function(v, i){return (cols[i].values && v !== null) ? cols[i].values[v] : v;});});
   var sortCol = -1, sortDir = 1, filter = '';
   function cell(v, c){
     if(v === null){return '';}
@@ -218,8 +220,14 @@ def _layer_table(page: _Page, profiles) -> None:
     frames = [run.tables["layers"].with_columns(pl.lit(label).alias("run")).select(TABLE_COLUMNS)
               for label, run in profiles]
     table = pl.concat(frames, how="vertical_relaxed")
-    rows = [[float(f"{v:.5g}") if isinstance(v, float) else v for v in row] for row in table.iter_rows()]
     cols = [{"name": c, "pct": c.endswith("fraction")} for c in TABLE_COLUMNS]
+    # Repeated strings travel once: such a column holds indices into its "values".
+    for i, c in enumerate(TABLE_COLUMNS):
+        if table.schema[c] == pl.String:
+            values = table[c].unique(maintain_order=True).to_list()
+            cols[i]["values"] = values
+            table = table.with_columns(pl.col(c).replace_strict(values, list(range(len(values)))).alias(c))
+    rows = [[float(f"{v:.5g}") if isinstance(v, float) else v for v in row] for row in table.iter_rows()]
     names = {"kernel_fraction": "kernel", "bound_p50": "bound p50", "bound_below_per_token_fraction": "bound < per-token",
              "c_ge_t_fraction": "c ≥ t", "abs_max": "max |x|", "module_type": "module type"}
     head = "".join(f'<th class="sortable">{esc(names.get(c, c))}</th>' for c in TABLE_COLUMNS)
@@ -297,6 +305,7 @@ def write_report(run_dirs: Sequence[str | Path] | Sequence[RunFolder], output: s
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        default_mode(Path(tmp), directory=False)
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

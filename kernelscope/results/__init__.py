@@ -4,9 +4,10 @@ from kernelscope.results.run_dir import (
     SCHEMA_VERSION,
     RunFolder,
     check_output_dir,
+    default_mode,
     json_safe,
     read_run,
     write_run,
 )
 
-__all__ = ["SCHEMA_VERSION", "RunFolder", "check_output_dir", "json_safe", "read_run", "write_run"]
+__all__ = ["SCHEMA_VERSION", "RunFolder", "check_output_dir", "default_mode", "json_safe", "read_run", "write_run"]

@@ -35,6 +35,13 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def default_mode(path: Path, *, directory: bool) -> None:
+    """Give a file or folder made through ``tempfile`` (owner-only) the permissions of an ordinary one."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+
+
 def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
     """Refuse early (before any work) an output folder that exists or cannot be created."""
     out = Path(path).expanduser()
@@ -63,6 +70,7 @@ def write_run(path: str | Path, tables: dict[str, pl.DataFrame], summary: dict[s
     out = check_output_dir(path, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    default_mode(tmp, directory=True)
     try:
         for name, frame in tables.items():
             frame.write_parquet(tmp / f"{name}.parquet")
