@@ -158,3 +158,9 @@ def test_capture_is_scoped_and_not_reentrant():
     assert not cap.attached and no_hooks(model)
     assert "lm_head" in seen  # it is a Linear, captured because it was asked for here
     assert find_decoder_blocks(model)[0] == "transformer.h"
+
+
+def test_same_inputs_give_byte_identical_layers_parquet(tmp_path):
+    for name in ("a", "b"):
+        profile(tiny_model("qwen2"), windows_for(seed=3), default_configs(), batch_size=2).save(tmp_path / name)
+    assert (tmp_path / "a" / "layers.parquet").read_bytes() == (tmp_path / "b" / "layers.parquet").read_bytes()

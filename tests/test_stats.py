@@ -129,3 +129,23 @@ def test_merge_refuses_different_configs():
     b = KernelStats(CONFIGS[:3]).update(observe(activations(0), CONFIGS[:3]))
     with pytest.raises(ValueError):
         a.merge(b)
+
+
+def test_nan_and_inf_are_counted_and_never_poison_statistics():
+    x = activations(11, (2, 16, 8))
+    clean = x.clone()
+    x[0, 3, 2] = float("nan")
+    x[1, 5, 0] = float("inf")
+    x[1, 6, 7] = float("-inf")
+    res = KernelStats(CONFIGS).update(observe(x, CONFIGS)).result()
+    assert res["layer"]["nonfinite_elements"] == 3
+    assert res["layer"]["elements"] == x.numel() - 3
+    # the statistics are those of the finite elements, with the bad ones measured as zeros
+    zeroed = clean.clone()
+    zeroed[0, 3, 2] = zeroed[1, 5, 0] = zeroed[1, 6, 7] = 0.0
+    for cfg, row in zip(CONFIGS, res["configs"]):
+        assert row["kernel_elements"] == ref.kernel_count(zeroed, cfg.quantizer, cfg.bits, cfg.alpha) - 3
+        for key, value in row.items():
+            if isinstance(value, float):
+                assert value == value and abs(value) != float("inf"), (cfg.label, key)
+    assert all(v == v for v in (res["layer"]["abs_max"], res["layer"]["c_ge_t_fraction"]))

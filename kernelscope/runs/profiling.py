@@ -48,11 +48,12 @@ def _rollup(layers: pl.DataFrame, by: list[str]) -> pl.DataFrame:
             pl.len().alias("layers"),
             pl.col("elements").sum(),
             pl.col("kernel_elements").sum(),
+            pl.col("nonfinite_elements").sum(),
             pl.col("c_ge_t_pairs").sum(),
         )
         .with_columns(
             (pl.col("kernel_elements") / pl.col("elements")).alias("kernel_fraction"),
-            (pl.col("c_ge_t_pairs") / pl.col("elements")).alias("c_ge_t_fraction"),
+            (pl.col("c_ge_t_pairs") / (pl.col("elements") + pl.col("nonfinite_elements"))).alias("c_ge_t_fraction"),
         )
     )
 

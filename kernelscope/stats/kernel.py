@@ -14,7 +14,7 @@ import torch
 from kernelscope.quant import (
     QuantizerConfig,
     abs_in_stat_dtype,
-    activation_ranges,
+    ActivationRanges,
     as_sequences,
     kernel_mask,
     per_token_step,
@@ -31,8 +31,8 @@ class Observation:
     """One batch of one layer's input, reduced. Fields with a config axis have length C."""
 
     tokens: torch.Tensor  # () int64: rows (tokens) seen
-    elements: torch.Tensor  # () int64
-    nonfinite: torch.Tensor  # () int64: NaN or ±Inf elements
+    elements: torch.Tensor  # () int64: positions (B·T·I), finite or not
+    nonfinite: torch.Tensor  # () int64: NaN or ±Inf elements, left out of the kernel counts
     kernel: torch.Tensor  # (C,) int64
     below_per_token: torch.Tensor  # (C,) int64: elements whose bound < the per-token bound
     bound_sum: torch.Tensor  # (C,) float64
@@ -78,16 +78,20 @@ def observe(
     """
     x = as_sequences(x, seq_len)  # (B, T, I)
     batch, seq, width = x.shape
-    ranges = activation_ranges(x)
+    ax = abs_in_stat_dtype(x)  # (B, T, I), a copy of our own
+    nonfinite = ax.numel() - torch.count_nonzero(torch.isfinite(ax))
+    # NaN and ±Inf are counted, then measured as zeros, so that no statistic turns into NaN; the
+    # kernel counts below take them out again (a zero is always in the kernel).
+    ax.nan_to_num_(nan=0.0, posinf=0.0)
+    ranges = ActivationRanges(ax.amax(dim=-1, keepdim=True), ax.amax(dim=-2, keepdim=True))
     t, c = ranges  # (B, T, 1), (B, 1, I)
-    ax = abs_in_stat_dtype(x)  # (B, T, I)
-    elements = x.numel()
+    elements = x.numel()  # positions; the finite ones are elements - nonfinite
 
     kernel, below, bsum, bmin, bmax, hist = [], [], [], [], [], []
     per_token_cache: dict[int, torch.Tensor] = {}
     for cfg in configs:
         step = cfg.step(ranges)  # broadcastable to (B, T, I)
-        kernel.append(torch.count_nonzero(kernel_mask(ax, step, is_abs=True)))
+        kernel.append(torch.count_nonzero(kernel_mask(ax, step, is_abs=True)) - nonfinite)
         if cfg.quantizer == "per_token":
             below.append(torch.zeros((), dtype=torch.int64, device=x.device))
         else:
@@ -107,7 +111,7 @@ def observe(
     return Observation(
         tokens=torch.tensor(batch * seq, dtype=torch.int64, device=x.device),
         elements=torch.tensor(elements, dtype=torch.int64, device=x.device),
-        nonfinite=ax.numel() - torch.count_nonzero(torch.isfinite(ax)),
+        nonfinite=nonfinite,
         kernel=torch.stack(kernel),
         below_per_token=torch.stack(below),
         bound_sum=torch.stack(bsum),
@@ -169,7 +173,8 @@ class KernelStats:
         if self.state is None:
             raise ValueError("no data was observed for this layer")
         s = Observation(**{f.name: getattr(self.state, f.name).cpu() for f in fields(self.state)})
-        elements = int(s.elements)
+        positions = int(s.elements)
+        elements = positions - int(s.nonfinite)  # the finite elements the kernel is counted over
         k = min(self.top_k, s.channel_max.numel())
         top_channels = torch.topk(s.channel_max, k)
         valid = s.top_index >= 0
@@ -178,7 +183,7 @@ class KernelStats:
             "elements": elements,
             "nonfinite_elements": int(s.nonfinite),
             "c_ge_t_pairs": int(s.c_ge_t),
-            "c_ge_t_fraction": int(s.c_ge_t) / elements,
+            "c_ge_t_fraction": int(s.c_ge_t) / positions,
             "abs_max": float(s.abs_max),
             "in_features": int(s.channel_max.numel()),
             "top_channels": top_channels.indices.tolist(),
@@ -192,12 +197,12 @@ class KernelStats:
             row = {
                 **cfg.as_dict(),
                 "kernel_elements": int(s.kernel[i]),
-                "kernel_fraction": int(s.kernel[i]) / elements,
-                "bound_mean": float(s.bound_sum[i]) / elements,
+                "kernel_fraction": int(s.kernel[i]) / elements if elements else None,
+                "bound_mean": float(s.bound_sum[i]) / positions,
                 "bound_min": lo,
                 "bound_max": hi,
                 "bound_below_per_token_fraction": (
-                    None if cfg.quantizer == "per_token" else int(s.below_per_token[i]) / elements
+                    None if cfg.quantizer == "per_token" else int(s.below_per_token[i]) / positions
                 ),
             }
             for q in QUANTILES:
