@@ -6,3 +6,7 @@ class KernelscopeError(ValueError):
 
     The command line prints the message alone (no traceback) and exits with status 2.
     """
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with a one-line account of what was kept (a checkpoint, or nothing)."""

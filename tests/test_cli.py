@@ -208,3 +208,52 @@ def test_bad_eval_threshold_sweep_input(case, capsys, tmp_path, tiny_llama_dir, 
     assert message in stderr
     assert len(stderr.strip().splitlines()) == 1 and "Traceback" not in stderr + stdout
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+
+
+def test_interrupted_profile_resumes_to_the_same_result(capsys, tmp_path, tiny_llama_dir, text_file):
+    import signal
+    import time
+
+    common = ["profile", str(tiny_llama_dir), "-d", str(text_file), "-n", "400", "-s", "32", "--quiet"]
+    code, _, stderr = run_cli(capsys, *common, "-o", str(tmp_path / "full"))
+    assert code == 0, stderr
+
+    part = tmp_path / "part"
+    checkpoint = tmp_path / ".part.checkpoint"
+    proc = subprocess.Popen([sys.executable, "-m", "kernelscope", *common, "-o", str(part)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 2.0  # stops within a second or two
+    assert proc.returncode == 130, stderr
+    assert "--resume" in stderr and "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert not part.exists() and checkpoint.is_file()
+
+    code, _, stderr = run_cli(capsys, *common, "-o", str(part), "--resume")
+    assert code == 0, stderr
+    assert not checkpoint.exists()
+    summary = json.loads((part / "summary.json").read_text())
+    assert 0 < summary["resumed_from_window"] < 400
+    assert (part / "layers.parquet").read_bytes() == (tmp_path / "full" / "layers.parquet").read_bytes()
+
+
+def test_resume_refuses_what_it_cannot_continue(capsys, tmp_path, tiny_llama_dir, text_file):
+    from kernelscope.runs.checkpoint import checkpoint_path, save_checkpoint
+
+    args = ["profile", str(tiny_llama_dir), "-d", str(text_file), "-n", "2", "-s", "32"]
+    code, _, stderr = run_cli(capsys, *args, "--resume")
+    assert code == 2 and "--resume needs --output" in stderr
+    code, _, stderr = run_cli(capsys, *args, "-o", str(tmp_path / "run"), "--resume")
+    assert code == 2 and "nothing to resume" in stderr
+    save_checkpoint(checkpoint_path(tmp_path / "run"), {"windows": "another"}, 1, {})
+    code, _, stderr = run_cli(capsys, *args, "-o", str(tmp_path / "run"), "--resume")
+    assert code == 2 and "belongs to a different run" in stderr and len(stderr.strip().splitlines()) == 1
+    checkpoint_path(tmp_path / "run").write_bytes(b"not a checkpoint")
+    code, _, stderr = run_cli(capsys, *args, "-o", str(tmp_path / "run"), "--resume")
+    assert code == 2 and "is damaged" in stderr
+    assert not (tmp_path / "run").exists()

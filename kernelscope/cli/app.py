@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from kernelscope.cli import options as o
 from kernelscope.cli.console import EXIT_USAGE, err, out
-from kernelscope.errors import KernelscopeError
+from kernelscope.errors import Interrupted, KernelscopeError
 
 try:  # typer >= 0.20 carries its own copy of click
     from typer._click import exceptions as click_exceptions
@@ -34,6 +34,18 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def _run(runner, options: dict) -> None:
+    """Call a runner; Ctrl-C becomes one line saying what was kept, and exit status 130."""
+    try:
+        runner(**options)
+    except Interrupted as exc:
+        err.print(f"[bold red]interrupted[/]: {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(130) from None
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]: nothing was written")
+        raise typer.Exit(130) from None
 
 
 @app.command()
@@ -62,6 +74,8 @@ def profile(
     output: o.Output = None,
     overwrite: o.Overwrite = False,
     report: o.Report = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run with the same "
+        "options from its last completed window (needs --output; a checkpoint is kept beside it).")] = False,
     as_json: o.AsJson = False,
     quiet: o.Quiet = False,
 ) -> None:
@@ -72,7 +86,7 @@ def profile(
     options = dict(locals())
     from kernelscope.cli.profile_cmd import run_profile
 
-    run_profile(**options)
+    _run(run_profile, options)
 
 
 @app.command("eval")
@@ -117,7 +131,7 @@ def evaluate(
     options = dict(locals())
     from kernelscope.cli.eval_cmd import run_eval
 
-    run_eval(**options)
+    _run(run_eval, options)
 
 
 @app.command()
@@ -156,7 +170,7 @@ def threshold(
     options = dict(locals())
     from kernelscope.cli.eval_cmd import run_threshold
 
-    run_threshold(**options)
+    _run(run_threshold, options)
 
 
 @app.command()
@@ -188,7 +202,7 @@ def sweep(
     options = dict(locals())
     from kernelscope.cli.eval_cmd import run_sweep
 
-    run_sweep(**options)
+    _run(run_sweep, options)
 
 
 @app.command()

@@ -8,7 +8,7 @@ from rich.table import Table
 
 from kernelscope.cli.common import finish, header, prepare, stage_progress
 from kernelscope.cli.console import fail, out, pct
-from kernelscope.errors import KernelscopeError
+from kernelscope.errors import Interrupted, KernelscopeError
 from kernelscope.quant import DEFAULT_ALPHA, expand_configs
 
 
@@ -69,10 +69,16 @@ def _show(result) -> None:
 
 def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, bits, alpha, layers,
                 include_lm_head, batch_size, top_k, dtype, device, trust_remote_code, output,
-                overwrite, report, as_json, quiet) -> None:
+                overwrite, report, resume, as_json, quiet) -> None:
     from kernelscope.runs import profile
+    from kernelscope.runs.checkpoint import checkpoint_path
 
     configs = _configs(quantizer, bits, alpha)
+    if resume and output is None:
+        fail("--resume needs --output: the checkpoint is kept beside the output folder")
+    checkpoint = checkpoint_path(output) if output is not None else None
+    if resume and not checkpoint.is_file():
+        fail(f"nothing to resume: no checkpoint at {checkpoint}")
     if top_k < 1:
         fail(f"--top-k must be at least 1, got {top_k}")
     quiet = quiet or as_json
@@ -80,8 +86,22 @@ def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, b
                    seed=seed, layers=layers, batch_size=batch_size, dtype=dtype, device=device,
                    trust_remote_code=trust_remote_code, output=output, overwrite=overwrite, quiet=quiet,
                    report=report)
+    done = [0]
+
+    def step(count: int, total: int) -> None:
+        done[0] = count
+        update("profiling", count, total)
+
     with stage_progress(quiet) as update:
-        result = profile(prep.loaded, prep.windows, configs, text=prep.text, layers=layers,
-                         include_lm_head=include_lm_head, batch_size=batch_size, top_k=top_k,
-                         progress=lambda done, total: update("profiling", done, total))
+        try:
+            result = profile(prep.loaded, prep.windows, configs, text=prep.text, layers=layers,
+                             include_lm_head=include_lm_head, batch_size=batch_size, top_k=top_k,
+                             progress=step, checkpoint=checkpoint, resume=resume)
+        except KeyboardInterrupt:
+            if checkpoint is not None and checkpoint.is_file():
+                raise Interrupted(f"stopped after {done[0]} of {len(prep.windows)} windows; a checkpoint "
+                                  f"is kept at {checkpoint}: rerun the same command with --resume") from None
+            raise
     finish(result, output, overwrite, as_json, _show, report)
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)

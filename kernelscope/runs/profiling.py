@@ -18,7 +18,8 @@ from kernelscope.models import LinearLayer, LoadedModel
 from kernelscope.quant import QuantizerConfig
 from kernelscope.results import write_run
 from kernelscope.runs.common import resolve_layers, run_context, unpack
-from kernelscope.runs.forward import eval_mode, forward_windows
+from kernelscope.runs.checkpoint import load_checkpoint, save_checkpoint
+from kernelscope.runs.forward import eval_mode, forward_windows, model_device
 from kernelscope.stats import KernelStats, observe
 from kernelscope.stats.kernel import HISTOGRAM
 
@@ -76,6 +77,8 @@ def profile(
     batch_size: int = 1,
     top_k: int = 10,
     progress: ProgressFn | None = None,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
 ) -> ProfileResult:
     """Run ``windows`` through ``model`` and measure the kernel of every selected Linear input.
 
@@ -84,6 +87,10 @@ def profile(
     Statistics stream (memory does not grow with the number of windows); Linear layers fed the same
     tensor (q/k/v, gate/up) share one computation. Hooks are removed and the model's training flag
     restored whether the run succeeds or not.
+
+    With ``checkpoint`` (a file path) the state is saved after every batch; ``resume`` continues
+    from it, giving the same statistics as an uninterrupted run. The caller removes the file once
+    the results are safely written.
     """
     model, info, own_tokenizer = unpack(model)
     tokenizer = tokenizer if tokenizer is not None else own_tokenizer
@@ -105,17 +112,32 @@ def profile(
         stats[name].update(shared["obs"])
 
     n = len(windows)
+    fingerprint = {
+        "windows": windows.sha256, "seqlen": windows.seqlen, "quantizers": [c.label for c in configs],
+        "layers": [layer.name for layer in selected], "batch_size": batch_size, "top_k": top_k,
+        "model": str(info.get("path", info.get("architecture"))), "parameters": info.get("parameters"),
+    }
+    start = 0
+    if checkpoint is not None and resume:
+        start, saved = load_checkpoint(Path(checkpoint), fingerprint)
+        device = model_device(model)
+        for name, acc in stats.items():
+            acc.load_state_dict(saved.get(name, {}), device)
     started = time.perf_counter()
     with eval_mode(model), LinearInputCapture({layer.name: layer.module for layer in selected}, observer):
-        for first in range(0, n, batch_size):
+        for first in range(start, n, batch_size):
             batch = windows.tokens[first : first + batch_size]  # (b, T)
             shared["offset"] = first * windows.seqlen
             try:
                 forward_windows(model, batch, all_logits=include_lm_head)
             finally:
                 shared["x"] = shared["obs"] = None
+            done = min(first + batch_size, n)
+            if checkpoint is not None and done < n:
+                save_checkpoint(Path(checkpoint), fingerprint, done,
+                                {name: acc.state_dict() for name, acc in stats.items()})
             if progress is not None:
-                progress(min(first + batch_size, n), n)
+                progress(done, n)
     elapsed = time.perf_counter() - started
 
     rows = []
@@ -162,7 +184,8 @@ def profile(
         "model_level": model_level.to_dicts(),
         "by_module_type": by_type.to_dicts(),
         "tokens": tokens,
+        "resumed_from_window": start or None,
         "seconds": round(elapsed, 3),
-        "tokens_per_second": round(tokens / elapsed, 1) if elapsed > 0 else None,
+        "tokens_per_second": round((n - start) * windows.seqlen / elapsed, 1) if elapsed > 0 else None,
     }
     return ProfileResult(frame, model_level, by_type, summary)

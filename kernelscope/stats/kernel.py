@@ -164,6 +164,23 @@ class KernelStats:
             self.update(other.state)
         return self
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The accumulated state as CPU tensors (empty when nothing was observed), for checkpoints."""
+        if self.state is None:
+            return {}
+        return {f.name: getattr(self.state, f.name).detach().cpu() for f in fields(self.state)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> KernelStats:
+        """Restore what :meth:`state_dict` returned; the next update continues exactly from there."""
+        if not state:
+            self.state = None
+            return self
+        missing = {f.name for f in fields(Observation)} - set(state)
+        if missing:
+            raise ValueError(f"state lacks {sorted(missing)}")
+        self.state = Observation(**{f.name: state[f.name].to(device) for f in fields(Observation)})
+        return self
+
     @property
     def empty(self) -> bool:
         return self.state is None

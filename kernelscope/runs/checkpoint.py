@@ -1,0 +1,58 @@
+"""Checkpoints of a profile between batches, so that an interrupted run can continue.
+
+A checkpoint holds only tensors, numbers and strings, and is read back with ``weights_only=True``:
+nothing in it can run code. It names what it belongs to (windows, quantizers, layers, batch size),
+and is refused for any other run.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kernelscope.errors import KernelscopeError
+
+VERSION = 1
+
+
+def checkpoint_path(output: str | Path) -> Path:
+    """Where the checkpoint of a run writing ``output`` lives: a hidden file beside that folder."""
+    out = Path(output).expanduser()
+    return out.parent / f".{out.name}.checkpoint"
+
+
+def save_checkpoint(path: Path, fingerprint: dict[str, Any], done: int, state: dict[str, Any]) -> None:
+    """Write atomically: a crash while saving leaves the previous checkpoint intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save({"version": VERSION, "fingerprint": fingerprint, "done": done, "state": state}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """Windows done and saved state, after checking the checkpoint belongs to this very run."""
+    if not path.is_file():
+        raise KernelscopeError(f"nothing to resume: no checkpoint at {path}")
+    try:
+        body = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        raise KernelscopeError(f"the checkpoint {path} is damaged; delete it and start again") from None
+    if not isinstance(body, dict) or body.get("version") != VERSION:
+        raise KernelscopeError(f"the checkpoint {path} is from another kernelscope version; delete it")
+    theirs = body.get("fingerprint") or {}
+    differ = sorted(k for k in set(fingerprint) | set(theirs) if fingerprint.get(k) != theirs.get(k))
+    if differ:
+        raise KernelscopeError(
+            f"the checkpoint {path} belongs to a different run ({', '.join(differ)} differ); "
+            "rerun with the same options, or without --resume to start over"
+        )
+    return int(body["done"]), body["state"]
