@@ -24,7 +24,7 @@ try:  # typer >= 0.20 carries its own copy of click
 except ImportError:  # pragma: no cover - older typer on top of click
     from click import exceptions as click_exceptions
 
-_ABORT = tuple(getattr(m, "Abort") for m in (click_exceptions, typer) if hasattr(m, "Abort"))
+_ABORT = tuple(m.Abort for m in (click_exceptions, typer) if hasattr(m, "Abort"))
 
 app = typer.Typer(
     name="kernelscope",
