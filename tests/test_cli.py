@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -91,6 +92,19 @@ BAD = {
     "hub dataset offline": (["{model}", "--dataset", "wikitext2"], "needs the Hugging Face hub"),
     "too many windows": (["{model}", "-n", "100000", "-s", "64"], "asks for more windows"),
     "report is a folder": (["{model}", "--report", "{folder}"], "is a folder"),
+    "corrupt gguf": (["{corrupt_gguf}"], "cannot"),
+    "truncated gguf": (["{truncated_gguf}"], "cannot"),
+    "folder without tokenizer": (["{no_tokenizer}", "-s", "64"], "cannot load a tokenizer"),
+    "not a causal lm": (["{vit}", "-s", "64"], "not a causal language model"),
+    "binary text": (["{model}", "--dataset", "{binary}"], "looks like a binary file"),
+    "non-utf8 text": (["{model}", "--dataset", "{latin1}"], "is not UTF-8 text"),
+    "dataset is a folder": (["{model}", "--dataset", "{folder}"], "is not a file"),
+    "bits zero": (["{model}", "--bits", "0"], "--bits 0 is out of range"),
+    "bits seventeen": (["{model}", "--bits", "17"], "--bits 17 is out of range"),
+    "batch size zero": (["{model}", "--batch-size", "0"], "--batch-size must be at least 1"),
+    "top-k zero": (["{model}", "--top-k", "0"], "--top-k must be at least 1"),
+    "windows unknown": (["{model}", "--windows", "middle"], "--windows must be"),
+    "unwritable output": (["{model}", "--output", "{blocker}/run"], "cannot be written"),
 }
 
 
@@ -101,17 +115,43 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, capsys, tmp_path, ti
     short = tmp_path / "short.txt"
     short.write_text("just a few words")
     args, message = BAD[case]
-    args = [a.format(model=tiny_llama_dir, empty=empty, short=short, folder=tmp_path) for a in args]
+    files = bad_files(tmp_path, tiny_llama_dir)
+    args = [a.format(model=tiny_llama_dir, empty=empty, short=short, folder=tmp_path, **files) for a in args]
     if "--dataset" not in args:
         args += ["--dataset", str(text_file)]
     out = tmp_path / "out"
-    code, stdout, stderr = run_cli(capsys, "profile", *args, "--output", str(out))
+    if "--output" not in args:
+        args += ["--output", str(out)]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, stdout, stderr = run_cli(capsys, "profile", *args)
     assert code == 2, (stdout, stderr)
     assert message in stderr
     assert len(stderr.strip().splitlines()) == 1, stderr
     assert "Traceback" not in stderr + stdout
     assert not out.exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing left behind
+
+
+def bad_files(tmp: Path, model_dir: Path) -> dict[str, Path]:
+    """Broken inputs made on the spot: damaged GGUFs, a model folder without tokenizer, ..."""
+    import shutil
+
+    from transformers import AutoTokenizer, ViTConfig
+
+    made = {"corrupt_gguf": tmp / "corrupt.gguf", "truncated_gguf": tmp / "truncated.gguf",
+            "no_tokenizer": tmp / "no-tokenizer", "vit": tmp / "vit", "binary": tmp / "binary.txt",
+            "latin1": tmp / "latin1.txt", "blocker": tmp / "blocker"}
+    made["corrupt_gguf"].write_bytes(b"this is not a gguf file" * 10)
+    made["truncated_gguf"].write_bytes(b"GGUF\x03\x00\x00\x00\x10")
+    made["no_tokenizer"].mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(model_dir / name, made["no_tokenizer"] / name)
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(made["vit"])
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(made["vit"])
+    made["binary"].write_bytes(bytes(range(256)) * 4)
+    made["latin1"].write_bytes("café au lait, crème brûlée ".encode("latin-1") * 50)
+    made["blocker"].write_text("a file where a folder should be")
+    return made
 
 
 def test_existing_output_is_refused_before_any_work(capsys, tmp_path, tiny_llama_dir, text_file):
@@ -257,3 +297,57 @@ def test_resume_refuses_what_it_cannot_continue(capsys, tmp_path, tiny_llama_dir
     code, _, stderr = run_cli(capsys, *args, "-o", str(tmp_path / "run"), "--resume")
     assert code == 2 and "is damaged" in stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_interrupted_eval_stops_cleanly_and_writes_nothing(tmp_path, tiny_llama_dir, text_file):
+    import signal
+    import time
+
+    out = tmp_path / "ev"
+    proc = subprocess.Popen([sys.executable, "-m", "kernelscope", "eval", str(tiny_llama_dir), "-d", str(text_file),
+                             "-s", "32", "--scheme", "fp", "--scheme", "w8a8-crossquant", "-o", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(6)  # imports, model load, and part of the evaluation
+    assert proc.poll() is None, "the evaluation ended before it could be interrupted"
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 2.0
+    assert proc.returncode == 130 and "nothing was written" in stderr and "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_trust_remote_code_is_off_unless_asked(monkeypatch, tiny_llama_dir):
+    import transformers
+
+    seen = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    from kernelscope.models import load_model
+
+    load_model(str(tiny_llama_dir))
+    load_model(str(tiny_llama_dir), trust_remote_code=True)
+    assert seen == [False, True]
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
+    import torch
+
+    from kernelscope.errors import KernelscopeError
+    from kernelscope.runs.checkpoint import load_checkpoint
+
+    path = tmp_path / ".run.checkpoint"
+    torch.save({"version": 1, "fingerprint": {}, "done": 1, "state": _Exploit()}, path)
+    with pytest.raises(KernelscopeError, match="damaged"):
+        load_checkpoint(path, {})
+    assert "this must never run" not in capsys.readouterr().out

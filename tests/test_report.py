@@ -88,8 +88,17 @@ def test_report_command_and_bad_inputs(run_dirs, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["report", str(run_dirs["llama"]), str(run_dirs["sweep"]), "-o", str(out)])
     assert e.value.code == 0 and out.stat().st_size > 1_000_000
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dirs["llama"], damaged)
+    (damaged / "layers.parquet").write_bytes(b"PAR1 truncated")
+    newer = tmp_path / "newer"
+    shutil.copytree(run_dirs["llama"], newer)
+    summary = (newer / "summary.json").read_text().replace('"schema_version": 1', '"schema_version": 99')
+    (newer / "summary.json").write_text(summary)
     for args, message in (([str(tmp_path / "nope")], "is not a folder"),
                           ([str(tmp_path)], "not a kernelscope run folder"),
+                          ([str(damaged)], "layers.parquet is damaged"),
+                          ([str(newer)], "schema version 99, newer than this kernelscope reads"),
                           ([str(run_dirs["llama"])], "already exists; pass --overwrite")):
         with pytest.raises(SystemExit) as e:
             main(["report", *args, "-o", str(out)])

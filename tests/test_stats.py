@@ -149,3 +149,14 @@ def test_nan_and_inf_are_counted_and_never_poison_statistics():
             if isinstance(value, float):
                 assert value == value and abs(value) != float("inf"), (cfg.label, key)
     assert all(v == v for v in (res["layer"]["abs_max"], res["layer"]["c_ge_t_fraction"]))
+
+
+def test_denormal_activations_are_measured_exactly():
+    x = activations(12, (1, 16, 8)) * 1e-39  # far below float32's smallest normal number
+    assert (x[x != 0].abs() < 1.18e-38).any()
+    res = KernelStats(CONFIGS).update(observe(x, CONFIGS)).result()
+    for cfg, row in zip(CONFIGS, res["configs"]):
+        # every step is floored at 1e-5, so all of these tiny values round to zero
+        assert row["kernel_elements"] == ref.kernel_count(x, cfg.quantizer, cfg.bits, cfg.alpha) == x.numel()
+        floor_bound = float(torch.tensor(1e-5, dtype=torch.float32) * 0.5)
+        assert row["bound_min"] == row["bound_max"] == floor_bound
