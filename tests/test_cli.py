@@ -235,6 +235,10 @@ BAD_RUNS = {
     "sweep alpha negative": (["sweep", "{model}", "--alpha", "-0.2"], "--alpha -0.2 is out of range"),
     "sweep alpha not a number": (["sweep", "{model}", "--alpha", "0.1,x"], "--alpha 'x' is not a number"),
     "sweep alpha nan": (["sweep", "{model}", "--alpha", "nan"], "--alpha nan is out of range"),
+    "group size zero": (["eval", "{model}", "--scheme", "w4a8-g0-per-token"], "group size gG must be at least 1"),
+    "weight bits nine": (["eval", "{model}", "--scheme", "remove-kernel-per-token", "--weight-bits", "9"],
+                         "--weight-bits 9 is out of range"),
+    "lm_head without the flag": (["threshold", "{model}", "--layers", "lm_head", "-s", "32"], "--include-lm-head"),
 }
 
 

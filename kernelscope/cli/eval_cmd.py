@@ -23,7 +23,7 @@ def _common(kw: dict, **extra) -> dict:
 
 def _check_weights(weight_bits, group_size) -> None:
     if weight_bits is not None:
-        check_bits([weight_bits])
+        check_bits([weight_bits], "--weight-bits")
     if group_size is not None and group_size < 1:
         fail(f"--group-size must be at least 1, got {group_size}")
     if group_size is not None and weight_bits is None:
@@ -123,7 +123,7 @@ def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, 
     if steps < 0:
         fail(f"--steps must be at least 0, got {steps}")
     check_alphas([alpha])
-    check_bits([family_bits])
+    check_bits([family_bits], "--family-bits")
     _check_weights(weight_bits, group_size)
     name = QUANTIZER_WORDS.get(family.replace("_", "-"))
     if name is None:
@@ -172,7 +172,8 @@ def run_sweep(*, alpha, bits, weight_bits, group_size, **kw) -> None:
     from kernelscope.runs.sweep import alpha_sweep
 
     alphas = parse_alpha_list(alpha or [str(DEFAULT_ALPHA), "0.45", "0.75", "1"])
-    check_bits([bits, weight_bits])
+    check_bits([bits])
+    check_bits([weight_bits], "--weight-bits")
     _check_weights(weight_bits, group_size)
     prep = prepare(**_common(kw))
     with stage_progress(kw["quiet"] or kw["as_json"]) as update:

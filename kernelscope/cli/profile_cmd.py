@@ -12,10 +12,10 @@ from kernelscope.errors import Interrupted, KernelscopeError
 from kernelscope.quant import DEFAULT_ALPHA, expand_configs
 
 
-def check_bits(bits: list[int]) -> None:
+def check_bits(bits: list[int], option: str = "--bits") -> None:
     for b in bits:
         if not 2 <= b <= 8:
-            fail(f"--bits {b} is out of range; give a bit width from 2 to 8")
+            fail(f"{option} {b} is out of range; give a bit width from 2 to 8")
 
 
 def check_alphas(alphas: list[float]) -> None:

@@ -92,7 +92,10 @@ def select_linear_layers(
 
     if not chosen:
         what = f"match --layers {pattern!r}" if pattern is not None else "were found in decoder blocks"
-        raise KernelscopeError(f"no Linear layers {what}; list them with `kernelscope layers MODEL`")
+        hint = (" (the output projection is measured only with --include-lm-head)"
+                if head is not None and regex is not None and not include_lm_head
+                and any(regex.search(n) for n, m in model.named_modules() if m is head) else "")
+        raise KernelscopeError(f"no Linear layers {what}{hint}; list them with `kernelscope layers MODEL`")
     types = _module_types(sorted({rel for _, _, b, rel in chosen if b is not None}))
     return [
         LinearLayer(name, module, block, types.get(rel, rel) if block is not None else rel,

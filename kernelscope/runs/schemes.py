@@ -76,6 +76,8 @@ def parse_scheme(
         if m := _FAKE.match(name):
             wbits, abits, group, kind = int(m[1]), int(m[2]), m[3], m[4]
             qmax_for_bits(wbits)
+            if group is not None and int(group) < 1:
+                raise ValueError("the group size gG must be at least 1")
             if kind == "smoothquant":
                 act = QuantizerConfig("per_token", abits)
                 return Scheme(name, "fake_quant", act, wbits, int(group) if group else None,
