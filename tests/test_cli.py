@@ -92,6 +92,8 @@ BAD = {
     "hub dataset offline": (["{model}", "--dataset", "wikitext2"], "needs the Hugging Face hub"),
     "too many windows": (["{model}", "-n", "100000", "-s", "64"], "asks for more windows"),
     "report is a folder": (["{model}", "--report", "{folder}"], "is a folder"),
+    "report is the output folder": (["{model}", "--report", "{folder}/out"], "is the --output folder"),
+    "empty dataset name": (["{model}", "--dataset", ""], "no dataset given"),
     "corrupt gguf": (["{corrupt_gguf}"], "cannot"),
     "truncated gguf": (["{truncated_gguf}"], "cannot"),
     "folder without tokenizer": (["{no_tokenizer}", "-s", "64"], "cannot load a tokenizer"),

@@ -95,7 +95,11 @@ def test_report_command_and_bad_inputs(run_dirs, tmp_path, capsys):
     shutil.copytree(run_dirs["llama"], newer)
     summary = (newer / "summary.json").read_text().replace('"schema_version": 1', '"schema_version": 99')
     (newer / "summary.json").write_text(summary)
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(run_dirs["eval"], incomplete)
+    (incomplete / "eval.json").write_text('{"schema_version": 1, "kind": "eval", "results": [{"scheme": "fp"}]}')
     for args, message in (([str(tmp_path / "nope")], "is not a folder"),
+                          ([str(incomplete)], "is incomplete or damaged"),
                           ([str(tmp_path)], "not a kernelscope run folder"),
                           ([str(damaged)], "layers.parquet is damaged"),
                           ([str(newer)], "schema version 99, newer than this kernelscope reads"),

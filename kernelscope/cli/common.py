@@ -63,7 +63,7 @@ def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, wind
     resolve_model_source(model)
     if output is not None:
         check_output_dir(output, overwrite)
-    check_report_path(report, overwrite)
+    check_report_path(report, overwrite, output)
     if device == "auto":
         import torch
 
@@ -105,10 +105,13 @@ def stage_progress(quiet: bool) -> Iterator[Any]:
         yield update
 
 
-def check_report_path(report: Path | None, overwrite: bool) -> None:
-    """Refuse early a report file that exists (unless --overwrite) or whose folder is missing."""
+def check_report_path(report: Path | None, overwrite: bool, output: Path | None = None) -> None:
+    """Refuse early a report file that exists (unless --overwrite), is the output folder, or
+    cannot be created."""
     if report is None:
         return
+    if output is not None and report.expanduser().resolve() == output.expanduser().resolve():
+        fail(f"--report {report} is the --output folder; give a file name such as {output}/report.html")
     if report.is_dir():
         fail(f"--report {report} is a folder; give a file name such as report.html")
     if report.exists() and not overwrite:

@@ -126,6 +126,8 @@ def load_text(source: str, *, max_chars: int | None = None) -> TextSource:
     read in order until ``max_chars`` characters, when given, since those corpora are large.
     """
     key = source.strip().lower()
+    if not key:
+        raise KernelscopeError("no dataset given; pass wikitext2, c4, pileval, pydoc or a file path")
     if key in HUB_DATASETS:
         return _checked(key, HUB_DATASETS[key], _read_hub(key, max_chars))
     if key == "pydoc":

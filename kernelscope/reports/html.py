@@ -290,6 +290,14 @@ def write_report(run_dirs: Sequence[str | Path] | Sequence[RunFolder], output: s
                  overwrite: bool = False, title: str | None = None) -> Path:
     """Read the run folders and write the report to ``output`` atomically."""
     runs = [r if isinstance(r, RunFolder) else read_run(r) for r in run_dirs]
+    try:
+        text = build_report(runs, title=title)
+    except (KeyError, TypeError, ValueError, IndexError, pl.exceptions.PolarsError) as exc:
+        if isinstance(exc, KernelscopeError):
+            raise
+        names = ", ".join(str(r.path) for r in runs)
+        raise KernelscopeError(f"cannot build a report: a run folder among {names} is incomplete or damaged "
+                               f"({type(exc).__name__}: {exc})") from None
     out = Path(output).expanduser()
     if out.exists() and (out.is_dir() or not overwrite):
         what = "is a folder" if out.is_dir() else "already exists; pass --overwrite to replace it"
@@ -300,7 +308,6 @@ def write_report(run_dirs: Sequence[str | Path] | Sequence[RunFolder], output: s
         raise KernelscopeError(f"report {output} cannot be written: cannot create {out.parent}") from None
     if not os.access(out.parent, os.W_OK):
         raise KernelscopeError(f"report {output} cannot be written: {out.parent} is not a writable folder")
-    text = build_report(runs, title=title)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
