@@ -164,3 +164,21 @@ def test_same_inputs_give_byte_identical_layers_parquet(tmp_path):
     for name in ("a", "b"):
         profile(tiny_model("qwen2"), windows_for(seed=3), default_configs(), batch_size=2).save(tmp_path / name)
     assert (tmp_path / "a" / "layers.parquet").read_bytes() == (tmp_path / "b" / "layers.parquet").read_bytes()
+
+
+def test_bf16_model_profiles_in_float32_close_to_the_fp32_run():
+    """bf16 activations are measured in float32: no overflow, no NaN, and kernel fractions within
+    2 percentage points of the fp32 model's (the bf16 forward itself rounds every activation)."""
+    windows = windows_for(seed=4)
+    fp32 = profile(tiny_model("llama"), windows, default_configs()).layers
+    bf16_model = tiny_model("llama").to(torch.bfloat16)
+    bf16 = profile(bf16_model, windows, default_configs()).layers
+    assert bf16.height == fp32.height
+    for col in ("kernel_fraction", "bound_mean", "bound_p50", "c_ge_t_fraction", "abs_max"):
+        assert bf16[col].is_finite().all(), col
+    assert (bf16["nonfinite_elements"] == 0).all()
+    diff = (bf16["kernel_fraction"] - fp32["kernel_fraction"]).abs()
+    assert diff.max() < 0.02, diff.max()
+    # the largest activation of every layer agrees within 5%
+    rel = (bf16["abs_max"] / fp32["abs_max"] - 1).abs()
+    assert rel.max() < 0.05
