@@ -169,6 +169,19 @@ def crossquant_step(x: Activation, bits: int, alpha: float) -> torch.Tensor:
     return _floored(scale / qmax)
 
 
+def crossquant_log10_factors(x: Activation, bits: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r (..., T, 1), k (..., 1, I))`` with ``log10 Δ̃_ij = r_i + k_j`` before the step floor.
+
+    For binning the CrossQuant step on a log scale from two vectors instead of T·I logarithms; equal
+    to ``log10`` of :func:`crossquant_step` up to float rounding (the floor at STEP_FLOOR aside).
+    """
+    alpha = check_alpha(alpha)
+    t, c = _ranges(x)  # (..., T, 1), (..., 1, I)
+    r = torch.log10(t.double()).mul_(alpha)
+    k = torch.log10(c.double()).mul_(1.0 - alpha).sub_(math.log10(qmax_for_bits(bits)))
+    return r, k
+
+
 def _pow_rounded(v: torch.Tensor, exponent: float) -> torch.Tensor:
     """``v ** exponent`` exactly as torch's vectorised kernel computes it, wherever ``v`` sits.
 

@@ -7,11 +7,14 @@ another shard of windows). Everything stays on the activation's device until ``r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
 
 from kernelscope.quant import (
+    STEP_FLOOR,
+    crossquant_log10_factors,
     QuantizerConfig,
     abs_in_stat_dtype,
     ActivationRanges,
@@ -79,7 +82,7 @@ def observe(
     x = as_sequences(x, seq_len)  # (B, T, I)
     batch, seq, width = x.shape
     ax = abs_in_stat_dtype(x)  # (B, T, I), a copy of our own
-    nonfinite = ax.numel() - torch.count_nonzero(torch.isfinite(ax))
+    nonfinite = ax.numel() - torch.count_nonzero(ax < math.inf)  # NaN and +Inf fail `<`
     # NaN and ±Inf are counted, then measured as zeros, so that no statistic turns into NaN; the
     # kernel counts below take them out again (a zero is always in the kernel).
     ax.nan_to_num_(nan=0.0, posinf=0.0)
@@ -98,12 +101,16 @@ def observe(
             if cfg.bits not in per_token_cache:
                 per_token_cache[cfg.bits] = per_token_step(ranges, cfg.bits)
             below.append(torch.count_nonzero((step < per_token_cache[cfg.bits]).expand(batch, seq, width)))
-        bound = zero_bound(step)
-        weight = elements // bound.numel()  # each stored bound stands for this many elements
-        bsum.append(bound.sum(dtype=torch.float64) * weight)
-        bmin.append(bound.min().double())
-        bmax.append(bound.max().double())
-        hist.append(HISTOGRAM.counts(bound, weight))
+        # B = 0.5·Δ is exact in binary, so the bound's statistics are read off the step.
+        weight = elements // step.numel()  # each stored step stands for this many elements
+        bsum.append(0.5 * step.sum(dtype=torch.float64) * weight)
+        bmin.append(zero_bound(step.min()).double())
+        bmax.append(zero_bound(step.max()).double())
+        if cfg.quantizer == "crossquant" and 0.0 < cfg.alpha < 1.0:  # separable: Δ̃_ij = f(t_i)·g(c_j)
+            r, k = crossquant_log10_factors(ranges, cfg.bits, cfg.alpha)
+            hist.append(HISTOGRAM.counts_of_sums(r + math.log10(0.5), k, math.log10(0.5 * STEP_FLOOR)))
+        else:
+            hist.append(HISTOGRAM.counts(zero_bound(step), weight))
 
     flat_t = t.reshape(-1)  # (B*T,)
     index = torch.arange(flat_t.numel(), device=x.device) + token_offset
