@@ -266,3 +266,13 @@ def test_flattened_inputs_are_split_into_sequences_in_a_batch():
     two = run_scheme(model, windows, parse_scheme("w8a8-crossquant"), layers, batch_size=2)
     assert one["kernel_elements"] == two["kernel_elements"]
     assert one["nll"] == pytest.approx(two["nll"], rel=1e-5)
+
+
+def test_nan_logits_are_flagged_not_reported_as_a_measurement():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    row = evaluate(model, windows_for(), [parse_scheme("fp")]).table.row(0, named=True)
+    assert row["finite"] is False and math.isnan(row["perplexity"])
+    healthy = evaluate(tiny_model("llama"), windows_for(), [parse_scheme("fp")]).table.row(0, named=True)
+    assert healthy["finite"] is True and math.isfinite(healthy["perplexity"])

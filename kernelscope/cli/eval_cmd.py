@@ -57,6 +57,10 @@ def _show_eval(result) -> None:
         table.add_row(escape(r["scheme"]), _details(r), f"{r['perplexity']:.4f}", rel,
                       pct(r["kernel_fraction"]), f"{r['seconds']:.1f}")
     out.print(table)
+    for r in s["results"]:
+        if not r.get("finite", True):
+            out.print(f"[yellow]warning:[/] {escape(r['scheme'])} produced NaN or infinite logits; "
+                      "its perplexity is not a measurement")
 
 
 def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, calib_dataset, calib_nsamples,

@@ -114,9 +114,12 @@ def run_scheme(
     seconds = time.perf_counter() - started
     kernel = int(applied.kernel) if applied.kernel is not None else None
     elements = int(applied.elements) if applied.elements is not None else None
+    mean = nll / tokens
+    perplexity = math.exp(mean) if math.isfinite(mean) and mean < 700 else (math.nan if math.isnan(mean) else math.inf)
     return {
         **scheme.describe(),
-        "perplexity": math.exp(nll / tokens),
+        "perplexity": perplexity,
+        "finite": math.isfinite(nll),  # False: the model produced NaN/Inf logits under this scheme
         "nll": nll / tokens,
         "tokens": tokens,
         "windows": len(windows),
