@@ -310,7 +310,8 @@ def test_interrupted_eval_stops_cleanly_and_writes_nothing(tmp_path, tiny_llama_
     import time
 
     out = tmp_path / "ev"
-    proc = subprocess.Popen([sys.executable, "-m", "kernelscope", "eval", str(tiny_llama_dir), "-d", str(text_file),
+    # pydoc's whole text (about 6,700 windows of 32 tokens) keeps it busy far longer than the wait
+    proc = subprocess.Popen([sys.executable, "-m", "kernelscope", "eval", str(tiny_llama_dir), "-d", "pydoc",
                              "-s", "32", "--scheme", "fp", "--scheme", "w8a8-crossquant", "-o", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(6)  # imports, model load, and part of the evaluation
