@@ -32,7 +32,7 @@ from kernelscope.runs.common import (
     unpack,
 )
 from kernelscope.runs.fakequant import SchemeApplied, weight_out_in
-from kernelscope.runs.forward import eval_mode, model_device
+from kernelscope.runs.forward import eval_mode, forward_windows, model_device
 from kernelscope.runs.schemes import Scheme
 
 
@@ -85,9 +85,8 @@ def calibrate_smoothing(
         act_max[name] = m if name not in act_max else torch.maximum(act_max[name], m)
 
     with eval_mode(model), LinearInputCapture({layer.name: layer.module for layer in layers}, observer):
-        device = model_device(model)
         for first in range(0, len(windows), batch_size):
-            model(input_ids=windows.tokens[first : first + batch_size].to(device), use_cache=False)
+            forward_windows(model, windows.tokens[first : first + batch_size])
     factors = {}
     for layer in layers:
         w_max = weight_out_in(layer.module).detach().abs().amax(dim=0).float()  # (I,)

@@ -33,9 +33,7 @@ class LogHistogram:
     def counts(self, values: torch.Tensor, weight: int = 1) -> torch.Tensor:
         """int64 counts ``(bins,)`` of positive ``values``; each value stands for ``weight`` items."""
         idx = torch.log10(values.reshape(-1)).sub_(self.low).mul_(self.per_decade)  # (n,)
-        idx = idx.nan_to_num_(nan=0.0).floor_().clamp_(0, self.bins - 1).int()
-        counts = torch.bincount(idx, minlength=self.bins)
-        return counts * weight if weight != 1 else counts
+        return self._tally(idx, 0.0, weight)
 
     def counts_of_sums(self, row: torch.Tensor, col: torch.Tensor, lowest: float, weight: int = 1) -> torch.Tensor:
         """int64 counts of the values ``10**max(row_i + col_j, lowest)``, from their log10 parts.
@@ -46,9 +44,12 @@ class LogHistogram:
         """
         shift = (row - self.low) * self.per_decade  # (..., T, 1), float64
         idx = torch.add(shift.float(), (col * self.per_decade).float())  # (..., T, I)
-        first = (lowest - self.low) * self.per_decade
-        idx = idx.nan_to_num_(nan=first).clamp_(min=first, max=self.bins - 1).floor_().int()
-        counts = torch.bincount(idx.reshape(-1), minlength=self.bins)
+        return self._tally(idx.reshape(-1), (lowest - self.low) * self.per_decade, weight)
+
+    def _tally(self, idx: torch.Tensor, first: float, weight: int) -> torch.Tensor:
+        """Counts of fractional bin positions ``idx (n,)``, clamped to ``[first, bins)``; NaN goes to ``first``."""
+        bins = idx.nan_to_num_(nan=first).clamp_(min=first, max=self.bins - 1).floor_().int()
+        counts = torch.bincount(bins, minlength=self.bins)
         return counts * weight if weight != 1 else counts
 
     def quantile(self, counts: torch.Tensor, q: float, lo: float, hi: float) -> float:
