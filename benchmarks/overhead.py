@@ -1,15 +1,27 @@
-"""Overhead of kernelscope's passes against the bare forward pass, measured in one process.
+"""What kernelscope's passes cost beside the bare forward pass, measured in one process.
 
-    python benchmarks/overhead.py --nsamples 4 --seqlen 2048 --repeat 2
+    python benchmarks/overhead.py                      # everything, on the demo model (~10 minutes on 2 cores)
+    python benchmarks/overhead.py --sections overhead  # only the main ratios
 
-Each figure is the best of ``--repeat`` runs, the runs of the things compared interleaved, so that
-machine noise hits them alike. Ratios are what to compare across machines, not seconds.
+Sections:
+  overhead  profile (1, 4 = the default set, 8 configurations) / bare forward, and evaluation with
+            fake quantization / fp evaluation, on --nsamples x --seqlen windows;
+  scaling   profile / bare forward and tokens per second from 1 to 16 windows and 512 to 4096 tokens;
+  memory    peak RSS of a profile / peak RSS of the bare forward, each in a fresh process, from 1 to
+            16 windows (a process's peak RSS can only be read once, so each figure is its own process).
+
+Each time is the best of ``--repeat`` runs, the runs of the things compared interleaved so that
+machine noise hits them alike. Compare ratios across machines, not seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,17 +29,112 @@ import torch
 
 import kernelscope as ks
 from kernelscope.models import select_linear_layers
+from kernelscope.quant import expand_configs
 from kernelscope.runs.evaluate import run_scheme
 from kernelscope.runs.forward import eval_mode, forward_windows
 from kernelscope.runs.schemes import parse_scheme
+from kernelscope.stats import elementwise
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "test.txt"
+
+CONFIG_SETS = {
+    1: expand_configs(["per_token"], [8], []),
+    4: ks.default_configs(),
+    8: expand_configs(["per_token", "crossquant", "per_tensor", "per_channel"], [8, 4], [0.15]),
+}
 
 
 def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def best_of(runs: dict, repeat: int) -> dict[str, float]:
+    best: dict[str, float] = {}
+    for _ in range(repeat):
+        for name, fn in runs.items():
+            best[name] = min(best.get(name, float("inf")), timed(fn))
+    return best
+
+
+class Bench:
+    def __init__(self, args) -> None:
+        self.args = args
+        self.loaded = ks.load_model(args.model)
+        self.model = self.loaded.model
+        self.ids = ks.tokenize(self.loaded.tokenizer, ks.load_text(args.dataset).text)
+        self.layers = select_linear_layers(self.model)
+
+    def windows(self, n: int, seqlen: int):
+        return ks.make_windows(self.ids, seqlen, n)
+
+    def bare(self, windows) -> None:
+        with eval_mode(self.model):
+            for i in range(len(windows)):
+                forward_windows(self.model, windows.tokens[i : i + 1])
+
+    def profile(self, windows, configs) -> None:
+        ks.profile(self.model, windows, configs, layers=self.layers)
+
+
+def section_overhead(b: Bench, out: list[str]) -> None:
+    a = b.args
+    windows = b.windows(a.nsamples, a.seqlen)
+    tokens = len(windows) * windows.seqlen
+    b.profile(windows, CONFIG_SETS[8])  # compile the statistics once before timing
+    runs = {"bare forward": lambda: b.bare(windows)}
+    for n, configs in CONFIG_SETS.items():
+        runs[f"profile, {n} configuration{'s' * (n > 1)}"] = lambda c=configs: b.profile(windows, c)
+    fp = parse_scheme("fp")
+    runs["eval fp"] = lambda: run_scheme(b.model, windows, fp, b.layers)
+    for name in a.schemes.split(","):
+        scheme = parse_scheme(name)
+        runs[f"eval {scheme.name}"] = lambda s=scheme: run_scheme(b.model, windows, s, b.layers)
+    best = best_of(runs, a.repeat)
+    out.append(f"\n## overhead: {windows.describe()}; best of {a.repeat}")
+    for name, seconds in best.items():
+        against = "eval fp" if name.startswith("eval ") else "bare forward"
+        out.append(f"{name:34s} {seconds:8.2f} s {tokens / seconds:8.0f} tok/s  "
+                   f"{seconds / best[against]:6.3f}x {against}")
+
+
+def section_scaling(b: Bench, out: list[str]) -> None:
+    a = b.args
+    out.append(f"\n## scaling: profile (default set) / bare forward; best of {a.repeat}")
+    out.append(f"{'windows x tokens':18s} {'bare s':>8s} {'profile s':>10s} {'ratio':>7s} {'profile tok/s':>14s}")
+    shapes = [(n, 512) for n in (1, 4, 16)] + [(1, s) for s in (1024, 2048, 4096)]
+    for n, seqlen in shapes:
+        windows = b.windows(n, seqlen)
+        best = best_of({"bare": lambda w=windows: b.bare(w),
+                        "profile": lambda w=windows: b.profile(w, CONFIG_SETS[4])}, a.repeat)
+        tokens = n * seqlen
+        out.append(f"{f'{n} x {seqlen}':18s} {best['bare']:8.2f} {best['profile']:10.2f} "
+                   f"{best['profile'] / best['bare']:7.3f} {tokens / best['profile']:14.0f}")
+
+
+def section_memory(b: Bench, out: list[str]) -> None:
+    a = b.args
+    out.append(f"\n## memory: peak RSS, each in a fresh process, {a.seqlen}-token windows")
+    out.append(f"{'windows':8s} {'bare MiB':>9s} {'profile MiB':>12s} {'ratio':>7s}")
+    for n in (1, 4, 16):
+        peaks = {}
+        for what in ("bare", "profile"):
+            cmd = [sys.executable, __file__, "--child", what, "--model", a.model, "--dataset", a.dataset,
+                   "--nsamples", str(n), "--seqlen", str(a.seqlen)]
+            peaks[what] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)["peak_mib"]
+        out.append(f"{n:<8d} {peaks['bare']:9.0f} {peaks['profile']:12.0f} {peaks['profile'] / peaks['bare']:7.3f}")
+
+
+def child(args) -> None:
+    """One run in this fresh process; prints its peak RSS as JSON."""
+    b = Bench(args)
+    windows = b.windows(args.nsamples, args.seqlen)
+    if args.child == "bare":
+        b.bare(windows)
+    else:
+        b.profile(windows, CONFIG_SETS[4])
+    print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
 def main() -> None:
@@ -38,39 +145,27 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--schemes", default="w8a8-per-token,w8a8-crossquant,remove-kernel-per-token")
+    parser.add_argument("--sections", default="overhead,scaling,memory")
+    parser.add_argument("--child", choices=["bare", "profile"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
 
-    loaded = ks.load_model(args.model)
-    text = ks.load_text(args.dataset)
-    windows = ks.make_windows(ks.tokenize(loaded.tokenizer, text.text), args.seqlen, args.nsamples)
-    model = loaded.model
-    layers = select_linear_layers(model)
-    schemes = [parse_scheme(s) for s in args.schemes.split(",")]
-
-    def bare() -> None:
-        with eval_mode(model):
-            for i in range(len(windows)):
-                forward_windows(model, windows.tokens[i : i + 1])
-
-    def prof() -> None:
-        ks.profile(model, windows, ks.default_configs(), layers=layers)
-
-    fp = parse_scheme("fp")
-    runs = [("bare forward", bare), ("profile (default set)", prof),
-            ("eval fp", lambda: run_scheme(model, windows, fp, layers))]
-    runs += [(f"eval {s.name}", lambda s=s: run_scheme(model, windows, s, layers)) for s in schemes]
-    best: dict[str, float] = {}
-    for _ in range(args.repeat):
-        for name, fn in runs:
-            best[name] = min(best.get(name, float("inf")), timed(fn))
-
-    tokens = len(windows) * windows.seqlen
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"model: {loaded.info['path']}; {windows.describe()}; best of {args.repeat}")
-    for name, seconds in best.items():
-        base = best["eval fp"] if name.startswith("eval ") else best["bare forward"]
-        against = "eval fp" if name.startswith("eval ") else "bare forward"
-        print(f"{name:32s} {seconds:8.2f} s  {tokens / seconds:8.0f} tok/s  {seconds / base:5.3f}x {against}")
+    b = Bench(args)
+    cpu = platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = f"{names[0]} ({len(names)} cores visible)" if names else cpu
+    out = [f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+           f"statistics {elementwise.BACKEND.describe()}",
+           f"model: {b.loaded.info['path']}, {b.loaded.info['dtype']}; text: {args.dataset}"]
+    for section in args.sections.split(","):
+        {"overhead": section_overhead, "scaling": section_scaling, "memory": section_memory}[section](b, out)
+        print("\n".join(out), flush=True)
+        out.clear()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ def pydoc_text() -> str:
 
 @pytest.fixture(scope="session")
 def tokenizer():
+    return make_tokenizer()
+
+
+def make_tokenizer():
     """A 512-token byte-level BPE trained on Python's documentation: offline, built in a second."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

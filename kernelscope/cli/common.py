@@ -18,14 +18,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from kernelscope.cli.console import err, fail, out
 
 
-def load_with_status(model: str, dtype: str, device: str, trust_remote_code: bool, *, quiet: bool):
-    """Load a model behind a spinner on stderr."""
+def load_with_status(model: str, dtype: str, device: str, trust_remote_code: bool, *, quiet: bool,
+                     placement: dict | None = None):
+    """Load a model behind a spinner on stderr. ``placement``: device_map, max_memory, offload_folder."""
     from kernelscope.models import load_model
 
+    kwargs = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code, **(placement or {}))
     if quiet or not err.is_terminal:
-        return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        return load_model(model, **kwargs)
     with err.status(f"loading model {escape(model)} ..."):
-        return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        return load_model(model, **kwargs)
 
 
 def check_positive(name: str, value: int | None) -> None:
@@ -44,7 +46,8 @@ class Prepared:
 def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, windows: str, seed: int,
             layers: str | None, batch_size: int, dtype: str, device: str, trust_remote_code: bool,
             output: Path | None, overwrite: bool, quiet: bool, min_windows: int = 1,
-            report: Path | None = None) -> Prepared:
+            report: Path | None = None, device_map: str | None = None, max_memory: str | None = None,
+            offload_folder: Path | None = None) -> Prepared:
     """Check everything that can be checked cheaply, then read text, load the model, cut windows.
 
     Nothing is written here; an existing ``output`` is refused before any work.
@@ -69,6 +72,17 @@ def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, wind
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     parse_dtype(dtype, parse_device(device))
+    placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+    if device_map is not None or max_memory is not None:
+        from kernelscope.models.loading import DEVICE_MAPS, parse_max_memory
+
+        if device_map is None:
+            fail("--max-memory needs --device-map (e.g. --device-map auto)")
+        if device_map not in DEVICE_MAPS:
+            fail(f"unknown --device-map {device_map!r}; choose from {', '.join(DEVICE_MAPS)}")
+        parse_max_memory(max_memory)
+    if offload_folder is not None and device_map is None:
+        fail("--offload-folder needs --device-map (e.g. --device-map auto)")
     if layers is not None:
         try:
             re.compile(layers)
@@ -77,7 +91,7 @@ def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, wind
 
     max_chars = 20 * nsamples * seqlen if nsamples is not None else None
     text = load_text(dataset, max_chars=max_chars)
-    loaded = load_with_status(model, dtype, device, trust_remote_code, quiet=quiet)
+    loaded = load_with_status(model, dtype, device, trust_remote_code, quiet=quiet, placement=placement)
     limit = loaded.info.get("max_position_embeddings")
     if isinstance(limit, int) and seqlen > limit:
         fail(f"--seqlen {seqlen} is beyond the model's context of {limit} tokens")

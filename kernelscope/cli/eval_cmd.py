@@ -17,7 +17,8 @@ DEFAULT_SCHEMES = ("fp", "w8a8-per-token", "w8a8-crossquant")
 
 def _common(kw: dict, **extra) -> dict:
     keys = ("model", "dataset", "nsamples", "seqlen", "windows", "seed", "layers", "batch_size", "dtype",
-            "device", "trust_remote_code", "output", "overwrite", "report")
+            "device", "trust_remote_code", "output", "overwrite", "report", "device_map", "max_memory",
+            "offload_folder")
     return {k: kw[k] for k in keys} | {"quiet": kw["quiet"] or kw["as_json"]} | extra
 
 

@@ -26,6 +26,15 @@ Dtype = Annotated[str, typer.Option(
     help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16. Statistics are "
     "computed in float32 either way.")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:N, or auto (cuda when present).")]
+DeviceMap = Annotated[str | None, typer.Option(
+    "--device-map", help="Spread the model over GPUs, CPU and disk with accelerate: auto, balanced, "
+    "sequential. For models larger than one device; statistics are unchanged.", show_default=False)]
+MaxMemory = Annotated[str | None, typer.Option(
+    "--max-memory", help="Memory per device for --device-map, e.g. cpu=8GiB or 0=20GiB,cpu=64GiB; "
+    "layers beyond it are offloaded (to disk past the CPU's share).", show_default=False)]
+OffloadFolder = Annotated[Path | None, typer.Option(
+    "--offload-folder", help="Where --device-map offloads weights to disk [default: a temporary "
+    "folder, removed at exit].", show_default=False)]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code",
                                                help="Allow a hub model's own Python code to run.")]
 Output = Annotated[Path | None, typer.Option(

@@ -68,24 +68,40 @@ def _show(result) -> None:
 
 
 def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, bits, alpha, layers,
-                include_lm_head, batch_size, top_k, dtype, device, trust_remote_code, output,
-                overwrite, report, resume, as_json, quiet) -> None:
+                include_lm_head, batch_size, top_k, dtype, device, device_map, max_memory, offload_folder,
+                trust_remote_code, output, overwrite, report, resume, as_json, quiet) -> None:
     from kernelscope.runs import profile
     from kernelscope.runs.checkpoint import checkpoint_path
 
+    from kernelscope.runs import distributed
+
     configs = _configs(quantizer, bits, alpha)
+    parallel = distributed.launched()
+    if parallel and resume:
+        fail("--resume works in a single process only; rerun without torchrun to resume")
     if resume and output is None:
         fail("--resume needs --output: the checkpoint is kept beside the output folder")
-    checkpoint = checkpoint_path(output) if output is not None else None
+    checkpoint = checkpoint_path(output) if output is not None and not parallel else None
     if resume and not checkpoint.is_file():
         fail(f"nothing to resume: no checkpoint at {checkpoint}")
     if top_k < 1:
         fail(f"--top-k must be at least 1, got {top_k}")
     quiet = quiet or as_json
+    world = distributed.World()
+    if parallel:  # torchrun: one process per device (CPU processes share the machine's cores)
+        import os
+
+        import torch
+
+        if device in ("auto", "cuda") and torch.cuda.is_available() and device_map is None:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        world = distributed.start(torch.device("cuda" if device.startswith("cuda") else "cpu"))
+        quiet = quiet or not world.main
     prep = prepare(model=model, dataset=dataset, nsamples=nsamples, seqlen=seqlen, windows=windows,
                    seed=seed, layers=layers, batch_size=batch_size, dtype=dtype, device=device,
                    trust_remote_code=trust_remote_code, output=output, overwrite=overwrite, quiet=quiet,
-                   report=report)
+                   report=report, device_map=device_map, max_memory=max_memory,
+                   offload_folder=offload_folder)
     done = [0]
 
     def step(count: int, total: int) -> None:
@@ -102,6 +118,9 @@ def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, b
                 raise Interrupted(f"stopped after {done[0]} of {len(prep.windows)} windows; a checkpoint "
                                   f"is kept at {checkpoint}: rerun the same command with --resume") from None
             raise
+    distributed.stop()
+    if not world.main:
+        return  # only the first process writes and prints
     finish(result, output, overwrite, as_json, _show, report)
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)

@@ -5,9 +5,13 @@ Every failure a user can cause becomes a one-line :class:`KernelscopeError`.
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
+import logging
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,24 +135,77 @@ def _first_line(exc: BaseException) -> str:
     return line if len(line) <= 240 else line[:237] + "..."
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, int | str] | None:
+    """``"cpu=2GiB,0=20GiB"`` -> ``{"cpu": "2GiB", 0: "20GiB"}``, accelerate's ``max_memory``.
+
+    Keys are ``cpu``, ``mps`` or a CUDA device index; values a size such as ``500MB`` or ``2GiB``, or
+    a number of bytes.
+    """
+    if text is None:
+        return None
+    from accelerate.utils import convert_file_size_to_int
+
+    out: dict[int | str, int | str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, size = part.partition("=")
+        key, size = key.strip().lower(), size.strip()
+        if not sep or not key or not size:
+            raise KernelscopeError(f"--max-memory: {part!r} is not DEVICE=SIZE (e.g. cpu=2GiB,0=20GiB)")
+        if key not in ("cpu", "mps") and not key.isdigit():
+            raise KernelscopeError(f"--max-memory: unknown device {key!r}; use cpu, mps or a GPU index")
+        try:
+            value: int | str = int(size) if size.isdigit() else size  # a bare number is bytes
+            if convert_file_size_to_int(value) <= 0:
+                raise ValueError
+        except ValueError:
+            raise KernelscopeError(f"--max-memory: {size!r} is not a size like 500MB or 2GiB") from None
+        out[int(key) if key.isdigit() else key] = value
+    if not out:
+        raise KernelscopeError("--max-memory is empty; give e.g. cpu=2GiB")
+    return out
+
+
 def load_model(
     spec: str,
     *,
     dtype: str = "auto",
     device: str = "cpu",
     trust_remote_code: bool = False,
+    device_map: str | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LoadedModel:
     """Load ``spec`` as a causal LM in eval mode on ``device``, with its tokenizer.
 
+    With ``device_map`` (``auto``, ``balanced``, ``sequential``) accelerate places the layers over the
+    GPUs, the CPU and, past ``max_memory`` (e.g. ``"cpu=2GiB"``), the disk under ``offload_folder``
+    (a temporary folder, removed at exit, when not given); ``device`` is then ignored. The forward
+    pass, and so every statistic, is the same; only where the weights wait between layers changes.
     ``trust_remote_code`` stays off unless asked: a hub repository's own Python is never run silently.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     torch_device = parse_device(device)
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise KernelscopeError(f"unknown --device-map {device_map!r}; choose from {', '.join(DEVICE_MAPS)}")
+    if max_memory is not None and device_map is None:
+        raise KernelscopeError("--max-memory needs --device-map (e.g. --device-map auto)")
+    memory = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
+    if device_map is not None and torch.cuda.is_available() and device == "cpu":
+        torch_device = torch.device("cuda")  # the map spreads over the GPUs: compute dtype as on GPU
     torch_dtype = parse_dtype(dtype, torch_device)
     source = resolve_model_source(spec)
     common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    placement: dict[str, Any] = {}
+    if device_map is not None:
+        if offload_folder is None:
+            offload_folder = tempfile.mkdtemp(prefix="kernelscope-offload-")
+            atexit.register(shutil.rmtree, offload_folder, ignore_errors=True)
+        placement = {"device_map": device_map, "max_memory": memory, "offload_folder": str(offload_folder)}
     if source.gguf_file:
         common["gguf_file"] = source.gguf_file
     if source.kind == "hub":
@@ -165,6 +222,9 @@ def load_model(
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    accelerate_log = logging.getLogger("accelerate")
+    accelerate_level = accelerate_log.level
+    accelerate_log.setLevel(logging.ERROR)  # "offloaded to the disk" is what was asked for
     hf_logging.disable_progress_bar()
     try:
         try:
@@ -174,7 +234,8 @@ def load_model(
                 f"cannot load a tokenizer for {source.display}: {_first_line(exc)}"
             ) from None
         try:
-            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **common)
+            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **common,
+                                                         **placement)
         except ValueError as exc:
             if "Unrecognized configuration class" in str(exc) or "does not support" in str(exc):
                 raise KernelscopeError(
@@ -184,10 +245,13 @@ def load_model(
         except Exception as exc:
             raise KernelscopeError(f"cannot load model {source.display}: {_first_line(exc)}") from None
     finally:
+        accelerate_log.setLevel(accelerate_level)
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
 
-    model.to(torch_device)
+    hf_map = getattr(model, "hf_device_map", None) if device_map is not None else None
+    if hf_map is None:
+        model.to(torch_device)
     model.eval()
     config = model.config
     info = {
@@ -198,8 +262,18 @@ def load_model(
         "model_type": getattr(config, "model_type", None),
         "parameters": sum(p.numel() for p in model.parameters()),
         "dtype": str(torch_dtype).removeprefix("torch."),
-        "device": str(torch_device),
+        "device": str(torch_device) if hf_map is None else f"device map {device_map}",
+        "placement": None if hf_map is None else _placement_counts(hf_map),
         "max_position_embeddings": getattr(config, "max_position_embeddings", None)
         or getattr(config, "n_positions", None),
     }
     return LoadedModel(model, tokenizer, source, info)
+
+
+def _placement_counts(hf_map: dict[str, Any]) -> dict[str, int]:
+    """How many modules of a device map sit on each device: ``{"cpu": 12, "disk": 20}``."""
+    counts: dict[str, int] = {}
+    for where in hf_map.values():
+        key = f"cuda:{where}" if isinstance(where, int) else str(where)
+        counts[key] = counts.get(key, 0) + 1
+    return counts

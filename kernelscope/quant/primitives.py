@@ -153,8 +153,8 @@ def crossquant_step(x: Activation, bits: int, alpha: float) -> torch.Tensor:
     """CrossQuant step Δ̃_ij = t_i^α · c_j^(1-α) / qmax, shape ``(..., T, I)``.
 
     α = 1 is exactly per-token and α = 0 exactly per-channel: those ends skip ``pow`` so that the
-    identity holds to the last bit, not only to rounding error. The powers are taken of the (T, 1)
-    and (1, I) vectors before they are broadcast, so the (T, I) work is one multiply.
+    identity holds to the last bit, not only to rounding error. In between the step is
+    :func:`separable_step` of :func:`crossquant_factors`.
     """
     alpha = check_alpha(alpha)
     qmax = qmax_for_bits(bits)
@@ -164,22 +164,28 @@ def crossquant_step(x: Activation, bits: int, alpha: float) -> torch.Tensor:
     elif alpha == 0.0:
         scale = c.expand(*c.shape[:-2], t.shape[-2], c.shape[-1])  # (..., T, I)
     else:
-        scale = torch.mul(_pow_rounded(t, alpha), _pow_rounded(c, 1.0 - alpha))  # (..., T, I)
-        return scale.div_(qmax).clamp_min_(STEP_FLOOR)
+        return separable_step(*crossquant_factors(x, alpha), qmax)
     return _floored(scale / qmax)
 
 
-def crossquant_log10_factors(x: Activation, bits: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(r (..., T, 1), k (..., 1, I))`` with ``log10 Δ̃_ij = r_i + k_j`` before the step floor.
+def crossquant_factors(x: Activation, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t^α (..., T, 1), c^(1-α) (..., 1, I))``: the CrossQuant step is their outer product / qmax.
 
-    For binning the CrossQuant step on a log scale from two vectors instead of T·I logarithms; equal
-    to ``log10`` of :func:`crossquant_step` up to float rounding (the floor at STEP_FLOOR aside).
+    The powers are taken of the vectors before anything is broadcast, so the (T, I) work of a step
+    is one multiply and one divide.
     """
     alpha = check_alpha(alpha)
     t, c = _ranges(x)  # (..., T, 1), (..., 1, I)
-    r = torch.log10(t.double()).mul_(alpha)
-    k = torch.log10(c.double()).mul_(1.0 - alpha).sub_(math.log10(qmax_for_bits(bits)))
-    return r, k
+    return _pow_rounded(t, alpha), _pow_rounded(c, 1.0 - alpha)
+
+
+def separable_step(row: torch.Tensor, col: torch.Tensor, qmax: int | torch.Tensor) -> torch.Tensor:
+    """Δ_ij = max(row_i · col_j / qmax, STEP_FLOOR), in that order of rounding.
+
+    The one definition of a step that is an outer product: :func:`crossquant_step` and the fused
+    kernel counter (:mod:`kernelscope.stats.elementwise`) both evaluate it, so they agree bit for bit.
+    """
+    return torch.clamp_min(row * col / qmax, STEP_FLOOR)
 
 
 def _pow_rounded(v: torch.Tensor, exponent: float) -> torch.Tensor:

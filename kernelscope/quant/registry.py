@@ -14,6 +14,7 @@ import torch
 from kernelscope.quant.primitives import (
     Activation,
     check_alpha,
+    crossquant_factors,
     crossquant_step,
     per_channel_activation_step,
     per_tensor_step,
@@ -32,6 +33,14 @@ ACTIVATION_QUANTIZERS: dict[str, StepFn] = {
 """name -> step function ``(x, bits, alpha) -> Δ`` broadcastable to ``x``."""
 
 TAKES_ALPHA = frozenset({"crossquant"})
+
+FactorFn = Callable[[Activation, float | None], tuple[torch.Tensor, torch.Tensor]]
+
+SEPARABLE_QUANTIZERS: dict[str, tuple[Callable[[float | None], bool], FactorFn]] = {
+    "crossquant": (lambda alpha: 0.0 < alpha < 1.0, crossquant_factors),
+}
+"""name -> (for which α the step is a full (T, I) outer product, ``(x, alpha) -> (row (..., T, 1),
+col (..., 1, I))`` with Δ = separable_step(row, col, qmax)). Elsewhere the step is a broadcast vector."""
 
 DEFAULT_ALPHA = 0.15
 """The CrossQuant paper's default exponent."""
@@ -70,6 +79,20 @@ class QuantizerConfig:
     def step(self, x: Activation) -> torch.Tensor:
         """The step Δ this quantizer uses for activation ``x (..., T, I)``."""
         return ACTIVATION_QUANTIZERS[self.quantizer](x, self.bits, self.alpha)
+
+    @property
+    def separable(self) -> bool:
+        """True when the step is a full (T, I) outer product of two vectors (CrossQuant, 0 < α < 1)."""
+        entry = SEPARABLE_QUANTIZERS.get(self.quantizer)
+        return entry is not None and entry[0](self.alpha)
+
+    def factors(self, x: Activation) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(row, col)`` whose :func:`separable_step` is this quantizer's step, or None when the step
+        is already a broadcastable vector (per-token, per-channel, per-tensor, CrossQuant at α = 0, 1).
+
+        Lets statistics work from two vectors instead of a (T, I) step matrix.
+        """
+        return SEPARABLE_QUANTIZERS[self.quantizer][1](x, self.alpha) if self.separable else None
 
     def as_dict(self) -> dict:
         return {"quantizer": self.quantizer, "bits": self.bits, "alpha": self.alpha}

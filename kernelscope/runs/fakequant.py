@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kernelscope.errors import KernelscopeError
 from kernelscope.capture.hooks import Conv1D
 from kernelscope.models import LinearLayer
 from kernelscope.quant import as_sequences, fake_quantize_counted, fake_quantize_weight, remove_kernel
@@ -120,6 +121,14 @@ class SchemeApplied:
             module.weight.data = original
 
     def __enter__(self) -> SchemeApplied:
+        changes_weight = self.scheme.weight_bits is not None or self.smoothing is not None
+        offloaded = [layer.name for layer in self.layers if layer.module.weight.device.type == "meta"]
+        if changes_weight and offloaded:
+            raise KernelscopeError(
+                f"scheme {self.scheme.name} quantizes weights, but {len(offloaded)} layers (first "
+                f"{offloaded[0]}) are offloaded to disk by the device map; give --max-memory more room, "
+                "or use an activation-only scheme (fp, remove-kernel-*)"
+            )
         try:
             for layer in self.layers:
                 self._handles.append(layer.module.register_forward_pre_hook(

@@ -11,7 +11,14 @@ from torch import nn
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device inputs go to (the first parameter's, which is the embedding's under a device map)."""
+    """The device inputs go to: the first module's under a device map (the CPU for one offloaded to
+    disk), otherwise the first parameter's."""
+    hf_map = getattr(model, "hf_device_map", None)
+    if hf_map:
+        first = next(iter(hf_map.values()))
+        if isinstance(first, int):
+            return torch.device("cuda", first)
+        return torch.device("cpu" if first in ("cpu", "disk") else first)
     device = getattr(model, "device", None)
     if isinstance(device, torch.device):
         return device

@@ -18,9 +18,11 @@ from kernelscope.models import LinearLayer, LoadedModel
 from kernelscope.quant import QuantizerConfig
 from kernelscope.results import write_run
 from kernelscope.runs.common import resolve_layers, run_context, unpack
+from kernelscope.errors import KernelscopeError
+from kernelscope.runs import distributed
 from kernelscope.runs.checkpoint import load_checkpoint, save_checkpoint
 from kernelscope.runs.forward import eval_mode, forward_windows, model_device
-from kernelscope.stats import KernelStats, observe
+from kernelscope.stats import KernelStats, elementwise, observe
 from kernelscope.stats.kernel import HISTOGRAM
 
 ProgressFn = Callable[[int, int], None]
@@ -101,17 +103,31 @@ def profile(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     selected = resolve_layers(model, layers, include_lm_head)
     stats = {layer.name: KernelStats(configs, top_k) for layer in selected}
-    # The last input seen and its observation: q/k/v (and gate/up) receive the same tensor object.
-    shared: dict[str, Any] = {"x": None, "obs": None, "offset": 0}
+    # q/k/v (and gate/up) receive the same tensor object: it is observed once, for the first of them,
+    # and the others share that layer's accumulator. `follows` records who shares with whom in the
+    # first batch; every later batch must show the same sharing, or a layer would miss a batch.
+    shared: dict[str, Any] = {"x": None, "leader": None, "offset": 0}
+    follows: dict[str, str | None] = {}
+    first_batch = [True]
 
     def observer(name: str, x: torch.Tensor) -> None:
-        if shared["x"] is not x:
-            shared["obs"] = observe(x, configs, token_offset=shared["offset"], top_k=top_k,
-                                    seq_len=windows.seqlen)
-            shared["x"] = x
-        stats[name].update(shared["obs"])
+        leader = shared["leader"] if shared["x"] is x else None
+        if first_batch[0]:
+            follows.setdefault(name, leader)
+        if follows.get(name) != leader:
+            raise RuntimeError(f"layer {name} shares its input differently from one batch to the next")
+        if leader is None:
+            stats[name].update(observe(x, configs, token_offset=shared["offset"], top_k=top_k,
+                                       seq_len=windows.seqlen))
+            shared["x"], shared["leader"] = x, name
 
     n = len(windows)
+    world = distributed.current()
+    mine = world.windows(n)  # every window when alone
+    if world.size > 1 and (checkpoint is not None or resume):
+        raise KernelscopeError("checkpoints and --resume work in a single process only")
+    if world.size > n:
+        raise KernelscopeError(f"{world.size} processes need at least as many windows; got {n}")
     fingerprint = {
         "windows": windows.sha256, "seqlen": windows.seqlen, "quantizers": [c.label for c in configs],
         "layers": [layer.name for layer in selected], "batch_size": batch_size, "top_k": top_k,
@@ -125,24 +141,28 @@ def profile(
             acc.load_state_dict(saved.get(name, {}), device)
     started = time.perf_counter()
     with eval_mode(model), LinearInputCapture({layer.name: layer.module for layer in selected}, observer):
-        for first in range(start, n, batch_size):
-            batch = windows.tokens[first : first + batch_size]  # (b, T)
+        for first in range(max(start, mine.start), mine.stop, batch_size):
+            last = min(first + batch_size, mine.stop)
+            batch = windows.tokens[first:last]  # (b, T)
             shared["offset"] = first * windows.seqlen
             try:
                 forward_windows(model, batch, all_logits=include_lm_head)
             finally:
-                shared["x"] = shared["obs"] = None
-            done = min(first + batch_size, n)
+                shared["x"] = shared["leader"] = None
+            first_batch[0] = False
+            done = last
             if checkpoint is not None and done < n:
                 save_checkpoint(Path(checkpoint), fingerprint, done,
-                                {name: acc.state_dict() for name, acc in stats.items()})
+                                {name: stats[follows.get(name) or name].state_dict() for name in stats})
             if progress is not None:
-                progress(done, n)
+                progress(done - mine.start, len(mine))
+    leaders = [stats[layer.name] for layer in selected if follows.get(layer.name) is None]
+    distributed.merge_stats(leaders, model_device(model))
     elapsed = time.perf_counter() - started
 
     rows = []
     for layer in selected:
-        acc = stats[layer.name]
+        acc = stats[follows.get(layer.name) or layer.name]
         if acc.empty:
             raise RuntimeError(f"layer {layer.name} never ran; is it used by the model's forward pass?")
         res = acc.result()
@@ -185,6 +205,8 @@ def profile(
         "by_module_type": by_type.to_dicts(),
         "tokens": tokens,
         "resumed_from_window": start or None,
+        "processes": world.size,
+        "statistics_backend": elementwise.BACKEND.describe(model_device(model)),
         "seconds": round(elapsed, 3),
         "tokens_per_second": round((n - start) * windows.seqlen / elapsed, 1) if elapsed > 0 else None,
     }

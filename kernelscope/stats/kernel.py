@@ -14,15 +14,14 @@ import torch
 
 from kernelscope.quant import (
     STEP_FLOOR,
-    crossquant_log10_factors,
     QuantizerConfig,
-    abs_in_stat_dtype,
-    ActivationRanges,
     as_sequences,
-    kernel_mask,
     per_token_step,
+    separable_step,
     zero_bound,
 )
+from kernelscope.stats import elementwise
+from kernelscope.stats.exact import ExactSum
 from kernelscope.stats.histogram import LogHistogram
 
 HISTOGRAM = LogHistogram()
@@ -38,7 +37,7 @@ class Observation:
     nonfinite: torch.Tensor  # () int64: NaN or ±Inf elements, left out of the kernel counts
     kernel: torch.Tensor  # (C,) int64
     below_per_token: torch.Tensor  # (C,) int64: elements whose bound < the per-token bound
-    bound_sum: torch.Tensor  # (C,) float64
+    bound_sum: torch.Tensor  # (C, B) float64: sum of the zero bound over each sequence
     bound_min: torch.Tensor  # (C,) float64
     bound_max: torch.Tensor  # (C,) float64
     bound_hist: torch.Tensor  # (C, bins) int64
@@ -49,21 +48,50 @@ class Observation:
     top_index: torch.Tensor  # (k,) int64: their global token index (-1: empty)
 
 
-def count_c_ge_t(token: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+def count_c_ge_t(token: torch.Tensor, c_sorted: torch.Tensor) -> torch.Tensor:
     """Number of pairs (i, j) with ``c_j >= t_i`` within each sequence, summed; by sorting c.
 
-    ``token (B, T, 1)``, ``channel (B, 1, I)``: O((T + I) log I) instead of T·I comparisons.
+    ``token (B, T, 1)``, ``c_sorted (B, I)`` ascending: O((T + I) log I) instead of T·I comparisons.
     """
-    c_sorted = channel.squeeze(-2).sort(dim=-1).values  # (B, I)
     t = token.squeeze(-1).contiguous()  # (B, T)
     below = torch.searchsorted(c_sorted, t, side="left")  # (B, T): how many c_j < t_i
-    return (channel.shape[-1] - below).sum()
+    return (c_sorted.shape[-1] - below).sum()
+
+
+def separable_step_sums(row: torch.Tensor, col_sorted: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Per sequence, the sum over (i, j) of ``max(row_i · col_j / qmax, STEP_FLOOR)``, float64, (B,).
+
+    ``row (B, T, 1)``; ``col_sorted (B, I)`` ascending. Computed in float64 in O((T + I) log I): for
+    each row, the columns whose product falls under the floor are found by a search in the sorted
+    columns, and the rest add up to ``row_i · (their column sum) / qmax``. This is the sum of the
+    steps before their float32 rounding (a relative difference below 1e-7).
+    """
+    a = row.double().squeeze(-1)  # (B, T)
+    b = col_sorted.double()  # (B, I)
+    suffix = torch.nn.functional.pad(b.flip(-1).cumsum(-1).flip(-1), (0, 1))  # (B, I + 1): sum of b[k:]
+    cutoff = (qmax * STEP_FLOOR) / a  # (B, T): b_j below this gives a step at the floor; a = 0: inf
+    under = torch.searchsorted(b, cutoff)  # (B, T): how many b_j < cutoff
+    rows = under * STEP_FLOOR + a * suffix.gather(-1, under) / qmax  # (B, T)
+    return rows.sum(dim=-1)  # (B,)
 
 
 def _top_k(values: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    k = min(k, values.numel())
-    top = torch.topk(values, k)
-    return top.values, index[top.indices]
+    """The ``k`` largest values with their indices; ties go to the smaller index, so the choice does
+    not depend on how the values were split into batches or processes."""
+    order = torch.argsort(index, stable=True)
+    values, index = values[order], index[order]
+    order = torch.argsort(values, descending=True, stable=True)[:k]
+    return values[order], index[order]
+
+
+def _top_tokens(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the ``k`` largest of ``t (n,)`` (finite, >= 0, float32), earliest first among ties.
+
+    A non-negative float32's bits order like the float, so one int64 key holds value and position.
+    """
+    positions = torch.arange(t.numel(), device=t.device)  # (n,)
+    key = (t.float().view(torch.int32).long() << 32) | (2**32 - 1 - positions)
+    return 2**32 - 1 - (torch.topk(key, min(k, t.numel())).values & (2**32 - 1))
 
 
 def observe(
@@ -78,78 +106,118 @@ def observe(
 
     ``token_offset`` is the global index of the batch's first token, so that the top tokens can be
     traced back to the text; ``seq_len`` splits a flattened ``(B·T, I)`` input into its sequences.
+    NaN and ±Inf are counted, measured as zeros for t and c, and left out of the kernel counts.
     """
     x = as_sequences(x, seq_len)  # (B, T, I)
     batch, seq, width = x.shape
-    ax = abs_in_stat_dtype(x)  # (B, T, I), a copy of our own
-    nonfinite = ax.numel() - torch.count_nonzero(ax < math.inf)  # NaN and +Inf fail `<`
-    # NaN and ±Inf are counted, then measured as zeros, so that no statistic turns into NaN; the
-    # kernel counts below take them out again (a zero is always in the kernel).
-    ax.nan_to_num_(nan=0.0, posinf=0.0)
-    ranges = ActivationRanges(ax.amax(dim=-1, keepdim=True), ax.amax(dim=-2, keepdim=True))
+    if batch * seq >= 2**31:
+        raise ValueError("one batch holds too many tokens; use a smaller batch size")
+    ranges = elementwise.ranges(x)
     t, c = ranges  # (B, T, 1), (B, 1, I)
-    elements = x.numel()  # positions; the finite ones are elements - nonfinite
+    c_order = c.squeeze(-2).argsort(dim=-1)  # (B, I): channels by rising c (and so rising c^(1-α))
+    c_sorted = c.squeeze(-2).gather(-1, c_order)  # (B, I)
 
-    kernel, below, bsum, bmin, bmax, hist = [], [], [], [], [], []
-    per_token_cache: dict[int, torch.Tensor] = {}
-    for cfg in configs:
-        step = cfg.step(ranges)  # broadcastable to (B, T, I)
-        kernel.append(torch.count_nonzero(kernel_mask(ax, step, is_abs=True)) - nonfinite)
-        if cfg.quantizer == "per_token":
-            below.append(torch.zeros((), dtype=torch.int64, device=x.device))
-        else:
-            if cfg.bits not in per_token_cache:
-                per_token_cache[cfg.bits] = per_token_step(ranges, cfg.bits)
-            below.append(torch.count_nonzero((step < per_token_cache[cfg.bits]).expand(batch, seq, width)))
+    n = len(configs)
+    terms: list[elementwise.Term | None] = [None] * n
+    bsum: list[torch.Tensor | None] = [None] * n
+    bmin: list[torch.Tensor | None] = [None] * n
+    bmax: list[torch.Tensor | None] = [None] * n
+    hist: list[torch.Tensor | None] = [None] * n
+    per_token = {bits: per_token_step(ranges, bits) for bits in {cfg.bits for cfg in configs}}
+    separable: dict[tuple[str, float | None], list[int]] = {}  # configs sharing factors (all bits)
+    for i, cfg in enumerate(configs):
+        compare = None if cfg.quantizer == "per_token" else per_token[cfg.bits]
+        if cfg.separable:
+            separable.setdefault((cfg.quantizer, cfg.alpha), []).append(i)
+            terms[i] = compare  # completed below
+            continue
+        step = per_token[cfg.bits] if cfg.quantizer == "per_token" else cfg.step(ranges)  # (B, T|1, I|1)
+        terms[i] = elementwise.Term(step=step, per_token=compare)
+        weight = seq * width // (step.shape[-2] * step.shape[-1])  # elements each stored step covers
         # B = 0.5·Δ is exact in binary, so the bound's statistics are read off the step.
-        weight = elements // step.numel()  # each stored step stands for this many elements
-        bsum.append(0.5 * step.sum(dtype=torch.float64) * weight)
-        bmin.append(zero_bound(step.min()).double())
-        bmax.append(zero_bound(step.max()).double())
-        if cfg.quantizer == "crossquant" and 0.0 < cfg.alpha < 1.0:  # separable: Δ̃_ij = f(t_i)·g(c_j)
-            r, k = crossquant_log10_factors(ranges, cfg.bits, cfg.alpha)
-            hist.append(HISTOGRAM.counts_of_sums(r + math.log10(0.5), k, math.log10(0.5 * STEP_FLOOR)))
-        else:
-            hist.append(HISTOGRAM.counts(zero_bound(step), weight))
+        bsum[i] = 0.5 * step.sum(dim=(-2, -1), dtype=torch.float64) * weight  # (B,)
+        bmin[i], bmax[i] = zero_bound(step.min()).double(), zero_bound(step.max()).double()
+        hist[i] = HISTOGRAM.counts(zero_bound(step), weight)
+    for members in separable.values():
+        row, col = configs[members[0]].factors(ranges)  # (B, T, 1), (B, 1, I): the same for every bits
+        col_sorted = col.squeeze(-2).gather(-1, c_order)  # (B, I): c^(1-α) rises with c
+        # The step rises with each factor, so its extremes come from the factors' extremes.
+        row_lo, row_hi = row.amin(dim=-2, keepdim=True), row.amax(dim=-2, keepdim=True)  # (B, 1, 1)
+        col_lo, col_hi = col_sorted[:, :1, None], col_sorted[:, -1:, None]  # (B, 1, 1)
+        for i in members:
+            qmax = configs[i].qmax
+            terms[i] = elementwise.Term(row=row, col=col, qmax=qmax, per_token=terms[i])
+            bsum[i] = 0.5 * separable_step_sums(row, col_sorted, qmax)  # (B,)
+            bmin[i] = zero_bound(separable_step(row_lo, col_lo, qmax).min()).double()
+            bmax[i] = zero_bound(separable_step(row_hi, col_hi, qmax).max()).double()
+        # log10 B = log10 row + log10 col - log10 qmax + log10 0.5, floored: binned from two vectors.
+        shifts = [-math.log10(configs[i].qmax) for i in members]
+        counts = HISTOGRAM.counts_of_sums(torch.log10(row.double()) + math.log10(0.5), torch.log10(col.double()),
+                                          math.log10(0.5 * STEP_FLOOR), shifts)
+        for i, row_counts in zip(members, counts, strict=True):
+            hist[i] = row_counts
+    kernel, below, nonfinite = elementwise.count(x, terms)
 
     flat_t = t.reshape(-1)  # (B*T,)
-    index = torch.arange(flat_t.numel(), device=x.device) + token_offset
-    top_values, top_index = _top_k(flat_t, index, top_k)
+    top = _top_tokens(flat_t, top_k)
     return Observation(
         tokens=torch.tensor(batch * seq, dtype=torch.int64, device=x.device),
-        elements=torch.tensor(elements, dtype=torch.int64, device=x.device),
+        elements=torch.tensor(x.numel(), dtype=torch.int64, device=x.device),
         nonfinite=nonfinite,
-        kernel=torch.stack(kernel),
-        below_per_token=torch.stack(below),
+        kernel=kernel,
+        below_per_token=below,
         bound_sum=torch.stack(bsum),
         bound_min=torch.stack(bmin),
         bound_max=torch.stack(bmax),
         bound_hist=torch.stack(hist),
-        c_ge_t=count_c_ge_t(t, c),
+        c_ge_t=count_c_ge_t(t, c_sorted),
         abs_max=t.max().float(),
         channel_max=c.amax(dim=0).reshape(-1).float(),  # (I,)
-        top_values=top_values.float(),
-        top_index=top_index,
+        top_values=flat_t[top].float(),
+        top_index=top + token_offset,
     )
 
 
 class KernelStats:
-    """Streaming kernel statistics of one layer for a fixed list of quantizer configurations."""
+    """Streaming kernel statistics of one layer for a fixed list of quantizer configurations.
+
+    Counts add as integers, extremes as maxima and minima, and bound sums as :class:`ExactSum`, so
+    the result does not depend on how the windows were batched, checkpointed or split over processes.
+    """
+
+    _FLUSH = 64  # per-sequence bound sums kept on the device before they are folded into the exact sums
 
     def __init__(self, configs: list[QuantizerConfig], top_k: int = 10) -> None:
         self.configs = list(configs)
         self.top_k = top_k
         self.state: Observation | None = None
+        self.bound_sums = ExactSum(len(self.configs))
+        self._pending: list[torch.Tensor] = []  # (C, B) float64 each
+
+    def flush(self) -> None:
+        """Fold the per-sequence bound sums kept on the device into the exact sums (one host sync)."""
+        if self._pending:
+            self.bound_sums.add(torch.cat(self._pending, dim=1))  # (C, total B)
+            self._pending = []
 
     def update(self, obs: Observation) -> KernelStats:
         """Add one observation (made with the same configs, in the same order)."""
+        if obs.kernel.shape[0] != len(self.configs):
+            raise ValueError("the observation was made with a different number of configurations")
+        self._pending.append(obs.bound_sum.detach())
+        if len(self._pending) >= self._FLUSH:
+            self.flush()
         if self.state is None:
             self.state = Observation(**{f.name: getattr(obs, f.name).clone() for f in fields(obs)})
+            self.state.bound_sum = torch.empty(0, dtype=torch.float64)  # held in self.bound_sums
             self.state.top_values, self.state.top_index = _top_k(obs.top_values, obs.top_index, self.top_k)
             return self
+        self._fold(obs)
+        return self
+
+    def _fold(self, obs: Observation) -> None:
         s = self.state
-        for name in ("tokens", "elements", "nonfinite", "kernel", "below_per_token", "bound_sum",
-                     "bound_hist", "c_ge_t"):
+        for name in ("tokens", "elements", "nonfinite", "kernel", "below_per_token", "bound_hist", "c_ge_t"):
             getattr(s, name).add_(getattr(obs, name))
         s.bound_min = torch.minimum(s.bound_min, obs.bound_min)
         s.bound_max = torch.maximum(s.bound_max, obs.bound_max)
@@ -161,31 +229,50 @@ class KernelStats:
             torch.cat([s.top_values, obs.top_values]), torch.cat([s.top_index, obs.top_index]),
             self.top_k,
         )
-        return self
+
+    def top_from(self, values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top-k of candidate tokens ``values (n,)`` at ``index (n,)``, ties to the earlier token."""
+        return _top_k(values, index, self.top_k)
 
     def merge(self, other: KernelStats) -> KernelStats:
         """Fold another accumulator of the same layer and configs into this one."""
         if other.configs != self.configs:
             raise ValueError("cannot merge statistics of different quantizer configurations")
-        if other.state is not None:
-            self.update(other.state)
+        if other.state is None:
+            return self
+        self.flush()
+        other.flush()
+        if self.state is None:
+            self.state = Observation(**{f.name: getattr(other.state, f.name).clone() for f in fields(other.state)})
+        else:
+            self._fold(other.state)
+        self.bound_sums.merge(other.bound_sums)
         return self
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The accumulated state as CPU tensors (empty when nothing was observed), for checkpoints."""
         if self.state is None:
             return {}
-        return {f.name: getattr(self.state, f.name).detach().cpu() for f in fields(self.state)}
+        self.flush()
+        state = {f.name: getattr(self.state, f.name).detach().cpu() for f in fields(self.state)}
+        state["bound_sum"] = self.bound_sums.to_tensor()
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> KernelStats:
         """Restore what :meth:`state_dict` returned; the next update continues exactly from there."""
+        self._pending = []
         if not state:
             self.state = None
+            self.bound_sums = ExactSum(len(self.configs))
             return self
         missing = {f.name for f in fields(Observation)} - set(state)
         if missing:
             raise ValueError(f"state lacks {sorted(missing)}")
+        self.bound_sums = ExactSum.from_tensor(state["bound_sum"])
+        if len(self.bound_sums.totals) != len(self.configs):
+            raise ValueError("the saved state was made with a different number of configurations")
         self.state = Observation(**{f.name: state[f.name].to(device) for f in fields(Observation)})
+        self.state.bound_sum = torch.empty(0, dtype=torch.float64)
         return self
 
     @property
@@ -196,6 +283,8 @@ class KernelStats:
         """Plain Python values: layer-wide figures and one dict per config (host sync happens here)."""
         if self.state is None:
             raise ValueError("no data was observed for this layer")
+        self.flush()
+        sums = self.bound_sums.values()
         s = Observation(**{f.name: getattr(self.state, f.name).cpu() for f in fields(self.state)})
         positions = int(s.elements)
         elements = positions - int(s.nonfinite)  # the finite elements the kernel is counted over
@@ -222,7 +311,7 @@ class KernelStats:
                 **cfg.as_dict(),
                 "kernel_elements": int(s.kernel[i]),
                 "kernel_fraction": int(s.kernel[i]) / elements if elements else None,
-                "bound_mean": float(s.bound_sum[i]) / positions,
+                "bound_mean": sums[i] / positions,
                 "bound_min": lo,
                 "bound_max": hi,
                 "bound_below_per_token_fraction": (
