@@ -8,7 +8,7 @@ Sections:
             fake quantization / fp evaluation, on --nsamples x --seqlen windows;
   scaling   profile / bare forward and tokens per second from 1 to 16 windows and 512 to 4096 tokens;
   memory    peak RSS of a profile / peak RSS of the bare forward, each in a fresh process, from 1 to
-            16 windows (a process's peak RSS can only be read once, so each figure is its own process).
+            16 windows; the peak is reset after loading (Linux), so it is the run's own.
 
 Each time is the best of ``--repeat`` runs, the runs of the things compared interleaved so that
 machine noise hits them alike. Compare ratios across machines, not seconds.
@@ -17,9 +17,9 @@ machine noise hits them alike. Compare ratios across machines, not seconds.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -115,26 +115,41 @@ def section_scaling(b: Bench, out: list[str]) -> None:
 
 def section_memory(b: Bench, out: list[str]) -> None:
     a = b.args
-    out.append(f"\n## memory: peak RSS, each in a fresh process, {a.seqlen}-token windows")
-    out.append(f"{'windows':8s} {'bare MiB':>9s} {'profile MiB':>12s} {'ratio':>7s}")
+    out.append(f"\n## memory: peak RSS during the run, each in a fresh process, {a.seqlen}-token windows")
+    out.append(f"{'windows':8s} {'loaded MiB':>11s} {'bare peak':>10s} {'profile peak':>13s} {'ratio':>7s} "
+               f"{'bare +MiB':>10s} {'profile +MiB':>13s}")
     for n in (1, 4, 16):
-        peaks = {}
+        runs = {}
         for what in ("bare", "profile"):
             cmd = [sys.executable, __file__, "--child", what, "--model", a.model, "--dataset", a.dataset,
                    "--nsamples", str(n), "--seqlen", str(a.seqlen)]
-            peaks[what] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)["peak_mib"]
-        out.append(f"{n:<8d} {peaks['bare']:9.0f} {peaks['profile']:12.0f} {peaks['profile'] / peaks['bare']:7.3f}")
+            runs[what] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        bare, prof = runs["bare"], runs["profile"]
+        out.append(f"{n:<8d} {bare['before_mib']:11.0f} {bare['peak_mib']:10.0f} {prof['peak_mib']:13.0f} "
+                   f"{prof['peak_mib'] / bare['peak_mib']:7.3f} {bare['peak_mib'] - bare['before_mib']:10.0f} "
+                   f"{prof['peak_mib'] - prof['before_mib']:13.0f}")
+
+
+def _status_mib(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def child(args) -> None:
-    """One run in this fresh process; prints its peak RSS as JSON."""
+    """One run in this fresh process; prints, as JSON, the resident memory before the run and its
+    peak during the run (the peak counter is reset after loading, which peaks higher on its own)."""
     b = Bench(args)
     windows = b.windows(args.nsamples, args.seqlen)
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
+    before = _status_mib("VmRSS")
     if args.child == "bare":
         b.bare(windows)
     else:
         b.profile(windows, CONFIG_SETS[4])
-    print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"before_mib": before, "peak_mib": _status_mib("VmHWM")}))
 
 
 def main() -> None:

@@ -137,8 +137,8 @@ def test_shared_inputs_are_computed_once(monkeypatch):
     import kernelscope.runs.profiling as prof
 
     calls = []
-    real = prof.observe
-    monkeypatch.setattr(prof, "observe", lambda x, *a, **k: calls.append(1) or real(x, *a, **k))
+    real = prof.measure
+    monkeypatch.setattr(prof, "measure", lambda x, *a, **k: calls.append(1) or real(x, *a, **k))
     model = tiny_model("llama")
     profile(model, windows_for(n=1), default_configs())
     # per block: q/k/v share one input, gate/up share one: 4 distinct inputs, not 7

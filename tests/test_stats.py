@@ -19,7 +19,7 @@ from kernelscope.quant import (
 )
 from kernelscope.stats import KernelStats, LogHistogram, elementwise, observe
 from kernelscope.stats.exact import ExactSum
-from kernelscope.stats.kernel import count_c_ge_t, separable_step_sums
+from kernelscope.stats.kernel import count_c_ge_t, measure, separable_step_sums, summarise
 from tests import reference as ref
 
 CONFIGS = default_configs() + [QuantizerConfig("per_tensor", 8), QuantizerConfig("per_channel", 4)]
@@ -49,7 +49,7 @@ def test_c_ge_t_by_sorting_equals_brute_force_with_ties():
     x = torch.tensor([[[1.0, 2.0, 2.0], [2.0, 0.5, 0.0], [0.0, 0.0, 0.0]]])  # t = (2, 2, 0), c = (2, 2, 2)
     t = x.abs().amax(-1, keepdim=True)
     c = x.abs().amax(-2, keepdim=True)
-    assert int(count_c_ge_t(t, c.squeeze(-2).sort(dim=-1).values)) == ref.c_ge_t_pairs(x) == 9
+    assert int(count_c_ge_t(t, c.squeeze(-2).sort(dim=-1).values).sum()) == ref.c_ge_t_pairs(x) == 9
 
 
 def test_streaming_equals_one_batch_and_merge_is_exact():
@@ -228,6 +228,15 @@ def test_eager_counts_with_nonfinite_elements(monkeypatch):
         assert row["kernel_elements"] == ref.kernel_count(clean, cfg.quantizer, cfg.bits, cfg.alpha) - 2
 
 
+def test_summarising_many_layers_at_once_equals_one_at_a_time():
+    xs = [activations(30 + i, (2, 40, 24)) for i in range(3)] + [activations(40, (2, 40, 16))]
+    measured = [measure(x, CONFIGS, token_offset=80 * i) for i, x in enumerate(xs)]
+    together = summarise(measured, CONFIGS, top_k=5)
+    for i, x in enumerate(xs):
+        alone = KernelStats(CONFIGS, top_k=5).update(observe(x, CONFIGS, token_offset=80 * i, top_k=5)).result()
+        assert KernelStats(CONFIGS, top_k=5).update(together[i]).result() == alone
+
+
 def test_top_tokens_break_ties_by_position():
     x = torch.zeros(2, 6, 4)
     x[0, 1, 0] = x[0, 4, 1] = x[1, 0, 2] = x[1, 5, 3] = 3.0  # four tokens with the same abs-max
@@ -274,16 +283,19 @@ def test_separable_histogram_moves_only_values_at_bin_edges():
     r, k = 0.15 * torch.log10(t), 0.85 * torch.log10(c)
     lowest = math.log10(0.5 * STEP_FLOOR)
     shifts = [-math.log10(127), -math.log10(7)]
-    got = hist.counts_of_sums(r, k, lowest, shifts)
+    got = hist.counts_of_sums(r, k, lowest, shifts)[0]
     assert got.shape == (2, hist.bins)
-    for counts, shift in zip(got, shifts):
+    per_sequence = hist.counts_of_sums(r, k, lowest, shifts, groups=3)  # (3, 2, bins)
+    assert torch.equal(per_sequence.sum(dim=0), got)
+    for s, shift in enumerate(shifts):
         position = ((r + k + shift).clamp(min=lowest) - hist.low) * hist.per_decade  # (3, 200, 150) bins
-        want = torch.bincount(position.floor().long().clamp(0, hist.bins - 1).reshape(-1), minlength=hist.bins)
-        assert int(counts.sum()) == int(want.sum()) == 3 * 200 * 150
-        near_edge = ((position - position.round()).abs() < 2 / 16).sum().item()
-        moved = (counts - want).abs().sum().item() // 2
-        assert moved <= near_edge
-        assert moved < 0.05 * counts.sum().item()
+        for counts, where in ((got[s], position), *((per_sequence[g, s], position[g]) for g in range(3))):
+            want = torch.bincount(where.floor().long().clamp(0, hist.bins - 1).reshape(-1), minlength=hist.bins)
+            assert int(counts.sum()) == int(want.sum()) == where.numel()
+            near_edge = ((where - where.round()).abs() < 2 / 16).sum().item()
+            moved = (counts - want).abs().sum().item() // 2
+            assert moved <= near_edge
+            assert moved < 0.05 * counts.sum().item()
     zero = torch.full((1, 4, 1), -math.inf, dtype=torch.float64)
-    all_floor = hist.counts_of_sums(zero, torch.zeros(1, 1, 5, dtype=torch.float64), lowest)[0]
+    all_floor = hist.counts_of_sums(zero, torch.zeros(1, 1, 5, dtype=torch.float64), lowest)[0, 0]
     assert int(all_floor[math.floor((lowest - hist.low) * hist.per_decade)]) == 20 == int(all_floor.sum())

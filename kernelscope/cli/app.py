@@ -85,6 +85,8 @@ def profile(
     """Profile the quantization kernel of every decoder Linear input over calibration text.
 
     Writes layers.parquet (one row per layer x quantizer) and summary.json with --output.
+    To share the windows among processes, launch it as
+    `torchrun --standalone --nproc-per-node N -m kernelscope profile ...`; the statistics merge exactly.
     """
     options = dict(locals())
     from kernelscope.cli.profile_cmd import run_profile

@@ -33,8 +33,8 @@ MaxMemory = Annotated[str | None, typer.Option(
     "--max-memory", help="Memory per device for --device-map, e.g. cpu=8GiB or 0=20GiB,cpu=64GiB; "
     "layers beyond it are offloaded (to disk past the CPU's share).", show_default=False)]
 OffloadFolder = Annotated[Path | None, typer.Option(
-    "--offload-folder", help="Where --device-map offloads weights to disk [default: a temporary "
-    "folder, removed at exit].", show_default=False)]
+    "--offload-folder", help="Where --device-map offloads weights to disk (default: a temporary "
+    "folder, removed at exit).", show_default=False)]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code",
                                                help="Allow a hub model's own Python code to run.")]
 Output = Annotated[Path | None, typer.Option(

@@ -70,10 +70,8 @@ def _show(result) -> None:
 def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, bits, alpha, layers,
                 include_lm_head, batch_size, top_k, dtype, device, device_map, max_memory, offload_folder,
                 trust_remote_code, output, overwrite, report, resume, as_json, quiet) -> None:
-    from kernelscope.runs import profile
+    from kernelscope.runs import distributed, profile
     from kernelscope.runs.checkpoint import checkpoint_path
-
-    from kernelscope.runs import distributed
 
     configs = _configs(quantizer, bits, alpha)
     parallel = distributed.launched()

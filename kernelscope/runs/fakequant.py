@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kernelscope.errors import KernelscopeError
 from kernelscope.capture.hooks import Conv1D
+from kernelscope.errors import KernelscopeError
 from kernelscope.models import LinearLayer
 from kernelscope.quant import as_sequences, fake_quantize_counted, fake_quantize_weight, remove_kernel
 from kernelscope.runs.schemes import Scheme

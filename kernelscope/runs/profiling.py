@@ -14,16 +14,16 @@ from torch import nn
 
 from kernelscope.capture import LinearInputCapture
 from kernelscope.data import TextSource, Windows
+from kernelscope.errors import KernelscopeError
 from kernelscope.models import LinearLayer, LoadedModel
 from kernelscope.quant import QuantizerConfig
 from kernelscope.results import write_run
-from kernelscope.runs.common import resolve_layers, run_context, unpack
-from kernelscope.errors import KernelscopeError
 from kernelscope.runs import distributed
 from kernelscope.runs.checkpoint import load_checkpoint, save_checkpoint
+from kernelscope.runs.common import resolve_layers, run_context, unpack
 from kernelscope.runs.forward import eval_mode, forward_windows, model_device
-from kernelscope.stats import KernelStats, elementwise, observe
-from kernelscope.stats.kernel import HISTOGRAM
+from kernelscope.stats import KernelStats, elementwise
+from kernelscope.stats.kernel import HISTOGRAM, Measured, measure, summarise
 
 ProgressFn = Callable[[int, int], None]
 """Called as ``progress(windows_done, windows_total)`` after each batch."""
@@ -109,6 +109,8 @@ def profile(
     shared: dict[str, Any] = {"x": None, "leader": None, "offset": 0}
     follows: dict[str, str | None] = {}
     first_batch = [True]
+    # What the hooks measure during a forward pass; summarised for all layers at once after it.
+    pending: list[tuple[str, Measured]] = []
 
     def observer(name: str, x: torch.Tensor) -> None:
         leader = shared["leader"] if shared["x"] is x else None
@@ -117,8 +119,7 @@ def profile(
         if follows.get(name) != leader:
             raise RuntimeError(f"layer {name} shares its input differently from one batch to the next")
         if leader is None:
-            stats[name].update(observe(x, configs, token_offset=shared["offset"], top_k=top_k,
-                                       seq_len=windows.seqlen))
+            pending.append((name, measure(x, configs, token_offset=shared["offset"], seq_len=windows.seqlen)))
             shared["x"], shared["leader"] = x, name
 
     n = len(windows)
@@ -147,8 +148,12 @@ def profile(
             shared["offset"] = first * windows.seqlen
             try:
                 forward_windows(model, batch, all_logits=include_lm_head)
+                observations = summarise([m for _, m in pending], configs, top_k)
+                for (name, _), obs in zip(pending, observations, strict=True):
+                    stats[name].update(obs)
             finally:
                 shared["x"] = shared["leader"] = None
+                pending.clear()
             first_batch[0] = False
             done = last
             if checkpoint is not None and done < n:

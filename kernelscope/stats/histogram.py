@@ -31,57 +31,67 @@ class LogHistogram:
         """Width of one bin as a ratio of its edges minus one (0.0233 for 100 bins a decade)."""
         return 10 ** (1 / self.per_decade) - 1
 
-    def counts(self, values: torch.Tensor, weight: int = 1) -> torch.Tensor:
-        """int64 counts ``(bins,)`` of positive ``values``; each value stands for ``weight`` items."""
-        idx = torch.log10(values.reshape(-1)).sub_(self.low).mul_(self.per_decade)  # (n,)
-        return self._tally(idx, 0.0, weight)
+    def counts(self, values: torch.Tensor, weight: int = 1, groups: int | None = None) -> torch.Tensor:
+        """int64 counts of positive ``values``, each standing for ``weight`` items: ``(bins,)``, or
+        with ``groups``, ``(groups, bins)`` counting each of that many equal leading slices apart."""
+        idx = torch.log10(values.reshape(groups or 1, -1)).sub_(self.low).mul_(self.per_decade)  # (G, n)
+        counts = self._tally(idx, 0.0, weight)  # (G, bins)
+        return counts[0] if groups is None else counts
 
     def counts_of_sums(
-        self, row: torch.Tensor, col: torch.Tensor, lowest: float, shifts: Sequence[float] = (0.0,), fine: int = 16
+        self, row: torch.Tensor, col: torch.Tensor, lowest: float, shifts: Sequence[float] = (0.0,),
+        groups: int = 1, fine: int = 16,
     ) -> torch.Tensor:
-        """int64 counts ``(len(shifts), bins)`` of ``10**max(row_i + col_j + shift, lowest)`` over every
-        pair (i, j) of each sequence, for each shift.
+        """int64 counts ``(groups, len(shifts), bins)`` of ``10**max(row_i + col_j + shift, lowest)``
+        over every pair (i, j) of each sequence, for each shift, each group of sequences apart.
 
-        ``row (B, T, 1)`` and ``col (B, 1, I)`` hold log10 parts, float64 (-inf allowed: such a pair
-        sits at ``lowest``). Instead of T·I logarithms or sums, each vector is binned on a grid
-        ``fine`` times finer than the histogram's and the two binnings are convolved (by FFT, exact in
-        integers): O(T + I + L log L) for a grid of L points, shared by every shift (CrossQuant at
-        several bit widths differs only by -log10 qmax). A value within 1/``fine`` of a bin's width
-        of an edge may land in the neighbouring bin, far below the histogram's stated resolution.
+        ``row (S, T, 1)`` and ``col (S, 1, I)`` hold log10 parts, float64 (-inf allowed: such a pair
+        sits at ``lowest``), for S sequences in ``groups`` equal consecutive groups (the layers of a
+        batch). Instead of T·I logarithms or sums, each vector is binned on a grid ``fine`` times
+        finer than the histogram's and the two binnings are convolved (by FFT, exact in integers):
+        O(T + I + L log L) for a grid of L points, shared by every shift (CrossQuant at several bit
+        widths differs only by -log10 qmax). A value within 1/``fine`` of a bin's width of an edge
+        may land in the neighbouring bin, far below the histogram's stated resolution.
         """
-        batch = row.shape[0]
+        seqs = row.shape[0]
         unit = self.per_decade * fine  # grid points per decade
-        firsts = [math.floor((lowest - self.low) * self.per_decade) for _ in shifts]
-        r = row.reshape(batch, -1)  # (B, T)
-        k = col.reshape(batch, -1)  # (B, I)
+        first = math.floor((lowest - self.low) * self.per_decade)  # the bin the floor falls in
+        r = row.reshape(seqs, -1)  # (S, T)
+        k = col.reshape(seqs, -1)  # (S, I)
+        out = torch.zeros(groups, len(shifts), self.bins, dtype=torch.int64, device=row.device)
         r_top, k_top = float(r.max()), float(k.max())
-        out = torch.zeros(len(shifts), self.bins, dtype=torch.int64, device=row.device)
-        if not (math.isfinite(r_top) and math.isfinite(k_top)):  # an all-zero input: all at the floor
-            for i, first in enumerate(firsts):
-                out[i, first] = r.shape[1] * k.shape[1] * batch
+        if not (math.isfinite(r_top) and math.isfinite(k_top)):  # every row or every column is zero
+            out[:, :, first] = r.shape[1] * k.shape[1] * (seqs // groups)
             return out
         # A pair below the floor lands in the first bin whatever its exact value, so each vector can
         # be clamped just below (floor minus the other vector's maximum) without changing a count.
         under = lowest - max(shifts) - 1.0 / self.per_decade
         r = (r - self.low).clamp_(min=under - self.low - k_top)
         k = k.clamp(min=under - r_top)
-        hr, r0 = _per_sequence_bincount(torch.floor(r * unit).long())  # (B, Lr): grid points at or below
-        hk, k0 = _per_sequence_bincount(torch.floor(k * unit).long())  # (B, Lk)
+        hr, r0 = _per_sequence_bincount(torch.floor(r * unit).long())  # (S, Lr): grid points at or below
+        hk, k0 = _per_sequence_bincount(torch.floor(k * unit).long())  # (S, Lk)
         n = hr.shape[1] + hk.shape[1] - 1
         size = 1 << (n - 1).bit_length()
-        spectrum = (torch.fft.rfft(hr, size) * torch.fft.rfft(hk, size)).sum(dim=0)  # (size/2 + 1,)
-        pairs = torch.fft.irfft(spectrum, size)[:n].round_()  # (n,): pairs at grid point r0 + k0 + s
+        spectrum = torch.fft.rfft(hr, size) * torch.fft.rfft(hk, size)  # (S, size/2 + 1)
+        spectrum = spectrum.reshape(groups, -1, spectrum.shape[-1]).sum(dim=1)  # (G, size/2 + 1)
+        pairs = torch.fft.irfft(spectrum, size)[:, :n].round_()  # (G, n): pairs at grid point r0 + k0 + s
         # r_grid + k_grid <= true sum < r_grid + k_grid + 2: the middle, + 1, is the estimate.
         grid = torch.arange(n, device=row.device, dtype=torch.float64) + (r0 + k0 + 1)  # (n,)
-        for i, (shift, first) in enumerate(zip(shifts, firsts, strict=True)):
-            bins = torch.floor((grid + shift * unit) / fine).long().clamp_(first, self.bins - 1)
-            out[i] = torch.bincount(bins, weights=pairs, minlength=self.bins).round_().long()
+        offsets = torch.arange(groups, device=row.device).unsqueeze(1) * self.bins  # (G, 1)
+        for i, shift in enumerate(shifts):
+            bins = torch.floor((grid + shift * unit) / fine).long().clamp_(first, self.bins - 1)  # (n,)
+            flat = torch.bincount((bins + offsets).reshape(-1), weights=pairs.reshape(-1),
+                                  minlength=groups * self.bins)  # (G * bins,)
+            out[:, i] = flat.round_().long().view(groups, self.bins)
         return out
 
     def _tally(self, idx: torch.Tensor, first: float, weight: int) -> torch.Tensor:
-        """Counts of fractional bin positions ``idx (n,)``, clamped to ``[first, bins)``; NaN goes to ``first``."""
-        bins = idx.nan_to_num_(nan=first).clamp_(min=first, max=self.bins - 1).floor_().int()
-        counts = torch.bincount(bins, minlength=self.bins)
+        """Counts ``(G, bins)`` of fractional bin positions ``idx (G, n)``, clamped to ``[first, bins)``;
+        NaN goes to ``first``."""
+        groups = idx.shape[0]
+        bins = idx.nan_to_num_(nan=first).clamp_(min=first, max=self.bins - 1).floor_().long()  # (G, n)
+        bins += torch.arange(groups, device=idx.device).unsqueeze(1) * self.bins
+        counts = torch.bincount(bins.reshape(-1), minlength=groups * self.bins).view(groups, self.bins)
         return counts * weight if weight != 1 else counts
 
     def quantile(self, counts: torch.Tensor, q: float, lo: float, hi: float) -> float:

@@ -14,6 +14,7 @@ import torch
 
 from kernelscope.quant import (
     STEP_FLOOR,
+    ActivationRanges,
     QuantizerConfig,
     as_sequences,
     per_token_step,
@@ -49,13 +50,13 @@ class Observation:
 
 
 def count_c_ge_t(token: torch.Tensor, c_sorted: torch.Tensor) -> torch.Tensor:
-    """Number of pairs (i, j) with ``c_j >= t_i`` within each sequence, summed; by sorting c.
+    """Number of pairs (i, j) with ``c_j >= t_i`` in each sequence, ``(B,)`` int64; by sorting c.
 
     ``token (B, T, 1)``, ``c_sorted (B, I)`` ascending: O((T + I) log I) instead of T·I comparisons.
     """
     t = token.squeeze(-1).contiguous()  # (B, T)
     below = torch.searchsorted(c_sorted, t, side="left")  # (B, T): how many c_j < t_i
-    return (c_sorted.shape[-1] - below).sum()
+    return (c_sorted.shape[-1] - below).sum(dim=-1)
 
 
 def separable_step_sums(row: torch.Tensor, col_sorted: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -85,13 +86,158 @@ def _top_k(values: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Ten
 
 
 def _top_tokens(t: torch.Tensor, k: int) -> torch.Tensor:
-    """Positions of the ``k`` largest of ``t (n,)`` (finite, >= 0, float32), earliest first among ties.
+    """Positions ``(G, k)`` of the ``k`` largest of each row of ``t (G, n)`` (finite, >= 0), earliest
+    first among ties. A non-negative float32's bits order like the float, so one int64 key holds
+    value and position."""
+    positions = torch.arange(t.shape[-1], device=t.device)  # (n,)
+    key = (t.float().view(torch.int32).long() << 32) | (2**32 - 1 - positions)  # (G, n)
+    return 2**32 - 1 - (torch.topk(key, min(k, t.shape[-1]), dim=-1).values & (2**32 - 1))
 
-    A non-negative float32's bits order like the float, so one int64 key holds value and position.
+
+@dataclass
+class Measured:
+    """What must be read off one batch of one layer's input while it exists: t, c and the counts.
+
+    Everything else (steps, bound sums and histograms, c >= t, outliers) follows from t and c, so
+    :func:`summarise` computes it later, for the inputs of many layers at once.
     """
-    positions = torch.arange(t.numel(), device=t.device)  # (n,)
-    key = (t.float().view(torch.int32).long() << 32) | (2**32 - 1 - positions)
-    return 2**32 - 1 - (torch.topk(key, min(k, t.numel())).values & (2**32 - 1))
+
+    token: torch.Tensor  # (B, T, 1) t_i, NaN and ±Inf measured as 0
+    channel: torch.Tensor  # (B, 1, I) c_j
+    kernel: torch.Tensor  # (C,) int64
+    below_per_token: torch.Tensor  # (C,) int64
+    nonfinite: torch.Tensor  # () int64
+    per_token: dict[int, torch.Tensor]  # bits -> per-token step (B, T, 1)
+    factors: dict[tuple[str, float | None], tuple[torch.Tensor, torch.Tensor]]  # separable steps' factors
+    token_offset: int
+
+
+def measure(
+    x: torch.Tensor, configs: list[QuantizerConfig], *, token_offset: int = 0, seq_len: int | None = None
+) -> Measured:
+    """The per-element part of the statistics of ``x (..., T, I)``; ``x`` is neither kept nor changed.
+
+    ``token_offset`` is the global index of the batch's first token; ``seq_len`` splits a flattened
+    ``(B·T, I)`` input into its sequences. NaN and ±Inf are counted, measured as zeros for t and c,
+    and left out of the kernel counts.
+    """
+    x = as_sequences(x, seq_len)  # (B, T, I)
+    if x.shape[0] * x.shape[1] >= 2**31:
+        raise ValueError("one batch holds too many tokens; use a smaller batch size")
+    ranges = elementwise.ranges(x)
+    per_token = {bits: per_token_step(ranges, bits) for bits in {cfg.bits for cfg in configs}}
+    factors: dict[tuple[str, float | None], tuple[torch.Tensor, torch.Tensor]] = {}
+    terms = []
+    for cfg in configs:
+        compare = None if cfg.quantizer == "per_token" else per_token[cfg.bits]
+        if cfg.separable:
+            key = (cfg.quantizer, cfg.alpha)
+            if key not in factors:
+                factors[key] = cfg.factors(ranges)  # (B, T, 1), (B, 1, I): the same for every bits
+            row, col = factors[key]
+            terms.append(elementwise.Term(row=row, col=col, qmax=cfg.qmax, per_token=compare))
+        else:
+            step = per_token[cfg.bits] if cfg.quantizer == "per_token" else cfg.step(ranges)
+            terms.append(elementwise.Term(step=step, per_token=compare))
+    kernel, below, nonfinite = elementwise.count(x, terms)
+    return Measured(ranges.token, ranges.channel, kernel, below, nonfinite, per_token, factors, token_offset)
+
+
+def summarise(measured: list[Measured], configs: list[QuantizerConfig], top_k: int = 10) -> list[Observation]:
+    """One :class:`Observation` per measurement, the work on t and c done for all of them together.
+
+    Measurements of the same shape are stacked, so a batch of 200 Linear inputs costs a few dozen
+    tensor operations rather than a few dozen each.
+    """
+    out: list[Observation | None] = [None] * len(measured)
+    shapes: dict[tuple, list[int]] = {}
+    for i, m in enumerate(measured):
+        shapes.setdefault((m.token.shape, m.channel.shape, m.token.dtype, m.token.device), []).append(i)
+    for members in shapes.values():
+        for i, obs in zip(members, _summarise_same_shape([measured[i] for i in members], configs, top_k),
+                          strict=True):
+            out[i] = obs
+    return out  # type: ignore[return-value]
+
+
+def _summarise_same_shape(group: list[Measured], configs: list[QuantizerConfig], top_k: int) -> list[Observation]:
+    layers = len(group)
+    batch, seq, _ = group[0].token.shape
+    width = group[0].channel.shape[-1]
+    device = group[0].token.device
+    t = torch.cat([m.token for m in group])  # (S, T, 1), S = layers * B sequences
+    c = torch.cat([m.channel for m in group])  # (S, 1, I)
+    ranges = ActivationRanges(t, c)
+    c_order = c.squeeze(-2).argsort(dim=-1)  # (S, I): channels by rising c (and so rising c^(1-α))
+    c_sorted = c.squeeze(-2).gather(-1, c_order)  # (S, I)
+
+    def per_layer(v: torch.Tensor) -> torch.Tensor:
+        return v.reshape(layers, batch, *v.shape[1:])  # (layers, B, ...)
+
+    n = len(configs)
+    bsum: list[torch.Tensor | None] = [None] * n  # (layers, B) each
+    bmin: list[torch.Tensor | None] = [None] * n  # (layers,) each
+    bmax: list[torch.Tensor | None] = [None] * n
+    hist: list[torch.Tensor | None] = [None] * n  # (layers, bins) each
+    separable: dict[tuple[str, float | None], list[int]] = {}
+    for i, cfg in enumerate(configs):
+        if cfg.separable:
+            separable.setdefault((cfg.quantizer, cfg.alpha), []).append(i)
+            continue
+        if cfg.quantizer == "per_token":
+            step = torch.cat([m.per_token[cfg.bits] for m in group])  # (S, T, 1)
+        else:
+            step = cfg.step(ranges)  # (S, T|1, I|1)
+        weight = seq * width // (step.shape[-2] * step.shape[-1])  # elements each stored step covers
+        # B = 0.5·Δ is exact in binary, so the bound's statistics are read off the step.
+        bsum[i] = per_layer(0.5 * step.sum(dim=(-2, -1), dtype=torch.float64) * weight)
+        bmin[i] = zero_bound(per_layer(step.amin(dim=(-2, -1))).amin(dim=1)).double()
+        bmax[i] = zero_bound(per_layer(step.amax(dim=(-2, -1))).amax(dim=1)).double()
+        hist[i] = HISTOGRAM.counts(zero_bound(step), weight, groups=layers)
+    for key, members in separable.items():
+        row = torch.cat([m.factors[key][0] for m in group])  # (S, T, 1)
+        col = torch.cat([m.factors[key][1] for m in group])  # (S, 1, I)
+        col_sorted = col.squeeze(-2).gather(-1, c_order)  # (S, I): c^(1-α) rises with c
+        # The step rises with each factor, so its extremes come from the factors' extremes.
+        row_lo, row_hi = row.amin(dim=-2, keepdim=True), row.amax(dim=-2, keepdim=True)  # (S, 1, 1)
+        col_lo, col_hi = col_sorted[:, :1, None], col_sorted[:, -1:, None]  # (S, 1, 1)
+        for i in members:
+            qmax = configs[i].qmax
+            bsum[i] = per_layer(0.5 * separable_step_sums(row, col_sorted, qmax))
+            bmin[i] = zero_bound(per_layer(separable_step(row_lo, col_lo, qmax).reshape(-1)).amin(dim=1)).double()
+            bmax[i] = zero_bound(per_layer(separable_step(row_hi, col_hi, qmax).reshape(-1)).amax(dim=1)).double()
+        # log10 B = log10 row + log10 col - log10 qmax + log10 0.5, floored: binned from two vectors.
+        shifts = [-math.log10(configs[i].qmax) for i in members]
+        counts = HISTOGRAM.counts_of_sums(torch.log10(row.double()) + math.log10(0.5), torch.log10(col.double()),
+                                          math.log10(0.5 * STEP_FLOOR), shifts, groups=layers)  # (layers, M, bins)
+        for j, i in enumerate(members):
+            hist[i] = counts[:, j]
+
+    c_ge_t = per_layer(count_c_ge_t(t, c_sorted)).sum(dim=1)  # (layers,)
+    flat_t = t.reshape(layers, batch * seq)  # (layers, B*T)
+    top = _top_tokens(flat_t, top_k)  # (layers, k)
+    top_values = flat_t.gather(1, top).float()
+    offsets = torch.tensor([m.token_offset for m in group], device=device).unsqueeze(1)  # (layers, 1)
+    abs_max = flat_t.amax(dim=1).float()
+    channel_max = per_layer(c.reshape(-1, width)).amax(dim=1).float()  # (layers, I)
+    stacked = {
+        "kernel": torch.stack([m.kernel for m in group]),
+        "below_per_token": torch.stack([m.below_per_token for m in group]),
+        "nonfinite": torch.stack([m.nonfinite for m in group]),
+        "bound_sum": torch.stack(bsum, dim=1),  # (layers, C, B)
+        "bound_min": torch.stack(bmin, dim=1),  # (layers, C)
+        "bound_max": torch.stack(bmax, dim=1),
+        "bound_hist": torch.stack(hist, dim=1),  # (layers, C, bins)
+        "c_ge_t": c_ge_t,
+        "abs_max": abs_max,
+        "channel_max": channel_max,
+        "top_values": top_values,
+        "top_index": top + offsets,
+    }
+    tokens = torch.tensor(batch * seq, dtype=torch.int64, device=device)
+    elements = torch.tensor(batch * seq * width, dtype=torch.int64, device=device)
+    return [Observation(tokens=tokens.clone(), elements=elements.clone(), **{k: v[j] for k, v in stacked.items()})
+            for j in range(layers)]
 
 
 def observe(
@@ -102,80 +248,8 @@ def observe(
     top_k: int = 10,
     seq_len: int | None = None,
 ) -> Observation:
-    """Reduce one layer input ``x (..., T, I)`` for every config. ``x`` is neither kept nor changed.
-
-    ``token_offset`` is the global index of the batch's first token, so that the top tokens can be
-    traced back to the text; ``seq_len`` splits a flattened ``(B·T, I)`` input into its sequences.
-    NaN and ±Inf are counted, measured as zeros for t and c, and left out of the kernel counts.
-    """
-    x = as_sequences(x, seq_len)  # (B, T, I)
-    batch, seq, width = x.shape
-    if batch * seq >= 2**31:
-        raise ValueError("one batch holds too many tokens; use a smaller batch size")
-    ranges = elementwise.ranges(x)
-    t, c = ranges  # (B, T, 1), (B, 1, I)
-    c_order = c.squeeze(-2).argsort(dim=-1)  # (B, I): channels by rising c (and so rising c^(1-α))
-    c_sorted = c.squeeze(-2).gather(-1, c_order)  # (B, I)
-
-    n = len(configs)
-    terms: list[elementwise.Term | None] = [None] * n
-    bsum: list[torch.Tensor | None] = [None] * n
-    bmin: list[torch.Tensor | None] = [None] * n
-    bmax: list[torch.Tensor | None] = [None] * n
-    hist: list[torch.Tensor | None] = [None] * n
-    per_token = {bits: per_token_step(ranges, bits) for bits in {cfg.bits for cfg in configs}}
-    separable: dict[tuple[str, float | None], list[int]] = {}  # configs sharing factors (all bits)
-    for i, cfg in enumerate(configs):
-        compare = None if cfg.quantizer == "per_token" else per_token[cfg.bits]
-        if cfg.separable:
-            separable.setdefault((cfg.quantizer, cfg.alpha), []).append(i)
-            terms[i] = compare  # completed below
-            continue
-        step = per_token[cfg.bits] if cfg.quantizer == "per_token" else cfg.step(ranges)  # (B, T|1, I|1)
-        terms[i] = elementwise.Term(step=step, per_token=compare)
-        weight = seq * width // (step.shape[-2] * step.shape[-1])  # elements each stored step covers
-        # B = 0.5·Δ is exact in binary, so the bound's statistics are read off the step.
-        bsum[i] = 0.5 * step.sum(dim=(-2, -1), dtype=torch.float64) * weight  # (B,)
-        bmin[i], bmax[i] = zero_bound(step.min()).double(), zero_bound(step.max()).double()
-        hist[i] = HISTOGRAM.counts(zero_bound(step), weight)
-    for members in separable.values():
-        row, col = configs[members[0]].factors(ranges)  # (B, T, 1), (B, 1, I): the same for every bits
-        col_sorted = col.squeeze(-2).gather(-1, c_order)  # (B, I): c^(1-α) rises with c
-        # The step rises with each factor, so its extremes come from the factors' extremes.
-        row_lo, row_hi = row.amin(dim=-2, keepdim=True), row.amax(dim=-2, keepdim=True)  # (B, 1, 1)
-        col_lo, col_hi = col_sorted[:, :1, None], col_sorted[:, -1:, None]  # (B, 1, 1)
-        for i in members:
-            qmax = configs[i].qmax
-            terms[i] = elementwise.Term(row=row, col=col, qmax=qmax, per_token=terms[i])
-            bsum[i] = 0.5 * separable_step_sums(row, col_sorted, qmax)  # (B,)
-            bmin[i] = zero_bound(separable_step(row_lo, col_lo, qmax).min()).double()
-            bmax[i] = zero_bound(separable_step(row_hi, col_hi, qmax).max()).double()
-        # log10 B = log10 row + log10 col - log10 qmax + log10 0.5, floored: binned from two vectors.
-        shifts = [-math.log10(configs[i].qmax) for i in members]
-        counts = HISTOGRAM.counts_of_sums(torch.log10(row.double()) + math.log10(0.5), torch.log10(col.double()),
-                                          math.log10(0.5 * STEP_FLOOR), shifts)
-        for i, row_counts in zip(members, counts, strict=True):
-            hist[i] = row_counts
-    kernel, below, nonfinite = elementwise.count(x, terms)
-
-    flat_t = t.reshape(-1)  # (B*T,)
-    top = _top_tokens(flat_t, top_k)
-    return Observation(
-        tokens=torch.tensor(batch * seq, dtype=torch.int64, device=x.device),
-        elements=torch.tensor(x.numel(), dtype=torch.int64, device=x.device),
-        nonfinite=nonfinite,
-        kernel=kernel,
-        below_per_token=below,
-        bound_sum=torch.stack(bsum),
-        bound_min=torch.stack(bmin),
-        bound_max=torch.stack(bmax),
-        bound_hist=torch.stack(hist),
-        c_ge_t=count_c_ge_t(t, c_sorted),
-        abs_max=t.max().float(),
-        channel_max=c.amax(dim=0).reshape(-1).float(),  # (I,)
-        top_values=flat_t[top].float(),
-        top_index=top + token_offset,
-    )
+    """Reduce one layer input ``x (..., T, I)`` for every config: :func:`measure` then :func:`summarise`."""
+    return summarise([measure(x, configs, token_offset=token_offset, seq_len=seq_len)], configs, top_k)[0]
 
 
 class KernelStats:
