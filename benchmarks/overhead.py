@@ -8,7 +8,8 @@ Sections:
             fake quantization / fp evaluation, on --nsamples x --seqlen windows;
   scaling   profile / bare forward and tokens per second from 1 to 16 windows and 512 to 4096 tokens;
   memory    peak RSS of a profile / peak RSS of the bare forward, each in a fresh process, from 1 to
-            16 windows; the peak is reset after loading (Linux), so it is the run's own.
+            16 windows, after a short warm-up run; the peak is reset before the run (Linux), so it is
+            the run's own.
 
 Each time is the best of ``--repeat`` runs, the runs of the things compared interleaved so that
 machine noise hits them alike. Compare ratios across machines, not seconds.
@@ -17,6 +18,7 @@ machine noise hits them alike. Compare ratios across machines, not seconds.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import platform
@@ -116,8 +118,10 @@ def section_scaling(b: Bench, out: list[str]) -> None:
 def section_memory(b: Bench, out: list[str]) -> None:
     a = b.args
     out.append(f"\n## memory: peak RSS during the run, each in a fresh process, {a.seqlen}-token windows")
-    out.append(f"{'windows':8s} {'loaded MiB':>11s} {'bare peak':>10s} {'profile peak':>13s} {'ratio':>7s} "
-               f"{'bare +MiB':>10s} {'profile +MiB':>13s}")
+    out.append("(after a 64-token warm-up in the same process; 'warm-up +MiB' is what that warm-up added,")
+    out.append(" for the profile mostly the one-time compilation of the statistics)")
+    out.append(f"{'windows':8s} {'start MiB':>10s} {'bare peak':>10s} {'profile peak':>13s} {'ratio':>7s} "
+               f"{'bare +MiB':>10s} {'profile +MiB':>13s} {'warm-up +MiB':>13s}")
     for n in (1, 4, 16):
         runs = {}
         for what in ("bare", "profile"):
@@ -125,9 +129,9 @@ def section_memory(b: Bench, out: list[str]) -> None:
                    "--nsamples", str(n), "--seqlen", str(a.seqlen)]
             runs[what] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
         bare, prof = runs["bare"], runs["profile"]
-        out.append(f"{n:<8d} {bare['before_mib']:11.0f} {bare['peak_mib']:10.0f} {prof['peak_mib']:13.0f} "
+        out.append(f"{n:<8d} {bare['before_mib']:10.0f} {bare['peak_mib']:10.0f} {prof['peak_mib']:13.0f} "
                    f"{prof['peak_mib'] / bare['peak_mib']:7.3f} {bare['peak_mib'] - bare['before_mib']:10.0f} "
-                   f"{prof['peak_mib'] - prof['before_mib']:13.0f}")
+                   f"{prof['peak_mib'] - prof['before_mib']:13.0f} {prof['warmup_mib']:13.0f}")
 
 
 def _status_mib(field: str) -> float:
@@ -142,14 +146,24 @@ def child(args) -> None:
     peak during the run (the peak counter is reset after loading, which peaks higher on its own)."""
     b = Bench(args)
     windows = b.windows(args.nsamples, args.seqlen)
-    gc.collect()
+    run = b.bare if args.child == "bare" else lambda w: b.profile(w, CONFIG_SETS[4])
+    loaded = _status_mib("VmRSS")
+    run(b.windows(1, 64))  # warm-up: the statistics compile once per process
+    warm = _status_mib("VmRSS")
+    _settle()
     Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
     before = _status_mib("VmRSS")
-    if args.child == "bare":
-        b.bare(windows)
-    else:
-        b.profile(windows, CONFIG_SETS[4])
-    print(json.dumps({"before_mib": before, "peak_mib": _status_mib("VmHWM")}))
+    run(windows)
+    print(json.dumps({"warmup_mib": warm - loaded, "before_mib": before, "peak_mib": _status_mib("VmHWM")}))
+
+
+def _settle() -> None:
+    """Free what is garbage and hand freed heap back to the OS, so both runs start alike."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
 
 
 def main() -> None:

@@ -299,3 +299,19 @@ def test_separable_histogram_moves_only_values_at_bin_edges():
     zero = torch.full((1, 4, 1), -math.inf, dtype=torch.float64)
     all_floor = hist.counts_of_sums(zero, torch.zeros(1, 1, 5, dtype=torch.float64), lowest)[0, 0]
     assert int(all_floor[math.floor((lowest - hist.low) * hist.per_decade)]) == 20 == int(all_floor.sum())
+
+
+def test_arena_keeps_copies_and_falls_back_when_full():
+    from kernelscope.stats.arena import Arena
+
+    arena = Arena(256)
+    a, b = torch.arange(10.0), torch.arange(5, dtype=torch.int64)
+    ka, kb = arena.keep(a), arena.keep(b)
+    assert torch.equal(ka, a) and torch.equal(kb, b) and ka.data_ptr() != a.data_ptr()
+    assert ka.data_ptr() % 64 == 0 and kb.data_ptr() % 64 == 0
+    big = torch.ones(100)
+    assert arena.keep(big) is big and arena.needed > 256  # full: the tensor itself, and the size it needed
+    arena.reset()
+    measured = measure(activations(3), CONFIGS, keep=Arena(1 << 20).keep)
+    plain = measure(activations(3), CONFIGS)
+    assert summarise([measured], CONFIGS)[0].kernel.tolist() == summarise([plain], CONFIGS)[0].kernel.tolist()

@@ -23,7 +23,8 @@ from kernelscope.runs.checkpoint import load_checkpoint, save_checkpoint
 from kernelscope.runs.common import resolve_layers, run_context, unpack
 from kernelscope.runs.forward import eval_mode, forward_windows, model_device
 from kernelscope.stats import KernelStats, elementwise
-from kernelscope.stats.kernel import HISTOGRAM, Measured, measure, summarise
+from kernelscope.stats.arena import Arena
+from kernelscope.stats.kernel import HISTOGRAM, Measured, measure, measured_nbytes, summarise
 
 ProgressFn = Callable[[int, int], None]
 """Called as ``progress(windows_done, windows_total)`` after each batch."""
@@ -93,6 +94,10 @@ def profile(
     With ``checkpoint`` (a file path) the state is saved after every batch; ``resume`` continues
     from it, giving the same statistics as an uninterrupted run. The caller removes the file once
     the results are safely written.
+
+    Inside a torch.distributed process group (``torchrun``) each process runs its contiguous share
+    of the windows, and the statistics are merged exactly before the result is built: every process
+    returns the same result as one process running all the windows.
     """
     model, info, own_tokenizer = unpack(model)
     tokenizer = tokenizer if tokenizer is not None else own_tokenizer
@@ -119,7 +124,8 @@ def profile(
         if follows.get(name) != leader:
             raise RuntimeError(f"layer {name} shares its input differently from one batch to the next")
         if leader is None:
-            pending.append((name, measure(x, configs, token_offset=shared["offset"], seq_len=windows.seqlen)))
+            pending.append((name, measure(x, configs, token_offset=shared["offset"], seq_len=windows.seqlen,
+                                          keep=arena.keep)))
             shared["x"], shared["leader"] = x, name
 
     n = len(windows)
@@ -140,6 +146,9 @@ def profile(
         device = model_device(model)
         for name, acc in stats.items():
             acc.load_state_dict(saved.get(name, {}), device)
+    # Room for what the hooks keep until a forward pass ends (float64 at most, every layer a leader).
+    arena = Arena(sum(measured_nbytes(batch_size * windows.seqlen, layer.in_features, configs, 8)
+                      for layer in selected), model_device(model))
     started = time.perf_counter()
     with eval_mode(model), LinearInputCapture({layer.name: layer.module for layer in selected}, observer):
         for first in range(max(start, mine.start), mine.stop, batch_size):
@@ -154,6 +163,7 @@ def profile(
             finally:
                 shared["x"] = shared["leader"] = None
                 pending.clear()
+                arena.reset()
             first_batch[0] = False
             done = last
             if checkpoint is not None and done < n:

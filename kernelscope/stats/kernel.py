@@ -8,6 +8,7 @@ another shard of windows). Everything stays on the activation's device until ``r
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -113,13 +114,15 @@ class Measured:
 
 
 def measure(
-    x: torch.Tensor, configs: list[QuantizerConfig], *, token_offset: int = 0, seq_len: int | None = None
+    x: torch.Tensor, configs: list[QuantizerConfig], *, token_offset: int = 0, seq_len: int | None = None,
+    keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Measured:
     """The per-element part of the statistics of ``x (..., T, I)``; ``x`` is neither kept nor changed.
 
     ``token_offset`` is the global index of the batch's first token; ``seq_len`` splits a flattened
     ``(B·T, I)`` input into its sequences. NaN and ±Inf are counted, measured as zeros for t and c,
-    and left out of the kernel counts.
+    and left out of the kernel counts. ``keep`` (e.g. :meth:`~kernelscope.stats.arena.Arena.keep`)
+    decides where the returned tensors live.
     """
     x = as_sequences(x, seq_len)  # (B, T, I)
     if x.shape[0] * x.shape[1] >= 2**31:
@@ -140,7 +143,25 @@ def measure(
             step = per_token[cfg.bits] if cfg.quantizer == "per_token" else cfg.step(ranges)
             terms.append(elementwise.Term(step=step, per_token=compare))
     kernel, below, nonfinite = elementwise.count(x, terms)
-    return Measured(ranges.token, ranges.channel, kernel, below, nonfinite, per_token, factors, token_offset)
+    if keep is None:
+        keep = _same
+    return Measured(keep(ranges.token), keep(ranges.channel), keep(kernel), keep(below), keep(nonfinite),
+                    {bits: keep(step) for bits, step in per_token.items()},
+                    {key: (keep(row), keep(col)) for key, (row, col) in factors.items()}, token_offset)
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def measured_nbytes(tokens: int, width: int, configs: list[QuantizerConfig], element_size: int = 4) -> int:
+    """An upper bound of the bytes :func:`measure` keeps for an input of ``tokens`` rows and ``width``
+    channels: for sizing an :class:`~kernelscope.stats.arena.Arena`."""
+    bits = len({cfg.bits for cfg in configs})
+    separable = len({(cfg.quantizer, cfg.alpha) for cfg in configs if cfg.separable})
+    floats = tokens * (1 + bits + separable) + width * (1 + separable)
+    tensors = 3 + 2 + bits + 2 * separable
+    return floats * element_size + (2 * len(configs) + 1) * 8 + tensors * 64
 
 
 def summarise(measured: list[Measured], configs: list[QuantizerConfig], top_k: int = 10) -> list[Observation]:
