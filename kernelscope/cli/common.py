@@ -54,6 +54,7 @@ def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, wind
     """
     from kernelscope.data import load_text, make_windows, tokenize
     from kernelscope.models import parse_device, parse_dtype, resolve_model_source
+    from kernelscope.models.loading import check_placement
     from kernelscope.results import check_output_dir
 
     check_positive("--nsamples", nsamples)
@@ -73,16 +74,7 @@ def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, wind
         device = "cuda" if torch.cuda.is_available() else "cpu"
     parse_dtype(dtype, parse_device(device))
     placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
-    if device_map is not None or max_memory is not None:
-        from kernelscope.models.loading import DEVICE_MAPS, parse_max_memory
-
-        if device_map is None:
-            fail("--max-memory needs --device-map (e.g. --device-map auto)")
-        if device_map not in DEVICE_MAPS:
-            fail(f"unknown --device-map {device_map!r}; choose from {', '.join(DEVICE_MAPS)}")
-        parse_max_memory(max_memory)
-    if offload_folder is not None and device_map is None:
-        fail("--offload-folder needs --device-map (e.g. --device-map auto)")
+    check_placement(**placement)
     if layers is not None:
         try:
             re.compile(layers)

@@ -168,6 +168,18 @@ def parse_max_memory(text: str | None) -> dict[int | str, int | str] | None:
     return out
 
 
+def check_placement(
+    device_map: str | None, max_memory: str | dict | None, offload_folder: str | Path | None = None
+) -> dict | None:
+    """Check the device-map options together; returns ``max_memory`` in accelerate's form."""
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise KernelscopeError(f"unknown --device-map {device_map!r}; choose from {', '.join(DEVICE_MAPS)}")
+    for name, value in (("--max-memory", max_memory), ("--offload-folder", offload_folder)):
+        if value is not None and device_map is None:
+            raise KernelscopeError(f"{name} needs --device-map (e.g. --device-map auto)")
+    return parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
+
+
 def load_model(
     spec: str,
     *,
@@ -190,11 +202,7 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     torch_device = parse_device(device)
-    if device_map is not None and device_map not in DEVICE_MAPS:
-        raise KernelscopeError(f"unknown --device-map {device_map!r}; choose from {', '.join(DEVICE_MAPS)}")
-    if max_memory is not None and device_map is None:
-        raise KernelscopeError("--max-memory needs --device-map (e.g. --device-map auto)")
-    memory = parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
+    memory = check_placement(device_map, max_memory, offload_folder)
     if device_map is not None and torch.cuda.is_available() and device == "cpu":
         torch_device = torch.device("cuda")  # the map spreads over the GPUs: compute dtype as on GPU
     torch_dtype = parse_dtype(dtype, torch_device)
