@@ -14,10 +14,10 @@ import torch.distributed as dist
 
 from kernelscope.stats import KernelStats, Observation
 from kernelscope.stats.exact import ExactSum
+from kernelscope.stats.kernel import MAXIMA, MINIMA, SUMMED
 
-_SUMMED = ("tokens", "elements", "nonfinite", "kernel", "below_per_token", "bound_hist", "c_ge_t")
-_MAXED = ("bound_max", "abs_max", "channel_max")
-_MINNED = ("bound_min",)
+_REDUCE = {**dict.fromkeys(SUMMED, dist.ReduceOp.SUM), **dict.fromkeys(MAXIMA, dist.ReduceOp.MAX),
+           **dict.fromkeys(MINIMA, dist.ReduceOp.MIN)}
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,8 @@ def merge_stats(accumulators: Iterable[KernelStats], device: torch.device) -> No
         if acc.state is None:
             raise RuntimeError("a process observed no window; use at least as many windows as processes")
         state: Observation = acc.state
-        for name in _SUMMED + _MAXED + _MINNED:
+        for name, op in _REDUCE.items():
             value = getattr(state, name).to(device)
-            op = dist.ReduceOp.SUM if name in _SUMMED else dist.ReduceOp.MAX if name in _MAXED else dist.ReduceOp.MIN
             dist.all_reduce(value, op=op)
             setattr(state, name, value.to(getattr(state, name).device))
         # Ranks may hold fewer than k tokens; pad to k (index -1 marks padding) so shapes agree.

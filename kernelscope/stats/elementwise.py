@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernelscope.quant import ActivationRanges, separable_step
+from kernelscope.quant import ActivationRanges, abs_in_stat_dtype, separable_step
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +56,18 @@ class Term:
         return self.step is None
 
 
-def _abs(x: torch.Tensor) -> torch.Tensor:
-    """|x| in the statistics dtype: float32, or float64 if ``x`` already is."""
-    return x.abs() if x.dtype in (torch.float32, torch.float64) else x.float().abs()
-
-
 def _ranges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    ax = _abs(x)  # (B, T, I)
+    ax = abs_in_stat_dtype(x)  # (B, T, I)
     ax = torch.where(ax < math.inf, ax, 0.0)  # NaN and ±Inf fail `<`: measured as 0
     return ax.amax(dim=-1, keepdim=True), ax.amax(dim=-2, keepdim=True)  # (B, T, 1), (B, 1, I)
 
 
+@functools.cache
 def _make_counter(layout: tuple[tuple[bool, bool], ...], count_dtype: torch.dtype) -> Callable:
     """A counting function for one layout: per term, (separable?, has a per-token step?)."""
 
     def counter(x: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ax = _abs(x)  # (B, T, I)
+        ax = abs_in_stat_dtype(x)  # (B, T, I)
         args = iter(tensors)
         kernel, below = [], []
         for separable, has_per_token in layout:

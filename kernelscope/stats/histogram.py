@@ -77,21 +77,16 @@ class LogHistogram:
         pairs = torch.fft.irfft(spectrum, size)[:, :n].round_()  # (G, n): pairs at grid point r0 + k0 + s
         # r_grid + k_grid <= true sum < r_grid + k_grid + 2: the middle, + 1, is the estimate.
         grid = torch.arange(n, device=row.device, dtype=torch.float64) + (r0 + k0 + 1)  # (n,)
-        offsets = torch.arange(groups, device=row.device).unsqueeze(1) * self.bins  # (G, 1)
         for i, shift in enumerate(shifts):
             bins = torch.floor((grid + shift * unit) / fine).long().clamp_(first, self.bins - 1)  # (n,)
-            flat = torch.bincount((bins + offsets).reshape(-1), weights=pairs.reshape(-1),
-                                  minlength=groups * self.bins)  # (G * bins,)
-            out[:, i] = flat.round_().long().view(groups, self.bins)
+            out[:, i] = _bincount_rows(bins.expand(groups, -1), self.bins, pairs).round_().long()
         return out
 
     def _tally(self, idx: torch.Tensor, first: float, weight: int) -> torch.Tensor:
         """Counts ``(G, bins)`` of fractional bin positions ``idx (G, n)``, clamped to ``[first, bins)``;
         NaN goes to ``first``."""
-        groups = idx.shape[0]
         bins = idx.nan_to_num_(nan=first).clamp_(min=first, max=self.bins - 1).floor_().long()  # (G, n)
-        bins += torch.arange(groups, device=idx.device).unsqueeze(1) * self.bins
-        counts = torch.bincount(bins.reshape(-1), minlength=groups * self.bins).view(groups, self.bins)
+        counts = _bincount_rows(bins, self.bins)
         return counts * weight if weight != 1 else counts
 
     def quantile(self, counts: torch.Tensor, q: float, lo: float, hi: float) -> float:
@@ -111,10 +106,17 @@ class LogHistogram:
         return min(max(value, lo), hi)
 
 
+def _bincount_rows(index: torch.Tensor, width: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row of ``index (G, n)`` (integers in ``[0, width)``), the counts (or summed ``weights
+    (G, n)``) of each integer: ``(G, width)``, from one bincount."""
+    rows = index.shape[0]
+    flat = index + torch.arange(rows, device=index.device).unsqueeze(1) * width  # (G, n)
+    counts = torch.bincount(flat.reshape(-1), None if weights is None else weights.reshape(-1),
+                            minlength=rows * width)  # (G * width,)
+    return counts.view(rows, width)
+
+
 def _per_sequence_bincount(grid: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Counts of each integer of ``grid (B, n)`` per sequence, ``(B, L)`` float64, and the offset."""
     low = int(grid.min())
-    span = int(grid.max()) - low + 1
-    flat = (grid - low) + torch.arange(grid.shape[0], device=grid.device).unsqueeze(1) * span  # (B, n)
-    counts = torch.bincount(flat.reshape(-1), minlength=grid.shape[0] * span)
-    return counts.view(grid.shape[0], span).double(), low  # (B, L)
+    return _bincount_rows(grid - low, int(grid.max()) - low + 1).double(), low  # (B, L)

@@ -29,6 +29,11 @@ from kernelscope.stats.histogram import LogHistogram
 HISTOGRAM = LogHistogram()
 QUANTILES = (0.5, 0.9, 0.99)
 
+SUMMED = ("tokens", "elements", "nonfinite", "kernel", "below_per_token", "bound_hist", "c_ge_t")
+MAXIMA = ("bound_max", "abs_max", "channel_max")
+MINIMA = ("bound_min",)
+"""How two accumulated :class:`Observation` states combine, field by field (top-k and bound sums aside)."""
+
 
 @dataclass
 class Observation:
@@ -273,6 +278,10 @@ def observe(
     return summarise([measure(x, configs, token_offset=token_offset, seq_len=seq_len)], configs, top_k)[0]
 
 
+def _copy(obs: Observation) -> Observation:
+    return Observation(**{f.name: getattr(obs, f.name).clone() for f in fields(obs)})
+
+
 class KernelStats:
     """Streaming kernel statistics of one layer for a fixed list of quantizer configurations.
 
@@ -303,7 +312,7 @@ class KernelStats:
         if len(self._pending) >= self._FLUSH:
             self.flush()
         if self.state is None:
-            self.state = Observation(**{f.name: getattr(obs, f.name).clone() for f in fields(obs)})
+            self.state = _copy(obs)
             self.state.bound_sum = torch.empty(0, dtype=torch.float64)  # held in self.bound_sums
             self.state.top_values, self.state.top_index = _top_k(obs.top_values, obs.top_index, self.top_k)
             return self
@@ -312,14 +321,14 @@ class KernelStats:
 
     def _fold(self, obs: Observation) -> None:
         s = self.state
-        for name in ("tokens", "elements", "nonfinite", "kernel", "below_per_token", "bound_hist", "c_ge_t"):
-            getattr(s, name).add_(getattr(obs, name))
-        s.bound_min = torch.minimum(s.bound_min, obs.bound_min)
-        s.bound_max = torch.maximum(s.bound_max, obs.bound_max)
-        s.abs_max = torch.maximum(s.abs_max, obs.abs_max)
         if s.channel_max.shape != obs.channel_max.shape:
             raise ValueError("cannot merge statistics of layers with different widths")
-        s.channel_max = torch.maximum(s.channel_max, obs.channel_max)
+        for name in SUMMED:
+            getattr(s, name).add_(getattr(obs, name))
+        for name in MAXIMA:
+            setattr(s, name, torch.maximum(getattr(s, name), getattr(obs, name)))
+        for name in MINIMA:
+            setattr(s, name, torch.minimum(getattr(s, name), getattr(obs, name)))
         s.top_values, s.top_index = _top_k(
             torch.cat([s.top_values, obs.top_values]), torch.cat([s.top_index, obs.top_index]),
             self.top_k,
@@ -338,7 +347,7 @@ class KernelStats:
         self.flush()
         other.flush()
         if self.state is None:
-            self.state = Observation(**{f.name: getattr(other.state, f.name).clone() for f in fields(other.state)})
+            self.state = _copy(other.state)
         else:
             self._fold(other.state)
         self.bound_sums.merge(other.bound_sums)
