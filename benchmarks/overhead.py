@@ -21,6 +21,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -166,6 +167,12 @@ def _settle() -> None:
         pass
 
 
+def _shown(dataset: str) -> str:
+    """A text file as a path relative to the working folder (no machine's absolute paths in output)."""
+    path = Path(dataset)
+    return os.path.relpath(path) if path.is_file() else dataset
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo")
@@ -190,7 +197,7 @@ def main() -> None:
         cpu = f"{names[0]} ({len(names)} cores visible)" if names else cpu
     out = [f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
            f"statistics {elementwise.BACKEND.describe()}",
-           f"model: {b.loaded.info['path']}, {b.loaded.info['dtype']}; text: {args.dataset}"]
+           f"model: {b.loaded.info['path']}, {b.loaded.info['dtype']}; text: {_shown(args.dataset)}"]
     for section in args.sections.split(","):
         {"overhead": section_overhead, "scaling": section_scaling, "memory": section_memory}[section](b, out)
         print("\n".join(out), flush=True)
