@@ -85,7 +85,7 @@ def section_overhead(b: Bench, out: list[str]) -> None:
     a = b.args
     windows = b.windows(a.nsamples, a.seqlen)
     tokens = len(windows) * windows.seqlen
-    b.profile(windows, CONFIG_SETS[8])  # compile the statistics once before timing
+    b.profile(windows, CONFIG_SETS[8])  # warm-up: build or load the native statistics before timing
     runs = {"bare forward": lambda: b.bare(windows)}
     for n, configs in CONFIG_SETS.items():
         runs[f"profile, {n} configuration{'s' * (n > 1)}"] = lambda c=configs: b.profile(windows, c)
@@ -119,8 +119,8 @@ def section_scaling(b: Bench, out: list[str]) -> None:
 def section_memory(b: Bench, out: list[str]) -> None:
     a = b.args
     out.append(f"\n## memory: peak RSS during the run, each in a fresh process, {a.seqlen}-token windows")
-    out.append("(after a 64-token warm-up in the same process; 'warm-up +MiB' is what that warm-up added,")
-    out.append(" for the profile mostly the one-time compilation of the statistics)")
+    out.append("(after a 64-token warm-up in the same process; 'warm-up +MiB' is what that warm-up added:")
+    out.append(" the first forward pass's buffers, and for the profile the native statistics' library)")
     out.append(f"{'windows':8s} {'start MiB':>10s} {'bare peak':>10s} {'profile peak':>13s} {'ratio':>7s} "
                f"{'bare +MiB':>10s} {'profile +MiB':>13s} {'warm-up +MiB':>13s}")
     for n in (1, 4, 16):
@@ -149,7 +149,7 @@ def child(args) -> None:
     windows = b.windows(args.nsamples, args.seqlen)
     run = b.bare if args.child == "bare" else lambda w: b.profile(w, CONFIG_SETS[4])
     loaded = _status_mib("VmRSS")
-    run(b.windows(1, 64))  # warm-up: the statistics compile once per process
+    run(b.windows(1, 64))  # warm-up: first-use allocations, the native statistics' library
     warm = _status_mib("VmRSS")
     _settle()
     Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
@@ -196,7 +196,7 @@ def main() -> None:
                  if line.startswith("model name")]
         cpu = f"{names[0]} ({len(names)} cores visible)" if names else cpu
     out = [f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-           f"statistics {elementwise.BACKEND.describe()}",
+           f"statistics {elementwise.describe()}",
            f"model: {b.loaded.info['path']}, {b.loaded.info['dtype']}; text: {_shown(args.dataset)}"]
     for section in args.sections.split(","):
         {"overhead": section_overhead, "scaling": section_scaling, "memory": section_memory}[section](b, out)

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from kernelscope.quant import (
+    ActivationRanges,
     STEP_FLOOR,
     QuantizerConfig,
     crossquant_factors,
     crossquant_step,
     default_configs,
+    expand_configs,
     per_token_step,
     qmax_for_bits,
 )
@@ -174,16 +176,17 @@ def test_denormal_activations_are_measured_exactly():
         assert row["bound_min"] == row["bound_max"] == floor_bound
 
 
-# --- the fused per-element pass, exact sums, the separable histogram ---------------------------
+# --- the per-element passes (C and torch), exact sums, the separable histogram -----------------
 
 needs_compiler = pytest.mark.skipif(
-    shutil.which("c++") is None and shutil.which("g++") is None, reason="torch.compile needs a C++ compiler"
+    not any(shutil.which(c) for c in ("cc", "gcc", "clang")), reason="the native statistics need a C compiler"
 )
+EDGE_CONFIGS = CONFIGS + expand_configs(["per_channel", "per_tensor", "crossquant"], [8, 4], [0.0, 0.5, 1.0])
 
 
-def edge_activations() -> torch.Tensor:
+def edge_activations(nonfinite: bool = False) -> torch.Tensor:
     """Elements set to exactly half of their CrossQuant and per-token steps, and one ulp either side,
-    plus a zero row, a zero channel, NaN and ±Inf."""
+    plus a zero row, a zero channel and a -0.0; with ``nonfinite``, a NaN, a -Inf and an Inf too."""
     x = activations(21, (2, 48, 40))
     x[0, 7] = 0.0
     x[1, :, 11] = 0.0
@@ -198,34 +201,81 @@ def edge_activations() -> torch.Tensor:
             tie = torch.where(nudge < 0, torch.nextafter(half, torch.zeros_like(half)),
                               torch.where(nudge > 0, torch.nextafter(half, torch.full_like(half, 1e9)), half))
             x = torch.where(pick, torch.where(x < 0, -tie, tie), x)
+    x[1, 9, 13] = -0.0
+    if nonfinite:
+        x[0, 3, 2], x[1, 5, 0], x[1, 6, 7] = float("nan"), float("-inf"), float("inf")
     return x
 
 
 @needs_compiler
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_counts_equal_eager_and_reference_at_ties(monkeypatch, dtype):
-    x = edge_activations().to(dtype)
-    assert elementwise.BACKEND.describe() == "compiled"
-    fused = KernelStats(CONFIGS).update(observe(x, CONFIGS)).result()
-    assert elementwise.BACKEND.failure is None
-    monkeypatch.setenv("KERNELSCOPE_COMPILE", "0")
-    assert elementwise.BACKEND.describe().startswith("eager")
-    eager = KernelStats(CONFIGS).update(observe(x, CONFIGS)).result()
-    assert fused == eager
-    for cfg, row in zip(CONFIGS, fused["configs"]):
-        assert row["kernel_elements"] == ref.kernel_count(x, cfg.quantizer, cfg.bits, cfg.alpha), cfg.label
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_counts_equal_torch_and_reference_at_ties(monkeypatch, dtype):
+    x = edge_activations(nonfinite=True).to(dtype)
+    assert elementwise.describe().startswith("native"), elementwise.describe()
+    native = KernelStats(EDGE_CONFIGS).update(observe(x, EDGE_CONFIGS)).result()
+    monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
+    assert elementwise.describe() == "torch (KERNELSCOPE_NATIVE=0)"
+    torch_code = KernelStats(EDGE_CONFIGS).update(observe(x, EDGE_CONFIGS)).result()
+    assert native == torch_code
+    assert native["layer"]["nonfinite_elements"] == 3
+    clean = torch.where(x.float().isfinite(), x.float(), 0.0)
+    for cfg, row in zip(EDGE_CONFIGS, native["configs"]):
+        assert row["kernel_elements"] == ref.kernel_count(clean, cfg.quantizer, cfg.bits, cfg.alpha) - 3, cfg.label
 
 
-def test_eager_counts_with_nonfinite_elements(monkeypatch):
-    monkeypatch.setenv("KERNELSCOPE_COMPILE", "0")
-    x = edge_activations()
-    clean = x.clone()
-    x[0, 3, 2], x[1, 5, 0] = float("nan"), float("-inf")
-    clean[0, 3, 2] = clean[1, 5, 0] = 0.0
-    res = KernelStats(CONFIGS).update(observe(x, CONFIGS)).result()
-    assert res["layer"]["nonfinite_elements"] == 2
-    for cfg, row in zip(CONFIGS, res["configs"]):
-        assert row["kernel_elements"] == ref.kernel_count(clean, cfg.quantizer, cfg.bits, cfg.alpha) - 2
+@needs_compiler
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 1, 17), (3, 5, 33), (2, 64, 16)])
+def test_native_passes_equal_torch_on_odd_shapes(monkeypatch, shape):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(shape, generator=g) * torch.logspace(-3, 1, shape[-1])
+    x.view(-1)[::7] = float("nan")  # whole rows and channels may be NaN: measured as 0
+    terms = measure_terms(x)
+    got = elementwise.ranges(x), elementwise.count(x, terms)
+    monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
+    want = elementwise.ranges(x), elementwise.count(x, terms)
+    assert all(torch.equal(a, b) for a, b in zip(got[0], want[0]))
+    assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+
+
+def measure_terms(x: torch.Tensor) -> list:
+    from kernelscope.stats.kernel import _terms
+
+    return _terms(ActivationRanges(*elementwise._ranges(x)), EDGE_CONFIGS)
+
+
+def test_without_a_compiler_the_torch_code_runs(monkeypatch, tmp_path):
+    from kernelscope.stats import native
+
+    x = edge_activations(nonfinite=True)
+    want = KernelStats(EDGE_CONFIGS).update(observe(x, EDGE_CONFIGS)).result()
+    monkeypatch.setenv("CC", "no-such-compiler")
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing to find there
+    monkeypatch.setenv("KERNELSCOPE_CACHE", str(tmp_path / "cache"))
+    native.reset()
+    try:
+        assert native.library() is None
+        assert elementwise.describe() == "torch (native build failed: no C compiler found (set CC))"
+        assert KernelStats(EDGE_CONFIGS).update(observe(x, EDGE_CONFIGS)).result() == want
+    finally:
+        native.reset()
+
+
+@needs_compiler
+def test_native_build_is_cached_per_source_and_machine(monkeypatch, tmp_path):
+    from kernelscope.stats import native
+
+    monkeypatch.setenv("KERNELSCOPE_CACHE", str(tmp_path))
+    native.reset()
+    try:
+        assert native.library() is not None, native.failure
+        built = sorted(tmp_path.glob("native-*.so"))
+        assert len(built) == 1 and not list(tmp_path.glob("*.tmp"))
+        stamp = built[0].stat().st_mtime_ns
+        native.reset()
+        assert native.library() is not None
+        assert sorted(tmp_path.glob("native-*.so")) == built and built[0].stat().st_mtime_ns == stamp
+    finally:
+        native.reset()
 
 
 def test_summarising_many_layers_at_once_equals_one_at_a_time():
@@ -301,17 +351,17 @@ def test_separable_histogram_moves_only_values_at_bin_edges():
     assert int(all_floor[math.floor((lowest - hist.low) * hist.per_decade)]) == 20 == int(all_floor.sum())
 
 
-def test_arena_keeps_copies_and_falls_back_when_full():
+def test_arena_hands_out_aligned_tensors_and_falls_back_when_full():
     from kernelscope.stats.arena import Arena
 
     arena = Arena(256)
-    a, b = torch.arange(10.0), torch.arange(5, dtype=torch.int64)
-    ka, kb = arena.keep(a), arena.keep(b)
-    assert torch.equal(ka, a) and torch.equal(kb, b) and ka.data_ptr() != a.data_ptr()
-    assert ka.data_ptr() % 64 == 0 and kb.data_ptr() % 64 == 0
-    big = torch.ones(100)
-    assert arena.keep(big) is big and arena.needed > 256  # full: the tensor itself, and the size it needed
+    a, b = arena.empty((10,), torch.float32), arena.empty((5,), torch.int64)
+    start = arena.block.data_ptr()
+    assert a.data_ptr() == start and b.data_ptr() == start + 64  # inside the block, 64-byte aligned
+    assert a.shape == (10,) and b.dtype == torch.int64
+    big = arena.empty((100,), torch.float32)  # 400 bytes do not fit after 104 used
+    assert not start <= big.data_ptr() < start + 256 and big.shape == (100,) and arena.needed > 256
     arena.reset()
-    measured = measure(activations(3), CONFIGS, keep=Arena(1 << 20).keep)
+    measured = measure(activations(3), CONFIGS, arena=Arena(1 << 20))
     plain = measure(activations(3), CONFIGS)
     assert summarise([measured], CONFIGS)[0].kernel.tolist() == summarise([plain], CONFIGS)[0].kernel.tolist()

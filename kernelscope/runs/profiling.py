@@ -125,7 +125,7 @@ def profile(
             raise RuntimeError(f"layer {name} shares its input differently from one batch to the next")
         if leader is None:
             pending.append((name, measure(x, configs, token_offset=shared["offset"], seq_len=windows.seqlen,
-                                          keep=arena.keep)))
+                                          arena=arena)))
             shared["x"], shared["leader"] = x, name
 
     n = len(windows)
@@ -147,7 +147,7 @@ def profile(
         for name, acc in stats.items():
             acc.load_state_dict(saved.get(name, {}), device)
     # Room for what the hooks keep until a forward pass ends (float64 at most, every layer a leader).
-    arena = Arena(sum(measured_nbytes(batch_size * windows.seqlen, layer.in_features, configs, 8)
+    arena = Arena(sum(measured_nbytes(batch_size, windows.seqlen, layer.in_features, configs, 8)
                       for layer in selected), model_device(model))
     started = time.perf_counter()
     with eval_mode(model), LinearInputCapture({layer.name: layer.module for layer in selected}, observer):
@@ -221,7 +221,7 @@ def profile(
         "tokens": tokens,
         "resumed_from_window": start or None,
         "processes": world.size,
-        "statistics_backend": elementwise.BACKEND.describe(model_device(model)),
+        "statistics_backend": elementwise.describe(model_device(model)),
         "seconds": round(elapsed, 3),
         "tokens_per_second": round((n - start) * windows.seqlen / elapsed, 1) if elapsed > 0 else None,
     }

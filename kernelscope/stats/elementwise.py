@@ -3,33 +3,31 @@
 Everything a profile learns from an activation ``x (B, T, I)`` itself, rather than from its t and c
 vectors, comes from two functions: :func:`ranges` (t and c: one reading of ``x``) and :func:`count`
 (for every configuration at once: kernel elements, elements whose step is below the per-token
-step, non-finite elements: one more reading). On CPU both are compiled with ``torch.compile``, which
-fuses each into a single loop with no (B, T, I) temporary; elsewhere, or where compiling is not
-possible, the very same functions run eagerly. The two give identical integers: every operation
-in them is exactly rounded (absolute value, comparison, one multiply and one divide of the
-separable step, multiplication by 0.5), so fusing cannot change a count.
+step, non-finite elements: one more reading). On CPU, for float32 and bfloat16 inputs, both run as
+small C loops (:mod:`kernelscope.stats.native`, built once per machine); elsewhere, or where no C
+compiler is found, the torch code below computes the same integers. Every operation in either is
+exactly rounded (absolute value, comparison, one multiply and one divide of the separable step,
+multiplication by 0.5) and done in the same order, so the two cannot differ; a test checks it at
+ties.
 
 The kernel test is ``|x| <= 0.5·Δ``. For a step Δ >= STEP_FLOOR this is the same set, bit for bit,
 as ``round(x / Δ) == 0`` (see :func:`kernelscope.quant.kernel_mask`): 0.5·Δ is exact, and any float
 above it gives a quotient past the midpoint between 0.5 and the next float, so it rounds up.
 
-Set ``KERNELSCOPE_COMPILE=0`` to run eagerly everywhere.
+Set ``KERNELSCOPE_NATIVE=0`` to run the torch code everywhere.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from kernelscope.quant import ActivationRanges, abs_in_stat_dtype, separable_step
-
-log = logging.getLogger(__name__)
+from kernelscope.stats import native
 
 _INT32_LIMIT = 2**31 - 1
 
@@ -62,103 +60,122 @@ def _ranges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ax.amax(dim=-1, keepdim=True), ax.amax(dim=-2, keepdim=True)  # (B, T, 1), (B, 1, I)
 
 
-@functools.cache
-def _make_counter(layout: tuple[tuple[bool, bool], ...], count_dtype: torch.dtype) -> Callable:
-    """A counting function for one layout: per term, (separable?, has a per-token step?)."""
-
-    def counter(x: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        ax = abs_in_stat_dtype(x)  # (B, T, I)
-        args = iter(tensors)
-        kernel, below = [], []
-        for separable, has_per_token in layout:
-            if separable:
-                row, col, qmax = next(args), next(args), next(args)
-                step = separable_step(row, col, qmax)  # (B, T, I)
-            else:
-                step = next(args)  # broadcastable to (B, T, I)
-            kernel.append((ax <= 0.5 * step).sum(dtype=count_dtype))  # NaN and Inf are never in it
-            if has_per_token:
-                smaller = torch.lt(step, next(args)).expand_as(ax)  # (B, T, I)
-                below.append(smaller.sum(dtype=count_dtype))
-            else:
-                below.append(torch.zeros((), dtype=count_dtype, device=x.device))
-        nonfinite = torch.logical_not(ax < math.inf).sum(dtype=count_dtype)
-        return torch.stack(kernel).long(), torch.stack(below).long(), nonfinite.long()
-
-    return counter
+def _count(x: torch.Tensor, terms: Sequence[Term]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ax = abs_in_stat_dtype(x)  # (B, T, I)
+    finite = ax < math.inf
+    count_dtype = torch.int32 if x.numel() <= _INT32_LIMIT else torch.int64
+    ax = torch.where(finite, ax, math.nan)  # no comparison admits a NaN: non-finite is never in a kernel
+    kernel, below = [], []
+    for t in terms:
+        step = separable_step(t.row, t.col, t.qmax) if t.separable else t.step  # broadcastable to (B, T, I)
+        kernel.append((ax <= 0.5 * step).sum(dtype=count_dtype))
+        if t.per_token is not None:
+            below.append(torch.lt(step, t.per_token).expand_as(ax).sum(dtype=count_dtype))  # (B, T, I)
+        else:
+            below.append(torch.zeros((), dtype=count_dtype, device=x.device))
+    nonfinite = torch.logical_not(finite).sum(dtype=count_dtype)
+    return torch.stack(kernel).long(), torch.stack(below).long(), nonfinite.long()
 
 
-class _Backend:
-    """Compiled versions of the two passes, built on first use; eager where compiling fails."""
-
-    def __init__(self) -> None:
-        self._compiled: dict[object, Callable] = {}
-        self.failure: str | None = None
-
-    @property
-    def wanted(self) -> bool:
-        return os.environ.get("KERNELSCOPE_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
-
-    def enabled(self, device: torch.device) -> bool:
-        return device.type == "cpu" and self.failure is None and self.wanted
-
-    def describe(self, device: torch.device | str = "cpu") -> str:
-        """``compiled`` or ``eager`` (with the reason), as recorded in a run's summary."""
-        device = torch.device(device)
-        if self.enabled(device):
-            return "compiled"
-        if not self.wanted:
-            return "eager (KERNELSCOPE_COMPILE=0)"
-        if self.failure is not None:
-            return f"eager (torch.compile failed: {self.failure})"
-        return f"eager ({device.type})"
-
-    def run(self, key: object, make: Callable[[], Callable], *args: torch.Tensor):
-        fn = make()
-        if not self.enabled(args[0].device):
-            return fn(*args)
-        compiled = self._compiled.get(key)
-        if compiled is None:
-            compiled = self._compiled[key] = torch.compile(fn, dynamic=True)
-        try:
-            return compiled(*args)
-        except Exception as exc:  # no C++ compiler, an unsupported platform: same maths, eagerly
-            lines = str(exc).strip().splitlines()
-            self.failure = f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
-            log.warning("kernelscope: statistics run eagerly; torch.compile failed (%s)", self.failure)
-            return fn(*args)
+def _wanted() -> bool:
+    return os.environ.get("KERNELSCOPE_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-BACKEND = _Backend()
+def _native_input(x: torch.Tensor) -> torch.Tensor | None:
+    """``x`` as the C loops take it (contiguous float32 or bfloat16 on CPU), or None for torch code."""
+    if x.device.type != "cpu" or x.dtype == torch.float64 or not x.dtype.is_floating_point or not _wanted():
+        return None
+    if native.library() is None:
+        return None
+    if x.dtype not in native.DTYPES:
+        x = x.float()  # float16 and the like: statistics are float32 anyway
+    return x.contiguous()
 
 
-def ranges(x: torch.Tensor) -> ActivationRanges:
-    """t ``(B, T, 1)`` and c ``(B, 1, I)`` of ``x (B, T, I)`` with NaN and ±Inf measured as 0."""
-    return ActivationRanges(*BACKEND.run("ranges", lambda: _ranges, x))
+def describe(device: torch.device | str = "cpu") -> str:
+    """Which code computes the per-element statistics on ``device``, as a run's summary records it."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return f"torch ({device.type})"
+    if not _wanted():
+        return "torch (KERNELSCOPE_NATIVE=0)"
+    if native.library() is None:
+        return f"torch (native build failed: {native.failure})"
+    return f"native ({native.built_with}, {torch.get_num_threads()} threads)"
 
 
-def count(x: torch.Tensor, terms: Sequence[Term]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+Outputs = tuple[torch.Tensor, ...]
+
+
+def ranges(x: torch.Tensor, out: Outputs | None = None) -> ActivationRanges:
+    """t ``(B, T, 1)`` and c ``(B, 1, I)`` of ``x (B, T, I)`` with NaN and ±Inf measured as 0.
+
+    ``out``: two tensors of those shapes to write them into (stats dtype, on ``x``'s device).
+    """
+    nx = _native_input(x)
+    if nx is None:
+        return ActivationRanges(*_into(_ranges(x), out))
+    return ActivationRanges(*native.ranges(native.library(), nx, out))
+
+
+def count(x: torch.Tensor, terms: Sequence[Term], out: Outputs | None = None) -> Outputs:
     """``(kernel (C,), below_per_token (C,), nonfinite ())`` int64 counts over ``x (B, T, I)``.
 
     ``kernel``: finite elements with ``|x| <= 0.5·Δ``; ``below_per_token``: positions whose step is
     smaller than the per-token step (0 for terms without one); ``nonfinite``: NaN and ±Inf elements.
+    ``out``: three int64 tensors of those shapes to write them into.
     """
-    layout = tuple((t.separable, t.per_token is not None) for t in terms)
-    count_dtype = torch.int32 if x.numel() <= _INT32_LIMIT else torch.int64
-    tensors: list[torch.Tensor] = []
-    for t in terms:
-        if t.separable:
-            tensors += [t.row, t.col, _constant(float(t.qmax), t.row.dtype, t.row.device)]
-        else:
-            tensors.append(t.step)
-        if t.per_token is not None:
-            tensors.append(t.per_token)
-    key = ("count", layout, count_dtype)
-    return BACKEND.run(key, lambda: _make_counter(layout, count_dtype), x, *tensors)
+    nx = _native_input(x)
+    vectors = None if nx is None else [_vector(t) for t in terms]
+    if vectors is None or None in vectors:
+        return _into(_count(x, terms), out)
+    batch, seq, width = x.shape
+    return native.count(
+        native.library(), nx, [v[0] for v in vectors],
+        [_flat(v[1], batch, seq, width) for v in vectors],
+        [None if v[2] is None else _flat(v[2], batch, seq, width) for v in vectors],
+        [v[3] for v in vectors],
+        [None if t.per_token is None else _flat(_unbroadcast(t.per_token), batch, seq, width) for t in terms],
+        out,
+    )
 
 
-@functools.cache
-def _constant(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A 0-d tensor, made once: as a tensor (not a Python number) it does not specialise the compiled
-    function, so INT8 and INT4 share one compilation."""
-    return torch.tensor(value, dtype=dtype, device=device)
+def _into(results: Outputs, out: Outputs | None) -> Outputs:
+    if out is None:
+        return results
+    for dst, src in zip(out, results, strict=True):
+        dst.copy_(src)
+    return out
+
+
+def _vector(t: Term) -> tuple[int, torch.Tensor, torch.Tensor | None, float] | None:
+    """A term as the C loops take it: (kind, first vector, second vector, qmax); None if they cannot."""
+    if t.separable:
+        row, col = _unbroadcast(t.row), _unbroadcast(t.col)
+        vectors = [row, col]
+    else:
+        step = _unbroadcast(t.step)
+        vectors = [step]
+    if t.per_token is not None:
+        vectors.append(_unbroadcast(t.per_token))
+    if any(v.dtype != torch.float32 or v.shape[-1] != 1 and v.shape[-2] != 1 for v in vectors):
+        return None
+    if t.separable:
+        return native.SEP, row, col, float(t.qmax)
+    return (native.COL if step.shape[-1] != 1 else native.ROW), step, None, 0.0
+
+
+def _unbroadcast(v: torch.Tensor) -> torch.Tensor:
+    """An expanded vector (stride 0 along T or I) back to its ``(..., T|1, 1)`` or ``(..., 1, I|1)``."""
+    if v.shape[-1] > 1 and v.stride(-1) == 0:
+        v = v[..., :1]
+    if v.shape[-2] > 1 and v.stride(-2) == 0:
+        v = v[..., :1, :]
+    return v
+
+
+def _flat(v: torch.Tensor, batch: int, seq: int, width: int) -> torch.Tensor:
+    """A step vector ``(B|1, T|1, 1)`` or ``(B|1, 1, I)`` as contiguous rows ``(B, T)`` or columns ``(B, I)``."""
+    if v.shape[-1] == 1:
+        return v.expand(batch, seq, 1).reshape(batch, seq).contiguous()  # (B, T)
+    return v.expand(batch, 1, width).reshape(batch, width).contiguous()  # (B, I)

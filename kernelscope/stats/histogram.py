@@ -6,7 +6,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+_SPECTRUM_ELEMENTS = 1 << 19
+"""How many spectrum values :meth:`LogHistogram.counts_of_sums` holds at once (8 MiB of complex128)."""
 
 
 @dataclass(frozen=True)
@@ -68,18 +72,28 @@ class LogHistogram:
         under = lowest - max(shifts) - 1.0 / self.per_decade
         r = (r - self.low).clamp_(min=under - self.low - k_top)
         k = k.clamp(min=under - r_top)
-        hr, r0 = _per_sequence_bincount(torch.floor(r * unit).long())  # (S, Lr): grid points at or below
-        hk, k0 = _per_sequence_bincount(torch.floor(k * unit).long())  # (S, Lk)
-        n = hr.shape[1] + hk.shape[1] - 1
+        r_grid = torch.floor(r * unit).long()  # (S, T): grid points at or below
+        k_grid = torch.floor(k * unit).long()  # (S, I)
+        r0, k0 = int(r_grid.min()), int(k_grid.min())
+        lr, lk = int(r_grid.max()) - r0 + 1, int(k_grid.max()) - k0 + 1
+        n = lr + lk - 1
         size = 1 << (n - 1).bit_length()
-        spectrum = torch.fft.rfft(hr, size) * torch.fft.rfft(hk, size)  # (S, size/2 + 1)
-        spectrum = spectrum.reshape(groups, -1, spectrum.shape[-1]).sum(dim=1)  # (G, size/2 + 1)
-        pairs = torch.fft.irfft(spectrum, size)[:, :n].round_()  # (G, n): pairs at grid point r0 + k0 + s
         # r_grid + k_grid <= true sum < r_grid + k_grid + 2: the middle, + 1, is the estimate.
         grid = torch.arange(n, device=row.device, dtype=torch.float64) + (r0 + k0 + 1)  # (n,)
-        for i, shift in enumerate(shifts):
-            bins = torch.floor((grid + shift * unit) / fine).long().clamp_(first, self.bins - 1)  # (n,)
-            out[:, i] = _bincount_rows(bins.expand(groups, -1), self.bins, pairs).round_().long()
+        bins = [torch.floor((grid + shift * unit) / fine).long().clamp_(first, self.bins - 1) for shift in shifts]
+        # A few groups at a time, so that the spectra (size/2 + 1 complex numbers a sequence) stay small.
+        per_group = seqs // groups
+        step = max(1, _SPECTRUM_ELEMENTS // (per_group * size))
+        for g in range(0, groups, step):
+            rows = slice(g * per_group, min(g + step, groups) * per_group)
+            hr = _bincount_rows(r_grid[rows] - r0, lr).double()  # (s, Lr)
+            hk = _bincount_rows(k_grid[rows] - k0, lk).double()  # (s, Lk)
+            spectrum = torch.fft.rfft(hr, size) * torch.fft.rfft(hk, size)  # (s, size/2 + 1)
+            spectrum = spectrum.reshape(-1, per_group, spectrum.shape[-1]).sum(dim=1)  # (g, size/2 + 1)
+            pairs = torch.fft.irfft(spectrum, size)[:, :n].round_()  # (g, n): pairs at grid point r0 + k0 + s
+            for i, b in enumerate(bins):
+                out[g : g + pairs.shape[0], i] = _bincount_rows(b.expand(pairs.shape[0], -1), self.bins,
+                                                                pairs).round_().long()
         return out
 
     def _tally(self, idx: torch.Tensor, first: float, weight: int) -> torch.Tensor:
@@ -91,19 +105,29 @@ class LogHistogram:
 
     def quantile(self, counts: torch.Tensor, q: float, lo: float, hi: float) -> float:
         """The ``q``-quantile of the counted values, kept inside the exact observed ``[lo, hi]``."""
-        counts = counts.to(torch.float64).cpu()
-        total = float(counts.sum())
-        if total == 0:
-            return math.nan
-        cum = torch.cumsum(counts, 0)
-        target = q * total
-        b = int(torch.searchsorted(cum, torch.tensor([target], dtype=torch.float64)).item())
-        b = min(b, self.bins - 1)
-        before = float(cum[b - 1]) if b > 0 else 0.0
-        inside = float(counts[b])
-        frac = 0.0 if inside == 0 else min(max((target - before) / inside, 0.0), 1.0)
-        value = 10 ** (self.low + (b + frac) / self.per_decade)
-        return min(max(value, lo), hi)
+        return self.quantiles(counts.reshape(1, -1), [q], [lo], [hi])[0][0]
+
+    def quantiles(self, counts: torch.Tensor, qs: Sequence[float], lo: Sequence[float],
+                  hi: Sequence[float]) -> list[list[float]]:
+        """For each row of ``counts (R, bins)``, its ``qs``-quantiles kept inside ``[lo[r], hi[r]]``
+        (NaN for an empty row): ``R`` lists of ``len(qs)`` floats, computed together."""
+        counts = counts.detach().to(torch.float64).cpu().numpy()  # (R, bins)
+        cum = np.cumsum(counts, axis=1)  # (R, bins); exact: integer counts below 2**53
+        out = []
+        for r in range(counts.shape[0]):
+            total = cum[r, -1]
+            if total == 0:
+                out.append([math.nan] * len(qs))
+                continue
+            targets = np.asarray(qs, dtype=np.float64) * total  # (Q,)
+            b = np.minimum(np.searchsorted(cum[r], targets, side="left"), self.bins - 1)  # (Q,)
+            before = np.where(b > 0, cum[r, np.maximum(b - 1, 0)], 0.0)
+            inside = counts[r, b]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                frac = np.where(inside == 0, 0.0, np.clip((targets - before) / inside, 0.0, 1.0))
+            values = 10.0 ** (self.low + (b + frac) / self.per_decade)
+            out.append([min(max(float(v), lo[r]), hi[r]) for v in values])
+        return out
 
 
 def _bincount_rows(index: torch.Tensor, width: int, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -114,9 +138,3 @@ def _bincount_rows(index: torch.Tensor, width: int, weights: torch.Tensor | None
     counts = torch.bincount(flat.reshape(-1), None if weights is None else weights.reshape(-1),
                             minlength=rows * width)  # (G * width,)
     return counts.view(rows, width)
-
-
-def _per_sequence_bincount(grid: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Counts of each integer of ``grid (B, n)`` per sequence, ``(B, L)`` float64, and the offset."""
-    low = int(grid.min())
-    return _bincount_rows(grid - low, int(grid.max()) - low + 1).double(), low  # (B, L)

@@ -8,7 +8,6 @@ another shard of windows). Everything stays on the activation's device until ``r
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -23,6 +22,7 @@ from kernelscope.quant import (
     zero_bound,
 )
 from kernelscope.stats import elementwise
+from kernelscope.stats.arena import Arena
 from kernelscope.stats.exact import ExactSum
 from kernelscope.stats.histogram import LogHistogram
 
@@ -113,26 +113,38 @@ class Measured:
     kernel: torch.Tensor  # (C,) int64
     below_per_token: torch.Tensor  # (C,) int64
     nonfinite: torch.Tensor  # () int64
-    per_token: dict[int, torch.Tensor]  # bits -> per-token step (B, T, 1)
-    factors: dict[tuple[str, float | None], tuple[torch.Tensor, torch.Tensor]]  # separable steps' factors
     token_offset: int
 
 
 def measure(
     x: torch.Tensor, configs: list[QuantizerConfig], *, token_offset: int = 0, seq_len: int | None = None,
-    keep: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    arena: Arena | None = None,
 ) -> Measured:
     """The per-element part of the statistics of ``x (..., T, I)``; ``x`` is neither kept nor changed.
 
     ``token_offset`` is the global index of the batch's first token; ``seq_len`` splits a flattened
     ``(B·T, I)`` input into its sequences. NaN and ±Inf are counted, measured as zeros for t and c,
-    and left out of the kernel counts. ``keep`` (e.g. :meth:`~kernelscope.stats.arena.Arena.keep`)
-    decides where the returned tensors live.
+    and left out of the kernel counts. With an ``arena`` the returned tensors live in its block.
     """
     x = as_sequences(x, seq_len)  # (B, T, I)
-    if x.shape[0] * x.shape[1] >= 2**31:
+    batch, seq, width = x.shape
+    if batch * seq >= 2**31:
         raise ValueError("one batch holds too many tokens; use a smaller batch size")
-    ranges = elementwise.ranges(x)
+    stat = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n = len(configs)
+    if arena is None:
+        ranges = elementwise.ranges(x)
+        counts = None
+    else:
+        ranges = elementwise.ranges(x, (arena.empty((batch, seq, 1), stat), arena.empty((batch, 1, width), stat)))
+        block = arena.empty((2 * n + 1,), torch.int64)  # kernel, below, nonfinite side by side
+        counts = (block[:n], block[n : 2 * n], block[2 * n])
+    kernel, below, nonfinite = elementwise.count(x, _terms(ranges, configs), counts)
+    return Measured(ranges.token, ranges.channel, kernel, below, nonfinite, token_offset)
+
+
+def _terms(ranges: ActivationRanges, configs: list[QuantizerConfig]) -> list[elementwise.Term]:
+    """Each configuration's step, as the per-element pass takes it, for activations with these ranges."""
     per_token = {bits: per_token_step(ranges, bits) for bits in {cfg.bits for cfg in configs}}
     factors: dict[tuple[str, float | None], tuple[torch.Tensor, torch.Tensor]] = {}
     terms = []
@@ -147,26 +159,13 @@ def measure(
         else:
             step = per_token[cfg.bits] if cfg.quantizer == "per_token" else cfg.step(ranges)
             terms.append(elementwise.Term(step=step, per_token=compare))
-    kernel, below, nonfinite = elementwise.count(x, terms)
-    if keep is None:
-        keep = _same
-    return Measured(keep(ranges.token), keep(ranges.channel), keep(kernel), keep(below), keep(nonfinite),
-                    {bits: keep(step) for bits, step in per_token.items()},
-                    {key: (keep(row), keep(col)) for key, (row, col) in factors.items()}, token_offset)
+    return terms
 
 
-def _same(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def measured_nbytes(tokens: int, width: int, configs: list[QuantizerConfig], element_size: int = 4) -> int:
-    """An upper bound of the bytes :func:`measure` keeps for an input of ``tokens`` rows and ``width``
-    channels: for sizing an :class:`~kernelscope.stats.arena.Arena`."""
-    bits = len({cfg.bits for cfg in configs})
-    separable = len({(cfg.quantizer, cfg.alpha) for cfg in configs if cfg.separable})
-    floats = tokens * (1 + bits + separable) + width * (1 + separable)
-    tensors = 3 + 2 + bits + 2 * separable
-    return floats * element_size + (2 * len(configs) + 1) * 8 + tensors * 64
+def measured_nbytes(batch: int, seq: int, width: int, configs: list[QuantizerConfig], element_size: int = 4) -> int:
+    """An upper bound of the bytes :func:`measure` keeps in its arena for an input ``(batch, seq, width)``
+    (t, c and the counts, each aligned), for sizing an :class:`~kernelscope.stats.arena.Arena`."""
+    return batch * (seq + width) * element_size + (2 * len(configs) + 1) * 8 + 3 * 64
 
 
 def summarise(measured: list[Measured], configs: list[QuantizerConfig], top_k: int = 10) -> list[Observation]:
@@ -210,10 +209,7 @@ def _summarise_same_shape(group: list[Measured], configs: list[QuantizerConfig],
         if cfg.separable:
             separable.setdefault((cfg.quantizer, cfg.alpha), []).append(i)
             continue
-        if cfg.quantizer == "per_token":
-            step = torch.cat([m.per_token[cfg.bits] for m in group])  # (S, T, 1)
-        else:
-            step = cfg.step(ranges)  # (S, T|1, I|1)
+        step = cfg.step(ranges)  # (S, T|1, I|1): elementwise in t and c, as measure computed it
         weight = seq * width // (step.shape[-2] * step.shape[-1])  # elements each stored step covers
         # B = 0.5·Δ is exact in binary, so the bound's statistics are read off the step.
         bsum[i] = per_layer(0.5 * step.sum(dim=(-2, -1), dtype=torch.float64) * weight)
@@ -221,8 +217,7 @@ def _summarise_same_shape(group: list[Measured], configs: list[QuantizerConfig],
         bmax[i] = zero_bound(per_layer(step.amax(dim=(-2, -1))).amax(dim=1)).double()
         hist[i] = HISTOGRAM.counts(zero_bound(step), weight, groups=layers)
     for key, members in separable.items():
-        row = torch.cat([m.factors[key][0] for m in group])  # (S, T, 1)
-        col = torch.cat([m.factors[key][1] for m in group])  # (S, 1, I)
+        row, col = configs[members[0]].factors(ranges)  # (S, T, 1), (S, 1, I): as measure computed them
         col_sorted = col.squeeze(-2).gather(-1, c_order)  # (S, I): c^(1-α) rises with c
         # The step rises with each factor, so its extremes come from the factors' extremes.
         row_lo, row_hi = row.amin(dim=-2, keepdim=True), row.amax(dim=-2, keepdim=True)  # (S, 1, 1)
@@ -408,21 +403,21 @@ class KernelStats:
             "top_token_index": s.top_index[valid].tolist(),
             "top_token_absmax": s.top_values[valid].double().tolist(),
         }
+        kernel, below = s.kernel.tolist(), s.below_per_token.tolist()
+        lows, highs = s.bound_min.tolist(), s.bound_max.tolist()
+        quantiles = HISTOGRAM.quantiles(s.bound_hist, QUANTILES, lows, highs)  # (C, len(QUANTILES))
         per_config = []
         for i, cfg in enumerate(self.configs):
-            lo, hi = float(s.bound_min[i]), float(s.bound_max[i])
             row = {
                 **cfg.as_dict(),
-                "kernel_elements": int(s.kernel[i]),
-                "kernel_fraction": int(s.kernel[i]) / elements if elements else None,
+                "kernel_elements": kernel[i],
+                "kernel_fraction": kernel[i] / elements if elements else None,
                 "bound_mean": sums[i] / positions,
-                "bound_min": lo,
-                "bound_max": hi,
-                "bound_below_per_token_fraction": (
-                    None if cfg.quantizer == "per_token" else int(s.below_per_token[i]) / positions
-                ),
+                "bound_min": lows[i],
+                "bound_max": highs[i],
+                "bound_below_per_token_fraction": None if cfg.quantizer == "per_token" else below[i] / positions,
             }
-            for q in QUANTILES:
-                row[f"bound_p{round(q * 100)}"] = HISTOGRAM.quantile(s.bound_hist[i], q, lo, hi)
+            for q, value in zip(QUANTILES, quantiles[i], strict=True):
+                row[f"bound_p{round(q * 100)}"] = value
             per_config.append(row)
         return {"layer": layer, "configs": per_config}

@@ -1,0 +1,216 @@
+/*
+ * The two per-element passes of a profile, for CPU (see elementwise.py, which defines what they
+ * compute and holds the equivalent torch code used everywhere else).
+ *
+ *   ks_ranges: t_i = max_j |x_ij| and c_j = max_i |x_ij| per sequence, NaN and ±Inf measured as 0,
+ *              in one reading of x.
+ *   ks_count:  for several step definitions at once, the elements with |x| <= 0.5·Δ (the kernel),
+ *              the positions whose step is below the per-token step, and the non-finite elements,
+ *              in one more reading of x.
+ *
+ * Built with -ffp-contract=off and without -ffast-math: every float operation here is one IEEE
+ * operation in the same order as the torch code (a multiply, a divide, a comparison), so the counts
+ * equal torch's to the last element. Maxima are taken on the bit patterns of |x|: a non-negative
+ * float's bits order like the float, and integer maxima vectorise where float ones may not.
+ * Rows are shared among OpenMP threads; each thread keeps its own channel maxima and counts.
+ */
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_thread_num(void) { return 0; }
+#endif
+
+#define KS_MAX_TERMS 64
+#define ABS_MASK 0x7fffffffu
+#define INF_BITS 0x7f800000u
+
+enum { KS_F32 = 0, KS_BF16 = 1 };        /* element type of x */
+enum { KS_ROW = 0, KS_COL = 1, KS_SEP = 2 }; /* step per token, per channel, or row·col/qmax */
+
+int ks_version(void) { return 1; }
+
+/* |x| of one row as float32 bit patterns (sign cleared; NaN and Inf keep their exponent). */
+static void abs_bits(const void* x, int dtype, int64_t offset, uint32_t* restrict out, int64_t n) {
+    if (dtype == KS_F32) {
+        const uint32_t* restrict in = (const uint32_t*)x + offset;
+        for (int64_t j = 0; j < n; j++) out[j] = in[j] & ABS_MASK;
+    } else {
+        const uint16_t* restrict in = (const uint16_t*)x + offset;
+        for (int64_t j = 0; j < n; j++) out[j] = ((uint32_t)in[j] << 16) & ABS_MASK;
+    }
+}
+
+/* Row maximum of the finite |x| (non-finite as 0) of float32 bit patterns, folding the row into
+ * the channel maxima. */
+static uint32_t fold_row(const uint32_t* restrict x, uint32_t* restrict colmax, int64_t n) {
+    uint32_t m = 0;
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t v = x[j] & ABS_MASK;
+        v &= -(uint32_t)(v < INF_BITS); /* a mask, not a branch: it vectorises */
+        m = m < v ? v : m;
+        uint32_t c = colmax[j];
+        colmax[j] = c < v ? v : c;
+    }
+    return m;
+}
+
+/* x (S, T, I) row-major -> t (S, T) and c (S, I) float32. Returns 0, or 1 when out of memory. */
+int ks_ranges(const void* x, int dtype, int64_t S, int64_t T, int64_t I, float* t, float* c, int threads) {
+    if (threads < 1) threads = 1;
+    uint32_t* scratch = malloc((size_t)threads * (size_t)I * 2 * sizeof(uint32_t));
+    if (scratch == NULL) return 1;
+    for (int64_t s = 0; s < S; s++) {
+        uint32_t* cs = (uint32_t*)(c + s * I);
+        memset(cs, 0, (size_t)I * sizeof(uint32_t));
+        #pragma omp parallel num_threads(threads)
+        {
+            uint32_t* colmax = scratch + (size_t)omp_get_thread_num() * (size_t)I * 2;
+            uint32_t* row = colmax + I;
+            memset(colmax, 0, (size_t)I * sizeof(uint32_t));
+            #pragma omp for schedule(static)
+            for (int64_t i = 0; i < T; i++) {
+                const uint32_t* in = (const uint32_t*)x + (s * T + i) * I;
+                if (dtype != KS_F32) {
+                    abs_bits(x, dtype, (s * T + i) * I, row, I);
+                    in = row;
+                }
+                uint32_t m = fold_row(in, colmax, I);
+                memcpy(t + s * T + i, &m, sizeof m);
+            }
+            #pragma omp critical
+            for (int64_t j = 0; j < I; j++) cs[j] = cs[j] < colmax[j] ? colmax[j] : cs[j];
+        }
+    }
+    free(scratch);
+    return 0;
+}
+
+/* Kernel bounds 0.5·Δ are compared as floats: a NaN element fails every comparison; an infinite one
+ * fails too, because a bound that overflowed to +Inf is lowered to the largest finite float (which
+ * still admits every finite element). */
+static inline float capped(float bound) { return bound > FLT_MAX ? FLT_MAX : bound; }
+
+static int32_t finite_row(const uint32_t* restrict x, int64_t n) {
+    int32_t k = 0;
+    for (int64_t j = 0; j < n; j++) k += (x[j] & ABS_MASK) < INF_BITS;
+    return k;
+}
+
+static int32_t kernel_row(const float* restrict x, int64_t n, float bound) {
+    int32_t k = 0;
+    for (int64_t j = 0; j < n; j++) k += fabsf(x[j]) <= bound;
+    return k;
+}
+
+static int32_t kernel_col(const float* restrict x, const float* restrict bound, int64_t n) {
+    int32_t k = 0;
+    for (int64_t j = 0; j < n; j++) k += fabsf(x[j]) <= bound[j];
+    return k;
+}
+
+static int32_t below_col(const float* restrict step, int64_t n, float per_token) {
+    int32_t k = 0;
+    for (int64_t j = 0; j < n; j++) k += step[j] < per_token;
+    return k;
+}
+
+/* Separable step: max(row · col / qmax, floor), as kernelscope.quant.separable_step evaluates it. */
+static void kernel_sep(const float* restrict x, const float* restrict col, int64_t n, float row, float qmax,
+                       float floor_, const float* per_token, int32_t* kernel, int32_t* below) {
+    int32_t k = 0, b = 0;
+    if (per_token != NULL) {
+        const float p = *per_token;
+        for (int64_t j = 0; j < n; j++) {
+            float step = row * col[j] / qmax;
+            step = step < floor_ ? floor_ : step;
+            k += fabsf(x[j]) <= capped(0.5f * step);
+            b += step < p;
+        }
+    } else {
+        for (int64_t j = 0; j < n; j++) {
+            float step = row * col[j] / qmax;
+            step = step < floor_ ? floor_ : step;
+            k += fabsf(x[j]) <= capped(0.5f * step);
+        }
+    }
+    *kernel = k;
+    *below = b;
+}
+
+/*
+ * x (S, T, I) row-major. Term k has kind[k]:
+ *   KS_ROW: step a[k] (S, T);            below: step < p[k] (S, T) when p[k] is not NULL
+ *   KS_COL: step a[k] (S, I);            below likewise, per position
+ *   KS_SEP: row a[k] (S, T), col b[k] (S, I), qmax q[k]: step max(row·col/qmax, floor)
+ * Writes kernel[k], below[k] (0 without p[k]) and nonfinite[0]. Returns 0; 1 when out of memory;
+ * 2 with too many terms.
+ */
+int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, int nterms, const int32_t* kind,
+             const float* const* a, const float* const* b, const float* q, const float* const* p, float floor_,
+             int64_t* kernel, int64_t* below, int64_t* nonfinite, int threads) {
+    if (nterms > KS_MAX_TERMS) return 2;
+    if (threads < 1) threads = 1;
+    int ncol = 0;
+    for (int k = 0; k < nterms; k++) ncol += kind[k] == KS_COL;
+    /* per thread a row of float32 (bfloat16 input only); then the column bounds of the KS_COL terms */
+    const size_t row_floats = dtype == KS_F32 ? 0 : (size_t)I;
+    float* scratch = malloc(((size_t)threads * row_floats + (size_t)ncol * (size_t)(S * I) + 1) * sizeof(float));
+    if (scratch == NULL) return 1;
+    float* colbound = scratch + (size_t)threads * row_floats;
+    const float* bounds[KS_MAX_TERMS] = {0};
+    for (int k = 0, c = 0; k < nterms; k++) {
+        if (kind[k] != KS_COL) continue;
+        float* cb = colbound + (size_t)(c++) * (size_t)(S * I);
+        for (int64_t j = 0; j < S * I; j++) cb[j] = capped(0.5f * a[k][j]);
+        bounds[k] = cb;
+    }
+    for (int k = 0; k < nterms; k++) kernel[k] = below[k] = 0;
+    *nonfinite = 0;
+    const int64_t rows = S * T;
+    #pragma omp parallel num_threads(threads)
+    {
+        float* buf = scratch + (size_t)omp_get_thread_num() * row_floats;
+        int64_t kern[KS_MAX_TERMS] = {0}, bel[KS_MAX_TERMS] = {0}, bad = 0;
+        #pragma omp for schedule(static)
+        for (int64_t g = 0; g < rows; g++) {
+            const int64_t s = g / T;
+            const float* xr = (const float*)x + g * I;
+            if (dtype != KS_F32) {
+                abs_bits(x, dtype, g * I, (uint32_t*)buf, I);
+                xr = buf;
+            }
+            bad += I - finite_row((const uint32_t*)xr, I);
+            for (int k = 0; k < nterms; k++) {
+                const float* pk = p[k] == NULL ? NULL : p[k] + g;
+                if (kind[k] == KS_ROW) {
+                    const float step = a[k][g];
+                    kern[k] += kernel_row(xr, I, capped(0.5f * step));
+                    if (pk != NULL && step < *pk) bel[k] += I;
+                } else if (kind[k] == KS_COL) {
+                    kern[k] += kernel_col(xr, bounds[k] + s * I, I);
+                    if (pk != NULL) bel[k] += below_col(a[k] + s * I, I, *pk);
+                } else {
+                    int32_t kk, bb;
+                    kernel_sep(xr, b[k] + s * I, I, a[k][g], q[k], floor_, pk, &kk, &bb);
+                    kern[k] += kk;
+                    bel[k] += bb;
+                }
+            }
+        }
+        #pragma omp critical
+        {
+            for (int k = 0; k < nterms; k++) {
+                kernel[k] += kern[k];
+                below[k] += bel[k];
+            }
+            *nonfinite += bad;
+        }
+    }
+    free(scratch);
+    return 0;
+}

@@ -1,0 +1,207 @@
+"""The CPU build of the two per-element passes (``native.c``), compiled once per machine and cached.
+
+The C source is built with the system's C compiler on first use into
+``$KERNELSCOPE_CACHE`` (default ``$XDG_CACHE_HOME/kernelscope``, i.e. ``~/.cache/kernelscope``),
+under a name that hashes the source, the compiler, the flags and the CPU's features, so a cache
+shared by different machines never hands one a library built for another. Building takes well
+under a second. Where no compiler works, :func:`library` returns None with the reason in
+:data:`failure`, and the statistics run as torch code instead (the same integers, more slowly).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from kernelscope.quant import STEP_FLOOR
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ["-O3", "-ffp-contract=off", "-fno-strict-aliasing", "-fPIC", "-shared"]
+"""No -ffast-math, no contraction into fused multiply-adds: every float operation stays one IEEE
+operation, so the counts equal those of the torch code."""
+ARCH_FLAGS = (["-march=native"], [])
+THREAD_FLAGS = (["-fopenmp"], [])
+"""Tried in order: the fastest build first, then builds without what the compiler may lack."""
+
+ROW, COL, SEP = 0, 1, 2
+DTYPES = {torch.float32: 0, torch.bfloat16: 1}
+
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_tried = False
+failure: str | None = None
+"""Why the native library is not in use, once a build was attempted and failed."""
+built_with: str | None = None
+"""The flags the library in use was built with."""
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("KERNELSCOPE_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kernelscope"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_features() -> str:
+    """What -march=native depends on: the CPU's feature flags where Linux lists them."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    return platform.processor() or platform.machine()
+
+
+def _version(compiler: str) -> str:
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build(compiler: str, flags: list[str], target: Path) -> str | None:
+    """Compile to ``target`` through a temporary file and a rename; the error's first line, or None."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            return lines[0][:200] if lines else f"{compiler} exited with {done.returncode}"
+        os.replace(tmp, target)
+        return None
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{type(exc).__name__}: {exc}"[:200]
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.ks_version.restype = ctypes.c_int
+    lib.ks_ranges.restype = ctypes.c_int
+    lib.ks_ranges.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.ks_count.restype = ctypes.c_int
+    lib.ks_count.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                             ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                             ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                             ctypes.c_int]
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library, building it on first use; None where that is not possible."""
+    global _library, _tried, failure, built_with
+    if _tried:
+        return _library
+    with _lock:
+        if _tried:
+            return _library
+        compiler = _compiler()
+        if compiler is None:
+            failure = "no C compiler found (set CC)"
+        else:
+            source = SOURCE.read_bytes()
+            version = _version(compiler)
+            reasons = []
+            for arch in ARCH_FLAGS:
+                for threads in THREAD_FLAGS:
+                    flags = [*FLAGS, *arch, *threads]
+                    key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in
+                                                    (source, compiler, version, " ".join(flags),
+                                                     _cpu_features(), platform.machine()))).hexdigest()[:16]
+                    target = cache_dir() / f"native-{key}.so"
+                    error = None if target.is_file() else _build(compiler, flags, target)
+                    if error is None:
+                        try:
+                            _library = _load(target)
+                            built_with = " ".join([*arch, *threads]) or "portable"
+                            failure = None
+                            break
+                        except OSError as exc:
+                            error = f"loading failed: {exc}"[:200]
+                    reasons.append(error)
+                if _library is not None:
+                    break
+            if _library is None:
+                failure = f"{compiler}: {reasons[0]}"
+        if failure is not None:
+            log.warning("kernelscope: statistics run as torch code; the native build failed (%s)", failure)
+        _tried = True
+        return _library
+
+
+def reset() -> None:
+    """Forget the loaded library, so that the next :func:`library` call builds or loads it again."""
+    global _library, _tried, failure, built_with
+    with _lock:
+        _library, _tried, failure, built_with = None, False, None, None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _outputs(out, shapes, dtype) -> tuple[torch.Tensor, ...]:
+    if out is None:
+        return tuple(torch.empty(shape, dtype=dtype) for shape in shapes)
+    for t, shape in zip(out, shapes, strict=True):
+        if t.shape != shape or t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"an output must be a contiguous CPU {dtype} tensor of shape {tuple(shape)}")
+    return tuple(out)
+
+
+def ranges(lib: ctypes.CDLL, x: torch.Tensor, out=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """t ``(S, T, 1)`` and c ``(S, 1, I)`` float32 of a contiguous float32 or bfloat16 ``x (S, T, I)``,
+    written into ``out`` when given."""
+    s, t_len, width = x.shape
+    token, channel = _outputs(out, [(s, t_len, 1), (s, 1, width)], torch.float32)
+    status = lib.ks_ranges(x.data_ptr(), DTYPES[x.dtype], s, t_len, width, token.data_ptr(), channel.data_ptr(),
+                           torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("the native statistics could not allocate their scratch space")
+    return token, channel
+
+
+def count(lib: ctypes.CDLL, x: torch.Tensor, kinds: list[int], a: list[torch.Tensor], b: list[torch.Tensor | None],
+          qmax: list[float], per_token: list[torch.Tensor | None], out=None,
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(kernel (C,), below (C,), nonfinite ())`` int64 of a contiguous ``x (S, T, I)``, written into
+    ``out`` when given; the vectors are contiguous float32: rows ``(S, T)``, columns ``(S, I)`` (see
+    ``ks_count`` in native.c)."""
+    s, t_len, width = x.shape
+    n = len(kinds)
+    pointers = ctypes.c_void_p * n
+    kernel, below, nonfinite = _outputs(out, [(n,), (n,), ()], torch.int64)
+    status = lib.ks_count(
+        x.data_ptr(), DTYPES[x.dtype], s, t_len, width, n, (ctypes.c_int32 * n)(*kinds),
+        pointers(*map(_ptr, a)), pointers(*map(_ptr, b)), (ctypes.c_float * n)(*qmax),
+        pointers(*map(_ptr, per_token)), STEP_FLOOR, kernel.data_ptr(), below.data_ptr(), nonfinite.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError("the native statistics could not allocate their scratch space")
+    return kernel, below, nonfinite
