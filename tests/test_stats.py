@@ -278,6 +278,24 @@ def test_native_build_is_cached_per_source_and_machine(monkeypatch, tmp_path):
         native.reset()
 
 
+@needs_compiler
+def test_native_build_falls_back_to_the_temp_folder_when_the_cache_cannot_be_written(monkeypatch, tmp_path):
+    import tempfile
+
+    from kernelscope.stats import native
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("KERNELSCOPE_CACHE", str(blocker / "cache"))  # below a file: cannot be made
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    native.reset()
+    try:
+        assert native.library() is not None, native.failure
+        assert list((tmp_path / "tmp").glob("kernelscope-*/native-*.so"))
+    finally:
+        native.reset()
+
+
 def test_summarising_many_layers_at_once_equals_one_at_a_time():
     xs = [activations(30 + i, (2, 40, 24)) for i in range(3)] + [activations(40, (2, 40, 16))]
     measured = [measure(x, CONFIGS, token_offset=80 * i) for i, x in enumerate(xs)]

@@ -17,7 +17,6 @@
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -59,11 +58,19 @@ static uint32_t fold_row(const uint32_t* restrict x, uint32_t* restrict colmax, 
     return m;
 }
 
-/* x (S, T, I) row-major -> t (S, T) and c (S, I) float32. Returns 0, or 1 when out of memory. */
-int ks_ranges(const void* x, int dtype, int64_t S, int64_t T, int64_t I, float* t, float* c, int threads) {
+/* Bytes of scratch space ks_ranges and ks_count need. The caller provides it, so that nothing here
+ * allocates while a model's activations come and go. */
+int64_t ks_ranges_scratch(int64_t I, int threads) { return (int64_t)(threads < 1 ? 1 : threads) * I * 2 * 4; }
+
+int64_t ks_count_scratch(int dtype, int64_t S, int64_t I, int ncol, int threads) {
+    return ((dtype == KS_F32 ? 0 : (int64_t)(threads < 1 ? 1 : threads) * I) + (int64_t)ncol * S * I + 1) * 4;
+}
+
+/* x (S, T, I) row-major -> t (S, T) and c (S, I) float32, with ks_ranges_scratch bytes of scratch. */
+int ks_ranges(const void* x, int dtype, int64_t S, int64_t T, int64_t I, float* t, float* c, int threads,
+              void* scratch_) {
     if (threads < 1) threads = 1;
-    uint32_t* scratch = malloc((size_t)threads * (size_t)I * 2 * sizeof(uint32_t));
-    if (scratch == NULL) return 1;
+    uint32_t* scratch = scratch_;
     for (int64_t s = 0; s < S; s++) {
         uint32_t* cs = (uint32_t*)(c + s * I);
         memset(cs, 0, (size_t)I * sizeof(uint32_t));
@@ -86,7 +93,6 @@ int ks_ranges(const void* x, int dtype, int64_t S, int64_t T, int64_t I, float* 
             for (int64_t j = 0; j < I; j++) cs[j] = cs[j] < colmax[j] ? colmax[j] : cs[j];
         }
     }
-    free(scratch);
     return 0;
 }
 
@@ -147,20 +153,19 @@ static void kernel_sep(const float* restrict x, const float* restrict col, int64
  *   KS_ROW: step a[k] (S, T);            below: step < p[k] (S, T) when p[k] is not NULL
  *   KS_COL: step a[k] (S, I);            below likewise, per position
  *   KS_SEP: row a[k] (S, T), col b[k] (S, I), qmax q[k]: step max(row·col/qmax, floor)
- * Writes kernel[k], below[k] (0 without p[k]) and nonfinite[0]. Returns 0; 1 when out of memory;
- * 2 with too many terms.
+ * Writes kernel[k], below[k] (0 without p[k]) and nonfinite[0], using ks_count_scratch bytes of
+ * scratch. Returns 0, or 2 with too many terms.
  */
 int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, int nterms, const int32_t* kind,
              const float* const* a, const float* const* b, const float* q, const float* const* p, float floor_,
-             int64_t* kernel, int64_t* below, int64_t* nonfinite, int threads) {
+             int64_t* kernel, int64_t* below, int64_t* nonfinite, int threads, void* scratch_) {
     if (nterms > KS_MAX_TERMS) return 2;
     if (threads < 1) threads = 1;
     int ncol = 0;
     for (int k = 0; k < nterms; k++) ncol += kind[k] == KS_COL;
     /* per thread a row of float32 (bfloat16 input only); then the column bounds of the KS_COL terms */
     const size_t row_floats = dtype == KS_F32 ? 0 : (size_t)I;
-    float* scratch = malloc(((size_t)threads * row_floats + (size_t)ncol * (size_t)(S * I) + 1) * sizeof(float));
-    if (scratch == NULL) return 1;
+    float* scratch = scratch_;
     float* colbound = scratch + (size_t)threads * row_floats;
     const float* bounds[KS_MAX_TERMS] = {0};
     for (int k = 0, c = 0; k < nterms; k++) {
@@ -211,6 +216,5 @@ int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, int nter
             *nonfinite += bad;
         }
     }
-    free(scratch);
     return 0;
 }

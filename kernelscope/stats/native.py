@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -36,6 +37,7 @@ THREAD_FLAGS = (["-fopenmp"], [])
 """Tried in order: the fastest build first, then builds without what the compiler may lack."""
 
 ROW, COL, SEP = 0, 1, 2
+MAX_TERMS = 64  # KS_MAX_TERMS in native.c
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
@@ -78,11 +80,20 @@ def _version(compiler: str) -> str:
         return ""
 
 
+def _places() -> list[Path]:
+    """Where a build may live: the cache, then (if that cannot be written) a folder in the temp dir."""
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    return [cache_dir(), Path(tempfile.gettempdir()) / f"kernelscope-{user}"]
+
+
 def _build(compiler: str, flags: list[str], target: Path) -> str | None:
     """Compile to ``target`` through a temporary file and a rename; the error's first line, or None."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp")
-    os.close(fd)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp")
+        os.close(fd)
+    except OSError as exc:
+        return f"cannot write {target.parent}: {exc.strerror or exc}"
     try:
         done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
                               timeout=120)
@@ -103,13 +114,34 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.ks_version.restype = ctypes.c_int
     lib.ks_ranges.restype = ctypes.c_int
     lib.ks_ranges.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    lib.ks_ranges_scratch.restype = ctypes.c_int64
+    lib.ks_ranges_scratch.argtypes = [ctypes.c_int64, ctypes.c_int]
+    lib.ks_count_scratch.restype = ctypes.c_int64
+    lib.ks_count_scratch.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     lib.ks_count.restype = ctypes.c_int
     lib.ks_count.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                              ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                              ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                             ctypes.c_int]
+                             ctypes.c_int, ctypes.c_void_p]
     return lib
+
+
+def _obtain(compiler: str, flags: list[str], fingerprint: bytes) -> tuple[ctypes.CDLL | None, str | None]:
+    """The library built with ``flags``, from the cache or freshly built: (library, None) or (None, why)."""
+    key = hashlib.sha256(fingerprint + b"\0" + " ".join(flags).encode()).hexdigest()[:16]
+    error = None
+    for place in _places():
+        target = place / f"native-{key}.so"
+        error = None if target.is_file() else _build(compiler, flags, target)
+        if error is None:
+            try:
+                return _load(target), None
+            except OSError as exc:
+                return None, f"loading failed: {exc}"[:200]
+        if not error.startswith("cannot write"):
+            break
+    return None, error
 
 
 def library() -> ctypes.CDLL | None:
@@ -124,30 +156,16 @@ def library() -> ctypes.CDLL | None:
         if compiler is None:
             failure = "no C compiler found (set CC)"
         else:
-            source = SOURCE.read_bytes()
-            version = _version(compiler)
+            fingerprint = b"\0".join([SOURCE.read_bytes(), compiler.encode(), _version(compiler).encode(),
+                                      _cpu_features().encode(), platform.machine().encode()])
             reasons = []
-            for arch in ARCH_FLAGS:
-                for threads in THREAD_FLAGS:
-                    flags = [*FLAGS, *arch, *threads]
-                    key = hashlib.sha256(b"\0".join(s.encode() if isinstance(s, str) else s for s in
-                                                    (source, compiler, version, " ".join(flags),
-                                                     _cpu_features(), platform.machine()))).hexdigest()[:16]
-                    target = cache_dir() / f"native-{key}.so"
-                    error = None if target.is_file() else _build(compiler, flags, target)
-                    if error is None:
-                        try:
-                            _library = _load(target)
-                            built_with = " ".join([*arch, *threads]) or "portable"
-                            failure = None
-                            break
-                        except OSError as exc:
-                            error = f"loading failed: {exc}"[:200]
-                    reasons.append(error)
-                if _library is not None:
+            for arch, threads in itertools.product(ARCH_FLAGS, THREAD_FLAGS):  # the fastest build first
+                lib, error = _obtain(compiler, [*FLAGS, *arch, *threads], fingerprint)
+                if lib is not None:
+                    _library, built_with = lib, " ".join([*arch, *threads]) or "portable"
                     break
-            if _library is None:
-                failure = f"{compiler}: {reasons[0]}"
+                reasons.append(error)
+            failure = None if _library is not None else f"{compiler}: {reasons[0]}"
         if failure is not None:
             log.warning("kernelscope: statistics run as torch code; the native build failed (%s)", failure)
         _tried = True
@@ -159,6 +177,19 @@ def reset() -> None:
     global _library, _tried, failure, built_with
     with _lock:
         _library, _tried, failure, built_with = None, False, None, None
+
+
+_local = threading.local()
+
+
+def _scratch_ptr(nbytes: int) -> int:
+    """Scratch space for one call, from a block each thread keeps between calls (grown, never shrunk):
+    the C code allocates nothing, so it cannot leave holes among a model's activations."""
+    block = getattr(_local, "scratch", None)
+    if block is None or block.numel() < nbytes:
+        block = _local.scratch = torch.empty(max(nbytes, 2 * (0 if block is None else block.numel())),
+                                             dtype=torch.uint8)
+    return block.data_ptr()
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -179,10 +210,9 @@ def ranges(lib: ctypes.CDLL, x: torch.Tensor, out=None) -> tuple[torch.Tensor, t
     written into ``out`` when given."""
     s, t_len, width = x.shape
     token, channel = _outputs(out, [(s, t_len, 1), (s, 1, width)], torch.float32)
-    status = lib.ks_ranges(x.data_ptr(), DTYPES[x.dtype], s, t_len, width, token.data_ptr(), channel.data_ptr(),
-                           torch.get_num_threads())
-    if status != 0:
-        raise MemoryError("the native statistics could not allocate their scratch space")
+    threads = torch.get_num_threads()
+    lib.ks_ranges(x.data_ptr(), DTYPES[x.dtype], s, t_len, width, token.data_ptr(), channel.data_ptr(), threads,
+                  _scratch_ptr(lib.ks_ranges_scratch(width, threads)))
     return token, channel
 
 
@@ -196,12 +226,14 @@ def count(lib: ctypes.CDLL, x: torch.Tensor, kinds: list[int], a: list[torch.Ten
     n = len(kinds)
     pointers = ctypes.c_void_p * n
     kernel, below, nonfinite = _outputs(out, [(n,), (n,), ()], torch.int64)
-    status = lib.ks_count(
+    if n > MAX_TERMS:
+        raise ValueError(f"the native statistics take at most {MAX_TERMS} configurations at once, got {n}")
+    threads = torch.get_num_threads()
+    scratch = _scratch_ptr(lib.ks_count_scratch(DTYPES[x.dtype], s, width, kinds.count(COL), threads))
+    lib.ks_count(
         x.data_ptr(), DTYPES[x.dtype], s, t_len, width, n, (ctypes.c_int32 * n)(*kinds),
         pointers(*map(_ptr, a)), pointers(*map(_ptr, b)), (ctypes.c_float * n)(*qmax),
         pointers(*map(_ptr, per_token)), STEP_FLOOR, kernel.data_ptr(), below.data_ptr(), nonfinite.data_ptr(),
-        torch.get_num_threads(),
+        threads, scratch,
     )
-    if status != 0:
-        raise MemoryError("the native statistics could not allocate their scratch space")
     return kernel, below, nonfinite
