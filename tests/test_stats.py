@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kernelscope.quant import (
-    ActivationRanges,
     STEP_FLOOR,
+    ActivationRanges,
     QuantizerConfig,
     crossquant_factors,
     crossquant_step,
@@ -235,6 +235,20 @@ def test_native_passes_equal_torch_on_odd_shapes(monkeypatch, shape):
     want = elementwise.ranges(x), elementwise.count(x, terms)
     assert all(torch.equal(a, b) for a, b in zip(got[0], want[0]))
     assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+
+
+def test_more_configurations_than_the_native_code_takes_run_as_torch_code():
+    from kernelscope.stats import native
+
+    x = activations(6, (2, 16, 24))
+    once = measure_terms(x)
+    repeat = native.MAX_TERMS // len(once) + 1
+    terms = once * repeat  # past the C code's limit
+    assert len(terms) > native.MAX_TERMS
+    kernel, below, nonfinite = elementwise.count(x, terms)
+    want = elementwise.count(x, once)  # within the limit: the C code
+    assert torch.equal(kernel, want[0].repeat(repeat)) and torch.equal(below, want[1].repeat(repeat))
+    assert torch.equal(nonfinite, want[2])
 
 
 def measure_terms(x: torch.Tensor) -> list:

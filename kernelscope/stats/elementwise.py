@@ -83,13 +83,18 @@ def _wanted() -> bool:
 
 def _native_input(x: torch.Tensor) -> torch.Tensor | None:
     """``x`` as the C loops take it (contiguous float32 or bfloat16 on CPU), or None for torch code."""
-    if x.device.type != "cpu" or x.dtype == torch.float64 or not x.dtype.is_floating_point or not _wanted():
+    if x.device.type != "cpu" or x.dtype not in native.DTYPES or not _wanted() or native.library() is None:
         return None
-    if native.library() is None:
-        return None
-    if x.dtype not in native.DTYPES:
-        x = x.float()  # float16 and the like: statistics are float32 anyway
     return x.contiguous()
+
+
+def prepare(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as both passes read it fastest: where the C loops run, a float16 (or other narrow float)
+    input is widened to float32 here, once, rather than left to the torch code."""
+    narrow = x.dtype.is_floating_point and x.dtype not in native.DTYPES and x.dtype != torch.float64
+    if narrow and x.device.type == "cpu" and _wanted() and native.library() is not None:
+        return x.float()  # statistics are float32 anyway
+    return x
 
 
 def describe(device: torch.device | str = "cpu") -> str:
@@ -127,17 +132,16 @@ def count(x: torch.Tensor, terms: Sequence[Term], out: Outputs | None = None) ->
     """
     nx = _native_input(x)
     vectors = None if nx is None else [_vector(t) for t in terms]
-    if vectors is None or None in vectors:
+    if vectors is None or None in vectors or len(terms) > native.MAX_TERMS:
         return _into(_count(x, terms), out)
     batch, seq, width = x.shape
-    return native.count(
-        native.library(), nx, [v[0] for v in vectors],
-        [_flat(v[1], batch, seq, width) for v in vectors],
-        [None if v[2] is None else _flat(v[2], batch, seq, width) for v in vectors],
-        [v[3] for v in vectors],
-        [None if t.per_token is None else _flat(_unbroadcast(t.per_token), batch, seq, width) for t in terms],
-        out,
-    )
+
+    def flat(v: torch.Tensor | None) -> torch.Tensor | None:
+        return None if v is None else _flat(v, batch, seq, width)
+
+    kinds, first, second, qmax, per_token = zip(*vectors, strict=True)
+    return native.count(native.library(), nx, list(kinds), [flat(v) for v in first], [flat(v) for v in second],
+                        list(qmax), [flat(v) for v in per_token], out)
 
 
 def _into(results: Outputs, out: Outputs | None) -> Outputs:
@@ -148,21 +152,19 @@ def _into(results: Outputs, out: Outputs | None) -> Outputs:
     return out
 
 
-def _vector(t: Term) -> tuple[int, torch.Tensor, torch.Tensor | None, float] | None:
-    """A term as the C loops take it: (kind, first vector, second vector, qmax); None if they cannot."""
+def _vector(t: Term) -> tuple[int, torch.Tensor, torch.Tensor | None, float, torch.Tensor | None] | None:
+    """A term as the C loops take it: (kind, first vector, second vector, qmax, per-token step), the
+    vectors without their broadcast; None if the C loops cannot take it."""
+    per_token = None if t.per_token is None else _unbroadcast(t.per_token)
     if t.separable:
-        row, col = _unbroadcast(t.row), _unbroadcast(t.col)
-        vectors = [row, col]
+        kind, first, second, qmax = native.SEP, _unbroadcast(t.row), _unbroadcast(t.col), float(t.qmax)
     else:
-        step = _unbroadcast(t.step)
-        vectors = [step]
-    if t.per_token is not None:
-        vectors.append(_unbroadcast(t.per_token))
+        first, second, qmax = _unbroadcast(t.step), None, 0.0
+        kind = native.COL if first.shape[-1] != 1 else native.ROW
+    vectors = [v for v in (first, second, per_token) if v is not None]
     if any(v.dtype != torch.float32 or v.shape[-1] != 1 and v.shape[-2] != 1 for v in vectors):
         return None
-    if t.separable:
-        return native.SEP, row, col, float(t.qmax)
-    return (native.COL if step.shape[-1] != 1 else native.ROW), step, None, 0.0
+    return kind, first, second, qmax, per_token
 
 
 def _unbroadcast(v: torch.Tensor) -> torch.Tensor:

@@ -126,7 +126,7 @@ def measure(
     ``(B·T, I)`` input into its sequences. NaN and ±Inf are counted, measured as zeros for t and c,
     and left out of the kernel counts. With an ``arena`` the returned tensors live in its block.
     """
-    x = as_sequences(x, seq_len)  # (B, T, I)
+    x = elementwise.prepare(as_sequences(x, seq_len))  # (B, T, I)
     batch, seq, width = x.shape
     if batch * seq >= 2**31:
         raise ValueError("one batch holds too many tokens; use a smaller batch size")
@@ -216,7 +216,7 @@ def _summarise_same_shape(group: list[Measured], configs: list[QuantizerConfig],
         bmin[i] = zero_bound(per_layer(step.amin(dim=(-2, -1))).amin(dim=1)).double()
         bmax[i] = zero_bound(per_layer(step.amax(dim=(-2, -1))).amax(dim=1)).double()
         hist[i] = HISTOGRAM.counts(zero_bound(step), weight, groups=layers)
-    for key, members in separable.items():
+    for members in separable.values():
         row, col = configs[members[0]].factors(ranges)  # (S, T, 1), (S, 1, I): as measure computed them
         col_sorted = col.squeeze(-2).gather(-1, c_order)  # (S, I): c^(1-α) rises with c
         # The step rises with each factor, so its extremes come from the factors' extremes.

@@ -31,17 +31,9 @@ static int omp_get_thread_num(void) { return 0; }
 enum { KS_F32 = 0, KS_BF16 = 1 };        /* element type of x */
 enum { KS_ROW = 0, KS_COL = 1, KS_SEP = 2 }; /* step per token, per channel, or row·col/qmax */
 
-int ks_version(void) { return 1; }
-
-/* |x| of one row as float32 bit patterns (sign cleared; NaN and Inf keep their exponent). */
-static void abs_bits(const void* x, int dtype, int64_t offset, uint32_t* restrict out, int64_t n) {
-    if (dtype == KS_F32) {
-        const uint32_t* restrict in = (const uint32_t*)x + offset;
-        for (int64_t j = 0; j < n; j++) out[j] = in[j] & ABS_MASK;
-    } else {
-        const uint16_t* restrict in = (const uint16_t*)x + offset;
-        for (int64_t j = 0; j < n; j++) out[j] = ((uint32_t)in[j] << 16) & ABS_MASK;
-    }
+/* |x| of one bfloat16 row as float32 bit patterns (sign cleared; NaN and Inf keep their exponent). */
+static void bf16_abs_bits(const uint16_t* restrict in, uint32_t* restrict out, int64_t n) {
+    for (int64_t j = 0; j < n; j++) out[j] = ((uint32_t)in[j] << 16) & ABS_MASK;
 }
 
 /* Row maximum of the finite |x| (non-finite as 0) of float32 bit patterns, folding the row into
@@ -67,7 +59,7 @@ int64_t ks_count_scratch(int dtype, int64_t S, int64_t I, int ncol, int threads)
 }
 
 /* x (S, T, I) row-major -> t (S, T) and c (S, I) float32, with ks_ranges_scratch bytes of scratch. */
-int ks_ranges(const void* x, int dtype, int64_t S, int64_t T, int64_t I, float* t, float* c, int threads,
+void ks_ranges(const void* x, int dtype, int64_t S, int64_t T, int64_t I, float* t, float* c, int threads,
               void* scratch_) {
     if (threads < 1) threads = 1;
     uint32_t* scratch = scratch_;
@@ -83,7 +75,7 @@ int ks_ranges(const void* x, int dtype, int64_t S, int64_t T, int64_t I, float* 
             for (int64_t i = 0; i < T; i++) {
                 const uint32_t* in = (const uint32_t*)x + (s * T + i) * I;
                 if (dtype != KS_F32) {
-                    abs_bits(x, dtype, (s * T + i) * I, row, I);
+                    bf16_abs_bits((const uint16_t*)x + (s * T + i) * I, row, I);
                     in = row;
                 }
                 uint32_t m = fold_row(in, colmax, I);
@@ -93,7 +85,6 @@ int ks_ranges(const void* x, int dtype, int64_t S, int64_t T, int64_t I, float* 
             for (int64_t j = 0; j < I; j++) cs[j] = cs[j] < colmax[j] ? colmax[j] : cs[j];
         }
     }
-    return 0;
 }
 
 /* Kernel bounds 0.5·Δ are compared as floats: a NaN element fails every comparison; an infinite one
@@ -125,24 +116,17 @@ static int32_t below_col(const float* restrict step, int64_t n, float per_token)
     return k;
 }
 
-/* Separable step: max(row · col / qmax, floor), as kernelscope.quant.separable_step evaluates it. */
+/* Separable step: max(row · col / qmax, floor), as kernelscope.quant.separable_step evaluates it.
+ * Without a per-token step, `below` is counted against -Inf: nothing is below it. */
 static void kernel_sep(const float* restrict x, const float* restrict col, int64_t n, float row, float qmax,
                        float floor_, const float* per_token, int32_t* kernel, int32_t* below) {
+    const float p = per_token != NULL ? *per_token : -INFINITY;
     int32_t k = 0, b = 0;
-    if (per_token != NULL) {
-        const float p = *per_token;
-        for (int64_t j = 0; j < n; j++) {
-            float step = row * col[j] / qmax;
-            step = step < floor_ ? floor_ : step;
-            k += fabsf(x[j]) <= capped(0.5f * step);
-            b += step < p;
-        }
-    } else {
-        for (int64_t j = 0; j < n; j++) {
-            float step = row * col[j] / qmax;
-            step = step < floor_ ? floor_ : step;
-            k += fabsf(x[j]) <= capped(0.5f * step);
-        }
+    for (int64_t j = 0; j < n; j++) {
+        float step = row * col[j] / qmax;
+        step = step < floor_ ? floor_ : step;
+        k += fabsf(x[j]) <= capped(0.5f * step);
+        b += step < p;
     }
     *kernel = k;
     *below = b;
@@ -186,7 +170,7 @@ int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, int nter
             const int64_t s = g / T;
             const float* xr = (const float*)x + g * I;
             if (dtype != KS_F32) {
-                abs_bits(x, dtype, g * I, (uint32_t*)buf, I);
+                bf16_abs_bits((const uint16_t*)x + g * I, (uint32_t*)buf, I);
                 xr = buf;
             }
             bad += I - finite_row((const uint32_t*)xr, I);

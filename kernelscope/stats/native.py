@@ -111,8 +111,7 @@ def _build(compiler: str, flags: list[str], target: Path) -> str | None:
 
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    lib.ks_version.restype = ctypes.c_int
-    lib.ks_ranges.restype = ctypes.c_int
+    lib.ks_ranges.restype = None
     lib.ks_ranges.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
     lib.ks_ranges_scratch.restype = ctypes.c_int64
@@ -226,14 +225,14 @@ def count(lib: ctypes.CDLL, x: torch.Tensor, kinds: list[int], a: list[torch.Ten
     n = len(kinds)
     pointers = ctypes.c_void_p * n
     kernel, below, nonfinite = _outputs(out, [(n,), (n,), ()], torch.int64)
-    if n > MAX_TERMS:
-        raise ValueError(f"the native statistics take at most {MAX_TERMS} configurations at once, got {n}")
     threads = torch.get_num_threads()
     scratch = _scratch_ptr(lib.ks_count_scratch(DTYPES[x.dtype], s, width, kinds.count(COL), threads))
-    lib.ks_count(
+    status = lib.ks_count(
         x.data_ptr(), DTYPES[x.dtype], s, t_len, width, n, (ctypes.c_int32 * n)(*kinds),
         pointers(*map(_ptr, a)), pointers(*map(_ptr, b)), (ctypes.c_float * n)(*qmax),
         pointers(*map(_ptr, per_token)), STEP_FLOOR, kernel.data_ptr(), below.data_ptr(), nonfinite.data_ptr(),
         threads, scratch,
     )
+    if status != 0:
+        raise ValueError(f"the native statistics take at most {MAX_TERMS} configurations at once, got {n}")
     return kernel, below, nonfinite
