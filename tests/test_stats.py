@@ -229,10 +229,10 @@ def test_native_passes_equal_torch_on_odd_shapes(monkeypatch, shape):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(shape, generator=g) * torch.logspace(-3, 1, shape[-1])
     x.view(-1)[::7] = float("nan")  # whole rows and channels may be NaN: measured as 0
-    terms = measure_terms(x)
-    got = elementwise.ranges(x), elementwise.count(x, terms)
+    ranges, terms = measure_terms(x)
+    got = elementwise.ranges(x), elementwise.count(x, ranges, terms)
     monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
-    want = elementwise.ranges(x), elementwise.count(x, terms)
+    want = elementwise.ranges(x), elementwise.count(x, ranges, terms)
     assert all(torch.equal(a, b) for a, b in zip(got[0], want[0]))
     assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
 
@@ -241,20 +241,21 @@ def test_more_configurations_than_the_native_code_takes_run_as_torch_code():
     from kernelscope.stats import native
 
     x = activations(6, (2, 16, 24))
-    once = measure_terms(x)
+    ranges, once = measure_terms(x)
     repeat = native.MAX_TERMS // len(once) + 1
     terms = once * repeat  # past the C code's limit
     assert len(terms) > native.MAX_TERMS
-    kernel, below, nonfinite = elementwise.count(x, terms)
-    want = elementwise.count(x, once)  # within the limit: the C code
+    kernel, below, nonfinite = elementwise.count(x, ranges, terms)
+    want = elementwise.count(x, ranges, once)  # within the limit: the C code
     assert torch.equal(kernel, want[0].repeat(repeat)) and torch.equal(below, want[1].repeat(repeat))
     assert torch.equal(nonfinite, want[2])
 
 
-def measure_terms(x: torch.Tensor) -> list:
+def measure_terms(x: torch.Tensor) -> tuple[ActivationRanges, list]:
     from kernelscope.stats.kernel import _terms
 
-    return _terms(ActivationRanges(*elementwise._ranges(x)), EDGE_CONFIGS)
+    ranges = ActivationRanges(*elementwise._ranges(x))
+    return ranges, _terms(ranges, EDGE_CONFIGS)
 
 
 def test_without_a_compiler_the_torch_code_runs(monkeypatch, tmp_path):

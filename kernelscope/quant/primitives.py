@@ -197,6 +197,8 @@ def _pow_rounded(v: torch.Tensor, exponent: float) -> torch.Tensor:
     usual shapes (multiples of 16). An ulp matters: a W8A8 CrossQuant perplexity on one window moved
     by about half a percent under 1-ulp changes of the step in our measurements.
     """
+    if v.numel() % 64 == 0 and v.is_contiguous():
+        return v.pow(exponent)  # already whole SIMD bodies
     flat = v.reshape(-1)  # (n,)
     padded = torch.nn.functional.pad(flat, (0, -flat.numel() % 64), value=1.0)  # (n + pad,)
     return padded.pow(exponent)[: flat.numel()].reshape(v.shape)

@@ -26,32 +26,36 @@ from dataclasses import dataclass
 
 import torch
 
-from kernelscope.quant import ActivationRanges, abs_in_stat_dtype, separable_step
+from kernelscope.quant import ActivationRanges, abs_in_stat_dtype, per_token_step, qmax_for_bits, separable_step
 from kernelscope.stats import native
 
 _INT32_LIMIT = 2**31 - 1
 
+Outputs = tuple[torch.Tensor, ...]
+
 
 @dataclass(frozen=True)
 class Term:
-    """How one configuration's step is formed, and what it is compared against.
+    """How one configuration's step is formed, and whether it is compared with the per-token step.
 
-    Either ``step``, broadcastable to ``(B, T, I)`` (per-token ``(B, T, 1)``, per-channel
-    ``(B, 1, I)``, per-tensor ``(B, 1, 1)``), or the separable factors ``row (B, T, 1)``,
-    ``col (B, 1, I)`` and ``qmax`` with Δ = separable_step(row, col, qmax). ``per_token`` is the
-    per-token step at the same bit width, for counting the elements whose step is smaller; None for
-    per-token itself.
+    One of three forms: ``token_bits``, the per-token step at that width (formed from t by whichever
+    code counts, so that it costs no tensor of its own); ``step``, broadcastable to ``(B, T, I)``
+    (per-token ``(B, T, 1)``, per-channel ``(B, 1, I)``, per-tensor ``(B, 1, 1)``); or the separable
+    factors ``row (B, T, 1)``, ``col (B, 1, I)`` and ``qmax`` with Δ = separable_step(row, col, qmax).
+    ``below_bits``: count the positions whose step is smaller than the per-token step at that width;
+    None for no count (per-token itself).
     """
 
+    token_bits: int | None = None
     step: torch.Tensor | None = None
     row: torch.Tensor | None = None
     col: torch.Tensor | None = None
     qmax: int | None = None
-    per_token: torch.Tensor | None = None
+    below_bits: int | None = None
 
     @property
     def separable(self) -> bool:
-        return self.step is None
+        return self.row is not None
 
 
 def _ranges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,17 +64,27 @@ def _ranges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ax.amax(dim=-1, keepdim=True), ax.amax(dim=-2, keepdim=True)  # (B, T, 1), (B, 1, I)
 
 
-def _count(x: torch.Tensor, terms: Sequence[Term]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _count(x: torch.Tensor, ranges: ActivationRanges, terms: Sequence[Term]) -> Outputs:
     ax = abs_in_stat_dtype(x)  # (B, T, I)
     finite = ax < math.inf
     count_dtype = torch.int32 if x.numel() <= _INT32_LIMIT else torch.int64
     ax = torch.where(finite, ax, math.nan)  # no comparison admits a NaN: non-finite is never in a kernel
+    per_token: dict[int, torch.Tensor] = {}  # bits -> (B, T, 1)
+
+    def token_step(bits: int) -> torch.Tensor:
+        if bits not in per_token:
+            per_token[bits] = per_token_step(ranges, bits)
+        return per_token[bits]
+
     kernel, below = [], []
     for t in terms:
-        step = separable_step(t.row, t.col, t.qmax) if t.separable else t.step  # broadcastable to (B, T, I)
+        if t.token_bits is not None:
+            step = token_step(t.token_bits)
+        else:
+            step = separable_step(t.row, t.col, t.qmax) if t.separable else t.step  # broadcastable to (B, T, I)
         kernel.append((ax <= 0.5 * step).sum(dtype=count_dtype))
-        if t.per_token is not None:
-            below.append(torch.lt(step, t.per_token).expand_as(ax).sum(dtype=count_dtype))  # (B, T, I)
+        if t.below_bits is not None:
+            below.append(torch.lt(step, token_step(t.below_bits)).expand_as(ax).sum(dtype=count_dtype))  # (B, T, I)
         else:
             below.append(torch.zeros((), dtype=count_dtype, device=x.device))
     nonfinite = torch.logical_not(finite).sum(dtype=count_dtype)
@@ -109,9 +123,6 @@ def describe(device: torch.device | str = "cpu") -> str:
     return f"native ({native.built_with}, {torch.get_num_threads()} threads)"
 
 
-Outputs = tuple[torch.Tensor, ...]
-
-
 def ranges(x: torch.Tensor, out: Outputs | None = None) -> ActivationRanges:
     """t ``(B, T, 1)`` and c ``(B, 1, I)`` of ``x (B, T, I)`` with NaN and ±Inf measured as 0.
 
@@ -123,25 +134,28 @@ def ranges(x: torch.Tensor, out: Outputs | None = None) -> ActivationRanges:
     return ActivationRanges(*native.ranges(native.library(), nx, out))
 
 
-def count(x: torch.Tensor, terms: Sequence[Term], out: Outputs | None = None) -> Outputs:
-    """``(kernel (C,), below_per_token (C,), nonfinite ())`` int64 counts over ``x (B, T, I)``.
+def count(x: torch.Tensor, ranges: ActivationRanges, terms: Sequence[Term], out: Outputs | None = None) -> Outputs:
+    """``(kernel (C,), below_per_token (C,), nonfinite ())`` int64 counts over ``x (B, T, I)`` whose
+    t and c are ``ranges`` (as :func:`ranges` measured them).
 
     ``kernel``: finite elements with ``|x| <= 0.5·Δ``; ``below_per_token``: positions whose step is
-    smaller than the per-token step (0 for terms without one); ``nonfinite``: NaN and ±Inf elements.
-    ``out``: three int64 tensors of those shapes to write them into.
+    smaller than the per-token step (0 for terms without ``below_bits``); ``nonfinite``: NaN and ±Inf
+    elements. ``out``: three int64 tensors of those shapes to write them into.
     """
     nx = _native_input(x)
-    vectors = None if nx is None else [_vector(t) for t in terms]
+    token = ranges.token
+    vectors = None if nx is None or token.dtype != torch.float32 else [_vector(t) for t in terms]
     if vectors is None or None in vectors or len(terms) > native.MAX_TERMS:
-        return _into(_count(x, terms), out)
+        return _into(_count(x, ranges, terms), out)
     batch, seq, width = x.shape
 
     def flat(v: torch.Tensor | None) -> torch.Tensor | None:
         return None if v is None else _flat(v, batch, seq, width)
 
-    kinds, first, second, qmax, per_token = zip(*vectors, strict=True)
-    return native.count(native.library(), nx, list(kinds), [flat(v) for v in first], [flat(v) for v in second],
-                        list(qmax), [flat(v) for v in per_token], out)
+    kinds, first, second, qmax = zip(*vectors, strict=True)
+    below_qmax = [0.0 if t.below_bits is None else float(qmax_for_bits(t.below_bits)) for t in terms]
+    return native.count(native.library(), nx, flat(token), list(kinds), [flat(v) for v in first],
+                        [flat(v) for v in second], list(qmax), below_qmax, out)
 
 
 def _into(results: Outputs, out: Outputs | None) -> Outputs:
@@ -152,19 +166,20 @@ def _into(results: Outputs, out: Outputs | None) -> Outputs:
     return out
 
 
-def _vector(t: Term) -> tuple[int, torch.Tensor, torch.Tensor | None, float, torch.Tensor | None] | None:
-    """A term as the C loops take it: (kind, first vector, second vector, qmax, per-token step), the
-    vectors without their broadcast; None if the C loops cannot take it."""
-    per_token = None if t.per_token is None else _unbroadcast(t.per_token)
+def _vector(t: Term) -> tuple[int, torch.Tensor | None, torch.Tensor | None, float] | None:
+    """A term as the C loops take it: (kind, first vector, second vector, qmax), the vectors without
+    their broadcast; None if the C loops cannot take it."""
+    if t.token_bits is not None:
+        return native.TOKEN, None, None, float(qmax_for_bits(t.token_bits))
     if t.separable:
         kind, first, second, qmax = native.SEP, _unbroadcast(t.row), _unbroadcast(t.col), float(t.qmax)
     else:
         first, second, qmax = _unbroadcast(t.step), None, 0.0
         kind = native.COL if first.shape[-1] != 1 else native.ROW
-    vectors = [v for v in (first, second, per_token) if v is not None]
+    vectors = [v for v in (first, second) if v is not None]
     if any(v.dtype != torch.float32 or v.shape[-1] != 1 and v.shape[-2] != 1 for v in vectors):
         return None
-    return kind, first, second, qmax, per_token
+    return kind, first, second, qmax
 
 
 def _unbroadcast(v: torch.Tensor) -> torch.Tensor:
@@ -177,7 +192,11 @@ def _unbroadcast(v: torch.Tensor) -> torch.Tensor:
 
 
 def _flat(v: torch.Tensor, batch: int, seq: int, width: int) -> torch.Tensor:
-    """A step vector ``(B|1, T|1, 1)`` or ``(B|1, 1, I)`` as contiguous rows ``(B, T)`` or columns ``(B, I)``."""
-    if v.shape[-1] == 1:
+    """A step vector ``(B|1, T|1, 1)`` or ``(B|1, 1, I)`` as contiguous rows ``(B, T)`` or columns
+    ``(B, I)`` (the C code reads only its memory, so a full contiguous vector is passed as it is)."""
+    rows = v.shape[-1] == 1
+    if v.is_contiguous() and v.numel() == batch * (seq if rows else width):
+        return v
+    if rows:
         return v.expand(batch, seq, 1).reshape(batch, seq).contiguous()  # (B, T)
     return v.expand(batch, 1, width).reshape(batch, width).contiguous()  # (B, I)

@@ -17,7 +17,6 @@ from kernelscope.quant import (
     ActivationRanges,
     QuantizerConfig,
     as_sequences,
-    per_token_step,
     separable_step,
     zero_bound,
 )
@@ -77,7 +76,10 @@ def separable_step_sums(row: torch.Tensor, col_sorted: torch.Tensor, qmax: int) 
     b = col_sorted.double()  # (B, I)
     suffix = torch.nn.functional.pad(b.flip(-1).cumsum(-1).flip(-1), (0, 1))  # (B, I + 1): sum of b[k:]
     cutoff = (qmax * STEP_FLOOR) / a  # (B, T): b_j below this gives a step at the floor; a = 0: inf
-    under = torch.searchsorted(b, cutoff)  # (B, T): how many b_j < cutoff
+    if b.device.type == "cpu" and bool((cutoff <= b[:, :1]).all()):
+        under = torch.zeros_like(cutoff, dtype=torch.int64)  # the usual case: no step at the floor
+    else:
+        under = torch.searchsorted(b, cutoff)  # (B, T): how many b_j < cutoff
     rows = under * STEP_FLOOR + a * suffix.gather(-1, under) / qmax  # (B, T)
     return rows.sum(dim=-1)  # (B,)
 
@@ -139,26 +141,25 @@ def measure(
         ranges = elementwise.ranges(x, (arena.empty((batch, seq, 1), stat), arena.empty((batch, 1, width), stat)))
         block = arena.empty((2 * n + 1,), torch.int64)  # kernel, below, nonfinite side by side
         counts = (block[:n], block[n : 2 * n], block[2 * n])
-    kernel, below, nonfinite = elementwise.count(x, _terms(ranges, configs), counts)
+    kernel, below, nonfinite = elementwise.count(x, ranges, _terms(ranges, configs), counts)
     return Measured(ranges.token, ranges.channel, kernel, below, nonfinite, token_offset)
 
 
 def _terms(ranges: ActivationRanges, configs: list[QuantizerConfig]) -> list[elementwise.Term]:
     """Each configuration's step, as the per-element pass takes it, for activations with these ranges."""
-    per_token = {bits: per_token_step(ranges, bits) for bits in {cfg.bits for cfg in configs}}
     factors: dict[tuple[str, float | None], tuple[torch.Tensor, torch.Tensor]] = {}
     terms = []
     for cfg in configs:
-        compare = None if cfg.quantizer == "per_token" else per_token[cfg.bits]
-        if cfg.separable:
+        if cfg.quantizer == "per_token":
+            terms.append(elementwise.Term(token_bits=cfg.bits))
+        elif cfg.separable:
             key = (cfg.quantizer, cfg.alpha)
             if key not in factors:
                 factors[key] = cfg.factors(ranges)  # (B, T, 1), (B, 1, I): the same for every bits
             row, col = factors[key]
-            terms.append(elementwise.Term(row=row, col=col, qmax=cfg.qmax, per_token=compare))
+            terms.append(elementwise.Term(row=row, col=col, qmax=cfg.qmax, below_bits=cfg.bits))
         else:
-            step = per_token[cfg.bits] if cfg.quantizer == "per_token" else cfg.step(ranges)
-            terms.append(elementwise.Term(step=step, per_token=compare))
+            terms.append(elementwise.Term(step=cfg.step(ranges), below_bits=cfg.bits))
     return terms
 
 

@@ -29,7 +29,8 @@ static int omp_get_thread_num(void) { return 0; }
 #define INF_BITS 0x7f800000u
 
 enum { KS_F32 = 0, KS_BF16 = 1 };        /* element type of x */
-enum { KS_ROW = 0, KS_COL = 1, KS_SEP = 2 }; /* step per token, per channel, or row·col/qmax */
+/* step given per token, given per channel, row·col/qmax, or the per-token step max(t/qmax, floor) */
+enum { KS_ROW = 0, KS_COL = 1, KS_SEP = 2, KS_TOKEN = 3 };
 
 /* |x| of one bfloat16 row as float32 bit patterns (sign cleared; NaN and Inf keep their exponent). */
 static void bf16_abs_bits(const uint16_t* restrict in, uint32_t* restrict out, int64_t n) {
@@ -92,16 +93,22 @@ void ks_ranges(const void* x, int dtype, int64_t S, int64_t T, int64_t I, float*
  * still admits every finite element). */
 static inline float capped(float bound) { return bound > FLT_MAX ? FLT_MAX : bound; }
 
-static int32_t finite_row(const uint32_t* restrict x, int64_t n) {
-    int32_t k = 0;
-    for (int64_t j = 0; j < n; j++) k += (x[j] & ABS_MASK) < INF_BITS;
-    return k;
-}
-
-static int32_t kernel_row(const float* restrict x, int64_t n, float bound) {
-    int32_t k = 0;
-    for (int64_t j = 0; j < n; j++) k += fabsf(x[j]) <= bound;
-    return k;
+/* In one reading of a row: its finite elements, and those with |x| <= bound0 and <= bound1 (a bound
+ * of -1 admits nothing, for a single bound). */
+static void row_counts(const float* restrict x, int64_t n, float bound0, float bound1, int32_t* finite,
+                       int32_t* k0, int32_t* k1) {
+    int32_t f = 0, a = 0, b = 0;
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t bits;
+        memcpy(&bits, x + j, sizeof bits);
+        f += (bits & ABS_MASK) < INF_BITS;
+        const float ax = fabsf(x[j]);
+        a += ax <= bound0;
+        b += ax <= bound1;
+    }
+    *finite = f;
+    *k0 = a;
+    *k1 = b;
 }
 
 static int32_t kernel_col(const float* restrict x, const float* restrict bound, int64_t n) {
@@ -116,14 +123,37 @@ static int32_t below_col(const float* restrict step, int64_t n, float per_token)
     return k;
 }
 
-/* Separable step: max(row · col / qmax, floor), as kernelscope.quant.separable_step evaluates it.
- * Without a per-token step, `below` is counted against -Inf: nothing is below it. */
-static void kernel_sep(const float* restrict x, const float* restrict col, int64_t n, float row, float qmax,
-                       float floor_, const float* per_token, int32_t* kernel, int32_t* below) {
-    const float p = per_token != NULL ? *per_token : -INFINITY;
+/* The per-token step of a token with maximum t. */
+static inline float token_step(float t, float qmax, float floor_) {
+    const float step = t / qmax;
+    return step < floor_ ? floor_ : step;
+}
+
+/* Separable step: max(row · col / qmax, floor), as kernelscope.quant.separable_step evaluates it,
+ * for two widths q0 and q1 of the same factors at once (the product is the same rounding for both).
+ * Without a per-token step, `below` is counted against p = -Inf: nothing is below it. */
+static void kernel_sep(const float* restrict x, const float* restrict col, int64_t n, float row, float q0,
+                       float q1, float floor_, float p0, float p1, int32_t* kernel, int32_t* below) {
+    int32_t k0 = 0, b0 = 0, k1 = 0, b1 = 0;
+    for (int64_t j = 0; j < n; j++) {
+        const float product = row * col[j];
+        float s0 = product / q0, s1 = product / q1;
+        s0 = s0 < floor_ ? floor_ : s0;
+        s1 = s1 < floor_ ? floor_ : s1;
+        const float ax = fabsf(x[j]);
+        k0 += ax <= capped(0.5f * s0);
+        b0 += s0 < p0;
+        k1 += ax <= capped(0.5f * s1);
+        b1 += s1 < p1;
+    }
+    kernel[0] = k0, below[0] = b0, kernel[1] = k1, below[1] = b1;
+}
+
+static void kernel_sep1(const float* restrict x, const float* restrict col, int64_t n, float row, float q,
+                        float floor_, float p, int32_t* kernel, int32_t* below) {
     int32_t k = 0, b = 0;
     for (int64_t j = 0; j < n; j++) {
-        float step = row * col[j] / qmax;
+        float step = row * col[j] / q;
         step = step < floor_ ? floor_ : step;
         k += fabsf(x[j]) <= capped(0.5f * step);
         b += step < p;
@@ -133,16 +163,18 @@ static void kernel_sep(const float* restrict x, const float* restrict col, int64
 }
 
 /*
- * x (S, T, I) row-major. Term k has kind[k]:
- *   KS_ROW: step a[k] (S, T);            below: step < p[k] (S, T) when p[k] is not NULL
- *   KS_COL: step a[k] (S, I);            below likewise, per position
- *   KS_SEP: row a[k] (S, T), col b[k] (S, I), qmax q[k]: step max(row·col/qmax, floor)
- * Writes kernel[k], below[k] (0 without p[k]) and nonfinite[0], using ks_count_scratch bytes of
- * scratch. Returns 0, or 2 with too many terms.
+ * x (S, T, I) row-major, t (S, T) its token maxima. Term k has kind[k]:
+ *   KS_ROW:   step a[k] (S, T)
+ *   KS_COL:   step a[k] (S, I)
+ *   KS_SEP:   row a[k] (S, T), col b[k] (S, I), qmax q[k]: step max(row·col/qmax, floor)
+ *   KS_TOKEN: step max(t/q[k], floor), as kernelscope.quant.per_token_step evaluates it
+ * With pq[k] > 0, below[k] counts the positions whose step is below the per-token step
+ * max(t/pq[k], floor); otherwise it is 0. Writes kernel[k], below[k] and nonfinite[0], using
+ * ks_count_scratch bytes of scratch. Returns 0, or 2 with too many terms.
  */
-int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, int nterms, const int32_t* kind,
-             const float* const* a, const float* const* b, const float* q, const float* const* p, float floor_,
-             int64_t* kernel, int64_t* below, int64_t* nonfinite, int threads, void* scratch_) {
+int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, const float* t, int nterms,
+             const int32_t* kind, const float* const* a, const float* const* b, const float* q, const float* pq,
+             float floor_, int64_t* kernel, int64_t* below, int64_t* nonfinite, int threads, void* scratch_) {
     if (nterms > KS_MAX_TERMS) return 2;
     if (threads < 1) threads = 1;
     int ncol = 0;
@@ -157,6 +189,20 @@ int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, int nter
         float* cb = colbound + (size_t)(c++) * (size_t)(S * I);
         for (int64_t j = 0; j < S * I; j++) cb[j] = capped(0.5f * a[k][j]);
         bounds[k] = cb;
+    }
+    /* Separable terms with the same factors (one quantizer at two widths) are counted in pairs:
+     * partner[k] is the later term of k's pair, -1 for none, k itself for the later term. */
+    int partner[KS_MAX_TERMS];
+    for (int k = 0; k < nterms; k++) partner[k] = -1;
+    for (int k = 0; k < nterms; k++) {
+        if (kind[k] != KS_SEP || partner[k] != -1) continue;
+        for (int m = k + 1; m < nterms; m++) {
+            if (kind[m] == KS_SEP && partner[m] == -1 && a[m] == a[k] && b[m] == b[k]) {
+                partner[k] = m;
+                partner[m] = m;
+                break;
+            }
+        }
     }
     for (int k = 0; k < nterms; k++) kernel[k] = below[k] = 0;
     *nonfinite = 0;
@@ -173,21 +219,47 @@ int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, int nter
                 bf16_abs_bits((const uint16_t*)x + g * I, (uint32_t*)buf, I);
                 xr = buf;
             }
-            bad += I - finite_row((const uint32_t*)xr, I);
+            /* Per-row steps first (their kernels are counted two at a time with the non-finite
+             * elements), then per-channel and separable ones (separable pairs of one factor pair
+             * together). */
+            float p[KS_MAX_TERMS], rowbound[KS_MAX_TERMS + 1];
+            int rowterm[KS_MAX_TERMS + 1], nrow = 0;
             for (int k = 0; k < nterms; k++) {
-                const float* pk = p[k] == NULL ? NULL : p[k] + g;
-                if (kind[k] == KS_ROW) {
-                    const float step = a[k][g];
-                    kern[k] += kernel_row(xr, I, capped(0.5f * step));
-                    if (pk != NULL && step < *pk) bel[k] += I;
-                } else if (kind[k] == KS_COL) {
+                p[k] = pq[k] > 0.0f ? token_step(t[g], pq[k], floor_) : -INFINITY;
+                if (kind[k] == KS_ROW || kind[k] == KS_TOKEN) {
+                    const float step = kind[k] == KS_ROW ? a[k][g] : token_step(t[g], q[k], floor_);
+                    if (step < p[k]) bel[k] += I;
+                    rowterm[nrow] = k;
+                    rowbound[nrow++] = capped(0.5f * step);
+                }
+            }
+            rowterm[nrow] = -1;
+            rowbound[nrow] = -1.0f;
+            for (int r = 0; r < (nrow > 0 ? nrow : 1); r += 2) {
+                int32_t finite, k0, k1;
+                row_counts(xr, I, rowbound[r], rowbound[r + 1], &finite, &k0, &k1);
+                if (r == 0) bad += I - finite;
+                if (rowterm[r] >= 0) kern[rowterm[r]] += k0;
+                if (r + 1 < nrow) kern[rowterm[r + 1]] += k1;
+            }
+            for (int k = 0; k < nterms; k++) {
+                if (kind[k] == KS_COL) {
                     kern[k] += kernel_col(xr, bounds[k] + s * I, I);
-                    if (pk != NULL) bel[k] += below_col(a[k] + s * I, I, *pk);
-                } else {
-                    int32_t kk, bb;
-                    kernel_sep(xr, b[k] + s * I, I, a[k][g], q[k], floor_, pk, &kk, &bb);
-                    kern[k] += kk;
-                    bel[k] += bb;
+                    if (pq[k] > 0.0f) bel[k] += below_col(a[k] + s * I, I, p[k]);
+                } else if (kind[k] == KS_SEP && partner[k] != k) {
+                    int32_t kk[2], bb[2];
+                    const int m = partner[k];
+                    if (m >= 0) {
+                        kernel_sep(xr, b[k] + s * I, I, a[k][g], q[k], q[m], floor_, p[k], p[m], kk, bb);
+                    } else {
+                        kernel_sep1(xr, b[k] + s * I, I, a[k][g], q[k], floor_, p[k], kk, bb);
+                    }
+                    kern[k] += kk[0];
+                    bel[k] += bb[0];
+                    if (m >= 0) {
+                        kern[m] += kk[1];
+                        bel[m] += bb[1];
+                    }
                 }
             }
         }

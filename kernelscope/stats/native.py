@@ -36,7 +36,7 @@ ARCH_FLAGS = (["-march=native"], [])
 THREAD_FLAGS = (["-fopenmp"], [])
 """Tried in order: the fastest build first, then builds without what the compiler may lack."""
 
-ROW, COL, SEP = 0, 1, 2
+ROW, COL, SEP, TOKEN = 0, 1, 2, 3  # KS_ROW ... KS_TOKEN in native.c
 MAX_TERMS = 64  # KS_MAX_TERMS in native.c
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -120,7 +120,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.ks_count_scratch.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     lib.ks_count.restype = ctypes.c_int
     lib.ks_count.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                             ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                             ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                              ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                              ctypes.c_int, ctypes.c_void_p]
     return lib
@@ -215,23 +215,24 @@ def ranges(lib: ctypes.CDLL, x: torch.Tensor, out=None) -> tuple[torch.Tensor, t
     return token, channel
 
 
-def count(lib: ctypes.CDLL, x: torch.Tensor, kinds: list[int], a: list[torch.Tensor], b: list[torch.Tensor | None],
-          qmax: list[float], per_token: list[torch.Tensor | None], out=None,
+def count(lib: ctypes.CDLL, x: torch.Tensor, token: torch.Tensor, kinds: list[int], a: list[torch.Tensor | None],
+          b: list[torch.Tensor | None], qmax: list[float], below_qmax: list[float], out=None,
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(kernel (C,), below (C,), nonfinite ())`` int64 of a contiguous ``x (S, T, I)``, written into
-    ``out`` when given; the vectors are contiguous float32: rows ``(S, T)``, columns ``(S, I)`` (see
-    ``ks_count`` in native.c)."""
+    """``(kernel (C,), below (C,), nonfinite ())`` int64 of a contiguous ``x (S, T, I)`` with token
+    maxima ``token`` (S·T contiguous float32), written into ``out`` when given. The vectors are
+    contiguous float32, rows ``(S, T)`` and columns ``(S, I)``; ``below_qmax`` 0 means no
+    below-per-token count (see ``ks_count`` in native.c)."""
     s, t_len, width = x.shape
     n = len(kinds)
     pointers = ctypes.c_void_p * n
+    floats = ctypes.c_float * n
     kernel, below, nonfinite = _outputs(out, [(n,), (n,), ()], torch.int64)
     threads = torch.get_num_threads()
     scratch = _scratch_ptr(lib.ks_count_scratch(DTYPES[x.dtype], s, width, kinds.count(COL), threads))
     status = lib.ks_count(
-        x.data_ptr(), DTYPES[x.dtype], s, t_len, width, n, (ctypes.c_int32 * n)(*kinds),
-        pointers(*map(_ptr, a)), pointers(*map(_ptr, b)), (ctypes.c_float * n)(*qmax),
-        pointers(*map(_ptr, per_token)), STEP_FLOOR, kernel.data_ptr(), below.data_ptr(), nonfinite.data_ptr(),
-        threads, scratch,
+        x.data_ptr(), DTYPES[x.dtype], s, t_len, width, token.data_ptr(), n, (ctypes.c_int32 * n)(*kinds),
+        pointers(*map(_ptr, a)), pointers(*map(_ptr, b)), floats(*qmax), floats(*below_qmax), STEP_FLOOR,
+        kernel.data_ptr(), below.data_ptr(), nonfinite.data_ptr(), threads, scratch,
     )
     if status != 0:
         raise ValueError(f"the native statistics take at most {MAX_TERMS} configurations at once, got {n}")
