@@ -1,6 +1,6 @@
 """What kernelscope's passes cost beside the bare forward pass, measured in one process.
 
-    python benchmarks/overhead.py                      # everything, on the demo model (~10 minutes on 2 cores)
+    python benchmarks/overhead.py                      # everything, on the demo model (~25 minutes on 2 cores)
     python benchmarks/overhead.py --sections overhead  # only the main ratios
 
 Sections:
@@ -9,7 +9,7 @@ Sections:
   scaling   profile / bare forward and tokens per second from 1 to 16 windows and 512 to 4096 tokens;
   memory    peak RSS of a profile / peak RSS of the bare forward, each in a fresh process, from 1 to
             16 windows, after a short warm-up run; the peak is reset before the run (Linux), so it is
-            the run's own.
+            the run's own; the median of --memory-repeat processes.
 
 Each time is the best of ``--repeat`` runs, the runs of the things compared interleaved so that
 machine noise hits them alike. Compare ratios across machines, not seconds.
@@ -118,21 +118,36 @@ def section_scaling(b: Bench, out: list[str]) -> None:
 
 def section_memory(b: Bench, out: list[str]) -> None:
     a = b.args
-    out.append(f"\n## memory: peak RSS during the run, each in a fresh process, {a.seqlen}-token windows")
-    out.append("(after a 64-token warm-up in the same process; 'warm-up +MiB' is what that warm-up added:")
-    out.append(" the first forward pass's buffers, and for the profile the native statistics' library)")
+    out.append(f"\n## memory: peak RSS during the run, each in a fresh process, {a.seqlen}-token windows;")
+    out.append(f"median of {a.memory_repeat} processes each (the allocator's retained heap moves a single")
+    out.append("process's peak by tens of MiB either way), after a 64-token warm-up in the same process;")
+    out.append("'warm-up +MiB' is what that warm-up added: the first forward pass's buffers, and for the profile")
+    out.append("the native statistics' library and the table library's threads")
     out.append(f"{'windows':8s} {'start MiB':>10s} {'bare peak':>10s} {'profile peak':>13s} {'ratio':>7s} "
-               f"{'bare +MiB':>10s} {'profile +MiB':>13s} {'warm-up +MiB':>13s}")
+               f"{'bare +MiB':>14s} {'profile +MiB':>14s} {'warm-up +MiB':>13s}")
     for n in (1, 4, 16):
-        runs = {}
-        for what in ("bare", "profile"):
-            cmd = [sys.executable, __file__, "--child", what, "--model", a.model, "--dataset", a.dataset,
-                   "--nsamples", str(n), "--seqlen", str(a.seqlen)]
-            runs[what] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-        bare, prof = runs["bare"], runs["profile"]
+        runs: dict[str, list[dict]] = {"bare": [], "profile": []}
+        for _ in range(a.memory_repeat):
+            for what in runs:
+                cmd = [sys.executable, __file__, "--child", what, "--model", a.model, "--dataset", a.dataset,
+                       "--nsamples", str(n), "--seqlen", str(a.seqlen)]
+                runs[what].append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
+        bare, prof = (_median_run(runs[what]) for what in ("bare", "profile"))
+        spread = {what: _spread([r["peak_mib"] - r["before_mib"] for r in runs[what]]) for what in runs}
         out.append(f"{n:<8d} {bare['before_mib']:10.0f} {bare['peak_mib']:10.0f} {prof['peak_mib']:13.0f} "
-                   f"{prof['peak_mib'] / bare['peak_mib']:7.3f} {bare['peak_mib'] - bare['before_mib']:10.0f} "
-                   f"{prof['peak_mib'] - prof['before_mib']:13.0f} {prof['warmup_mib']:13.0f}")
+                   f"{prof['peak_mib'] / bare['peak_mib']:7.3f} {spread['bare']:>14s} {spread['profile']:>14s} "
+                   f"{prof['warmup_mib']:13.0f}")
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median peak (the lower middle one for an even count)."""
+    return sorted(runs, key=lambda r: r["peak_mib"])[(len(runs) - 1) // 2]
+
+
+def _spread(values: list[float]) -> str:
+    """Median and range of a few MiB figures, e.g. ``107 (78-138)``."""
+    ordered = sorted(values)
+    return f"{ordered[(len(ordered) - 1) // 2]:.0f} ({ordered[0]:.0f}-{ordered[-1]:.0f})"
 
 
 def _status_mib(field: str) -> float:
@@ -179,7 +194,8 @@ def main() -> None:
     parser.add_argument("--dataset", default=str(DEFAULT_TEXT) if DEFAULT_TEXT.is_file() else "pydoc")
     parser.add_argument("--nsamples", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=2048)
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs of each thing compared (best is kept)")
+    parser.add_argument("--memory-repeat", type=int, default=3, help="fresh processes per memory figure (median)")
     parser.add_argument("--schemes", default="w8a8-per-token,w8a8-crossquant,remove-kernel-per-token")
     parser.add_argument("--sections", default="overhead,scaling,memory")
     parser.add_argument("--child", choices=["bare", "profile"], help=argparse.SUPPRESS)

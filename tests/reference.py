@@ -67,3 +67,13 @@ def c_ge_t_pairs(x: torch.Tensor) -> int:
         c = a.max(dim=0).values
         total += int((c[None, :] >= t[:, None]).sum())
     return total
+
+
+def below_per_token_count(x: torch.Tensor, quantizer: str, bits: int, alpha: float | None) -> int:
+    """Positions of ``x (..., T, I)`` whose step is smaller than the per-token step, one sequence at a time."""
+    seqs = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() > 2 else x[None]
+    total = 0
+    for seq in seqs:
+        step = step_for_sequence(seq, quantizer, bits, alpha)
+        total += int((step < step_for_sequence(seq, "per_token", bits, None)).sum())
+    return total

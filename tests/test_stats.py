@@ -224,6 +224,30 @@ def test_native_counts_equal_torch_and_reference_at_ties(monkeypatch, dtype):
 
 
 @needs_compiler
+@pytest.mark.parametrize("labels", [
+    ["crossquant a=0.15 int8"],  # one separable term alone
+    ["crossquant a=0.15 int8", "crossquant a=0.15 int6", "crossquant a=0.15 int4"],  # a pair and one alone
+    ["per_token int4"],  # one per-token term: counted with the non-finite elements, its pair empty
+    ["per_token int8", "per_token int6", "per_token int4", "crossquant a=0.5 int2", "per_channel int8"],
+])
+def test_native_counts_equal_reference_for_any_grouping_of_terms(monkeypatch, labels):
+    """The C count groups per-token terms two by two and separable terms of one factor pair in
+    twos; whatever the grouping, each term's counts are its own."""
+    by_label = {c.label: c for c in expand_configs(["per_token", "per_channel", "crossquant"], [8, 6, 4, 2], [0.15, 0.5])}
+    configs = [by_label[label] for label in labels]
+    x = edge_activations(nonfinite=True)
+    native = KernelStats(configs).update(observe(x, configs)).result()
+    monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
+    assert native == KernelStats(configs).update(observe(x, configs)).result()
+    clean = torch.where(x.isfinite(), x, 0.0)
+    for cfg, row in zip(configs, native["configs"]):
+        assert row["kernel_elements"] == ref.kernel_count(clean, cfg.quantizer, cfg.bits, cfg.alpha) - 3, cfg.label
+        if cfg.quantizer != "per_token":
+            below = ref.below_per_token_count(clean, cfg.quantizer, cfg.bits, cfg.alpha)
+            assert row["bound_below_per_token_fraction"] == below / x.numel(), cfg.label
+
+
+@needs_compiler
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 1, 17), (3, 5, 33), (2, 64, 16)])
 def test_native_passes_equal_torch_on_odd_shapes(monkeypatch, shape):
     g = torch.Generator().manual_seed(5)

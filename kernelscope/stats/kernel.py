@@ -292,21 +292,33 @@ class KernelStats:
         self.top_k = top_k
         self.state: Observation | None = None
         self.bound_sums = ExactSum(len(self.configs))
-        self._pending: list[torch.Tensor] = []  # (C, B) float64 each
+        self._held: torch.Tensor | None = None  # (C, >= _FLUSH) float64: per-sequence bound sums not yet added
+        self._filled = 0  # columns of _held in use
 
     def flush(self) -> None:
         """Fold the per-sequence bound sums kept on the device into the exact sums (one host sync)."""
-        if self._pending:
-            self.bound_sums.add(torch.cat(self._pending, dim=1))  # (C, total B)
-            self._pending = []
+        if self._filled:
+            self.bound_sums.add(self._held[:, : self._filled])  # (C, filled)
+            self._filled = 0
+
+    def _hold(self, sums: torch.Tensor) -> None:
+        """Keep ``sums (C, B)`` until the next flush, in one buffer made once: an accumulator allocates
+        nothing after its first batch, so it never leaves small blocks among a model's activations."""
+        width = sums.shape[1]
+        if self._held is None or self._held.shape[1] < width or self._held.device != sums.device:
+            self.flush()
+            self._held = torch.empty(len(self.configs), max(self._FLUSH, width), dtype=torch.float64,
+                                     device=sums.device)
+        elif self._filled + width > self._held.shape[1]:
+            self.flush()
+        self._held[:, self._filled : self._filled + width].copy_(sums)
+        self._filled += width
 
     def update(self, obs: Observation) -> KernelStats:
         """Add one observation (made with the same configs, in the same order)."""
         if obs.kernel.shape[0] != len(self.configs):
             raise ValueError("the observation was made with a different number of configurations")
-        self._pending.append(obs.bound_sum.detach())
-        if len(self._pending) >= self._FLUSH:
-            self.flush()
+        self._hold(obs.bound_sum.detach())
         if self.state is None:
             self.state = _copy(obs)
             self.state.bound_sum = torch.empty(0, dtype=torch.float64)  # held in self.bound_sums
@@ -319,16 +331,22 @@ class KernelStats:
         s = self.state
         if s.channel_max.shape != obs.channel_max.shape:
             raise ValueError("cannot merge statistics of layers with different widths")
+        # In place where the shapes allow: the state keeps its memory from one batch to the next.
         for name in SUMMED:
             getattr(s, name).add_(getattr(obs, name))
         for name in MAXIMA:
-            setattr(s, name, torch.maximum(getattr(s, name), getattr(obs, name)))
+            torch.maximum(getattr(s, name), getattr(obs, name), out=getattr(s, name))
         for name in MINIMA:
-            setattr(s, name, torch.minimum(getattr(s, name), getattr(obs, name)))
-        s.top_values, s.top_index = _top_k(
+            torch.minimum(getattr(s, name), getattr(obs, name), out=getattr(s, name))
+        values, index = _top_k(
             torch.cat([s.top_values, obs.top_values]), torch.cat([s.top_index, obs.top_index]),
             self.top_k,
         )
+        if values.shape == s.top_values.shape:
+            s.top_values.copy_(values)
+            s.top_index.copy_(index)
+        else:  # fewer than top_k tokens seen so far
+            s.top_values, s.top_index = values, index
 
     def top_from(self, values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-k of candidate tokens ``values (n,)`` at ``index (n,)``, ties to the earlier token."""
@@ -360,7 +378,7 @@ class KernelStats:
 
     def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> KernelStats:
         """Restore what :meth:`state_dict` returned; the next update continues exactly from there."""
-        self._pending = []
+        self._filled = 0
         if not state:
             self.state = None
             self.bound_sums = ExactSum(len(self.configs))
