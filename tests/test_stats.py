@@ -225,14 +225,14 @@ def test_native_counts_equal_torch_and_reference_at_ties(monkeypatch, dtype):
 
 @needs_compiler
 @pytest.mark.parametrize("labels", [
-    ["crossquant a=0.15 int8"],  # one separable term alone
-    ["crossquant a=0.15 int8", "crossquant a=0.15 int6", "crossquant a=0.15 int4"],  # a pair and one alone
+    ["crossquant a=0.15 int8"],  # no per-token term: the non-finite count runs alone
+    ["crossquant a=0.15 int8", "crossquant a=0.15 int6", "crossquant a=0.15 int4"],
     ["per_token int4"],  # one per-token term: counted with the non-finite elements, its pair empty
     ["per_token int8", "per_token int6", "per_token int4", "crossquant a=0.5 int2", "per_channel int8"],
 ])
 def test_native_counts_equal_reference_for_any_grouping_of_terms(monkeypatch, labels):
-    """The C count groups per-token terms two by two and separable terms of one factor pair in
-    twos; whatever the grouping, each term's counts are its own."""
+    """The C count takes the per-token terms two by two, with the non-finite elements; whatever
+    the grouping, each term's counts are its own."""
     by_label = {c.label: c for c in expand_configs(["per_token", "per_channel", "crossquant"], [8, 6, 4, 2], [0.15, 0.5])}
     configs = [by_label[label] for label in labels]
     x = edge_activations(nonfinite=True)

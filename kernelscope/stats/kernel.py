@@ -76,10 +76,7 @@ def separable_step_sums(row: torch.Tensor, col_sorted: torch.Tensor, qmax: int) 
     b = col_sorted.double()  # (B, I)
     suffix = torch.nn.functional.pad(b.flip(-1).cumsum(-1).flip(-1), (0, 1))  # (B, I + 1): sum of b[k:]
     cutoff = (qmax * STEP_FLOOR) / a  # (B, T): b_j below this gives a step at the floor; a = 0: inf
-    if b.device.type == "cpu" and bool((cutoff <= b[:, :1]).all()):
-        under = torch.zeros_like(cutoff, dtype=torch.int64)  # the usual case: no step at the floor
-    else:
-        under = torch.searchsorted(b, cutoff)  # (B, T): how many b_j < cutoff
+    under = torch.searchsorted(b, cutoff)  # (B, T): how many b_j < cutoff
     rows = under * STEP_FLOOR + a * suffix.gather(-1, under) / qmax  # (B, T)
     return rows.sum(dim=-1)  # (B,)
 

@@ -129,31 +129,13 @@ static inline float token_step(float t, float qmax, float floor_) {
     return step < floor_ ? floor_ : step;
 }
 
-/* Separable step: max(row · col / qmax, floor), as kernelscope.quant.separable_step evaluates it,
- * for two widths q0 and q1 of the same factors at once (the product is the same rounding for both).
+/* Separable step: max(row · col / qmax, floor), as kernelscope.quant.separable_step evaluates it.
  * Without a per-token step, `below` is counted against p = -Inf: nothing is below it. */
-static void kernel_sep(const float* restrict x, const float* restrict col, int64_t n, float row, float q0,
-                       float q1, float floor_, float p0, float p1, int32_t* kernel, int32_t* below) {
-    int32_t k0 = 0, b0 = 0, k1 = 0, b1 = 0;
-    for (int64_t j = 0; j < n; j++) {
-        const float product = row * col[j];
-        float s0 = product / q0, s1 = product / q1;
-        s0 = s0 < floor_ ? floor_ : s0;
-        s1 = s1 < floor_ ? floor_ : s1;
-        const float ax = fabsf(x[j]);
-        k0 += ax <= capped(0.5f * s0);
-        b0 += s0 < p0;
-        k1 += ax <= capped(0.5f * s1);
-        b1 += s1 < p1;
-    }
-    kernel[0] = k0, below[0] = b0, kernel[1] = k1, below[1] = b1;
-}
-
-static void kernel_sep1(const float* restrict x, const float* restrict col, int64_t n, float row, float q,
-                        float floor_, float p, int32_t* kernel, int32_t* below) {
+static void kernel_sep(const float* restrict x, const float* restrict col, int64_t n, float row, float qmax,
+                       float floor_, float p, int32_t* kernel, int32_t* below) {
     int32_t k = 0, b = 0;
     for (int64_t j = 0; j < n; j++) {
-        float step = row * col[j] / q;
+        float step = row * col[j] / qmax;
         step = step < floor_ ? floor_ : step;
         k += fabsf(x[j]) <= capped(0.5f * step);
         b += step < p;
@@ -190,20 +172,6 @@ int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, const fl
         for (int64_t j = 0; j < S * I; j++) cb[j] = capped(0.5f * a[k][j]);
         bounds[k] = cb;
     }
-    /* Separable terms with the same factors (one quantizer at two widths) are counted in pairs:
-     * partner[k] is the later term of k's pair, -1 for none, k itself for the later term. */
-    int partner[KS_MAX_TERMS];
-    for (int k = 0; k < nterms; k++) partner[k] = -1;
-    for (int k = 0; k < nterms; k++) {
-        if (kind[k] != KS_SEP || partner[k] != -1) continue;
-        for (int m = k + 1; m < nterms; m++) {
-            if (kind[m] == KS_SEP && partner[m] == -1 && a[m] == a[k] && b[m] == b[k]) {
-                partner[k] = m;
-                partner[m] = m;
-                break;
-            }
-        }
-    }
     for (int k = 0; k < nterms; k++) kernel[k] = below[k] = 0;
     *nonfinite = 0;
     const int64_t rows = S * T;
@@ -220,8 +188,7 @@ int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, const fl
                 xr = buf;
             }
             /* Per-row steps first (their kernels are counted two at a time with the non-finite
-             * elements), then per-channel and separable ones (separable pairs of one factor pair
-             * together). */
+             * elements), then per-channel and separable ones. */
             float p[KS_MAX_TERMS], rowbound[KS_MAX_TERMS + 1];
             int rowterm[KS_MAX_TERMS + 1], nrow = 0;
             for (int k = 0; k < nterms; k++) {
@@ -246,20 +213,11 @@ int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, const fl
                 if (kind[k] == KS_COL) {
                     kern[k] += kernel_col(xr, bounds[k] + s * I, I);
                     if (pq[k] > 0.0f) bel[k] += below_col(a[k] + s * I, I, p[k]);
-                } else if (kind[k] == KS_SEP && partner[k] != k) {
-                    int32_t kk[2], bb[2];
-                    const int m = partner[k];
-                    if (m >= 0) {
-                        kernel_sep(xr, b[k] + s * I, I, a[k][g], q[k], q[m], floor_, p[k], p[m], kk, bb);
-                    } else {
-                        kernel_sep1(xr, b[k] + s * I, I, a[k][g], q[k], floor_, p[k], kk, bb);
-                    }
-                    kern[k] += kk[0];
-                    bel[k] += bb[0];
-                    if (m >= 0) {
-                        kern[m] += kk[1];
-                        bel[m] += bb[1];
-                    }
+                } else if (kind[k] == KS_SEP) {
+                    int32_t kk, bb;
+                    kernel_sep(xr, b[k] + s * I, I, a[k][g], q[k], floor_, p[k], &kk, &bb);
+                    kern[k] += kk;
+                    bel[k] += bb;
                 }
             }
         }
