@@ -18,6 +18,7 @@ from kernelscope.quant import (
     expand_configs,
     per_token_step,
     qmax_for_bits,
+    separable_step,
 )
 from kernelscope.stats import KernelStats, LogHistogram, elementwise, observe
 from kernelscope.stats.exact import ExactSum
@@ -245,6 +246,35 @@ def test_native_counts_equal_reference_for_any_grouping_of_terms(monkeypatch, la
         if cfg.quantizer != "per_token":
             below = ref.below_per_token_count(clean, cfg.quantizer, cfg.bits, cfg.alpha)
             assert row["bound_below_per_token_fraction"] == below / x.numel(), cfg.label
+
+
+@needs_compiler
+@pytest.mark.parametrize("pair", [False, True])
+def test_native_separable_counts_where_the_step_overflows(monkeypatch, pair):
+    """Rows whose row · col reaches +Inf take the C code's capped path: a bound of +Inf admits every
+    finite element and never an infinite one, as in the torch code; the other rows compare half-steps."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn((2, 6, 40), generator=g) * 1e30
+    x[0, 1, :4] = torch.tensor([float("inf"), float("-inf"), 3e38, -3.4e38])
+    row = torch.logspace(-20, 20, 12).reshape(2, 6, 1)  # rows at 1e8 and above overflow against col's top
+    col = torch.logspace(-40, 30, 80).reshape(2, 1, 40)
+    x[1, 2, :] = 0.5 * separable_step(row, col, 7)[1, 2, :]  # exactly half a step: in the kernel
+    terms = [elementwise.Term(row=row, col=col, qmax=127, below_bits=8)]
+    if pair:
+        terms.append(elementwise.Term(row=row, col=col, qmax=7, below_bits=4))
+    ranges = ActivationRanges(*elementwise._ranges(x))
+    got = elementwise.count(x, ranges, terms)
+    monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
+    want = elementwise.count(x, ranges, terms)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert got[2] == int(x.isinf().sum()) >= 2
+    finite = torch.where(x.isfinite(), x.abs(), math.nan)
+    for term, kernel, below_count in zip(terms, got[0], got[1]):
+        step = separable_step(row, col, term.qmax)  # (2, 6, 40)
+        assert torch.isinf(step).any()
+        bound = torch.clamp_max(0.5 * step, torch.finfo(torch.float32).max)
+        assert kernel == int((finite <= bound).sum())
+        assert below_count == int((step < per_token_step(ranges, term.below_bits)).sum())  # t: non-finite as 0
 
 
 @needs_compiler

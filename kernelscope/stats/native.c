@@ -55,8 +55,9 @@ static uint32_t fold_row(const uint32_t* restrict x, uint32_t* restrict colmax, 
  * allocates while a model's activations come and go. */
 int64_t ks_ranges_scratch(int64_t I, int threads) { return (int64_t)(threads < 1 ? 1 : threads) * I * 2 * 4; }
 
-int64_t ks_count_scratch(int dtype, int64_t S, int64_t I, int ncol, int threads) {
-    return ((dtype == KS_F32 ? 0 : (int64_t)(threads < 1 ? 1 : threads) * I) + (int64_t)ncol * S * I + 1) * 4;
+int64_t ks_count_scratch(int dtype, int64_t S, int64_t I, int ncol, int nsep, int threads) {
+    return ((dtype == KS_F32 ? 0 : (int64_t)(threads < 1 ? 1 : threads) * I) + (int64_t)ncol * S * I
+            + (int64_t)nsep * S + 1) * 4;
 }
 
 /* x (S, T, I) row-major -> t (S, T) and c (S, I) float32, with ks_ranges_scratch bytes of scratch. */
@@ -130,7 +131,8 @@ static inline float token_step(float t, float qmax, float floor_) {
 }
 
 /* Separable step: max(row · col / qmax, floor), as kernelscope.quant.separable_step evaluates it.
- * Without a per-token step, `below` is counted against p = -Inf: nothing is below it. */
+ * Without a per-token step, `below` is counted against p = -Inf: nothing is below it. This form caps
+ * a bound that overflowed; the caller uses it for rows where row · col can reach +Inf. */
 static void kernel_sep(const float* restrict x, const float* restrict col, int64_t n, float row, float qmax,
                        float floor_, float p, int32_t* kernel, int32_t* below) {
     int32_t k = 0, b = 0;
@@ -142,6 +144,47 @@ static void kernel_sep(const float* restrict x, const float* restrict col, int64
     }
     *kernel = k;
     *below = b;
+}
+
+/*
+ * The same counts for rows where row · col stays finite, for one or two terms sharing their factors
+ * (one quantizer at two widths: the product is formed once). Half-steps are compared directly:
+ * 0.5 · max(p / q, floor) equals max(p / (2q), 0.5 · floor) bit for bit, since halving commutes with
+ * rounding wherever the result can exceed 0.5 · floor, and below that both sides are 0.5 · floor. A
+ * finite bound needs no cap, and an infinite |x| fails every comparison with it. h = 2q and hp the
+ * half per-token step (-Inf: no below count).
+ */
+static void kernel_sep_half(const float* restrict x, const float* restrict col, int64_t n, float row, float h,
+                            float half_floor, float hp, int32_t* kernel, int32_t* below) {
+    int32_t k = 0, b = 0;
+    for (int64_t j = 0; j < n; j++) {
+        float half = row * col[j] / h;
+        half = half < half_floor ? half_floor : half;
+        k += fabsf(x[j]) <= half;
+        b += half < hp;
+    }
+    *kernel = k;
+    *below = b;
+}
+
+static void kernel_sep_half2(const float* restrict x, const float* restrict col, int64_t n, float row,
+                             float h0, float h1, float half_floor, float hp0, float hp1, int32_t* out) {
+    int32_t k0 = 0, k1 = 0, b0 = 0, b1 = 0;
+    for (int64_t j = 0; j < n; j++) {
+        const float product = row * col[j];
+        float half0 = product / h0, half1 = product / h1;
+        half0 = half0 < half_floor ? half_floor : half0;
+        half1 = half1 < half_floor ? half_floor : half1;
+        const float ax = fabsf(x[j]);
+        k0 += ax <= half0;
+        k1 += ax <= half1;
+        b0 += half0 < hp0;
+        b1 += half1 < hp1;
+    }
+    out[0] = k0;
+    out[1] = k1;
+    out[2] = b0;
+    out[3] = b1;
 }
 
 /*
@@ -161,17 +204,41 @@ int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, const fl
     if (threads < 1) threads = 1;
     int ncol = 0;
     for (int k = 0; k < nterms; k++) ncol += kind[k] == KS_COL;
-    /* per thread a row of float32 (bfloat16 input only); then the column bounds of the KS_COL terms */
+    /* Scratch: per thread a row of float32 (bfloat16 input only); the column bounds of the KS_COL
+     * terms; per KS_SEP term and sequence the largest column factor. */
     const size_t row_floats = dtype == KS_F32 ? 0 : (size_t)I;
     float* scratch = scratch_;
     float* colbound = scratch + (size_t)threads * row_floats;
+    float* colmax = colbound + (size_t)ncol * (size_t)(S * I);
     const float* bounds[KS_MAX_TERMS] = {0};
-    for (int k = 0, c = 0; k < nterms; k++) {
-        if (kind[k] != KS_COL) continue;
-        float* cb = colbound + (size_t)(c++) * (size_t)(S * I);
-        for (int64_t j = 0; j < S * I; j++) cb[j] = capped(0.5f * a[k][j]);
-        bounds[k] = cb;
+    const float* sepmax[KS_MAX_TERMS] = {0};
+    int partner[KS_MAX_TERMS]; /* the next term with the same factors, -1 none, -2 counted by another */
+    for (int k = 0; k < nterms; k++) partner[k] = -1;
+    for (int k = 0; k < nterms; k++) {
+        if (kind[k] == KS_COL) {
+            float* cb = colbound;
+            colbound += S * I;
+            for (int64_t j = 0; j < S * I; j++) cb[j] = capped(0.5f * a[k][j]);
+            bounds[k] = cb;
+        } else if (kind[k] == KS_SEP) {
+            float* cm = colmax;
+            colmax += S;
+            for (int64_t s = 0; s < S; s++) {
+                float m = 0.0f;
+                for (int64_t j = 0; j < I; j++) m = b[k][s * I + j] > m ? b[k][s * I + j] : m;
+                cm[s] = m;
+            }
+            sepmax[k] = cm;
+            if (partner[k] == -1)
+                for (int k2 = k + 1; k2 < nterms; k2++)
+                    if (kind[k2] == KS_SEP && partner[k2] == -1 && a[k2] == a[k] && b[k2] == b[k]) {
+                        partner[k] = k2;
+                        partner[k2] = -2;
+                        break;
+                    }
+        }
     }
+    const float half_floor = 0.5f * floor_;
     for (int k = 0; k < nterms; k++) kernel[k] = below[k] = 0;
     *nonfinite = 0;
     const int64_t rows = S * T;
@@ -213,11 +280,25 @@ int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, const fl
                 if (kind[k] == KS_COL) {
                     kern[k] += kernel_col(xr, bounds[k] + s * I, I);
                     if (pq[k] > 0.0f) bel[k] += below_col(a[k] + s * I, I, p[k]);
-                } else if (kind[k] == KS_SEP) {
-                    int32_t kk, bb;
-                    kernel_sep(xr, b[k] + s * I, I, a[k][g], q[k], floor_, p[k], &kk, &bb);
-                    kern[k] += kk;
-                    bel[k] += bb;
+                } else if (kind[k] == KS_SEP && partner[k] != -2) {
+                    const float row = a[k][g], *col = b[k] + s * I;
+                    const int k2 = partner[k];
+                    int32_t c[4];
+                    if (!(row * sepmax[k][s] < INFINITY)) { /* fl(row · col) is monotone in col */
+                        kernel_sep(xr, col, I, row, q[k], floor_, p[k], &c[0], &c[2]);
+                        if (k2 >= 0) kernel_sep(xr, col, I, row, q[k2], floor_, p[k2], &c[1], &c[3]);
+                    } else if (k2 >= 0) {
+                        kernel_sep_half2(xr, col, I, row, 2.0f * q[k], 2.0f * q[k2], half_floor, 0.5f * p[k],
+                                         0.5f * p[k2], c);
+                    } else {
+                        kernel_sep_half(xr, col, I, row, 2.0f * q[k], half_floor, 0.5f * p[k], &c[0], &c[2]);
+                    }
+                    kern[k] += c[0];
+                    bel[k] += c[2];
+                    if (k2 >= 0) {
+                        kern[k2] += c[1];
+                        bel[k2] += c[3];
+                    }
                 }
             }
         }

@@ -117,7 +117,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.ks_ranges_scratch.restype = ctypes.c_int64
     lib.ks_ranges_scratch.argtypes = [ctypes.c_int64, ctypes.c_int]
     lib.ks_count_scratch.restype = ctypes.c_int64
-    lib.ks_count_scratch.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    lib.ks_count_scratch.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                                      ctypes.c_int]
     lib.ks_count.restype = ctypes.c_int
     lib.ks_count.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                              ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -228,7 +229,8 @@ def count(lib: ctypes.CDLL, x: torch.Tensor, token: torch.Tensor, kinds: list[in
     floats = ctypes.c_float * n
     kernel, below, nonfinite = _outputs(out, [(n,), (n,), ()], torch.int64)
     threads = torch.get_num_threads()
-    scratch = _scratch_ptr(lib.ks_count_scratch(DTYPES[x.dtype], s, width, kinds.count(COL), threads))
+    scratch = _scratch_ptr(lib.ks_count_scratch(DTYPES[x.dtype], s, width, kinds.count(COL), kinds.count(SEP),
+                                              threads))
     status = lib.ks_count(
         x.data_ptr(), DTYPES[x.dtype], s, t_len, width, token.data_ptr(), n, (ctypes.c_int32 * n)(*kinds),
         pointers(*map(_ptr, a)), pointers(*map(_ptr, b)), floats(*qmax), floats(*below_qmax), STEP_FLOOR,
