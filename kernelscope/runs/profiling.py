@@ -24,7 +24,7 @@ from kernelscope.runs.common import resolve_layers, run_context, unpack
 from kernelscope.runs.forward import eval_mode, forward_windows, model_device
 from kernelscope.stats import KernelStats, elementwise
 from kernelscope.stats.arena import Arena
-from kernelscope.stats.kernel import HISTOGRAM, Measured, measure, measured_nbytes, summarise
+from kernelscope.stats.kernel import HISTOGRAM, Measured, measure, measured_nbytes, results, summarise
 
 ProgressFn = Callable[[int, int], None]
 """Called as ``progress(windows_done, windows_total)`` after each batch."""
@@ -60,6 +60,29 @@ def _rollup(layers: pl.DataFrame, by: list[str]) -> pl.DataFrame:
             (pl.col("c_ge_t_pairs") / (pl.col("elements") + pl.col("nonfinite_elements"))).alias("c_ge_t_fraction"),
         )
     )
+
+
+LIST_COLUMNS = {"top_channels": pl.Int64, "top_channel_absmax": pl.Float64, "top_tokens": pl.String,
+                "top_token_ids": pl.Int64, "top_token_positions": pl.Int64, "top_token_absmax": pl.Float64}
+
+
+def _table(rows: list[dict[str, Any]], overrides: dict[str, pl.DataType]) -> pl.DataFrame:
+    """Rows of dicts as a table, built column by column. A list column whose lists all have one
+    length is made from one flat sequence: cell by cell, the lists cost more than the rest of a
+    profile's bookkeeping together."""
+    columns = {}
+    for name in rows[0]:
+        values = [row[name] for row in rows]
+        inner = LIST_COLUMNS.get(name)
+        width = len(values[0]) if inner is not None else 0
+        if width and all(len(v) == width for v in values):
+            flat = pl.Series(name, [item for v in values for item in v], dtype=inner)  # (rows * width,)
+            columns[name] = flat.reshape((len(values), width)).cast(pl.List(inner))  # (rows,) of lists
+        elif inner is not None:
+            columns[name] = pl.Series(name, values, dtype=pl.List(inner))
+        else:
+            columns[name] = pl.Series(name, values, dtype=overrides.get(name))
+    return pl.DataFrame(columns)
 
 
 def _token_text(tokenizer, token_id: int) -> str:
@@ -175,15 +198,22 @@ def profile(
     distributed.merge_stats(leaders, model_device(model))
     elapsed = time.perf_counter() - started
 
-    rows = []
-    for layer in selected:
-        acc = stats[follows.get(layer.name) or layer.name]
-        if acc.empty:
+    owners = [follows.get(layer.name) or layer.name for layer in selected]  # whose accumulator each reads
+    for layer, owner in zip(selected, owners, strict=True):
+        if stats[owner].empty:
             raise RuntimeError(f"layer {layer.name} never ran; is it used by the model's forward pass?")
-        res = acc.result()
+    distinct = list(dict.fromkeys(owners))
+    computed = dict(zip(distinct, results([stats[owner] for owner in distinct]), strict=True))
+    texts: dict[int, str] = {}
+    rows = []
+    for layer, owner in zip(selected, owners, strict=True):
+        res = computed[owner]
         lay = res["layer"]
         positions = [(i // windows.seqlen, i % windows.seqlen) for i in lay["top_token_index"]]
         token_ids = [int(windows.tokens[w, p]) for w, p in positions]
+        for t in token_ids:
+            if t not in texts:
+                texts[t] = _token_text(tokenizer, t)
         base = {
             "layer": layer.name, "block": layer.block, "module_type": layer.module_type,
             "in_features": layer.in_features, "tokens": lay["tokens"], "elements": lay["elements"],
@@ -191,15 +221,14 @@ def profile(
             "c_ge_t_pairs": lay["c_ge_t_pairs"], "c_ge_t_fraction": lay["c_ge_t_fraction"],
             "abs_max": lay["abs_max"],
             "top_channels": lay["top_channels"], "top_channel_absmax": lay["top_channel_absmax"],
-            "top_tokens": [_token_text(tokenizer, t) for t in token_ids],
+            "top_tokens": [texts[t] for t in token_ids],
             "top_token_ids": token_ids,
             "top_token_positions": [windows.starts[w] + p for w, p in positions],
             "top_token_absmax": lay["top_token_absmax"],
         }
         for cfg, row in zip(configs, res["configs"], strict=True):
             rows.append({**base, "config": cfg.label, **row})
-    frame = pl.DataFrame(rows, schema_overrides={"block": pl.Int64, "alpha": pl.Float64,
-                                                 "bound_below_per_token_fraction": pl.Float64})
+    frame = _table(rows, {"block": pl.Int64, "alpha": pl.Float64, "bound_below_per_token_fraction": pl.Float64})
     lead = ["layer", "block", "module_type", "quantizer", "bits", "alpha", "config", "elements",
             "kernel_elements", "kernel_fraction"]
     frame = frame.select(lead + [c for c in frame.columns if c not in lead])

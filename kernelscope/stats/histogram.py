@@ -113,21 +113,19 @@ class LogHistogram:
         (NaN for an empty row): ``R`` lists of ``len(qs)`` floats, computed together."""
         counts = counts.detach().to(torch.float64).cpu().numpy()  # (R, bins)
         cum = np.cumsum(counts, axis=1)  # (R, bins); exact: integer counts below 2**53
-        out = []
-        for r in range(counts.shape[0]):
-            total = cum[r, -1]
-            if total == 0:
-                out.append([math.nan] * len(qs))
-                continue
-            targets = np.asarray(qs, dtype=np.float64) * total  # (Q,)
-            b = np.minimum(np.searchsorted(cum[r], targets, side="left"), self.bins - 1)  # (Q,)
-            before = np.where(b > 0, cum[r, np.maximum(b - 1, 0)], 0.0)
-            inside = counts[r, b]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                frac = np.where(inside == 0, 0.0, np.clip((targets - before) / inside, 0.0, 1.0))
-            values = 10.0 ** (self.low + (b + frac) / self.per_decade)
-            out.append([min(max(float(v), lo[r]), hi[r]) for v in values])
-        return out
+        total = cum[:, -1:]  # (R, 1)
+        targets = np.asarray(qs, dtype=np.float64)[None, :] * total  # (R, Q)
+        # Per row, the first bin whose running count reaches the target (a search in each row).
+        b = np.minimum((cum[:, None, :] < targets[:, :, None]).sum(axis=-1), self.bins - 1)  # (R, Q)
+        before = np.where(b > 0, np.take_along_axis(cum, np.maximum(b - 1, 0), axis=1), 0.0)  # (R, Q)
+        inside = np.take_along_axis(counts, b, axis=1)  # (R, Q)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            frac = np.where(inside == 0, 0.0, np.clip((targets - before) / inside, 0.0, 1.0))
+        values = 10.0 ** (self.low + (b + frac) / self.per_decade)  # (R, Q)
+        lo_, hi_ = (np.asarray(v, dtype=np.float64).reshape(-1, 1) for v in (lo, hi))  # (R, 1)
+        values = np.minimum(np.maximum(values, lo_), hi_)
+        values[total[:, 0] == 0] = math.nan
+        return values.tolist()
 
 
 def _bincount_rows(index: torch.Tensor, width: int, weights: torch.Tensor | None = None) -> torch.Tensor:

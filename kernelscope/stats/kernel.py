@@ -396,11 +396,18 @@ class KernelStats:
 
     def result(self) -> dict:
         """Plain Python values: layer-wide figures and one dict per config (host sync happens here)."""
+        return results([self])[0]
+
+    def _on_host(self) -> Observation:
+        """The accumulated state on the CPU, pending bound sums folded in."""
         if self.state is None:
             raise ValueError("no data was observed for this layer")
         self.flush()
+        return Observation(**{f.name: getattr(self.state, f.name).cpu() for f in fields(self.state)})
+
+    def _assemble(self, s: Observation, quantiles: list[list[float]]) -> dict:
+        """:meth:`result` from the state on the host and its bound quantiles ``(C, len(QUANTILES))``."""
         sums = self.bound_sums.values()
-        s = Observation(**{f.name: getattr(self.state, f.name).cpu() for f in fields(self.state)})
         positions = int(s.elements)
         elements = positions - int(s.nonfinite)  # the finite elements the kernel is counted over
         k = min(self.top_k, s.channel_max.numel())
@@ -421,7 +428,6 @@ class KernelStats:
         }
         kernel, below = s.kernel.tolist(), s.below_per_token.tolist()
         lows, highs = s.bound_min.tolist(), s.bound_max.tolist()
-        quantiles = HISTOGRAM.quantiles(s.bound_hist, QUANTILES, lows, highs)  # (C, len(QUANTILES))
         per_config = []
         for i, cfg in enumerate(self.configs):
             row = {
@@ -437,3 +443,20 @@ class KernelStats:
                 row[f"bound_p{round(q * 100)}"] = value
             per_config.append(row)
         return {"layer": layer, "configs": per_config}
+
+
+def results(accumulators: list[KernelStats]) -> list[dict]:
+    """:meth:`KernelStats.result` of each accumulator; the bound quantiles of all of them are read
+    from their histograms together, in one pass instead of one per layer."""
+    states = [acc._on_host() for acc in accumulators]
+    if not states:
+        return []
+    hist = torch.cat([s.bound_hist for s in states])  # (sum of C, bins)
+    lows = torch.cat([s.bound_min for s in states]).tolist()
+    highs = torch.cat([s.bound_max for s in states]).tolist()
+    quantiles = HISTOGRAM.quantiles(hist, QUANTILES, lows, highs)  # (sum of C, len(QUANTILES))
+    out, first = [], 0
+    for acc, s in zip(accumulators, states, strict=True):
+        out.append(acc._assemble(s, quantiles[first : first + len(acc.configs)]))
+        first += len(acc.configs)
+    return out
