@@ -147,26 +147,14 @@ static void kernel_sep(const float* restrict x, const float* restrict col, int64
 }
 
 /*
- * The same counts for rows where row · col stays finite, for one or two terms sharing their factors
- * (one quantizer at two widths: the product is formed once). Half-steps are compared directly:
+ * The same counts for rows where row · col stays finite, for two terms sharing their factors (one
+ * quantizer at two widths: the product is formed once; a lone term passes itself twice, which costs
+ * no measurable time). Half-steps are compared directly:
  * 0.5 · max(p / q, floor) equals max(p / (2q), 0.5 · floor) bit for bit, since halving commutes with
  * rounding wherever the result can exceed 0.5 · floor, and below that both sides are 0.5 · floor. A
  * finite bound needs no cap, and an infinite |x| fails every comparison with it. h = 2q and hp the
  * half per-token step (-Inf: no below count).
  */
-static void kernel_sep_half(const float* restrict x, const float* restrict col, int64_t n, float row, float h,
-                            float half_floor, float hp, int32_t* kernel, int32_t* below) {
-    int32_t k = 0, b = 0;
-    for (int64_t j = 0; j < n; j++) {
-        float half = row * col[j] / h;
-        half = half < half_floor ? half_floor : half;
-        k += fabsf(x[j]) <= half;
-        b += half < hp;
-    }
-    *kernel = k;
-    *below = b;
-}
-
 static void kernel_sep_half2(const float* restrict x, const float* restrict col, int64_t n, float row,
                              float h0, float h1, float half_floor, float hp0, float hp1, int32_t* out) {
     int32_t k0 = 0, k1 = 0, b0 = 0, b1 = 0;
@@ -287,11 +275,10 @@ int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, const fl
                     if (!(row * sepmax[k][s] < INFINITY)) { /* fl(row · col) is monotone in col */
                         kernel_sep(xr, col, I, row, q[k], floor_, p[k], &c[0], &c[2]);
                         if (k2 >= 0) kernel_sep(xr, col, I, row, q[k2], floor_, p[k2], &c[1], &c[3]);
-                    } else if (k2 >= 0) {
-                        kernel_sep_half2(xr, col, I, row, 2.0f * q[k], 2.0f * q[k2], half_floor, 0.5f * p[k],
-                                         0.5f * p[k2], c);
                     } else {
-                        kernel_sep_half(xr, col, I, row, 2.0f * q[k], half_floor, 0.5f * p[k], &c[0], &c[2]);
+                        const int other = k2 >= 0 ? k2 : k;
+                        kernel_sep_half2(xr, col, I, row, 2.0f * q[k], 2.0f * q[other], half_floor, 0.5f * p[k],
+                                         0.5f * p[other], c);
                     }
                     kern[k] += c[0];
                     bel[k] += c[2];
