@@ -11,8 +11,10 @@ Sections:
             16 windows, after a short warm-up run; the peak is reset before the run (Linux), so it is
             the run's own; the median of --memory-repeat processes.
 
-Each time is the best of ``--repeat`` runs, the runs of the things compared interleaved so that
-machine noise hits them alike. Compare ratios across machines, not seconds.
+Each time is the best of ``--repeat`` rounds; a round runs each thing compared once, side by side,
+so that machine noise hits them alike. Beside the ratio of the best times, each ratio is also given
+within each round (median and range): on a shared machine one pair of runs can stray by several
+percent either way. Compare ratios across machines, not seconds.
 """
 
 from __future__ import annotations
@@ -53,12 +55,21 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def best_of(runs: dict, repeat: int) -> dict[str, float]:
-    best: dict[str, float] = {}
+def rounds(runs: dict, repeat: int) -> dict[str, list[float]]:
+    """Seconds of each run in each of ``repeat`` rounds; a round runs every thing compared once."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeat):
         for name, fn in runs.items():
-            best[name] = min(best.get(name, float("inf")), timed(fn))
-    return best
+            times[name].append(timed(fn))
+    return times
+
+
+def paired(times: dict[str, list[float]], name: str, against: str) -> str:
+    """The ratio of ``name`` to ``against`` within each round, as median (lowest-highest; the lower
+    middle for an even count): how far
+    one pair of runs side by side can stray from the best-of figure on this machine."""
+    ratios = sorted(a / b for a, b in zip(times[name], times[against], strict=True))
+    return f"{ratios[(len(ratios) - 1) // 2]:.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f})"
 
 
 class Bench:
@@ -94,26 +105,31 @@ def section_overhead(b: Bench, out: list[str]) -> None:
     for name in a.schemes.split(","):
         scheme = parse_scheme(name)
         runs[f"eval {scheme.name}"] = lambda s=scheme: run_scheme(b.model, windows, s, b.layers)
-    best = best_of(runs, a.repeat)
-    out.append(f"\n## overhead: {windows.describe()}; best of {a.repeat}")
+    times = rounds(runs, a.repeat)
+    best = {name: min(t) for name, t in times.items()}
+    out.append(f"\n## overhead: {windows.describe()}; best of {a.repeat}, and the ratio within each round")
+    out.append(f"{'':34s} {'best s':>8s} {'tok/s':>8s}  {'best ratio':>10s} {'per round: median (range)':>26s}")
     for name, seconds in best.items():
         against = "eval fp" if name.startswith("eval ") else "bare forward"
-        out.append(f"{name:34s} {seconds:8.2f} s {tokens / seconds:8.0f} tok/s  "
-                   f"{seconds / best[against]:6.3f}x {against}")
+        out.append(f"{name:34s} {seconds:8.2f} {tokens / seconds:8.0f}  {seconds / best[against]:9.3f}x "
+                   f"{'' if name == against else paired(times, name, against):>26s}  vs {against}")
 
 
 def section_scaling(b: Bench, out: list[str]) -> None:
     a = b.args
     out.append(f"\n## scaling: profile (default set) / bare forward; best of {a.repeat}")
-    out.append(f"{'windows x tokens':18s} {'bare s':>8s} {'profile s':>10s} {'ratio':>7s} {'profile tok/s':>14s}")
+    out.append(f"{'windows x tokens':18s} {'bare s':>8s} {'profile s':>10s} {'ratio':>7s} {'profile tok/s':>14s} "
+               f"{'per round: median (range)':>26s}")
     shapes = [(n, 512) for n in (1, 4, 16)] + [(1, s) for s in (1024, 2048, 4096)]
     for n, seqlen in shapes:
         windows = b.windows(n, seqlen)
-        best = best_of({"bare": lambda w=windows: b.bare(w),
+        times = rounds({"bare": lambda w=windows: b.bare(w),
                         "profile": lambda w=windows: b.profile(w, CONFIG_SETS[4])}, a.repeat)
+        best = {name: min(t) for name, t in times.items()}
         tokens = n * seqlen
         out.append(f"{f'{n} x {seqlen}':18s} {best['bare']:8.2f} {best['profile']:10.2f} "
-                   f"{best['profile'] / best['bare']:7.3f} {tokens / best['profile']:14.0f}")
+                   f"{best['profile'] / best['bare']:7.3f} {tokens / best['profile']:14.0f} "
+                   f"{paired(times, 'profile', 'bare'):>26s}")
 
 
 def section_memory(b: Bench, out: list[str]) -> None:

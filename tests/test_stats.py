@@ -305,6 +305,30 @@ def test_more_configurations_than_the_native_code_takes_run_as_torch_code():
     assert torch.equal(nonfinite, want[2])
 
 
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_fixed_plan_counts_as_the_terms_themselves(dtype):
+    """measure builds the fixed part of the C count once per list of configurations; counting with
+    it gives what counting from the terms alone gives, and terms whose form depends on the data
+    (a step tensor) get no plan."""
+    x = edge_activations(nonfinite=True).to(dtype)
+    fixed = [c for c in EDGE_CONFIGS if c.quantizer == "per_token" or c.separable]
+    assert len(fixed) >= 4 and any(c.separable for c in fixed)
+    from kernelscope.stats.kernel import _terms
+
+    ranges = elementwise.ranges(x)
+    terms = _terms(ranges, fixed)
+    plan = elementwise.fixed_plan(terms)
+    assert plan is not None
+    got = elementwise.count(x, ranges, terms, plan=plan)
+    want = elementwise.count(x, ranges, terms)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert got[2] == 3
+    assert elementwise.fixed_plan(_terms(ranges, EDGE_CONFIGS)) is None  # per-channel, per-tensor: step tensors
+    again = measure(x, fixed)  # the cached plan, on a second batch
+    assert torch.equal(again.kernel, want[0]) and torch.equal(again.below_per_token, want[1])
+
+
 def measure_terms(x: torch.Tensor) -> tuple[ActivationRanges, list]:
     from kernelscope.stats.kernel import _terms
 

@@ -134,16 +134,23 @@ def ranges(x: torch.Tensor, out: Outputs | None = None) -> ActivationRanges:
     return ActivationRanges(*native.ranges(native.library(), nx, out))
 
 
-def count(x: torch.Tensor, ranges: ActivationRanges, terms: Sequence[Term], out: Outputs | None = None) -> Outputs:
+def count(x: torch.Tensor, ranges: ActivationRanges, terms: Sequence[Term], out: Outputs | None = None,
+          plan: native.CountPlan | None = None) -> Outputs:
     """``(kernel (C,), below_per_token (C,), nonfinite ())`` int64 counts over ``x (B, T, I)`` whose
     t and c are ``ranges`` (as :func:`ranges` measured them).
 
     ``kernel``: finite elements with ``|x| <= 0.5·Δ``; ``below_per_token``: positions whose step is
     smaller than the per-token step (0 for terms without ``below_bits``); ``nonfinite``: NaN and ±Inf
-    elements. ``out``: three int64 tensors of those shapes to write them into.
+    elements. ``out``: three int64 tensors of those shapes to write them into. ``plan``: what
+    :func:`fixed_plan` made for terms of these forms, which spares this call from making it again.
     """
     nx = _native_input(x)
     token = ranges.token
+    if plan is not None and nx is not None and token.dtype == torch.float32 and token.is_contiguous():
+        rows = [t.row if t.separable else None for t in terms]  # (B, T, 1) each: the C code reads (B, T)
+        cols = [t.col if t.separable else None for t in terms]  # (B, 1, I) each: read as (B, I)
+        if all(v is None or v.is_contiguous() and v.dtype == torch.float32 for v in rows + cols):
+            return plan.run(native.library(), nx, token, rows, cols, out)
     vectors = None if nx is None or token.dtype != torch.float32 else [_vector(t) for t in terms]
     if vectors is None or None in vectors or len(terms) > native.MAX_TERMS:
         return _into(_count(x, ranges, terms), out)
@@ -153,9 +160,26 @@ def count(x: torch.Tensor, ranges: ActivationRanges, terms: Sequence[Term], out:
         return None if v is None else _flat(v, batch, seq, width)
 
     kinds, first, second, qmax = zip(*vectors, strict=True)
-    below_qmax = [0.0 if t.below_bits is None else float(qmax_for_bits(t.below_bits)) for t in terms]
     return native.count(native.library(), nx, flat(token), list(kinds), [flat(v) for v in first],
-                        [flat(v) for v in second], list(qmax), below_qmax, out)
+                        [flat(v) for v in second], list(qmax), _below_qmax(terms), out)
+
+
+def fixed_plan(terms: Sequence[Term]) -> native.CountPlan | None:
+    """The fixed part of the C count for terms whose form does not depend on the data (per-token
+    steps and separable steps whose factors are full contiguous vectors), to pass to :func:`count`
+    for every later batch of terms of the same forms; None where the C count cannot take them so."""
+    if not terms or len(terms) > native.MAX_TERMS or not all(t.token_bits is not None or t.separable for t in terms):
+        return None
+    vectors = [_vector(t) for t in terms]
+    if None in vectors:
+        return None
+    kinds, _, _, qmax = zip(*vectors, strict=True)
+    return native.CountPlan(list(kinds), list(qmax), _below_qmax(terms))
+
+
+def _below_qmax(terms: Sequence[Term]) -> list[float]:
+    """Each term's per-token width as the C count takes it: its qmax, or 0 for no below count."""
+    return [0.0 if t.below_bits is None else float(qmax_for_bits(t.below_bits)) for t in terms]
 
 
 def _into(results: Outputs, out: Outputs | None) -> Outputs:

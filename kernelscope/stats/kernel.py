@@ -20,7 +20,7 @@ from kernelscope.quant import (
     separable_step,
     zero_bound,
 )
-from kernelscope.stats import elementwise
+from kernelscope.stats import elementwise, native
 from kernelscope.stats.arena import Arena
 from kernelscope.stats.exact import ExactSum
 from kernelscope.stats.histogram import LogHistogram
@@ -115,6 +115,11 @@ class Measured:
     token_offset: int
 
 
+_PLANS: dict[tuple, native.CountPlan | None] = {}
+"""Per list of configurations and statistics dtype, the fixed part of the C count (or None): a
+profile measures the same configurations some hundred times a forward pass."""
+
+
 def measure(
     x: torch.Tensor, configs: list[QuantizerConfig], *, token_offset: int = 0, seq_len: int | None = None,
     arena: Arena | None = None,
@@ -138,7 +143,13 @@ def measure(
         ranges = elementwise.ranges(x, (arena.empty((batch, seq, 1), stat), arena.empty((batch, 1, width), stat)))
         block = arena.empty((2 * n + 1,), torch.int64)  # kernel, below, nonfinite side by side
         counts = (block[:n], block[n : 2 * n], block[2 * n])
-    kernel, below, nonfinite = elementwise.count(x, ranges, _terms(ranges, configs), counts)
+    terms = _terms(ranges, configs)
+    key = (tuple(configs), stat)
+    if key not in _PLANS:
+        if len(_PLANS) >= 64:
+            _PLANS.clear()
+        _PLANS[key] = elementwise.fixed_plan(terms)
+    kernel, below, nonfinite = elementwise.count(x, ranges, terms, counts, _PLANS[key])
     return Measured(ranges.token, ranges.channel, kernel, below, nonfinite, token_offset)
 
 

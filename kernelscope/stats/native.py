@@ -216,26 +216,43 @@ def ranges(lib: ctypes.CDLL, x: torch.Tensor, out=None) -> tuple[torch.Tensor, t
     return token, channel
 
 
+class CountPlan:
+    """The part of a ``ks_count`` call fixed by the terms' forms (kinds, widths, below-per-token
+    widths as C arrays): built once for a list of configurations and used for every batch, so a
+    batch pays only for its own pointers."""
+
+    def __init__(self, kinds: list[int], qmax: list[float], below_qmax: list[float]) -> None:
+        n = len(kinds)
+        if n > MAX_TERMS:
+            raise ValueError(f"the native statistics take at most {MAX_TERMS} configurations at once, got {n}")
+        self.size = n
+        self.kinds = (ctypes.c_int32 * n)(*kinds)
+        self.qmax = (ctypes.c_float * n)(*qmax)
+        self.below_qmax = (ctypes.c_float * n)(*below_qmax)
+        self.ncol, self.nsep = kinds.count(COL), kinds.count(SEP)
+
+    def run(self, lib: ctypes.CDLL, x: torch.Tensor, token: torch.Tensor, a: list[torch.Tensor | None],
+            b: list[torch.Tensor | None], out=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(kernel (C,), below (C,), nonfinite ())`` int64 of a contiguous ``x (S, T, I)`` with token
+        maxima ``token`` (S·T contiguous float32), written into ``out`` when given. ``a`` and ``b``: each
+        term's vectors, contiguous float32 rows ``(S, T)`` and columns ``(S, I)`` (see ``ks_count``)."""
+        s, t_len, width = x.shape
+        n = self.size
+        pointers = ctypes.c_void_p * n
+        kernel, below, nonfinite = _outputs(out, [(n,), (n,), ()], torch.int64)
+        threads = torch.get_num_threads()
+        scratch = _scratch_ptr(lib.ks_count_scratch(DTYPES[x.dtype], s, width, self.ncol, self.nsep, threads))
+        lib.ks_count(
+            x.data_ptr(), DTYPES[x.dtype], s, t_len, width, token.data_ptr(), n, self.kinds,
+            pointers(*map(_ptr, a)), pointers(*map(_ptr, b)), self.qmax, self.below_qmax, STEP_FLOOR,
+            kernel.data_ptr(), below.data_ptr(), nonfinite.data_ptr(), threads, scratch,
+        )
+        return kernel, below, nonfinite
+
+
 def count(lib: ctypes.CDLL, x: torch.Tensor, token: torch.Tensor, kinds: list[int], a: list[torch.Tensor | None],
           b: list[torch.Tensor | None], qmax: list[float], below_qmax: list[float], out=None,
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(kernel (C,), below (C,), nonfinite ())`` int64 of a contiguous ``x (S, T, I)`` with token
-    maxima ``token`` (S·T contiguous float32), written into ``out`` when given. The vectors are
-    contiguous float32, rows ``(S, T)`` and columns ``(S, I)``; ``below_qmax`` 0 means no
-    below-per-token count (see ``ks_count`` in native.c)."""
-    s, t_len, width = x.shape
-    n = len(kinds)
-    pointers = ctypes.c_void_p * n
-    floats = ctypes.c_float * n
-    kernel, below, nonfinite = _outputs(out, [(n,), (n,), ()], torch.int64)
-    threads = torch.get_num_threads()
-    scratch = _scratch_ptr(lib.ks_count_scratch(DTYPES[x.dtype], s, width, kinds.count(COL), kinds.count(SEP),
-                                              threads))
-    status = lib.ks_count(
-        x.data_ptr(), DTYPES[x.dtype], s, t_len, width, token.data_ptr(), n, (ctypes.c_int32 * n)(*kinds),
-        pointers(*map(_ptr, a)), pointers(*map(_ptr, b)), floats(*qmax), floats(*below_qmax), STEP_FLOOR,
-        kernel.data_ptr(), below.data_ptr(), nonfinite.data_ptr(), threads, scratch,
-    )
-    if status != 0:
-        raise ValueError(f"the native statistics take at most {MAX_TERMS} configurations at once, got {n}")
-    return kernel, below, nonfinite
+    """:meth:`CountPlan.run` for terms given by ``kinds``, ``qmax`` and ``below_qmax`` (0: no
+    below-per-token count)."""
+    return CountPlan(kinds, qmax, below_qmax).run(lib, x, token, a, b, out)
