@@ -66,8 +66,8 @@ def rounds(runs: dict, repeat: int) -> dict[str, list[float]]:
 
 def paired(times: dict[str, list[float]], name: str, against: str) -> str:
     """The ratio of ``name`` to ``against`` within each round, as median (lowest-highest; the lower
-    middle for an even count): how far
-    one pair of runs side by side can stray from the best-of figure on this machine."""
+    middle for an even count): how far one pair of runs side by side can stray from the ratio of
+    the best times on this machine."""
     ratios = sorted(a / b for a, b in zip(times[name], times[against], strict=True))
     return f"{ratios[(len(ratios) - 1) // 2]:.3f} ({ratios[0]:.3f}-{ratios[-1]:.3f})"
 
