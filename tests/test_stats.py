@@ -327,6 +327,13 @@ def test_a_fixed_plan_counts_as_the_terms_themselves(dtype):
     assert elementwise.fixed_plan(_terms(ranges, EDGE_CONFIGS)) is None  # per-channel, per-tensor: step tensors
     again = measure(x, fixed)  # the cached plan, on a second batch
     assert torch.equal(again.kernel, want[0]) and torch.equal(again.below_per_token, want[1])
+    # Factors shared by every sequence (a broadcast row) are too short to be read as they are: the
+    # call makes full vectors, as it does without a plan, rather than reading past their end.
+    shared = [elementwise.Term(row=t.row[:1], col=t.col, qmax=t.qmax, below_bits=t.below_bits) if t.separable
+              else t for t in terms]
+    assert x.shape[0] > 1
+    got = elementwise.count(x, ranges, shared, plan=plan)
+    assert all(torch.equal(a, b) for a, b in zip(got, elementwise.count(x, ranges, shared)))
 
 
 def measure_terms(x: torch.Tensor) -> tuple[ActivationRanges, list]:

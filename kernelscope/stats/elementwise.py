@@ -146,15 +146,17 @@ def count(x: torch.Tensor, ranges: ActivationRanges, terms: Sequence[Term], out:
     """
     nx = _native_input(x)
     token = ranges.token
-    if plan is not None and nx is not None and token.dtype == torch.float32 and token.is_contiguous():
+    batch, seq, width = x.shape
+    if plan is not None and nx is not None:
         rows = [t.row if t.separable else None for t in terms]  # (B, T, 1) each: the C code reads (B, T)
         cols = [t.col if t.separable else None for t in terms]  # (B, 1, I) each: read as (B, I)
-        if all(v is None or v.is_contiguous() and v.dtype == torch.float32 for v in rows + cols):
+        # The C code reads each vector's memory whole: only full contiguous float32 vectors go as they are.
+        sized = [(token, batch * seq), *((v, batch * seq) for v in rows), *((v, batch * width) for v in cols)]
+        if all(v is None or _whole(v, size) for v, size in sized):
             return plan.run(native.library(), nx, token, rows, cols, out)
     vectors = None if nx is None or token.dtype != torch.float32 else [_vector(t) for t in terms]
     if vectors is None or None in vectors or len(terms) > native.MAX_TERMS:
         return _into(_count(x, ranges, terms), out)
-    batch, seq, width = x.shape
 
     def flat(v: torch.Tensor | None) -> torch.Tensor | None:
         return None if v is None else _flat(v, batch, seq, width)
@@ -175,6 +177,11 @@ def fixed_plan(terms: Sequence[Term]) -> native.CountPlan | None:
         return None
     kinds, _, _, qmax = zip(*vectors, strict=True)
     return native.CountPlan(list(kinds), list(qmax), _below_qmax(terms))
+
+
+def _whole(v: torch.Tensor, size: int) -> bool:
+    """Whether the C code can read ``v`` as it is: contiguous float32 holding ``size`` elements."""
+    return v.is_contiguous() and v.dtype == torch.float32 and v.numel() == size
 
 
 def _below_qmax(terms: Sequence[Term]) -> list[float]:
@@ -219,7 +226,7 @@ def _flat(v: torch.Tensor, batch: int, seq: int, width: int) -> torch.Tensor:
     """A step vector ``(B|1, T|1, 1)`` or ``(B|1, 1, I)`` as contiguous rows ``(B, T)`` or columns
     ``(B, I)`` (the C code reads only its memory, so a full contiguous vector is passed as it is)."""
     rows = v.shape[-1] == 1
-    if v.is_contiguous() and v.numel() == batch * (seq if rows else width):
+    if _whole(v, batch * (seq if rows else width)):  # float32: _vector took only float32 vectors
         return v
     if rows:
         return v.expand(batch, seq, 1).reshape(batch, seq).contiguous()  # (B, T)
