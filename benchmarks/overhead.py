@@ -9,7 +9,10 @@ Sections:
   scaling   profile / bare forward and tokens per second from 1 to 16 windows and 512 to 4096 tokens;
   memory    peak RSS of a profile / peak RSS of the bare forward, each in a fresh process, from 1 to
             16 windows, after a short warm-up run; the peak is reset before the run (Linux), so it is
-            the run's own; the median of --memory-repeat processes.
+            the run's own; the median of --memory-repeat processes. Beside it, the same with glibc
+            told to map every block above 64 KiB on its own (MALLOC_MMAP_THRESHOLD_, in the child
+            processes only), so that a freed block leaves RSS at once: the peak of the memory in use,
+            without the heap the allocator keeps, which moves a single process's peak by tens of MiB.
 
 Each time is the best of ``--repeat`` rounds; a round runs each thing compared once, side by side,
 so that machine noise hits them alike. Beside the ratio of the best times, each ratio is also given
@@ -137,22 +140,38 @@ def section_memory(b: Bench, out: list[str]) -> None:
     out.append(f"\n## memory: peak RSS during the run, each in a fresh process, {a.seqlen}-token windows;")
     out.append(f"median of {a.memory_repeat} processes each (the allocator's retained heap moves a single")
     out.append("process's peak by tens of MiB either way), after a 64-token warm-up in the same process;")
-    out.append("'warm-up +MiB' is what that warm-up added: the first forward pass's buffers, and for the profile")
-    out.append("the native statistics' library and the table library's threads")
+    out.append("'warm-up +MiB' is what that warm-up added to the profile's process: mostly the code of the")
+    out.append("libraries it uses (the table library's, torch's statistics operations), paged in once and")
+    out.append("resident from then on; it counts in the profile's peak. The last three columns: the peak of")
+    out.append("the memory in use (glibc maps every block above 64 KiB on its own and frees it at once), "
+               f"median of {a.live_repeat}")
     out.append(f"{'windows':8s} {'start MiB':>10s} {'bare peak':>10s} {'profile peak':>13s} {'ratio':>7s} "
-               f"{'bare +MiB':>14s} {'profile +MiB':>14s} {'warm-up +MiB':>13s}")
+               f"{'bare +MiB':>14s} {'profile +MiB':>14s} {'warm-up +MiB':>13s} {'in use: ratio':>14s} "
+               f"{'bare +MiB':>10s} {'profile +MiB':>13s}")
     for n in (1, 4, 16):
-        runs: dict[str, list[dict]] = {"bare": [], "profile": []}
-        for _ in range(a.memory_repeat):
-            for what in runs:
-                cmd = [sys.executable, __file__, "--child", what, "--model", a.model, "--dataset", a.dataset,
-                       "--nsamples", str(n), "--seqlen", str(a.seqlen)]
-                runs[what].append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
+        runs = _children(a, n, a.memory_repeat, {})
+        live = _children(a, n, a.live_repeat, {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)})
         bare, prof = (_median_run(runs[what]) for what in ("bare", "profile"))
         spread = {what: _spread([r["peak_mib"] - r["before_mib"] for r in runs[what]]) for what in runs}
+        live_bare, live_prof = (_median_run(live[what]) for what in ("bare", "profile"))
         out.append(f"{n:<8d} {bare['before_mib']:10.0f} {bare['peak_mib']:10.0f} {prof['peak_mib']:13.0f} "
                    f"{prof['peak_mib'] / bare['peak_mib']:7.3f} {spread['bare']:>14s} {spread['profile']:>14s} "
-                   f"{prof['warmup_mib']:13.0f}")
+                   f"{prof['warmup_mib']:13.0f} {live_prof['peak_mib'] / live_bare['peak_mib']:14.3f} "
+                   f"{live_bare['peak_mib'] - live_bare['before_mib']:10.0f} "
+                   f"{live_prof['peak_mib'] - live_prof['before_mib']:13.0f}")
+
+
+def _children(a, n: int, repeat: int, env: dict[str, str]) -> dict[str, list[dict]]:
+    """``repeat`` fresh processes of each run (bare, profile) on ``n`` windows, alternating; what
+    each printed. ``env`` is added to the children's environment only."""
+    runs: dict[str, list[dict]] = {"bare": [], "profile": []}
+    for _ in range(repeat):
+        for what in runs:
+            cmd = [sys.executable, __file__, "--child", what, "--model", a.model, "--dataset", a.dataset,
+                   "--nsamples", str(n), "--seqlen", str(a.seqlen)]
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, **env})
+            runs[what].append(json.loads(done.stdout))
+    return runs
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -212,6 +231,8 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each thing compared (best is kept)")
     parser.add_argument("--memory-repeat", type=int, default=3, help="fresh processes per memory figure (median)")
+    parser.add_argument("--live-repeat", type=int, default=1,
+                        help="fresh processes per memory-in-use figure (median); it moves by a few MiB at most")
     parser.add_argument("--schemes", default="w8a8-per-token,w8a8-crossquant,remove-kernel-per-token")
     parser.add_argument("--sections", default="overhead,scaling,memory")
     parser.add_argument("--child", choices=["bare", "profile"], help=argparse.SUPPRESS)

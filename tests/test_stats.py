@@ -22,7 +22,15 @@ from kernelscope.quant import (
 )
 from kernelscope.stats import KernelStats, LogHistogram, elementwise, observe
 from kernelscope.stats.exact import ExactSum
-from kernelscope.stats.kernel import count_c_ge_t, measure, separable_step_sums, summarise
+from kernelscope.stats.kernel import (
+    KernelStatsGroup,
+    count_c_ge_t,
+    measure,
+    results,
+    separable_step_sums,
+    summarise,
+    summarise_groups,
+)
 from tests import reference as ref
 
 CONFIGS = default_configs() + [QuantizerConfig("per_tensor", 8), QuantizerConfig("per_channel", 4)]
@@ -405,6 +413,54 @@ def test_summarising_many_layers_at_once_equals_one_at_a_time():
         assert KernelStats(CONFIGS, top_k=5).update(together[i]).result() == alone
 
 
+def test_a_group_updates_as_each_layer_alone(monkeypatch):
+    monkeypatch.setattr(KernelStats, "_FLUSH", 3)  # the held bound sums fill up and are folded in mid-run
+    layers, top_k = 3, 4
+    batches = []
+    for b, (batch, seq) in enumerate([(1, 2), (2, 5), (3, 5), (1, 5), (2, 5)]):  # 2 tokens: top-k still short
+        xs = [activations(100 * b + j, (batch, seq, 24)) for j in range(layers)]
+        xs[1][0, 0, :] = 0.0  # a zero row
+        xs[2][-1, -1, 3] = math.nan
+        batches.append(xs)
+    alone = [KernelStats(CONFIGS, top_k) for _ in range(layers)]
+    together = [KernelStats(CONFIGS, top_k) for _ in range(layers)]
+    group = KernelStatsGroup(together)
+    offset = 0
+    for b, xs in enumerate(batches):
+        measured = [measure(x, CONFIGS, token_offset=offset) for x in xs]
+        offset += xs[0].shape[0] * xs[0].shape[1]
+        for acc, obs in zip(alone, summarise(measured, CONFIGS, top_k), strict=True):
+            acc.update(obs)
+        [(members, stacked)] = summarise_groups(measured, CONFIGS, top_k)
+        assert members == list(range(layers))
+        group.update(stacked)
+        if b == 2:  # one layer restored on its own leaves the group; the next update takes it back
+            together[1].load_state_dict(together[1].state_dict())
+            assert together[1]._group is None
+        if b == 3:  # read mid-run, while the group holds sums
+            assert together[0].result() == alone[0].result()
+    group.release()
+    for mine, theirs in zip(together, alone, strict=True):
+        assert mine.result() == theirs.result()
+        a, b = mine.state_dict(), theirs.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(acc._group is None for acc in together)
+
+
+def test_results_read_in_slices_equal_results_read_together(monkeypatch):
+    accs = [KernelStats(CONFIGS).update(observe(activations(60 + i), CONFIGS)) for i in range(5)]
+    together = results(accs)
+    monkeypatch.setattr("kernelscope.stats.kernel._RESULTS_AT_ONCE", 2)
+    assert results(accs) == together == [acc.result() for acc in accs]
+
+
+def test_a_group_refuses_an_observation_of_other_layers():
+    group = KernelStatsGroup([KernelStats(CONFIGS) for _ in range(2)])
+    [(_, stacked)] = summarise_groups([measure(activations(1), CONFIGS)], CONFIGS)
+    with pytest.raises(ValueError, match="2 layers"):
+        group.update(stacked)
+
+
 def test_top_tokens_break_ties_by_position():
     x = torch.zeros(2, 6, 4)
     x[0, 1, 0] = x[0, 4, 1] = x[1, 0, 2] = x[1, 5, 3] = 3.0  # four tokens with the same abs-max
@@ -467,6 +523,18 @@ def test_separable_histogram_moves_only_values_at_bin_edges():
     zero = torch.full((1, 4, 1), -math.inf, dtype=torch.float64)
     all_floor = hist.counts_of_sums(zero, torch.zeros(1, 1, 5, dtype=torch.float64), lowest)[0, 0]
     assert int(all_floor[math.floor((lowest - hist.low) * hist.per_decade)]) == 20 == int(all_floor.sum())
+
+
+def test_the_histogram_of_sums_does_not_depend_on_how_many_groups_are_transformed_at_once(monkeypatch):
+    hist = LogHistogram()
+    g = torch.Generator().manual_seed(11)
+    r = 0.15 * torch.log10(torch.rand(6, 50, 1, generator=g, dtype=torch.float64) * 50)
+    k = 0.85 * torch.log10(torch.rand(6, 1, 40, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(
+        -6, 3, (6, 1, 40), generator=g))
+    args = (r, k, math.log10(0.5 * STEP_FLOOR), [-math.log10(127)])
+    whole = hist.counts_of_sums(*args, groups=3)  # (3, 1, bins): one transform for all
+    monkeypatch.setattr("kernelscope.stats.histogram._SPECTRUM_ELEMENTS", 1)  # one group at a time
+    assert torch.equal(hist.counts_of_sums(*args, groups=3), whole)
 
 
 def test_arena_hands_out_aligned_tensors_and_falls_back_when_full():

@@ -24,7 +24,15 @@ from kernelscope.runs.common import resolve_layers, run_context, unpack
 from kernelscope.runs.forward import eval_mode, forward_windows, model_device
 from kernelscope.stats import KernelStats, elementwise
 from kernelscope.stats.arena import Arena
-from kernelscope.stats.kernel import HISTOGRAM, Measured, measure, measured_nbytes, results, summarise
+from kernelscope.stats.kernel import (
+    HISTOGRAM,
+    KernelStatsGroup,
+    Measured,
+    measure,
+    measured_nbytes,
+    results,
+    summarise_groups,
+)
 
 ProgressFn = Callable[[int, int], None]
 """Called as ``progress(windows_done, windows_total)`` after each batch."""
@@ -137,8 +145,10 @@ def profile(
     shared: dict[str, Any] = {"x": None, "leader": None, "offset": 0}
     follows: dict[str, str | None] = {}
     first_batch = [True]
-    # What the hooks measure during a forward pass; summarised for all layers at once after it.
+    # What the hooks measure during a forward pass; summarised for all layers at once after it, and
+    # added to the accumulators of the layers of one input shape together.
     pending: list[tuple[str, Measured]] = []
+    groups: dict[tuple[str, ...], KernelStatsGroup] = {}
 
     def observer(name: str, x: torch.Tensor) -> None:
         leader = shared["leader"] if shared["x"] is x else None
@@ -180,9 +190,11 @@ def profile(
             shared["offset"] = first * windows.seqlen
             try:
                 forward_windows(model, batch, all_logits=include_lm_head)
-                observations = summarise([m for _, m in pending], configs, top_k)
-                for (name, _), obs in zip(pending, observations, strict=True):
-                    stats[name].update(obs)
+                for members, stacked in summarise_groups([m for _, m in pending], configs, top_k):
+                    names = tuple(pending[i][0] for i in members)
+                    if names not in groups:
+                        groups[names] = KernelStatsGroup([stats[name] for name in names])
+                    groups[names].update(stacked)
             finally:
                 shared["x"] = shared["leader"] = None
                 pending.clear()
@@ -194,6 +206,8 @@ def profile(
                                 {name: stats[follows.get(name) or name].state_dict() for name in stats})
             if progress is not None:
                 progress(done - mine.start, len(mine))
+    for group in groups.values():
+        group.release()
     leaders = [stats[layer.name] for layer in selected if follows.get(layer.name) is None]
     distributed.merge_stats(leaders, model_device(model))
     elapsed = time.perf_counter() - started

@@ -2,7 +2,8 @@
 
 ``observe`` reduces one batch of one layer's input to fixed-size tensors (an :class:`Observation`);
 ``KernelStats.update`` adds it; ``KernelStats.merge`` adds another accumulator (another process,
-another shard of windows). Everything stays on the activation's device until ``result``.
+another shard of windows). :class:`KernelStatsGroup` updates the accumulators of many layers
+together from one stacked observation. Everything stays on the activation's device until ``result``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,11 @@ MINIMA = ("bound_min",)
 
 @dataclass
 class Observation:
-    """One batch of one layer's input, reduced. Fields with a config axis have length C."""
+    """One batch of one layer's input, reduced. Fields with a config axis have length C.
+
+    A stacked observation (:func:`summarise_groups`) holds several layers at once: every field
+    gains a leading layer axis, and :meth:`layer` takes one layer's out (as views).
+    """
 
     tokens: torch.Tensor  # () int64: rows (tokens) seen
     elements: torch.Tensor  # () int64: positions (B·T·I), finite or not
@@ -52,6 +57,10 @@ class Observation:
     channel_max: torch.Tensor  # (I,) float32: max over sequences of c_j
     top_values: torch.Tensor  # (k,) float32: largest t_i
     top_index: torch.Tensor  # (k,) int64: their global token index (-1: empty)
+
+    def layer(self, j: int) -> Observation:
+        """Layer ``j`` of a stacked observation."""
+        return Observation(**{f.name: getattr(self, f.name)[j] for f in fields(self)})
 
 
 def count_c_ge_t(token: torch.Tensor, c_sorted: torch.Tensor) -> torch.Tensor:
@@ -82,12 +91,13 @@ def separable_step_sums(row: torch.Tensor, col_sorted: torch.Tensor, qmax: int) 
 
 
 def _top_k(values: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` largest values with their indices; ties go to the smaller index, so the choice does
-    not depend on how the values were split into batches or processes."""
-    order = torch.argsort(index, stable=True)
-    values, index = values[order], index[order]
-    order = torch.argsort(values, descending=True, stable=True)[:k]
-    return values[order], index[order]
+    """The ``k`` largest values with their indices along the last axis (each row apart); ties go to
+    the smaller index, so the choice does not depend on how the values were split into batches or
+    processes."""
+    order = torch.argsort(index, dim=-1, stable=True)
+    values, index = values.gather(-1, order), index.gather(-1, order)
+    order = torch.argsort(values, dim=-1, descending=True, stable=True)[..., :k]
+    return values.gather(-1, order), index.gather(-1, order)
 
 
 def _top_tokens(t: torch.Tensor, k: int) -> torch.Tensor:
@@ -178,23 +188,33 @@ def measured_nbytes(batch: int, seq: int, width: int, configs: list[QuantizerCon
 
 
 def summarise(measured: list[Measured], configs: list[QuantizerConfig], top_k: int = 10) -> list[Observation]:
-    """One :class:`Observation` per measurement, the work on t and c done for all of them together.
-
-    Measurements of the same shape are stacked, so a batch of 200 Linear inputs costs a few dozen
-    tensor operations rather than a few dozen each.
-    """
+    """One :class:`Observation` per measurement, the work on t and c done for all of them together
+    (see :func:`summarise_groups`)."""
     out: list[Observation | None] = [None] * len(measured)
-    shapes: dict[tuple, list[int]] = {}
-    for i, m in enumerate(measured):
-        shapes.setdefault((m.token.shape, m.channel.shape, m.token.dtype, m.token.device), []).append(i)
-    for members in shapes.values():
-        for i, obs in zip(members, _summarise_same_shape([measured[i] for i in members], configs, top_k),
-                          strict=True):
-            out[i] = obs
+    for members, stacked in summarise_groups(measured, configs, top_k):
+        for j, i in enumerate(members):
+            out[i] = stacked.layer(j)
     return out  # type: ignore[return-value]
 
 
-def _summarise_same_shape(group: list[Measured], configs: list[QuantizerConfig], top_k: int) -> list[Observation]:
+def summarise_groups(
+    measured: list[Measured], configs: list[QuantizerConfig], top_k: int = 10,
+) -> list[tuple[list[int], Observation]]:
+    """The measurements of each shape as one stacked :class:`Observation`, with their positions in
+    ``measured``.
+
+    Measurements of the same shape are stacked, so a batch of 200 Linear inputs costs a few dozen
+    tensor operations rather than a few dozen each; :class:`KernelStatsGroup` adds the result the
+    same way.
+    """
+    shapes: dict[tuple, list[int]] = {}
+    for i, m in enumerate(measured):
+        shapes.setdefault((m.token.shape, m.channel.shape, m.token.dtype, m.token.device), []).append(i)
+    return [(members, _summarise_same_shape([measured[i] for i in members], configs, top_k))
+            for members in shapes.values()]
+
+
+def _summarise_same_shape(group: list[Measured], configs: list[QuantizerConfig], top_k: int) -> Observation:
     layers = len(group)
     batch, seq, _ = group[0].token.shape
     width = group[0].channel.shape[-1]
@@ -212,7 +232,7 @@ def _summarise_same_shape(group: list[Measured], configs: list[QuantizerConfig],
     bsum: list[torch.Tensor | None] = [None] * n  # (layers, B) each
     bmin: list[torch.Tensor | None] = [None] * n  # (layers,) each
     bmax: list[torch.Tensor | None] = [None] * n
-    hist: list[torch.Tensor | None] = [None] * n  # (layers, bins) each
+    hist = torch.empty(layers, n, HISTOGRAM.bins, dtype=torch.int64, device=device)  # filled config by config
     separable: dict[tuple[str, float | None], list[int]] = {}
     for i, cfg in enumerate(configs):
         if cfg.separable:
@@ -224,7 +244,7 @@ def _summarise_same_shape(group: list[Measured], configs: list[QuantizerConfig],
         bsum[i] = per_layer(0.5 * step.sum(dim=(-2, -1), dtype=torch.float64) * weight)
         bmin[i] = zero_bound(per_layer(step.amin(dim=(-2, -1))).amin(dim=1)).double()
         bmax[i] = zero_bound(per_layer(step.amax(dim=(-2, -1))).amax(dim=1)).double()
-        hist[i] = HISTOGRAM.counts(zero_bound(step), weight, groups=layers)
+        hist[:, i] = HISTOGRAM.counts(zero_bound(step), weight, groups=layers)
     for members in separable.values():
         row, col = configs[members[0]].factors(ranges)  # (S, T, 1), (S, 1, I): as measure computed them
         col_sorted = col.squeeze(-2).gather(-1, c_order)  # (S, I): c^(1-α) rises with c
@@ -241,7 +261,8 @@ def _summarise_same_shape(group: list[Measured], configs: list[QuantizerConfig],
         counts = HISTOGRAM.counts_of_sums(torch.log10(row.double()) + math.log10(0.5), torch.log10(col.double()),
                                           math.log10(0.5 * STEP_FLOOR), shifts, groups=layers)  # (layers, M, bins)
         for j, i in enumerate(members):
-            hist[i] = counts[:, j]
+            hist[:, i] = counts[:, j]
+        del counts
 
     c_ge_t = per_layer(count_c_ge_t(t, c_sorted)).sum(dim=1)  # (layers,)
     flat_t = t.reshape(layers, batch * seq)  # (layers, B*T)
@@ -250,24 +271,22 @@ def _summarise_same_shape(group: list[Measured], configs: list[QuantizerConfig],
     offsets = torch.tensor([m.token_offset for m in group], device=device).unsqueeze(1)  # (layers, 1)
     abs_max = flat_t.amax(dim=1).float()
     channel_max = per_layer(c.reshape(-1, width)).amax(dim=1).float()  # (layers, I)
-    stacked = {
-        "kernel": torch.stack([m.kernel for m in group]),
-        "below_per_token": torch.stack([m.below_per_token for m in group]),
-        "nonfinite": torch.stack([m.nonfinite for m in group]),
-        "bound_sum": torch.stack(bsum, dim=1),  # (layers, C, B)
-        "bound_min": torch.stack(bmin, dim=1),  # (layers, C)
-        "bound_max": torch.stack(bmax, dim=1),
-        "bound_hist": torch.stack(hist, dim=1),  # (layers, C, bins)
-        "c_ge_t": c_ge_t,
-        "abs_max": abs_max,
-        "channel_max": channel_max,
-        "top_values": top_values,
-        "top_index": top + offsets,
-    }
-    tokens = torch.tensor(batch * seq, dtype=torch.int64, device=device)
-    elements = torch.tensor(batch * seq * width, dtype=torch.int64, device=device)
-    return [Observation(tokens=tokens.clone(), elements=elements.clone(), **{k: v[j] for k, v in stacked.items()})
-            for j in range(layers)]
+    return Observation(
+        tokens=torch.full((layers,), batch * seq, dtype=torch.int64, device=device),
+        elements=torch.full((layers,), batch * seq * width, dtype=torch.int64, device=device),
+        kernel=torch.stack([m.kernel for m in group]),  # (layers, C)
+        below_per_token=torch.stack([m.below_per_token for m in group]),
+        nonfinite=torch.stack([m.nonfinite for m in group]),  # (layers,)
+        bound_sum=torch.stack(bsum, dim=1),  # (layers, C, B)
+        bound_min=torch.stack(bmin, dim=1),  # (layers, C)
+        bound_max=torch.stack(bmax, dim=1),
+        bound_hist=hist,  # (layers, C, bins)
+        c_ge_t=c_ge_t,
+        abs_max=abs_max,
+        channel_max=channel_max,
+        top_values=top_values,  # (layers, k)
+        top_index=top + offsets,
+    )
 
 
 def observe(
@@ -302,9 +321,12 @@ class KernelStats:
         self.bound_sums = ExactSum(len(self.configs))
         self._held: torch.Tensor | None = None  # (C, >= _FLUSH) float64: per-sequence bound sums not yet added
         self._filled = 0  # columns of _held in use
+        self._group: KernelStatsGroup | None = None  # the group whose stacked state this state is a row of
 
     def flush(self) -> None:
         """Fold the per-sequence bound sums kept on the device into the exact sums (one host sync)."""
+        if self._group is not None:
+            self._group.flush()
         if self._filled:
             self.bound_sums.add(self._held[:, : self._filled])  # (C, filled)
             self._filled = 0
@@ -328,6 +350,7 @@ class KernelStats:
             raise ValueError("the observation was made with a different number of configurations")
         self._hold(obs.bound_sum.detach())
         if self.state is None:
+            self._detach()
             self.state = _copy(obs)
             self.state.bound_sum = torch.empty(0, dtype=torch.float64)  # held in self.bound_sums
             self.state.top_values, self.state.top_index = _top_k(obs.top_values, obs.top_index, self.top_k)
@@ -354,7 +377,14 @@ class KernelStats:
             s.top_values.copy_(values)
             s.top_index.copy_(index)
         else:  # fewer than top_k tokens seen so far
+            self._detach()  # the state stops being a row of a group's
             s.top_values, s.top_index = values, index
+
+    def _detach(self) -> None:
+        """Stop being a row of a :class:`KernelStatsGroup` (whose held bound sums are folded in first)."""
+        if self._group is not None:
+            group, self._group = self._group, None
+            group.flush()
 
     def top_from(self, values: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The top-k of candidate tokens ``values (n,)`` at ``index (n,)``, ties to the earlier token."""
@@ -369,6 +399,7 @@ class KernelStats:
         self.flush()
         other.flush()
         if self.state is None:
+            self._detach()
             self.state = _copy(other.state)
         else:
             self._fold(other.state)
@@ -386,6 +417,7 @@ class KernelStats:
 
     def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> KernelStats:
         """Restore what :meth:`state_dict` returned; the next update continues exactly from there."""
+        self._detach()
         self._filled = 0
         if not state:
             self.state = None
@@ -456,16 +488,135 @@ class KernelStats:
         return {"layer": layer, "configs": per_config}
 
 
+class KernelStatsGroup:
+    """The accumulators of several layers whose inputs have one shape, updated together from one
+    stacked observation (:func:`summarise_groups`): a few dozen tensor operations a batch in all,
+    rather than a few dozen per layer (on a GPU, as many kernel launches). The result is the same as
+    updating each layer's accumulator alone.
+
+    After the first batch, each accumulator's state is a row of the group's stacked state (views),
+    so everything that reads, saves or merges a :class:`KernelStats` works as before. An accumulator
+    changed on its own in a way that replaces its state (a load, a first merge) leaves the group; the
+    next update then adds the batch layer by layer and stacks the states again.
+    """
+
+    def __init__(self, accumulators: list[KernelStats]) -> None:
+        if not accumulators:
+            raise ValueError("a group needs at least one accumulator")
+        first = accumulators[0]
+        if any(acc.configs != first.configs or acc.top_k != first.top_k for acc in accumulators):
+            raise ValueError("a group's accumulators must have the same configurations and top_k")
+        self.accumulators = list(accumulators)
+        self.state: Observation | None = None  # fields (layers, ...); bound_sum (layers, 0): see _held
+        self._held: torch.Tensor | None = None  # (layers, C, >= _FLUSH) float64: bound sums not yet added
+        self._filled = 0
+
+    def update(self, obs: Observation) -> KernelStatsGroup:
+        """Add a stacked observation whose layer ``j`` belongs to ``accumulators[j]``."""
+        layers, n = len(self.accumulators), len(self.accumulators[0].configs)
+        if tuple(obs.kernel.shape) != (layers, n):
+            raise ValueError(f"expected an observation of {layers} layers x {n} configurations, "
+                             f"got {tuple(obs.kernel.shape)}")
+        if not self._stacked():
+            if all(acc.state is None for acc in self.accumulators):  # the first batch: the state is the batch's
+                names = [f.name for f in fields(Observation) if f.name != "bound_sum"]
+                state = {name: getattr(obs, name).clone() for name in names}  # (layers, ...) each
+                state["top_values"], state["top_index"] = _top_k(obs.top_values, obs.top_index,
+                                                                 self.accumulators[0].top_k)
+                self._bind(state)
+                self._hold(obs.bound_sum.detach())
+                return self
+            for j, acc in enumerate(self.accumulators):
+                acc.update(obs.layer(j))
+            self._stack()
+            return self
+        s = self.state
+        if s.channel_max.shape != obs.channel_max.shape:
+            raise ValueError("cannot merge statistics of layers with different widths")
+        for name in SUMMED:
+            getattr(s, name).add_(getattr(obs, name))
+        for name in MAXIMA:
+            torch.maximum(getattr(s, name), getattr(obs, name), out=getattr(s, name))
+        for name in MINIMA:
+            torch.minimum(getattr(s, name), getattr(obs, name), out=getattr(s, name))
+        values, index = _top_k(torch.cat([s.top_values, obs.top_values], dim=1),
+                               torch.cat([s.top_index, obs.top_index], dim=1), self.accumulators[0].top_k)
+        if values.shape == s.top_values.shape:
+            s.top_values.copy_(values)
+            s.top_index.copy_(index)
+        else:  # fewer than top_k tokens seen so far
+            s.top_values, s.top_index = values, index
+            for j, acc in enumerate(self.accumulators):
+                acc.state.top_values, acc.state.top_index = values[j], index[j]
+        self._hold(obs.bound_sum.detach())
+        return self
+
+    def _stacked(self) -> bool:
+        return self.state is not None and all(acc._group is self for acc in self.accumulators)
+
+    def _stack(self) -> None:
+        """Make each accumulator's state a row of one stacked state (where their shapes allow)."""
+        states = [acc.state for acc in self.accumulators]
+        names = [f.name for f in fields(Observation) if f.name != "bound_sum"]
+        if any(getattr(st, name).shape != getattr(states[0], name).shape for st in states for name in names):
+            self.state = None  # e.g. top-k lists of different lengths: stay layer by layer
+            return
+        self._bind({name: torch.stack([getattr(st, name) for st in states]) for name in names})  # (layers, ...)
+
+    def _bind(self, stacked: dict[str, torch.Tensor]) -> None:
+        """Take ``stacked`` (every field but the bound sums) as the group's state, each accumulator's
+        state becoming its row."""
+        for acc in self.accumulators:
+            acc._detach()
+        self.flush()
+        self.state = Observation(**stacked, bound_sum=torch.empty(len(self.accumulators), 0, dtype=torch.float64))
+        for j, acc in enumerate(self.accumulators):
+            acc.state = self.state.layer(j)
+            acc._group = self
+
+    def _hold(self, sums: torch.Tensor) -> None:
+        """Keep ``sums (layers, C, B)`` until the next flush, in one buffer made once."""
+        width = sums.shape[-1]
+        if self._held is None or self._held.shape[-1] < width or self._held.device != sums.device:
+            self.flush()
+            self._held = torch.empty(*sums.shape[:2], max(KernelStats._FLUSH, width), dtype=torch.float64,
+                                     device=sums.device)
+        elif self._filled + width > self._held.shape[-1]:
+            self.flush()
+        self._held[:, :, self._filled : self._filled + width].copy_(sums)
+        self._filled += width
+
+    def flush(self) -> None:
+        """Fold the bound sums held for every layer into its accumulator's exact sums (one host sync)."""
+        if self._filled:
+            rows = self._held[:, :, : self._filled].cpu().tolist()  # (layers, C, filled)
+            self._filled = 0
+            for acc, row in zip(self.accumulators, rows, strict=True):
+                acc.bound_sums.add(row)
+
+    def release(self) -> None:
+        """Fold in the held bound sums and let every accumulator go on alone (its state stays as is)."""
+        self.flush()
+        for acc in self.accumulators:
+            if acc._group is self:
+                acc._group = None
+
+
+_RESULTS_AT_ONCE = 16
+"""Layers whose bound quantiles :func:`results` reads together."""
+
+
 def results(accumulators: list[KernelStats]) -> list[dict]:
-    """:meth:`KernelStats.result` of each accumulator; the bound quantiles of all of them are read
-    from their histograms together, in one pass instead of one per layer."""
+    """:meth:`KernelStats.result` of each accumulator; the bound quantiles are read from the
+    histograms of many layers together, rather than one layer at a time."""
     states = [acc._on_host() for acc in accumulators]
-    if not states:
-        return []
-    hist = torch.cat([s.bound_hist for s in states])  # (sum of C, bins)
-    lows = torch.cat([s.bound_min for s in states]).tolist()
-    highs = torch.cat([s.bound_max for s in states]).tolist()
-    quantiles = HISTOGRAM.quantiles(hist, QUANTILES, lows, highs)  # (sum of C, len(QUANTILES))
+    quantiles: list[list[float]] = []  # (sum of C, len(QUANTILES))
+    for first in range(0, len(states), _RESULTS_AT_ONCE):  # a slice at a time: the copies stay small
+        part = states[first : first + _RESULTS_AT_ONCE]
+        hist = torch.cat([s.bound_hist for s in part])  # (sum of C, bins)
+        lows = torch.cat([s.bound_min for s in part]).tolist()
+        highs = torch.cat([s.bound_max for s in part]).tolist()
+        quantiles += HISTOGRAM.quantiles(hist, QUANTILES, lows, highs)
     out, first = [], 0
     for acc, s in zip(accumulators, states, strict=True):
         out.append(acc._assemble(s, quantiles[first : first + len(acc.configs)]))
