@@ -305,6 +305,32 @@ def _copy(obs: Observation) -> Observation:
     return Observation(**{f.name: getattr(obs, f.name).clone() for f in fields(obs)})
 
 
+_STATE_FIELDS = tuple(f.name for f in fields(Observation) if f.name != "bound_sum")
+"""The fields an accumulator's state keeps as tensors (the bound sums are held apart, exactly)."""
+
+
+def _fold(s: Observation, obs: Observation, top_k: int) -> bool:
+    """Add ``obs`` to the state ``s`` (one layer, or stacked layers: the top tokens along the last
+    axis). In place where the shapes allow, so the state keeps its memory from one batch to the next;
+    False when the top tokens grew (fewer than ``top_k`` seen so far) and are new tensors in ``s``."""
+    if s.channel_max.shape != obs.channel_max.shape:
+        raise ValueError("cannot merge statistics of layers with different widths")
+    for name in SUMMED:
+        getattr(s, name).add_(getattr(obs, name))
+    for name in MAXIMA:
+        torch.maximum(getattr(s, name), getattr(obs, name), out=getattr(s, name))
+    for name in MINIMA:
+        torch.minimum(getattr(s, name), getattr(obs, name), out=getattr(s, name))
+    values, index = _top_k(torch.cat([s.top_values, obs.top_values], dim=-1),
+                           torch.cat([s.top_index, obs.top_index], dim=-1), top_k)
+    if values.shape == s.top_values.shape:
+        s.top_values.copy_(values)
+        s.top_index.copy_(index)
+        return True
+    s.top_values, s.top_index = values, index
+    return False
+
+
 class KernelStats:
     """Streaming kernel statistics of one layer for a fixed list of quantizer configurations.
 
@@ -359,26 +385,8 @@ class KernelStats:
         return self
 
     def _fold(self, obs: Observation) -> None:
-        s = self.state
-        if s.channel_max.shape != obs.channel_max.shape:
-            raise ValueError("cannot merge statistics of layers with different widths")
-        # In place where the shapes allow: the state keeps its memory from one batch to the next.
-        for name in SUMMED:
-            getattr(s, name).add_(getattr(obs, name))
-        for name in MAXIMA:
-            torch.maximum(getattr(s, name), getattr(obs, name), out=getattr(s, name))
-        for name in MINIMA:
-            torch.minimum(getattr(s, name), getattr(obs, name), out=getattr(s, name))
-        values, index = _top_k(
-            torch.cat([s.top_values, obs.top_values]), torch.cat([s.top_index, obs.top_index]),
-            self.top_k,
-        )
-        if values.shape == s.top_values.shape:
-            s.top_values.copy_(values)
-            s.top_index.copy_(index)
-        else:  # fewer than top_k tokens seen so far
-            self._detach()  # the state stops being a row of a group's
-            s.top_values, s.top_index = values, index
+        if not _fold(self.state, obs, self.top_k):
+            self._detach()  # its top tokens are new tensors: the state stops being a row of a group's
 
     def _detach(self) -> None:
         """Stop being a row of a :class:`KernelStatsGroup` (whose held bound sums are folded in first)."""
@@ -519,8 +527,7 @@ class KernelStatsGroup:
                              f"got {tuple(obs.kernel.shape)}")
         if not self._stacked():
             if all(acc.state is None for acc in self.accumulators):  # the first batch: the state is the batch's
-                names = [f.name for f in fields(Observation) if f.name != "bound_sum"]
-                state = {name: getattr(obs, name).clone() for name in names}  # (layers, ...) each
+                state = {name: getattr(obs, name).clone() for name in _STATE_FIELDS}  # (layers, ...) each
                 state["top_values"], state["top_index"] = _top_k(obs.top_values, obs.top_index,
                                                                  self.accumulators[0].top_k)
                 self._bind(state)
@@ -531,23 +538,9 @@ class KernelStatsGroup:
             self._stack()
             return self
         s = self.state
-        if s.channel_max.shape != obs.channel_max.shape:
-            raise ValueError("cannot merge statistics of layers with different widths")
-        for name in SUMMED:
-            getattr(s, name).add_(getattr(obs, name))
-        for name in MAXIMA:
-            torch.maximum(getattr(s, name), getattr(obs, name), out=getattr(s, name))
-        for name in MINIMA:
-            torch.minimum(getattr(s, name), getattr(obs, name), out=getattr(s, name))
-        values, index = _top_k(torch.cat([s.top_values, obs.top_values], dim=1),
-                               torch.cat([s.top_index, obs.top_index], dim=1), self.accumulators[0].top_k)
-        if values.shape == s.top_values.shape:
-            s.top_values.copy_(values)
-            s.top_index.copy_(index)
-        else:  # fewer than top_k tokens seen so far
-            s.top_values, s.top_index = values, index
+        if not _fold(s, obs, self.accumulators[0].top_k):  # new top-token tensors: rows of them
             for j, acc in enumerate(self.accumulators):
-                acc.state.top_values, acc.state.top_index = values[j], index[j]
+                acc.state.top_values, acc.state.top_index = s.top_values[j], s.top_index[j]
         self._hold(obs.bound_sum.detach())
         return self
 
@@ -557,11 +550,12 @@ class KernelStatsGroup:
     def _stack(self) -> None:
         """Make each accumulator's state a row of one stacked state (where their shapes allow)."""
         states = [acc.state for acc in self.accumulators]
-        names = [f.name for f in fields(Observation) if f.name != "bound_sum"]
-        if any(getattr(st, name).shape != getattr(states[0], name).shape for st in states for name in names):
+        shapes = [tuple(getattr(st, name).shape for name in _STATE_FIELDS) for st in states]
+        if any(shape != shapes[0] for shape in shapes):
             self.state = None  # e.g. top-k lists of different lengths: stay layer by layer
             return
-        self._bind({name: torch.stack([getattr(st, name) for st in states]) for name in names})  # (layers, ...)
+        # (layers, ...) each
+        self._bind({name: torch.stack([getattr(st, name) for st in states]) for name in _STATE_FIELDS})
 
     def _bind(self, stacked: dict[str, torch.Tensor]) -> None:
         """Take ``stacked`` (every field but the bound sums) as the group's state, each accumulator's
