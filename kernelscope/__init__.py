@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from kernelscope.version import __version__
 
 _LAZY = {
     "Windows": "kernelscope.data",

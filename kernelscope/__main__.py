@@ -1,6 +1,6 @@
 """``python -m kernelscope`` is the ``kernelscope`` command."""
 
-from kernelscope.cli import main
+from kernelscope.cli import run
 
 if __name__ == "__main__":
-    main()
+    run()

@@ -223,7 +223,8 @@ def test_threshold_and_sweep_end_to_end(capsys, tmp_path, tiny_llama_dir, text_f
 BAD_RUNS = {
     "unknown scheme": (["eval", "{model}", "--scheme", "w8a8-per-row"], "unknown scheme 'w8a8-per-row'"),
     "duplicate scheme": (["eval", "{model}", "--scheme", "fp", "--scheme", "fp"], "given twice"),
-    "eval alpha": (["eval", "{model}", "--scheme", "w8a8-crossquant", "--alpha", "2"], "--alpha 2.0 is out of range"),
+    "eval alpha": (["eval", "{model}", "--scheme", "w8a8-crossquant", "--alpha", "2"],
+                   "--alpha 2 is out of range"),
     "eval bits": (["eval", "{model}", "--scheme", "remove-kernel-per-token", "--bits", "1"], "--bits 1 is out of range"),
     "group without weights": (["eval", "{model}", "--scheme", "remove-kernel-per-token", "--group-size", "128"],
                               "give --weight-bits too"),

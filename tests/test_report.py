@@ -97,11 +97,11 @@ def test_report_command_and_bad_inputs(run_dirs, tmp_path, capsys):
     incomplete = tmp_path / "incomplete"
     shutil.copytree(run_dirs["eval"], incomplete)
     (incomplete / "eval.json").write_text('{"schema_version": 1, "kind": "eval", "results": [{"scheme": "fp"}]}')
-    for args, message in (([str(tmp_path / "nope")], "is not a folder"),
-                          ([str(incomplete)], "is incomplete or damaged"),
-                          ([str(tmp_path)], "not a kernelscope run folder"),
-                          ([str(damaged)], "layers.parquet is damaged"),
-                          ([str(newer)], "schema version 99, newer than this kernelscope reads"),
+    for args, message in (([str(tmp_path / "nope"), "--overwrite"], "is not a folder"),
+                          ([str(incomplete), "--overwrite"], "is incomplete or damaged"),
+                          ([str(tmp_path), "--overwrite"], "not a kernelscope run folder"),
+                          ([str(damaged), "--overwrite"], "layers.parquet is damaged"),
+                          ([str(newer), "--overwrite"], "schema version 99, newer than this kernelscope reads"),
                           ([str(run_dirs["llama"])], "already exists; pass --overwrite")):
         with pytest.raises(SystemExit) as e:
             main(["report", *args, "-o", str(out)])

@@ -6,6 +6,8 @@ Heavy imports (torch, transformers) happen inside the runners, so ``--help`` ans
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import os
 import sys
@@ -14,19 +16,60 @@ from typing import Annotated
 
 import typer
 from rich.markup import escape
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from kernelscope.cli import options as o
-from kernelscope.cli.console import EXIT_USAGE, err, out
+from kernelscope.cli.console import EXIT_USAGE, err, flag, out, remember_options
 from kernelscope.errors import Interrupted, KernelscopeError
 
 try:  # typer >= 0.20 carries its own copy of click
     from typer._click import exceptions as click_exceptions
+    from typer._click.core import ParameterSource
 except ImportError:  # pragma: no cover - older typer on top of click
     from click import exceptions as click_exceptions
+    from click.core import ParameterSource
 
 _ABORT = tuple(m.Abort for m in (click_exceptions, typer) if hasattr(m, "Abort"))
 
+def _plain(param):
+    """Show a parameter in help as click does (``N``, ``TEXT``, nothing for a switch, ``MODEL`` in the
+    usage line) rather than typer's type labels (``<int>``, ``<bool>``, ``{model}``)."""
+    if isinstance(param, TyperArgument):
+        name = param.metavar or param.name.upper()
+        param.display_type_rich = lambda ctx: None
+        param._usage_display_name = lambda: name + ("..." if param.nargs != 1 else "")
+    elif param.metavar is None:
+        kind = param.bare_type() if hasattr(param, "bare_type") else getattr(param.type, "name", "value")
+        param.metavar = "" if getattr(param, "is_flag", False) else _VALUE_NAMES.get(kind, kind.upper())
+    return param
+
+
+_VALUE_NAMES = {"str": "TEXT", "int": "N", "float": "NUMBER", "Path": "PATH", "bool": ""}
+
+
+class _PlainHelp:
+    """A command or group whose help shows value names, not type labels."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            _plain(param)
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        return option if option is None else _plain(option)
+
+
+class _Command(_PlainHelp, TyperCommand):
+    pass
+
+
+class _Group(_PlainHelp, TyperGroup):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
     name="kernelscope",
     help="Measure the quantization kernel of a causal LM (the activation elements a quantizer "
     "rounds to zero) per layer, per-token against CrossQuant, and what it costs in perplexity.",
@@ -36,10 +79,40 @@ app = typer.Typer(
 )
 
 
+_ARGS: list[str] = []  # the arguments of this invocation, as typed
+
+
+def _given(ctx: typer.Context) -> frozenset[str]:
+    """The parameters the user gave (on the command line or through the environment), not defaults."""
+    typed = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return frozenset(name for name in ctx.params if ctx.get_parameter_source(name) in typed)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from kernelscope.version import __version__
+
+        out.print(f"kernelscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print kernelscope's version and exit (`kernelscope version` "
+                                               "also lists the libraries').")] = False,
+) -> None:
+    # the options of kernelscope itself; its help text is the app's
+    return None
+
+
 def _run(runner, options: dict) -> None:
-    """Call a runner; Ctrl-C becomes one line saying what was kept, and exit status 130."""
+    """Call a runner with what the user typed (``given``); Ctrl-C becomes one line saying what was
+    kept, and exit status 130."""
+    ctx = options.pop("ctx")
+    remember_options(ctx.command.params, _ARGS)
     try:
-        runner(**options)
+        runner(given=_given(ctx), **options)
     except Interrupted as exc:
         err.print(f"[bold red]interrupted[/]: {escape(str(exc))}", soft_wrap=True)
         raise typer.Exit(130) from None
@@ -48,8 +121,9 @@ def _run(runner, options: dict) -> None:
         raise typer.Exit(130) from None
 
 
-@app.command()
+@app.command(cls=_Command)
 def profile(
+    ctx: typer.Context,
     model: o.Model,
     dataset: o.Dataset = "wikitext2",
     nsamples: Annotated[int, typer.Option("--nsamples", "-n", help="Number of windows to run.")] = 16,
@@ -57,12 +131,13 @@ def profile(
     windows: o.WindowsSel = "first",
     seed: o.Seed = 0,
     quantizer: Annotated[list[str] | None, typer.Option("--quantizer", "-q", metavar="NAME", help="Activation "
-        "quantizer, repeatable: per_token, crossquant, per_tensor, per_channel. [default: per_token, "
-        "crossquant]", show_default=False)] = None,
-    bits: Annotated[list[int] | None, typer.Option("--bits", "-b", metavar="N", help="Bit width 2..8, repeatable. "
-        "[default: 8, 4]", show_default=False)] = None,
-    alpha: Annotated[list[float] | None, typer.Option("--alpha", "-a", metavar="α", help="CrossQuant exponent in "
-        "[0, 1], repeatable; 1 is per-token. [default: 0.15]", show_default=False)] = None,
+        "quantizer, repeated or comma-separated: per_token, crossquant, per_tensor, per_channel. "
+        "[default: per_token, crossquant]", show_default=False)] = None,
+    bits: Annotated[list[str] | None, typer.Option("--bits", "-b", metavar="N", help="Bit width 2..8, "
+        "repeated or comma-separated. [default: 8, 4]", show_default=False)] = None,
+    alpha: Annotated[list[str] | None, typer.Option("--alpha", "-a", metavar="α", help="CrossQuant exponent "
+        "in [0, 1], repeated or comma-separated; 1 is per-token. Needs a crossquant --quantizer. "
+        "[default: 0.15]", show_default=False)] = None,
     layers: o.Layers = None,
     include_lm_head: Annotated[bool, typer.Option("--include-lm-head",
                                                   help="Also measure the output projection.")] = False,
@@ -94,8 +169,9 @@ def profile(
     _run(run_profile, options)
 
 
-@app.command("eval")
+@app.command("eval", cls=_Command)
 def evaluate(
+    ctx: typer.Context,
     model: o.Model,
     scheme: Annotated[list[str] | None, typer.Option("--scheme", metavar="SCHEME", help="Repeatable: fp, w8a8-per-token, "
         "w8a8-crossquant, w4a8-g128-per-token, w4a8-g128-crossquant, w4a4-per-token, w4a4-crossquant, "
@@ -107,16 +183,18 @@ def evaluate(
     seqlen: o.Seqlen = 2048,
     windows: o.WindowsSel = "first",
     seed: o.Seed = 0,
-    alpha: Annotated[float, typer.Option("--alpha", "-a", help="CrossQuant exponent for *-crossquant "
-        "schemes.")] = 0.15,
-    bits: Annotated[int, typer.Option("--bits", "-b", help="Activation bits whose kernel "
-        "remove-kernel-* schemes remove.")] = 8,
+    alpha: Annotated[str, typer.Option("--alpha", "-a", metavar="α", help="CrossQuant exponent in [0, 1] "
+        "for *-crossquant schemes (one value; `kernelscope sweep` compares several).")] = "0.15",
+    bits: Annotated[int, typer.Option("--bits", "-b", metavar="N", help="Activation bits whose kernel "
+        "remove-kernel-* schemes remove (their names carry no widths).")] = 8,
     weight_bits: o.WeightBits = None,
     group_size: o.GroupSize = None,
-    smooth_alpha: Annotated[float, typer.Option(help="SmoothQuant migration strength.")] = 0.5,
-    calib_dataset: Annotated[str, typer.Option(help="Calibration text for SmoothQuant (any --dataset "
-        "value; keep it apart from the evaluation text).")] = "pileval",
-    calib_nsamples: Annotated[int, typer.Option(help="Calibration windows for SmoothQuant.")] = 64,
+    smooth_alpha: Annotated[float, typer.Option(metavar="α", help="SmoothQuant migration strength in "
+        "[0, 1] (w8a8-smoothquant only).")] = 0.5,
+    calib_dataset: Annotated[str, typer.Option(metavar="TEXT", help="Calibration text for SmoothQuant (any "
+        "--dataset value; keep it apart from the evaluation text; w8a8-smoothquant only).")] = "pileval",
+    calib_nsamples: Annotated[int, typer.Option(metavar="N", help="Calibration windows for SmoothQuant "
+        "(w8a8-smoothquant only).")] = 64,
     layers: o.Layers = None,
     batch_size: o.BatchSize = 1,
     dtype: o.Dtype = "auto",
@@ -142,8 +220,9 @@ def evaluate(
     _run(run_eval, options)
 
 
-@app.command()
+@app.command(cls=_Command)
 def threshold(
+    ctx: typer.Context,
     model: o.Model,
     dataset: o.Dataset = "wikitext2",
     nsamples: Annotated[int, typer.Option("--nsamples", "-n", help="Windows per evaluation (at least 2).")] = 8,
@@ -153,10 +232,11 @@ def threshold(
     tolerance: Annotated[float, typer.Option(help="Relative perplexity increase still counted as "
         "lossless (0.01 = 1%).")] = 0.01,
     steps: Annotated[int, typer.Option(help="Bisection steps after the crossing is bracketed.")] = 6,
-    family: Annotated[str, typer.Option(help="Quantizer whose zero bound is scaled by λ.")] = "per-token",
-    family_bits: Annotated[int, typer.Option(help="Bit width of the --family quantizer.")] = 8,
-    alpha: Annotated[float, typer.Option("--alpha", "-a", help="CrossQuant α of the kernels placed "
-        "against the threshold.")] = 0.15,
+    family: Annotated[str, typer.Option(metavar="NAME", help="Quantizer whose zero bound B is scaled by λ: "
+        "per-token, per-tensor, per-channel or crossquant.")] = "per-token",
+    family_bits: Annotated[int, typer.Option(metavar="N", help="Bit width of the --family quantizer.")] = 8,
+    alpha: Annotated[str, typer.Option("--alpha", "-a", metavar="α", help="CrossQuant α of the kernels "
+        "placed against the threshold (and of --family crossquant); one value.")] = "0.15",
     weight_bits: o.WeightBits = None,
     group_size: o.GroupSize = None,
     layers: o.Layers = None,
@@ -175,8 +255,9 @@ def threshold(
 ) -> None:
     """Locate the kernel proportion at which removing the kernel starts to cost perplexity.
 
-    Walks the family K_λ = {|x| <= λ·B} (B the per-token INT8 zero bound), brackets the crossing of
-    the tolerance and bisects it, then places the model's per-token and CrossQuant kernels against it.
+    Walks the family K_λ = {|x| <= λ·B} (B the zero bound of the --family quantizer at --family-bits,
+    per-token INT8 by default), brackets the crossing of the tolerance and bisects it, then places the
+    model's per-token and CrossQuant kernels against it.
     """
     options = dict(locals())
     from kernelscope.cli.eval_cmd import run_threshold
@@ -184,8 +265,9 @@ def threshold(
     _run(run_threshold, options)
 
 
-@app.command()
+@app.command(cls=_Command)
 def sweep(
+    ctx: typer.Context,
     model: o.Model,
     alpha: Annotated[list[str] | None, typer.Option("--alpha", "-a", metavar="LIST", help="α values, comma-separated "
         "or repeated. [default: 0.15,0.45,0.75,1]", show_default=False)] = None,
@@ -219,25 +301,31 @@ def sweep(
     _run(run_sweep, options)
 
 
-@app.command()
+@app.command(cls=_Command)
 def report(
-    runs: Annotated[list[Path], typer.Argument(help="Run folders written with --output by profile, "
-        "eval, threshold or sweep; several overlay on the same axes.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The HTML file to write.")] = Path("report.html"),
-    title: Annotated[str | None, typer.Option(help="Page title.", show_default=False)] = None,
-    overwrite: o.Overwrite = False,
+    ctx: typer.Context,
+    runs: Annotated[list[Path], typer.Argument(metavar="RUN", help="Run folders written with --output by "
+        "profile, eval, threshold or sweep; several overlay on the same axes.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE",
+                                         help="The HTML file to write.")] = Path("report.html"),
+    title: Annotated[str | None, typer.Option(metavar="TEXT", help="Page title.", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report file that "
+                                                                "kernelscope wrote.")] = False,
 ) -> None:
     """Write one self-contained HTML report (plotly embedded, opens offline) from run folders."""
     from kernelscope.reports import write_report
 
-    path = write_report(runs, output, overwrite=overwrite, title=title)
+    remember_options(ctx.command.params, _ARGS)
+    path = write_report(runs, output, overwrite=overwrite, title=title, option=flag("--output"))
     out.print(f"wrote [bold]{escape(str(path))}[/] ({path.stat().st_size / 1e6:.1f} MB, {len(runs)} run(s))")
 
 
-@app.command("layers")
+@app.command("layers", cls=_Command)
 def list_layers(
+    ctx: typer.Context,
     model: o.Model,
-    layers: o.Layers = None,
+    layers: Annotated[str | None, typer.Option(metavar="REGEX", help="Regular expression over module names "
+        "(re.search); default: every Linear in the decoder blocks.")] = None,
     include_lm_head: Annotated[bool, typer.Option("--include-lm-head",
                                                   help="Also list the output projection.")] = False,
     trust_remote_code: o.TrustRemoteCode = False,
@@ -248,6 +336,7 @@ def list_layers(
     from kernelscope.cli.common import load_with_status
     from kernelscope.models import select_linear_layers
 
+    remember_options(ctx.command.params, _ARGS)
     loaded = load_with_status(model, "float32", "cpu", trust_remote_code, quiet=False)
     selected = select_linear_layers(loaded.model, layers, include_lm_head=include_lm_head)
     table = Table(title=f"{len(selected)} Linear layers")
@@ -259,7 +348,7 @@ def list_layers(
     out.print(table)
 
 
-@app.command()
+@app.command(cls=_Command)
 def version() -> None:
     """Print the versions of kernelscope and the libraries it runs on."""
     from kernelscope.runs.common import versions
@@ -271,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning every user error into one line and exit status 2."""
     os.environ.setdefault("TQDM_DISABLE", "1")  # libraries' own bars; kernelscope shows rich ones
     command = typer.main.get_command(app)
+    _ARGS[:] = list(sys.argv[1:] if argv is None else argv)
     try:
         code = command.main(args=argv, prog_name="kernelscope", standalone_mode=False)
     except KernelscopeError as exc:
@@ -292,3 +382,22 @@ def main(argv: list[str] | None = None) -> None:
                   "(set KERNELSCOPE_DEBUG=1 for the traceback)", soft_wrap=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def run() -> None:
+    """The installed command and ``python -m kernelscope``: :func:`main`, then a prompt exit.
+
+    Once output is flushed and the exit handlers have run, nothing is left to write, so the
+    interpreter's teardown of torch and transformers (about two seconds on a small machine) is
+    skipped: a finished or interrupted run returns the prompt at once.
+    """
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    atexit._run_exitfuncs()
+    os._exit(code)

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from typing import Any
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kernelscope.cli.console import err, fail, out
+from kernelscope.cli.console import err, fail, flag, out
 
 
 def load_with_status(model: str, dtype: str, device: str, trust_remote_code: bool, *, quiet: bool,
@@ -30,9 +29,67 @@ def load_with_status(model: str, dtype: str, device: str, trust_remote_code: boo
         return load_model(model, **kwargs)
 
 
-def check_positive(name: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        fail(f"{name} must be at least 1, got {value}")
+def check_positive(name: str, value: int | None, least: int = 1) -> None:
+    if value is not None and value < least:
+        fail(f"{flag(name)} must be at least {least}, got {value}")
+
+
+def check_bits(bits: list[int], option: str = "--bits") -> None:
+    for b in bits:
+        if not 2 <= b <= 8:
+            fail(f"{flag(option)} {b} is out of range; give a bit width from 2 to 8")
+
+
+def check_alphas(alphas: list[float], option: str = "--alpha") -> None:
+    for a in alphas:
+        if not 0.0 <= a <= 1.0:  # also false for NaN
+            fail(f"{flag(option)} {a:g} is out of range; give a value in [0, 1] (1 is per-token)")
+
+
+def split_values(values: list[str], option: str, convert: Callable[[str], Any], what: str) -> list[Any]:
+    """Values given repeated or comma-separated: ``-a 0.15,0.45 -a 1`` -> [0.15, 0.45, 1.0].
+
+    ``convert`` raises ValueError for a value that is not ``what`` (e.g. "a number").
+    """
+    parts = [p.strip() for v in values for p in v.split(",")]
+    if not any(parts):
+        fail(f"{flag(option)} needs at least one value")
+    out_values = []
+    for part in filter(None, parts):
+        try:
+            out_values.append(convert(part))
+        except ValueError:
+            fail(f"{flag(option)} {part!r} is not {what}; give values repeated ({flag(option)} A "
+                 f"{flag(option)} B) or comma-separated ({flag(option)} A,B)")
+    return out_values
+
+
+def one_value(value: str, option: str, convert: Callable[[str], Any], what: str, several: str) -> Any:
+    """A single value; a comma-separated list is refused with ``several`` (where lists are taken)."""
+    if "," in value:
+        fail(f"{flag(option)} {value!r}: this command takes one value; {several}")
+    return split_values([value], option, convert, what)[0]
+
+
+def refuse_unused(given: frozenset[str], **why_not: str | None) -> None:
+    """Refuse each option the user gave that has no effect: ``why_not[name]`` says when it applies
+    (None where it does apply)."""
+    for name, why in why_not.items():
+        if why is not None and name in given:
+            fail(f"{flag(name)} has no effect here: {why}")
+
+
+def common_refusals(*, windows: str, output, report, device_map,
+                    seed_applies: bool = False) -> dict[str, str | None]:
+    """When the options every model-running command shares have no effect."""
+    return {
+        "seed": None if seed_applies or windows.strip().lower() == "random"
+        else "it seeds --windows random (add --windows random or drop --seed)",
+        "overwrite": None if output is not None or report is not None
+        else "it lets --output or --report replace an earlier result, and neither is given",
+        "device": None if device_map is None
+        else "with --device-map accelerate places the model; drop --device",
+    }
 
 
 @dataclass
@@ -45,12 +102,13 @@ class Prepared:
 
 def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, windows: str, seed: int,
             layers: str | None, batch_size: int, dtype: str, device: str, trust_remote_code: bool,
-            output: Path | None, overwrite: bool, quiet: bool, min_windows: int = 1,
+            output: Path | None, overwrite: bool, quiet: bool, min_windows: int = 1, min_seqlen: int = 1,
             report: Path | None = None, device_map: str | None = None, max_memory: str | None = None,
             offload_folder: Path | None = None) -> Prepared:
     """Check everything that can be checked cheaply, then read text, load the model, cut windows.
 
-    Nothing is written here; an existing ``output`` is refused before any work.
+    Nothing is written here; an existing ``output`` is refused before any work. ``min_seqlen`` 2 is
+    for perplexity, which predicts every token of a window but the first.
     """
     from kernelscope.data import load_text, make_windows, tokenize
     from kernelscope.models import parse_device, parse_dtype, resolve_model_source
@@ -58,15 +116,16 @@ def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, wind
     from kernelscope.results import check_output_dir
 
     check_positive("--nsamples", nsamples)
-    check_positive("--seqlen", seqlen)
+    check_positive("--seqlen", seqlen, min_seqlen)
     check_positive("--batch-size", batch_size)
+    windows = windows.strip().lower()
     if windows not in ("first", "random"):
-        fail(f"--windows must be `first` or `random`, got {windows!r}")
+        fail(f"{flag('--windows')} must be `first` or `random`, got {windows!r}")
     if nsamples is not None and nsamples < min_windows:
-        fail(f"--nsamples {nsamples} is too few windows; this command needs at least {min_windows}")
+        fail(f"{flag('--nsamples')} {nsamples} is too few windows; this command needs at least {min_windows}")
     resolve_model_source(model)
     if output is not None:
-        check_output_dir(output, overwrite)
+        check_output_dir(output, overwrite, flag("--output"))
     check_report_path(report, overwrite, output)
     if device == "auto":
         import torch
@@ -79,14 +138,14 @@ def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, wind
         try:
             re.compile(layers)
         except re.error as exc:
-            fail(f"--layers {layers!r} is not a valid regular expression: {exc}")
+            fail(f"{flag('--layers')} {layers!r} is not a valid regular expression: {exc}")
 
     max_chars = 20 * nsamples * seqlen if nsamples is not None else None
-    text = load_text(dataset, max_chars=max_chars)
+    text = load_text(dataset, max_chars=max_chars, option=flag("--dataset"))
     loaded = load_with_status(model, dtype, device, trust_remote_code, quiet=quiet, placement=placement)
     limit = loaded.info.get("max_position_embeddings")
     if isinstance(limit, int) and seqlen > limit:
-        fail(f"--seqlen {seqlen} is beyond the model's context of {limit} tokens")
+        fail(f"{flag('--seqlen')} {seqlen} is beyond the model's context of {limit} tokens")
     ids = tokenize(loaded.tokenizer, text.text)
     chosen = make_windows(ids, seqlen, nsamples, selection=windows, seed=seed)
     if len(chosen) < min_windows:
@@ -112,21 +171,16 @@ def stage_progress(quiet: bool) -> Iterator[Any]:
 
 
 def check_report_path(report: Path | None, overwrite: bool, output: Path | None = None) -> None:
-    """Refuse early a report file that exists (unless --overwrite), is the output folder, or
-    cannot be created."""
+    """Refuse early a report file that exists (unless --overwrite and kernelscope wrote it), is the
+    output folder, or cannot be created."""
+    from kernelscope.results import check_report_file
+
     if report is None:
         return
     if output is not None and report.expanduser().resolve() == output.expanduser().resolve():
-        fail(f"--report {report} is the --output folder; give a file name such as {output}/report.html")
-    if report.is_dir():
-        fail(f"--report {report} is a folder; give a file name such as report.html")
-    if report.exists() and not overwrite:
-        fail(f"--report {report} already exists; pass --overwrite to replace it")
-    probe = report.expanduser().resolve().parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        fail(f"--report {report} cannot be written: {probe} is not a writable folder")
+        fail(f"{flag('--report')} {report} is the {flag('--output')} folder; give a file name such as "
+             f"{output}/report.html")
+    check_report_file(report, overwrite, flag("--report"))
 
 
 def finish(result, output: Path | None, overwrite: bool, as_json: bool, show, report: Path | None = None) -> None:
@@ -141,7 +195,7 @@ def finish(result, output: Path | None, overwrite: bool, as_json: bool, show, re
         tables = {result.TABLE: result.table} if hasattr(result, "TABLE") else {"layers": result.layers}
         run = read_run(output) if output is not None else RunFolder(
             Path(result.summary.get("kind", "run")), json_safe({"schema_version": 1, **result.summary}), tables)
-        write_report([run], report, overwrite=overwrite)
+        write_report([run], report, overwrite=overwrite, option=flag("--report"))
     if as_json:
         print(json.dumps(result.summary, indent=2, default=str))
         return

@@ -1,6 +1,9 @@
-"""The two consoles (tables on stdout, progress and errors on stderr) and the one way to fail."""
+"""The two consoles (tables on stdout, progress and errors on stderr), the one way to fail, and how
+the options of the running command were typed."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
 
 from rich.console import Console
 
@@ -10,6 +13,9 @@ err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
 EXIT_USAGE = 2
 
+_typed: dict[str, str] = {}  # long option -> the spelling the user typed, for the running command
+_opts: dict[str, list[str]] = {}  # parameter name -> its option strings, for the running command
+
 
 def fail(message: str) -> None:
     """Raise the one-line error the CLI prints before exiting with status 2."""
@@ -18,3 +24,29 @@ def fail(message: str) -> None:
 
 def pct(x: float | None, digits: int = 2) -> str:
     return "" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def remember_options(params: Iterable, args: Sequence[str]) -> None:
+    """Note each option of the command about to run, and how ``args`` spelled it (``-a`` or ``--alpha``)."""
+    _typed.clear()
+    _opts.clear()
+    for param in params:
+        opts = [o for o in getattr(param, "opts", []) if o.startswith("-")]
+        if not opts or param.name is None:
+            continue
+        _opts[param.name] = opts
+        long = opts[0]
+        for token in args:
+            name = token.split("=", 1)[0] if token.startswith("--") else token[:2]
+            if name in opts:
+                _typed[long] = name
+                break
+
+
+def flag(name: str) -> str:
+    """The option ``name`` (a parameter name such as ``smooth_alpha``, or ``--smooth-alpha``) as the user
+    typed it: ``-a`` when they wrote ``-a``, else its long form."""
+    if not name.startswith("-"):
+        opts = _opts.get(name)
+        name = opts[0] if opts else "--" + name.replace("_", "-")
+    return _typed.get(name, name)

@@ -7,28 +7,56 @@ import math
 from rich.markup import escape
 from rich.table import Table
 
-from kernelscope.cli.common import check_positive, finish, header, prepare, stage_progress
-from kernelscope.cli.console import fail, out, pct
-from kernelscope.cli.profile_cmd import check_alphas, check_bits
+from kernelscope.cli.common import (
+    check_alphas,
+    check_bits,
+    check_positive,
+    common_refusals,
+    finish,
+    header,
+    one_value,
+    prepare,
+    refuse_unused,
+    split_values,
+    stage_progress,
+)
+from kernelscope.cli.console import fail, flag, out, pct
 from kernelscope.quant import DEFAULT_ALPHA, QuantizerConfig
+from kernelscope.quant.registry import TAKES_ALPHA
 
 DEFAULT_SCHEMES = ("fp", "w8a8-per-token", "w8a8-crossquant")
+
+
+PERPLEXITY_MIN_SEQLEN = 2  # a window's first token is never predicted
 
 
 def _common(kw: dict, **extra) -> dict:
     keys = ("model", "dataset", "nsamples", "seqlen", "windows", "seed", "layers", "batch_size", "dtype",
             "device", "trust_remote_code", "output", "overwrite", "report", "device_map", "max_memory",
             "offload_folder")
-    return {k: kw[k] for k in keys} | {"quiet": kw["quiet"] or kw["as_json"]} | extra
+    quiet = kw["quiet"] or kw["as_json"]
+    return {k: kw[k] for k in keys} | {"quiet": quiet, "min_seqlen": PERPLEXITY_MIN_SEQLEN} | extra
+
+
+def _refusals(kw: dict, seed_applies: bool = False) -> dict[str, str | None]:
+    return common_refusals(windows=kw["windows"], output=kw["output"], report=kw["report"],
+                           device_map=kw["device_map"], seed_applies=seed_applies)
+
+
+def _one_alpha(alpha: str) -> float:
+    value = one_value(alpha, "--alpha", float, "a number",
+                      f"`kernelscope sweep MODEL --alpha {alpha}` compares several α")
+    check_alphas([value])
+    return value
 
 
 def _check_weights(weight_bits, group_size) -> None:
     if weight_bits is not None:
         check_bits([weight_bits], "--weight-bits")
     if group_size is not None and group_size < 1:
-        fail(f"--group-size must be at least 1, got {group_size}")
+        fail(f"{flag('--group-size')} must be at least 1, got {group_size}")
     if group_size is not None and weight_bits is None:
-        fail("--group-size applies to quantized weights; give --weight-bits too")
+        fail(f"{flag('--group-size')} applies to quantized weights; give --weight-bits too")
 
 
 def _details(r: dict) -> str:
@@ -65,24 +93,39 @@ def _show_eval(result) -> None:
 
 
 def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, calib_dataset, calib_nsamples,
-             **kw) -> None:
+             given, **kw) -> None:
     from kernelscope.data import load_text, make_windows, tokenize
     from kernelscope.runs.evaluate import evaluate
     from kernelscope.runs.schemes import parse_scheme
 
-    check_alphas([alpha, smooth_alpha])
+    alpha = _one_alpha(alpha)
+    check_alphas([smooth_alpha], "--smooth-alpha")
     check_bits([bits])
-    _check_weights(weight_bits, group_size)
+    if weight_bits is not None:
+        check_bits([weight_bits], "--weight-bits")
+    check_positive("--calib-nsamples", calib_nsamples)
     schemes = [parse_scheme(s, alpha=alpha, bits=bits, weight_bits=weight_bits, group_size=group_size,
                             smooth_alpha=smooth_alpha) for s in (scheme or DEFAULT_SCHEMES)]
     names = [s.name for s in schemes]
     if len(set(names)) != len(names):
-        fail("a --scheme is given twice")
-    check_positive("--calib-nsamples", calib_nsamples)
-    calibration = calib_text = None
+        fail(f"a {flag('--scheme')} is given twice")
+    removing = any(s.mode == "remove_kernel" for s in schemes)
     smoothing = any(s.smooth_alpha is not None for s in schemes)
+    only_removal = "it applies to remove-kernel-* schemes only (a wXaY scheme names its own bit widths)"
+    only_smoothing = "it applies to the w8a8-smoothquant scheme only"
+    refuse_unused(given, **_refusals(kw, seed_applies=smoothing),
+                  alpha=None if any(s.activation and s.activation.takes_alpha for s in schemes)
+                  else "it is CrossQuant's exponent, and no --scheme given is a *-crossquant scheme",
+                  bits=None if removing else only_removal, weight_bits=None if removing else only_removal,
+                  group_size=None if removing else only_removal,
+                  smooth_alpha=None if smoothing else only_smoothing,
+                  calib_dataset=None if smoothing else only_smoothing,
+                  calib_nsamples=None if smoothing else only_smoothing)
+    _check_weights(weight_bits, group_size)
+    calibration = calib_text = None
     if smoothing:  # read before the model loads, so that a missing text fails fast
-        calib_text = load_text(calib_dataset, max_chars=20 * calib_nsamples * kw["seqlen"])
+        calib_text = load_text(calib_dataset, max_chars=20 * calib_nsamples * kw["seqlen"],
+                               option=flag("--calib-dataset"))
     prep = prepare(**_common(kw))
     if smoothing:
         ids = tokenize(prep.loaded.tokenizer, calib_text.text)
@@ -119,21 +162,29 @@ def _show_threshold(result) -> None:
         out.print(f"- {escape(line)}")
 
 
-def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, group_size, **kw) -> None:
+MAX_TOLERANCE = 1.0  # a doubled perplexity is no longer "lossless" by any reading
+
+
+def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, group_size, given,
+                  **kw) -> None:
     from kernelscope.runs.schemes import QUANTIZER_WORDS
     from kernelscope.runs.threshold import MIN_WINDOWS, threshold_search
 
     if not (tolerance > 0 and math.isfinite(tolerance)):
-        fail(f"--tolerance must be a positive number, got {tolerance}")
+        fail(f"{flag('--tolerance')} must be a positive number, got {tolerance:g}")
+    if tolerance > MAX_TOLERANCE:
+        fail(f"{flag('--tolerance')} {tolerance:g} is beyond {MAX_TOLERANCE:g} (a {100 * MAX_TOLERANCE:g}% "
+             "perplexity increase); it is a relative increase: 0.01 is 1%")
     if steps < 0:
-        fail(f"--steps must be at least 0, got {steps}")
-    check_alphas([alpha])
+        fail(f"{flag('--steps')} must be at least 0, got {steps}")
+    alpha = _one_alpha(alpha)
     check_bits([family_bits], "--family-bits")
     _check_weights(weight_bits, group_size)
-    name = QUANTIZER_WORDS.get(family.replace("_", "-"))
+    name = QUANTIZER_WORDS.get(family.strip().lower().replace("_", "-"))
     if name is None:
-        fail(f"unknown --family {family!r}; choose per-token, per-tensor, per-channel or crossquant")
-    base = QuantizerConfig(name, family_bits, alpha if name == "crossquant" else None)
+        fail(f"unknown {flag('--family')} {family!r}; choose {', '.join(QUANTIZER_WORDS)}")
+    refuse_unused(given, **_refusals(kw))
+    base = QuantizerConfig(name, family_bits, alpha if name in TAKES_ALPHA else None)
     prep = prepare(**_common(kw), min_windows=MIN_WINDOWS)
     with stage_progress(kw["quiet"] or kw["as_json"]) as update:
         result = threshold_search(prep.loaded, prep.windows, text=prep.text, family=base, tolerance=tolerance,
@@ -144,17 +195,7 @@ def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, 
 
 def parse_alpha_list(values: list[str]) -> list[float]:
     """``--alpha 0.15,0.45 --alpha 1`` -> [0.15, 0.45, 1.0]."""
-    alphas = []
-    for value in values:
-        for part in value.split(","):
-            if not part.strip():
-                continue
-            try:
-                alphas.append(float(part))
-            except ValueError:
-                fail(f"--alpha {part.strip()!r} is not a number")
-    if not alphas:
-        fail("--alpha needs at least one value")
+    alphas = split_values(values, "--alpha", float, "a number")
     check_alphas(alphas)
     return alphas
 
@@ -173,13 +214,14 @@ def _show_sweep(result) -> None:
     out.print(table)
 
 
-def run_sweep(*, alpha, bits, weight_bits, group_size, **kw) -> None:
+def run_sweep(*, alpha, bits, weight_bits, group_size, given, **kw) -> None:
     from kernelscope.runs.sweep import alpha_sweep
 
     alphas = parse_alpha_list(alpha or [str(DEFAULT_ALPHA), "0.45", "0.75", "1"])
     check_bits([bits])
     check_bits([weight_bits], "--weight-bits")
     _check_weights(weight_bits, group_size)
+    refuse_unused(given, **_refusals(kw))
     prep = prepare(**_common(kw))
     with stage_progress(kw["quiet"] or kw["as_json"]) as update:
         result = alpha_sweep(prep.loaded, prep.windows, alphas, text=prep.text, bits=bits,

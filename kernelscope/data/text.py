@@ -76,8 +76,10 @@ def _read_parquet(path: Path) -> str:
         frame = pl.read_parquet(path, columns=None)
     except Exception as exc:  # polars raises several types for a damaged file
         raise KernelscopeError(f"{path} is not a readable parquet file ({type(exc).__name__})") from None
-    if "text" not in frame.columns or frame.schema["text"] != pl.String:
-        raise KernelscopeError(f"{path} has no string column 'text' (columns: {', '.join(frame.columns)})")
+    if "text" not in frame.columns:
+        raise KernelscopeError(f"{path} has no column 'text' (columns: {', '.join(frame.columns)})")
+    if frame.schema["text"] != pl.String:
+        raise KernelscopeError(f"{path}: column 'text' holds {frame.schema['text']}, not strings")
     return DOC_SEPARATOR.join(t for t in frame["text"].to_list() if t is not None)
 
 
@@ -87,11 +89,11 @@ def _read_pydoc() -> str:
     return DOC_SEPARATOR.join(topics[key] for key in sorted(topics))
 
 
-def _read_hub(name: str, max_chars: int | None) -> str:
+def _read_hub(name: str, max_chars: int | None, option: str) -> str:
     reason = hub_unreachable_reason()
     if reason is not None:
         raise KernelscopeError(
-            f"--dataset {name} needs the Hugging Face hub, which cannot be reached: {reason}; "
+            f"{option} {name} needs the Hugging Face hub, which cannot be reached: {reason}; "
             "pass a local .txt/.jsonl/.parquet file or `pydoc` instead"
         )
     from datasets import load_dataset
@@ -107,7 +109,8 @@ def _read_hub(name: str, max_chars: int | None) -> str:
         else:
             rows = load_dataset("mit-han-lab/pile-val-backup", split="validation")
     except Exception as exc:
-        raise KernelscopeError(f"cannot load --dataset {name} from the hub: {str(exc).splitlines()[0]}") from None
+        first = str(exc).splitlines()[0]
+        raise KernelscopeError(f"cannot load {option} {name} from the hub: {first}") from None
     if name == "wikitext2" or max_chars is None:
         return DOC_SEPARATOR.join(rows["text"])
     docs, size = [], 0
@@ -119,30 +122,40 @@ def _read_hub(name: str, max_chars: int | None) -> str:
     return DOC_SEPARATOR.join(docs)
 
 
-def load_text(source: str, *, max_chars: int | None = None) -> TextSource:
+def load_text(source: str, *, max_chars: int | None = None, option: str = "--dataset") -> TextSource:
     """Read the text named by ``source``.
 
     ``wikitext2`` is read whole (the perplexity protocol). For ``c4`` and ``pileval`` documents are
     read in order until ``max_chars`` characters, when given, since those corpora are large.
+    ``option`` is how errors name the source (the command-line option that gave it).
     """
     key = source.strip().lower()
     if not key:
-        raise KernelscopeError("no dataset given; pass wikitext2, c4, pileval, pydoc or a file path")
+        raise KernelscopeError(
+            f"no dataset given to {option}; pass wikitext2, c4, pileval, pydoc or a file path")
     if key in HUB_DATASETS:
-        return _checked(key, HUB_DATASETS[key], _read_hub(key, max_chars))
+        return _checked(key, HUB_DATASETS[key], _read_hub(key, max_chars, option))
     if key == "pydoc":
         return _checked("pydoc", "Python's own documentation topics (pydoc_data.topics), offline", _read_pydoc())
     path = Path(source).expanduser()
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
-        if not path.exists():
-            raise KernelscopeError(f"text file not found: {source}")
-        if not path.is_file():
-            raise KernelscopeError(f"{source} is not a file")
-        suffix = path.suffix.lower()
-        if suffix == ".jsonl":
-            return _checked(source, f"local JSON lines file {path} (field 'text')", _read_jsonl(path))
-        if suffix == ".parquet":
-            return _checked(source, f"local parquet file {path} (column 'text')", _read_parquet(path))
-        return _checked(source, f"local text file {path}, read whole", _read_txt(path))
+        try:
+            return _read_local(source, path)
+        except KernelscopeError as exc:
+            raise KernelscopeError(f"{option}: {exc}") from None
     choices = ", ".join([*HUB_DATASETS, "pydoc"])
-    raise KernelscopeError(f"unknown dataset {source!r}: choose {choices}, or a path to a .txt/.jsonl/.parquet file")
+    raise KernelscopeError(f"unknown dataset {source!r} for {option}: choose {choices}, or a path to a "
+                           ".txt/.jsonl/.parquet file")
+
+
+def _read_local(source: str, path: Path) -> TextSource:
+    if not path.exists():
+        raise KernelscopeError(f"text file not found: {source}")
+    if not path.is_file():
+        raise KernelscopeError(f"{source} is not a file")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _checked(source, f"local JSON lines file {path} (field 'text')", _read_jsonl(path))
+    if suffix == ".parquet":
+        return _checked(source, f"local parquet file {path} (column 'text')", _read_parquet(path))
+    return _checked(source, f"local text file {path}, read whole", _read_txt(path))

@@ -6,12 +6,16 @@ Every failure a user can cause becomes a one-line :class:`KernelscopeError`.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import functools
+import hashlib
 import importlib.util
 import logging
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +78,7 @@ def parse_dtype(name: str, device: torch.device) -> torch.dtype:
 def parse_device(name: str) -> torch.device:
     """A torch device that exists on this machine, or a clear error."""
     try:
-        device = torch.device(name)
+        device = torch.device(name.strip().lower())
     except (RuntimeError, ValueError):
         raise KernelscopeError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda":
@@ -113,14 +117,16 @@ def resolve_model_source(spec: str) -> ModelSource:
     if spec == "demo":
         return ModelSource("demo", str(demo_folder()), DEMO_GGUF, spec)
     path = Path(spec).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            what = "not a GGUF file" if path.suffix.lower() == ".gguf" else "holds no config.json"
+            raise KernelscopeError(f"{spec} is a folder, {what}; pass a model folder (with config.json) "
+                                   "or a .gguf file")
+        return ModelSource("folder", str(path.resolve()), None, spec)
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise KernelscopeError(f"GGUF file not found: {spec}")
         return ModelSource("gguf", str(path.resolve().parent), path.name, spec)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise KernelscopeError(f"{spec} is a folder but holds no config.json; is it a model folder?")
-        return ModelSource("folder", str(path.resolve()), None, spec)
     if path.exists():
         raise KernelscopeError(f"{spec} is a file but not a .gguf model; pass a model folder or a .gguf file")
     looks_local = spec.startswith((".", "/", "~")) or os.sep in spec.strip("/").replace("/", "", 1)
@@ -172,12 +178,28 @@ def check_placement(
     device_map: str | None, max_memory: str | dict | None, offload_folder: str | Path | None = None
 ) -> dict | None:
     """Check the device-map options together; returns ``max_memory`` in accelerate's form."""
+    if device_map is not None:
+        device_map = device_map.strip().lower()
     if device_map is not None and device_map not in DEVICE_MAPS:
         raise KernelscopeError(f"unknown --device-map {device_map!r}; choose from {', '.join(DEVICE_MAPS)}")
     for name, value in (("--max-memory", max_memory), ("--offload-folder", offload_folder)):
         if value is not None and device_map is None:
             raise KernelscopeError(f"{name} needs --device-map (e.g. --device-map auto)")
+    if offload_folder is not None:
+        _check_offload_folder(Path(offload_folder).expanduser(), offload_folder)
     return parse_max_memory(max_memory) if isinstance(max_memory, str) else max_memory
+
+
+def _check_offload_folder(folder: Path, shown: str | Path) -> None:
+    """The folder where accelerate may write offloaded weights: a folder, or one it can create."""
+    if folder.exists() and not folder.is_dir():
+        raise KernelscopeError(f"--offload-folder {shown} exists and is not a folder; give a folder")
+    probe = folder.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise KernelscopeError(
+            f"--offload-folder {shown} cannot be written: {probe} is not a writable folder")
 
 
 def load_model(
@@ -202,6 +224,7 @@ def load_model(
     from transformers.utils import logging as hf_logging
 
     torch_device = parse_device(device)
+    device_map = device_map.strip().lower() if device_map is not None else None
     memory = check_placement(device_map, max_memory, offload_folder)
     if device_map is not None and torch.cuda.is_available() and device == "cpu":
         torch_device = torch.device("cuda")  # the map spreads over the GPUs: compute dtype as on GPU
@@ -241,9 +264,12 @@ def load_model(
             raise KernelscopeError(
                 f"cannot load a tokenizer for {source.display}: {_first_line(exc)}"
             ) from None
+        if source.gguf_file is None:  # a GGUF's configuration costs as much to read as its weights
+            check_causal_decoder(_config(source, common), source)
         try:
-            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **common,
-                                                         **placement)
+            with _quiet_gguf_progress():
+                model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **common,
+                                                             **placement)
         except ValueError as exc:
             if "Unrecognized configuration class" in str(exc) or "does not support" in str(exc):
                 raise KernelscopeError(
@@ -257,6 +283,7 @@ def load_model(
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
 
+    check_causal_decoder(model.config, source)
     hf_map = getattr(model, "hf_device_map", None) if device_map is not None else None
     if hf_map is None:
         model.to(torch_device)
@@ -269,6 +296,7 @@ def load_model(
         "architecture": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
         "parameters": sum(p.numel() for p in model.parameters()),
+        "identity": model_identity(source, config),
         "dtype": str(torch_dtype).removeprefix("torch."),
         "device": str(torch_device) if hf_map is None else f"device map {device_map}",
         "placement": None if hf_map is None else _placement_counts(hf_map),
@@ -276,6 +304,68 @@ def load_model(
         or getattr(config, "n_positions", None),
     }
     return LoadedModel(model, tokenizer, source, info)
+
+
+def model_identity(source: ModelSource, config: Any) -> str:
+    """A short digest that changes when the model's files do: the hub revision for a hub model; for a
+    local folder or GGUF, each file's name, size, modification time and first MiB. Cheap at any size."""
+    if source.kind == "hub":
+        return f"hub:{source.location}@{getattr(config, '_commit_hash', None)}"
+    folder = Path(source.location)
+    files = [folder / source.gguf_file] if source.gguf_file else sorted(
+        p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    digest = hashlib.sha256()
+    for file in files:
+        stat = file.stat()
+        digest.update(f"{file.name}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+        with file.open("rb") as fh:
+            digest.update(fh.read(1 << 20))
+    return f"files:{digest.hexdigest()[:32]}"
+
+
+@contextlib.contextmanager
+def _quiet_gguf_progress() -> Iterator[None]:
+    """transformers converts GGUF tensors behind a tqdm bar of its own that its progress-bar switch
+    does not reach; the callers of kernelscope get no such bar."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
+def _config(source: ModelSource, common: dict[str, Any]) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.location, **common)
+    except Exception as exc:
+        raise KernelscopeError(
+            f"cannot read the configuration of {source.display}: {_first_line(exc)}") from None
+
+
+def check_causal_decoder(config: Any, source: ModelSource) -> None:
+    """Refuse an encoder (BERT, RoBERTa, ...) or an encoder-decoder (T5, BART, ...): perplexity and the
+    kernel of a causal LM's decoder Linear layers mean nothing for them."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    kind = getattr(config, "model_type", None)
+    arch = ", ".join(getattr(config, "architectures", None) or []) or kind
+    if getattr(config, "is_encoder_decoder", False):
+        what = "an encoder-decoder"
+    elif kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        what = "an encoder"
+    else:
+        return
+    raise KernelscopeError(f"{source.display} is {what} ({arch}, model type {kind}), not a causal decoder; "
+                           "kernelscope measures causal language models (LLaMA, Mistral, Qwen2, GPT-2, "
+                           "OPT, ...)")
 
 
 def _placement_counts(hf_map: dict[str, Any]) -> dict[str, int]:

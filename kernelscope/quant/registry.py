@@ -67,6 +67,11 @@ class QuantizerConfig:
             raise ValueError(f"quantizer {self.quantizer!r} takes no alpha")
 
     @property
+    def takes_alpha(self) -> bool:
+        """True for quantizers with an exponent α (CrossQuant)."""
+        return self.quantizer in TAKES_ALPHA
+
+    @property
     def qmax(self) -> int:
         return qmax_for_bits(self.bits)
 

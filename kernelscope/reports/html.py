@@ -13,11 +13,12 @@ from pathlib import Path
 import plotly.io as pio
 import polars as pl
 
-from kernelscope import __version__
+from kernelscope.version import __version__
 from kernelscope.errors import KernelscopeError
 from kernelscope.reports import figures as F
 from kernelscope.reports.figures import esc
-from kernelscope.results import RunFolder, default_mode, read_run
+from kernelscope.results import RunFolder, check_report_file, default_mode, read_run
+from kernelscope.results.paths import REPORT_TAG
 
 PROFILE_COMMAND = "kernelscope profile MODEL -o DIR"
 REFERENCE_THRESHOLDS = {"OPT": 0.19, "LLaMA": 0.01}
@@ -280,15 +281,20 @@ def build_report(runs: Sequence[RunFolder], *, title: str | None = None) -> str:
         _layer_table(page, profiles)
     page.add(f'<p class="missing">Written by kernelscope {esc(__version__)}.</p>')
 
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">" + REPORT_TAG +
             f"<title>{esc(heading)}</title><style>{STYLE}</style>"
             f"<script>{get_plotlyjs()}</script></head><body>"
             + "\n".join(page.parts) + f"<script>{SCRIPT}</script></body></html>\n")
 
 
 def write_report(run_dirs: Sequence[str | Path] | Sequence[RunFolder], output: str | Path, *,
-                 overwrite: bool = False, title: str | None = None) -> Path:
-    """Read the run folders and write the report to ``output`` atomically."""
+                 overwrite: bool = False, title: str | None = None, option: str = "report") -> Path:
+    """Read the run folders and write the report to ``output`` atomically.
+
+    An existing ``output`` is replaced only with ``overwrite`` and only when kernelscope wrote it;
+    ``option`` is how error messages name the path (the command-line option that gave it).
+    """
+    out = check_report_file(output, overwrite, option=option)
     runs = [r if isinstance(r, RunFolder) else read_run(r) for r in run_dirs]
     try:
         text = build_report(runs, title=title)
@@ -298,16 +304,10 @@ def write_report(run_dirs: Sequence[str | Path] | Sequence[RunFolder], output: s
         names = ", ".join(str(r.path) for r in runs)
         raise KernelscopeError(f"cannot build a report: a run folder among {names} is incomplete or damaged "
                                f"({type(exc).__name__}: {exc})") from None
-    out = Path(output).expanduser()
-    if out.exists() and (out.is_dir() or not overwrite):
-        what = "is a folder" if out.is_dir() else "already exists; pass --overwrite to replace it"
-        raise KernelscopeError(f"report {output} {what}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError:
-        raise KernelscopeError(f"report {output} cannot be written: cannot create {out.parent}") from None
-    if not os.access(out.parent, os.W_OK):
-        raise KernelscopeError(f"report {output} cannot be written: {out.parent} is not a writable folder")
+        raise KernelscopeError(f"{option} {output} cannot be written: cannot create {out.parent}") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

@@ -18,10 +18,10 @@ from typing import Any
 import polars as pl
 
 from kernelscope.errors import KernelscopeError
+from kernelscope.results.paths import RUN_MARKER, SUMMARY_NAMES, check_output_dir
 
 SCHEMA_VERSION = 1
-SUMMARY = "summary.json"
-SUMMARY_NAMES = (SUMMARY, "eval.json", "threshold.json", "sweep.json")
+SUMMARY = SUMMARY_NAMES[0]
 
 
 def json_safe(value: Any) -> Any:
@@ -42,22 +42,6 @@ def default_mode(path: Path, *, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~mask)
 
 
-def check_output_dir(path: str | Path, overwrite: bool = False) -> Path:
-    """Refuse early (before any work) an output folder that exists or cannot be created."""
-    out = Path(path).expanduser()
-    if out.exists() and not out.is_dir():
-        raise KernelscopeError(f"--output {path} exists and is not a folder")
-    if out.exists() and not overwrite:
-        raise KernelscopeError(f"--output {path} already exists; pass --overwrite to replace it")
-    parent = out.resolve().parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise KernelscopeError(f"--output {path} cannot be written: {probe} is not a writable folder")
-    return out
-
-
 def write_run(path: str | Path, tables: dict[str, pl.DataFrame], summary: dict[str, Any],
               *, overwrite: bool = False, summary_name: str = SUMMARY) -> Path:
     """Write ``tables`` as ``<name>.parquet`` and ``summary`` as JSON, all or nothing.
@@ -76,17 +60,28 @@ def write_run(path: str | Path, tables: dict[str, pl.DataFrame], summary: dict[s
             frame.write_parquet(tmp / f"{name}.parquet")
         body = {"schema_version": SCHEMA_VERSION, **summary}
         (tmp / summary_name).write_text(json.dumps(json_safe(body), indent=2, ensure_ascii=False) + "\n")
+        marker = {"schema_version": SCHEMA_VERSION, "summary": summary_name}
+        (tmp / RUN_MARKER).write_text(json.dumps(marker) + "\n")
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "run")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            _swap(tmp, out)
         else:
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _swap(new: Path, out: Path) -> None:
+    """Put ``new`` in the place of the run folder ``out``; if the old one cannot move, it stays."""
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    try:
+        os.replace(out, old / "run")
+    except OSError as exc:
+        shutil.rmtree(old, ignore_errors=True)
+        raise KernelscopeError(f"cannot replace {out}: {exc.strerror or exc}; nothing was written") from None
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass

@@ -38,6 +38,15 @@ def save_checkpoint(path: Path, fingerprint: dict[str, Any], done: int, state: d
         raise
 
 
+def is_checkpoint(path: Path) -> bool:
+    """True when ``path`` is a checkpoint kernelscope wrote (so it may be replaced)."""
+    try:
+        body = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return isinstance(body, dict) and {"version", "fingerprint", "done", "state"} <= set(body)
+
+
 def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """Windows done and saved state, after checking the checkpoint belongs to this very run."""
     if not path.is_file():
@@ -51,8 +60,17 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> tuple[int, dict[
     theirs = body.get("fingerprint") or {}
     differ = sorted(k for k in set(fingerprint) | set(theirs) if fingerprint.get(k) != theirs.get(k))
     if differ:
+        changes = "; ".join(_change(k, theirs, fingerprint) for k in differ)
         raise KernelscopeError(
-            f"the checkpoint {path} belongs to a different run ({', '.join(differ)} differ); "
+            f"the checkpoint {path} belongs to a different run ({changes}); "
             "rerun with the same options, or without --resume to start over"
         )
     return int(body["done"]), body["state"]
+
+
+def _change(key: str, before: dict[str, Any], now: dict[str, Any]) -> str:
+    """``dtype: float32 in the checkpoint, bfloat16 now``; long values (lists, hashes) by name only."""
+    old, new = before.get(key), now.get(key)
+    if all(isinstance(v, (int, float, str, type(None))) and len(str(v)) <= 40 for v in (old, new)):
+        return f"{key}: {old} in the checkpoint, {new} now"
+    return f"{key} differs"

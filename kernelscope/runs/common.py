@@ -25,7 +25,7 @@ def versions() -> dict[str, str]:
     """Versions of what produced a result."""
     import transformers
 
-    from kernelscope import __version__
+    from kernelscope.version import __version__
 
     return {
         "kernelscope": __version__, "torch": torch.__version__,

@@ -20,7 +20,7 @@ from kernelscope.quant import QuantizerConfig
 from kernelscope.results import write_run
 from kernelscope.runs import distributed
 from kernelscope.runs.checkpoint import load_checkpoint, save_checkpoint
-from kernelscope.runs.common import resolve_layers, run_context, unpack
+from kernelscope.runs.common import resolve_layers, run_context, unpack, versions
 from kernelscope.runs.forward import eval_mode, forward_windows, model_device
 from kernelscope.stats import KernelStats, elementwise
 from kernelscope.stats.arena import Arena
@@ -91,6 +91,21 @@ def _table(rows: list[dict[str, Any]], overrides: dict[str, pl.DataType]) -> pl.
         else:
             columns[name] = pl.Series(name, values, dtype=overrides.get(name))
     return pl.DataFrame(columns)
+
+
+def _fingerprint(model: nn.Module, info: dict[str, Any], text: TextSource | None, windows: Windows,
+                 configs: list[QuantizerConfig], selected: list[LinearLayer], batch_size: int,
+                 top_k: int) -> dict[str, Any]:
+    """Everything that can change a figure of a profile; a checkpoint resumes only the same run."""
+    weight = next(model.parameters(), None)
+    return {
+        "model": str(info.get("path", info.get("architecture"))), "model_identity": info.get("identity"),
+        "parameters": info.get("parameters"), "dtype": None if weight is None else str(weight.dtype),
+        "device": model_device(model).type, "text": None if text is None else text.sha256,
+        "windows": windows.sha256, "seqlen": windows.seqlen, "quantizers": [c.label for c in configs],
+        "layers": [layer.name for layer in selected], "batch_size": batch_size, "top_k": top_k,
+        "kernelscope": versions()["kernelscope"], "torch": str(torch.__version__),
+    }
 
 
 def _token_text(tokenizer, token_id: int) -> str:
@@ -168,11 +183,7 @@ def profile(
         raise KernelscopeError("checkpoints and --resume work in a single process only")
     if world.size > n:
         raise KernelscopeError(f"{world.size} processes need at least as many windows; got {n}")
-    fingerprint = {
-        "windows": windows.sha256, "seqlen": windows.seqlen, "quantizers": [c.label for c in configs],
-        "layers": [layer.name for layer in selected], "batch_size": batch_size, "top_k": top_k,
-        "model": str(info.get("path", info.get("architecture"))), "parameters": info.get("parameters"),
-    }
+    fingerprint = _fingerprint(model, info, text, windows, configs, selected, batch_size, top_k)
     start = 0
     if checkpoint is not None and resume:
         start, saved = load_checkpoint(Path(checkpoint), fingerprint)

@@ -1,0 +1,125 @@
+"""Which output paths kernelscope may write or replace: never one it did not write itself.
+
+A run folder carries a marker file (:data:`RUN_MARKER`); a report carries a generator tag in its
+first bytes (:data:`REPORT_TAG`). ``--overwrite`` replaces only a path that bears one of them, and
+never the working folder, one of its parents, the home folder or the filesystem root. Every check
+here runs before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from kernelscope.errors import KernelscopeError
+
+RUN_MARKER = ".kernelscope-run"
+"""The file every run folder holds; its presence is what makes a folder replaceable."""
+REPORT_TAG = '<meta name="generator" content="kernelscope">'
+"""The tag at the head of every report; only a file that starts with it is replaced."""
+SUMMARY_NAMES = ("summary.json", "eval.json", "threshold.json", "sweep.json")
+
+
+def protected_paths() -> set[Path]:
+    """Paths that are never replaced: the working folder and its parents, the home folder, the root."""
+    cwd = Path.cwd().resolve()
+    return {cwd, *cwd.parents, Path.home().resolve(), Path(cwd.anchor)}
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What in ``folder`` kernelscope does not write: anything but its marker, a summary, parquet
+    tables and kernelscope reports."""
+
+    def ours(p: Path) -> bool:
+        if not p.is_file():
+            return False
+        return p.name in (RUN_MARKER, *SUMMARY_NAMES) or p.suffix == ".parquet" or is_kernelscope_report(p)
+
+    return sorted(p.name for p in folder.iterdir() if not ours(p))
+
+
+def _has_versioned_summary(folder: Path) -> bool:
+    """A folder written before run folders carried the marker: one summary, with a schema version."""
+    summaries = [folder / n for n in SUMMARY_NAMES if (folder / n).is_file()]
+    if len(summaries) != 1:
+        return False
+    try:
+        body = json.loads(summaries[0].read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(body, dict) and isinstance(body.get("schema_version"), int)
+
+
+def is_kernelscope_run(folder: Path) -> bool:
+    """True when ``folder`` is a run folder kernelscope wrote (marked, or an unmarked older one) and
+    holds nothing else."""
+    if not folder.is_dir() or foreign_entries(folder):
+        return False
+    return (folder / RUN_MARKER).is_file() or _has_versioned_summary(folder)
+
+
+def is_kernelscope_report(file: Path) -> bool:
+    """True when ``file`` is an HTML report kernelscope wrote."""
+    try:
+        with file.open("rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return REPORT_TAG.encode() in head
+
+
+def _check_writable_parent(path: Path, option: str, shown: str | Path) -> None:
+    probe = path.resolve().parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise KernelscopeError(f"{option} {shown} cannot be written: {probe} is not a writable folder")
+
+
+def _refuse_protected(path: Path, option: str, shown: str | Path) -> None:
+    if path.resolve() in protected_paths():
+        raise KernelscopeError(
+            f"{option} {shown} is the working folder, one of its parents, the home folder or "
+            "the root, which kernelscope never replaces; give a new folder such as runs/x"
+        )
+
+
+def check_output_dir(path: str | Path, overwrite: bool = False, option: str = "--output") -> Path:
+    """Refuse early (before any work) an output folder that exists, unless it is a kernelscope run
+    folder and ``overwrite`` is set, or that cannot be created."""
+    out = Path(path).expanduser()
+    _refuse_protected(out, option, path)
+    if out.exists() and not out.is_dir():
+        raise KernelscopeError(f"{option} {path} exists and is not a folder")
+    if out.exists() and not overwrite:
+        raise KernelscopeError(f"{option} {path} already exists; pass --overwrite to replace it")
+    if out.exists() and not is_kernelscope_run(out):
+        foreign = foreign_entries(out)
+        listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        why = (
+            f"holds files kernelscope did not write ({listed})"
+            if foreign
+            else "was not written by kernelscope"
+        )
+        raise KernelscopeError(f"{option} {path} exists and {why}; it is never replaced: give a new folder")
+    _check_writable_parent(out, option, path)
+    return out
+
+
+def check_report_file(path: str | Path, overwrite: bool = False, option: str = "--report") -> Path:
+    """Refuse early a report path that is a folder, exists (unless it is a kernelscope report and
+    ``overwrite`` is set), or cannot be created."""
+    out = Path(path).expanduser()
+    _refuse_protected(out, option, path)
+    if out.is_dir():
+        raise KernelscopeError(f"{option} {path} is a folder; give a file name such as report.html")
+    if out.exists() and not overwrite:
+        raise KernelscopeError(f"{option} {path} already exists; pass --overwrite to replace it")
+    if out.exists() and not is_kernelscope_report(out):
+        raise KernelscopeError(
+            f"{option} {path} exists and is not a kernelscope report; it is never replaced: "
+            "give a new file name"
+        )
+    _check_writable_parent(out, option, path)
+    return out
