@@ -746,3 +746,17 @@ def test_mx_rceil_tiny_block_where_torchao_leaves_it_unscaled():
     my_q, my_s = quantize(x, get_format("mxfp4_rceil"))
     assert my_s.item() == s.item() == 2.0**-127
     assert my_q[0, 0].item() == 2.0 and q[0, 0].item() == 0.0
+
+
+@pytest.mark.parametrize("grid, codes", [(E4M3, E4M3_CODES), (E2M1, E2M1_CODES)], ids=["e4m3", "e2m1"])
+def test_subnormal_range_is_what_rounding_decides(grid, codes):
+    # every code, every midpoint between codes, each one float32 ulp either side, and random values
+    table = torch.tensor(codes, dtype=torch.float32)
+    mids = (table[1:] + table[:-1]) / 2
+    v = torch.cat([table, mids, torch.rand(3000) * 2 * grid.min_normal])
+    v = torch.cat([v, torch.nextafter(v, torch.tensor(math.inf)), torch.nextafter(v, torch.tensor(-math.inf))])
+    lo, hi = grid.subnormal_range
+    rounded = [naive_round(float(x), codes) for x in v]
+    expected = torch.tensor([0 < abs(r) < grid.min_normal for r in rounded])
+    assert torch.equal((v.abs() > lo) & (v.abs() < hi), expected)
+    assert int_grid(8).subnormal_range is None

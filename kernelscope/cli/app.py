@@ -131,13 +131,17 @@ def profile(
     windows: o.WindowsSel = "first",
     seed: o.Seed = 0,
     quantizer: Annotated[list[str] | None, typer.Option("--quantizer", "-q", metavar="NAME", help="Activation "
-        "quantizer, repeated or comma-separated: per_token, crossquant, per_tensor, per_channel. "
-        "[default: per_token, crossquant]", show_default=False)] = None,
-    bits: Annotated[list[str] | None, typer.Option("--bits", "-b", metavar="N", help="Bit width 2..8, "
-        "repeated or comma-separated. [default: 8, 4]", show_default=False)] = None,
+        "quantizer, repeated or comma-separated: per_token, crossquant, per_tensor, per_channel, per_group "
+        "(INT, at each --bits); fp8_per_token, fp8_per_tensor, mxfp8, mxfp4, mxfp4_rceil, nvfp4 (each at "
+        "its own width). [default: per_token, crossquant]", show_default=False)] = None,
+    bits: Annotated[list[str] | None, typer.Option("--bits", "-b", metavar="N", help="Bit width 2..8 of the "
+        "INT quantizers, repeated or comma-separated. [default: 8, 4]", show_default=False)] = None,
     alpha: Annotated[list[str] | None, typer.Option("--alpha", "-a", metavar="α", help="CrossQuant exponent "
         "in [0, 1], repeated or comma-separated; 1 is per-token. Needs a crossquant --quantizer. "
         "[default: 0.15]", show_default=False)] = None,
+    group_size: Annotated[int | None, typer.Option("--group-size", metavar="G", help="Input channels per "
+        "block of -q per_group (its INT scale per G consecutive channels of a token). [default: 128]",
+        show_default=False)] = None,
     layers: o.Layers = None,
     include_lm_head: Annotated[bool, typer.Option("--include-lm-head",
                                                   help="Also measure the output projection.")] = False,

@@ -23,7 +23,12 @@ def fail(message: str) -> None:
 
 
 def pct(x: float | None, digits: int = 2) -> str:
-    return "" if x is None else f"{100 * x:.{digits}f}%"
+    """A share as a percentage; one too small for ``digits`` decimals (an FP8 kernel) in scientific form."""
+    if x is None:
+        return ""
+    if 0 < abs(x) < 10.0 ** -(digits + 2):
+        return f"{100 * x:.1e}%"
+    return f"{100 * x:.{digits}f}%"
 
 
 def remember_options(params: Iterable, args: Sequence[str]) -> None:

@@ -22,7 +22,7 @@ from kernelscope.cli.common import (
 )
 from kernelscope.cli.console import fail, flag, out, pct
 from kernelscope.quant import DEFAULT_ALPHA, QuantizerConfig
-from kernelscope.quant.registry import TAKES_ALPHA
+from kernelscope.quant.formats import FORMATS
 
 DEFAULT_SCHEMES = ("fp", "w8a8-per-token", "w8a8-crossquant")
 
@@ -184,7 +184,7 @@ def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, 
     if name is None:
         fail(f"unknown {flag('--family')} {family!r}; choose {', '.join(QUANTIZER_WORDS)}")
     refuse_unused(given, **_refusals(kw))
-    base = QuantizerConfig(name, family_bits, alpha if name in TAKES_ALPHA else None)
+    base = QuantizerConfig(name, family_bits, alpha if FORMATS[name].takes_alpha else None)
     prep = prepare(**_common(kw), min_windows=MIN_WINDOWS)
     with stage_progress(kw["quiet"] or kw["as_json"]) as update:
         result = threshold_search(prep.loaded, prep.windows, text=prep.text, family=base, tolerance=tolerance,

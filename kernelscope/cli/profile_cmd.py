@@ -9,6 +9,7 @@ from rich.table import Table
 from kernelscope.cli.common import (
     check_alphas,
     check_bits,
+    check_positive,
     common_refusals,
     finish,
     header,
@@ -22,15 +23,17 @@ from kernelscope.errors import Interrupted, KernelscopeError
 from kernelscope.quant import DEFAULT_ALPHA, expand_configs
 
 
-def _configs(quantizer: list[str] | None, bits: list[str] | None, alpha: list[str] | None):
+def _configs(quantizer: list[str] | None, bits: list[str] | None, alpha: list[str] | None,
+             group_size: int | None):
     names = split_values(quantizer, "--quantizer", str, "a quantizer") if quantizer else [
         "per_token", "crossquant"]
     widths = split_values(bits, "--bits", int, "a whole number") if bits else [8, 4]
     alphas = split_values(alpha, "--alpha", float, "a number") if alpha else [DEFAULT_ALPHA]
     check_bits(widths)
     check_alphas(alphas)
+    check_positive("--group-size", group_size)
     try:
-        return expand_configs(names, widths, alphas)
+        return expand_configs(names, widths, alphas, group_size)
     except ValueError as exc:
         raise KernelscopeError(f"{flag('--quantizer')}: {exc}") from None
 
@@ -41,42 +44,63 @@ def _show(result) -> None:
     out.print(f"[bold]layers[/] {s['layers']['count']} Linear inputs, {s['tokens']:,} tokens in "
               f"{s['seconds']:.1f} s ({s['tokens_per_second']:,.0f} tokens/s)")
 
+    level = result.model_level
+    extras = [(c, title) for c, title in (("subnormal_fraction", "on subnormals"),
+                                           ("block_kernel_fraction", "whole blocks"))
+              if level[c].is_not_null().any()]
     model_table = Table(title="Model-level kernel (elements-weighted over all covered Linear inputs)")
     for col, justify in (("quantizer", "left"), ("kernel", "right"), ("kernel elements", "right"),
-                         ("of elements", "right")):
-        model_table.add_column(col, justify=justify)
-    for row in result.model_level.iter_rows(named=True):
+                         ("of elements", "right"), *((title, "right") for _, title in extras)):
+        model_table.add_column(col, justify=justify, no_wrap=col == "quantizer")
+    for row in level.iter_rows(named=True):
         model_table.add_row(row["config"], pct(row["kernel_fraction"]), f"{row['kernel_elements']:,}",
-                            f"{row['elements']:,}")
+                            f"{row['elements']:,}", *(pct(row[c]) for c, _ in extras))
     out.print(model_table)
     out.print("pairs with c_j >= t_i (where CrossQuant's bound is not below per-token's): "
-              f"[bold]{pct(result.model_level['c_ge_t_fraction'][0])}[/]")
+              f"[bold]{pct(level['c_ge_t_fraction'][0])}[/]")
+    out.print(_by_module_type(result.by_module_type))
 
-    wide = result.by_module_type.pivot(on="config", index="module_type", values="kernel_fraction",
-                                       maintain_order=True)
-    c_by_type = result.by_module_type.group_by("module_type", maintain_order=True).agg(
-        pl.col("c_ge_t_fraction").first())
+
+def _by_module_type(by_type: pl.DataFrame) -> Table:
+    """Kernel per module type: one column per configuration, or, past four, one row each."""
+    wide = by_type.pivot(on="config", index="module_type", values="kernel_fraction", maintain_order=True)
+    c_by_type = by_type.group_by("module_type", maintain_order=True).agg(pl.col("c_ge_t_fraction").first())
     wide = wide.join(c_by_type, on="module_type", how="left", maintain_order="left")
-    type_table = Table(title="Kernel by module type")
+    if wide.width > 6:  # many configurations: configurations as rows, module types as columns
+        types = wide["module_type"].to_list()
+        table = Table(title="Kernel by module type")
+        table.add_column("quantizer", no_wrap=True)
+        for name in types:
+            table.add_column(escape(str(name)), justify="right")
+        for col in wide.columns[1:]:
+            label = "c >= t" if col == "c_ge_t_fraction" else col
+            table.add_row(escape(label), *(pct(v) for v in wide[col].to_list()))
+        return table
+    table = Table(title="Kernel by module type")
     for col in wide.columns:
         name = {"module_type": "module", "c_ge_t_fraction": "c >= t"}.get(col, col)
-        type_table.add_column(name, justify="left" if col == "module_type" else "right")
+        table.add_column(name, justify="left" if col == "module_type" else "right")
     for row in wide.iter_rows():
-        type_table.add_row(escape(str(row[0])), *(pct(v) for v in row[1:]))
-    out.print(type_table)
+        table.add_row(escape(str(row[0])), *(pct(v) for v in row[1:]))
+    return table
 
 
-def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, bits, alpha, layers,
+def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, bits, alpha, group_size,
+                layers,
                 include_lm_head, batch_size, top_k, dtype, device, device_map, max_memory, offload_folder,
                 trust_remote_code, output, overwrite, report, resume, as_json, quiet, given) -> None:
     from kernelscope.runs import distributed, profile
     from kernelscope.runs.checkpoint import checkpoint_path, is_checkpoint
 
-    configs = _configs(quantizer, bits, alpha)
+    configs = _configs(quantizer, bits, alpha, group_size)
     refuse_unused(given,
                   **common_refusals(windows=windows, output=output, report=report, device_map=device_map),
                   alpha=None if any(c.takes_alpha for c in configs)
-                  else "it is CrossQuant's exponent, and no --quantizer given takes it (add -q crossquant)")
+                  else "it is CrossQuant's exponent, and no --quantizer given takes it (add -q crossquant)",
+                  bits=None if any(c.format.grid.is_int for c in configs)
+                  else "it sets the width of INT quantizers, and the float formats given carry their own",
+                  group_size=None if any(c.format.is_block and c.format.grid.is_int for c in configs)
+                  else "it sets the block of -q per_group, which is not given")
     parallel = distributed.launched()
     if parallel and resume:
         fail("--resume works in a single process only; rerun without torchrun to resume")

@@ -141,6 +141,11 @@ def _first_line(exc: BaseException) -> str:
     return line if len(line) <= 240 else line[:237] + "..."
 
 
+_QUIET_LOGGERS = ("accelerate", "torchao", "torch.utils._pytree")
+"""Loggers that speak while a model loads of what is no concern of a kernelscope user: accelerate's
+"offloaded to the disk" (what was asked for), torchao's missing CUDA kernels and the deprecation notes
+it triggers in torch, when transformers imports it."""
+
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
@@ -253,9 +258,9 @@ def load_model(
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    accelerate_log = logging.getLogger("accelerate")
-    accelerate_level = accelerate_log.level
-    accelerate_log.setLevel(logging.ERROR)  # "offloaded to the disk" is what was asked for
+    quieted = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
+    for name in quieted:
+        logging.getLogger(name).setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()
     try:
         try:
@@ -279,7 +284,8 @@ def load_model(
         except Exception as exc:
             raise KernelscopeError(f"cannot load model {source.display}: {_first_line(exc)}") from None
     finally:
-        accelerate_log.setLevel(accelerate_level)
+        for name, level in quieted.items():
+            logging.getLogger(name).setLevel(level)
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
 

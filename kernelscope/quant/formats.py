@@ -143,6 +143,13 @@ class ElementGrid:
             r = torch.where(r > self.max_value, torch.nan, r)
         return r.copysign_(v)
 
+    @property
+    def subnormal_range(self) -> tuple[float, float] | None:
+        """The magnitudes of ``x / s`` that round to a non-zero subnormal code, both bounds open:
+        above τ and below ``min_normal − min_subnormal / 2`` (that tie rounds up to ``min_normal``,
+        whose mantissa is even). None for an integer grid. Lets a count skip the rounding itself."""
+        return None if self.is_int else (self.tau, self.min_normal - self.min_subnormal / 2)
+
     def subnormal(self, q: torch.Tensor) -> torch.Tensor:
         """True where grid values ``q`` sit on a non-zero subnormal code (never for an integer grid)."""
         if self.is_int:
@@ -468,7 +475,12 @@ def block_kernel_mask(x: torch.Tensor, fmt: Format) -> torch.Tensor:
 
     A block format only; a short last block is judged on its own elements.
     """
+    return whole_blocks(kernel_mask(x, fmt), fmt)
+
+
+def whole_blocks(mask: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """``(..., T, ⌈I/g⌉)``: True for the blocks of ``fmt`` where ``mask (..., T, I)`` holds for every
+    element (a short last block judged on its own elements)."""
     if not fmt.is_block:
         raise ValueError(f"format {fmt.name!r} has no blocks")
-    mask = kernel_mask(x, fmt)  # (..., T, I)
     return _blocks(mask, fmt.block_size, fill=1.0).eq(1.0).all(dim=-1)  # (..., T, nb)

@@ -1,7 +1,9 @@
-"""Activation quantizers by name, and the configuration that names one quantizer at one bit width.
+"""The configuration that names one quantizer (a format of :data:`~kernelscope.quant.formats.FORMATS`)
+at one bit width, and the INT quantizers whose step is built from the token and channel maxima alone.
 
-Adding an activation quantizer is one step function in :mod:`kernelscope.quant.primitives` plus one
-entry in :data:`ACTIVATION_QUANTIZERS`.
+The vocabulary is the formats registry: a new format there is a new ``-q`` choice everywhere. The INT
+quantizers of :data:`ACTIVATION_QUANTIZERS` are counted by the fast pass over t and c (and fake-quantized
+from their step); every other format is counted from its own scale rule and grid.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernelscope.quant import formats
 from kernelscope.quant.primitives import (
     Activation,
     check_alpha,
@@ -32,7 +35,6 @@ ACTIVATION_QUANTIZERS: dict[str, StepFn] = {
 }
 """name -> step function ``(x, bits, alpha) -> Δ`` broadcastable to ``x``."""
 
-TAKES_ALPHA = frozenset({"crossquant"})
 
 FactorFn = Callable[[Activation, float | None], tuple[torch.Tensor, torch.Tensor]]
 
@@ -48,28 +50,50 @@ DEFAULT_ALPHA = 0.15
 
 @dataclass(frozen=True)
 class QuantizerConfig:
-    """One activation quantizer at one bit width (and α for CrossQuant). Validates itself."""
+    """One activation quantizer at one bit width (and α for CrossQuant, the block size for a block
+    format). ``quantizer`` is a name of the formats registry; a float format's ``bits`` is its element
+    width. Validates itself."""
 
     quantizer: str
     bits: int
     alpha: float | None = None
+    block_size: int | None = None
 
     def __post_init__(self) -> None:
-        if self.quantizer not in ACTIVATION_QUANTIZERS:
-            known = ", ".join(ACTIVATION_QUANTIZERS)
+        entry = formats.FORMATS.get(self.quantizer)
+        if entry is None:
+            known = ", ".join(formats.FORMATS)
             raise ValueError(f"unknown quantizer {self.quantizer!r}; choose from {known}")
-        qmax_for_bits(self.bits)
-        if self.quantizer in TAKES_ALPHA:
+        if entry.grid is None:
+            qmax_for_bits(self.bits)
+        elif self.bits != entry.grid.bits:
+            raise ValueError(f"quantizer {self.quantizer!r} has {entry.grid.bits}-bit elements, "
+                             f"got {self.bits}")
+        if entry.takes_alpha:
             if self.alpha is None:
                 raise ValueError(f"quantizer {self.quantizer!r} needs alpha")
             object.__setattr__(self, "alpha", check_alpha(self.alpha))
         elif self.alpha is not None:
             raise ValueError(f"quantizer {self.quantizer!r} takes no alpha")
+        if self.block_size is None and entry.block_size is not None:
+            object.__setattr__(self, "block_size", entry.block_size)
+        self.format.grid.tau  # noqa: B018 - a block size where there are no blocks, or a bad one, fails here
+
+    @property
+    def format(self) -> formats.Format:
+        """The number format: scale rule, element grid, τ, block size."""
+        return formats.get_format(self.quantizer, bits=self.bits, block_size=self.block_size,
+                                  alpha=self.alpha)
+
+    @property
+    def from_ranges(self) -> bool:
+        """True for the INT quantizers whose step follows from t and c (the fast counting pass)."""
+        return self.quantizer in ACTIVATION_QUANTIZERS
 
     @property
     def takes_alpha(self) -> bool:
         """True for quantizers with an exponent α (CrossQuant)."""
-        return self.quantizer in TAKES_ALPHA
+        return formats.FORMATS[self.quantizer].takes_alpha
 
     @property
     def qmax(self) -> int:
@@ -77,9 +101,14 @@ class QuantizerConfig:
 
     @property
     def label(self) -> str:
-        """Short human name, e.g. ``per_token int8`` or ``crossquant a=0.15 int4``."""
+        """Short human name: ``per_token int8``, ``crossquant a=0.15 int4``, ``per_group g128 int4``,
+        ``mxfp4``."""
+        grid = formats.FORMATS[self.quantizer].grid
+        if grid is not None:
+            return self.quantizer
         alpha = f" a={self.alpha:g}" if self.alpha is not None else ""
-        return f"{self.quantizer}{alpha} int{self.bits}"
+        group = f" g{self.block_size}" if self.block_size is not None else ""
+        return f"{self.quantizer}{alpha}{group} int{self.bits}"
 
     def step(self, x: Activation) -> torch.Tensor:
         """The step Δ this quantizer uses for activation ``x (..., T, I)``."""
@@ -100,7 +129,8 @@ class QuantizerConfig:
         return SEPARABLE_QUANTIZERS[self.quantizer][1](x, self.alpha) if self.separable else None
 
     def as_dict(self) -> dict:
-        return {"quantizer": self.quantizer, "bits": self.bits, "alpha": self.alpha}
+        return {"quantizer": self.quantizer, "bits": self.bits, "alpha": self.alpha,
+                "format": self.format.grid.name, "block_size": self.block_size}
 
 
 def activation_step(x: Activation, config: QuantizerConfig) -> torch.Tensor:
@@ -113,27 +143,31 @@ def parse_quantizer_names(names: Iterable[str]) -> list[str]:
     out: list[str] = []
     for raw in names:
         name = raw.strip().lower().replace("-", "_")
-        if name not in ACTIVATION_QUANTIZERS:
-            known = ", ".join(ACTIVATION_QUANTIZERS)
-            raise ValueError(f"unknown quantizer {raw!r}; choose from {known}")
+        if name not in formats.FORMATS:
+            raise ValueError(f"unknown quantizer {raw!r}; choose from {', '.join(formats.FORMATS)}")
         if name not in out:
             out.append(name)
     return out
 
 
 def expand_configs(
-    quantizers: Iterable[str], bits: Iterable[int], alphas: Iterable[float]
+    quantizers: Iterable[str], bits: Iterable[int], alphas: Iterable[float], group_size: int | None = None
 ) -> list[QuantizerConfig]:
-    """Every quantizer at every bit width; α-taking quantizers once per α. Order as given."""
+    """Every INT quantizer at every bit width (α-taking ones once per α, block ones with ``group_size``
+    channels a block); every float format once, at its own width. Order as given."""
     bits = list(dict.fromkeys(bits))
     alphas = [check_alpha(a) for a in dict.fromkeys(alphas)]
+    names = parse_quantizer_names(quantizers)
     configs: list[QuantizerConfig] = []
     for b in bits:
-        for name in parse_quantizer_names(quantizers):
-            if name in TAKES_ALPHA:
-                configs.extend(QuantizerConfig(name, b, a) for a in alphas)
-            else:
-                configs.append(QuantizerConfig(name, b))
+        for name in names:
+            entry = formats.FORMATS[name]
+            if entry.grid is not None:
+                continue
+            block = group_size if entry.block_size is not None else None
+            for a in alphas if entry.takes_alpha else [None]:
+                configs.append(QuantizerConfig(name, b, a, block))
+    configs += [QuantizerConfig(n, formats.FORMATS[n].grid.bits) for n in names if formats.FORMATS[n].grid]
     if not configs:
         raise ValueError("no quantizer configuration: give at least one quantizer and one bit width")
     return configs

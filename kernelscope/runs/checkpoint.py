@@ -16,7 +16,7 @@ import torch
 
 from kernelscope.errors import KernelscopeError
 
-VERSION = 1
+VERSION = 2
 
 
 def checkpoint_path(output: str | Path) -> Path:

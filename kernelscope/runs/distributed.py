@@ -12,12 +12,19 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from kernelscope.stats import KernelStats, Observation
+from kernelscope.stats import KernelStats, Observation, format_stats
 from kernelscope.stats.exact import ExactSum
+from kernelscope.stats.format_stats import FormatStats
 from kernelscope.stats.kernel import MAXIMA, MINIMA, SUMMED
 
-_REDUCE = {**dict.fromkeys(SUMMED, dist.ReduceOp.SUM), **dict.fromkeys(MAXIMA, dist.ReduceOp.MAX),
-           **dict.fromkeys(MINIMA, dist.ReduceOp.MIN)}
+
+def _reductions(summed, maxima, minima) -> dict[str, dist.ReduceOp]:
+    return {**dict.fromkeys(summed, dist.ReduceOp.SUM), **dict.fromkeys(maxima, dist.ReduceOp.MAX),
+            **dict.fromkeys(minima, dist.ReduceOp.MIN)}
+
+
+_REDUCE = _reductions(SUMMED, MAXIMA, MINIMA)
+_REDUCE_FORMATS = _reductions(format_stats.SUMMED, format_stats.MAXIMA, format_stats.MINIMA)
 
 
 @dataclass(frozen=True)
@@ -77,10 +84,7 @@ def merge_stats(accumulators: Iterable[KernelStats], device: torch.device) -> No
         if acc.state is None:
             raise RuntimeError("a process observed no window; use at least as many windows as processes")
         state: Observation = acc.state
-        for name, op in _REDUCE.items():
-            value = getattr(state, name).to(device)
-            dist.all_reduce(value, op=op)
-            setattr(state, name, value.to(getattr(state, name).device))
+        _all_reduce(state, _REDUCE, device)
         # Ranks may hold fewer than k tokens; pad to k (index -1 marks padding) so shapes agree.
         pad = acc.top_k - state.top_values.numel()
         mine_values = torch.nn.functional.pad(state.top_values.float(), (0, pad), value=-1.0).to(device)
@@ -91,8 +95,33 @@ def merge_stats(accumulators: Iterable[KernelStats], device: torch.device) -> No
         dist.all_gather(index, mine_index)
         state.top_values, state.top_index = acc.top_from(torch.cat(values).cpu(), torch.cat(index).cpu())
         acc.flush()
-        totals: list[list[int] | None] = [None] * world.size
-        dist.all_gather_object(totals, acc.bound_sums.totals)
-        merged = ExactSum(len(acc.configs))
-        merged.totals = [sum(column) for column in zip(*totals, strict=True)]
-        acc.bound_sums = merged
+        acc.bound_sums = _gathered_sum(acc.bound_sums, world.size)
+
+
+def merge_format_stats(accumulators: Iterable[FormatStats], device: torch.device) -> None:
+    """:func:`merge_stats` for the accumulators of the formats counted element by element."""
+    world = current()
+    if world.size == 1:
+        return
+    for acc in accumulators:
+        if acc.state is None:
+            raise RuntimeError("a process observed no window; use at least as many windows as processes")
+        _all_reduce(acc.state, _REDUCE_FORMATS, device)
+        acc.bound_sums = _gathered_sum(acc.bound_sums, world.size)
+
+
+def _all_reduce(state, reductions: dict[str, dist.ReduceOp], device: torch.device) -> None:
+    """Each field of ``state`` named in ``reductions`` reduced over all processes, in place."""
+    for name, op in reductions.items():
+        value = getattr(state, name).to(device)
+        dist.all_reduce(value, op=op)
+        setattr(state, name, value.to(getattr(state, name).device))
+
+
+def _gathered_sum(mine: ExactSum, size: int) -> ExactSum:
+    """The exact sums of all processes added: integers, so the order of addition cannot matter."""
+    totals: list[list[int] | None] = [None] * size
+    dist.all_gather_object(totals, mine.totals)
+    merged = ExactSum(len(mine.totals))
+    merged.totals = [sum(column) for column in zip(*totals, strict=True)]
+    return merged

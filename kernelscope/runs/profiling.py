@@ -24,8 +24,10 @@ from kernelscope.runs.common import resolve_layers, run_context, unpack, version
 from kernelscope.runs.forward import eval_mode, forward_windows, model_device
 from kernelscope.stats import KernelStats, elementwise
 from kernelscope.stats.arena import Arena
+from kernelscope.stats.format_stats import FormatStats
 from kernelscope.stats.kernel import (
     HISTOGRAM,
+    QUANTILES,
     KernelStatsGroup,
     Measured,
     measure,
@@ -33,6 +35,10 @@ from kernelscope.stats.kernel import (
     results,
     summarise_groups,
 )
+
+_LAYER_WIDE = QuantizerConfig("per_token", 8)
+"""Measured, and not reported, when every quantizer asked for is a format counted element by element:
+the pass over t and c gives the layer-wide figures (elements, c >= t, outliers) all the same."""
 
 ProgressFn = Callable[[int, int], None]
 """Called as ``progress(windows_done, windows_total)`` after each batch."""
@@ -52,6 +58,12 @@ class ProfileResult:
         return write_run(path, {"layers": self.layers}, self.summary, overwrite=overwrite)
 
 
+def _sum_or_null(column: str) -> pl.Expr:
+    """The sum of a count column, null where no row has it (a figure the quantizer does not have)."""
+    col = pl.col(column)
+    return pl.when(col.null_count() == pl.len()).then(None).otherwise(col.sum()).alias(column)
+
+
 def _rollup(layers: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     """Element-weighted kernel fraction (and c >= t share) over the rows of each group."""
     return (
@@ -62,10 +74,13 @@ def _rollup(layers: pl.DataFrame, by: list[str]) -> pl.DataFrame:
             pl.col("kernel_elements").sum(),
             pl.col("nonfinite_elements").sum(),
             pl.col("c_ge_t_pairs").sum(),
+            *(_sum_or_null(c) for c in ("subnormal_elements", "blocks", "kernel_blocks")),
         )
         .with_columns(
             (pl.col("kernel_elements") / pl.col("elements")).alias("kernel_fraction"),
             (pl.col("c_ge_t_pairs") / (pl.col("elements") + pl.col("nonfinite_elements"))).alias("c_ge_t_fraction"),
+            (pl.col("subnormal_elements") / pl.col("elements")).alias("subnormal_fraction"),
+            (pl.col("kernel_blocks") / pl.col("blocks")).alias("block_kernel_fraction"),
         )
     )
 
@@ -153,7 +168,12 @@ def profile(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     selected = resolve_layers(model, layers, include_lm_head)
-    stats = {layer.name: KernelStats(configs, top_k) for layer in selected}
+    # INT quantizers whose step follows from t and c are counted by the fast pass; every other format
+    # element by element, from its own scale rule and grid.
+    step_configs = [c for c in configs if c.from_ranges] or [_LAYER_WIDE]
+    format_configs = [c for c in configs if not c.from_ranges]
+    stats = {layer.name: KernelStats(step_configs, top_k) for layer in selected}
+    fstats = {layer.name: FormatStats(format_configs, HISTOGRAM) for layer in selected if format_configs}
     # q/k/v (and gate/up) receive the same tensor object: it is observed once, for the first of them,
     # and the others share that layer's accumulator. `follows` records who shares with whom in the
     # first batch; every later batch must show the same sharing, or a layer would miss a batch.
@@ -172,8 +192,10 @@ def profile(
         if follows.get(name) != leader:
             raise RuntimeError(f"layer {name} shares its input differently from one batch to the next")
         if leader is None:
-            pending.append((name, measure(x, configs, token_offset=shared["offset"], seq_len=windows.seqlen,
-                                          arena=arena)))
+            pending.append((name, measure(x, step_configs, token_offset=shared["offset"],
+                                          seq_len=windows.seqlen, arena=arena)))
+            if fstats:
+                fstats[name].update(x, windows.seqlen)
             shared["x"], shared["leader"] = x, name
 
     n = len(windows)
@@ -189,9 +211,11 @@ def profile(
         start, saved = load_checkpoint(Path(checkpoint), fingerprint)
         device = model_device(model)
         for name, acc in stats.items():
-            acc.load_state_dict(saved.get(name, {}), device)
+            acc.load_state_dict(saved["int"].get(name, {}), device)
+        for name, acc in fstats.items():
+            acc.load_state_dict(saved["formats"].get(name, {}))
     # Room for what the hooks keep until a forward pass ends (float64 at most, every layer a leader).
-    arena = Arena(sum(measured_nbytes(batch_size, windows.seqlen, layer.in_features, configs, 8)
+    arena = Arena(sum(measured_nbytes(batch_size, windows.seqlen, layer.in_features, step_configs, 8)
                       for layer in selected), model_device(model))
     started = time.perf_counter()
     with eval_mode(model), LinearInputCapture({layer.name: layer.module for layer in selected}, observer):
@@ -201,7 +225,7 @@ def profile(
             shared["offset"] = first * windows.seqlen
             try:
                 forward_windows(model, batch, all_logits=include_lm_head)
-                for members, stacked in summarise_groups([m for _, m in pending], configs, top_k):
+                for members, stacked in summarise_groups([m for _, m in pending], step_configs, top_k):
                     names = tuple(pending[i][0] for i in members)
                     if names not in groups:
                         groups[names] = KernelStatsGroup([stats[name] for name in names])
@@ -213,14 +237,18 @@ def profile(
             first_batch[0] = False
             done = last
             if checkpoint is not None and done < n:
-                save_checkpoint(Path(checkpoint), fingerprint, done,
-                                {name: stats[follows.get(name) or name].state_dict() for name in stats})
+                leader_of = {name: follows.get(name) or name for name in stats}
+                save_checkpoint(Path(checkpoint), fingerprint, done, {
+                    "int": {name: stats[leader_of[name]].state_dict() for name in stats},
+                    "formats": {name: fstats[leader_of[name]].state_dict() for name in fstats}})
             if progress is not None:
                 progress(done - mine.start, len(mine))
     for group in groups.values():
         group.release()
     leaders = [stats[layer.name] for layer in selected if follows.get(layer.name) is None]
     distributed.merge_stats(leaders, model_device(model))
+    distributed.merge_format_stats([fstats[name] for name in fstats if follows.get(name) is None],
+                                   model_device(model))
     elapsed = time.perf_counter() - started
 
     owners = [follows.get(layer.name) or layer.name for layer in selected]  # whose accumulator each reads
@@ -251,14 +279,21 @@ def profile(
             "top_token_positions": [windows.starts[w] + p for w, p in positions],
             "top_token_absmax": lay["top_token_absmax"],
         }
-        for cfg, row in zip(configs, res["configs"], strict=True):
-            rows.append({**base, "config": cfg.label, **row})
-    frame = _table(rows, {"block": pl.Int64, "alpha": pl.Float64, "bound_below_per_token_fraction": pl.Float64})
+        by_config = dict(zip(step_configs, res["configs"], strict=True))
+        if fstats:
+            positions = lay["elements"] + lay["nonfinite_elements"]
+            by_config |= dict(zip(format_configs, fstats[owner].rows(positions, lay["elements"], QUANTILES),
+                                  strict=True))
+        rows.extend({**base, "config": cfg.label, **by_config[cfg]} for cfg in configs)
+    frame = _table(rows, {"block": pl.Int64, "alpha": pl.Float64, "bound_below_per_token_fraction": pl.Float64,
+                          "block_size": pl.Int64, "subnormal_elements": pl.Int64,
+                          "subnormal_fraction": pl.Float64, "blocks": pl.Int64, "kernel_blocks": pl.Int64,
+                          "block_kernel_fraction": pl.Float64})
     lead = ["layer", "block", "module_type", "quantizer", "bits", "alpha", "config", "elements",
             "kernel_elements", "kernel_fraction"]
     frame = frame.select(lead + [c for c in frame.columns if c not in lead])
 
-    keys = ["config", "quantizer", "bits", "alpha"]
+    keys = ["config", "quantizer", "bits", "alpha", "format", "block_size"]
     model_level = _rollup(frame, keys)
     by_type = _rollup(frame, ["module_type", *keys])
     tokens = n * windows.seqlen

@@ -37,11 +37,17 @@ class LogHistogram:
         """Width of one bin as a ratio of its edges minus one (0.0233 for 100 bins a decade)."""
         return 10 ** (1 / self.per_decade) - 1
 
-    def counts(self, values: torch.Tensor, weight: int = 1, groups: int | None = None) -> torch.Tensor:
-        """int64 counts of positive ``values``, each standing for ``weight`` items: ``(bins,)``, or
-        with ``groups``, ``(groups, bins)`` counting each of that many equal leading slices apart."""
+    def counts(self, values: torch.Tensor, weight: int | torch.Tensor = 1,
+               groups: int | None = None) -> torch.Tensor:
+        """int64 counts of positive ``values``, each standing for ``weight`` items (one number, or an
+        integer tensor shaped like ``values``): ``(bins,)``, or with ``groups``, ``(groups, bins)``
+        counting each of that many equal leading slices apart."""
         idx = torch.log10(values.reshape(groups or 1, -1)).sub_(self.low).mul_(self.per_decade)  # (G, n)
-        counts = self._tally(idx, 0.0, weight)  # (G, bins)
+        if isinstance(weight, torch.Tensor):
+            bins = self._bins(idx, 0.0)  # (G, n)
+            counts = _bincount_rows(bins, self.bins, weight.reshape(bins.shape).double()).round().long()
+        else:
+            counts = self._tally(idx, 0.0, weight)  # (G, bins)
         return counts[0] if groups is None else counts
 
     def counts_of_sums(
@@ -101,9 +107,12 @@ class LogHistogram:
     def _tally(self, idx: torch.Tensor, first: float, weight: int) -> torch.Tensor:
         """Counts ``(G, bins)`` of fractional bin positions ``idx (G, n)``, clamped to ``[first, bins)``;
         NaN goes to ``first``."""
-        bins = idx.nan_to_num_(nan=first).clamp_(min=first, max=self.bins - 1).floor_().long()  # (G, n)
-        counts = _bincount_rows(bins, self.bins)
+        counts = _bincount_rows(self._bins(idx, first), self.bins)
         return counts * weight if weight != 1 else counts
+
+    def _bins(self, idx: torch.Tensor, first: float) -> torch.Tensor:
+        """Bin numbers of fractional positions ``idx``, clamped to ``[first, bins)``; NaN goes to ``first``."""
+        return idx.nan_to_num_(nan=first).clamp_(min=first, max=self.bins - 1).floor_().long()
 
     def quantile(self, counts: torch.Tensor, q: float, lo: float, hi: float) -> float:
         """The ``q``-quantile of the counted values, kept inside the exact observed ``[lo, hi]``."""

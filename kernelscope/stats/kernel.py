@@ -27,6 +27,8 @@ from kernelscope.stats.exact import ExactSum
 from kernelscope.stats.histogram import LogHistogram
 
 HISTOGRAM = LogHistogram()
+FORMAT_ONLY = ("subnormal_elements", "subnormal_fraction", "blocks", "kernel_blocks", "block_kernel_fraction")
+"""Result columns that only formats with float grids or blocks fill."""
 QUANTILES = (0.5, 0.9, 0.99)
 
 SUMMED = ("tokens", "elements", "nonfinite", "kernel", "below_per_token", "bound_hist", "c_ge_t")
@@ -489,6 +491,7 @@ class KernelStats:
                 "bound_min": lows[i],
                 "bound_max": highs[i],
                 "bound_below_per_token_fraction": None if cfg.quantizer == "per_token" else below[i] / positions,
+                **dict.fromkeys(FORMAT_ONLY),  # INT steps from t and c: no subnormal codes, no blocks
             }
             for q, value in zip(QUANTILES, quantiles[i], strict=True):
                 row[f"bound_p{round(q * 100)}"] = value
