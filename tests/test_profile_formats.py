@@ -147,3 +147,37 @@ def test_formats_alone_give_the_same_rows(run):
     assert alone.layers["config"].unique(maintain_order=True).to_list() == ["mxfp4", "nvfp4"]
     both = result.layers.filter(pl.col("config").is_in(["mxfp4", "nvfp4"]))
     assert alone.layers.equals(both)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_weight_kernels_against_the_weights_themselves(family):
+    from kernelscope.quant import fake_quantize_weight
+    from kernelscope.runs.weights import weight_kernels
+
+    model = tiny_model(family, seed=1)
+    configs = [ks.QuantizerConfig("per_token", 4), ks.QuantizerConfig("per_group", 4, block_size=16),
+               ks.QuantizerConfig("nvfp4", 4), ks.QuantizerConfig("fp8_per_token", 8)]
+    table = weight_kernels(model, configs)
+    for layer in ks.select_linear_layers(model):
+        w = layer.module.weight.detach()
+        w = w.t() if family == "gpt2" else w  # GPT-2's Conv1D keeps (I, O)
+        expected = {
+            "per_token int4": int((fake_quantize_weight(w, 4) == 0).sum()),  # per output channel
+            "per_group g16 int4": int((fake_quantize_weight(w, 4, group_size=16) == 0).sum()),
+            "nvfp4": int((F.fake_quantize(w, configs[2].format) == 0).sum()),
+            "fp8_per_token": int((F.fake_quantize(w, configs[3].format) == 0).sum()),
+        }
+        rows = table.filter(pl.col("layer") == layer.name)
+        assert dict(zip(rows["config"], rows["kernel_elements"], strict=True)) == expected
+        assert set(rows["out_features"]) == {w.shape[0]} and set(rows["elements"]) == {w.numel()}
+
+
+def test_profile_writes_weights_parquet(tmp_path, run):
+    model, windows, _, _ = run
+    result = ks.profile(model, windows, [ks.QuantizerConfig("mxfp4", 4)],
+                        weight_formats=[ks.QuantizerConfig("nvfp4", 4)])
+    result.save(tmp_path / "run")
+    weights = pl.read_parquet(tmp_path / "run" / "weights.parquet")
+    assert weights.height == 14 and set(weights["config"]) == {"nvfp4"}
+    assert result.summary["weights_model_level"][0]["config"] == "nvfp4"
+    assert ks.profile(model, windows, [ks.QuantizerConfig("mxfp4", 4)], weight_formats=()).weights is None

@@ -243,6 +243,9 @@ def test_a_run_that_cannot_replace_its_folder_leaves_both_untouched(tmp_path, mo
 # --- every option honoured or refused ------------------------------------------------------------
 
 UNUSED = {
+    "bits with float formats only": (["profile", "-q", "mxfp4,nvfp4", "-b", "4"], "-b has no effect here"),
+    "group size without per_group": (["profile", "-q", "mxfp4", "--group-size", "16"],
+                                     "--group-size has no effect here"),
     "weight bits with a wXaY scheme": (
         ["eval", "--scheme", "w8a8-per-token", "--weight-bits", "3"],
         "--weight-bits has no effect here: it applies to remove-kernel-*",
@@ -426,6 +429,11 @@ def test_encoders_and_encoder_decoders_are_refused(kind, message, capsys, tmp_pa
 # --- errors name what the user typed; no internal errors ----------------------------------------
 
 NAMED = {
+    "weight format without bits": (["profile", "--weight-format", "per_token"],
+                                   "--weight-format 'per_token': an INT weight quantizer needs its bits"),
+    "float weight format with bits": (["profile", "--weight-format", "mxfp4:8"], "mxfp4 carries its own width"),
+    "crossquant as a weight format": (["profile", "--weight-format", "crossquant:8"], "unknown weight quantizer"),
+    "unknown format": (["profile", "-q", "mxfp5"], "unknown quantizer 'mxfp5'; choose from per_token"),
     "seqlen one for perplexity": (["eval", "-s", "1"], "-s must be at least 2, got 1"),
     "seqlen one for sweep": (["sweep", "--seqlen", "1"], "--seqlen must be at least 2"),
     "seqlen one for threshold": (["threshold", "-s", "1"], "-s must be at least 2"),

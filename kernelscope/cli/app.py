@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 from kernelscope.cli import options as o
 from kernelscope.cli.console import EXIT_USAGE, err, flag, out, remember_options
 from kernelscope.errors import Interrupted, KernelscopeError
+from kernelscope.quiet import QUIET_LOGGERS
 
 try:  # typer >= 0.20 carries its own copy of click
     from typer._click import exceptions as click_exceptions
@@ -140,7 +142,12 @@ def profile(
         "in [0, 1], repeated or comma-separated; 1 is per-token. Needs a crossquant --quantizer. "
         "[default: 0.15]", show_default=False)] = None,
     group_size: Annotated[int | None, typer.Option("--group-size", metavar="G", help="Input channels per "
-        "block of -q per_group (its INT scale per G consecutive channels of a token). [default: 128]",
+        "block of per_group (its INT scale per G consecutive channels of a token, or of a weight's row). "
+        "[default: 128]", show_default=False)] = None,
+    weight_format: Annotated[list[str] | None, typer.Option("--weight-format", metavar="NAME[:BITS]",
+        help="Weight quantizer whose kernel each layer's weight is measured under (weights.parquet), "
+        "repeated or comma-separated: per_token:BITS (per output channel), per_group:BITS (--group-size "
+        "inputs), per_tensor:BITS, fp8_per_token, mxfp8, mxfp4, mxfp4_rceil, nvfp4. [default: per_token:8]",
         show_default=False)] = None,
     layers: o.Layers = None,
     include_lm_head: Annotated[bool, typer.Option("--include-lm-head",
@@ -363,6 +370,8 @@ def version() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning every user error into one line and exit status 2."""
     os.environ.setdefault("TQDM_DISABLE", "1")  # libraries' own bars; kernelscope shows rich ones
+    for name in QUIET_LOGGERS:  # what libraries say on import is no concern of the command's user
+        logging.getLogger(name).setLevel(logging.ERROR)
     command = typer.main.get_command(app)
     _ARGS[:] = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -20,7 +20,33 @@ from kernelscope.cli.common import (
 )
 from kernelscope.cli.console import fail, flag, out, pct
 from kernelscope.errors import Interrupted, KernelscopeError
-from kernelscope.quant import DEFAULT_ALPHA, expand_configs
+from kernelscope.quant import DEFAULT_ALPHA, QuantizerConfig, expand_configs
+
+
+def _weight_formats(specs: list[str] | None, group_size: int | None):
+    """``--weight-format per_token:4,nvfp4`` -> the weight quantizers; an INT one needs its bits."""
+    from kernelscope.quant.formats import FORMATS
+    from kernelscope.runs.weights import DEFAULT_WEIGHT_FORMAT
+
+    if not specs:
+        return [DEFAULT_WEIGHT_FORMAT]
+    out = []
+    for spec in split_values(specs, "--weight-format", str, "a weight format"):
+        name, _, bits = spec.lower().replace("-", "_").partition(":")
+        entry = FORMATS.get(name)
+        if entry is None or entry.takes_alpha:
+            known = ", ".join(n for n, e in FORMATS.items() if not e.takes_alpha)
+            fail(f"{flag('--weight-format')} {spec!r}: unknown weight quantizer; choose {known}")
+        if entry.grid is None and not bits.isdigit():
+            fail(f"{flag('--weight-format')} {spec!r}: an INT weight quantizer needs its bits, e.g. {name}:4")
+        if entry.grid is not None and bits:
+            fail(f"{flag('--weight-format')} {spec!r}: {name} carries its own width; drop :{bits}")
+        width = int(bits) if bits else entry.grid.bits
+        if entry.grid is None:
+            check_bits([width], "--weight-format")
+        block = group_size if entry.block_size is not None and entry.grid is None else None
+        out.append(QuantizerConfig(name, width, None, block))
+    return list(dict.fromkeys(out))
 
 
 def _configs(quantizer: list[str] | None, bits: list[str] | None, alpha: list[str] | None,
@@ -59,6 +85,14 @@ def _show(result) -> None:
     out.print("pairs with c_j >= t_i (where CrossQuant's bound is not below per-token's): "
               f"[bold]{pct(level['c_ge_t_fraction'][0])}[/]")
     out.print(_by_module_type(result.by_module_type))
+    if result.weights is not None:
+        weights = Table(title="Weight kernel (parameter-weighted over the covered Linear weights)")
+        for col in ("weight quantizer", "kernel", "kernel weights", "of weights"):
+            weights.add_column(col, justify="left" if col == "weight quantizer" else "right")
+        for row in s["weights_model_level"]:
+            weights.add_row(row["config"], pct(row["kernel_fraction"]), f"{row['kernel_elements']:,}",
+                            f"{row['elements']:,}")
+        out.print(weights)
 
 
 def _by_module_type(by_type: pl.DataFrame) -> Table:
@@ -86,21 +120,23 @@ def _by_module_type(by_type: pl.DataFrame) -> Table:
 
 
 def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, bits, alpha, group_size,
-                layers,
+                weight_format, layers,
                 include_lm_head, batch_size, top_k, dtype, device, device_map, max_memory, offload_folder,
                 trust_remote_code, output, overwrite, report, resume, as_json, quiet, given) -> None:
     from kernelscope.runs import distributed, profile
     from kernelscope.runs.checkpoint import checkpoint_path, is_checkpoint
 
     configs = _configs(quantizer, bits, alpha, group_size)
+    weights = _weight_formats(weight_format, group_size)
     refuse_unused(given,
                   **common_refusals(windows=windows, output=output, report=report, device_map=device_map),
                   alpha=None if any(c.takes_alpha for c in configs)
                   else "it is CrossQuant's exponent, and no --quantizer given takes it (add -q crossquant)",
                   bits=None if any(c.format.grid.is_int for c in configs)
                   else "it sets the width of INT quantizers, and the float formats given carry their own",
-                  group_size=None if any(c.format.is_block and c.format.grid.is_int for c in configs)
-                  else "it sets the block of -q per_group, which is not given")
+                  group_size=None if any(c.format.is_block and c.format.grid.is_int
+                                         for c in [*configs, *weights])
+                  else "it sets the block of per_group, which neither -q nor --weight-format gives")
     parallel = distributed.launched()
     if parallel and resume:
         fail("--resume works in a single process only; rerun without torchrun to resume")
@@ -140,7 +176,7 @@ def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, b
         try:
             result = profile(prep.loaded, prep.windows, configs, text=prep.text, layers=layers,
                              include_lm_head=include_lm_head, batch_size=batch_size, top_k=top_k,
-                             progress=step, checkpoint=checkpoint, resume=resume)
+                             progress=step, checkpoint=checkpoint, resume=resume, weight_formats=weights)
         except KeyboardInterrupt:
             if checkpoint is not None and checkpoint.is_file():
                 raise Interrupted(f"stopped after {done[0]} of {len(prep.windows)} windows; a checkpoint "

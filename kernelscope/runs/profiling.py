@@ -22,6 +22,7 @@ from kernelscope.runs import distributed
 from kernelscope.runs.checkpoint import load_checkpoint, save_checkpoint
 from kernelscope.runs.common import resolve_layers, run_context, unpack, versions
 from kernelscope.runs.forward import eval_mode, forward_windows, model_device
+from kernelscope.runs.weights import DEFAULT_WEIGHT_FORMAT, weight_kernels, weight_rollup
 from kernelscope.stats import KernelStats, elementwise
 from kernelscope.stats.arena import Arena
 from kernelscope.stats.format_stats import FormatStats
@@ -52,10 +53,12 @@ class ProfileResult:
     model_level: pl.DataFrame  # one row per configuration
     by_module_type: pl.DataFrame  # one row per module type x configuration
     summary: dict[str, Any]
+    weights: pl.DataFrame | None = None  # one row per layer x weight quantizer
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write ``layers.parquet`` and ``summary.json`` to ``path`` atomically."""
-        return write_run(path, {"layers": self.layers}, self.summary, overwrite=overwrite)
+        """Write ``layers.parquet``, ``weights.parquet`` and ``summary.json`` to ``path`` atomically."""
+        tables = {"layers": self.layers} | ({} if self.weights is None else {"weights": self.weights})
+        return write_run(path, tables, self.summary, overwrite=overwrite)
 
 
 def _sum_or_null(column: str) -> pl.Expr:
@@ -143,6 +146,7 @@ def profile(
     progress: ProgressFn | None = None,
     checkpoint: str | Path | None = None,
     resume: bool = False,
+    weight_formats: Sequence[QuantizerConfig] = (DEFAULT_WEIGHT_FORMAT,),
 ) -> ProfileResult:
     """Run ``windows`` through ``model`` and measure the kernel of every selected Linear input.
 
@@ -151,6 +155,9 @@ def profile(
     Statistics stream (memory does not grow with the number of windows); Linear layers fed the same
     tensor (q/k/v, gate/up) share one computation. Hooks are removed and the model's training flag
     restored whether the run succeeds or not.
+
+    ``weight_formats`` are the weight quantizers whose kernel each selected layer's weight is measured
+    under, from the weights alone (``weights``; none when empty).
 
     With ``checkpoint`` (a file path) the state is saved after every batch; ``resume`` continues
     from it, giving the same statistics as an uninterrupted run. The caller removes the file once
@@ -314,4 +321,8 @@ def profile(
         "seconds": round(elapsed, 3),
         "tokens_per_second": round((n - start) * windows.seqlen / elapsed, 1) if elapsed > 0 else None,
     }
-    return ProfileResult(frame, model_level, by_type, summary)
+    weights = weight_kernels(model, weight_formats, selected) if weight_formats else None
+    if weights is not None:
+        summary["weight_formats"] = [c.as_dict() | {"label": c.label} for c in weight_formats]
+        summary["weights_model_level"] = weight_rollup(weights).to_dicts()
+    return ProfileResult(frame, model_level, by_type, summary, weights)

@@ -1,0 +1,61 @@
+"""Weight kernels: the weights each Linear's weight quantizer rounds to zero, read from the weights
+alone (no forward pass). A weight ``W (O, I)`` is quantized as one "sequence" whose rows are the
+output channels: ``per_token`` is per output channel, a block format takes blocks along the input
+axis, ``nvfp4``'s tensor scale is the whole weight's (DESIGN.md §1b, "Weights")."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import polars as pl
+import torch
+from torch import nn
+
+from kernelscope.models import LinearLayer
+from kernelscope.quant import QuantizerConfig
+from kernelscope.runs.common import resolve_layers
+from kernelscope.runs.fakequant import weight_out_in
+from kernelscope.stats.format_stats import FormatStats
+from kernelscope.stats.kernel import HISTOGRAM, QUANTILES
+
+DEFAULT_WEIGHT_FORMAT = QuantizerConfig("per_token", 8)
+"""INT8, one step per output channel: what W8A8 deployments use."""
+
+
+def _onloaded(module: nn.Module):
+    """The module's weights on a real device for the length of a ``with`` (offloaded ones come in)."""
+    from accelerate.utils import align_module_device
+
+    return align_module_device(module)
+
+
+def weight_kernels(model: nn.Module, configs: Sequence[QuantizerConfig],
+                   layers: str | Sequence[LinearLayer] | None = None,
+                   include_lm_head: bool = False) -> pl.DataFrame:
+    """One row per layer × weight quantizer: the kernel of the weight, its subnormal and whole-block
+    shares, and its zero bound, with the same columns as a profile's rows where they apply."""
+    rows = []
+    for layer in resolve_layers(model, layers, include_lm_head):
+        with torch.no_grad(), _onloaded(layer.module):
+            w = weight_out_in(layer.module).detach()  # (O, I)
+            finite = int(torch.isfinite(w).sum())
+            acc = FormatStats(list(configs), HISTOGRAM).update(w.unsqueeze(0))  # (1, O, I)
+            base = {"layer": layer.name, "block": layer.block, "module_type": layer.module_type,
+                    "out_features": w.shape[0], "in_features": w.shape[1],
+                    "zero_weights": int((w == 0).sum()), "abs_max": float(w.abs().max())}
+            for cfg, row in zip(configs, acc.rows(w.numel(), finite, QUANTILES), strict=True):
+                rows.append({**base, "config": cfg.label, "elements": finite, **row})
+    frame = pl.DataFrame(rows, schema_overrides={
+        "block": pl.Int64, "alpha": pl.Float64, "block_size": pl.Int64, "subnormal_elements": pl.Int64,
+        "subnormal_fraction": pl.Float64, "blocks": pl.Int64, "kernel_blocks": pl.Int64,
+        "block_kernel_fraction": pl.Float64, "bound_below_per_token_fraction": pl.Float64}, infer_schema_length=None)
+    lead = ["layer", "block", "module_type", "quantizer", "bits", "alpha", "config", "elements",
+            "kernel_elements", "kernel_fraction"]
+    return frame.select(lead + [c for c in frame.columns if c not in lead])
+
+
+def weight_rollup(frame: pl.DataFrame) -> pl.DataFrame:
+    """Parameter-weighted kernel of each weight quantizer over all layers of ``frame``."""
+    return (frame.group_by("config", maintain_order=True)
+            .agg(pl.col("elements").sum(), pl.col("kernel_elements").sum(), pl.len().alias("layers"))
+            .with_columns((pl.col("kernel_elements") / pl.col("elements")).alias("kernel_fraction")))
