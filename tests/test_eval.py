@@ -276,3 +276,72 @@ def test_nan_logits_are_flagged_not_reported_as_a_measurement():
     assert row["finite"] is False and math.isnan(row["perplexity"])
     healthy = evaluate(tiny_model("llama"), windows_for(), [parse_scheme("fp")]).table.row(0, named=True)
     assert healthy["finite"] is True and math.isfinite(healthy["perplexity"])
+
+
+def format_nll(model, windows, fmt, *, weights: bool, remove: bool = False) -> float:
+    """Per-token NLL with the float format applied here: weights as (O, I) and every sequence's
+    activation through ``formats.fake_quantize`` (or its kernel zeroed)."""
+    from kernelscope.quant import formats as F
+
+    names = {l.name for l in select_linear_layers(model)}
+    originals, handles = {}, []
+    for name, module in model.named_modules():
+        if name not in names:
+            continue
+        if weights:
+            conv1d = not isinstance(module, torch.nn.Linear)
+            w = module.weight.data
+            wq = F.fake_quantize(w.t() if conv1d else w, fmt)
+            originals[name] = w
+            module.weight.data = wq.t().contiguous() if conv1d else wq
+
+        def pre(mod, args):
+            x = args[0]
+            seqs = x if x.dim() == 3 else x[None]
+            out = torch.stack([torch.where(F.kernel_mask(s, fmt), 0.0, s) if remove else F.fake_quantize(s, fmt)
+                               for s in seqs])
+            return (out.reshape(x.shape),)
+
+        handles.append(module.register_forward_pre_hook(pre))
+    total = 0.0
+    try:
+        with torch.no_grad():
+            for row in windows.tokens:
+                logits = model(input_ids=row[None]).logits[0, :-1]
+                total += torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum").item()
+    finally:
+        for h in handles:
+            h.remove()
+        for name, module in model.named_modules():
+            if name in originals:
+                module.weight.data = originals[name]
+    return total / (len(windows) * (windows.seqlen - 1))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_float_format_schemes_match_a_reference_written_here(family):
+    model = tiny_model(family)
+    windows = windows_for()
+    layers = select_linear_layers(model)
+    for name, quantizer, bits in (("fp8", "fp8_per_token", 8), ("mxfp8", "mxfp8", 8), ("mxfp4", "mxfp4", 4),
+                                  ("mxfp4-rceil", "mxfp4_rceil", 4), ("nvfp4", "nvfp4", 4)):
+        fmt = QuantizerConfig(quantizer, bits).format
+        got = run_scheme(model, windows, parse_scheme(name), layers)
+        assert got["nll"] == pytest.approx(format_nll(model, windows, fmt, weights=True), rel=1e-6), name
+        removed = run_scheme(model, windows, parse_scheme("remove-kernel-" + quantizer.replace("_", "-")), layers)
+        assert removed["nll"] == pytest.approx(format_nll(model, windows, fmt, weights=False, remove=True),
+                                               rel=1e-6), name
+    assert no_hooks(model)
+
+
+def test_threshold_family_can_be_any_format():
+    model = tiny_model("llama")
+    windows = windows_for()
+    family = QuantizerConfig("mxfp4", 4)
+    res = threshold_search(model, windows, family=family, tolerance=0.01, steps=1)
+    assert res.summary["family"]["label"] == "mxfp4" and family.saturation_scale == 24.0
+    at_one = res.curve.filter(res.curve["lambda"] == 1.0)
+    removed = run_scheme(model, windows, parse_scheme("remove-kernel-mxfp4"), select_linear_layers(model))
+    assert at_one["kernel_fraction"][0] == removed["kernel_fraction"]
+    assert at_one["perplexity"][0] == pytest.approx(removed["perplexity"], rel=1e-12)
+    assert QuantizerConfig("per_token", 8).saturation_scale == 254.0  # 2·qmax, as before

@@ -63,8 +63,10 @@ def _details(r: dict) -> str:
     """What the scheme name does not already say."""
     parts = []
     if r["mode"] == "remove_kernel":
-        parts.append(f"kernel of {r['activation_quantizer']} int{r['activation_bits']}")
+        parts.append(f"kernel of {r['activation_format']}")
         parts.append("weights fp" if r["weight_bits"] is None else f"W{r['weight_bits']}")
+    if r["mode"] == "fake_quant" and r["weight_format"] is not None:
+        parts.append(f"weights and activations {r['weight_format']}")
     if r["alpha"] is not None:
         parts.append(f"α={r['alpha']:g}")
     if r["smooth_alpha"] is not None:
@@ -76,7 +78,7 @@ def _show_eval(result) -> None:
     s = result.summary
     out.print(header(s, "kernelscope eval"))
     fp = next((r["perplexity"] for r in s["results"] if r["scheme"] == "fp"), None)
-    table = Table(title="Perplexity (lm_head in full precision; weights per-channel unless gN)")
+    table = Table(title="Perplexity (lm_head in full precision; INT weights per-channel unless gN)")
     table.add_column("scheme", no_wrap=True)
     table.add_column("details")
     for col in ("perplexity", "vs fp", "act. kernel", "s"):
@@ -105,18 +107,22 @@ def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, cali
         check_bits([weight_bits], "--weight-bits")
     check_positive("--calib-nsamples", calib_nsamples)
     schemes = [parse_scheme(s, alpha=alpha, bits=bits, weight_bits=weight_bits, group_size=group_size,
-                            smooth_alpha=smooth_alpha) for s in (scheme or DEFAULT_SCHEMES)]
+                            smooth_alpha=smooth_alpha)
+               for s in (split_values(scheme, "--scheme", str, "a scheme") if scheme else DEFAULT_SCHEMES)]
     names = [s.name for s in schemes]
     if len(set(names)) != len(names):
         fail(f"a {flag('--scheme')} is given twice")
     removing = any(s.mode == "remove_kernel" for s in schemes)
+    removing_int = any(s.mode == "remove_kernel" and s.activation.format.grid.is_int for s in schemes)
     smoothing = any(s.smooth_alpha is not None for s in schemes)
     only_removal = "it applies to remove-kernel-* schemes only (a wXaY scheme names its own bit widths)"
     only_smoothing = "it applies to the w8a8-smoothquant scheme only"
     refuse_unused(given, **_refusals(kw, seed_applies=smoothing),
                   alpha=None if any(s.activation and s.activation.takes_alpha for s in schemes)
                   else "it is CrossQuant's exponent, and no --scheme given is a *-crossquant scheme",
-                  bits=None if removing else only_removal, weight_bits=None if removing else only_removal,
+                  bits=None if removing_int else "it applies to remove-kernel-* schemes of INT quantizers only "
+                  "(a wXaY scheme names its own widths, a float format carries its own)",
+                  weight_bits=None if removing else only_removal,
                   group_size=None if removing else only_removal,
                   smooth_alpha=None if smoothing else only_smoothing,
                   calib_dataset=None if smoothing else only_smoothing,
@@ -167,7 +173,7 @@ MAX_TOLERANCE = 1.0  # a doubled perplexity is no longer "lossless" by any readi
 
 def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, group_size, given,
                   **kw) -> None:
-    from kernelscope.runs.schemes import QUANTIZER_WORDS
+    from kernelscope.runs.schemes import FORMAT_WORDS
     from kernelscope.runs.threshold import MIN_WINDOWS, threshold_search
 
     if not (tolerance > 0 and math.isfinite(tolerance)):
@@ -180,11 +186,14 @@ def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, 
     alpha = _one_alpha(alpha)
     check_bits([family_bits], "--family-bits")
     _check_weights(weight_bits, group_size)
-    name = QUANTIZER_WORDS.get(family.strip().lower().replace("_", "-"))
+    name = FORMAT_WORDS.get(family.strip().lower().replace("_", "-"))
     if name is None:
-        fail(f"unknown {flag('--family')} {family!r}; choose {', '.join(QUANTIZER_WORDS)}")
-    refuse_unused(given, **_refusals(kw))
-    base = QuantizerConfig(name, family_bits, alpha if FORMATS[name].takes_alpha else None)
+        fail(f"unknown {flag('--family')} {family!r}; choose {', '.join(FORMAT_WORDS)}")
+    grid = FORMATS[name].grid
+    refuse_unused(given, **_refusals(kw), family_bits=None if grid is None
+                  else f"--family {family} carries its own {grid.bits}-bit elements")
+    base = QuantizerConfig(name, family_bits if grid is None else grid.bits,
+                           alpha if FORMATS[name].takes_alpha else None)
     prep = prepare(**_common(kw), min_windows=MIN_WINDOWS)
     with stage_progress(kw["quiet"] or kw["as_json"]) as update:
         result = threshold_search(prep.loaded, prep.windows, text=prep.text, family=base, tolerance=tolerance,

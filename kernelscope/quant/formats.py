@@ -484,3 +484,10 @@ def whole_blocks(mask: torch.Tensor, fmt: Format) -> torch.Tensor:
     if not fmt.is_block:
         raise ValueError(f"format {fmt.name!r} has no blocks")
     return _blocks(mask, fmt.block_size, fill=1.0).eq(1.0).all(dim=-1)  # (..., T, nb)
+
+
+def remove_kernel(x: torch.Tensor, fmt: Format, *, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` with the elements ``|x / s| <= scale · τ`` set to zero (``scale`` 1: exactly ``fmt``'s
+    kernel) and every other element left as it was; and how many were zeroed. ``x`` is not changed."""
+    mask = quotient(x, fmt).abs_().le(scale * fmt.tau)  # (..., T, I)
+    return torch.where(mask, 0.0, x), torch.count_nonzero(mask)

@@ -86,6 +86,13 @@ class QuantizerConfig:
                                   alpha=self.alpha)
 
     @property
+    def saturation_scale(self) -> float:
+        """The λ at which ``|x / s| <= λ·τ`` holds for every element a scale covers: the grid's largest
+        value over τ (2·qmax for INT)."""
+        grid = self.format.grid
+        return grid.max_value / grid.tau
+
+    @property
     def from_ranges(self) -> bool:
         """True for the INT quantizers whose step follows from t and c (the fast counting pass)."""
         return self.quantizer in ACTIVATION_QUANTIZERS

@@ -16,6 +16,7 @@ from kernelscope.capture.hooks import Conv1D
 from kernelscope.errors import KernelscopeError
 from kernelscope.models import LinearLayer
 from kernelscope.quant import as_sequences, fake_quantize_counted, fake_quantize_weight, remove_kernel
+from kernelscope.quant import formats as F
 from kernelscope.runs.schemes import Scheme
 
 
@@ -60,6 +61,13 @@ class SchemeApplied:
         if scheme.mode == "fp":
             return x, torch.zeros((), dtype=torch.int64, device=x.device)
         seqs = as_sequences(x, self.seq_len)  # (B, T, I)
+        if not act.from_ranges:  # a format with its own scale rule and grid
+            fmt = act.format
+            if scheme.mode == "remove_kernel":
+                out, zeros = F.remove_kernel(seqs, fmt, scale=scheme.kernel_scale)
+            else:
+                out, zeros = F.fake_quantize(seqs, fmt), F.kernel_mask(seqs, fmt).sum()
+            return out.reshape(x.shape), zeros
         step = act.step(seqs)
         if scheme.mode == "remove_kernel":
             out, zeros = remove_kernel(seqs, step, scale=scheme.kernel_scale)
@@ -87,14 +95,16 @@ class SchemeApplied:
             w = weight_out_in(module).detach()  # (O, I)
             if self.smoothing is not None:
                 w = (w.float() * self.smoothing[name]).to(w.dtype)  # column j times s_j
-            if self.scheme.weight_bits is not None:
+            if self.scheme.weight_format is not None:
+                w = F.fake_quantize(w, self.scheme.weight_format.format)
+            elif self.scheme.weight_bits is not None:
                 w = fake_quantize_weight(w, self.scheme.weight_bits, self.scheme.group_size)
             self._weights[name] = _as_module_layout(module, w)
         return self._weights[name]
 
     def _pre_hook(self, name: str):
         scheme = self.scheme
-        changes_weight = scheme.weight_bits is not None or self.smoothing is not None
+        changes_weight = scheme.changes_weight or self.smoothing is not None
 
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             if args:
@@ -121,7 +131,7 @@ class SchemeApplied:
             module.weight.data = original
 
     def __enter__(self) -> SchemeApplied:
-        changes_weight = self.scheme.weight_bits is not None or self.smoothing is not None
+        changes_weight = self.scheme.changes_weight or self.smoothing is not None
         offloaded = [layer.name for layer in self.layers if layer.module.weight.device.type == "meta"]
         if changes_weight and offloaded:
             raise KernelscopeError(

@@ -11,15 +11,24 @@ from dataclasses import dataclass
 
 from kernelscope.errors import KernelscopeError
 from kernelscope.quant import DEFAULT_ALPHA, QuantizerConfig, check_alpha, qmax_for_bits
+from kernelscope.quant.formats import FORMATS
+
+_REMOVE = "remove-kernel-"
 
 QUANTIZER_WORDS = {"per-token": "per_token", "per-tensor": "per_tensor", "per-channel": "per_channel",
                    "crossquant": "crossquant"}
+"""The INT quantizers a ``wXaY-QUANTIZER`` scheme names."""
 _FAKE = re.compile(r"^w(\d+)a(\d+)(?:-g(\d+))?-(per-token|per-tensor|per-channel|crossquant|smoothquant)$")
-_REMOVE = re.compile(r"^remove-kernel-(per-token|per-tensor|per-channel|crossquant)$")
+FORMAT_WORDS = {name.replace("_", "-"): name for name in FORMATS}
+"""Every quantizer of the formats registry, as a scheme spells it (``remove-kernel-mxfp4-rceil``)."""
+FLOAT_SCHEMES = {name.replace("_", "-"): name for name, entry in FORMATS.items() if entry.grid is not None}
+FLOAT_SCHEMES["fp8"] = "fp8_per_token"  # llm-compressor's FP8_DYNAMIC: FP8 weights per channel, tokens dynamic
+"""Schemes that quantize weights and activations in one float format (the weight as one sequence
+whose rows are output channels, blocks along the input axis)."""
 
 EXAMPLES = ("fp", "w8a8-per-token", "w8a8-crossquant", "w4a8-g128-per-token", "w4a8-g128-crossquant",
-            "w4a4-per-token", "w4a4-crossquant", "w8a8-smoothquant", "remove-kernel-per-token",
-            "remove-kernel-crossquant")
+            "w4a4-per-token", "w4a4-crossquant", "w8a8-smoothquant", "fp8", "mxfp8", "mxfp4", "nvfp4",
+            "remove-kernel-per-token", "remove-kernel-crossquant", "remove-kernel-mxfp4")
 SMOOTHQUANT_ALPHA = 0.5
 
 
@@ -40,19 +49,22 @@ class Scheme:
     group_size: int | None = None
     smooth_alpha: float | None = None
     kernel_scale: float = 1.0
+    weight_format: QuantizerConfig | None = None  # a format of the registry for the weights instead
 
     @property
-    def touches_model(self) -> bool:
-        return self.mode != "fp" or self.weight_bits is not None
+    def changes_weight(self) -> bool:
+        return self.weight_bits is not None or self.weight_format is not None
 
     def describe(self) -> dict:
-        act = self.activation
+        act, wf = self.activation, self.weight_format
         return {
             "scheme": self.name, "mode": self.mode,
             "activation_quantizer": act.quantizer if act else None,
             "activation_bits": act.bits if act else None,
+            "activation_format": act.label if act else None,
             "alpha": act.alpha if act else None,
-            "weight_bits": self.weight_bits, "group_size": self.group_size,
+            "weight_bits": wf.bits if wf else self.weight_bits, "group_size": self.group_size,
+            "weight_format": wf.label if wf else None,
             "smooth_alpha": self.smooth_alpha,
             "kernel_scale": self.kernel_scale if self.mode == "remove_kernel" else None,
         }
@@ -67,8 +79,10 @@ def parse_scheme(
     group_size: int | None = None,
     smooth_alpha: float = SMOOTHQUANT_ALPHA,
 ) -> Scheme:
-    """Parse a scheme name. ``alpha`` is CrossQuant's exponent; ``bits``, ``weight_bits`` and
-    ``group_size`` apply to ``remove-kernel-*`` (whose name carries no bit widths)."""
+    """Parse a scheme name. ``alpha`` is CrossQuant's exponent; ``bits`` (INT quantizers),
+    ``weight_bits`` and ``group_size`` apply to ``remove-kernel-*`` (whose name carries no bit widths).
+    A float format's scheme (``fp8``, ``mxfp4``, ``nvfp4``, ...) quantizes weights and activations in
+    that format."""
     name = text.strip().lower()
     try:
         if name == "fp":
@@ -85,9 +99,14 @@ def parse_scheme(
             quantizer = QUANTIZER_WORDS[kind]
             act = QuantizerConfig(quantizer, abits, alpha if quantizer == "crossquant" else None)
             return Scheme(name, "fake_quant", act, wbits, int(group) if group else None)
-        if m := _REMOVE.match(name):
-            quantizer = QUANTIZER_WORDS[m[1]]
-            act = QuantizerConfig(quantizer, bits, alpha if quantizer == "crossquant" else None)
+        if name in FLOAT_SCHEMES:
+            config = QuantizerConfig(FLOAT_SCHEMES[name], FORMATS[FLOAT_SCHEMES[name]].grid.bits)
+            return Scheme(name, "fake_quant", config, weight_format=config)
+        if name.startswith(_REMOVE) and name.removeprefix(_REMOVE) in FORMAT_WORDS:
+            quantizer = FORMAT_WORDS[name.removeprefix(_REMOVE)]
+            entry = FORMATS[quantizer]
+            act = QuantizerConfig(quantizer, bits if entry.grid is None else entry.grid.bits,
+                                  alpha if entry.takes_alpha else None)
             if weight_bits is not None:
                 qmax_for_bits(weight_bits)
             return Scheme(name, "remove_kernel", act, weight_bits, group_size)
@@ -95,5 +114,6 @@ def parse_scheme(
         raise KernelscopeError(f"scheme {text!r}: {exc}") from None
     raise KernelscopeError(
         f"unknown scheme {text!r}; use fp, wXaY[-gG]-QUANTIZER (QUANTIZER: per-token, crossquant, "
-        "per-tensor, per-channel, smoothquant) or remove-kernel-QUANTIZER, e.g. " + ", ".join(EXAMPLES[1:4])
+        f"per-tensor, per-channel, smoothquant), a float format ({', '.join(FLOAT_SCHEMES)}) or "
+        "remove-kernel-QUANTIZER (any -q quantizer), e.g. " + ", ".join(EXAMPLES[1:4])
     )

@@ -161,7 +161,7 @@ def threshold_search(
             points[lam] = row
         return points[lam]
 
-    lo, hi = bracket_crossing(lambda lam: at(lam)["within_tolerance"], 2.0 * family.qmax, steps)
+    lo, hi = bracket_crossing(lambda lam: at(lam)["within_tolerance"], family.saturation_scale, steps)
 
     curve = pl.DataFrame(sorted(points.values(), key=lambda r: (r["kernel_fraction"], r["lambda"])),
                          infer_schema_length=None)
