@@ -161,7 +161,7 @@ def test_existing_output_is_refused_before_any_work(capsys, tmp_path, tiny_llama
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     code, _, stderr = run_cli(capsys, "profile", str(tiny_llama_dir), "-d", str(text_file), "-o", str(out))
-    assert code == 2 and "already exists; pass --overwrite" in stderr
+    assert code == 2 and "holds files kernelscope did not write (keep.txt)" in stderr
     assert (out / "keep.txt").read_text() == "mine"
 
 

@@ -533,3 +533,70 @@ def test_version_flag(capsys):
 
     code, stdout, _ = run_cli(capsys, "--version")
     assert code == 0 and stdout.strip() == f"kernelscope {__version__}"
+
+
+# --- found by a second sweep of awkward inputs ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["profile", "-n", "2", "-n", "3"], "-n given 2 times; --nsamples takes one value"),
+        (["profile", "-o", "a", "--output", "b"], "-o and --output given 2 times"),
+        (["eval", "--scheme", "w8a8-crossquant", "-a", "0.1", "-a", "0.2"], "-a given 2 times"),
+        (["profile", "--windows", "random", "--seed", "99999999999999999999"], "--seed 99999999999999999999 is out"),
+    ],
+)
+def test_more_refusals_before_any_work(args, message, capsys, tmp_path, tiny_llama_dir, text_file):
+    command, *rest = args
+    assert_refused(capsys, [command, str(tiny_llama_dir), "-d", str(text_file), *rest], message, tmp_path)
+
+
+def test_symbolic_links_are_never_written_through_or_replaced(capsys, tmp_path, tiny_llama_dir, text_file):
+    from kernelscope.results import write_run
+
+    run = write_run(tmp_path / "run", {"layers": pl.DataFrame({"a": [1]})}, {"kind": "profile"})
+    (tmp_path / "link").symlink_to(run)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    args = ["profile", str(tiny_llama_dir), "-d", str(text_file), "-n", "1", "-s", "32", "--overwrite", "-o"]
+    for link in ("link", "dangling"):
+        assert_refused(capsys, [*args, str(tmp_path / link)], "is a symbolic link", tmp_path)
+        assert (tmp_path / link).is_symlink()
+
+
+def test_a_foreign_folder_is_not_met_with_advice_to_overwrite_it(capsys, tmp_path, tiny_llama_dir, text_file):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("x")
+    stderr = assert_refused(capsys, ["profile", str(tiny_llama_dir), "-d", str(text_file), "-o", str(mine)],
+                            "holds files kernelscope did not write (notes.txt)", tmp_path)
+    assert "--overwrite" not in stderr
+
+
+def test_report_refuses_a_run_given_twice_and_a_malformed_summary(capsys, tmp_path):
+    from kernelscope.results import write_run
+
+    run = write_run(tmp_path / "run", {"layers": pl.DataFrame({"a": [1]})}, {"kind": "profile", "model": "x"})
+    assert_refused(capsys, ["report", str(run), str(tmp_path / "run" / "."), "-o", str(tmp_path / "r.html")],
+                   "is given twice", tmp_path)
+    assert_refused(capsys, ["report", str(run), "-o", str(tmp_path / "r.html")], "is incomplete or damaged",
+                   tmp_path)
+    assert_refused(capsys, ["report", str(run), "-o", ""], "give a file name such as report.html", tmp_path)
+
+
+def test_a_batch_larger_than_the_windows_is_the_windows(capsys, tmp_path, tiny_llama_dir, text_file):
+    code, stdout, stderr = run_cli(capsys, "profile", str(tiny_llama_dir), "-d", str(text_file), "-n", "2", "-s",
+                                   "32", "--batch-size", "1000000000", "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["settings"]["batch_size"] == 2  # the batch that ran: every window at once
+
+
+def test_calibration_errors_name_the_calibration_options(capsys, tmp_path, tiny_llama_dir, text_file):
+    short = tmp_path / "short.txt"
+    short.write_text("only a few words here")
+    assert_refused(capsys, ["eval", str(tiny_llama_dir), "-d", str(text_file), "-n", "1", "-s", "64", "--scheme",
+                            "w8a8-smoothquant", "--calib-dataset", str(short)],
+                   "the calibration text (--calib-dataset) has", tmp_path)
+    assert_refused(capsys, ["eval", str(tiny_llama_dir), "-d", str(text_file), "-n", "1", "-s", "64", "--scheme",
+                            "w8a8-smoothquant", "--calib-dataset", str(text_file), "--calib-nsamples", "100000"],
+                   "--calib-nsamples 100000 asks for more windows", tmp_path)

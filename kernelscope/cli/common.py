@@ -40,10 +40,10 @@ def check_bits(bits: list[int], option: str = "--bits") -> None:
             fail(f"{flag(option)} {b} is out of range; give a bit width from 2 to 8")
 
 
-def check_alphas(alphas: list[float], option: str = "--alpha") -> None:
+def check_alphas(alphas: list[float], option: str = "--alpha", hint: str = " (1 is per-token)") -> None:
     for a in alphas:
         if not 0.0 <= a <= 1.0:  # also false for NaN
-            fail(f"{flag(option)} {a:g} is out of range; give a value in [0, 1] (1 is per-token)")
+            fail(f"{flag(option)} {a:g} is out of range; give a value in [0, 1]{hint}")
 
 
 def split_values(values: list[str], option: str, convert: Callable[[str], Any], what: str) -> list[Any]:
@@ -119,6 +119,8 @@ def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, wind
     check_positive("--seqlen", seqlen, min_seqlen)
     check_positive("--batch-size", batch_size)
     windows = windows.strip().lower()
+    if not -(2**63) <= seed < 2**64:
+        fail(f"{flag('--seed')} {seed} is out of range; give a whole number below 2^64")
     if windows not in ("first", "random"):
         fail(f"{flag('--windows')} must be `first` or `random`, got {windows!r}")
     if nsamples is not None and nsamples < min_windows:
@@ -147,7 +149,8 @@ def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, wind
     if isinstance(limit, int) and seqlen > limit:
         fail(f"{flag('--seqlen')} {seqlen} is beyond the model's context of {limit} tokens")
     ids = tokenize(loaded.tokenizer, text.text)
-    chosen = make_windows(ids, seqlen, nsamples, selection=windows, seed=seed)
+    chosen = make_windows(ids, seqlen, nsamples, selection=windows, seed=seed,
+                          names=("text", flag("--nsamples"), flag("--seqlen")))
     if len(chosen) < min_windows:
         fail(f"the text holds {len(chosen)} window(s) of {seqlen} tokens; this command needs at least {min_windows}")
     return Prepared(loaded, text, chosen, device)

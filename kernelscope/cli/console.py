@@ -40,12 +40,17 @@ def remember_options(params: Iterable, args: Sequence[str]) -> None:
         if not opts or param.name is None:
             continue
         _opts[param.name] = opts
-        long = opts[0]
-        for token in args:
-            name = token.split("=", 1)[0] if token.startswith("--") else token[:2]
-            if name in opts:
-                _typed[long] = name
-                break
+        seen = [n for n in (_spelling(token) for token in args) if n in opts]
+        if seen:
+            _typed[opts[0]] = seen[0]
+        if len(seen) > 1 and not getattr(param, "multiple", False):
+            fail(f"{' and '.join(dict.fromkeys(seen))} given {len(seen)} times; {opts[0]} takes one value: "
+                 "give it once")
+
+
+def _spelling(token: str) -> str:
+    """The option a command-line token names: ``--alpha`` for ``--alpha=0.3``, ``-a`` for ``-a0.3``."""
+    return token.split("=", 1)[0] if token.startswith("--") else token[:2]
 
 
 def flag(name: str) -> str:

@@ -101,7 +101,7 @@ def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, cali
     from kernelscope.runs.schemes import parse_scheme
 
     alpha = _one_alpha(alpha)
-    check_alphas([smooth_alpha], "--smooth-alpha")
+    check_alphas([smooth_alpha], "--smooth-alpha", hint="")
     check_bits([bits])
     if weight_bits is not None:
         check_bits([weight_bits], "--weight-bits")
@@ -135,7 +135,9 @@ def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, cali
     prep = prepare(**_common(kw))
     if smoothing:
         ids = tokenize(prep.loaded.tokenizer, calib_text.text)
-        calibration = make_windows(ids, kw["seqlen"], calib_nsamples, selection="random", seed=kw["seed"])
+        calibration = make_windows(ids, kw["seqlen"], calib_nsamples, selection="random", seed=kw["seed"],
+                                   names=(f"calibration text ({flag('--calib-dataset')})",
+                                          flag("--calib-nsamples"), flag("--seqlen")))
     with stage_progress(kw["quiet"] or kw["as_json"]) as update:
         result = evaluate(prep.loaded, prep.windows, schemes, text=prep.text, layers=kw["layers"],
                           calibration=calibration, calibration_text=calib_text,

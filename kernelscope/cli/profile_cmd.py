@@ -185,6 +185,12 @@ def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, b
     distributed.stop()
     if not world.main:
         return  # only the first process writes and prints
-    finish(result, output, overwrite, as_json, _show, report)
+    try:
+        finish(result, output, overwrite, as_json, _show, report)
+    except KernelscopeError as exc:
+        if checkpoint is None or not checkpoint.is_file():
+            raise
+        raise KernelscopeError(f"{exc}; the statistics are kept in the checkpoint {checkpoint}: once that is "
+                               "fixed, rerun the same command with --resume") from None
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)

@@ -76,22 +76,27 @@ def make_windows(
     *,
     selection: str = "first",
     seed: int = 0,
+    names: tuple[str, str, str] = ("text", "--nsamples", "--seqlen"),
 ) -> Windows:
-    """Select ``nsamples`` (all when None) non-overlapping windows of ``seqlen`` tokens from ``ids (N,)``."""
+    """Select ``nsamples`` (all when None) non-overlapping windows of ``seqlen`` tokens from ``ids (N,)``.
+
+    ``names``: how errors name the text, the window count and the window length (the command-line
+    options that gave them)."""
+    text, nsamples_name, seqlen_name = names
     if seqlen < 1:
-        raise KernelscopeError(f"--seqlen must be at least 1, got {seqlen}")
+        raise KernelscopeError(f"{seqlen_name} must be at least 1, got {seqlen}")
     if nsamples is not None and nsamples < 1:
-        raise KernelscopeError(f"--nsamples must be at least 1, got {nsamples}")
+        raise KernelscopeError(f"{nsamples_name} must be at least 1, got {nsamples}")
     if selection not in SELECTIONS:
         raise KernelscopeError(f"unknown window selection {selection!r}; choose {' or '.join(SELECTIONS)}")
     total = ids.numel()
     available = total // seqlen
     if available == 0:
-        raise KernelscopeError(f"the text has {total} tokens, fewer than one window of --seqlen {seqlen}")
+        raise KernelscopeError(f"the {text} has {total} tokens, fewer than one window of {seqlen_name} {seqlen}")
     n = available if nsamples is None else nsamples
     if n > available:
         raise KernelscopeError(
-            f"--nsamples {n} asks for more windows than the {available} of {seqlen} tokens the text holds"
+            f"{nsamples_name} {n} asks for more windows than the {available} of {seqlen} tokens the {text} holds"
         )
     if selection == "first":
         chosen = list(range(n))

@@ -84,7 +84,7 @@ def parse_device(name: str) -> torch.device:
         raise KernelscopeError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise KernelscopeError("--device cuda was given but CUDA is not available here; use --device cpu")
+            raise KernelscopeError(f"--device {name} was given but CUDA is not available here; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise KernelscopeError(
                 f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible"
@@ -137,8 +137,9 @@ def resolve_model_source(spec: str) -> ModelSource:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
+    """A library's message on one line: its lines joined (a first line may end in a colon whose
+    explanation follows), cut at 240 characters."""
+    line = " ".join(str(exc).split()) or type(exc).__name__
     return line if len(line) <= 240 else line[:237] + "..."
 
 

@@ -128,7 +128,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]], css: str = "
 
 
 def _pct(x: float | None) -> str:
-    return "" if x is None else f"{100 * x:.2f}%"
+    """A share as a percentage; one below 0.0001 (an FP8 kernel) in scientific form."""
+    if x is None:
+        return ""
+    return f"{100 * x:.1e}%" if 0 < abs(x) < 1e-4 else f"{100 * x:.2f}%"
 
 
 def _measured(page: _Page, runs: list[tuple[str, RunFolder]]) -> None:
@@ -202,6 +205,22 @@ def _outliers(page: _Page, profiles) -> None:
         page.add(_table(["layer", "max |x|", "top channels (c_j)", "top tokens (t_i)"], rows))
 
 
+def _formats(page: _Page, profiles: list[tuple[str, RunFolder]]) -> None:
+    """Every quantizer of each profile side by side: its grid and block, its model-level kernel, the
+    shares on subnormal codes and in whole-kernel blocks, and its kernel per module type."""
+    page.add("<h2>Formats side by side</h2>")
+    for label, run in profiles:
+        level = run.summary.get("model_level") or []
+        by_type = run.summary.get("by_module_type") or []
+        types = list(dict.fromkeys(r["module_type"] for r in by_type))
+        cell = {(r["config"], r["module_type"]): r["kernel_fraction"] for r in by_type}
+        rows = [[esc(r["config"]), esc(r.get("format") or ""), esc(r.get("block_size") or ""),
+                 _pct(r["kernel_fraction"]), _pct(r.get("subnormal_fraction")), _pct(r.get("block_kernel_fraction")),
+                 *(_pct(cell.get((r["config"], t))) for t in types)] for r in level]
+        page.add(f"<h3>{esc(label)}</h3>" + _table(
+            ["quantizer", "grid", "block", "kernel", "on subnormals", "whole blocks", *types], rows))
+
+
 def _eval_table(page: _Page, evals) -> None:
     page.add("<h2>Perplexity under quantization</h2>")
     if not evals:
@@ -262,6 +281,7 @@ def build_report(runs: Sequence[RunFolder], *, title: str | None = None) -> str:
         _section(page, "Kernel by block and module type", [F.heatmap(lab, layers) for lab, layers in tables])
         _section(page, "Zero bounds", [F.zero_bounds(tables)])
         _section(page, "Where CrossQuant cannot shrink the bound", [F.c_ge_t(tables)])
+        _formats(page, profiles)
         _outliers(page, profiles)
     else:
         page.add("<h2>Per-layer kernel</h2>")
@@ -295,10 +315,14 @@ def write_report(run_dirs: Sequence[str | Path] | Sequence[RunFolder], output: s
     ``option`` is how error messages name the path (the command-line option that gave it).
     """
     out = check_report_file(output, overwrite, option=option)
+    folders = [Path(r).expanduser().resolve() for r in run_dirs if not isinstance(r, RunFolder)]
+    if len(set(folders)) != len(folders):
+        twice = next(f for f in folders if folders.count(f) > 1)
+        raise KernelscopeError(f"the run folder {twice} is given twice; give each run once")
     runs = [r if isinstance(r, RunFolder) else read_run(r) for r in run_dirs]
     try:
         text = build_report(runs, title=title)
-    except (KeyError, TypeError, ValueError, IndexError, pl.exceptions.PolarsError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, pl.exceptions.PolarsError) as exc:
         if isinstance(exc, KernelscopeError):
             raise
         names = ", ".join(str(r.path) for r in runs)

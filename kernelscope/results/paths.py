@@ -77,22 +77,33 @@ def _check_writable_parent(path: Path, option: str, shown: str | Path) -> None:
         raise KernelscopeError(f"{option} {shown} cannot be written: {probe} is not a writable folder")
 
 
-def _refuse_protected(path: Path, option: str, shown: str | Path) -> None:
+def _refuse_protected(path: Path, option: str, shown: str | Path, what: str) -> None:
     if path.resolve() in protected_paths():
         raise KernelscopeError(
             f"{option} {shown} is the working folder, one of its parents, the home folder or "
-            "the root, which kernelscope never replaces; give a new folder such as runs/x"
+            f"the root, which kernelscope never replaces; give a {what}"
         )
+
+
+def _checked_path(path: str | Path, option: str, what: str) -> Path:
+    """``path`` expanded, after refusing an empty one, a symbolic link and the protected folders."""
+    if not str(path).strip():
+        raise KernelscopeError(f"{option} is empty; give a {what}")
+    out = Path(path).expanduser()
+    if out.is_symlink():
+        raise KernelscopeError(f"{option} {path} is a symbolic link, which kernelscope never writes through or "
+                               f"replaces; give the {what} itself")
+    _refuse_protected(out, option, path, what)
+    return out
 
 
 def check_output_dir(path: str | Path, overwrite: bool = False, option: str = "--output") -> Path:
     """Refuse early (before any work) an output folder that exists, unless it is a kernelscope run
     folder and ``overwrite`` is set, or that cannot be created."""
-    out = Path(path).expanduser()
-    _refuse_protected(out, option, path)
+    out = _checked_path(path, option, "new folder such as runs/x")
     if out.exists() and not out.is_dir():
-        raise KernelscopeError(f"{option} {path} exists and is not a folder")
-    if out.exists() and not overwrite:
+        raise KernelscopeError(f"{option} {path} exists and is not a folder; give a new folder")
+    if out.exists() and not overwrite and is_kernelscope_run(out):
         raise KernelscopeError(f"{option} {path} already exists; pass --overwrite to replace it")
     if out.exists() and not is_kernelscope_run(out):
         foreign = foreign_entries(out)
@@ -110,11 +121,10 @@ def check_output_dir(path: str | Path, overwrite: bool = False, option: str = "-
 def check_report_file(path: str | Path, overwrite: bool = False, option: str = "--report") -> Path:
     """Refuse early a report path that is a folder, exists (unless it is a kernelscope report and
     ``overwrite`` is set), or cannot be created."""
-    out = Path(path).expanduser()
-    _refuse_protected(out, option, path)
+    out = _checked_path(path, option, "file name such as report.html")
     if out.is_dir():
         raise KernelscopeError(f"{option} {path} is a folder; give a file name such as report.html")
-    if out.exists() and not overwrite:
+    if out.exists() and not overwrite and is_kernelscope_report(out):
         raise KernelscopeError(f"{option} {path} already exists; pass --overwrite to replace it")
     if out.exists() and not is_kernelscope_report(out):
         raise KernelscopeError(

@@ -54,7 +54,8 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> tuple[int, dict[
     try:
         body = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        raise KernelscopeError(f"the checkpoint {path} is damaged; delete it and start again") from None
+        raise KernelscopeError(f"the checkpoint {path} is damaged or not kernelscope's; move it away and "
+                               "rerun without --resume to start over") from None
     if not isinstance(body, dict) or body.get("version") != VERSION:
         raise KernelscopeError(f"the checkpoint {path} is from another kernelscope version; delete it")
     theirs = body.get("fingerprint") or {}

@@ -174,6 +174,7 @@ def profile(
         raise ValueError("profile needs at least one quantizer configuration")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    batch_size = min(batch_size, len(windows))  # room is made for one batch: never more than there is
     selected = resolve_layers(model, layers, include_lm_head)
     # INT quantizers whose step follows from t and c are counted by the fast pass; every other format
     # element by element, from its own scale rule and grid.
