@@ -2,9 +2,12 @@
 
     python benchmarks/overhead.py                      # everything, on the demo model (~25 minutes on 2 cores)
     python benchmarks/overhead.py --sections overhead  # only the main ratios
+    python benchmarks/overhead.py --sections overhead --formats --schemes w8a8-per-token,fp8,mxfp4,nvfp4
 
 Sections:
-  overhead  profile (1, 4 = the default set, 8 configurations) / bare forward, and evaluation with
+  overhead  profile (1, 4 = the default set, 8 configurations; the default set without the weight
+            kernels; with --formats, the default set and the 8 other formats) / bare forward, and
+            evaluation with
             fake quantization / fp evaluation, on --nsamples x --seqlen windows;
   scaling   profile / bare forward and tokens per second from 1 to 16 windows and 512 to 4096 tokens;
   memory    peak RSS of a profile / peak RSS of the bare forward, each in a fresh process, from 1 to
@@ -50,6 +53,9 @@ CONFIG_SETS = {
     4: ks.default_configs(),
     8: expand_configs(["per_token", "crossquant", "per_tensor", "per_channel"], [8, 4], [0.15]),
 }
+FORMAT_SET = ks.default_configs() + expand_configs(
+    ["per_group", "fp8_per_token", "fp8_per_tensor", "mxfp8", "mxfp4", "mxfp4_rceil", "nvfp4"], [8, 4], [])
+"""The default set and every other format of the registry: 4 + 8 configurations."""
 
 
 def timed(fn) -> float:
@@ -91,8 +97,8 @@ class Bench:
             for i in range(len(windows)):
                 forward_windows(self.model, windows.tokens[i : i + 1])
 
-    def profile(self, windows, configs) -> None:
-        ks.profile(self.model, windows, configs, layers=self.layers)
+    def profile(self, windows, configs, **options) -> None:
+        ks.profile(self.model, windows, configs, layers=self.layers, **options)
 
 
 def section_overhead(b: Bench, out: list[str]) -> None:
@@ -103,6 +109,9 @@ def section_overhead(b: Bench, out: list[str]) -> None:
     runs = {"bare forward": lambda: b.bare(windows)}
     for n, configs in CONFIG_SETS.items():
         runs[f"profile, {n} configuration{'s' * (n > 1)}"] = lambda c=configs: b.profile(windows, c)
+    runs["profile, 4, no weight kernels"] = lambda: b.profile(windows, CONFIG_SETS[4], weight_formats=())
+    if a.formats:
+        runs["profile, 4 + 8 formats"] = lambda: b.profile(windows, FORMAT_SET)
     fp = parse_scheme("fp")
     runs["eval fp"] = lambda: run_scheme(b.model, windows, fp, b.layers)
     for name in a.schemes.split(","):
@@ -235,6 +244,8 @@ def main() -> None:
                         help="fresh processes per memory-in-use figure (median); it moves by a few MiB at most")
     parser.add_argument("--schemes", default="w8a8-per-token,w8a8-crossquant,remove-kernel-per-token")
     parser.add_argument("--sections", default="overhead,scaling,memory")
+    parser.add_argument("--formats", action="store_true",
+                        help="also time a profile of the default set with every other format of the registry")
     parser.add_argument("--child", choices=["bare", "profile"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

@@ -298,8 +298,8 @@ def format_nll(model, windows, fmt, *, weights: bool, remove: bool = False) -> f
         def pre(mod, args):
             x = args[0]
             seqs = x if x.dim() == 3 else x[None]
-            out = torch.stack([torch.where(F.kernel_mask(s, fmt), 0.0, s) if remove else F.fake_quantize(s, fmt)
-                               for s in seqs])
+            out = torch.stack([torch.where(F.kernel_mask(s, fmt), 0.0, s) if remove
+                               else F.fake_quantize(s, fmt) for s in seqs])
             return (out.reshape(x.shape),)
 
         handles.append(module.register_forward_pre_hook(pre))
@@ -328,7 +328,8 @@ def test_float_format_schemes_match_a_reference_written_here(family):
         fmt = QuantizerConfig(quantizer, bits).format
         got = run_scheme(model, windows, parse_scheme(name), layers)
         assert got["nll"] == pytest.approx(format_nll(model, windows, fmt, weights=True), rel=1e-6), name
-        removed = run_scheme(model, windows, parse_scheme("remove-kernel-" + quantizer.replace("_", "-")), layers)
+        removal = parse_scheme("remove-kernel-" + quantizer.replace("_", "-"))
+        removed = run_scheme(model, windows, removal, layers)
         assert removed["nll"] == pytest.approx(format_nll(model, windows, fmt, weights=False, remove=True),
                                                rel=1e-6), name
     assert no_hooks(model)

@@ -492,7 +492,8 @@ def test_all_zero_block_and_partial_block_masks():
     x[0, 1, 0] = 1e3  # G = 1e3 / 2688: the blocks near 5 keep their own scale
     fmt = get_format("nvfp4")
     blocks = block_kernel_mask(x, fmt)
-    assert blocks.dtype == torch.bool and blocks.shape == (1, 2, 3) and blocks.tolist() == [[[False, True, False], [False, False, True]]]
+    assert blocks.dtype == torch.bool and blocks.shape == (1, 2, 3)
+    assert blocks.tolist() == [[[False, True, False], [False, False, True]]]
     mx = block_kernel_mask(x, get_format("mxfp4"))
     assert mx.shape == (1, 2, 2) and mx.tolist() == [[[False, False], [False, False]]]
     with pytest.raises(ValueError):
@@ -613,7 +614,6 @@ def test_int_entries_equal_primitives(bits):
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_weight_formats_equal_weight_primitives(bits):
     w = adversarial(11, shape=(2, 6, 300))[1]  # (O, I), I not a multiple of the group
-    qmax = prim.qmax_for_bits(bits)
     row = get_format("per_token", bits=bits)
     assert_bits_equal(scale(w, row), prim.per_channel_weight_step(w, bits))
     assert_bits_equal(fake_quantize(w, row), prim.fake_quantize_weight(w, bits))
@@ -754,7 +754,8 @@ def test_subnormal_range_is_what_rounding_decides(grid, codes):
     table = torch.tensor(codes, dtype=torch.float32)
     mids = (table[1:] + table[:-1]) / 2
     v = torch.cat([table, mids, torch.rand(3000) * 2 * grid.min_normal])
-    v = torch.cat([v, torch.nextafter(v, torch.tensor(math.inf)), torch.nextafter(v, torch.tensor(-math.inf))])
+    up, down = torch.nextafter(v, torch.tensor(math.inf)), torch.nextafter(v, torch.tensor(-math.inf))
+    v = torch.cat([v, up, down])
     lo, hi = grid.subnormal_range
     rounded = [naive_round(float(x), codes) for x in v]
     expected = torch.tensor([0 < abs(r) < grid.min_normal for r in rounded])

@@ -101,7 +101,7 @@ def test_report_command_and_bad_inputs(run_dirs, tmp_path, capsys):
                           ([str(incomplete), "--overwrite"], "is incomplete or damaged"),
                           ([str(tmp_path), "--overwrite"], "not a kernelscope run folder"),
                           ([str(damaged), "--overwrite"], "layers.parquet is damaged"),
-                          ([str(newer), "--overwrite"], "schema version 99, newer than this kernelscope reads"),
+                          ([str(newer), "--overwrite"], "schema version 99, newer than this kernelscope"),
                           ([str(run_dirs["llama"])], "already exists; pass --overwrite")):
         with pytest.raises(SystemExit) as e:
             main(["report", *args, "-o", str(out)])

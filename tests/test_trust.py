@@ -135,7 +135,9 @@ def test_a_run_folder_the_user_added_files_to_or_an_empty_folder_is_not_replaced
     (run / "analysis.ipynb").write_text("{}")
     (tmp_path / "empty").mkdir()
     args = ["profile", str(tiny_llama_dir), "-d", str(text_file), "--overwrite", "-o"]
-    assert_refused(capsys, [*args, str(run)], "holds files kernelscope did not write (analysis.ipynb)", tmp_path)
+    assert_refused(
+        capsys, [*args, str(run)], "holds files kernelscope did not write (analysis.ipynb)", tmp_path
+    )
     assert_refused(capsys, [*args, str(tmp_path / "empty")], "was not written by kernelscope", tmp_path)
 
 
@@ -244,8 +246,10 @@ def test_a_run_that_cannot_replace_its_folder_leaves_both_untouched(tmp_path, mo
 
 UNUSED = {
     "bits with float formats only": (["profile", "-q", "mxfp4,nvfp4", "-b", "4"], "-b has no effect here"),
-    "group size without per_group": (["profile", "-q", "mxfp4", "--group-size", "16"],
-                                     "--group-size has no effect here"),
+    "group size without per_group": (
+        ["profile", "-q", "mxfp4", "--group-size", "16"],
+        "--group-size has no effect here",
+    ),
     "weight bits with a wXaY scheme": (
         ["eval", "--scheme", "w8a8-per-token", "--weight-bits", "3"],
         "--weight-bits has no effect here: it applies to remove-kernel-*",
@@ -429,10 +433,18 @@ def test_encoders_and_encoder_decoders_are_refused(kind, message, capsys, tmp_pa
 # --- errors name what the user typed; no internal errors ----------------------------------------
 
 NAMED = {
-    "weight format without bits": (["profile", "--weight-format", "per_token"],
-                                   "--weight-format 'per_token': an INT weight quantizer needs its bits"),
-    "float weight format with bits": (["profile", "--weight-format", "mxfp4:8"], "mxfp4 carries its own width"),
-    "crossquant as a weight format": (["profile", "--weight-format", "crossquant:8"], "unknown weight quantizer"),
+    "weight format without bits": (
+        ["profile", "--weight-format", "per_token"],
+        "--weight-format 'per_token': an INT weight quantizer needs its bits",
+    ),
+    "float weight format with bits": (
+        ["profile", "--weight-format", "mxfp4:8"],
+        "mxfp4 carries its own width",
+    ),
+    "crossquant as a weight format": (
+        ["profile", "--weight-format", "crossquant:8"],
+        "unknown weight quantizer",
+    ),
     "unknown format": (["profile", "-q", "mxfp5"], "unknown quantizer 'mxfp5'; choose from per_token"),
     "seqlen one for perplexity": (["eval", "-s", "1"], "-s must be at least 2, got 1"),
     "seqlen one for sweep": (["sweep", "--seqlen", "1"], "--seqlen must be at least 2"),
@@ -544,7 +556,10 @@ def test_version_flag(capsys):
         (["profile", "-n", "2", "-n", "3"], "-n given 2 times; --nsamples takes one value"),
         (["profile", "-o", "a", "--output", "b"], "-o and --output given 2 times"),
         (["eval", "--scheme", "w8a8-crossquant", "-a", "0.1", "-a", "0.2"], "-a given 2 times"),
-        (["profile", "--windows", "random", "--seed", "99999999999999999999"], "--seed 99999999999999999999 is out"),
+        (
+            ["profile", "--windows", "random", "--seed", "99999999999999999999"],
+            "--seed 99999999999999999999 is out",
+        ),
     ],
 )
 def test_more_refusals_before_any_work(args, message, capsys, tmp_path, tiny_llama_dir, text_file):
@@ -568,8 +583,12 @@ def test_a_foreign_folder_is_not_met_with_advice_to_overwrite_it(capsys, tmp_pat
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("x")
-    stderr = assert_refused(capsys, ["profile", str(tiny_llama_dir), "-d", str(text_file), "-o", str(mine)],
-                            "holds files kernelscope did not write (notes.txt)", tmp_path)
+    stderr = assert_refused(
+        capsys,
+        ["profile", str(tiny_llama_dir), "-d", str(text_file), "-o", str(mine)],
+        "holds files kernelscope did not write (notes.txt)",
+        tmp_path,
+    )
     assert "--overwrite" not in stderr
 
 
@@ -577,16 +596,33 @@ def test_report_refuses_a_run_given_twice_and_a_malformed_summary(capsys, tmp_pa
     from kernelscope.results import write_run
 
     run = write_run(tmp_path / "run", {"layers": pl.DataFrame({"a": [1]})}, {"kind": "profile", "model": "x"})
-    assert_refused(capsys, ["report", str(run), str(tmp_path / "run" / "."), "-o", str(tmp_path / "r.html")],
-                   "is given twice", tmp_path)
-    assert_refused(capsys, ["report", str(run), "-o", str(tmp_path / "r.html")], "is incomplete or damaged",
-                   tmp_path)
+    assert_refused(
+        capsys,
+        ["report", str(run), str(tmp_path / "run" / "."), "-o", str(tmp_path / "r.html")],
+        "is given twice",
+        tmp_path,
+    )
+    assert_refused(
+        capsys, ["report", str(run), "-o", str(tmp_path / "r.html")], "is incomplete or damaged", tmp_path
+    )
     assert_refused(capsys, ["report", str(run), "-o", ""], "give a file name such as report.html", tmp_path)
 
 
 def test_a_batch_larger_than_the_windows_is_the_windows(capsys, tmp_path, tiny_llama_dir, text_file):
-    code, stdout, stderr = run_cli(capsys, "profile", str(tiny_llama_dir), "-d", str(text_file), "-n", "2", "-s",
-                                   "32", "--batch-size", "1000000000", "--json")
+    code, stdout, stderr = run_cli(
+        capsys,
+        "profile",
+        str(tiny_llama_dir),
+        "-d",
+        str(text_file),
+        "-n",
+        "2",
+        "-s",
+        "32",
+        "--batch-size",
+        "1000000000",
+        "--json",
+    )
     assert code == 0, stderr
     assert json.loads(stdout)["settings"]["batch_size"] == 2  # the batch that ran: every window at once
 
@@ -594,9 +630,43 @@ def test_a_batch_larger_than_the_windows_is_the_windows(capsys, tmp_path, tiny_l
 def test_calibration_errors_name_the_calibration_options(capsys, tmp_path, tiny_llama_dir, text_file):
     short = tmp_path / "short.txt"
     short.write_text("only a few words here")
-    assert_refused(capsys, ["eval", str(tiny_llama_dir), "-d", str(text_file), "-n", "1", "-s", "64", "--scheme",
-                            "w8a8-smoothquant", "--calib-dataset", str(short)],
-                   "the calibration text (--calib-dataset) has", tmp_path)
-    assert_refused(capsys, ["eval", str(tiny_llama_dir), "-d", str(text_file), "-n", "1", "-s", "64", "--scheme",
-                            "w8a8-smoothquant", "--calib-dataset", str(text_file), "--calib-nsamples", "100000"],
-                   "--calib-nsamples 100000 asks for more windows", tmp_path)
+    assert_refused(
+        capsys,
+        [
+            "eval",
+            str(tiny_llama_dir),
+            "-d",
+            str(text_file),
+            "-n",
+            "1",
+            "-s",
+            "64",
+            "--scheme",
+            "w8a8-smoothquant",
+            "--calib-dataset",
+            str(short),
+        ],
+        "the calibration text (--calib-dataset) has",
+        tmp_path,
+    )
+    assert_refused(
+        capsys,
+        [
+            "eval",
+            str(tiny_llama_dir),
+            "-d",
+            str(text_file),
+            "-n",
+            "1",
+            "-s",
+            "64",
+            "--scheme",
+            "w8a8-smoothquant",
+            "--calib-dataset",
+            str(text_file),
+            "--calib-nsamples",
+            "100000",
+        ],
+        "--calib-nsamples 100000 asks for more windows",
+        tmp_path,
+    )

@@ -185,7 +185,8 @@ def evaluate(
     ctx: typer.Context,
     model: o.Model,
     scheme: Annotated[list[str] | None, typer.Option("--scheme", metavar="SCHEME", help="Repeated or "
-        "comma-separated: fp, w8a8-per-token, w8a8-crossquant, w4a8-g128-per-token, w4a4-crossquant, w8a8-smoothquant (any "
+        "comma-separated: fp, w8a8-per-token, w8a8-crossquant, w4a8-g128-per-token, w4a4-crossquant, "
+        "w8a8-smoothquant (any "
         "wXaY[-gG]-QUANTIZER); fp8 (FP8 weights per channel, activations per token), fp8-per-tensor, mxfp8, "
         "mxfp4, mxfp4-rceil, nvfp4 (weights and activations in that format); remove-kernel-QUANTIZER for "
         "any -q quantizer (remove-kernel-per-token, remove-kernel-mxfp4, ...). "
@@ -246,7 +247,8 @@ def threshold(
         "lossless (0.01 = 1%).")] = 0.01,
     steps: Annotated[int, typer.Option(help="Bisection steps after the crossing is bracketed.")] = 6,
     family: Annotated[str, typer.Option(metavar="NAME", help="Quantizer whose zero bound B is scaled by λ: "
-        "any -q quantizer (per-token, crossquant, per-group, fp8-per-token, mxfp4, nvfp4, ...).")] = "per-token",
+        "any -q quantizer (per-token, crossquant, per-group, fp8-per-token, mxfp4, nvfp4, ...).")
+    ] = "per-token",
     family_bits: Annotated[int, typer.Option(metavar="N", help="Bit width of an INT --family quantizer "
         "(a float format carries its own).")] = 8,
     alpha: Annotated[str, typer.Option("--alpha", "-a", metavar="α", help="CrossQuant α of the kernels "

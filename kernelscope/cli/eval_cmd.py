@@ -120,7 +120,8 @@ def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, cali
     refuse_unused(given, **_refusals(kw, seed_applies=smoothing),
                   alpha=None if any(s.activation and s.activation.takes_alpha for s in schemes)
                   else "it is CrossQuant's exponent, and no --scheme given is a *-crossquant scheme",
-                  bits=None if removing_int else "it applies to remove-kernel-* schemes of INT quantizers only "
+                  bits=None if removing_int
+                  else "it applies to remove-kernel-* schemes of INT quantizers only "
                   "(a wXaY scheme names its own widths, a float format carries its own)",
                   weight_bits=None if removing else only_removal,
                   group_size=None if removing else only_removal,

@@ -92,11 +92,13 @@ def make_windows(
     total = ids.numel()
     available = total // seqlen
     if available == 0:
-        raise KernelscopeError(f"the {text} has {total} tokens, fewer than one window of {seqlen_name} {seqlen}")
+        raise KernelscopeError(
+            f"the {text} has {total} tokens, fewer than one window of {seqlen_name} {seqlen}")
     n = available if nsamples is None else nsamples
     if n > available:
         raise KernelscopeError(
-            f"{nsamples_name} {n} asks for more windows than the {available} of {seqlen} tokens the {text} holds"
+            f"{nsamples_name} {n} asks for more windows than the {available} of {seqlen} tokens "
+            f"the {text} holds"
         )
     if selection == "first":
         chosen = list(range(n))

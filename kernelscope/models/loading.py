@@ -84,7 +84,8 @@ def parse_device(name: str) -> torch.device:
         raise KernelscopeError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise KernelscopeError(f"--device {name} was given but CUDA is not available here; use --device cpu")
+            raise KernelscopeError(
+                f"--device {name} was given but CUDA is not available here; use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise KernelscopeError(
                 f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible"

@@ -333,8 +333,9 @@ def _sequence_amax(x: torch.Tensor) -> torch.Tensor:
 
 
 def _e8m0_floor(amax: torch.Tensor, emax: int) -> torch.Tensor:
-    """OCP MX scale ``2^(⌊log2 amax⌋ − emax)`` clamped to E8M0, ⌊log2⌋ read from the float32 exponent
-    field (as torchao's ``to_mx`` does; a zero or subnormal ``amax`` reads -127 and clamps the same)."""
+    """OCP MX scale ``2^(⌊log2 amax⌋ − emax)`` clamped to E8M0, ⌊log2⌋ read from the float32
+    exponent field (as torchao's ``to_mx`` does; a zero or subnormal ``amax`` reads -127 and clamps
+    the same)."""
     e = (_exponent_field(amax) - emax).clamp_(E8M0_MIN_EXPONENT, E8M0_MAX_EXPONENT)
     return torch.where(amax.isnan(), torch.nan, _pow2(e))
 

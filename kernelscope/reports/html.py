@@ -13,12 +13,12 @@ from pathlib import Path
 import plotly.io as pio
 import polars as pl
 
-from kernelscope.version import __version__
 from kernelscope.errors import KernelscopeError
 from kernelscope.reports import figures as F
 from kernelscope.reports.figures import esc
 from kernelscope.results import RunFolder, check_report_file, default_mode, read_run
 from kernelscope.results.paths import REPORT_TAG
+from kernelscope.version import __version__
 
 PROFILE_COMMAND = "kernelscope profile MODEL -o DIR"
 REFERENCE_THRESHOLDS = {"OPT": 0.19, "LLaMA": 0.01}
@@ -215,7 +215,8 @@ def _formats(page: _Page, profiles: list[tuple[str, RunFolder]]) -> None:
         types = list(dict.fromkeys(r["module_type"] for r in by_type))
         cell = {(r["config"], r["module_type"]): r["kernel_fraction"] for r in by_type}
         rows = [[esc(r["config"]), esc(r.get("format") or ""), esc(r.get("block_size") or ""),
-                 _pct(r["kernel_fraction"]), _pct(r.get("subnormal_fraction")), _pct(r.get("block_kernel_fraction")),
+                 _pct(r["kernel_fraction"]), _pct(r.get("subnormal_fraction")),
+                 _pct(r.get("block_kernel_fraction")),
                  *(_pct(cell.get((r["config"], t))) for t in types)] for r in level]
         page.add(f"<h3>{esc(label)}</h3>" + _table(
             ["quantizer", "grid", "block", "kernel", "on subnormals", "whole blocks", *types], rows))

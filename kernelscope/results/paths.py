@@ -91,7 +91,8 @@ def _checked_path(path: str | Path, option: str, what: str) -> Path:
         raise KernelscopeError(f"{option} is empty; give a {what}")
     out = Path(path).expanduser()
     if out.is_symlink():
-        raise KernelscopeError(f"{option} {path} is a symbolic link, which kernelscope never writes through or "
+        raise KernelscopeError(f"{option} {path} is a symbolic link, which kernelscope never writes "
+                               "through or "
                                f"replaces; give the {what} itself")
     _refuse_protected(out, option, path, what)
     return out

@@ -293,7 +293,8 @@ def profile(
             by_config |= dict(zip(format_configs, fstats[owner].rows(positions, lay["elements"], QUANTILES),
                                   strict=True))
         rows.extend({**base, "config": cfg.label, **by_config[cfg]} for cfg in configs)
-    frame = _table(rows, {"block": pl.Int64, "alpha": pl.Float64, "bound_below_per_token_fraction": pl.Float64,
+    frame = _table(rows, {"block": pl.Int64, "alpha": pl.Float64,
+                          "bound_below_per_token_fraction": pl.Float64,
                           "block_size": pl.Int64, "subnormal_elements": pl.Int64,
                           "subnormal_fraction": pl.Float64, "blocks": pl.Int64, "kernel_blocks": pl.Int64,
                           "block_kernel_fraction": pl.Float64})

@@ -22,7 +22,7 @@ _FAKE = re.compile(r"^w(\d+)a(\d+)(?:-g(\d+))?-(per-token|per-tensor|per-channel
 FORMAT_WORDS = {name.replace("_", "-"): name for name in FORMATS}
 """Every quantizer of the formats registry, as a scheme spells it (``remove-kernel-mxfp4-rceil``)."""
 FLOAT_SCHEMES = {name.replace("_", "-"): name for name, entry in FORMATS.items() if entry.grid is not None}
-FLOAT_SCHEMES["fp8"] = "fp8_per_token"  # llm-compressor's FP8_DYNAMIC: FP8 weights per channel, tokens dynamic
+FLOAT_SCHEMES["fp8"] = "fp8_per_token"  # llm-compressor's FP8_DYNAMIC: weights per channel, tokens dynamic
 """Schemes that quantize weights and activations in one float format (the weight as one sequence
 whose rows are output channels, blocks along the input axis)."""
 

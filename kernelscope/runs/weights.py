@@ -38,17 +38,22 @@ def weight_kernels(model: nn.Module, configs: Sequence[QuantizerConfig],
     for layer in resolve_layers(model, layers, include_lm_head):
         with torch.no_grad(), _onloaded(layer.module):
             w = weight_out_in(layer.module).detach()  # (O, I)
-            finite = int(torch.isfinite(w).sum())
-            acc = FormatStats(list(configs), HISTOGRAM).update(w.unsqueeze(0))  # (1, O, I)
+            low, high = w.aminmax()
+            all_finite = bool(torch.isfinite(low) & torch.isfinite(high))  # NaN or ±Inf would show here
+            finite = w.numel() if all_finite else int(torch.isfinite(w).sum())
+            acc = FormatStats(list(configs), HISTOGRAM)
+            acc.update(w.unsqueeze(0), all_finite=all_finite)  # (1, O, I)
             base = {"layer": layer.name, "block": layer.block, "module_type": layer.module_type,
                     "out_features": w.shape[0], "in_features": w.shape[1],
-                    "zero_weights": int((w == 0).sum()), "abs_max": float(w.abs().max())}
+                    "zero_weights": w.numel() - int(torch.count_nonzero(w)),
+                    "abs_max": float(torch.maximum(-low, high))}
             for cfg, row in zip(configs, acc.rows(w.numel(), finite, QUANTILES), strict=True):
                 rows.append({**base, "config": cfg.label, "elements": finite, **row})
     frame = pl.DataFrame(rows, schema_overrides={
         "block": pl.Int64, "alpha": pl.Float64, "block_size": pl.Int64, "subnormal_elements": pl.Int64,
         "subnormal_fraction": pl.Float64, "blocks": pl.Int64, "kernel_blocks": pl.Int64,
-        "block_kernel_fraction": pl.Float64, "bound_below_per_token_fraction": pl.Float64}, infer_schema_length=None)
+        "block_kernel_fraction": pl.Float64, "bound_below_per_token_fraction": pl.Float64},
+        infer_schema_length=None)
     lead = ["layer", "block", "module_type", "quantizer", "bits", "alpha", "config", "elements",
             "kernel_elements", "kernel_fraction"]
     return frame.select(lead + [c for c in frame.columns if c not in lead])

@@ -111,7 +111,8 @@ class LogHistogram:
         return counts * weight if weight != 1 else counts
 
     def _bins(self, idx: torch.Tensor, first: float) -> torch.Tensor:
-        """Bin numbers of fractional positions ``idx``, clamped to ``[first, bins)``; NaN goes to ``first``."""
+        """Bin numbers of fractional positions ``idx``, clamped to ``[first, bins)``; NaN goes to
+        ``first``."""
         return idx.nan_to_num_(nan=first).clamp_(min=first, max=self.bins - 1).floor_().long()
 
     def quantile(self, counts: torch.Tensor, q: float, lo: float, hi: float) -> float:
