@@ -16,7 +16,7 @@ from kernelscope.quant import QuantizerConfig
 from kernelscope.runs.common import resolve_layers
 from kernelscope.runs.fakequant import weight_out_in
 from kernelscope.stats.format_stats import FormatStats
-from kernelscope.stats.kernel import HISTOGRAM, QUANTILES
+from kernelscope.stats.kernel import HISTOGRAM, QUANTILES, KernelStats, observe
 
 DEFAULT_WEIGHT_FORMAT = QuantizerConfig("per_token", 8)
 """INT8, one step per output channel: what W8A8 deployments use."""
@@ -41,14 +41,12 @@ def weight_kernels(model: nn.Module, configs: Sequence[QuantizerConfig],
             low, high = w.aminmax()
             all_finite = bool(torch.isfinite(low) & torch.isfinite(high))  # NaN or ±Inf would show here
             finite = w.numel() if all_finite else int(torch.isfinite(w).sum())
-            acc = FormatStats(list(configs), HISTOGRAM)
-            acc.update(w.unsqueeze(0), all_finite=all_finite)  # (1, O, I)
+            by_config = _counted(w.unsqueeze(0), list(configs), finite, all_finite)  # (1, O, I)
             base = {"layer": layer.name, "block": layer.block, "module_type": layer.module_type,
                     "out_features": w.shape[0], "in_features": w.shape[1],
                     "zero_weights": w.numel() - int(torch.count_nonzero(w)),
                     "abs_max": float(torch.maximum(-low, high))}
-            for cfg, row in zip(configs, acc.rows(w.numel(), finite, QUANTILES), strict=True):
-                rows.append({**base, "config": cfg.label, "elements": finite, **row})
+            rows.extend({**base, "config": cfg.label, "elements": finite, **by_config[cfg]} for cfg in configs)
     frame = pl.DataFrame(rows, schema_overrides={
         "block": pl.Int64, "alpha": pl.Float64, "block_size": pl.Int64, "subnormal_elements": pl.Int64,
         "subnormal_fraction": pl.Float64, "blocks": pl.Int64, "kernel_blocks": pl.Int64,
@@ -57,6 +55,21 @@ def weight_kernels(model: nn.Module, configs: Sequence[QuantizerConfig],
     lead = ["layer", "block", "module_type", "quantizer", "bits", "alpha", "config", "elements",
             "kernel_elements", "kernel_fraction"]
     return frame.select(lead + [c for c in frame.columns if c not in lead])
+
+
+def _counted(w: torch.Tensor, configs: list[QuantizerConfig], finite: int, all_finite: bool) -> dict:
+    """Each config's result row for one weight ``(1, O, I)``: INT quantizers of the row and column
+    maxima through the fast pass a profile uses, every other format element by element."""
+    fast = [c for c in configs if c.from_ranges]
+    rows = {}
+    if fast:
+        acc = KernelStats(fast, top_k=1).update(observe(w, fast, top_k=1))
+        rows |= dict(zip(fast, acc.result()["configs"], strict=True))
+    others = [c for c in configs if not c.from_ranges]
+    if others:
+        acc = FormatStats(others, HISTOGRAM).update(w, all_finite=all_finite)
+        rows |= dict(zip(others, acc.rows(w.numel(), finite, QUANTILES), strict=True))
+    return rows
 
 
 def weight_rollup(frame: pl.DataFrame) -> pl.DataFrame:
