@@ -670,3 +670,15 @@ def test_calibration_errors_name_the_calibration_options(capsys, tmp_path, tiny_
         "--calib-nsamples 100000 asks for more windows",
         tmp_path,
     )
+
+
+def test_a_tied_gguf_head_sent_to_disk_is_named_before_the_forward_pass():
+    from types import SimpleNamespace
+
+    from kernelscope.models.loading import _tied_head_on_disk
+
+    tied, untied = (SimpleNamespace(config=SimpleNamespace(tie_word_embeddings=t)) for t in (True, False))
+    assert _tied_head_on_disk(tied, {"": "disk"})
+    assert _tied_head_on_disk(tied, {"model": "cpu", "lm_head": "disk"})
+    assert not _tied_head_on_disk(tied, {"model.layers.3": "disk", "lm_head": "cpu"})
+    assert not _tied_head_on_disk(untied, {"": "disk"})

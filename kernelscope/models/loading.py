@@ -289,6 +289,11 @@ def load_model(
 
     check_causal_decoder(model.config, source)
     hf_map = getattr(model, "hf_device_map", None) if device_map is not None else None
+    if hf_map is not None and source.gguf_file and _tied_head_on_disk(model, hf_map):
+        raise KernelscopeError(
+            f"{source.display}: the output projection of this GGUF shares the embedding's weight, and "
+            "accelerate cannot offload such a GGUF's output projection to disk; give --max-memory room for "
+            "it (e.g. cpu=2GiB), or convert the GGUF to a model folder")
     if hf_map is None:
         model.to(torch_device)
     model.eval()
@@ -370,6 +375,13 @@ def check_causal_decoder(config: Any, source: ModelSource) -> None:
     raise KernelscopeError(f"{source.display} is {what} ({arch}, model type {kind}), not a causal decoder; "
                            "kernelscope measures causal language models (LLaMA, Mistral, Qwen2, GPT-2, "
                            "OPT, ...)")
+
+
+def _tied_head_on_disk(model: Any, hf_map: dict[str, Any]) -> bool:
+    """True when the device map sends a tied output projection (``lm_head``) to disk."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return False
+    return any(where == "disk" and (name in ("", "lm_head")) for name, where in hf_map.items())
 
 
 def _placement_counts(hf_map: dict[str, Any]) -> dict[str, int]:
