@@ -51,6 +51,24 @@ def test_unknown_schemes_are_refused(bad):
 
 # -- the fake-quantized forward against a naive one -----------------------------------------------
 
+def hooked_nll(model, windows, handles, originals) -> float:
+    """Per-token NLL over ``windows`` with the hooks and swapped weights a reference set up, which are
+    undone afterwards (hooks removed, ``originals`` put back)."""
+    total = 0.0
+    try:
+        with torch.no_grad():
+            for row in windows.tokens:
+                logits = model(input_ids=row[None]).logits[0, :-1]
+                total += torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum").item()
+    finally:
+        for h in handles:
+            h.remove()
+        for name, module in model.named_modules():
+            if name in originals:
+                module.weight.data = originals[name]
+    return total / (len(windows) * (windows.seqlen - 1))
+
+
 def naive_nll(model, windows, act_quantizer: str | None, bits: int = 8, alpha=None, weight_bits=None) -> float:
     """Per-window NLL with hooks written here: activations and weights fake-quantized by formula."""
     names = {l.name for l in select_linear_layers(model)}
@@ -79,19 +97,7 @@ def naive_nll(model, windows, act_quantizer: str | None, bits: int = 8, alpha=No
                     out[b] = torch.clamp(torch.round(seqs[b] / step), -q, q) * step
                 return (out.reshape(x.shape),)
             handles.append(module.register_forward_pre_hook(pre))
-    total = 0.0
-    try:
-        with torch.no_grad():
-            for row in windows.tokens:
-                logits = model(input_ids=row[None]).logits[0, :-1]
-                total += torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum").item()
-    finally:
-        for h in handles:
-            h.remove()
-        for name, module in model.named_modules():
-            if name in originals:
-                module.weight.data = originals[name]
-    return total / (len(windows) * (windows.seqlen - 1))
+    return hooked_nll(model, windows, handles, originals)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
@@ -303,19 +309,7 @@ def format_nll(model, windows, fmt, *, weights: bool, remove: bool = False) -> f
             return (out.reshape(x.shape),)
 
         handles.append(module.register_forward_pre_hook(pre))
-    total = 0.0
-    try:
-        with torch.no_grad():
-            for row in windows.tokens:
-                logits = model(input_ids=row[None]).logits[0, :-1]
-                total += torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum").item()
-    finally:
-        for h in handles:
-            h.remove()
-        for name, module in model.named_modules():
-            if name in originals:
-                module.weight.data = originals[name]
-    return total / (len(windows) * (windows.seqlen - 1))
+    return hooked_nll(model, windows, handles, originals)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

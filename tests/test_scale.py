@@ -91,7 +91,8 @@ def test_world_shares_cover_every_window_once():
 
 def test_torchrun_two_processes_equal_one(tiny_llama_dir, text_file, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same threads per process in both runs
-    common = ["profile", str(tiny_llama_dir), "-d", str(text_file), "-n", "5", "--seqlen", "32", "--quiet"]
+    common = ["profile", str(tiny_llama_dir), "-d", str(text_file), "-n", "5", "--seqlen", "32", "--quiet",
+              "-q", "per_token,crossquant,per_group,mxfp4,nvfp4", "--group-size", "16"]  # both kinds of count
     parallel = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "-m", "kernelscope", *common, "-o", str(tmp_path / "two")],

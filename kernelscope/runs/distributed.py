@@ -81,10 +81,7 @@ def merge_stats(accumulators: Iterable[KernelStats], device: torch.device) -> No
     if world.size == 1:
         return
     for acc in accumulators:
-        if acc.state is None:
-            raise RuntimeError("a process observed no window; use at least as many windows as processes")
-        state: Observation = acc.state
-        _all_reduce(state, _REDUCE, device)
+        state: Observation = _reduced(acc, _REDUCE, device)
         # Ranks may hold fewer than k tokens; pad to k (index -1 marks padding) so shapes agree.
         pad = acc.top_k - state.top_values.numel()
         mine_values = torch.nn.functional.pad(state.top_values.float(), (0, pad), value=-1.0).to(device)
@@ -104,18 +101,20 @@ def merge_format_stats(accumulators: Iterable[FormatStats], device: torch.device
     if world.size == 1:
         return
     for acc in accumulators:
-        if acc.state is None:
-            raise RuntimeError("a process observed no window; use at least as many windows as processes")
-        _all_reduce(acc.state, _REDUCE_FORMATS, device)
+        _reduced(acc, _REDUCE_FORMATS, device)
         acc.bound_sums = _gathered_sum(acc.bound_sums, world.size)
 
 
-def _all_reduce(state, reductions: dict[str, dist.ReduceOp], device: torch.device) -> None:
-    """Each field of ``state`` named in ``reductions`` reduced over all processes, in place."""
+def _reduced(acc: KernelStats | FormatStats, reductions: dict[str, dist.ReduceOp], device: torch.device):
+    """``acc``'s state with each field named in ``reductions`` reduced over all processes, in place."""
+    state = acc.state
+    if state is None:
+        raise RuntimeError("a process observed no window; use at least as many windows as processes")
     for name, op in reductions.items():
         value = getattr(state, name).to(device)
         dist.all_reduce(value, op=op)
         setattr(state, name, value.to(getattr(state, name).device))
+    return state
 
 
 def _gathered_sum(mine: ExactSum, size: int) -> ExactSum:
