@@ -77,3 +77,28 @@ def below_per_token_count(x: torch.Tensor, quantizer: str, bits: int, alpha: flo
         step = step_for_sequence(seq, quantizer, bits, alpha)
         total += int((step < step_for_sequence(seq, "per_token", bits, None)).sum())
     return total
+
+
+def int_fake_quantize(x: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """``clamp(round(x / Δ), -qmax, qmax) · Δ`` in float32, returned in ``x``'s dtype: the textbook INT
+    quantizer (``torch.round`` rounds half to even)."""
+    q = qmax(bits)
+    return (torch.clamp(torch.round(x.float() / step), -q, q) * step).to(x.dtype)
+
+
+def int_weight_step(w: torch.Tensor, bits: int, group: int | None = None) -> torch.Tensor:
+    """The step of an INT weight ``(O, I)``: per output row, or per ``group`` consecutive inputs (the
+    last group possibly shorter), expanded to ``(O, I)``, by a loop over rows and groups."""
+    w = w.float()
+    out = torch.empty_like(w)
+    size = w.shape[1] if group is None else group
+    for o in range(w.shape[0]):
+        for start in range(0, w.shape[1], size):
+            block = w[o, start : start + size]
+            out[o, start : start + size] = max(block.abs().max().item() / qmax(bits), FLOOR)
+    return out.float()
+
+
+def step_for_sequence_batch(x: torch.Tensor, quantizer: str, bits: int, alpha: float | None) -> torch.Tensor:
+    """:func:`step_for_sequence` of every sequence of ``x (B, T, I)``, stacked: ``(B, T, I)``."""
+    return torch.stack([step_for_sequence(seq, quantizer, bits, alpha) for seq in x])

@@ -17,7 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernelscope.quant import primitives as prim
+from kernelscope.quant import STEP_FLOOR
 from kernelscope.quant.formats import (
     E2M1,
     E4M3,
@@ -36,6 +36,7 @@ from kernelscope.quant.formats import (
     subnormal_mask,
     zero_bound,
 )
+from tests import reference as ref
 
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
@@ -337,7 +338,7 @@ def test_registry_entries():
     lambda: ScaleRule("row"),
     lambda: ScaleRule("token", "e8m0_floor"),
     lambda: Format("x", ScaleRule("block", "e8m0_floor"), int_grid(8), 32),
-    lambda: Format("x", ScaleRule("crossquant", floor=prim.STEP_FLOOR), E4M3, alpha=0.5),
+    lambda: Format("x", ScaleRule("crossquant", floor=STEP_FLOOR), E4M3, alpha=0.5),
 ])
 def test_registry_rejects_bad_requests(call):
     with pytest.raises(ValueError):
@@ -357,7 +358,7 @@ def test_fake_quantize_equals_naive_reference(name, seed):
         fmt = fmt_of(name, bits, block)
         mine = fake_quantize(x, fmt)
         if name == "crossquant":
-            expect = prim.fake_quantize(x, prim.crossquant_step(x, bits, ALPHA), prim.qmax_for_bits(bits))
+            expect = ref.int_fake_quantize(x, ref.step_for_sequence_batch(x, "crossquant", bits, ALPHA), bits)
         else:
             expect = naive_fake_quantize(x, name, bits, block)
         assert_bits_equal(mine, expect)
@@ -428,7 +429,7 @@ def test_fake_quantize_equals_naive_reference_on_generated_inputs(name, rows, co
     fmt = fmt_of(name, bits, block)
     mine = fake_quantize(x, fmt)
     if name == "crossquant":
-        expect = prim.fake_quantize(x, prim.crossquant_step(x, bits, ALPHA), prim.qmax_for_bits(bits))
+        expect = ref.int_fake_quantize(x, ref.step_for_sequence_batch(x, "crossquant", bits, ALPHA), bits)
     else:
         expect = naive_fake_quantize(x, name, bits, block)
     assert_bits_equal(mine, expect)
@@ -571,7 +572,7 @@ def test_per_group_partial_last_group():
     w = torch.randn(3, 300)
     s = scale(w, get_format("per_group", bits=4))
     assert s.shape == (3, 3)
-    assert torch.equal(s[:, 2], (w[:, 256:].abs().amax(-1) / 7).clamp_min(prim.STEP_FLOOR))
+    assert torch.equal(s[:, 2], (w[:, 256:].abs().amax(-1) / 7).clamp_min(STEP_FLOOR))
 
 
 def test_subnormal_mask_matches_codes():
@@ -585,44 +586,37 @@ def test_subnormal_mask_matches_codes():
 
 
 # ---------------------------------------------------------------------------------------------
-# INT entries are the existing primitives, bit for bit.
+# INT entries against the textbook INT quantizer of the test references, bit for bit.
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_int_entries_equal_primitives(bits):
+def test_int_entries_equal_the_reference_quantizer(bits):
     x = adversarial(10, shape=(2, 5, 48))
-    qmax = prim.qmax_for_bits(bits)
-    steps = {
-        "per_token": prim.per_token_step(x, bits),
-        "per_tensor": prim.per_tensor_step(x, bits),
-        "per_channel": prim.per_channel_activation_step(x, bits),
-    }
-    for name, step in steps.items():
-        fmt = get_format(name, bits=bits)
-        assert_bits_equal(scale(x, fmt), step)
-        assert_bits_equal(fake_quantize(x, fmt), prim.fake_quantize(x, step, qmax))
-        assert torch.equal(kernel_mask(x, fmt), prim.kernel_mask(x, step))
-        assert_bits_equal(zero_bound(x, fmt), prim.zero_bound(step))
-    for alpha in (0.0, 0.15, 0.5, 1.0):
-        step = prim.crossquant_step(x, bits, alpha)
-        fmt = get_format("crossquant", bits=bits, alpha=alpha)
-        assert_bits_equal(scale(x, fmt), step)
-        assert_bits_equal(fake_quantize(x, fmt), prim.fake_quantize(x, step, qmax))
-        assert torch.equal(kernel_mask(x, fmt), prim.kernel_mask(x, step))
+    names = {"per_token": None, "per_tensor": None, "per_channel": None,
+             **{f"crossquant {a}": a for a in (0.0, 0.15, 0.5, 1.0)}}
+    for label, alpha in names.items():
+        name = label.split()[0]
+        step = ref.step_for_sequence_batch(x, name, bits, alpha)  # (2, 5, 48)
+        fmt = get_format(name, bits=bits, alpha=alpha)
+        assert_bits_equal(scale(x, fmt).expand_as(x), step)
+        assert_bits_equal(fake_quantize(x, fmt), ref.int_fake_quantize(x, step, bits))
+        assert torch.equal(kernel_mask(x, fmt), torch.round(x / step) == 0)
+        assert_bits_equal(zero_bound(x, fmt).expand_as(x), 0.5 * step)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_weight_formats_equal_weight_primitives(bits):
+def test_weight_formats_equal_the_reference_weight_quantizer(bits):
     w = adversarial(11, shape=(2, 6, 300))[1]  # (O, I), I not a multiple of the group
     row = get_format("per_token", bits=bits)
-    assert_bits_equal(scale(w, row), prim.per_channel_weight_step(w, bits))
-    assert_bits_equal(fake_quantize(w, row), prim.fake_quantize_weight(w, bits))
+    step = ref.int_weight_step(w, bits)
+    assert_bits_equal(scale(w, row).expand_as(w), step)
+    assert_bits_equal(fake_quantize(w, row), ref.int_fake_quantize(w, step, bits))
     for g in (128, 64, 7):
         fmt = get_format("per_group", bits=bits, block_size=g)
-        step = prim.groupwise_weight_step(w, bits, g)
+        step = ref.int_weight_step(w, bits, g)
         assert_bits_equal(expand_scale(scale(w, fmt), fmt, 300), step)
-        assert_bits_equal(fake_quantize(w, fmt), prim.fake_quantize_weight(w, bits, g))
-        assert torch.equal(kernel_mask(w, fmt), prim.kernel_mask(w, step))
+        assert_bits_equal(fake_quantize(w, fmt), ref.int_fake_quantize(w, step, bits))
+        assert torch.equal(kernel_mask(w, fmt), torch.round(w / step) == 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -122,22 +122,24 @@ def test_a_resumed_profile_with_formats_is_the_uninterrupted_one(tmp_path, run):
     assert resumed.layers.equals(result.layers)
 
 
-def test_nonfinite_inputs_are_left_out_of_format_counts():
-    from kernelscope.stats.format_stats import observe_formats
-    from kernelscope.stats.kernel import HISTOGRAM
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_nonfinite_inputs_are_left_out_of_format_counts(monkeypatch, native):
+    from kernelscope.stats.measure import measure
 
+    monkeypatch.setenv("KERNELSCOPE_NATIVE", native)
     x = torch.randn(2, 5, 40)
     x[0, 1, 3], x[1, 2, 7], x[1, 4, 0] = float("nan"), float("inf"), float("-inf")
     cfgs = [
         ks.QuantizerConfig(name, 4 if name in ("mxfp4", "nvfp4") else 8)
         for name in ("mxfp4", "nvfp4", "fp8_per_tensor")
     ]
-    obs, sums = observe_formats(x, cfgs, HISTOGRAM)
+    counted = measure(x, cfgs).counted
     clean = torch.where(torch.isfinite(x), x, 0.0)
     for i, cfg in enumerate(cfgs):
         expected = (F.fake_quantize(clean, cfg.format) == 0) & torch.isfinite(x)
-        assert int(obs.kernel[i]) == int(expected.sum())
-    assert torch.isfinite(sums).all() and sums.shape == (3, 2)
+        assert int(counted.counts[i, 0]) == int(expected.sum())
+    assert int(counted.nonfinite) == 3
+    assert torch.isfinite(counted.bounds).all() and counted.bounds.shape == (2, 2 + 2)  # two block formats
 
 
 def test_formats_alone_give_the_same_rows(run):
@@ -151,8 +153,8 @@ def test_formats_alone_give_the_same_rows(run):
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_weight_kernels_against_the_weights_themselves(family):
-    from kernelscope.quant import fake_quantize_weight
     from kernelscope.runs.weights import weight_kernels
+    from tests import reference as ref
 
     model = tiny_model(family, seed=1)
     configs = [ks.QuantizerConfig("per_token", 4), ks.QuantizerConfig("per_group", 4, block_size=16),
@@ -162,8 +164,8 @@ def test_weight_kernels_against_the_weights_themselves(family):
         w = layer.module.weight.detach()
         w = w.t() if family == "gpt2" else w  # GPT-2's Conv1D keeps (I, O)
         expected = {
-            "per_token int4": int((fake_quantize_weight(w, 4) == 0).sum()),  # per output channel
-            "per_group g16 int4": int((fake_quantize_weight(w, 4, group_size=16) == 0).sum()),
+            "per_token int4": int((ref.int_fake_quantize(w, ref.int_weight_step(w, 4), 4) == 0).sum()),  # per row
+            "per_group g16 int4": int((ref.int_fake_quantize(w, ref.int_weight_step(w, 4, 16), 4) == 0).sum()),
             "nvfp4": int((F.fake_quantize(w, configs[2].format) == 0).sum()),
             "fp8_per_token": int((F.fake_quantize(w, configs[3].format) == 0).sum()),
         }

@@ -13,20 +13,22 @@ from kernelscope.quant import (
     STEP_FLOOR,
     QuantizerConfig,
     crossquant_step,
-    dequantize,
     expand_configs,
-    fake_quantize,
-    groupwise_weight_step,
-    kernel_mask,
     per_channel_activation_step,
-    per_channel_weight_step,
     per_tensor_step,
     per_token_step,
     qmax_for_bits,
-    quantize,
-    zero_bound,
 )
+from kernelscope.quant import formats as F
 from tests import reference as ref
+
+
+def fmt(name: str, bits: int, alpha: float | None = None, block: int | None = None) -> F.Format:
+    return QuantizerConfig(name, bits, alpha, block).format
+
+
+def kernel_mask(x: torch.Tensor, f: F.Format) -> torch.Tensor:
+    return F.kernel_mask(x, f)
 
 
 def test_qmax_for_every_bit_width():
@@ -71,8 +73,9 @@ def test_crossquant_alpha_one_is_per_token_exactly():
         a = crossquant_step(x, bits, 1.0)
         b = per_token_step(x, bits).expand_as(a)
         assert torch.equal(a, b)
-        assert torch.equal(kernel_mask(x, a), kernel_mask(x, b))
-        assert torch.equal(fake_quantize(x, a, qmax_for_bits(bits)), fake_quantize(x, b, qmax_for_bits(bits)))
+        cq, pt = fmt("crossquant", bits, 1.0), fmt("per_token", bits)
+        assert torch.equal(kernel_mask(x, cq), kernel_mask(x, pt))
+        assert torch.equal(F.fake_quantize(x, cq), F.fake_quantize(x, pt))
 
 
 def test_crossquant_alpha_zero_is_per_channel_exactly():
@@ -96,9 +99,10 @@ def test_crossquant_bound_is_below_per_token_exactly_where_c_below_t():
 def test_kernel_mask_is_round_to_zero_exactly():
     torch.manual_seed(4)
     x = torch.randn(4, 32, 16) * 5
-    for step in (per_token_step(x, 8), crossquant_step(x, 4, 0.15), per_tensor_step(x, 2)):
-        assert torch.equal(kernel_mask(x, step), torch.round(x / step) == 0)
-        assert torch.equal(kernel_mask(x, step), quantize(x, step, 127) == 0)
+    for f in (fmt("per_token", 8), fmt("crossquant", 4, 0.15), fmt("per_tensor", 2)):
+        step = F.scale(x, f)
+        assert torch.equal(kernel_mask(x, f), torch.round(x / step) == 0)
+        assert torch.equal(kernel_mask(x, f), F.quantize(x, f)[0] == 0)
 
 
 def test_half_step_ties_round_half_to_even():
@@ -107,46 +111,51 @@ def test_half_step_ties_round_half_to_even():
     t = 127 * delta
     row = torch.tensor([[t, 0.5 * delta, -0.5 * delta, 1.5 * delta, -1.5 * delta, 2.5 * delta,
                          0.5 * delta * (1 + 2**-20), 0.0]])
-    step = per_token_step(row, 8)
+    f = fmt("per_token", 8)
+    q, step = F.quantize(row, f)
     assert step.item() == delta
-    q = quantize(row, step, 127)
     assert q.tolist() == [[127, 0, 0, 2, -2, 2, 1, 0]]
-    assert kernel_mask(row, step).tolist() == [[False, True, True, False, False, False, False, True]]
-    assert torch.equal(zero_bound(step), torch.tensor([[0.5 * delta]]))
+    assert kernel_mask(row, f).tolist() == [[False, True, True, False, False, False, False, True]]
+    assert torch.equal(F.zero_bound(row, f), torch.tensor([[0.5 * delta]]))
 
 
 def test_zero_row_and_zero_column_never_give_nan():
     x = torch.zeros(2, 3, 4)
     x[0, 1, 2] = 5.0  # sequence 0: one non-zero; sequence 1: all zero
-    for step in (per_token_step(x, 8), per_channel_activation_step(x, 8), per_tensor_step(x, 8),
-                 crossquant_step(x, 8, 0.15), crossquant_step(x, 4, 1.0), crossquant_step(x, 4, 0.0)):
+    for f in (fmt("per_token", 8), fmt("per_channel", 8), fmt("per_tensor", 8), fmt("crossquant", 8, 0.15),
+              fmt("crossquant", 4, 1.0), fmt("crossquant", 4, 0.0)):
+        step = F.scale(x, f)
         assert torch.isfinite(step).all() and (step >= STEP_FLOOR).all()
-        xq = fake_quantize(x, step, 127)
+        xq = F.fake_quantize(x, f)
         assert torch.isfinite(xq).all()
-        mask = kernel_mask(x, step)
+        mask = kernel_mask(x, f)
         assert mask[x == 0].all()  # zeros are always in the kernel
     assert per_token_step(x, 8)[1].eq(STEP_FLOOR).all()
 
 
 def test_quantize_clamps_and_dequantize_roundtrips():
-    x = torch.tensor([[-3.0, -1.0, 0.2, 1.0, 3.0]])
+    x = torch.tensor([[-1.75, -1.0, 0.2, 1.0, 3.0]])  # t = 3: INT3 step 1, so -1.75 is -2 and 3 is 3
+    x = torch.cat([x, torch.tensor([[4.5, -4.5, 0.75, 1.2, -0.3]])])  # t = 4.5: step 1.5
     original = x.clone()
-    step = torch.tensor(0.5)
-    q = quantize(x, step, 3)
-    assert q.tolist() == [[-3, -2, 0, 2, 3]]
-    assert dequantize(q, step).tolist() == [[-1.5, -1.0, 0.0, 1.0, 1.5]]
-    fake_quantize(x, step, 3)
+    f = fmt("per_token", 3)
+    q, step = F.quantize(x, f)
+    assert step.flatten().tolist() == [1.0, 1.5]
+    assert q.tolist() == [[-2, -1, 0, 1, 3], [3, -3, 0, 1, 0]]
+    assert F.dequantize(q, step, f).tolist() == [[-2.0, -1.0, 0.0, 1.0, 3.0], [4.5, -4.5, 0.0, 1.5, 0.0]]
+    x2 = torch.tensor([[8.0, -20.0, 1.0]])  # per-tensor INT3 of a two-row sequence: clamped at qmax
+    q2, _ = F.quantize(torch.cat([x2, torch.tensor([[60.0, 0.0, 0.0]])]), fmt("per_tensor", 3))
+    assert q2.tolist() == [[0, -1, 0], [3, 0, 0]]
+    F.fake_quantize(x, f)
     assert torch.equal(x, original)  # out-of-place: the input is untouched
 
 
 def test_int4_kernel_is_a_superset_of_int8():
     torch.manual_seed(5)
     x = torch.randn(2, 64, 32)
-    for make in (lambda b: per_token_step(x, b), lambda b: crossquant_step(x, b, 0.15)):
-        k8, k4 = kernel_mask(x, make(8)), kernel_mask(x, make(4))
+    for name, alpha in (("per_token", None), ("crossquant", 0.15)):
+        k8, k4 = kernel_mask(x, fmt(name, 8, alpha)), kernel_mask(x, fmt(name, 4, alpha))
         assert (k4 | ~k8).all() and k4.sum() > k8.sum()
-        assert k4.sum() == ref.kernel_count(x, "per_token" if make(8).shape[-1] == 1 else "crossquant",
-                                            4, None if make(8).shape[-1] == 1 else 0.15)
+        assert k4.sum() == ref.kernel_count(x, name, 4, alpha)
 
 
 def test_bf16_input_is_measured_in_float32():
@@ -156,24 +165,23 @@ def test_bf16_input_is_measured_in_float32():
     step = crossquant_step(xb, 8, 0.15)
     assert step.dtype == torch.float32
     assert torch.equal(step, crossquant_step(xb.float(), 8, 0.15))
-    assert torch.equal(kernel_mask(xb, step), kernel_mask(xb.float(), step))
-    assert fake_quantize(xb, step, 127).dtype == torch.bfloat16
+    f = fmt("crossquant", 8, 0.15)
+    assert torch.equal(kernel_mask(xb, f), kernel_mask(xb.float(), f))
+    assert F.fake_quantize(xb, f).dtype == torch.bfloat16
+    assert torch.equal(F.fake_quantize(xb, f), ref.int_fake_quantize(xb, step, 8))
 
 
 def test_weight_steps_per_channel_and_groupwise():
     torch.manual_seed(7)
-    w = torch.randn(4, 300)
-    pc = per_channel_weight_step(w, 4)
-    assert pc.shape == (4, 1)
-    assert torch.equal(pc, (w.abs().max(dim=1, keepdim=True).values / 7).clamp(min=STEP_FLOOR))
-    g = groupwise_weight_step(w, 4, 128)
-    assert g.shape == w.shape
-    for o in range(4):
-        for start in (0, 128, 256):  # last group has 44 channels
-            block = w[o, start : start + 128]
-            expect = max(block.abs().max().item() / 7, STEP_FLOOR)
-            assert torch.allclose(g[o, start : start + len(block)], torch.tensor(expect), rtol=0, atol=0)
-    assert torch.equal(groupwise_weight_step(w, 4, 300), pc.expand_as(w))
+    w = torch.randn(4, 300)  # a weight (O, I) is one sequence whose rows are the output channels
+    per_channel = F.scale(w, fmt("per_token", 4))
+    assert per_channel.shape == (4, 1)
+    assert torch.equal(per_channel.expand_as(w), ref.int_weight_step(w, 4))
+    grouped = fmt("per_group", 4, block=128)
+    assert torch.equal(F.expand_scale(F.scale(w, grouped), grouped, 300), ref.int_weight_step(w, 4, 128))  # last: 44
+    assert torch.equal(F.fake_quantize(w, grouped), ref.int_fake_quantize(w, ref.int_weight_step(w, 4, 128), 4))
+    whole = fmt("per_group", 4, block=300)
+    assert torch.equal(F.fake_quantize(w, whole), F.fake_quantize(w, fmt("per_token", 4)))
 
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan"), float("inf")])
@@ -213,12 +221,13 @@ def test_property_kernel_counts_match_reference(shape, bits, alpha, data):
     x = torch.tensor(values, dtype=torch.float32).reshape(shape)
     for name, a in (("per_token", None), ("crossquant", alpha), ("per_tensor", None), ("per_channel", None)):
         cfg = QuantizerConfig(name, bits, a)
-        step = cfg.step(x)
-        assert int(kernel_mask(x, step).sum()) == ref.kernel_count(x, name, bits, a)
-        xq = fake_quantize(x, step, cfg.qmax)
+        step = cfg.scale(x)
+        assert int(kernel_mask(x, cfg.format).sum()) == ref.kernel_count(x, name, bits, a)
+        xq = F.fake_quantize(x, cfg.format)
+        assert torch.equal(xq, ref.int_fake_quantize(x, step, bits))
         # Within the clamp range the error is at most half a step.
         inside = (x / step).abs() <= cfg.qmax
         assert ((xq - x).abs() <= 0.5 * step * (1 + 1e-6) + 1e-30)[inside].all()
         # Batch safety: each sequence alone gives the same mask as inside the batch.
         for b in range(shape[0]):
-            assert torch.equal(kernel_mask(x[b : b + 1], cfg.step(x[b : b + 1])), kernel_mask(x, step)[b : b + 1])
+            assert torch.equal(kernel_mask(x[b : b + 1], cfg.format), kernel_mask(x, cfg.format)[b : b + 1])

@@ -21,16 +21,11 @@ from kernelscope.quant import (
     separable_step,
 )
 from kernelscope.stats import KernelStats, LogHistogram, elementwise, observe
+from kernelscope.stats.accumulator import KernelStatsGroup
 from kernelscope.stats.exact import ExactSum
-from kernelscope.stats.kernel import (
-    KernelStatsGroup,
-    count_c_ge_t,
-    measure,
-    results,
-    separable_step_sums,
-    summarise,
-    summarise_groups,
-)
+from kernelscope.stats.measure import measure, plan_for
+from kernelscope.stats.summary import count_c_ge_t, separable_step_sums, summarise, summarise_groups
+from kernelscope.stats.table import results
 from tests import reference as ref
 
 CONFIGS = default_configs() + [QuantizerConfig("per_tensor", 8), QuantizerConfig("per_channel", 4)]
@@ -93,7 +88,7 @@ def test_bound_statistics_against_direct_computation():
     res = KernelStats([pt, cq]).update(observe(x, [pt, cq])).result()
     hist = LogHistogram()
     for cfg, row in zip((pt, cq), res["configs"]):
-        bound = (0.5 * cfg.step(x)).expand_as(x).reshape(-1).double()
+        bound = (cfg.format.tau * cfg.scale(x)).expand_as(x).reshape(-1).double()
         assert row["bound_mean"] == pytest.approx(bound.mean().item(), rel=1e-9)
         assert row["bound_min"] == bound.min().item() and row["bound_max"] == bound.max().item()
         for q in (0.5, 0.9, 0.99):
@@ -260,29 +255,47 @@ def test_native_counts_equal_reference_for_any_grouping_of_terms(monkeypatch, la
 @pytest.mark.parametrize("pair", [False, True])
 def test_native_separable_counts_where_the_step_overflows(monkeypatch, pair):
     """Rows whose row · col reaches +Inf take the C code's capped path: a bound of +Inf admits every
-    finite element and never an infinite one, as in the torch code; the other rows compare half-steps."""
+    finite element and never an infinite one, as in the torch code; the other rows compare bounds."""
     g = torch.Generator().manual_seed(11)
     x = torch.randn((2, 6, 40), generator=g) * 1e30
     x[0, 1, :4] = torch.tensor([float("inf"), float("-inf"), 3e38, -3.4e38])
     row = torch.logspace(-20, 20, 12).reshape(2, 6, 1)  # rows at 1e8 and above overflow against col's top
     col = torch.logspace(-40, 30, 80).reshape(2, 1, 40)
     x[1, 2, :] = 0.5 * separable_step(row, col, 7)[1, 2, :]  # exactly half a step: in the kernel
-    terms = [elementwise.Term(row=row, col=col, qmax=127, below_bits=8)]
-    if pair:
-        terms.append(elementwise.Term(row=row, col=col, qmax=7, below_bits=4))
+    configs = [QuantizerConfig("crossquant", 8, 0.15)] + ([QuantizerConfig("crossquant", 4, 0.15)] if pair else [])
+    plan = elementwise.make_plan(configs)
+    assert plan.native is not None
     ranges = ActivationRanges(*elementwise._ranges(x))
-    got = elementwise.count(x, ranges, terms)
+    pairs = [(row, col)] * len(configs)
+    got = elementwise.count(x, ranges, plan, pairs)
     monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
-    want = elementwise.count(x, ranges, terms)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
-    assert got[2] == int(x.isinf().sum()) >= 2
+    want = elementwise.count(x, ranges, plan, pairs)
+    assert torch.equal(got.counts, want.counts) and torch.equal(got.nonfinite, want.nonfinite)
+    assert got.nonfinite == int(x.isinf().sum()) >= 2
     finite = torch.where(x.isfinite(), x.abs(), math.nan)
-    for term, kernel, below_count in zip(terms, got[0], got[1]):
-        step = separable_step(row, col, term.qmax)  # (2, 6, 40)
+    for cfg, counts in zip(configs, got.counts):
+        step = separable_step(row, col, cfg.qmax)  # (2, 6, 40)
         assert torch.isinf(step).any()
         bound = torch.clamp_max(0.5 * step, torch.finfo(torch.float32).max)
-        assert kernel == int((finite <= bound).sum())
-        assert below_count == int((step < per_token_step(ranges, term.below_bits)).sum())  # t: non-finite as 0
+        assert counts[0] == int((finite <= bound).sum())
+        assert counts[2] == int((step < per_token_step(ranges, cfg.bits)).sum())  # t: non-finite as 0
+
+
+ALL_FORMATS = expand_configs(["per_token", "crossquant", "per_tensor", "per_channel", "per_group", "fp8_per_token",
+                              "fp8_per_tensor", "mxfp8", "mxfp4", "mxfp4_rceil", "nvfp4"], [8, 4], [0.15, 0.0, 1.0],
+                             group_size=16)
+
+
+def count_of(x: torch.Tensor, configs) -> elementwise.Counted:
+    plan = elementwise.make_plan(configs)
+    ranges = elementwise.ranges(x)
+    return elementwise.count(x, ranges, plan, elementwise.factors(ranges, plan))
+
+
+def assert_same_counts(a: elementwise.Counted, b: elementwise.Counted) -> None:
+    assert torch.equal(a.counts, b.counts) and torch.equal(a.nonfinite, b.nonfinite)
+    assert torch.equal(a.hist, b.hist) and torch.equal(a.bounds[:, :2], b.bounds[:, :2])
+    assert torch.allclose(a.bounds[:, 2:], b.bounds[:, 2:], rtol=1e-12, atol=0)  # sums, added in other orders
 
 
 @needs_compiler
@@ -291,64 +304,43 @@ def test_native_passes_equal_torch_on_odd_shapes(monkeypatch, shape):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(shape, generator=g) * torch.logspace(-3, 1, shape[-1])
     x.view(-1)[::7] = float("nan")  # whole rows and channels may be NaN: measured as 0
-    ranges, terms = measure_terms(x)
-    got = elementwise.ranges(x), elementwise.count(x, ranges, terms)
+    got = elementwise.ranges(x), count_of(x, ALL_FORMATS)
     monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
-    want = elementwise.ranges(x), elementwise.count(x, ranges, terms)
+    want = elementwise.ranges(x), count_of(x, ALL_FORMATS)
     assert all(torch.equal(a, b) for a, b in zip(got[0], want[0]))
-    assert all(torch.equal(a, b) for a, b in zip(got[1], want[1]))
+    assert_same_counts(got[1], want[1])
 
 
 def test_more_configurations_than_the_native_code_takes_run_as_torch_code():
     from kernelscope.stats import native
 
     x = activations(6, (2, 16, 24))
-    ranges, once = measure_terms(x)
-    repeat = native.MAX_TERMS // len(once) + 1
-    terms = once * repeat  # past the C code's limit
-    assert len(terms) > native.MAX_TERMS
-    kernel, below, nonfinite = elementwise.count(x, ranges, terms)
-    want = elementwise.count(x, ranges, once)  # within the limit: the C code
-    assert torch.equal(kernel, want[0].repeat(repeat)) and torch.equal(below, want[1].repeat(repeat))
-    assert torch.equal(nonfinite, want[2])
+    repeat = native.MAX_TERMS // len(ALL_FORMATS) + 1
+    many = ALL_FORMATS * repeat  # past the C code's limit
+    assert len(many) > native.MAX_TERMS and elementwise.make_plan(many).native is None
+    got, want = count_of(x, many), count_of(x, ALL_FORMATS)  # within the limit: the C code
+    assert torch.equal(got.counts, want.counts.repeat(repeat, 1)) and torch.equal(got.nonfinite, want.nonfinite)
+    assert torch.equal(got.hist, want.hist.repeat(repeat, 1))
 
 
 @needs_compiler
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_fixed_plan_counts_as_the_terms_themselves(dtype):
-    """measure builds the fixed part of the C count once per list of configurations; counting with
-    it gives what counting from the terms alone gives, and terms whose form depends on the data
-    (a step tensor) get no plan."""
+def test_a_cached_plan_counts_every_batch_alike(dtype):
+    """measure builds the fixed part of the C count once per list of configurations; later batches
+    of other shapes counted with it give what a fresh plan gives, and broadcast factors are made full
+    before the C code reads them."""
     x = edge_activations(nonfinite=True).to(dtype)
-    fixed = [c for c in EDGE_CONFIGS if c.quantizer == "per_token" or c.separable]
-    assert len(fixed) >= 4 and any(c.separable for c in fixed)
-    from kernelscope.stats.kernel import _terms
-
+    first = measure(x, ALL_FORMATS)
+    assert plan_for(ALL_FORMATS) is plan_for(list(ALL_FORMATS))
+    again = measure(x[:1, :20], ALL_FORMATS)  # another shape, the cached plan
+    assert_same_counts(again.counted, count_of(x[:1, :20], ALL_FORMATS))
+    assert int(first.counted.nonfinite) == 3
+    plan = elementwise.make_plan(ALL_FORMATS)
     ranges = elementwise.ranges(x)
-    terms = _terms(ranges, fixed)
-    plan = elementwise.fixed_plan(terms)
-    assert plan is not None
-    got = elementwise.count(x, ranges, terms, plan=plan)
-    want = elementwise.count(x, ranges, terms)
-    assert all(torch.equal(a, b) for a, b in zip(got, want))
-    assert got[2] == 3
-    assert elementwise.fixed_plan(_terms(ranges, EDGE_CONFIGS)) is None  # per-channel, per-tensor: step tensors
-    again = measure(x, fixed)  # the cached plan, on a second batch
-    assert torch.equal(again.kernel, want[0]) and torch.equal(again.below_per_token, want[1])
-    # Factors shared by every sequence (a broadcast row) are too short to be read as they are: the
-    # call makes full vectors, as it does without a plan, rather than reading past their end.
-    shared = [elementwise.Term(row=t.row[:1], col=t.col, qmax=t.qmax, below_bits=t.below_bits) if t.separable
-              else t for t in terms]
-    assert x.shape[0] > 1
-    got = elementwise.count(x, ranges, shared, plan=plan)
-    assert all(torch.equal(a, b) for a, b in zip(got, elementwise.count(x, ranges, shared)))
-
-
-def measure_terms(x: torch.Tensor) -> tuple[ActivationRanges, list]:
-    from kernelscope.stats.kernel import _terms
-
-    ranges = ActivationRanges(*elementwise._ranges(x))
-    return ranges, _terms(ranges, EDGE_CONFIGS)
+    pairs = elementwise.factors(ranges, plan)
+    shared = [None if p is None else (p[0][:1], p[1]) for p in pairs]  # the first sequence's rows, broadcast
+    full = [None if p is None else (p[0][:1].expand_as(p[0]), p[1]) for p in pairs]
+    assert_same_counts(elementwise.count(x, ranges, plan, shared), elementwise.count(x, ranges, plan, full))
 
 
 def test_without_a_compiler_the_torch_code_runs(monkeypatch, tmp_path):
@@ -450,7 +442,7 @@ def test_a_group_updates_as_each_layer_alone(monkeypatch):
 def test_results_read_in_slices_equal_results_read_together(monkeypatch):
     accs = [KernelStats(CONFIGS).update(observe(activations(60 + i), CONFIGS)) for i in range(5)]
     together = results(accs)
-    monkeypatch.setattr("kernelscope.stats.kernel._RESULTS_AT_ONCE", 2)
+    monkeypatch.setattr("kernelscope.stats.table._AT_ONCE", 2)
     assert results(accs) == together == [acc.result() for acc in accs]
 
 
@@ -491,7 +483,7 @@ def test_separable_step_sums_against_float64_reference():
     for bits in (8, 4):
         row, col = crossquant_factors(x, 0.15)
         want = (row.double() * col.double() / qmax_for_bits(bits)).clamp(min=STEP_FLOOR).sum(dim=(-2, -1))
-        got = separable_step_sums(row, col.squeeze(-2).sort(dim=-1).values, qmax_for_bits(bits))
+        got = separable_step_sums(row, col.squeeze(-2).sort(dim=-1).values, qmax_for_bits(bits), STEP_FLOOR)
         assert torch.allclose(got, want, rtol=1e-12, atol=0)
         # and within float32 rounding of the steps kernelscope quantizes with
         rounded = crossquant_step(x, bits, 0.15).double().sum(dim=(-2, -1))
@@ -546,7 +538,7 @@ def test_arena_hands_out_aligned_tensors_and_falls_back_when_full():
     assert a.data_ptr() == start and b.data_ptr() == start + 64  # inside the block, 64-byte aligned
     assert a.shape == (10,) and b.dtype == torch.int64
     big = arena.empty((100,), torch.float32)  # 400 bytes do not fit after 104 used
-    assert not start <= big.data_ptr() < start + 256 and big.shape == (100,) and arena.needed > 256
+    assert not start <= big.data_ptr() < start + 256 and big.shape == (100,)
     arena.reset()
     measured = measure(activations(3), CONFIGS, arena=Arena(1 << 20))
     plain = measure(activations(3), CONFIGS)

@@ -46,6 +46,8 @@ from kernelscope.quant.primitives import (
     MAX_BITS,
     MIN_BITS,
     STEP_FLOOR,
+    ActivationRanges,
+    absmax_scale,
     activation_ranges,
     check_alpha,
     crossquant_step,
@@ -121,6 +123,11 @@ class ElementGrid:
         return self.min_subnormal * 2.0**self.mantissa_bits
 
     @property
+    def emin(self) -> int:
+        """Exponent of the smallest normal value: 1 - bias (-6 for E4M3, 0 for E2M1); 0 for INT."""
+        return 0 if self.is_int else 1 - (2 ** (self.exponent_bits - 1) - 1)
+
+    @property
     def emax(self) -> int:
         """Exponent of the largest power of two on the grid (8 for E4M3, 2 for E2M1): MX's shift."""
         return math.floor(math.log2(self.max_value))
@@ -134,8 +141,7 @@ class ElementGrid:
         if self.is_int:
             return v.round().clamp_(-self.max_value, self.max_value)
         a = v.abs().clamp_max_(2 * self.max_value)  # beyond 2·max every value saturates; keeps a/step finite
-        emin = 1 - (2 ** (self.exponent_bits - 1) - 1)
-        step = _pow2(_exponent_field(a).clamp_min_(emin) - self.mantissa_bits)
+        step = _pow2(_exponent_field(a).clamp_min_(self.emin) - self.mantissa_bits)
         r = a.div_(step).round_().mul_(step)
         if self.saturating:
             r = r.clamp_max_(self.max_value)
@@ -234,6 +240,20 @@ class Format:
     @property
     def is_block(self) -> bool:
         return self.rule.unit == "block"
+
+    @property
+    def per_token_comparable(self) -> bool:
+        """True for an INT format other than per-token itself: its step can be compared, position by
+        position, with the per-token step at the same width (where its zero bound is the smaller)."""
+        return self.grid.is_int and self.rule.unit != "token"
+
+    @property
+    def layout(self) -> str:
+        """The unit the scale is really taken over: the rule's, except that CrossQuant at α = 1 is
+        exactly per-token and at α = 0 exactly per-channel (its step is then a broadcast vector)."""
+        if self.rule.unit == "crossquant" and self.alpha in (0.0, 1.0):
+            return "token" if self.alpha == 1.0 else "channel"
+        return self.rule.unit
 
 
 @dataclass(frozen=True)
@@ -353,16 +373,59 @@ def _e8m0_rceil(amax: torch.Tensor, max_value: float) -> torch.Tensor:
     return torch.where(amax.isnan(), torch.nan, _pow2(e))
 
 
+NVFP4_BLOCK_GRID = E4M3
+"""The grid NVFP4's block scales are rounded to."""
+
+
+def nvfp4_tensor_divisor(grid: ElementGrid) -> float:
+    """NVFP4's tensor scale is ``max|X|`` over this: the block grid's largest value times the element
+    grid's (448·6)."""
+    return NVFP4_BLOCK_GRID.max_value * grid.max_value
+
+
 def _nvfp4(amax: torch.Tensor, tensor_amax: torch.Tensor, grid: ElementGrid) -> torch.Tensor:
     """Two-level NVFP4 scale ``G · e4m3(clamp(amax_b / 6 / G, 2⁻⁶, 448))``, ``G = max|X| / (448·6)``.
 
     An all-zero sequence has ``G = 0`` and so a zero scale (its quotient is taken as 0, see
     :func:`quotient`), where the two divisions would give NaN.
     """
-    g = tensor_amax / (E4M3.max_value * grid.max_value)  # (..., 1, 1)
+    inner = NVFP4_BLOCK_GRID
+    g = tensor_amax / nvfp4_tensor_divisor(grid)  # (..., 1, 1)
     ratio = torch.where(g > 0, amax / grid.max_value / g, 0.0)  # (..., R, nb)
-    block = E4M3.round(ratio.clamp_(E4M3.min_normal, E4M3.max_value))
+    block = inner.round(ratio.clamp_(inner.min_normal, inner.max_value))
     return g * block
+
+
+def unit_amax(x: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """The abs-max over each unit of ``fmt``'s scale: ``(..., T, 1)`` per token, ``(..., 1, 1)`` per
+    tensor, ``(..., 1, I)`` per channel, ``(..., T, ⌈I/g⌉)`` per block; float32. Not for CrossQuant,
+    whose step combines two maxima (:func:`scale`)."""
+    unit = fmt.rule.unit
+    if unit == "block":
+        return _block_amax(x, fmt.block_size)  # (..., T, nb)
+    if unit == "tensor":
+        return _sequence_amax(x)  # (..., 1, 1)
+    ranges = activation_ranges(x)
+    return (ranges.token if unit == "token" else ranges.channel).float()  # (..., T, 1) | (..., 1, I)
+
+
+def scale_of(amax: torch.Tensor, fmt: Format, sequence_amax: torch.Tensor | None = None) -> torch.Tensor:
+    """The scale of ``fmt`` from the abs-max of each of its units (:func:`unit_amax`), float32.
+
+    The one definition of every scale rule's form; ``sequence_amax`` ``(..., 1, 1)`` is max|X| of each
+    sequence, which NVFP4's tensor scale needs. The native statistics evaluate the same operations in
+    the same order.
+    """
+    rule, grid = fmt.rule, fmt.grid
+    if rule.form == "e8m0_floor":
+        return _e8m0_floor(amax, grid.emax)
+    if rule.form == "e8m0_rceil":
+        return _e8m0_rceil(amax, grid.max_value)
+    if rule.form == "nvfp4":
+        if sequence_amax is None:
+            raise ValueError("the NVFP4 scale needs each sequence's max|X|")
+        return _nvfp4(amax, sequence_amax, grid)
+    return absmax_scale(amax, grid.max_value, rule.floor)
 
 
 def scale(x: torch.Tensor, fmt: Format) -> torch.Tensor:
@@ -381,23 +444,32 @@ def scale(x: torch.Tensor, fmt: Format) -> torch.Tensor:
     Block scales are one per block; :func:`expand_scale` spreads them over the inputs.
     """
     _check(x)
-    rule, grid = fmt.rule, fmt.grid
-    if rule.unit == "crossquant":
-        return crossquant_step(_f32(x), grid.bits, fmt.alpha)
-    if rule.unit == "block":
-        amax = _block_amax(x, fmt.block_size)  # (..., T, nb)
-    elif rule.unit == "tensor":
-        amax = _sequence_amax(x)  # (..., 1, 1)
+    if fmt.rule.unit == "crossquant":
+        return crossquant_step(_f32(x), fmt.grid.bits, fmt.alpha)
+    sequence = _sequence_amax(x) if fmt.rule.form == "nvfp4" else None
+    return scale_of(unit_amax(x, fmt), fmt, sequence)
+
+
+def scale_from_ranges(ranges: ActivationRanges, fmt: Format) -> torch.Tensor:
+    """The scale of a token, tensor or channel format from t ``(..., T, 1)`` and c ``(..., 1, I)``
+    alone, as :func:`scale` gives it for the activation they were measured on (CrossQuant at α = 0
+    and 1 too: see :attr:`Format.layout`)."""
+    unit = fmt.layout
+    if unit == "token":
+        amax = ranges.token.float()  # (..., T, 1)
+    elif unit == "tensor":
+        amax = ranges.token.float().amax(dim=-2, keepdim=True)  # (..., 1, 1)
+    elif unit == "channel":
+        amax = ranges.channel.float()  # (..., 1, I)
     else:
-        ranges = activation_ranges(x)
-        amax = (ranges.token if rule.unit == "token" else ranges.channel).float()  # (..., T, 1) | (..., 1, I)
-    if rule.form == "e8m0_floor":
-        return _e8m0_floor(amax, grid.emax)
-    if rule.form == "e8m0_rceil":
-        return _e8m0_rceil(amax, grid.max_value)
-    if rule.form == "nvfp4":
-        return _nvfp4(amax, _sequence_amax(x), grid)
-    return torch.clamp_min(amax / grid.max_value, rule.floor)
+        raise ValueError(f"the scale of {fmt.name!r} does not follow from t and c alone")
+    return scale_of(amax, fmt)
+
+
+def bound_of(s: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """The zero bound ``B = τ · s`` of each scale, float32: what every element that scale covers is
+    compared with (up to the rounding of ``x / s``)."""
+    return fmt.tau * s
 
 
 def expand_scale(s: torch.Tensor, fmt: Format, width: int) -> torch.Tensor:
@@ -459,9 +531,9 @@ def kernel_mask(x: torch.Tensor, fmt: Format) -> torch.Tensor:
 
 
 def zero_bound(x: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """``B = τ · s``, broadcastable to ``x``: elements with ``|x| <= B`` are (up to the rounding of
-    ``x / s``) rounded to zero."""
-    return fmt.tau * expand_scale(scale(x, fmt), fmt, x.shape[-1])
+    """:func:`bound_of` the scales of ``x``, broadcastable to ``x``: elements with ``|x| <= B`` are (up
+    to the rounding of ``x / s``) rounded to zero."""
+    return expand_scale(bound_of(scale(x, fmt), fmt), fmt, x.shape[-1])
 
 
 def subnormal_mask(x: torch.Tensor, fmt: Format) -> torch.Tensor:

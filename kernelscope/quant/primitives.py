@@ -1,4 +1,7 @@
-"""Symmetric absmax quantization primitives (DESIGN.md §1).
+"""Symmetric absmax quantization primitives (DESIGN.md §1): the token and channel maxima every scale
+is built from, and the INT steps built from them. Quantizing, the kernel and the zero bound of every
+format, INT ones included, are :mod:`kernelscope.quant.formats`; a weight ``(O, I)`` is one sequence
+whose rows are the output channels there.
 
 Every granularity in one place. ``x`` is an activation ``(..., T, I)`` — one sequence per leading
 index, T tokens, I input channels — and ``w`` a weight ``(O, I)``. Statistics are per sequence: the
@@ -11,8 +14,6 @@ per-tensor (activation)     max|X| / qmax                   (..., 1, 1)
 per-token (activation)      t_i / qmax                      (..., T, 1)
 per-channel (activation)    c_j / qmax                      (..., 1, I)
 CrossQuant(α) (activation)  t_i^α · c_j^(1-α) / qmax        (..., T, I)
-per-channel (weight)        max_j |W_oj| / qmax             (O, 1)
-group-wise g (weight)       max over the g inputs / qmax    (O, I)
 ==========================  ==============================  =================
 
 with ``t_i = max_j |X_ij|`` (token max), ``c_j = max_i |X_ij|`` (channel max over the T tokens of
@@ -59,11 +60,6 @@ def check_alpha(alpha: float) -> float:
 def _stat_dtype(x: torch.Tensor) -> torch.Tensor:
     """``x`` in the precision statistics are computed in: float32, or float64 if it already is."""
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def abs_in_stat_dtype(x: torch.Tensor) -> torch.Tensor:
-    """A new tensor ``|x|`` in the statistics dtype (one pass for float32, two for half types)."""
-    return x.abs() if x.dtype in (torch.float32, torch.float64) else x.float().abs_()
 
 
 class ActivationRanges(NamedTuple):
@@ -127,26 +123,26 @@ def channel_absmax(x: Activation) -> torch.Tensor:
     return _ranges(x).channel
 
 
-def _floored(step: torch.Tensor) -> torch.Tensor:
-    return step.clamp_min(STEP_FLOOR)
+def absmax_scale(amax: torch.Tensor, divisor: float, floor: float) -> torch.Tensor:
+    """``max(amax / divisor, floor)``: the absmax scale of every INT quantizer (divisor qmax, floor
+    :data:`STEP_FLOOR`) and of FP8 (divisor 448). The one definition; the native statistics divide
+    and compare the same float32 numbers in the same order."""
+    return torch.clamp_min(amax / divisor, floor)
 
 
 def per_tensor_step(x: Activation, bits: int) -> torch.Tensor:
     """Δ = max|X| / qmax for each sequence, shape ``(..., 1, 1)``."""
-    qmax = qmax_for_bits(bits)
-    return _floored(token_absmax(x).amax(dim=-2, keepdim=True) / qmax)
+    return absmax_scale(token_absmax(x).amax(dim=-2, keepdim=True), float(qmax_for_bits(bits)), STEP_FLOOR)
 
 
 def per_token_step(x: Activation, bits: int) -> torch.Tensor:
     """Δ_ij = t_i / qmax, shape ``(..., T, 1)``."""
-    qmax = qmax_for_bits(bits)
-    return _floored(token_absmax(x) / qmax)
+    return absmax_scale(token_absmax(x), float(qmax_for_bits(bits)), STEP_FLOOR)
 
 
 def per_channel_activation_step(x: Activation, bits: int) -> torch.Tensor:
     """Δ_ij = c_j / qmax (activation channels, per sequence), shape ``(..., 1, I)``."""
-    qmax = qmax_for_bits(bits)
-    return _floored(channel_absmax(x) / qmax)
+    return absmax_scale(channel_absmax(x), float(qmax_for_bits(bits)), STEP_FLOOR)
 
 
 def crossquant_step(x: Activation, bits: int, alpha: float) -> torch.Tensor:
@@ -165,7 +161,7 @@ def crossquant_step(x: Activation, bits: int, alpha: float) -> torch.Tensor:
         scale = c.expand(*c.shape[:-2], t.shape[-2], c.shape[-1])  # (..., T, I)
     else:
         return separable_step(*crossquant_factors(x, alpha), qmax)
-    return _floored(scale / qmax)
+    return absmax_scale(scale, float(qmax), STEP_FLOOR)
 
 
 def crossquant_factors(x: Activation, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,86 +200,6 @@ def _pow_rounded(v: torch.Tensor, exponent: float) -> torch.Tensor:
     return padded.pow(exponent)[: flat.numel()].reshape(v.shape)
 
 
-def per_channel_weight_step(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """One step per output row of ``w (O, I)``: ``max_j |W_oj| / qmax``, shape ``(O, 1)``."""
-    return _floored(_stat_dtype(w).abs().amax(dim=-1, keepdim=True) / qmax_for_bits(bits))
-
-
-def groupwise_weight_step(w: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tensor:
-    """One step per ``group_size`` consecutive input channels of each row, expanded to ``(O, I)``.
-
-    A last group shorter than ``group_size`` (I not a multiple of g) gets its own step.
-    """
-    if group_size < 1:
-        raise ValueError(f"group_size must be positive, got {group_size}")
-    qmax = qmax_for_bits(bits)
-    w = _stat_dtype(w)
-    out_features, in_features = w.shape
-    groups = -(-in_features // group_size)
-    padded = torch.nn.functional.pad(w.abs(), (0, groups * group_size - in_features))  # (O, G*g)
-    group_max = padded.view(out_features, groups, group_size).amax(dim=-1)  # (O, G)
-    step = group_max.repeat_interleave(group_size, dim=-1)[:, :in_features]  # (O, I)
-    return _floored(step / qmax)
-
-
-def quantize(x: torch.Tensor, step: torch.Tensor, qmax: int) -> torch.Tensor:
-    """q = clamp(round(x / Δ), -qmax, qmax), integer-valued, in the statistics dtype.
-
-    ``torch.round`` rounds half to even, so ``|x / Δ| = 0.5`` gives 0: that element is in the kernel.
-    The rounding and clamping work in place on the fresh quotient, never on ``x``.
-    """
-    q = torch.div(_stat_dtype(x), step)
-    return q.round_().clamp_(-qmax, qmax)
-
-
-def dequantize(q: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """x̂ = q · Δ."""
-    return q * step
-
-
-def fake_quantize(x: torch.Tensor, step: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Quantize then dequantize ``x`` with ``step``; returns a new tensor in ``x``'s dtype."""
-    return quantize(x, step, qmax).mul_(step).to(x.dtype)
-
-
-def kernel_mask(
-    x: torch.Tensor, step: torch.Tensor, *, is_abs: bool = False, scale: float = 1.0
-) -> torch.Tensor:
-    """The quantization kernel: True exactly where ``round(x / Δ) == 0``.
-
-    Written as ``|x| / Δ <= 0.5``, which is the same set bit for bit: IEEE division is symmetric in
-    sign, and half-to-even rounding sends ±0.5 to zero and anything larger in magnitude away from it.
-    NaN is never in the kernel. ``is_abs=True`` says ``x`` already holds ``|x|`` (saves one pass).
-    ``scale`` = λ widens the zero bound to λ·B (``|x| / Δ <= 0.5·λ``): the one-parameter family the
-    threshold search walks along; λ = 1 is the quantizer's own kernel, λ = 0 only the exact zeros.
-    """
-    ratio = torch.div(_stat_dtype(x), step) if is_abs else abs_in_stat_dtype(x).div_(step)
-    return torch.le(ratio, 0.5 * scale)
-
-
-def remove_kernel(x: torch.Tensor, step: torch.Tensor, *, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` with exactly its kernel set to zero and every other element left in full precision.
-
-    Returns the new tensor (``x``'s dtype; ``x`` is not changed) and the number of kernel elements.
-    This isolates the loss caused by the kernel alone (CrossQuant paper, §3).
-    """
-    mask = kernel_mask(x, step, scale=scale)
-    return torch.where(mask, 0.0, x), torch.count_nonzero(mask)
-
-
-def fake_quantize_counted(x: torch.Tensor, step: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`fake_quantize` that also returns how many elements quantized to zero (the kernel)."""
-    q = quantize(x, step, qmax)
-    zeros = q.numel() - torch.count_nonzero(q)
-    return q.mul_(step).to(x.dtype), zeros
-
-
-def fake_quantize_weight(w: torch.Tensor, bits: int, group_size: int | None = None) -> torch.Tensor:
-    """Weight ``(O, I)`` quantized per output channel, or per ``group_size`` inputs, and dequantized."""
-    step = per_channel_weight_step(w, bits) if group_size is None else groupwise_weight_step(w, bits, group_size)
-    return fake_quantize(w, step, qmax_for_bits(bits))
-
-
 def smoothing_factors(act_channel_max: torch.Tensor, weight_channel_max: torch.Tensor, alpha: float) -> torch.Tensor:
     """SmoothQuant's per-input-channel factors ``s_j = max|X_j|^α / max|W_j|^(1-α)``, floored at 1e-5.
 
@@ -294,8 +210,3 @@ def smoothing_factors(act_channel_max: torch.Tensor, weight_channel_max: torch.T
     a = act_channel_max.double().clamp_min(STEP_FLOOR)
     w = weight_channel_max.double().clamp_min(STEP_FLOOR)
     return (a.pow(alpha) / w.pow(1.0 - alpha)).clamp_min(STEP_FLOOR).float()
-
-
-def zero_bound(step: torch.Tensor) -> torch.Tensor:
-    """B = 0.5 · Δ: elements with ``|x| <= B`` are rounded to zero (half to even at equality)."""
-    return 0.5 * step

@@ -1,48 +1,22 @@
 """The configuration that names one quantizer (a format of :data:`~kernelscope.quant.formats.FORMATS`)
-at one bit width, and the INT quantizers whose step is built from the token and channel maxima alone.
+at one bit width (and α for CrossQuant, a block size for a block format).
 
-The vocabulary is the formats registry: a new format there is a new ``-q`` choice everywhere. The INT
-quantizers of :data:`ACTIVATION_QUANTIZERS` are counted by the fast pass over t and c (and fake-quantized
-from their step); every other format is counted from its own scale rule and grid.
+The vocabulary is the formats registry: a new format there is a new ``-q`` choice, scheme, weight
+format, statistic row and report entry everywhere, with nothing else to change. What a statistic
+needs of a quantizer (its scale rule, element grid, zero threshold τ, block size) it reads from
+:attr:`QuantizerConfig.format`, never from its name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from kernelscope.quant import formats
-from kernelscope.quant.primitives import (
-    Activation,
-    check_alpha,
-    crossquant_factors,
-    crossquant_step,
-    per_channel_activation_step,
-    per_tensor_step,
-    per_token_step,
-    qmax_for_bits,
-)
-
-StepFn = Callable[[Activation, int, float | None], torch.Tensor]
-
-ACTIVATION_QUANTIZERS: dict[str, StepFn] = {
-    "per_tensor": lambda x, bits, alpha: per_tensor_step(x, bits),
-    "per_token": lambda x, bits, alpha: per_token_step(x, bits),
-    "per_channel": lambda x, bits, alpha: per_channel_activation_step(x, bits),
-    "crossquant": lambda x, bits, alpha: crossquant_step(x, bits, alpha),
-}
-"""name -> step function ``(x, bits, alpha) -> Δ`` broadcastable to ``x``."""
-
-
-FactorFn = Callable[[Activation, float | None], tuple[torch.Tensor, torch.Tensor]]
-
-SEPARABLE_QUANTIZERS: dict[str, tuple[Callable[[float | None], bool], FactorFn]] = {
-    "crossquant": (lambda alpha: 0.0 < alpha < 1.0, crossquant_factors),
-}
-"""name -> (for which α the step is a full (T, I) outer product, ``(x, alpha) -> (row (..., T, 1),
-col (..., 1, I))`` with Δ = separable_step(row, col, qmax)). Elsewhere the step is a broadcast vector."""
+from kernelscope.quant.primitives import Activation, check_alpha, crossquant_factors, qmax_for_bits
 
 DEFAULT_ALPHA = 0.15
 """The CrossQuant paper's default exponent."""
@@ -77,9 +51,9 @@ class QuantizerConfig:
             raise ValueError(f"quantizer {self.quantizer!r} takes no alpha")
         if self.block_size is None and entry.block_size is not None:
             object.__setattr__(self, "block_size", entry.block_size)
-        self.format.grid.tau  # noqa: B018 - a block size where there are no blocks, or a bad one, fails here
+        self.format  # noqa: B018 - a block size where there are no blocks, or a bad one, fails here
 
-    @property
+    @cached_property
     def format(self) -> formats.Format:
         """The number format: scale rule, element grid, τ, block size."""
         return formats.get_format(self.quantizer, bits=self.bits, block_size=self.block_size,
@@ -91,11 +65,6 @@ class QuantizerConfig:
         value over τ (2·qmax for INT)."""
         grid = self.format.grid
         return grid.max_value / grid.tau
-
-    @property
-    def from_ranges(self) -> bool:
-        """True for the INT quantizers whose step follows from t and c (the fast counting pass)."""
-        return self.quantizer in ACTIVATION_QUANTIZERS
 
     @property
     def takes_alpha(self) -> bool:
@@ -110,39 +79,33 @@ class QuantizerConfig:
     def label(self) -> str:
         """Short human name: ``per_token int8``, ``crossquant a=0.15 int4``, ``per_group g128 int4``,
         ``mxfp4``."""
-        grid = formats.FORMATS[self.quantizer].grid
-        if grid is not None:
+        if not self.format.grid.is_int:
             return self.quantizer
         alpha = f" a={self.alpha:g}" if self.alpha is not None else ""
         group = f" g{self.block_size}" if self.block_size is not None else ""
-        return f"{self.quantizer}{alpha}{group} int{self.bits}"
+        return f"{self.quantizer}{alpha}{group} {self.format.grid.name}"
 
-    def step(self, x: Activation) -> torch.Tensor:
-        """The step Δ this quantizer uses for activation ``x (..., T, I)``."""
-        return ACTIVATION_QUANTIZERS[self.quantizer](x, self.bits, self.alpha)
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The scale (the step Δ of an INT quantizer) this quantizer uses for ``x (..., T, I)``."""
+        return formats.scale(x, self.format)
 
     @property
     def separable(self) -> bool:
-        """True when the step is a full (T, I) outer product of two vectors (CrossQuant, 0 < α < 1)."""
-        entry = SEPARABLE_QUANTIZERS.get(self.quantizer)
-        return entry is not None and entry[0](self.alpha)
+        """True when the step is a full (T, I) outer product of two vectors (CrossQuant, 0 < α < 1);
+        at α = 0 and 1 it is exactly per-channel and per-token."""
+        return self.format.rule.unit == "crossquant" and 0.0 < self.alpha < 1.0
 
-    def factors(self, x: Activation) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(row, col)`` whose :func:`separable_step` is this quantizer's step, or None when the step
-        is already a broadcastable vector (per-token, per-channel, per-tensor, CrossQuant at α = 0, 1).
-
-        Lets statistics work from two vectors instead of a (T, I) step matrix.
-        """
-        return SEPARABLE_QUANTIZERS[self.quantizer][1](x, self.alpha) if self.separable else None
+    def factors(self, x: Activation) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(row (..., T, 1), col (..., 1, I))`` whose ``separable_step`` is this quantizer's step
+        (:attr:`separable` quantizers only): statistics work from the two vectors instead of a (T, I)
+        step matrix."""
+        if not self.separable:
+            raise ValueError(f"{self.label} has no separable step")
+        return crossquant_factors(x, self.alpha)
 
     def as_dict(self) -> dict:
         return {"quantizer": self.quantizer, "bits": self.bits, "alpha": self.alpha,
                 "format": self.format.grid.name, "block_size": self.block_size}
-
-
-def activation_step(x: Activation, config: QuantizerConfig) -> torch.Tensor:
-    """The step of ``config`` for ``x``; the one entry point the higher layers use."""
-    return config.step(x)
 
 
 def parse_quantizer_names(names: Iterable[str]) -> list[str]:
@@ -169,7 +132,7 @@ def expand_configs(
     for b in bits:
         for name in names:
             entry = formats.FORMATS[name]
-            if entry.grid is not None:
+            if entry.grid is not None:  # a float format: once, at its own width (below)
                 continue
             block = group_size if entry.block_size is not None else None
             for a in alphas if entry.takes_alpha else [None]:

@@ -16,7 +16,7 @@ import torch
 
 from kernelscope.errors import KernelscopeError
 
-VERSION = 2
+VERSION = 3
 
 
 def checkpoint_path(output: str | Path) -> Path:

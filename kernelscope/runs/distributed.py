@@ -12,19 +12,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from kernelscope.stats import KernelStats, Observation, format_stats
+from kernelscope.stats import KernelStats, Observation
 from kernelscope.stats.exact import ExactSum
-from kernelscope.stats.format_stats import FormatStats
-from kernelscope.stats.kernel import MAXIMA, MINIMA, SUMMED
+from kernelscope.stats.observation import MAXIMA, MINIMA, SUMMED
 
-
-def _reductions(summed, maxima, minima) -> dict[str, dist.ReduceOp]:
-    return {**dict.fromkeys(summed, dist.ReduceOp.SUM), **dict.fromkeys(maxima, dist.ReduceOp.MAX),
-            **dict.fromkeys(minima, dist.ReduceOp.MIN)}
-
-
-_REDUCE = _reductions(SUMMED, MAXIMA, MINIMA)
-_REDUCE_FORMATS = _reductions(format_stats.SUMMED, format_stats.MAXIMA, format_stats.MINIMA)
+_REDUCE = {**dict.fromkeys(SUMMED, dist.ReduceOp.SUM), **dict.fromkeys(MAXIMA, dist.ReduceOp.MAX),
+           **dict.fromkeys(MINIMA, dist.ReduceOp.MIN)}
+"""How each field of an accumulator's state is reduced over processes."""
 
 
 @dataclass(frozen=True)
@@ -95,17 +89,7 @@ def merge_stats(accumulators: Iterable[KernelStats], device: torch.device) -> No
         acc.bound_sums = _gathered_sum(acc.bound_sums, world.size)
 
 
-def merge_format_stats(accumulators: Iterable[FormatStats], device: torch.device) -> None:
-    """:func:`merge_stats` for the accumulators of the formats counted element by element."""
-    world = current()
-    if world.size == 1:
-        return
-    for acc in accumulators:
-        _reduced(acc, _REDUCE_FORMATS, device)
-        acc.bound_sums = _gathered_sum(acc.bound_sums, world.size)
-
-
-def _reduced(acc: KernelStats | FormatStats, reductions: dict[str, dist.ReduceOp], device: torch.device):
+def _reduced(acc: KernelStats, reductions: dict[str, dist.ReduceOp], device: torch.device):
     """``acc``'s state with each field named in ``reductions`` reduced over all processes, in place."""
     state = acc.state
     if state is None:

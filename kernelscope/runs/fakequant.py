@@ -15,9 +15,10 @@ from torch import nn
 from kernelscope.capture.hooks import Conv1D
 from kernelscope.errors import KernelscopeError
 from kernelscope.models import LinearLayer
-from kernelscope.quant import as_sequences, fake_quantize_counted, fake_quantize_weight, remove_kernel
+from kernelscope.quant import as_sequences, crossquant_factors
 from kernelscope.quant import formats as F
 from kernelscope.runs.schemes import Scheme
+from kernelscope.stats import elementwise, native
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
@@ -28,6 +29,24 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
 
 def _as_module_layout(module: nn.Module, w_out_in: torch.Tensor) -> torch.Tensor:
     return w_out_in.t().contiguous() if bool(Conv1D) and isinstance(module, Conv1D) else w_out_in
+
+
+def treat_activation(x: torch.Tensor, fmt: F.Format, remove: bool, kernel_scale: float = 1.0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x (B, T, I)`` fake-quantized by ``fmt`` or, with ``remove``, with only its kernel at
+    ``kernel_scale`` times the zero bound set to zero; and how many elements went to zero. Both as
+    :mod:`kernelscope.quant.formats` defines them: on the CPU by the native code, which gives the same
+    tensor bit for bit, elsewhere by that module itself."""
+    native_x = elementwise.native_input(x)
+    if native_x is not None:
+        factors = crossquant_factors(native_x.float(), fmt.alpha) if fmt.layout == "crossquant" else None
+        mode = native.REMOVE_KERNEL if remove else native.QUANTIZE
+        return native.quantize(native.library(), native_x, fmt, mode, kernel_scale * fmt.tau, factors)
+    if remove:
+        return F.remove_kernel(x, fmt, scale=kernel_scale)
+    q, s = F.quantize(x, fmt)
+    zeros = q.numel() - torch.count_nonzero(q)  # the kernel: what rounds to zero
+    return F.dequantize(q, s, fmt).to(x.dtype), zeros
 
 
 class SchemeApplied:
@@ -61,18 +80,7 @@ class SchemeApplied:
         if scheme.mode == "fp":
             return x, torch.zeros((), dtype=torch.int64, device=x.device)
         seqs = as_sequences(x, self.seq_len)  # (B, T, I)
-        if not act.from_ranges:  # a format with its own scale rule and grid
-            fmt = act.format
-            if scheme.mode == "remove_kernel":
-                out, zeros = F.remove_kernel(seqs, fmt, scale=scheme.kernel_scale)
-            else:
-                out, zeros = F.fake_quantize(seqs, fmt), F.kernel_mask(seqs, fmt).sum()
-            return out.reshape(x.shape), zeros
-        step = act.step(seqs)
-        if scheme.mode == "remove_kernel":
-            out, zeros = remove_kernel(seqs, step, scale=scheme.kernel_scale)
-        else:
-            out, zeros = fake_quantize_counted(seqs, step, act.qmax)
+        out, zeros = treat_activation(seqs, act.format, scheme.mode == "remove_kernel", scheme.kernel_scale)
         return out.reshape(x.shape), zeros
 
     def _activation(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -95,10 +103,9 @@ class SchemeApplied:
             w = weight_out_in(module).detach()  # (O, I)
             if self.smoothing is not None:
                 w = (w.float() * self.smoothing[name]).to(w.dtype)  # column j times s_j
-            if self.scheme.weight_format is not None:
-                w = F.fake_quantize(w, self.scheme.weight_format.format)
-            elif self.scheme.weight_bits is not None:
-                w = fake_quantize_weight(w, self.scheme.weight_bits, self.scheme.group_size)
+            weight = self.scheme.weight_quantizer
+            if weight is not None:
+                w = F.fake_quantize(w, weight.format)  # (O, I): one sequence whose rows are the outputs
             self._weights[name] = _as_module_layout(module, w)
         return self._weights[name]
 

@@ -24,22 +24,12 @@ from kernelscope.runs.common import resolve_layers, run_context, unpack, version
 from kernelscope.runs.forward import eval_mode, forward_windows, model_device
 from kernelscope.runs.weights import DEFAULT_WEIGHT_FORMAT, weight_kernels, weight_rollup
 from kernelscope.stats import KernelStats, elementwise
+from kernelscope.stats.accumulator import KernelStatsGroup
 from kernelscope.stats.arena import Arena
-from kernelscope.stats.format_stats import FormatStats
-from kernelscope.stats.kernel import (
-    HISTOGRAM,
-    QUANTILES,
-    KernelStatsGroup,
-    Measured,
-    measure,
-    measured_nbytes,
-    results,
-    summarise_groups,
-)
-
-_LAYER_WIDE = QuantizerConfig("per_token", 8)
-"""Measured, and not reported, when every quantizer asked for is a format counted element by element:
-the pass over t and c gives the layer-wide figures (elements, c >= t, outliers) all the same."""
+from kernelscope.stats.histogram import HISTOGRAM
+from kernelscope.stats.measure import Measured, measure, measured_nbytes
+from kernelscope.stats.summary import summarise_groups
+from kernelscope.stats.table import results
 
 ProgressFn = Callable[[int, int], None]
 """Called as ``progress(windows_done, windows_total)`` after each batch."""
@@ -61,54 +51,68 @@ class ProfileResult:
         return write_run(path, tables, self.summary, overwrite=overwrite)
 
 
-def _sum_or_null(column: str) -> pl.Expr:
-    """The sum of a count column, null where no row has it (a figure the quantizer does not have)."""
-    col = pl.col(column)
-    return pl.when(col.null_count() == pl.len()).then(None).otherwise(col.sum()).alias(column)
+class Observer:
+    """What the hooks do during a profile's forward passes: measure each Linear input once (q/k/v
+    and gate/up receive the same tensor object: it is measured for the first of them, and the others
+    share that layer's accumulator), and, once a pass is over, add what was measured to the
+    accumulators of the layers of one input shape together."""
 
+    def __init__(self, names: list[str], configs: list[QuantizerConfig], top_k: int, seq_len: int,
+                 arena: Arena) -> None:
+        self.configs, self.top_k, self.seq_len, self.arena = configs, top_k, seq_len, arena
+        self.stats = {name: KernelStats(configs, top_k) for name in names}
+        self.follows: dict[str, str | None] = {}  # who shares with whom, as the first batch showed
+        self.offset = 0  # global index of the batch's first token
+        self._first_batch = True
+        self._last: tuple[torch.Tensor | None, str | None] = (None, None)
+        self._pending: list[tuple[str, Measured]] = []
+        self._groups: dict[tuple[str, ...], KernelStatsGroup] = {}
 
-def _rollup(layers: pl.DataFrame, by: list[str]) -> pl.DataFrame:
-    """Element-weighted kernel fraction (and c >= t share) over the rows of each group."""
-    return (
-        layers.group_by(by, maintain_order=True)
-        .agg(
-            pl.len().alias("layers"),
-            pl.col("elements").sum(),
-            pl.col("kernel_elements").sum(),
-            pl.col("nonfinite_elements").sum(),
-            pl.col("c_ge_t_pairs").sum(),
-            *(_sum_or_null(c) for c in ("subnormal_elements", "blocks", "kernel_blocks")),
-        )
-        .with_columns(
-            (pl.col("kernel_elements") / pl.col("elements")).alias("kernel_fraction"),
-            (pl.col("c_ge_t_pairs") / (pl.col("elements") + pl.col("nonfinite_elements"))).alias("c_ge_t_fraction"),
-            (pl.col("subnormal_elements") / pl.col("elements")).alias("subnormal_fraction"),
-            (pl.col("kernel_blocks") / pl.col("blocks")).alias("block_kernel_fraction"),
-        )
-    )
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        leader = self._last[1] if self._last[0] is x else None
+        if self._first_batch:
+            self.follows.setdefault(name, leader)
+        if self.follows.get(name) != leader:
+            raise RuntimeError(f"layer {name} shares its input differently from one batch to the next")
+        if leader is None:
+            self._pending.append((name, measure(x, self.configs, token_offset=self.offset, seq_len=self.seq_len,
+                                                arena=self.arena)))
+            self._last = (x, name)
 
+    def end_batch(self, completed: bool) -> None:
+        """Add what the pass measured (when it ``completed``) and forget it."""
+        try:
+            if completed:
+                for members, stacked in summarise_groups([m for _, m in self._pending], self.configs, self.top_k):
+                    names = tuple(self._pending[i][0] for i in members)
+                    if names not in self._groups:
+                        self._groups[names] = KernelStatsGroup([self.stats[name] for name in names])
+                    self._groups[names].update(stacked)
+                self._first_batch = False
+        finally:
+            self._last = (None, None)
+            self._pending.clear()
+            self.arena.reset()
 
-LIST_COLUMNS = {"top_channels": pl.Int64, "top_channel_absmax": pl.Float64, "top_tokens": pl.String,
-                "top_token_ids": pl.Int64, "top_token_positions": pl.Int64, "top_token_absmax": pl.Float64}
+    def owner(self, name: str) -> str:
+        """The layer whose accumulator ``name`` reads (itself, or the first layer sharing its input)."""
+        return self.follows.get(name) or name
 
+    def leaders(self) -> list[KernelStats]:
+        self.release()
+        return [acc for name, acc in self.stats.items() if self.follows.get(name) is None]
 
-def _table(rows: list[dict[str, Any]], overrides: dict[str, pl.DataType]) -> pl.DataFrame:
-    """Rows of dicts as a table, built column by column. A list column whose lists all have one
-    length is made from one flat sequence: cell by cell, the lists cost more than the rest of a
-    profile's bookkeeping together."""
-    columns = {}
-    for name in rows[0]:
-        values = [row[name] for row in rows]
-        inner = LIST_COLUMNS.get(name)
-        width = len(values[0]) if inner is not None else 0
-        if width and all(len(v) == width for v in values):
-            flat = pl.Series(name, [item for v in values for item in v], dtype=inner)  # (rows * width,)
-            columns[name] = flat.reshape((len(values), width)).cast(pl.List(inner))  # (rows,) of lists
-        elif inner is not None:
-            columns[name] = pl.Series(name, values, dtype=pl.List(inner))
-        else:
-            columns[name] = pl.Series(name, values, dtype=overrides.get(name))
-    return pl.DataFrame(columns)
+    def release(self) -> None:
+        for group in self._groups.values():
+            group.release()
+
+    def state(self) -> dict[str, dict]:
+        """Every layer's state as a checkpoint keeps it (tensors only)."""
+        return {name: self.stats[self.owner(name)].state_dict() for name in self.stats}
+
+    def load(self, state: dict[str, dict], device: torch.device) -> None:
+        for name, acc in self.stats.items():
+            acc.load_state_dict(state.get(name, {}), device)
 
 
 def _fingerprint(model: nn.Module, info: dict[str, Any], text: TextSource | None, windows: Windows,
@@ -126,10 +130,24 @@ def _fingerprint(model: nn.Module, info: dict[str, Any], text: TextSource | None
     }
 
 
-def _token_text(tokenizer, token_id: int) -> str:
-    if tokenizer is None:
-        return f"<id {token_id}>"
-    return tokenizer.decode([token_id])
+def _run_batches(model: nn.Module, windows: Windows, observer: Observer, selected: list[LinearLayer],
+                 mine: range, start: int, batch_size: int, include_lm_head: bool, save: Callable[[int], None],
+                 progress: ProgressFn | None) -> None:
+    """The forward passes of this process's windows from ``start``, the observer on every selected
+    Linear's input; ``save(done)`` after each batch (a checkpoint)."""
+    with eval_mode(model), LinearInputCapture({layer.name: layer.module for layer in selected}, observer):
+        for first in range(max(start, mine.start), mine.stop, batch_size):
+            last = min(first + batch_size, mine.stop)
+            observer.offset = first * windows.seqlen
+            completed = False
+            try:
+                forward_windows(model, windows.tokens[first:last], all_logits=include_lm_head)  # (b, T)
+                completed = True
+            finally:
+                observer.end_batch(completed)
+            save(last)
+            if progress is not None:
+                progress(last - mine.start, len(mine))
 
 
 def profile(
@@ -176,36 +194,6 @@ def profile(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     batch_size = min(batch_size, len(windows))  # room is made for one batch: never more than there is
     selected = resolve_layers(model, layers, include_lm_head)
-    # INT quantizers whose step follows from t and c are counted by the fast pass; every other format
-    # element by element, from its own scale rule and grid.
-    step_configs = [c for c in configs if c.from_ranges] or [_LAYER_WIDE]
-    format_configs = [c for c in configs if not c.from_ranges]
-    stats = {layer.name: KernelStats(step_configs, top_k) for layer in selected}
-    fstats = {layer.name: FormatStats(format_configs, HISTOGRAM) for layer in selected if format_configs}
-    # q/k/v (and gate/up) receive the same tensor object: it is observed once, for the first of them,
-    # and the others share that layer's accumulator. `follows` records who shares with whom in the
-    # first batch; every later batch must show the same sharing, or a layer would miss a batch.
-    shared: dict[str, Any] = {"x": None, "leader": None, "offset": 0}
-    follows: dict[str, str | None] = {}
-    first_batch = [True]
-    # What the hooks measure during a forward pass; summarised for all layers at once after it, and
-    # added to the accumulators of the layers of one input shape together.
-    pending: list[tuple[str, Measured]] = []
-    groups: dict[tuple[str, ...], KernelStatsGroup] = {}
-
-    def observer(name: str, x: torch.Tensor) -> None:
-        leader = shared["leader"] if shared["x"] is x else None
-        if first_batch[0]:
-            follows.setdefault(name, leader)
-        if follows.get(name) != leader:
-            raise RuntimeError(f"layer {name} shares its input differently from one batch to the next")
-        if leader is None:
-            pending.append((name, measure(x, step_configs, token_offset=shared["offset"],
-                                          seq_len=windows.seqlen, arena=arena)))
-            if fstats:
-                fstats[name].update(x, windows.seqlen)
-            shared["x"], shared["leader"] = x, name
-
     n = len(windows)
     world = distributed.current()
     mine = world.windows(n)  # every window when alone
@@ -213,63 +201,114 @@ def profile(
         raise KernelscopeError("checkpoints and --resume work in a single process only")
     if world.size > n:
         raise KernelscopeError(f"{world.size} processes need at least as many windows; got {n}")
+    device = model_device(model)
+    # Room for what the hooks keep until a forward pass ends (every layer a leader).
+    arena = Arena(sum(measured_nbytes(batch_size, windows.seqlen, layer.in_features, configs)
+                      for layer in selected), device)
+    observer = Observer([layer.name for layer in selected], configs, top_k, windows.seqlen, arena)
     fingerprint = _fingerprint(model, info, text, windows, configs, selected, batch_size, top_k)
     start = 0
     if checkpoint is not None and resume:
         start, saved = load_checkpoint(Path(checkpoint), fingerprint)
-        device = model_device(model)
-        for name, acc in stats.items():
-            acc.load_state_dict(saved["int"].get(name, {}), device)
-        for name, acc in fstats.items():
-            acc.load_state_dict(saved["formats"].get(name, {}))
-    # Room for what the hooks keep until a forward pass ends (float64 at most, every layer a leader).
-    arena = Arena(sum(measured_nbytes(batch_size, windows.seqlen, layer.in_features, step_configs, 8)
-                      for layer in selected), model_device(model))
+        observer.load(saved, device)
+
+    def save(done: int) -> None:
+        if checkpoint is not None and done < n:
+            save_checkpoint(Path(checkpoint), fingerprint, done, observer.state())
+
     started = time.perf_counter()
-    with eval_mode(model), LinearInputCapture({layer.name: layer.module for layer in selected}, observer):
-        for first in range(max(start, mine.start), mine.stop, batch_size):
-            last = min(first + batch_size, mine.stop)
-            batch = windows.tokens[first:last]  # (b, T)
-            shared["offset"] = first * windows.seqlen
-            try:
-                forward_windows(model, batch, all_logits=include_lm_head)
-                for members, stacked in summarise_groups([m for _, m in pending], step_configs, top_k):
-                    names = tuple(pending[i][0] for i in members)
-                    if names not in groups:
-                        groups[names] = KernelStatsGroup([stats[name] for name in names])
-                    groups[names].update(stacked)
-            finally:
-                shared["x"] = shared["leader"] = None
-                pending.clear()
-                arena.reset()
-            first_batch[0] = False
-            done = last
-            if checkpoint is not None and done < n:
-                leader_of = {name: follows.get(name) or name for name in stats}
-                save_checkpoint(Path(checkpoint), fingerprint, done, {
-                    "int": {name: stats[leader_of[name]].state_dict() for name in stats},
-                    "formats": {name: fstats[leader_of[name]].state_dict() for name in fstats}})
-            if progress is not None:
-                progress(done - mine.start, len(mine))
-    for group in groups.values():
-        group.release()
-    leaders = [stats[layer.name] for layer in selected if follows.get(layer.name) is None]
-    distributed.merge_stats(leaders, model_device(model))
-    distributed.merge_format_stats([fstats[name] for name in fstats if follows.get(name) is None],
-                                   model_device(model))
+    _run_batches(model, windows, observer, selected, mine, start, batch_size, include_lm_head, save, progress)
+    distributed.merge_stats(observer.leaders(), device)
     elapsed = time.perf_counter() - started
 
-    owners = [follows.get(layer.name) or layer.name for layer in selected]  # whose accumulator each reads
+    frame = _layer_table(selected, observer, configs, windows, tokenizer)
+    result = ProfileResult(frame, _rollup(frame, ROLLUP_KEYS), _rollup(frame, ["module_type", *ROLLUP_KEYS]), {})
+    result.summary = _summary(result, info, text, windows, configs, selected, layers, include_lm_head, batch_size,
+                              top_k, start, world, device, elapsed)
+    if weight_formats:
+        result.weights = weight_kernels(model, weight_formats, selected)
+        result.summary["weight_formats"] = [c.as_dict() | {"label": c.label} for c in weight_formats]
+        result.summary["weights_model_level"] = weight_rollup(result.weights).to_dicts()
+    return result
+
+
+def _sum_or_null(column: str) -> pl.Expr:
+    """The sum of a count column, null where no row has it (a figure the quantizer does not have)."""
+    col = pl.col(column)
+    return pl.when(col.null_count() == pl.len()).then(None).otherwise(col.sum()).alias(column)
+
+
+ROLLUP_KEYS = ["config", "quantizer", "bits", "alpha", "format", "block_size"]
+
+
+def _rollup(layers: pl.DataFrame, by: list[str]) -> pl.DataFrame:
+    """Element-weighted kernel fraction (and c >= t share) over the rows of each group."""
+    return (
+        layers.group_by(by, maintain_order=True)
+        .agg(
+            pl.len().alias("layers"),
+            pl.col("elements").sum(),
+            pl.col("kernel_elements").sum(),
+            pl.col("nonfinite_elements").sum(),
+            pl.col("c_ge_t_pairs").sum(),
+            *(_sum_or_null(c) for c in ("subnormal_elements", "blocks", "kernel_blocks")),
+        )
+        .with_columns(
+            (pl.col("kernel_elements") / pl.col("elements")).alias("kernel_fraction"),
+            (pl.col("c_ge_t_pairs") / (pl.col("elements") + pl.col("nonfinite_elements"))).alias("c_ge_t_fraction"),
+            (pl.col("subnormal_elements") / pl.col("elements")).alias("subnormal_fraction"),
+            (pl.col("kernel_blocks") / pl.col("blocks")).alias("block_kernel_fraction"),
+        )
+    )
+
+
+LIST_COLUMNS = {"top_channels": pl.Int64, "top_channel_absmax": pl.Float64, "top_tokens": pl.String,
+                "top_token_ids": pl.Int64, "top_token_positions": pl.Int64, "top_token_absmax": pl.Float64}
+COLUMN_TYPES = {"block": pl.Int64, "alpha": pl.Float64, "bound_below_per_token_fraction": pl.Float64,
+                "block_size": pl.Int64, "subnormal_elements": pl.Int64, "subnormal_fraction": pl.Float64,
+                "blocks": pl.Int64, "kernel_blocks": pl.Int64, "block_kernel_fraction": pl.Float64}
+LEAD_COLUMNS = ["layer", "block", "module_type", "quantizer", "bits", "alpha", "config", "elements",
+                "kernel_elements", "kernel_fraction"]
+
+
+def _table(rows: list[dict[str, Any]], overrides: dict[str, pl.DataType]) -> pl.DataFrame:
+    """Rows of dicts as a table, built column by column. A list column whose lists all have one
+    length is made from one flat sequence: cell by cell, the lists cost more than the rest of a
+    profile's bookkeeping together."""
+    columns = {}
+    for name in rows[0]:
+        values = [row[name] for row in rows]
+        inner = LIST_COLUMNS.get(name)
+        width = len(values[0]) if inner is not None else 0
+        if width and all(len(v) == width for v in values):
+            flat = pl.Series(name, [item for v in values for item in v], dtype=inner)  # (rows * width,)
+            columns[name] = flat.reshape((len(values), width)).cast(pl.List(inner))  # (rows,) of lists
+        elif inner is not None:
+            columns[name] = pl.Series(name, values, dtype=pl.List(inner))
+        else:
+            columns[name] = pl.Series(name, values, dtype=overrides.get(name))
+    return pl.DataFrame(columns)
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    if tokenizer is None:
+        return f"<id {token_id}>"
+    return tokenizer.decode([token_id])
+
+
+def _layer_table(selected: list[LinearLayer], observer: Observer, configs: list[QuantizerConfig],
+                 windows: Windows, tokenizer) -> pl.DataFrame:
+    """One row per layer × configuration, from each layer's accumulator (or the one it shares)."""
+    owners = [observer.owner(layer.name) for layer in selected]
     for layer, owner in zip(selected, owners, strict=True):
-        if stats[owner].empty:
+        if observer.stats[owner].empty:
             raise RuntimeError(f"layer {layer.name} never ran; is it used by the model's forward pass?")
     distinct = list(dict.fromkeys(owners))
-    computed = dict(zip(distinct, results([stats[owner] for owner in distinct]), strict=True))
+    computed = dict(zip(distinct, results([observer.stats[owner] for owner in distinct]), strict=True))
     texts: dict[int, str] = {}
     rows = []
     for layer, owner in zip(selected, owners, strict=True):
-        res = computed[owner]
-        lay = res["layer"]
+        lay = computed[owner]["layer"]
         positions = [(i // windows.seqlen, i % windows.seqlen) for i in lay["top_token_index"]]
         token_ids = [int(windows.tokens[w, p]) for w, p in positions]
         for t in token_ids:
@@ -287,26 +326,18 @@ def profile(
             "top_token_positions": [windows.starts[w] + p for w, p in positions],
             "top_token_absmax": lay["top_token_absmax"],
         }
-        by_config = dict(zip(step_configs, res["configs"], strict=True))
-        if fstats:
-            positions = lay["elements"] + lay["nonfinite_elements"]
-            by_config |= dict(zip(format_configs, fstats[owner].rows(positions, lay["elements"], QUANTILES),
-                                  strict=True))
-        rows.extend({**base, "config": cfg.label, **by_config[cfg]} for cfg in configs)
-    frame = _table(rows, {"block": pl.Int64, "alpha": pl.Float64,
-                          "bound_below_per_token_fraction": pl.Float64,
-                          "block_size": pl.Int64, "subnormal_elements": pl.Int64,
-                          "subnormal_fraction": pl.Float64, "blocks": pl.Int64, "kernel_blocks": pl.Int64,
-                          "block_kernel_fraction": pl.Float64})
-    lead = ["layer", "block", "module_type", "quantizer", "bits", "alpha", "config", "elements",
-            "kernel_elements", "kernel_fraction"]
-    frame = frame.select(lead + [c for c in frame.columns if c not in lead])
+        rows.extend({**base, "config": cfg.label, **row}
+                    for cfg, row in zip(configs, computed[owner]["configs"], strict=True))
+    frame = _table(rows, COLUMN_TYPES)
+    return frame.select(LEAD_COLUMNS + [c for c in frame.columns if c not in LEAD_COLUMNS])
 
-    keys = ["config", "quantizer", "bits", "alpha", "format", "block_size"]
-    model_level = _rollup(frame, keys)
-    by_type = _rollup(frame, ["module_type", *keys])
-    tokens = n * windows.seqlen
-    summary = {
+
+def _summary(result: ProfileResult, info: dict, text: TextSource | None, windows: Windows,
+             configs: list[QuantizerConfig], selected: list[LinearLayer], layers, include_lm_head: bool,
+             batch_size: int, top_k: int, start: int, world: distributed.World, device: torch.device,
+             elapsed: float) -> dict[str, Any]:
+    n = len(windows)
+    return {
         **run_context(info, text, windows, "profile"),
         "quantizers": [c.as_dict() | {"label": c.label} for c in configs],
         "layers": {"count": len(selected), "pattern": layers if isinstance(layers, str) else None,
@@ -314,17 +345,12 @@ def profile(
         "settings": {"batch_size": batch_size, "top_k": top_k,
                      "bound_quantiles": f"log histogram, {HISTOGRAM.per_decade} bins a decade "
                                         f"(relative resolution {HISTOGRAM.relative_resolution:.2%})"},
-        "model_level": model_level.to_dicts(),
-        "by_module_type": by_type.to_dicts(),
-        "tokens": tokens,
+        "model_level": result.model_level.to_dicts(),
+        "by_module_type": result.by_module_type.to_dicts(),
+        "tokens": n * windows.seqlen,
         "resumed_from_window": start or None,
         "processes": world.size,
-        "statistics_backend": elementwise.describe(model_device(model)),
+        "statistics_backend": elementwise.describe(device),
         "seconds": round(elapsed, 3),
         "tokens_per_second": round((n - start) * windows.seqlen / elapsed, 1) if elapsed > 0 else None,
     }
-    weights = weight_kernels(model, weight_formats, selected) if weight_formats else None
-    if weights is not None:
-        summary["weight_formats"] = [c.as_dict() | {"label": c.label} for c in weight_formats]
-        summary["weights_model_level"] = weight_rollup(weights).to_dicts()
-    return ProfileResult(frame, model_level, by_type, summary, weights)

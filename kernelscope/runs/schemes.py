@@ -53,7 +53,17 @@ class Scheme:
 
     @property
     def changes_weight(self) -> bool:
-        return self.weight_bits is not None or self.weight_format is not None
+        return self.weight_quantizer is not None
+
+    @property
+    def weight_quantizer(self) -> QuantizerConfig | None:
+        """How weights are quantized: ``weight_format``, or INT at ``weight_bits`` per output channel
+        (``per_token`` on a weight ``(O, I)``) or per ``group_size`` inputs; None for full precision."""
+        if self.weight_format is not None or self.weight_bits is None:
+            return self.weight_format
+        if self.group_size is None:
+            return QuantizerConfig("per_token", self.weight_bits)
+        return QuantizerConfig("per_group", self.weight_bits, block_size=self.group_size)
 
     def describe(self) -> dict:
         act, wf = self.activation, self.weight_format

@@ -15,8 +15,7 @@ from kernelscope.models import LinearLayer
 from kernelscope.quant import QuantizerConfig
 from kernelscope.runs.common import resolve_layers
 from kernelscope.runs.fakequant import weight_out_in
-from kernelscope.stats.format_stats import FormatStats
-from kernelscope.stats.kernel import HISTOGRAM, QUANTILES, KernelStats, observe
+from kernelscope.stats import KernelStats, observe
 
 DEFAULT_WEIGHT_FORMAT = QuantizerConfig("per_token", 8)
 """INT8, one step per output channel: what W8A8 deployments use."""
@@ -41,7 +40,7 @@ def weight_kernels(model: nn.Module, configs: Sequence[QuantizerConfig],
             low, high = w.aminmax()
             all_finite = bool(torch.isfinite(low) & torch.isfinite(high))  # NaN or ±Inf would show here
             finite = w.numel() if all_finite else int(torch.isfinite(w).sum())
-            by_config = _counted(w.unsqueeze(0), list(configs), finite, all_finite)  # (1, O, I)
+            by_config = _counted(w.unsqueeze(0), list(configs))  # (1, O, I)
             base = {"layer": layer.name, "block": layer.block, "module_type": layer.module_type,
                     "out_features": w.shape[0], "in_features": w.shape[1],
                     "zero_weights": w.numel() - int(torch.count_nonzero(w)),
@@ -57,19 +56,10 @@ def weight_kernels(model: nn.Module, configs: Sequence[QuantizerConfig],
     return frame.select(lead + [c for c in frame.columns if c not in lead])
 
 
-def _counted(w: torch.Tensor, configs: list[QuantizerConfig], finite: int, all_finite: bool) -> dict:
-    """Each config's result row for one weight ``(1, O, I)``: INT quantizers of the row and column
-    maxima through the fast pass a profile uses, every other format element by element."""
-    fast = [c for c in configs if c.from_ranges]
-    rows = {}
-    if fast:
-        acc = KernelStats(fast, top_k=1).update(observe(w, fast, top_k=1))
-        rows |= dict(zip(fast, acc.result()["configs"], strict=True))
-    others = [c for c in configs if not c.from_ranges]
-    if others:
-        acc = FormatStats(others, HISTOGRAM).update(w, all_finite=all_finite)
-        rows |= dict(zip(others, acc.rows(w.numel(), finite, QUANTILES), strict=True))
-    return rows
+def _counted(w: torch.Tensor, configs: list[QuantizerConfig]) -> dict:
+    """Each config's result row for one weight ``(1, O, I)``, counted as a profile counts an input."""
+    acc = KernelStats(configs, top_k=1).update(observe(w, configs, top_k=1))
+    return dict(zip(configs, acc.result()["configs"], strict=True))
 
 
 def weight_rollup(frame: pl.DataFrame) -> pl.DataFrame:

@@ -1,9 +1,23 @@
-"""Mergeable streaming accumulators: ``observe`` one batch, ``update``, ``merge``, read ``result``.
+"""Mergeable streaming accumulators: ``measure`` one batch while it exists, ``summarise`` it,
+``update``, ``merge``, read ``result``.
 
 Memory per layer is O(channels + histogram bins + top-k), never O(tokens).
+
+==================  ===========================================================================
+module              its one job
+==================  ===========================================================================
+``elementwise``     the per-element passes over an activation (C on CPU, torch elsewhere)
+``measure``         what the hooks read off each Linear input while it exists
+``summary``         everything else, from t and c, for the inputs of one shape at once
+``observation``     the reduced state and how two states add up
+``accumulator``     per-layer accumulators and their stacked groups
+``table``           the accumulated state as result rows
+==================  ===========================================================================
 """
 
-from kernelscope.stats.histogram import LogHistogram
-from kernelscope.stats.kernel import KernelStats, Observation, observe
+from kernelscope.stats.accumulator import KernelStats
+from kernelscope.stats.histogram import HISTOGRAM, LogHistogram
+from kernelscope.stats.observation import Observation
+from kernelscope.stats.summary import observe
 
-__all__ = ["KernelStats", "LogHistogram", "Observation", "observe"]
+__all__ = ["HISTOGRAM", "KernelStats", "LogHistogram", "Observation", "observe"]

@@ -19,14 +19,12 @@ _ALIGN = 64
 class Arena:
     """``empty(shape, dtype)`` hands out a tensor inside the block; ``reset()`` frees them all at once.
 
-    When the block is full, ``empty`` makes an ordinary tensor (correct, only without the benefit),
-    and :attr:`needed` says how large the block should have been.
+    When the block is full, ``empty`` makes an ordinary tensor (correct, only without the benefit).
     """
 
     def __init__(self, nbytes: int, device: torch.device | str = "cpu") -> None:
         self.block = torch.empty(max(int(nbytes), 0), dtype=torch.uint8, device=device)
         self.used = 0
-        self.needed = 0
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         out = self._take(shape, dtype)
@@ -35,7 +33,6 @@ class Arena:
     def _take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         nbytes = math.prod(shape) * dtype.itemsize
         start = -(-self.used // _ALIGN) * _ALIGN
-        self.needed = max(self.needed, start + nbytes)
         if start + nbytes > self.block.numel():
             return None
         self.used = start + nbytes

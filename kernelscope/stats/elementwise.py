@@ -2,17 +2,19 @@
 
 Everything a profile learns from an activation ``x (B, T, I)`` itself, rather than from its t and c
 vectors, comes from two functions: :func:`ranges` (t and c: one reading of ``x``) and :func:`count`
-(for every configuration at once: kernel elements, elements whose step is below the per-token
-step, non-finite elements: one more reading). On CPU, for float32 and bfloat16 inputs, both run as
-small C loops (:mod:`kernelscope.stats.native`, built once per machine); elsewhere, or where no C
-compiler is found, the torch code below computes the same integers. Every operation in either is
-exactly rounded (absolute value, comparison, one multiply and one divide of the separable step,
-multiplication by 0.5) and done in the same order, so the two cannot differ; a test checks it at
-ties.
+(for every configuration at once, in one more reading: the kernel, the elements on a subnormal code,
+the positions whose step is below the per-token step, the blocks that are kernel through and
+through, the non-finite elements, and for block formats the zero bound's extremes, sums and
+histogram). On CPU, for float32 and bfloat16 inputs, both run as small C loops
+(:mod:`kernelscope.stats.native`, built once per machine); elsewhere, or where no C compiler is
+found, the torch code below computes the same integers. The torch code is the definition: every
+count is of ``|x / s|`` against the format's thresholds, with ``s`` from
+:func:`kernelscope.quant.formats.scale_of`; the C code evaluates the same float operations in the
+same order (a test checks it at ties).
 
-The kernel test is ``|x| <= 0.5·Δ``. For a step Δ >= STEP_FLOOR this is the same set, bit for bit,
-as ``round(x / Δ) == 0`` (see :func:`kernelscope.quant.kernel_mask`): 0.5·Δ is exact, and any float
-above it gives a quotient past the midpoint between 0.5 and the next float, so it rounds up.
+The C code compares ``|x|`` with the largest float ``k`` whose quotient ``k / s`` still rounds to at
+most τ, which is ``τ · s`` itself whenever that product is a normal float (τ is a power of two, so
+the product is exact, and the next float above it divides to more than half an ulp above τ).
 
 Set ``KERNELSCOPE_NATIVE=0`` to run the torch code everywhere.
 """
@@ -26,76 +28,156 @@ from dataclasses import dataclass
 
 import torch
 
-from kernelscope.quant import ActivationRanges, abs_in_stat_dtype, per_token_step, qmax_for_bits, separable_step
+from kernelscope.quant import ActivationRanges, QuantizerConfig, per_token_step, separable_step
+from kernelscope.quant import formats as F
 from kernelscope.stats import native
+from kernelscope.stats.histogram import HISTOGRAM
 
-_INT32_LIMIT = 2**31 - 1
-
-Outputs = tuple[torch.Tensor, ...]
+COUNTS = native.COUNTS
+"""The four counts of each configuration, in the order of :attr:`Counted.counts`' columns."""
 
 
 @dataclass(frozen=True)
-class Term:
-    """How one configuration's step is formed, and whether it is compared with the per-token step.
+class Plan:
+    """How one list of configurations is counted: each block format's row of the block outputs
+    (``slots``, -1 for the others) and, where the C count can take them, its fixed part."""
 
-    One of three forms: ``token_bits``, the per-token step at that width (formed from t by whichever
-    code counts, so that it costs no tensor of its own); ``step``, broadcastable to ``(B, T, I)``
-    (per-token ``(B, T, 1)``, per-channel ``(B, 1, I)``, per-tensor ``(B, 1, 1)``); or the separable
-    factors ``row (B, T, 1)``, ``col (B, 1, I)`` and ``qmax`` with Δ = separable_step(row, col, qmax).
-    ``below_bits``: count the positions whose step is smaller than the per-token step at that width;
-    None for no count (per-token itself).
-    """
-
-    token_bits: int | None = None
-    step: torch.Tensor | None = None
-    row: torch.Tensor | None = None
-    col: torch.Tensor | None = None
-    qmax: int | None = None
-    below_bits: int | None = None
+    configs: tuple[QuantizerConfig, ...]
+    slots: tuple[int, ...]
+    native: native.CountPlan | None
 
     @property
-    def separable(self) -> bool:
-        return self.row is not None
+    def blocks(self) -> int:
+        """How many configurations are block formats (rows of the block outputs)."""
+        return max(self.slots, default=-1) + 1
+
+    @property
+    def separable(self) -> dict[tuple[str, float | None], list[int]]:
+        """The separable configurations by the factors they share (one quantizer at several widths)."""
+        shared: dict[tuple[str, float | None], list[int]] = {}
+        for i, cfg in enumerate(self.configs):
+            if cfg.separable:
+                shared.setdefault((cfg.quantizer, cfg.alpha), []).append(i)
+        return shared
+
+
+def make_plan(configs: Sequence[QuantizerConfig]) -> Plan:
+    """The plan for ``configs``; its native part only where the C count runs and takes that many."""
+    configs = tuple(configs)
+    slots, taken = [], 0
+    for cfg in configs:
+        slots.append(taken if cfg.format.is_block else -1)
+        taken += cfg.format.is_block
+    plan = None
+    if _wanted() and native.library() is not None and len(configs) <= native.MAX_TERMS:
+        plan = native.CountPlan([c.format for c in configs], slots, HISTOGRAM.edges)
+    return Plan(configs, tuple(slots), plan)
+
+
+@dataclass
+class Counted:
+    """What :func:`count` reads off one activation ``(B, T, I)`` for C configurations."""
+
+    counts: torch.Tensor  # (C, 4) int64: kernel, subnormal, below_per_token, kernel_blocks
+    nonfinite: torch.Tensor  # () int64: NaN and ±Inf elements
+    bounds: torch.Tensor  # (blocks, 2 + B) float64: smallest and largest zero bound, each sequence's sum
+    hist: torch.Tensor  # (blocks, bins) int64: the zero bound's histogram, by elements
+
+
+def empty_counted(plan: Plan, batch: int, device: torch.device | str = "cpu", alloc=None) -> Counted:
+    """Outputs of :func:`count` to write into, made by ``alloc(shape, dtype)`` (an arena's ``empty``)
+    or, without it, as new tensors on ``device``."""
+    shapes = (((len(plan.configs), len(COUNTS)), torch.int64), ((), torch.int64),
+              ((plan.blocks, 2 + batch), torch.float64), ((plan.blocks, HISTOGRAM.bins), torch.int64))
+    if alloc is None:
+        return Counted(*(torch.empty(s, dtype=d, device=device) for s, d in shapes))
+    return Counted(*(alloc(s, d) for s, d in shapes))
+
+
+def _abs32(x: torch.Tensor) -> torch.Tensor:
+    """A new float32 tensor ``|x|``: every statistic is computed in float32."""
+    return x.abs() if x.dtype == torch.float32 else x.float().abs_()
 
 
 def _ranges(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    ax = abs_in_stat_dtype(x)  # (B, T, I)
+    ax = _abs32(x)  # (B, T, I)
     ax = torch.where(ax < math.inf, ax, 0.0)  # NaN and ±Inf fail `<`: measured as 0
     return ax.amax(dim=-1, keepdim=True), ax.amax(dim=-2, keepdim=True)  # (B, T, 1), (B, 1, I)
 
 
-def _count(x: torch.Tensor, ranges: ActivationRanges, terms: Sequence[Term]) -> Outputs:
-    ax = abs_in_stat_dtype(x)  # (B, T, I)
+def factors(ranges: ActivationRanges, plan: Plan) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Each separable configuration's ``(row (B, T, 1), col (B, 1, I))`` (one pair per quantizer,
+    shared between its widths), None for the others."""
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(plan.configs)
+    for members in plan.separable.values():
+        pair = plan.configs[members[0]].factors(ranges)
+        for i in members:
+            out[i] = pair
+    return out
+
+
+def _scales(cfg: QuantizerConfig, ranges: ActivationRanges, x0: torch.Tensor | None,
+            pair: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, expanded)``: the configuration's scale as :mod:`~kernelscope.quant.formats` defines it
+    and the same broadcastable to ``(B, T, I)``. ``x0``: ``|x|`` with non-finite elements as 0."""
+    fmt = cfg.format
+    if fmt.layout == "crossquant":
+        s = separable_step(*pair, cfg.qmax)  # (B, T, I)
+        return s, s
+    if fmt.layout == "block":
+        s = F.scale_of(F.unit_amax(x0, fmt), fmt, ranges.token.amax(dim=-2, keepdim=True))  # (B, T, nb)
+        return s, F.expand_scale(s, fmt, x0.shape[-1])
+    s = F.scale_from_ranges(ranges, fmt)  # (B, T|1, 1|I)
+    return s, s
+
+
+def _coverage(nb: int, fmt: F.Format, width: int, device) -> torch.Tensor:
+    """The elements each block of a row covers: the block size, the rest for a short last block."""
+    sizes = torch.full((nb,), fmt.block_size, dtype=torch.int64, device=device)
+    sizes[-1] = width - fmt.block_size * (nb - 1)
+    return sizes
+
+
+def _count(x: torch.Tensor, ranges: ActivationRanges, plan: Plan,
+           pairs: list[tuple[torch.Tensor, torch.Tensor] | None]) -> Counted:
+    batch, _, width = x.shape
+    out = empty_counted(plan, batch, x.device)
+    out.counts.zero_()
+    ax = _abs32(x)  # (B, T, I)
     finite = ax < math.inf
-    count_dtype = torch.int32 if x.numel() <= _INT32_LIMIT else torch.int64
+    x0 = torch.where(finite, ax, 0.0) if plan.blocks else None  # the scales measure non-finite as 0
     ax = torch.where(finite, ax, math.nan)  # no comparison admits a NaN: non-finite is never in a kernel
-    per_token: dict[int, torch.Tensor] = {}  # bits -> (B, T, 1)
+    for i, cfg in enumerate(plan.configs):
+        fmt = cfg.format
+        s, wide = _scales(cfg, ranges, x0, pairs[i])
+        q = ax / torch.where(wide == 0, 1.0, wide)  # (B, T, I): a zero scale (an all-zero unit) as 1
+        kernel = q <= fmt.tau
+        out.counts[i, 0] = kernel.sum()
+        sub = fmt.grid.subnormal_range
+        if sub is not None:
+            out.counts[i, 1] = (q.gt(sub[0]) & q.lt(sub[1])).sum()
+        if fmt.per_token_comparable:
+            out.counts[i, 2] = torch.lt(wide, per_token_step(ranges, cfg.bits)).expand_as(ax).sum()
+        if fmt.is_block:
+            out.counts[i, 3] = F.whole_blocks(kernel, fmt).sum()
+            _block_bounds(out, plan.slots[i], F.bound_of(s, fmt), _coverage(s.shape[-1], fmt, width, x.device))
+    out.nonfinite.copy_(torch.logical_not(finite).sum())
+    return out
 
-    def token_step(bits: int) -> torch.Tensor:
-        if bits not in per_token:
-            per_token[bits] = per_token_step(ranges, bits)
-        return per_token[bits]
 
-    kernel, below = [], []
-    for t in terms:
-        if t.token_bits is not None:
-            step = token_step(t.token_bits)
-        else:
-            step = separable_step(t.row, t.col, t.qmax) if t.separable else t.step  # broadcastable to (B, T, I)
-        kernel.append((ax <= 0.5 * step).sum(dtype=count_dtype))
-        if t.below_bits is not None:
-            below.append(torch.lt(step, token_step(t.below_bits)).expand_as(ax).sum(dtype=count_dtype))  # (B, T, I)
-        else:
-            below.append(torch.zeros((), dtype=count_dtype, device=x.device))
-    nonfinite = torch.logical_not(finite).sum(dtype=count_dtype)
-    return torch.stack(kernel).long(), torch.stack(below).long(), nonfinite.long()
+def _block_bounds(out: Counted, slot: int, bound: torch.Tensor, coverage: torch.Tensor) -> None:
+    """Row ``slot`` of the block outputs from the zero bounds ``(B, T, nb)`` of one block format."""
+    out.bounds[slot, 0] = bound.min().double()
+    out.bounds[slot, 1] = bound.max().double()
+    out.bounds[slot, 2:] = (bound.double() * coverage).sum(dim=(-2, -1))  # (B,)
+    out.hist[slot] = HISTOGRAM.counts(bound, coverage.expand(bound.shape))
 
 
 def _wanted() -> bool:
     return os.environ.get("KERNELSCOPE_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _native_input(x: torch.Tensor) -> torch.Tensor | None:
+def native_input(x: torch.Tensor) -> torch.Tensor | None:
     """``x`` as the C loops take it (contiguous float32 or bfloat16 on CPU), or None for torch code."""
     if x.device.type != "cpu" or x.dtype not in native.DTYPES or not _wanted() or native.library() is None:
         return None
@@ -103,9 +185,9 @@ def _native_input(x: torch.Tensor) -> torch.Tensor | None:
 
 
 def prepare(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as both passes read it fastest: where the C loops run, a float16 (or other narrow float)
-    input is widened to float32 here, once, rather than left to the torch code."""
-    narrow = x.dtype.is_floating_point and x.dtype not in native.DTYPES and x.dtype != torch.float64
+    """``x`` as both passes read it fastest: where the C loops run, a float16 (or other non-native
+    float) input is widened to float32 here, once, rather than left to the torch code."""
+    narrow = x.dtype.is_floating_point and x.dtype not in native.DTYPES
     if narrow and x.device.type == "cpu" and _wanted() and native.library() is not None:
         return x.float()  # statistics are float32 anyway
     return x
@@ -123,111 +205,44 @@ def describe(device: torch.device | str = "cpu") -> str:
     return f"native ({native.built_with}, {torch.get_num_threads()} threads)"
 
 
-def ranges(x: torch.Tensor, out: Outputs | None = None) -> ActivationRanges:
-    """t ``(B, T, 1)`` and c ``(B, 1, I)`` of ``x (B, T, I)`` with NaN and ±Inf measured as 0.
+def ranges(x: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None) -> ActivationRanges:
+    """t ``(B, T, 1)`` and c ``(B, 1, I)`` of ``x (B, T, I)``, float32, NaN and ±Inf measured as 0.
 
-    ``out``: two tensors of those shapes to write them into (stats dtype, on ``x``'s device).
+    ``out``: two float32 tensors of those shapes to write them into (on ``x``'s device).
     """
-    nx = _native_input(x)
+    nx = native_input(x)
     if nx is None:
-        return ActivationRanges(*_into(_ranges(x), out))
+        t, c = _ranges(x)
+        if out is None:
+            return ActivationRanges(t, c)
+        out[0].copy_(t)
+        out[1].copy_(c)
+        return ActivationRanges(*out)
     return ActivationRanges(*native.ranges(native.library(), nx, out))
 
 
-def count(x: torch.Tensor, ranges: ActivationRanges, terms: Sequence[Term], out: Outputs | None = None,
-          plan: native.CountPlan | None = None) -> Outputs:
-    """``(kernel (C,), below_per_token (C,), nonfinite ())`` int64 counts over ``x (B, T, I)`` whose
-    t and c are ``ranges`` (as :func:`ranges` measured them).
-
-    ``kernel``: finite elements with ``|x| <= 0.5·Δ``; ``below_per_token``: positions whose step is
-    smaller than the per-token step (0 for terms without ``below_bits``); ``nonfinite``: NaN and ±Inf
-    elements. ``out``: three int64 tensors of those shapes to write them into. ``plan``: what
-    :func:`fixed_plan` made for terms of these forms, which spares this call from making it again.
-    """
-    nx = _native_input(x)
-    token = ranges.token
-    batch, seq, width = x.shape
-    if plan is not None and nx is not None:
-        rows = [t.row if t.separable else None for t in terms]  # (B, T, 1) each: the C code reads (B, T)
-        cols = [t.col if t.separable else None for t in terms]  # (B, 1, I) each: read as (B, I)
-        # The C code reads each vector's memory whole: only full contiguous float32 vectors go as they are.
-        sized = [(token, batch * seq), *((v, batch * seq) for v in rows), *((v, batch * width) for v in cols)]
-        if all(v is None or _whole(v, size) for v, size in sized):
-            return plan.run(native.library(), nx, token, rows, cols, out)
-    vectors = None if nx is None or token.dtype != torch.float32 else [_vector(t) for t in terms]
-    if vectors is None or None in vectors or len(terms) > native.MAX_TERMS:
-        return _into(_count(x, ranges, terms), out)
-
-    def flat(v: torch.Tensor | None) -> torch.Tensor | None:
-        return None if v is None else _flat(v, batch, seq, width)
-
-    kinds, first, second, qmax = zip(*vectors, strict=True)
-    return native.count(native.library(), nx, flat(token), list(kinds), [flat(v) for v in first],
-                        [flat(v) for v in second], list(qmax), _below_qmax(terms), out)
-
-
-def fixed_plan(terms: Sequence[Term]) -> native.CountPlan | None:
-    """The fixed part of the C count for terms whose form does not depend on the data (per-token
-    steps and separable steps whose factors are full contiguous vectors), to pass to :func:`count`
-    for every later batch of terms of the same forms; None where the C count cannot take them so."""
-    if not terms or len(terms) > native.MAX_TERMS or not all(t.token_bits is not None or t.separable for t in terms):
-        return None
-    vectors = [_vector(t) for t in terms]
-    if None in vectors:
-        return None
-    kinds, _, _, qmax = zip(*vectors, strict=True)
-    return native.CountPlan(list(kinds), list(qmax), _below_qmax(terms))
-
-
-def _whole(v: torch.Tensor, size: int) -> bool:
-    """Whether the C code can read ``v`` as it is: contiguous float32 holding ``size`` elements."""
-    return v.is_contiguous() and v.dtype == torch.float32 and v.numel() == size
-
-
-def _below_qmax(terms: Sequence[Term]) -> list[float]:
-    """Each term's per-token width as the C count takes it: its qmax, or 0 for no below count."""
-    return [0.0 if t.below_bits is None else float(qmax_for_bits(t.below_bits)) for t in terms]
-
-
-def _into(results: Outputs, out: Outputs | None) -> Outputs:
+def count(x: torch.Tensor, ranges: ActivationRanges, plan: Plan,
+          pairs: list[tuple[torch.Tensor, torch.Tensor] | None], out: Counted | None = None) -> Counted:
+    """The counts of :class:`Counted` over ``x (B, T, I)`` whose t and c are ``ranges`` (as
+    :func:`ranges` measured them), for the configurations of ``plan``; ``pairs`` are the separable
+    ones' factors (:func:`factors`). Written into ``out`` when given."""
+    nx = native_input(x)
+    if nx is None or plan.native is None:
+        result = _count(x, ranges, plan, pairs)
+        if out is None:
+            return result
+        for dst, src in zip(_fields(out), _fields(result), strict=True):
+            dst.copy_(src)
+        return out
     if out is None:
-        return results
-    for dst, src in zip(out, results, strict=True):
-        dst.copy_(src)
+        out = empty_counted(plan, x.shape[0])
+    batch, seq, width = x.shape  # the C code reads full vectors: broadcast ones are made full first
+    rows = [None if p is None else p[0].expand(batch, seq, 1).contiguous() for p in pairs]  # read as (B, T)
+    cols = [None if p is None else p[1].expand(batch, 1, width).contiguous() for p in pairs]  # read as (B, I)
+    plan.native.run(native.library(), nx, ranges.token.contiguous(), ranges.channel.contiguous(), rows, cols,
+                    _fields(out))
     return out
 
 
-def _vector(t: Term) -> tuple[int, torch.Tensor | None, torch.Tensor | None, float] | None:
-    """A term as the C loops take it: (kind, first vector, second vector, qmax), the vectors without
-    their broadcast; None if the C loops cannot take it."""
-    if t.token_bits is not None:
-        return native.TOKEN, None, None, float(qmax_for_bits(t.token_bits))
-    if t.separable:
-        kind, first, second, qmax = native.SEP, _unbroadcast(t.row), _unbroadcast(t.col), float(t.qmax)
-    else:
-        first, second, qmax = _unbroadcast(t.step), None, 0.0
-        kind = native.COL if first.shape[-1] != 1 else native.ROW
-    vectors = [v for v in (first, second) if v is not None]
-    if any(v.dtype != torch.float32 or v.shape[-1] != 1 and v.shape[-2] != 1 for v in vectors):
-        return None
-    return kind, first, second, qmax
-
-
-def _unbroadcast(v: torch.Tensor) -> torch.Tensor:
-    """An expanded vector (stride 0 along T or I) back to its ``(..., T|1, 1)`` or ``(..., 1, I|1)``."""
-    if v.shape[-1] > 1 and v.stride(-1) == 0:
-        v = v[..., :1]
-    if v.shape[-2] > 1 and v.stride(-2) == 0:
-        v = v[..., :1, :]
-    return v
-
-
-def _flat(v: torch.Tensor, batch: int, seq: int, width: int) -> torch.Tensor:
-    """A step vector ``(B|1, T|1, 1)`` or ``(B|1, 1, I)`` as contiguous rows ``(B, T)`` or columns
-    ``(B, I)`` (the C code reads only its memory, so a full contiguous vector is passed as it is)."""
-    rows = v.shape[-1] == 1
-    if _whole(v, batch * (seq if rows else width)):  # float32: _vector took only float32 vectors
-        return v
-    if rows:
-        return v.expand(batch, seq, 1).reshape(batch, seq).contiguous()  # (B, T)
-    return v.expand(batch, 1, width).reshape(batch, width).contiguous()  # (B, I)
+def _fields(c: Counted) -> tuple[torch.Tensor, ...]:
+    return c.counts, c.bounds, c.hist, c.nonfinite

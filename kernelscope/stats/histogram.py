@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -32,6 +33,19 @@ class LogHistogram:
     def bins(self) -> int:
         return round((self.high - self.low) * self.per_decade)
 
+    @cached_property
+    def edges(self) -> torch.Tensor:
+        """The ``bins - 1`` interior bin edges ``10**(low + k / per_decade)``, float64: bin ``k`` holds
+        the values in ``[edge_k, edge_(k+1))``. The one definition of the binning; the native
+        statistics search the same edges."""
+        k = torch.arange(1, self.bins, dtype=torch.float64)
+        return torch.pow(10.0, self.low + k / self.per_decade)
+
+    def bin_of(self, values: torch.Tensor) -> torch.Tensor:
+        """The bin of each positive value (below the range: the first, above: the last), int64."""
+        edges = self.edges.to(values.device)
+        return torch.searchsorted(edges, values.to(torch.float64).contiguous(), right=True)
+
     @property
     def relative_resolution(self) -> float:
         """Width of one bin as a ratio of its edges minus one (0.0233 for 100 bins a decade)."""
@@ -42,12 +56,12 @@ class LogHistogram:
         """int64 counts of positive ``values``, each standing for ``weight`` items (one number, or an
         integer tensor shaped like ``values``): ``(bins,)``, or with ``groups``, ``(groups, bins)``
         counting each of that many equal leading slices apart."""
-        idx = torch.log10(values.reshape(groups or 1, -1)).sub_(self.low).mul_(self.per_decade)  # (G, n)
+        bins = self.bin_of(values.reshape(groups or 1, -1))  # (G, n)
         if isinstance(weight, torch.Tensor):
-            bins = self._bins(idx, 0.0)  # (G, n)
             counts = _bincount_rows(bins, self.bins, weight.reshape(bins.shape).double()).round().long()
         else:
-            counts = self._tally(idx, 0.0, weight)  # (G, bins)
+            counts = _bincount_rows(bins, self.bins)
+            counts = counts * weight if weight != 1 else counts  # (G, bins)
         return counts[0] if groups is None else counts
 
     def counts_of_sums(
@@ -104,17 +118,6 @@ class LogHistogram:
                                                                 pairs).round_().long()
         return out
 
-    def _tally(self, idx: torch.Tensor, first: float, weight: int) -> torch.Tensor:
-        """Counts ``(G, bins)`` of fractional bin positions ``idx (G, n)``, clamped to ``[first, bins)``;
-        NaN goes to ``first``."""
-        counts = _bincount_rows(self._bins(idx, first), self.bins)
-        return counts * weight if weight != 1 else counts
-
-    def _bins(self, idx: torch.Tensor, first: float) -> torch.Tensor:
-        """Bin numbers of fractional positions ``idx``, clamped to ``[first, bins)``; NaN goes to
-        ``first``."""
-        return idx.nan_to_num_(nan=first).clamp_(min=first, max=self.bins - 1).floor_().long()
-
     def quantile(self, counts: torch.Tensor, q: float, lo: float, hi: float) -> float:
         """The ``q``-quantile of the counted values, kept inside the exact observed ``[lo, hi]``."""
         return self.quantiles(counts.reshape(1, -1), [q], [lo], [hi])[0][0]
@@ -148,3 +151,7 @@ def _bincount_rows(index: torch.Tensor, width: int, weights: torch.Tensor | None
     counts = torch.bincount(flat.reshape(-1), None if weights is None else weights.reshape(-1),
                             minlength=rows * width)  # (G * width,)
     return counts.view(rows, width)
+
+
+HISTOGRAM = LogHistogram()
+"""The histogram every zero-bound distribution is binned into."""

@@ -1,0 +1,196 @@
+"""The C count and the C fake quantization against their definitions in the torch code, for every
+format of the registry, at the places where a single rounding decides: elements exactly at the zero
+bound and one float either side, at the top of the subnormal codes, in all-zero and partial blocks,
+beside NaN and ±Inf, below float32's normal range, in bfloat16."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from kernelscope.quant import QuantizerConfig, crossquant_factors, expand_configs
+from kernelscope.quant import formats as F
+from kernelscope.stats import elementwise, native
+from kernelscope.stats.histogram import HISTOGRAM
+from kernelscope.stats.measure import measure
+
+pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("cc", "gcc", "clang")),
+                                reason="the native code needs a C compiler")
+
+NAMES = list(F.FORMATS)
+CONFIGS = expand_configs(NAMES, [8, 4], [0.15, 0.5, 0.0, 1.0], group_size=24)  # 24: not a multiple of 16
+CONFIGS += [QuantizerConfig("per_group", 4, block_size=128), QuantizerConfig("per_group", 8, block_size=7)]
+
+
+def unit_maxima(x: torch.Tensor, fmt: F.Format) -> torch.Tensor:
+    """The abs-max every element's scale depends on, at its position: its row's, its column's (for
+    per-channel and CrossQuant), its block's and its sequence's."""
+    a = x.float().abs()
+    t, c = a.amax(-1, keepdim=True), a.amax(-2, keepdim=True)  # (B, T, 1), (B, 1, I)
+    out = torch.minimum(t, c).expand_as(a)
+    if fmt.is_block:
+        out = torch.minimum(out, F.expand_scale(F.unit_amax(a, fmt), fmt, a.shape[-1]))
+    return out
+
+
+def at_the_thresholds(x: torch.Tensor, fmt: F.Format, seed: int) -> torch.Tensor:
+    """``x`` with about a fifth of its elements moved onto the thresholds of their own scale (the zero
+    bound τ·s, and for a float grid the top of the subnormal codes), exactly or one float either side;
+    only elements far below every maximum are moved, so no scale changes."""
+    g = torch.Generator().manual_seed(seed)
+    s = F.expand_scale(F.scale(x, fmt), fmt, x.shape[-1]).expand(x.shape).float()  # (B, T, I)
+    s = torch.where(s == 0, 1.0, s)
+    marks = [fmt.tau * s]
+    if fmt.grid.subnormal_range is not None:
+        marks.append(fmt.grid.subnormal_range[1] * s)
+    mark = torch.stack(marks)[torch.randint(len(marks), x.shape, generator=g), *torch.meshgrid(
+        *(torch.arange(n) for n in x.shape), indexing="ij")]
+    nudge = torch.randint(-1, 2, x.shape, generator=g)
+    mark = torch.where(nudge < 0, torch.nextafter(mark, torch.zeros_like(mark)),
+                       torch.where(nudge > 0, torch.nextafter(mark, torch.full_like(mark, 1e30)), mark))
+    maxima = unit_maxima(x, fmt)
+    pick = (torch.rand(x.shape, generator=g) < 0.2) & (mark < 0.25 * maxima) & (x.float().abs() < 0.5 * maxima)
+    moved = torch.where(pick, torch.where(x < 0, -mark, mark), x.float()).to(x.dtype)
+    assert torch.equal(F.scale(moved, fmt), F.scale(x, fmt))  # the scales are those of x
+    return moved
+
+
+def base_input(seed: int, shape=(2, 9, 70)) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * torch.logspace(-3, 1, shape[-1])
+    x[0, 2, 40:60] = 0.0  # all-zero blocks of 16 and 32
+    x[1, :, 5] *= 300.0  # an outlier channel
+    # Zero bounds exactly on histogram edges: MXFP4's 1/4 · 2^(4 - 2) = 1 (an edge at the start of a run
+    # of the C code's bin table), and INT8 per_group's 1/2 · fl(m / 127) = the float32 above 10^-0.99
+    # (an edge inside a run).
+    x[0, 1, 0], x[0, 3, 0] = 20.0, 25.99164390563965
+    x[0, 1, 1:] = x[0, 1, 1:].clamp(-19.0, 19.0)
+    x[0, 3, 1:] = x[0, 3, 1:].clamp(-19.0, 19.0)
+    return x
+
+
+def counted(x: torch.Tensor, configs) -> elementwise.Counted:
+    return measure(x, configs).counted
+
+
+def assert_same(a: elementwise.Counted, b: elementwise.Counted) -> None:
+    assert torch.equal(a.counts, b.counts), (a.counts - b.counts).nonzero().tolist()
+    assert torch.equal(a.nonfinite, b.nonfinite)
+    assert torch.equal(a.hist, b.hist) and torch.equal(a.bounds[:, :2], b.bounds[:, :2])
+    assert torch.allclose(a.bounds[:, 2:], b.bounds[:, 2:], rtol=1e-12, atol=0)
+
+
+def reference_counts(x: torch.Tensor, cfg: QuantizerConfig) -> list[int]:
+    """Kernel, subnormal and whole-kernel-block counts of ``x`` by the format's own fake quantization,
+    one sequence at a time, the non-finite elements left out (measured as 0 for the scales)."""
+    xf = x.float()
+    finite = xf.isfinite()
+    clean = torch.where(finite, xf, 0.0)
+    fmt = cfg.format
+    kernel = sub = whole = 0
+    for seq, ok in zip(clean, finite, strict=True):
+        q, _ = F.quantize(seq, fmt)
+        zero = (q == 0) & ok
+        kernel += int(zero.sum())
+        sub += int((fmt.grid.subnormal(q) & ok).sum())
+        if fmt.is_block:
+            whole += int(F.whole_blocks(zero, fmt).sum())
+    return [kernel, sub, whole]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_native_count_equals_the_torch_code_and_the_formats_at_their_thresholds(monkeypatch, dtype, seed):
+    for cfg in CONFIGS:
+        x = at_the_thresholds(base_input(seed).to(dtype), cfg.format, seed)
+        x[0, 3, 7], x[1, 4, 30], x[1, 8, 69] = float("nan"), float("inf"), float("-inf")
+        monkeypatch.setenv("KERNELSCOPE_NATIVE", "1")
+        mine = counted(x, [cfg])
+        monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
+        assert_same(mine, counted(x, [cfg]))
+        kernel, sub, whole = reference_counts(x, cfg)
+        assert mine.counts[0, 0] == kernel, cfg.label
+        assert mine.counts[0, 1] == (0 if cfg.format.grid.is_int else sub), cfg.label
+        assert mine.counts[0, 3] == whole, cfg.label
+        assert int(mine.nonfinite) == 3
+
+
+def test_all_configurations_in_one_count_equal_each_alone():
+    """Terms grouped by block size, with block maxima shared between sizes that divide each other,
+    count what each counts alone."""
+    x = base_input(5, (3, 17, 96))
+    together = counted(x, CONFIGS)
+    plan = elementwise.make_plan(CONFIGS)
+    for i, cfg in enumerate(CONFIGS):
+        alone = counted(x, [cfg])
+        assert torch.equal(together.counts[i], alone.counts[0]), cfg.label
+        if cfg.format.is_block:
+            slot = plan.slots[i]
+            assert torch.equal(together.hist[slot], alone.hist[0])
+            assert torch.equal(together.bounds[slot], alone.bounds[0])
+
+
+@pytest.mark.parametrize("scale", [1e-38, 1e-42, 3e38])
+def test_scales_outside_the_normal_range_search_their_thresholds(monkeypatch, scale):
+    """Where τ·s or the subnormal top times s is no normal float (float32 subnormal inputs, or
+    products near overflow), the C code searches the threshold instead of multiplying; the counts
+    are still those of the divisions."""
+    x = base_input(7) / 10 * scale if scale < 1 else base_input(7).clamp(-1, 1) * scale
+    x = x.float()
+    for cfg in CONFIGS:
+        monkeypatch.setenv("KERNELSCOPE_NATIVE", "1")
+        mine = counted(x, [cfg])
+        monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
+        assert_same(mine, counted(x, [cfg]))
+        assert mine.counts[0, 0] == reference_counts(x, cfg)[0], cfg.label
+
+
+def test_the_bin_table_gives_the_bins_of_the_edges():
+    table = native.bin_table(HISTOGRAM.edges)
+    edges = HISTOGRAM.edges.float()
+    g = torch.Generator().manual_seed(3)
+    values = torch.cat([(10 ** (torch.rand(100_000, generator=g, dtype=torch.float64) * 20 - 12)).float(), edges,
+                        torch.nextafter(edges, torch.tensor(0.0)), torch.nextafter(edges, torch.tensor(1e30)),
+                        torch.tensor([0.0, 1e-45, 3.4e38])])
+    bits = values.view(torch.int32).long()
+    run = bits >> 16
+    got = table[run].long() + (bits >= (table[65536 + run].long() & 0xFFFFFFFF)).long()
+    assert torch.equal(got, HISTOGRAM.bin_of(values))
+
+
+def test_a_library_that_does_not_match_its_mirror_is_refused(monkeypatch):
+    lib = native.library()
+    native.check_abi(lib)
+    monkeypatch.setattr(native, "ABI_VERSION", native.ABI_VERSION + 1)
+    with pytest.raises(RuntimeError, match="does not match"):
+        native.check_abi(lib)
+    monkeypatch.undo()
+    monkeypatch.setattr(native, "LAYOUTS", {**native.LAYOUTS, "block": 7})
+    with pytest.raises(RuntimeError, match="does not match"):
+        native.check_abi(lib)
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    view = torch.int16 if a.dtype == torch.bfloat16 else torch.int32
+    return bool(((a.view(view) == b.view(view)) | (a.isnan() & b.isnan())).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_fake_quantization_equals_the_formats_bit_for_bit(dtype):
+    lib = native.library()
+    for cfg in CONFIGS:
+        fmt = cfg.format
+        x = at_the_thresholds(base_input(11).to(dtype), fmt, 3).contiguous()
+        x[1, 2, 3] = float("nan")  # NaN maxima propagate into their scales, as in torch
+        x[0, 5, 9] = float("inf")
+        factors = crossquant_factors(x.float(), fmt.alpha) if fmt.layout == "crossquant" else None
+        out, zeros = native.quantize(lib, x, fmt, native.QUANTIZE, factors=factors)
+        q, s = F.quantize(x, fmt)
+        assert bits_equal(out, F.dequantize(q, s, fmt).to(dtype)), cfg.label
+        assert int(zeros) == int(q.numel() - torch.count_nonzero(q)), cfg.label
+        for lam in (1.0, 0.37, 3.0):
+            out, zeros = native.quantize(lib, x, fmt, native.REMOVE_KERNEL, lam * fmt.tau, factors)
+            want, removed = F.remove_kernel(x, fmt, scale=lam)
+            assert bits_equal(out, want) and int(zeros) == int(removed), (cfg.label, lam)
