@@ -23,6 +23,7 @@ from kernelscope.version import __version__
 _LAZY = {
     "Windows": "kernelscope.data",
     "load_text": "kernelscope.data",
+    "load_tasks": "kernelscope.data",
     "make_windows": "kernelscope.data",
     "tokenize": "kernelscope.data",
     "KernelscopeError": "kernelscope.errors",
@@ -39,12 +40,13 @@ _LAZY = {
     "parse_scheme": "kernelscope.runs",
     "threshold_search": "kernelscope.runs",
     "alpha_sweep": "kernelscope.runs",
+    "zeroshot": "kernelscope.runs",
 }
 
 __all__ = ["__version__", *_LAZY]
 
 if TYPE_CHECKING:  # names for type checkers; at run time they load lazily
-    from kernelscope.data import Windows, load_text, make_windows, tokenize
+    from kernelscope.data import Windows, load_tasks, load_text, make_windows, tokenize
     from kernelscope.errors import KernelscopeError
     from kernelscope.models import load_model, select_linear_layers
     from kernelscope.quant import DEFAULT_ALPHA, QuantizerConfig, default_configs, expand_configs
@@ -56,6 +58,7 @@ if TYPE_CHECKING:  # names for type checkers; at run time they load lazily
         parse_scheme,
         profile,
         threshold_search,
+        zeroshot,
     )
 
 

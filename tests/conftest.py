@@ -96,3 +96,59 @@ def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("text") / "corpus.txt"
     path.write_text(pydoc_text()[:60_000], encoding="utf-8")
     return path
+
+
+MC_ITEMS = [
+    {"question": "The capital of France is", "choices": [" Paris", " a banana", " seven"], "label": 0},
+    {"question": "Ice is water that is", "choices": [" boiling", " frozen", " purple"], "label": 1},
+    {"question": "One, two, three, four,", "choices": [" dog", " blue", " five"], "label": 2},
+    {"question": "The sun rises in the", "choices": [" east", " piano"], "label": 0},
+    {"question": "A week has seven", "choices": [" wheels", " days", " oceans"], "label": 1},
+]
+"""A small multiple-choice task: a question, its choices, the index of the right one."""
+LAST_WORD_ITEMS = [
+    {"text": "The cat sat on the mat"},
+    {"text": "Once upon a time there lived a king"},
+    {"text": "She poured a cup of hot tea"},
+    {"text": "Open the door and close the window"},
+]
+"""A small last-word task (as LAMBADA): predict a text's last word from the words before it."""
+
+
+def write_zeroshot_tasks(folder: Path) -> Path:
+    """Task YAMLs of lm-evaluation-harness over local JSON lines files written here: ``ks_mc``
+    (multiple choice: acc, acc_norm), ``ks_lastword`` (last word: acc); and, for refusals, ``ks_zero``
+    (few-shot count fixed at 0), ``ks_generate`` (a generation task), ``ks_hub`` (data on the hub)."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, items in (("mc.jsonl", MC_ITEMS), ("lastword.jsonl", LAST_WORD_ITEMS)):
+        (folder / name).write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
+    mc = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder / 'mc.jsonl'}\n"
+          "output_type: multiple_choice\ntest_split: test\ndoc_to_text: '{{question}}'\n"
+          "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
+          "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+          "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+    lastword = (f"task: ks_lastword\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                f"    test: {folder / 'lastword.jsonl'}\noutput_type: loglikelihood\ntest_split: test\n"
+                "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\n"
+                "doc_to_target: \"{{' '+text.split(' ')[-1]}}\"\n"
+                "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
+                "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    generate = (f"task: ks_generate\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+                f"    test: {folder / 'lastword.jsonl'}\noutput_type: generate_until\ntest_split: test\n"
+                "doc_to_text: '{{text}}'\ndoc_to_target: '{{text}}'\n"
+                "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+    hub = ("task: ks_hub\ndataset_path: EleutherAI/lambada_openai\ndataset_name: default\n"
+           "output_type: loglikelihood\ntest_split: test\ndoc_to_text: '{{text}}'\ndoc_to_target: '{{text}}'\n")
+    (folder / "ks_mc.yaml").write_text("task: ks_mc\n" + mc, encoding="utf-8")
+    (folder / "ks_zero.yaml").write_text("task: ks_zero\nnum_fewshot: 0\n" + mc, encoding="utf-8")
+    (folder / "ks_lastword.yaml").write_text(lastword, encoding="utf-8")
+    (folder / "ks_generate.yaml").write_text(generate, encoding="utf-8")
+    (folder / "ks_hub.yaml").write_text(hub, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def zeroshot_tasks(tmp_path_factory) -> Path:
+    return write_zeroshot_tasks(tmp_path_factory.mktemp("tasks"))

@@ -16,7 +16,7 @@ from kernelscope.quant import default_configs
 from kernelscope.reports import build_report, write_report
 from kernelscope.results import read_run
 from kernelscope.runs import alpha_sweep, evaluate, parse_scheme, profile, threshold_search
-from tests.conftest import tiny_model
+from tests.conftest import tiny_model, write_zeroshot_tasks
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -29,8 +29,12 @@ def windows_for(n=2, seqlen=32, seed=0):
 
 
 @pytest.fixture(scope="module")
-def run_dirs(tmp_path_factory):
-    """A profile of two models, an eval, a threshold search and a sweep, written as run folders."""
+def run_dirs(tmp_path_factory, tokenizer):
+    """A profile of two models, an eval, a threshold search, a sweep and a zero-shot run, written as
+    run folders."""
+    from kernelscope.data import load_tasks
+    from kernelscope.runs import zeroshot
+
     root = tmp_path_factory.mktemp("runs")
     w = windows_for()
     llama, opt = tiny_model("llama"), tiny_model("opt")
@@ -39,24 +43,30 @@ def run_dirs(tmp_path_factory):
     evaluate(llama, w, [parse_scheme("fp"), parse_scheme("w8a8-per-token")]).save(root / "eval")
     threshold_search(llama, w, steps=2).save(root / "threshold")
     alpha_sweep(llama, w, [0.15, 1.0]).save(root / "sweep")
+    tasks = load_tasks(["ks_mc"], write_zeroshot_tasks(tmp_path_factory.mktemp("tasks")))
+    zeroshot(llama, tasks, [parse_scheme("fp"), parse_scheme("w8a8-per-token")], tokenizer=tokenizer,
+             limit=2).save(root / "zeroshot")
     # a run whose folder name and token text carry markup
     evil = root / EVIL.replace("/", "_")
     shutil.copytree(root / "llama", evil)
     layers = pl.read_parquet(evil / "layers.parquet")
     layers = layers.with_columns(pl.col("top_tokens").list.eval(pl.lit(EVIL)))
     layers.write_parquet(evil / "layers.parquet")
-    return {name: root / name for name in ("llama", "opt", "eval", "threshold", "sweep")} | {"evil": evil}
+    names = ("llama", "opt", "eval", "threshold", "sweep", "zeroshot")
+    return {name: root / name for name in names} | {"evil": evil}
 
 
 def test_report_has_every_section_and_plotly_once(run_dirs, tmp_path):
     from plotly.offline import get_plotlyjs
 
-    out = write_report([run_dirs[k] for k in ("llama", "opt", "eval", "threshold", "sweep")], tmp_path / "r.html")
+    out = write_report([run_dirs[k] for k in ("llama", "opt", "eval", "threshold", "sweep", "zeroshot")],
+                       tmp_path / "r.html")
     text = out.read_text(encoding="utf-8")
     assert text.count(get_plotlyjs()[:200]) == 1
     for heading in ("What was measured", "Verdict", "Kernel along depth", "Kernel by block and module type",
                     "Zero bounds", "Where CrossQuant cannot shrink the bound", "Top outlier channels and tokens",
-                    "Threshold", "CrossQuant α sweep", "Perplexity under quantization", "Layers"):
+                    "Threshold", "CrossQuant α sweep", "Perplexity under quantization", "Zero-shot accuracy",
+                    "Layers"):
         assert f"<h2>{heading}</h2>" in text, heading
     assert "fills this section" not in text  # every section has data
     assert "below LLaMA 1%" in text or "above LLaMA 1%" in text
@@ -69,6 +79,7 @@ def test_sections_without_data_say_which_command_fills_them(run_dirs):
     text = build_report([read_run(run_dirs["llama"])])
     assert "kernelscope threshold MODEL -o DIR</code> fills this section" in text
     assert "kernelscope sweep MODEL" in text and "kernelscope eval MODEL" in text
+    assert "No zero-shot evaluation in these runs: <code>kernelscope zeroshot MODEL" in text
     text = build_report([read_run(run_dirs["sweep"])])
     assert "kernelscope profile MODEL -o DIR</code> fills the per-layer, heatmap" in text
     assert text.count("kernelscope profile MODEL -o DIR") == 2  # verdict, and once for all layer sections

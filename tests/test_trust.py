@@ -530,13 +530,14 @@ def test_a_folder_named_like_a_gguf_file(capsys, tmp_path):
     assert_refused(capsys, ["layers", str(folder)], "fake.gguf is a folder, not a GGUF file", tmp_path)
 
 
-@pytest.mark.parametrize("command", ["profile", "eval", "threshold", "sweep", "report", "layers", "version"])
+@pytest.mark.parametrize("command", ["profile", "eval", "threshold", "sweep", "zeroshot", "report", "layers",
+                                     "version"])
 def test_help_shows_value_names_not_type_labels(command, capsys):
     code, stdout, _ = run_cli(capsys, command, "--help")
     assert code == 0
     for label in ("<bool>", "<str>", "<int>", "<float>", "<list", "{model}", "{MODEL}", "<Path"):
         assert label not in stdout, (label, stdout)
-    if command in ("profile", "eval", "threshold", "sweep", "layers"):
+    if command in ("profile", "eval", "threshold", "sweep", "zeroshot", "layers"):
         assert "Usage: kernelscope " + command + " [OPTIONS] MODEL" in stdout
 
 

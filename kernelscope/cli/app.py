@@ -318,6 +318,66 @@ def sweep(
 
 
 @app.command(cls=_Command)
+def zeroshot(
+    ctx: typer.Context,
+    model: o.Model,
+    scheme: Annotated[list[str] | None, typer.Option("--scheme", metavar="SCHEME", help="Repeated or "
+        "comma-separated: any scheme of `kernelscope eval` (fp, w8a8-per-token, w8a8-crossquant, "
+        "w4a8-g128-crossquant, w4a4-per-token, w8a8-smoothquant, fp8, mxfp4, nvfp4, remove-kernel-QUANTIZER, "
+        "...). \\[default: fp, w8a8-per-token, w8a8-crossquant]", show_default=False)] = None,
+    tasks: Annotated[list[str] | None, typer.Option("--tasks", "-t", metavar="LIST", help="Harness tasks, "
+        "groups or tags, repeated or comma-separated; multiple-choice and last-word (loglikelihood) tasks. "
+        "Hub tasks need their data: a filled Hugging Face cache read with HF_DATASETS_OFFLINE=1 offline. "
+        "\\[default: lambada_openai, arc_easy, piqa, hellaswag, boolq]", show_default=False)] = None,
+    include_path: Annotated[Path | None, typer.Option("--include-path", metavar="DIR", help="Folder of task "
+        "YAML files of your own (e.g. dataset_path: json with data_files), searched before the harness's "
+        "tasks.", show_default=False)] = None,
+    limit: Annotated[int | None, typer.Option("--limit", metavar="N", help="Score only the first N documents "
+        "of each task. \\[default: all]", show_default=False)] = None,
+    num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", metavar="N", help="Few-shot examples per "
+        "prompt. \\[default: each task's own, 0 for most]", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Requests per forward pass. Schemes whose scale spans a "
+        "sequence (crossquant, per-tensor, per-channel, nvfp4) need 1: the harness pads a batch.")] = 1,
+    seed: Annotated[int | None, typer.Option(help="The harness's four seeds (random, numpy, torch, "
+        "few-shot) all set to N. \\[default: 0,1234,1234,1234, the harness's]", show_default=False)] = None,
+    alpha: Annotated[str, typer.Option("--alpha", "-a", metavar="α", help="CrossQuant exponent in [0, 1] "
+        "for *-crossquant schemes (one value).")] = "0.15",
+    bits: Annotated[int, typer.Option("--bits", "-b", metavar="N", help="Activation bits whose kernel "
+        "remove-kernel-* schemes remove (their names carry no widths).")] = 8,
+    weight_bits: o.WeightBits = None,
+    group_size: o.GroupSize = None,
+    smooth_alpha: Annotated[float, typer.Option(metavar="α", help="SmoothQuant migration strength in "
+        "[0, 1] (w8a8-smoothquant only).")] = 0.5,
+    calib_dataset: Annotated[str, typer.Option(metavar="TEXT", help="Calibration text for SmoothQuant (any "
+        "--dataset value of `kernelscope eval`; w8a8-smoothquant only).")] = "pileval",
+    calib_nsamples: Annotated[int, typer.Option(metavar="N", help="Calibration windows for SmoothQuant "
+        "(w8a8-smoothquant only).")] = 64,
+    calib_seqlen: Annotated[int, typer.Option(metavar="N", help="Tokens per calibration window "
+        "(w8a8-smoothquant only).")] = 512,
+    layers: o.Layers = None,
+    dtype: o.Dtype = "auto",
+    device: o.Device = "auto",
+    trust_remote_code: o.TrustRemoteCode = False,
+    output: o.Output = None,
+    overwrite: o.Overwrite = False,
+    report: o.Report = None,
+    as_json: o.AsJson = False,
+    quiet: o.Quiet = False,
+) -> None:
+    """Zero-shot accuracy under quantization schemes, through lm-evaluation-harness (one model load).
+
+    For each scheme, the scheme is applied to the model in memory and the harness scores every task on it.
+    Shows accuracy ± standard error per task and scheme, and the change from fp in points.
+    Needs the extra: pip install 'kernelscope\\[zeroshot]'.
+    Writes zeroshot.json, zeroshot.parquet and zeroshot_items.parquet (each item's log-likelihoods) with -o.
+    """
+    options = dict(locals())
+    from kernelscope.cli.zeroshot_cmd import run_zeroshot
+
+    _run(run_zeroshot, options)
+
+
+@app.command(cls=_Command)
 def report(
     ctx: typer.Context,
     runs: Annotated[list[Path], typer.Argument(metavar="RUN", help="Run folders written with --output by "

@@ -157,10 +157,10 @@ def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, wind
 
 
 @contextlib.contextmanager
-def stage_progress(quiet: bool) -> Iterator[Any]:
-    """A progress display with one bar per stage; yields ``update(stage, done, total)``."""
+def stage_progress(quiet: bool, unit: str = "windows") -> Iterator[Any]:
+    """A progress display with one bar per stage, counting ``unit``; yields ``update(stage, done, total)``."""
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("windows"), TimeElapsedColumn(), console=err,
+                        TextColumn(unit), TimeElapsedColumn(), console=err,
                         disable=quiet or not err.is_terminal, transient=True)
     tasks: dict[str, Any] = {}
 

@@ -205,6 +205,13 @@ class ScaleRule:
         if not self.floor >= 0.0:
             raise ValueError(f"scale floor must be non-negative, got {self.floor!r}")
 
+    @property
+    def spans_tokens(self) -> bool:
+        """True when a token's scale depends on the other tokens of its sequence: a per-sequence,
+        per-channel or CrossQuant scale, or NVFP4's per-sequence tensor scale. Such a scale changes
+        when padding is added to the sequence; a per-token or per-block scale does not."""
+        return self.unit in ("tensor", "channel", "crossquant") or self.form == "nvfp4"
+
 
 @dataclass(frozen=True)
 class Format:

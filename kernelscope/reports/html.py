@@ -21,6 +21,7 @@ from kernelscope.results.paths import REPORT_TAG
 from kernelscope.version import __version__
 
 PROFILE_COMMAND = "kernelscope profile MODEL -o DIR"
+ZEROSHOT_COMMAND = "kernelscope zeroshot MODEL --scheme fp --scheme w8a8-per-token --tasks arc_easy,piqa -o DIR"
 REFERENCE_THRESHOLDS = {"OPT": 0.19, "LLaMA": 0.01}
 """Kernel proportions below which the CrossQuant paper finds perplexity near-lossless."""
 
@@ -139,8 +140,8 @@ def _measured(page: _Page, runs: list[tuple[str, RunFolder]]) -> None:
     for label, run in runs:
         s = run.summary
         m, t, w = s.get("model") or {}, s.get("text") or {}, s.get("windows") or {}
-        what = ", ".join(q.get("label", "") for q in s.get("quantizers", [])) or ", ".join(
-            r.get("scheme", "") for r in s.get("results", []) if isinstance(r, dict) and r.get("scheme")) or (
+        what = ", ".join(q.get("label", "") for q in s.get("quantizers", [])) or ", ".join(dict.fromkeys(
+            r.get("scheme", "") for r in s.get("results", []) if isinstance(r, dict) and r.get("scheme"))) or (
             (s.get("family") or {}).get("label", ""))
         tokens = s.get("tokens") or (w.get("windows", 0) * w.get("seqlen", 0))
         params = f", {m['parameters'] / 1e6:,.1f}M parameters" if m.get("parameters") else ""
@@ -148,7 +149,8 @@ def _measured(page: _Page, runs: list[tuple[str, RunFolder]]) -> None:
             ("model", f"{m.get('path', m.get('architecture', ''))} ({m.get('architecture', '')}{params}, "
                       f"{m.get('dtype', '')}, {m.get('device', '')})"),
             ("text", t.get("description", "")), ("text sha256", t.get("sha256", "")),
-            ("windows", w.get("description", "")), ("tokens", f"{tokens:,}"),
+            ("windows", w.get("description", "")), ("tokens", f"{tokens:,}" if tokens else ""),
+            ("tasks", ", ".join(str(task.get("task", "")) for task in s.get("tasks") or [])),
             ("protocol", s.get("protocol", "")), ("quantizers / schemes", what),
             ("versions", ", ".join(f"{k} {v}" for k, v in (s.get("versions") or {}).items())),
             ("date", s.get("created", "")),
@@ -236,6 +238,36 @@ def _eval_table(page: _Page, evals) -> None:
         page.add(_table(["scheme", "perplexity", "vs fp", "activation kernel", "tokens"], rows))
 
 
+def _zeroshot_table(page: _Page, zeroshots) -> None:
+    """Task x scheme: accuracy ± its standard error, and below it the change from fp, in points."""
+    page.add("<h2>Zero-shot accuracy</h2>")
+    if not zeroshots:
+        page.missing("zero-shot evaluation", ZEROSHOT_COMMAND)
+        return
+    for label, s in zeroshots:
+        results = s["results"]
+        schemes = list(dict.fromkeys(r["scheme"] for r in results))
+        keys = list(dict.fromkeys((r["task"], r["metric"], r["filter"]) for r in results))
+        cell = {(r["task"], r["metric"], r["filter"], r["scheme"]): r for r in results}
+        rows = []
+        for task, metric, filter_key in keys:
+            shown = task if filter_key == "none" else f"{task} ({filter_key})"
+            rows.append([esc(shown), esc(metric), *(_accuracy(cell.get((task, metric, filter_key, scheme)))
+                                                    for scheme in schemes)])
+        page.add(f"<p><b>{esc(label)}</b>: accuracy in % ± its standard error; below it the change from fp, "
+                 "in points (protocol above, under What was measured).</p>")
+        page.add(_table(["task", "metric", *schemes], rows))
+
+
+def _accuracy(r: dict | None) -> str:
+    if r is None:
+        return ""
+    text = f"{100 * r['accuracy']:.2f}" + ("" if r.get("stderr") is None else f" ± {100 * r['stderr']:.2f}")
+    if r.get("change_from_fp") is not None:
+        text += f"<br><small>{100 * r['change_from_fp']:+.2f}</small>"
+    return text
+
+
 def _layer_table(page: _Page, profiles) -> None:
     page.add("<h2>Layers</h2>")
     frames = [run.tables["layers"].with_columns(pl.lit(label).alias("run")).select(TABLE_COLUMNS)
@@ -270,6 +302,7 @@ def build_report(runs: Sequence[RunFolder], *, title: str | None = None) -> str:
     thresholds = [(lab, run.summary) for lab, run in by_kind("threshold")]
     sweeps = [(lab, run.summary) for lab, run in by_kind("sweep")]
     evals = [(lab, run.summary) for lab, run in by_kind("eval")]
+    zeroshots = [(lab, run.summary) for lab, run in by_kind("zeroshot")]
 
     page = _Page()
     heading = title or "kernelscope report: " + ", ".join(lab for lab, _ in labelled)
@@ -298,6 +331,7 @@ def build_report(runs: Sequence[RunFolder], *, title: str | None = None) -> str:
     else:
         page.missing("α sweep", "kernelscope sweep MODEL --alpha 0.15,0.45,0.75,1 -o DIR")
     _eval_table(page, evals)
+    _zeroshot_table(page, zeroshots)
     if profiles:
         _layer_table(page, profiles)
     page.add(f'<p class="missing">Written by kernelscope {esc(__version__)}.</p>')

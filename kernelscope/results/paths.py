@@ -18,7 +18,7 @@ RUN_MARKER = ".kernelscope-run"
 """The file every run folder holds; its presence is what makes a folder replaceable."""
 REPORT_TAG = '<meta name="generator" content="kernelscope">'
 """The tag at the head of every report; only a file that starts with it is replaced."""
-SUMMARY_NAMES = ("summary.json", "eval.json", "threshold.json", "sweep.json")
+SUMMARY_NAMES = ("summary.json", "eval.json", "threshold.json", "sweep.json", "zeroshot.json")
 
 
 def protected_paths() -> set[Path]:

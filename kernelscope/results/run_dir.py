@@ -47,7 +47,7 @@ def write_run(path: str | Path, tables: dict[str, pl.DataFrame], summary: dict[s
     """Write ``tables`` as ``<name>.parquet`` and ``summary`` as JSON, all or nothing.
 
     ``summary_name`` is one of :data:`SUMMARY_NAMES` (``summary.json`` for a profile, ``eval.json``,
-    ``threshold.json`` or ``sweep.json`` for the other runs).
+    ``threshold.json``, ``sweep.json`` or ``zeroshot.json`` for the other runs).
     """
     if summary_name not in SUMMARY_NAMES:
         raise ValueError(f"summary_name must be one of {SUMMARY_NAMES}")

@@ -48,14 +48,15 @@ def text_facts(text: TextSource | None) -> dict[str, Any] | None:
             "characters": len(text.text)}
 
 
-def run_context(model_info: dict, text: TextSource | None, windows: Windows, kind: str) -> dict[str, Any]:
-    """The part of every run summary that says what was measured on what."""
+def run_context(model_info: dict, text: TextSource | None, windows: Windows | None, kind: str) -> dict[str, Any]:
+    """The part of every run summary that says what was measured on what (``windows`` None for a run
+    that reads task documents rather than windows of a text)."""
     return {
         "kind": kind,
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "model": model_info,
         "text": text_facts(text),
-        "windows": windows.as_dict(),
+        "windows": windows.as_dict() if windows is not None else None,
         "versions": versions(),
     }
 

@@ -1,0 +1,189 @@
+"""``kernelscope zeroshot``: accuracy on lm-evaluation-harness tasks under quantization schemes."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from rich.markup import escape
+from rich.table import Table
+
+from kernelscope.cli.common import (
+    check_alphas,
+    check_bits,
+    check_positive,
+    check_report_path,
+    finish,
+    load_with_status,
+    one_value,
+    refuse_unused,
+    split_values,
+    stage_progress,
+)
+from kernelscope.cli.console import fail, flag, out, pct
+from kernelscope.cli.eval_cmd import DEFAULT_SCHEMES
+
+DEFAULT_TASKS = ("lambada_openai", "arc_easy", "piqa", "hellaswag", "boolq")
+"""The CrossQuant paper's zero-shot tasks (its Figure 1 and Table 3)."""
+MAX_SEED = 2**32 - 1  # numpy's generator takes seeds below 2^32
+
+
+def _schemes(scheme, alpha, bits, weight_bits, group_size, smooth_alpha):
+    from kernelscope.runs.schemes import parse_scheme
+
+    names = split_values(scheme, "--scheme", str, "a scheme") if scheme else DEFAULT_SCHEMES
+    schemes = [parse_scheme(s, alpha=alpha, bits=bits, weight_bits=weight_bits, group_size=group_size,
+                            smooth_alpha=smooth_alpha) for s in names]
+    if len({s.name for s in schemes}) != len(schemes):
+        fail(f"a {flag('--scheme')} is given twice")
+    return schemes
+
+
+def _check_numbers(*, alpha, bits, weight_bits, group_size, smooth_alpha, calib_nsamples, calib_seqlen,
+                   limit, num_fewshot, batch_size, seed) -> float:
+    """Every number option checked before anything loads; returns α."""
+    alpha = one_value(alpha, "--alpha", float, "a number", "give one α per run")
+    check_alphas([alpha])
+    check_alphas([smooth_alpha], "--smooth-alpha", hint="")
+    check_bits([bits])
+    if weight_bits is not None:
+        check_bits([weight_bits], "--weight-bits")
+    if group_size is not None and group_size < 1:
+        fail(f"{flag('--group-size')} must be at least 1, got {group_size}")
+    for name, value in (("--calib-nsamples", calib_nsamples), ("--calib-seqlen", calib_seqlen),
+                        ("--limit", limit), ("--batch-size", batch_size)):
+        check_positive(name, value)
+    check_positive("--num-fewshot", num_fewshot, least=0)
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        fail(f"{flag('--seed')} {seed} is out of range; give a whole number from 0 to {MAX_SEED}")
+    return alpha
+
+
+def _refusals(schemes, given, *, output, report, batch_size, group_size, weight_bits) -> None:
+    removing = any(s.mode == "remove_kernel" for s in schemes)
+    removing_int = any(s.mode == "remove_kernel" and s.activation.format.grid.is_int for s in schemes)
+    smoothing = any(s.smooth_alpha is not None for s in schemes)
+    only_removal = "it applies to remove-kernel-* schemes only (a wXaY scheme names its own bit widths)"
+    only_smoothing = "it applies to the w8a8-smoothquant scheme only"
+    refuse_unused(
+        given,
+        alpha=None if any(s.activation and s.activation.takes_alpha for s in schemes)
+        else "it is CrossQuant's exponent, and no --scheme given is a *-crossquant scheme",
+        bits=None if removing_int else "it applies to remove-kernel-* schemes of INT quantizers only "
+        "(a wXaY scheme names its own widths, a float format carries its own)",
+        weight_bits=None if removing else only_removal, group_size=None if removing else only_removal,
+        smooth_alpha=None if smoothing else only_smoothing, calib_dataset=None if smoothing else only_smoothing,
+        calib_nsamples=None if smoothing else only_smoothing, calib_seqlen=None if smoothing else only_smoothing,
+        overwrite=None if output is not None or report is not None
+        else "it lets --output or --report replace an earlier result, and neither is given",
+    )
+    if group_size is not None and weight_bits is None:
+        fail(f"{flag('--group-size')} applies to quantized weights; give --weight-bits too")
+    from kernelscope.runs.zeroshot import spans_tokens
+
+    wide = next((s for s in schemes if spans_tokens(s)), None)
+    if batch_size > 1 and wide is not None:
+        fail(f"{flag('--batch-size')} {batch_size} with {flag('--scheme')} {wide.name}: the harness pads the "
+             "shorter requests of a batch, and this scheme takes its scale over a whole sequence, padding "
+             "included; give --batch-size 1")
+
+
+def _check_paths_and_model(model, output, overwrite, report, dtype, device, layers) -> str:
+    """Output paths, the model's source, dtype, device and --layers, checked before any loading."""
+    from kernelscope.models import parse_device, parse_dtype, resolve_model_source
+    from kernelscope.results import check_output_dir
+
+    resolve_model_source(model)
+    if output is not None:
+        check_output_dir(output, overwrite, flag("--output"))
+    check_report_path(report, overwrite, output)
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    parse_dtype(dtype, parse_device(device))
+    if layers is not None:
+        try:
+            re.compile(layers)
+        except re.error as exc:
+            fail(f"{flag('--layers')} {layers!r} is not a valid regular expression: {exc}")
+    return device
+
+
+def _calibration(loaded, text, nsamples: int, seqlen: int, seed: int | None):
+    from kernelscope.data import make_windows, tokenize
+
+    limit = loaded.info.get("max_position_embeddings")
+    if isinstance(limit, int) and seqlen > limit:
+        fail(f"{flag('--calib-seqlen')} {seqlen} is beyond the model's context of {limit} tokens")
+    return make_windows(tokenize(loaded.tokenizer, text.text), seqlen, nsamples, selection="random",
+                        seed=0 if seed is None else seed,
+                        names=(f"calibration text ({flag('--calib-dataset')})", flag("--calib-nsamples"),
+                               flag("--calib-seqlen")))
+
+
+def run_zeroshot(*, model, scheme, tasks, include_path, limit, num_fewshot, batch_size, seed, alpha, bits,
+                 weight_bits, group_size, smooth_alpha, calib_dataset, calib_nsamples, calib_seqlen, layers,
+                 dtype, device, trust_remote_code, output, overwrite, report, as_json, quiet, given) -> None:
+    from kernelscope.data import load_text
+    from kernelscope.data.tasks import load_tasks, require_harness
+    from kernelscope.runs.zeroshot import zeroshot
+
+    require_harness()
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes on a model passed as an object
+    alpha = _check_numbers(alpha=alpha, bits=bits, weight_bits=weight_bits, group_size=group_size,
+                           smooth_alpha=smooth_alpha, calib_nsamples=calib_nsamples, calib_seqlen=calib_seqlen,
+                           limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, seed=seed)
+    schemes = _schemes(scheme, alpha, bits, weight_bits, group_size, smooth_alpha)
+    _refusals(schemes, given, output=output, report=report, batch_size=batch_size, group_size=group_size,
+              weight_bits=weight_bits)
+    device = _check_paths_and_model(model, output, overwrite, report, dtype, device, layers)
+    names = split_values(tasks, "--tasks", str, "a task name") if tasks else list(DEFAULT_TASKS)
+    harness_tasks = load_tasks(names, include_path, option=flag("--tasks"), path_option=flag("--include-path"))
+    if num_fewshot not in (None, 0) and harness_tasks.fixed_zero_shot:
+        fail(f"{flag('--num-fewshot')} {num_fewshot} has no effect on task {harness_tasks.fixed_zero_shot[0]}: "
+             "its definition fixes the few-shot count at 0, which the harness keeps")
+    smoothing = any(s.smooth_alpha is not None for s in schemes)
+    calib_text = (load_text(calib_dataset, max_chars=20 * calib_nsamples * calib_seqlen,
+                            option=flag("--calib-dataset")) if smoothing else None)
+    silent = quiet or as_json
+    loaded = load_with_status(model, dtype, device, trust_remote_code, quiet=silent)
+    calibration = _calibration(loaded, calib_text, calib_nsamples, calib_seqlen, seed) if smoothing else None
+    with stage_progress(silent, unit="tasks") as update:
+        result = zeroshot(loaded, harness_tasks, schemes, layers=layers, limit=limit, num_fewshot=num_fewshot,
+                          batch_size=batch_size, seed=seed, calibration=calibration, calibration_text=calib_text,
+                          progress=update)
+    finish(result, output, overwrite, as_json, _show, report)
+
+
+def _header(summary: dict):
+    from rich.panel import Panel
+
+    m = summary["model"]
+    tasks = ", ".join(f"{t['task']} ({t['documents']:,} documents)" for t in summary["tasks"])
+    lines = [
+        (f"[bold]model[/]    {escape(str(m.get('path', m.get('architecture'))))}  ({m.get('architecture')}, "
+         f"{m.get('parameters', 0) / 1e6:.0f}M parameters, {m.get('dtype')}, {m.get('device')})"),
+        f"[bold]tasks[/]    {escape(tasks)}",
+        f"[bold]protocol[/] {escape(summary['protocol'])}",
+    ]
+    return Panel("\n".join(lines), title="kernelscope zeroshot", expand=False)
+
+
+def _show(result) -> None:
+    s = result.summary
+    out.print(_header(s))
+    table = Table(title="Zero-shot accuracy in % ± standard error, change from fp in points (lm_head in "
+                        "full precision; INT weights per-channel unless gN)")
+    table.add_column("scheme", overflow="fold")
+    table.add_column("task", overflow="fold")
+    table.add_column("metric", no_wrap=True)
+    for col in ("accuracy", "vs fp", "items", "kernel"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in s["results"]:
+        task = r["task"] if r["filter"] == "none" else f"{r['task']} ({r['filter']})"
+        stderr = "" if r["stderr"] is None else f" ± {100 * r['stderr']:.2f}"
+        table.add_row(escape(r["scheme"]), escape(task), r["metric"], f"{100 * r['accuracy']:.2f}{stderr}",
+                      "" if r["change_from_fp"] is None else f"{100 * r['change_from_fp']:+.2f}",
+                      str(r["items"]), pct(r["kernel_fraction"]))
+    out.print(table)

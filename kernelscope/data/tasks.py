@@ -1,0 +1,258 @@
+"""Zero-shot tasks of lm-evaluation-harness: found by name, their data read before any model loads.
+
+The harness is an optional dependency (``pip install 'kernelscope[zeroshot]'``); :func:`require_harness`
+says how to install it. A task's data come from the Hugging Face hub (its YAML names a dataset there)
+or from local files (a YAML of one's own, ``dataset_path: json`` with ``data_files``, found through
+``include_path``). Without a network a hub task is refused at once with what it needs and the two ways
+to make it available: a filled Hugging Face cache read with ``HF_DATASETS_OFFLINE=1``, or a local
+task definition.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import importlib.metadata
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kernelscope.errors import KernelscopeError
+from kernelscope.hub import hub_unreachable_reason
+
+INSTALL_HINT = "pip install 'kernelscope[zeroshot]'"
+SCORED_OUTPUT_TYPES = ("multiple_choice", "loglikelihood")
+"""Task kinds scored from the log-likelihood of given continuations: each request is one forward pass
+over its whole sequence (context and continuation), so a per-sequence scale sees the whole request."""
+ACCURACY_METRICS = ("acc", "acc_norm")
+"""The harness's accuracy metrics (the share of items whose right answer scored best), reported
+with their standard error."""
+LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
+"""``dataset_path`` values that read local files (``data_files``) rather than a hub dataset."""
+
+
+def require_harness() -> str:
+    """The installed lm-evaluation-harness version; a one-line error that says how to install it."""
+    try:
+        import lm_eval  # noqa: F401
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise KernelscopeError(
+            f"kernelscope zeroshot runs lm-evaluation-harness, an optional extra that is not installed: "
+            f"{INSTALL_HINT}") from None
+    if not hasattr(TaskManager, "load"):
+        raise KernelscopeError(f"lm-evaluation-harness {importlib.metadata.version('lm_eval')} is older than "
+                               f"kernelscope needs; {INSTALL_HINT}")
+    return importlib.metadata.version("lm_eval")
+
+
+@dataclass
+class HarnessTasks:
+    """The harness's tasks named by the user, loaded with their data.
+
+    ``tasks`` maps each task to the harness's task object (a group or tag is expanded to its tasks);
+    ``facts`` describe each one for the run summary: where its data come from, its output type,
+    its accuracy metrics, its document count and a SHA-256 of its evaluation documents.
+    """
+
+    names: list[str]
+    tasks: dict[str, Any]
+    facts: list[dict[str, Any]]
+    include_path: str | None
+    harness_version: str
+    manager: Any = field(repr=False, default=None)
+
+    def fact(self, task: str) -> dict[str, Any]:
+        return next(f for f in self.facts if f["task"] == task)
+
+    def metrics(self, task: str) -> list[str]:
+        return self.fact(task)["metrics"]
+
+    @property
+    def fixed_zero_shot(self) -> list[str]:
+        """Tasks whose definition fixes the few-shot count at 0 (the harness keeps that over any other)."""
+        return [f["task"] for f in self.facts if f["config_num_fewshot"] == 0]
+
+
+def load_tasks(names: Sequence[str], include_path: str | Path | None = None, *,
+               option: str = "--tasks", path_option: str = "--include-path") -> HarnessTasks:
+    """Find and load ``names`` (tasks, groups or tags of the harness, or of the YAML files under
+    ``include_path``), with their data. ``option`` and ``path_option`` are how errors name the
+    options that gave them.
+    """
+    version = require_harness()
+    if not names:
+        raise KernelscopeError(f"{option} needs at least one task")
+    folder = _checked_folder(include_path, path_option)
+    manager = _manager(names, folder, option, path_option)
+    tasks: dict[str, Any] = {}
+    requested: dict[str, str] = {}
+    for name in dict.fromkeys(names):
+        for task_name, task in _load_one(manager, name, path_option).items():
+            tasks.setdefault(task_name, task)
+            requested.setdefault(task_name, name)
+    facts = [_facts(task_name, task, requested[task_name], option) for task_name, task in tasks.items()]
+    return HarnessTasks(list(dict.fromkeys(names)), tasks, facts, str(folder) if folder else None, version,
+                        manager)
+
+
+def _checked_folder(include_path: str | Path | None, path_option: str) -> Path | None:
+    if include_path is None:
+        return None
+    folder = Path(include_path).expanduser()
+    if not folder.exists():
+        raise KernelscopeError(f"{path_option} {include_path}: no such folder; give the folder that holds "
+                               "your task YAML files")
+    if not folder.is_dir():
+        raise KernelscopeError(f"{path_option} {include_path} is not a folder; give the folder that holds "
+                               "your task YAML files")
+    return folder.resolve()
+
+
+def _manager(names: Sequence[str], folder: Path | None, option: str, path_option: str):
+    """The harness's task index: the local folder alone when it defines every name (indexing the
+    harness's own thousands of tasks takes seconds), else the harness's tasks and the folder's."""
+    from lm_eval.tasks import TaskManager
+
+    if folder is not None:
+        local = TaskManager(include_path=str(folder), include_defaults=False)
+        if all(name in local.all_tasks for name in names):
+            return local
+    manager = _full_index(str(folder) if folder else None, _yaml_fingerprint(folder))
+    for name in names:
+        if name not in manager.all_tasks:
+            close = difflib.get_close_matches(name, manager.all_tasks, n=3)
+            near = f"; did you mean {', '.join(close)}?" if close else ""
+            where = (f"none of the YAML files under {path_option} {folder} defines it" if folder
+                     else f"for a task of your own, pass the folder of its YAML with {path_option} DIR")
+            raise KernelscopeError(f"unknown task {name!r} in {option}{near} (the harness knows "
+                                   f"{len(manager.all_tasks):,} tasks, groups and tags; {where})")
+    return manager
+
+
+@functools.lru_cache(maxsize=4)
+def _full_index(folder: str | None, fingerprint: tuple) -> Any:
+    """The harness's tasks and the folder's, indexed once per process while the folder's YAML files
+    (``fingerprint``) stay as they were."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=folder)
+
+
+def _yaml_fingerprint(folder: Path | None) -> tuple:
+    """Each YAML file under ``folder`` with its size and modification time."""
+    if folder is None:
+        return ()
+    files = sorted(p for p in folder.rglob("*") if p.suffix in (".yaml", ".yml") and p.is_file())
+    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
+def _load_one(manager, name: str, path_option: str) -> dict[str, Any]:
+    """The tasks ``name`` stands for, loaded; a hub dataset that cannot be had is refused first."""
+    offline = _datasets_offline()
+    needed = next(_hub_datasets(manager, name), None)
+    if needed is not None and not offline:
+        reason = hub_unreachable_reason()  # the harness would retry for half a minute
+        if reason is not None:
+            raise KernelscopeError(_unavailable(*needed, reason, path_option))
+    try:
+        return manager.load([name])["tasks"]
+    except ConnectionError as exc:
+        reason = ("offline mode is on and the Hugging Face cache does not hold it" if offline
+                  else _first_line(exc))
+        task, dataset = needed or (name, "its data")
+        raise KernelscopeError(_unavailable(task, dataset, reason, path_option)) from None
+    except Exception as exc:  # the harness and datasets raise many types for a bad task file or data
+        raise KernelscopeError(f"cannot load task {name!r}: {type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def _datasets_offline() -> bool:
+    """Whether datasets reads only its cache (HF_DATASETS_OFFLINE or HF_HUB_OFFLINE set)."""
+    import datasets
+
+    return bool(datasets.config.HF_HUB_OFFLINE)
+
+
+def _unavailable(task: str, dataset: str, reason: str, path_option: str) -> str:
+    return (f"task {task} needs {dataset} from the Hugging Face hub, which cannot be reached ({reason}); "
+            "make it available: run once where the hub is reachable (that fills the Hugging Face cache), then "
+            "offline with HF_DATASETS_OFFLINE=1 and the same HF_HOME; or define the task in a YAML of your "
+            f"own whose data are local files (dataset_path: json, with data_files) and pass its folder with "
+            f"{path_option} DIR")
+
+
+def _hub_datasets(manager, name: str) -> Iterator[tuple[str, str]]:
+    """``(task, "the dataset org/name (config)")`` for every task under ``name`` whose data the index
+    says live on the hub (a local builder or an existing path does not count)."""
+    for task, cfg in _leaf_configs(manager, name, set()):
+        path = cfg.get("dataset_path")
+        if not isinstance(path, str) or path in LOCAL_BUILDERS or Path(path).expanduser().exists():
+            continue
+        config = cfg.get("dataset_name")
+        yield task, f"the dataset {path}" + (f" ({config})" if config else "")
+
+
+def _leaf_configs(manager, name: str, seen: set[str]) -> Iterator[tuple[str, dict]]:
+    """The index's configuration of every task a name stands for (tags and groups followed)."""
+    entry = manager.task_index.get(name)
+    if entry is None or name in seen:
+        return
+    seen.add(name)
+    if name in manager.all_tags:
+        for member in sorted(entry.tags):
+            yield from _leaf_configs(manager, member, seen)
+    elif name in manager.all_groups:
+        members = (entry.cfg or {}).get("task") or []
+        for member in members if isinstance(members, list) else [members]:
+            if isinstance(member, str):
+                yield from _leaf_configs(manager, member, seen)
+            elif isinstance(member, dict) and isinstance(member.get("task"), str):
+                if "dataset_path" in member:
+                    yield member["task"], member
+                else:
+                    yield from _leaf_configs(manager, member["task"], seen)
+    else:
+        yield name, entry.cfg or {}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _facts(name: str, task, requested: str, option: str) -> dict[str, Any]:
+    """What the summary records of one task; a task kernelscope cannot score is refused here."""
+    output_type = task.get_config("output_type")
+    if output_type not in SCORED_OUTPUT_TYPES:
+        raise KernelscopeError(
+            f"task {name} (from {option} {requested}) is a {output_type} task; kernelscope zeroshot scores "
+            f"{' and '.join(SCORED_OUTPUT_TYPES)} tasks, whose every request is one forward pass over "
+            "its whole sequence")
+    metrics = [m for m in ACCURACY_METRICS if m in task.aggregation()]
+    if not metrics:
+        raise KernelscopeError(
+            f"task {name} (from {option} {requested}) reports no accuracy (its metrics: "
+            f"{', '.join(task.aggregation()) or 'none'}); kernelscope zeroshot reports {', '.join(ACCURACY_METRICS)}")
+    docs = list(task.eval_docs)
+    config = task.config
+    return {
+        "task": name, "requested_as": requested, "output_type": output_type, "metrics": metrics,
+        "dataset_path": config.dataset_path, "dataset_name": config.dataset_name,
+        "source": (config.metadata or {}).get("config_source"),
+        "version": (config.metadata or {}).get("version"),
+        "config_num_fewshot": task.get_config("num_fewshot"),
+        "documents": len(docs), "documents_sha256": documents_sha256(docs),
+    }
+
+
+def documents_sha256(docs: Sequence[Any]) -> str:
+    """A fingerprint of a task's evaluation documents, in order, so two runs can tell whether they
+    scored the same items."""
+    digest = hashlib.sha256()
+    for doc in docs:
+        digest.update(json.dumps(doc, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()
