@@ -317,9 +317,12 @@ def test_float_format_schemes_match_a_reference_written_here(family):
     model = tiny_model(family)
     windows = windows_for()
     layers = select_linear_layers(model)
-    for name, quantizer, bits in (("fp8", "fp8_per_token", 8), ("mxfp8", "mxfp8", 8), ("mxfp4", "mxfp4", 4),
-                                  ("mxfp4-rceil", "mxfp4_rceil", 4), ("nvfp4", "nvfp4", 4)):
-        fmt = QuantizerConfig(quantizer, bits).format
+    from kernelscope.quant.formats import FORMATS
+    from kernelscope.runs.schemes import FLOAT_SCHEMES
+
+    assert {"fp8", "mxfp8", "mxfp4", "mxfp4-rceil", "nvfp4"} <= set(FLOAT_SCHEMES)
+    for name, quantizer in FLOAT_SCHEMES.items():  # every float format of the registry
+        fmt = QuantizerConfig(quantizer, FORMATS[quantizer].grid.bits).format
         got = run_scheme(model, windows, parse_scheme(name), layers)
         assert got["nll"] == pytest.approx(format_nll(model, windows, fmt, weights=True), rel=1e-6), name
         removal = parse_scheme("remove-kernel-" + quantizer.replace("_", "-"))

@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 from kernelscope.quant import STEP_FLOOR
 from kernelscope.quant.formats import (
     E2M1,
+    E2M3,
+    E3M2,
     E4M3,
     FORMATS,
     ElementGrid,
@@ -41,7 +43,10 @@ from tests import reference as ref
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
 F32 = np.float32
-FLOAT_FORMATS = ["fp8_per_token", "fp8_per_tensor", "mxfp8", "mxfp4", "mxfp4_rceil", "nvfp4"]
+FLOAT_FORMATS = ["fp8_per_token", "fp8_per_tensor", "mxfp8", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4", "mxfp4_rceil",
+                 "nvfp4"]
+MX_FLOOR = {"mxfp8": 8, "mxfp6_e2m3": 2, "mxfp6_e3m2": 4, "mxfp4": 2}
+"""The MX formats with the FLOOR rule, and their element grids' largest exponent (the scale's shift)."""
 INT_FORMATS = ["per_token", "per_tensor", "per_channel", "crossquant", "per_group"]
 ALPHA = 0.15
 
@@ -82,6 +87,9 @@ def grid_codes(ebits: int, mbits: int, max_value: float) -> list[float]:
 
 E4M3_CODES = grid_codes(4, 3, 448.0)
 E2M1_CODES = grid_codes(2, 1, 6.0)
+E2M3_CODES = grid_codes(2, 3, 7.5)
+E3M2_CODES = grid_codes(3, 2, 28.0)
+CODES = {"e4m3": E4M3_CODES, "e2m1": E2M1_CODES, "e2m3": E2M3_CODES, "e3m2": E3M2_CODES}
 
 
 def naive_round(v: float, codes: list[float]) -> float:
@@ -152,9 +160,8 @@ def naive_scale(name: str, amax: float, tensor_amax: float, bits: int) -> np.flo
         return max(F32(amax) / F32(448), F32(1.0) / (F32(448) * F32(512)))
     if name == "fp8_per_tensor":
         return F32(amax) / F32(448)
-    if name in ("mxfp8", "mxfp4"):
-        emax = 8 if name == "mxfp8" else 2
-        return F32(naive_e8m0((naive_floor_log2(amax) if amax > 0 else -1000) - emax))
+    if name in MX_FLOOR:
+        return F32(naive_e8m0((naive_floor_log2(amax) if amax > 0 else -1000) - MX_FLOOR[name]))
     if name == "mxfp4_rceil":
         d = float(F32(amax) / F32(6))
         return F32(naive_e8m0(naive_ceil_log2(d) if d > 0 else -1000))
@@ -181,7 +188,7 @@ def naive_fake_quantize_seq(seq: np.ndarray, name: str, bits: int = 8, block: in
                 qmax = 2 ** (bits - 1) - 1
                 q = min(max(float(np.round(quot)), -qmax), qmax)
             else:
-                q = naive_round(float(quot), E4M3_CODES if grid is E4M3 else E2M1_CODES)
+                q = naive_round(float(quot), CODES[grid.name])
             out[p] = F32(q) * s
     return out
 
@@ -257,7 +264,8 @@ def test_grid_validates_itself(kwargs):
         ElementGrid(**kwargs)
 
 
-@pytest.mark.parametrize("grid, codes", [(E4M3, E4M3_CODES), (E2M1, E2M1_CODES)])
+@pytest.mark.parametrize("grid, codes", [(E4M3, E4M3_CODES), (E2M1, E2M1_CODES), (E2M3, E2M3_CODES),
+                                         (E3M2, E3M2_CODES)])
 def test_grid_rounding_equals_naive_round_to_nearest_even(grid, codes):
     random = random_floats(0, 20000, -24, 12)
     v = torch.cat([grid_probe(codes), random])
@@ -282,8 +290,23 @@ def test_e2m1_rounding_equals_ml_dtypes():
     assert_bits_equal(E2M1.round(v), torch.from_numpy(oracle))
 
 
+@pytest.mark.parametrize("grid, oracle", [(E2M3, "float6_e2m3fn"), (E3M2, "float6_e3m2fn")])
+def test_fp6_rounding_equals_ml_dtypes(grid, oracle):
+    random = random_floats(3, 200000, -14, 7)
+    v = torch.cat([grid_probe(CODES[grid.name]), random])
+    clamped = v.clamp(-grid.max_value, grid.max_value)  # the grids saturate; ml_dtypes' cast need not
+    expect = clamped.numpy().astype(getattr(ml_dtypes, oracle)).astype(np.float32)
+    assert_bits_equal(grid.round(v), torch.from_numpy(expect))
+
+
+def test_fp6_grids():
+    assert (E2M3.tau, E2M3.emax, E2M3.min_normal, len(E2M3_CODES)) == (1 / 16, 2, 1.0, 32)
+    assert (E3M2.tau, E3M2.emax, E3M2.min_normal, len(E3M2_CODES)) == (1 / 32, 4, 0.25, 32)
+    assert E2M3_CODES[:3] == [0.0, 0.125, 0.25] and E3M2_CODES[-1] == 28.0
+
+
 def test_ties_at_tau_go_to_zero_and_one_ulp_above_does_not():
-    for grid in (E4M3, E2M1, int_grid(8), int_grid(4)):
+    for grid in (E4M3, E2M1, E2M3, E3M2, int_grid(8), int_grid(4)):
         tau = torch.tensor([grid.tau, -grid.tau])
         assert torch.equal(grid.round(tau), torch.zeros(2))
         assert (grid.round(nextafter(tau, math.copysign(math.inf, 1))).abs()[0] > 0)
@@ -315,11 +338,12 @@ def test_subnormal_codes():
 def test_registry_entries():
     assert list(FORMATS) == INT_FORMATS + FLOAT_FORMATS
     assert {n: FORMATS[n].block_size for n in FORMATS if FORMATS[n].block_size} == {
-        "per_group": 128, "mxfp8": 32, "mxfp4": 32, "mxfp4_rceil": 32, "nvfp4": 16}
+        "per_group": 128, "mxfp8": 32, "mxfp6_e2m3": 32, "mxfp6_e3m2": 32, "mxfp4": 32, "mxfp4_rceil": 32,
+        "nvfp4": 16}
     assert {n: FORMATS[n].tau for n in FORMATS} == {**{n: 0.5 for n in INT_FORMATS},
                                                    "fp8_per_token": 2.0**-10, "fp8_per_tensor": 2.0**-10,
-                                                   "mxfp8": 2.0**-10, "mxfp4": 0.25, "mxfp4_rceil": 0.25,
-                                                   "nvfp4": 0.25}
+                                                   "mxfp8": 2.0**-10, "mxfp6_e2m3": 2.0**-4, "mxfp6_e3m2": 2.0**-5,
+                                                   "mxfp4": 0.25, "mxfp4_rceil": 0.25, "nvfp4": 0.25}
     assert get_format("per_group", bits=4, block_size=64).block_size == 64
     assert get_format("mxfp4").grid.bits == 4 and get_format("mxfp8", bits=8).grid.bits == 8
 
@@ -381,7 +405,7 @@ def test_ties_at_the_zero_bound_are_in_the_kernel(name):
     x = adversarial(4, shape=(2, 3, 64))
     fmt = fmt_of(name, 4)
     grid = FORMATS[name].grid
-    tau = 0.5 if grid is None else (E4M3_CODES if grid is E4M3 else E2M1_CODES)[1] / 2  # half the first code
+    tau = 0.5 if grid is None else CODES[grid.name][1] / 2  # half the first code
     s = expand_scale(scale(x, fmt), fmt, x.shape[-1]).expand_as(x)
     bound = tau * s
     assert_bits_equal(zero_bound(x, fmt).expand_as(x), bound)
@@ -580,7 +604,9 @@ def test_subnormal_mask_matches_codes():
     for name in FLOAT_FORMATS:
         fmt = fmt_of(name)
         q, _ = quantize(x, fmt)
-        expect = (q != 0) & (q.abs() < (2.0**-6 if fmt.grid is E4M3 else 1.0))
+        smallest_normal = CODES[fmt.grid.name][2**fmt.grid.mantissa_bits]  # past 0 and the 2^m - 1 subnormals
+        assert smallest_normal == {"e4m3": 2.0**-6, "e2m1": 1.0, "e2m3": 1.0, "e3m2": 0.25}[fmt.grid.name]
+        expect = (q != 0) & (q.abs() < smallest_normal)
         assert torch.equal(subnormal_mask(x, fmt), expect)
     assert not subnormal_mask(x, fmt_of("per_token", 4)).any()
 
@@ -634,11 +660,19 @@ def _torchao():
 
 def torchao_mx(x: torch.Tensor, name: str):
     """(scale, grid values, dequantized) from torchao's to_mx / to_dtype."""
+    from torchao.prototype.mx_formats import constants, kernels
+
     mx, _, mode, f4_to_f32, unpack = _torchao()
-    elem = torch.float8_e4m3fn if name == "mxfp8" else torch.float4_e2m1fn_x2
+    elem = {"mxfp8": torch.float8_e4m3fn, "mxfp6_e2m3": constants.DTYPE_FP6_E2M3,
+            "mxfp6_e3m2": constants.DTYPE_FP6_E3M2}.get(name, torch.float4_e2m1fn_x2)
     rule = mode.RCEIL if name == "mxfp4_rceil" else mode.FLOOR
     s, data = mx.to_mx(x.contiguous(), elem, 32, rule)
-    q = data.float() if name == "mxfp8" else f4_to_f32(unpack(data.view(torch.uint8)))
+    if name == "mxfp8":
+        q = data.float()
+    elif name.startswith("mxfp6"):
+        q = getattr(kernels, f"f6_{name[-4:]}_unpacked_to_f32")(data)
+    else:
+        q = f4_to_f32(unpack(data.view(torch.uint8)))
     deq = mx.to_dtype(data, s, elem, 32, x.dtype)
     return mx.get_fp_scale(s), q.reshape(x.shape), deq.reshape(x.shape)
 
@@ -662,7 +696,7 @@ def normal_range_input(seed: int, dtype=torch.float32) -> torch.Tensor:
     return x.to(dtype)
 
 
-@pytest.mark.parametrize("name", ["mxfp8", "mxfp4", "mxfp4_rceil"])
+@pytest.mark.parametrize("name", ["mxfp8", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4", "mxfp4_rceil"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mx_equals_torchao_to_mx(name, dtype):
     for seed in range(3):
@@ -742,7 +776,8 @@ def test_mx_rceil_tiny_block_where_torchao_leaves_it_unscaled():
     assert my_q[0, 0].item() == 2.0 and q[0, 0].item() == 0.0
 
 
-@pytest.mark.parametrize("grid, codes", [(E4M3, E4M3_CODES), (E2M1, E2M1_CODES)], ids=["e4m3", "e2m1"])
+@pytest.mark.parametrize("grid, codes", [(E4M3, E4M3_CODES), (E2M1, E2M1_CODES), (E2M3, E2M3_CODES),
+                                         (E3M2, E3M2_CODES)], ids=["e4m3", "e2m1", "e2m3", "e3m2"])
 def test_subnormal_range_is_what_rounding_decides(grid, codes):
     # every code, every midpoint between codes, each one float32 ulp either side, and random values
     table = torch.tensor(codes, dtype=torch.float32)

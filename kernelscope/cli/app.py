@@ -133,9 +133,10 @@ def profile(
     windows: o.WindowsSel = "first",
     seed: o.Seed = 0,
     quantizer: Annotated[list[str] | None, typer.Option("--quantizer", "-q", metavar="NAME", help="Activation "
-        "quantizer, repeated or comma-separated: per_token, crossquant, per_tensor, per_channel, per_group "
-        "(INT, at each --bits); fp8_per_token, fp8_per_tensor, mxfp8, mxfp4, mxfp4_rceil, nvfp4 (each at "
-        "its own width). [default: per_token, crossquant]", show_default=False)] = None,
+        "quantizer, repeated or comma-separated: any format of `kernelscope formats`. INT ones (per_token, "
+        "crossquant, per_tensor, per_channel, per_group) at each --bits; float ones (fp8_per_token, mxfp8, "
+        "mxfp4, nvfp4, ...) once, at their own width. [default: per_token, crossquant]",
+        show_default=False)] = None,
     bits: Annotated[list[str] | None, typer.Option("--bits", "-b", metavar="N", help="Bit width 2..8 of the "
         "INT quantizers, repeated or comma-separated. [default: 8, 4]", show_default=False)] = None,
     alpha: Annotated[list[str] | None, typer.Option("--alpha", "-a", metavar="α", help="CrossQuant exponent "
@@ -146,8 +147,9 @@ def profile(
         "[default: 128]", show_default=False)] = None,
     weight_format: Annotated[list[str] | None, typer.Option("--weight-format", metavar="NAME[:BITS]",
         help="Weight quantizer whose kernel each layer's weight is measured under (weights.parquet), "
-        "repeated or comma-separated: per_token:BITS (per output channel), per_group:BITS (--group-size "
-        "inputs), per_tensor:BITS, fp8_per_token, mxfp8, mxfp4, mxfp4_rceil, nvfp4. [default: per_token:8]",
+        "repeated or comma-separated: an INT format with its bits, per_token:BITS (per output channel), "
+        "per_group:BITS (--group-size inputs), per_tensor:BITS, or a float format (fp8_per_token, mxfp4, "
+        "nvfp4, ...; see `kernelscope formats`). [default: per_token:8]",
         show_default=False)] = None,
     layers: o.Layers = None,
     include_lm_head: Annotated[bool, typer.Option("--include-lm-head",
@@ -187,9 +189,9 @@ def evaluate(
     scheme: Annotated[list[str] | None, typer.Option("--scheme", metavar="SCHEME", help="Repeated or "
         "comma-separated: fp, w8a8-per-token, w8a8-crossquant, w4a8-g128-per-token, w4a4-crossquant, "
         "w8a8-smoothquant (any "
-        "wXaY[-gG]-QUANTIZER); fp8 (FP8 weights per channel, activations per token), fp8-per-tensor, mxfp8, "
-        "mxfp4, mxfp4-rceil, nvfp4 (weights and activations in that format); remove-kernel-QUANTIZER for "
-        "any -q quantizer (remove-kernel-per-token, remove-kernel-mxfp4, ...). "
+        "wXaY[-gG]-QUANTIZER); fp8 (FP8 weights per channel, activations per token) or any float format of "
+        "`kernelscope formats` (mxfp8, mxfp4, nvfp4, ...: weights and activations in that format); "
+        "remove-kernel-QUANTIZER for any -q quantizer (remove-kernel-per-token, remove-kernel-mxfp4, ...). "
         "[default: fp, w8a8-per-token, w8a8-crossquant]", show_default=False)] = None,
     dataset: o.Dataset = "wikitext2",
     nsamples: Annotated[int | None, typer.Option("--nsamples", "-n", help="Windows to evaluate; "
@@ -422,6 +424,19 @@ def list_layers(
         table.add_row(escape(layer.name), "" if layer.block is None else str(layer.block),
                       escape(layer.module_type), str(layer.in_features))
     out.print(table)
+
+
+@app.command("formats", cls=_Command)
+def list_formats(
+    ctx: typer.Context,
+    as_json: o.AsJson = False,
+) -> None:
+    """List the number formats kernelscope counts: each a scale rule, an element grid and the zero
+    threshold τ (an element is in the kernel when |x / scale| <= τ), with the schemes that use it."""
+    remember_options(ctx.command.params, _ARGS)
+    from kernelscope.cli.common import show_formats
+
+    show_formats(as_json)
 
 
 @app.command(cls=_Command)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -222,3 +223,48 @@ def header(summary: dict, title: str) -> Any:
     if "protocol" in summary:
         lines.append(f"[bold]protocol[/] {escape(summary['protocol'])}")
     return Panel("\n".join(lines), title=title, expand=False)
+
+
+def format_rows() -> list[dict[str, Any]]:
+    """The formats registry as rows: what every format is, and how a command names it."""
+    from kernelscope.quant.formats import FORMATS
+    from kernelscope.runs.schemes import FLOAT_SCHEMES, FORMAT_WORDS, QUANTIZER_WORDS
+
+    rows = []
+    for name, entry in FORMATS.items():
+        grid, rule = entry.grid, entry.rule
+        spelled = next(word for word, n in FORMAT_WORDS.items() if n == name)
+        unit = f"block of {entry.block_size}" if entry.block_size else rule.unit
+        unit = "token i, channel j: t_i^α · c_j^(1-α)" if entry.takes_alpha else unit
+        rows.append({
+            "name": name, "grid": "int (--bits)" if grid is None else grid.name,
+            "bits": None if grid is None else grid.bits, "max": None if grid is None else grid.max_value,
+            "tau": entry.tau, "unit": rule.unit, "form": rule.form, "block_size": entry.block_size,
+            "scale": unit if rule.form == "absmax" else f"{unit}, {rule.form}",
+            "schemes": [s for s, n in FLOAT_SCHEMES.items() if n == name]
+            + [f"wXaY[-gG]-{w}" for w, n in QUANTIZER_WORDS.items() if n == name],
+            "remove_kernel": f"remove-kernel-{spelled}",
+            "description": entry.description,
+        })
+    return rows
+
+
+def show_formats(as_json: bool) -> None:
+    """Print the formats registry as a table, or as JSON."""
+    from rich.table import Table
+
+    rows = format_rows()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"{len(rows)} number formats: -q NAME, --weight-format NAME, --scheme remove-kernel-NAME")
+    for col in ("name", "elements", "τ", "scale over each", "--scheme"):
+        table.add_column(col, no_wrap=True)
+    for r in rows:
+        elements = r["grid"] if r["max"] is None else f"{r['grid']} (max {r['max']:g})"
+        exponent = math.log2(r["tau"])
+        tau = f"2^{exponent:.0f}" if exponent.is_integer() and exponent < -1 else f"{r['tau']:g}"
+        table.add_row(escape(r["name"]), escape(elements), tau, escape(r["scale"]),
+                      escape(", ".join(r["schemes"])))
+    out.print(table)
+    out.print("An element x is in the kernel where |x / scale| <= τ; `--json` gives every field.")

@@ -22,6 +22,7 @@ per_group           max(amax_b / qmax, 1e-5), g consecutive inputs of a row    (
 fp8_per_token       max(t_i / 448, 1 / (448·512))                              (..., T, 1)
 fp8_per_tensor      max|X| / 448                                               (..., 1, 1)
 mxfp8               2^clamp(⌊log2 amax_b⌋ − 8, −127, 127), block 32            (..., T, ⌈I/32⌉)
+mxfp6_e2m3, _e3m2   2^clamp(⌊log2 amax_b⌋ − 2 or − 4, −127, 127), block 32     (..., T, ⌈I/32⌉)
 mxfp4               2^clamp(⌊log2 amax_b⌋ − 2, −127, 127), block 32            (..., T, ⌈I/32⌉)
 mxfp4_rceil         2^clamp(⌈log2(amax_b / 6)⌉, −127, 127), block 32           (..., T, ⌈I/32⌉)
 nvfp4               G · e4m3(clamp(amax_b/6/G, 2⁻⁶, 448)), G = max|X| / 2688   (..., T, ⌈I/16⌉)
@@ -175,6 +176,12 @@ E4M3 = ElementGrid("e4m3", 8, 448.0, 2.0**-9, exponent_bits=4, mantissa_bits=3)
 E2M1 = ElementGrid("e2m1", 4, 6.0, 0.5, exponent_bits=2, mantissa_bits=1)
 """FP4 E2M1: {0, 0.5, 1, 1.5, 2, 3, 4, 6}, saturating."""
 
+E2M3 = ElementGrid("e2m3", 6, 7.5, 0.125, exponent_bits=2, mantissa_bits=3)
+"""FP6 E2M3 (OCP MX): max 7.5, smallest subnormal 1/8, saturating."""
+
+E3M2 = ElementGrid("e3m2", 6, 28.0, 0.0625, exponent_bits=3, mantissa_bits=2)
+"""FP6 E3M2 (OCP MX): max 28, smallest subnormal 1/16, saturating."""
+
 UNITS = ("token", "tensor", "channel", "crossquant", "block")
 FORMS = ("absmax", "e8m0_floor", "e8m0_rceil", "nvfp4")
 
@@ -297,6 +304,10 @@ FORMATS: dict[str, FormatEntry] = {
     "fp8_per_tensor": FormatEntry(ScaleRule("tensor"), E4M3, None, "FP8 E4M3, one scale per sequence"),
     "mxfp8": FormatEntry(ScaleRule("block", "e8m0_floor"), E4M3, 32,
                          "OCP MXFP8: E4M3 elements, E8M0 block scale (FLOOR)"),
+    "mxfp6_e2m3": FormatEntry(ScaleRule("block", "e8m0_floor"), E2M3, 32,
+                              "OCP MXFP6: E2M3 elements, E8M0 block scale (FLOOR)"),
+    "mxfp6_e3m2": FormatEntry(ScaleRule("block", "e8m0_floor"), E3M2, 32,
+                              "OCP MXFP6: E3M2 elements, E8M0 block scale (FLOOR)"),
     "mxfp4": FormatEntry(ScaleRule("block", "e8m0_floor"), E2M1, 32,
                          "OCP MXFP4: E2M1 elements, E8M0 block scale (FLOOR)"),
     "mxfp4_rceil": FormatEntry(ScaleRule("block", "e8m0_rceil"), E2M1, 32,
