@@ -543,3 +543,23 @@ def test_arena_hands_out_aligned_tensors_and_falls_back_when_full():
     measured = measure(activations(3), CONFIGS, arena=Arena(1 << 20))
     plain = measure(activations(3), CONFIGS)
     assert summarise([measured], CONFIGS)[0].kernel.tolist() == summarise([plain], CONFIGS)[0].kernel.tolist()
+
+
+def test_rows_of_single_measurements_equal_the_accumulated_rows():
+    """Weights are summarised straight from their measurements (no accumulator); their rows are those
+    an accumulator gives the same input."""
+    from kernelscope.stats.table import measured_rows
+
+    configs = ALL_FORMATS
+    xs = [activations(80 + i, (1, 40, 24)) for i in range(3)] + [activations(90, (1, 32, 48))]
+    xs[1][0, 3, 4] = math.nan
+    rows = measured_rows([measure(x, configs) for x in xs], configs)
+    for x, mine in zip(xs, rows, strict=True):
+        want = KernelStats(configs).update(observe(x, configs)).result()["configs"]
+        for a, b in zip(mine, want, strict=True):
+            assert a.keys() == b.keys()
+            for key in a:
+                if key == "bound_mean":
+                    assert a[key] == pytest.approx(b[key], rel=1e-12)
+                else:
+                    assert a[key] == b[key] or (a[key] != a[key] and b[key] != b[key]), key

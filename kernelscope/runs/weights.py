@@ -15,7 +15,8 @@ from kernelscope.models import LinearLayer
 from kernelscope.quant import QuantizerConfig
 from kernelscope.runs.common import resolve_layers
 from kernelscope.runs.fakequant import weight_out_in
-from kernelscope.stats import KernelStats, observe
+from kernelscope.stats.measure import measure
+from kernelscope.stats.table import measured_rows
 
 DEFAULT_WEIGHT_FORMAT = QuantizerConfig("per_token", 8)
 """INT8, one step per output channel: what W8A8 deployments use."""
@@ -32,20 +33,24 @@ def weight_kernels(model: nn.Module, configs: Sequence[QuantizerConfig],
                    layers: str | Sequence[LinearLayer] | None = None,
                    include_lm_head: bool = False) -> pl.DataFrame:
     """One row per layer × weight quantizer: the kernel of the weight, its subnormal and whole-block
-    shares, and its zero bound, with the same columns as a profile's rows where they apply."""
-    rows = []
+    shares, and its zero bound, with the same columns as a profile's rows where they apply. Each
+    weight is counted as a profile counts an input, and the weights of one shape summarised together."""
+    configs = list(configs)
+    bases, measured = [], []
     for layer in resolve_layers(model, layers, include_lm_head):
         with torch.no_grad(), _onloaded(layer.module):
             w = weight_out_in(layer.module).detach()  # (O, I)
-            low, high = w.aminmax()
-            all_finite = bool(torch.isfinite(low) & torch.isfinite(high))  # NaN or ±Inf would show here
-            finite = w.numel() if all_finite else int(torch.isfinite(w).sum())
-            by_config = _counted(w.unsqueeze(0), list(configs))  # (1, O, I)
-            base = {"layer": layer.name, "block": layer.block, "module_type": layer.module_type,
-                    "out_features": w.shape[0], "in_features": w.shape[1],
-                    "zero_weights": w.numel() - int(torch.count_nonzero(w)),
-                    "abs_max": float(torch.maximum(-low, high))}
-            rows.extend({**base, "config": cfg.label, "elements": finite, **by_config[cfg]} for cfg in configs)
+            m = measure(w.unsqueeze(0), configs)  # (1, O, I): one sequence whose rows are the outputs
+            nonfinite = int(m.counted.nonfinite)
+            bases.append({"layer": layer.name, "block": layer.block, "module_type": layer.module_type,
+                          "out_features": w.shape[0], "in_features": w.shape[1],
+                          "zero_weights": w.numel() - int(torch.count_nonzero(w)),
+                          "abs_max": float(m.token.max()),  # the largest finite |w|, as a profile's abs_max
+                          "elements": w.numel() - nonfinite})
+            measured.append(m)
+    rows = [{**base, "config": cfg.label, **row}
+            for base, per_config in zip(bases, measured_rows(measured, configs), strict=True)
+            for cfg, row in zip(configs, per_config, strict=True)]
     frame = pl.DataFrame(rows, schema_overrides={
         "block": pl.Int64, "alpha": pl.Float64, "block_size": pl.Int64, "subnormal_elements": pl.Int64,
         "subnormal_fraction": pl.Float64, "blocks": pl.Int64, "kernel_blocks": pl.Int64,
@@ -54,12 +59,6 @@ def weight_kernels(model: nn.Module, configs: Sequence[QuantizerConfig],
     lead = ["layer", "block", "module_type", "quantizer", "bits", "alpha", "config", "elements",
             "kernel_elements", "kernel_fraction"]
     return frame.select(lead + [c for c in frame.columns if c not in lead])
-
-
-def _counted(w: torch.Tensor, configs: list[QuantizerConfig]) -> dict:
-    """Each config's result row for one weight ``(1, O, I)``, counted as a profile counts an input."""
-    acc = KernelStats(configs, top_k=1).update(observe(w, configs, top_k=1))
-    return dict(zip(configs, acc.result()["configs"], strict=True))
 
 
 def weight_rollup(frame: pl.DataFrame) -> pl.DataFrame:

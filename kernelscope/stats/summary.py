@@ -130,19 +130,16 @@ class _Bounds:
             self.hist[:, i] = counts[:, j]
 
 
-def _summarise_same_shape(group: list[Measured], configs: list[QuantizerConfig], top_k: int) -> Observation:
+def config_figures(group: list[Measured], configs: list[QuantizerConfig]) -> tuple[torch.Tensor, _Bounds]:
+    """The per-configuration figures of measurements of one shape, stacked: the counts ``(layers, C,
+    4)`` and the zero bound's sums, extremes and histograms (a :class:`_Bounds`)."""
     plan = plan_for(configs)
-    layers = len(group)
     batch, seq, _ = group[0].token.shape
     width = group[0].channel.shape[-1]
-    device = group[0].token.device
     t = torch.cat([m.token for m in group])  # (S, T, 1), S = layers * B sequences
     c = torch.cat([m.channel for m in group])  # (S, 1, I)
     ranges = ActivationRanges(t, c)
-    c_order = c.squeeze(-2).argsort(dim=-1)  # (S, I): channels by rising c (and so rising c^(1-α))
-    c_sorted = c.squeeze(-2).gather(-1, c_order)  # (S, I)
-
-    bounds = _Bounds(layers, batch, len(configs), device)
+    bounds = _Bounds(len(group), batch, len(configs), t.device)
     for i, cfg in enumerate(configs):
         fmt = cfg.format
         if fmt.is_block:
@@ -150,10 +147,22 @@ def _summarise_same_shape(group: list[Measured], configs: list[QuantizerConfig],
         elif not cfg.separable:
             s = F.scale_from_ranges(ranges, fmt)  # (S, T|1, 1|I): as the count computed it
             bounds.from_scales(i, F.bound_of(s, fmt), seq * width // (s.shape[-2] * s.shape[-1]))
-    for members in plan.separable.values():
-        bounds.separable(members, configs, ranges, c_order)
+    if plan.separable:
+        c_order = c.squeeze(-2).argsort(dim=-1)  # (S, I): channels by rising c (and so rising c^(1-α))
+        for members in plan.separable.values():
+            bounds.separable(members, configs, ranges, c_order)
+    return torch.stack([m.counted.counts for m in group]), bounds  # (layers, C, 4)
 
-    counts = torch.stack([m.counted.counts for m in group])  # (layers, C, 4)
+
+def _summarise_same_shape(group: list[Measured], configs: list[QuantizerConfig], top_k: int) -> Observation:
+    layers = len(group)
+    batch, seq, _ = group[0].token.shape
+    width = group[0].channel.shape[-1]
+    device = group[0].token.device
+    counts, bounds = config_figures(group, configs)  # (layers, C, 4)
+    t = torch.cat([m.token for m in group])  # (S, T, 1)
+    c = torch.cat([m.channel for m in group])  # (S, 1, I)
+    c_sorted = c.squeeze(-2).sort(dim=-1).values  # (S, I)
     blocks = torch.tensor([batch * seq * -(-width // cfg.block_size) if cfg.format.is_block else 0
                            for cfg in configs], dtype=torch.int64, device=device)
     flat_t = t.reshape(layers, batch * seq)  # (layers, B*T)

@@ -60,16 +60,12 @@ def _share(count: int, of: int) -> float | None:
     return count / of if of else None
 
 
-def _assemble(acc: KernelStats, s: Observation, quantiles: list[list[float]]) -> dict:
-    """The result of one accumulator from its state on the host and its bound quantiles
-    ``(C, len(QUANTILES))``."""
-    layer = _layer(s, acc.top_k)
-    positions, elements = int(s.elements), layer["elements"]
-    sums = acc.bound_sums.values()
-    values = {name: getattr(s, name).tolist() for name in
-              ("kernel", "subnormal", "below_per_token", "kernel_blocks", "blocks", "bound_min", "bound_max")}
+def config_rows(configs, values: dict[str, list], sums: list[float], quantiles: list[list[float]],
+                positions: int, elements: int) -> list[dict]:
+    """One result row per configuration from its counts and bound figures (``values``: per field a
+    list over configurations), with None where a format has no such figure."""
     rows = []
-    for i, cfg in enumerate(acc.configs):
+    for i, cfg in enumerate(configs):
         fmt = cfg.format
         subnormal = None if fmt.grid.is_int else values["subnormal"][i]
         blocks = values["blocks"][i] if fmt.is_block else None
@@ -92,4 +88,48 @@ def _assemble(acc: KernelStats, s: Observation, quantiles: list[list[float]]) ->
         for q, value in zip(QUANTILES, quantiles[i], strict=True):
             row[f"bound_p{round(q * 100)}"] = value
         rows.append(row)
+    return rows
+
+
+def _assemble(acc: KernelStats, s: Observation, quantiles: list[list[float]]) -> dict:
+    """The result of one accumulator from its state on the host and its bound quantiles
+    ``(C, len(QUANTILES))``."""
+    layer = _layer(s, acc.top_k)
+    values = {name: getattr(s, name).tolist() for name in
+              ("kernel", "subnormal", "below_per_token", "kernel_blocks", "blocks", "bound_min", "bound_max")}
+    rows = config_rows(acc.configs, values, acc.bound_sums.values(), quantiles, int(s.elements), layer["elements"])
     return {"layer": layer, "configs": rows}
+
+
+def measured_rows(measured: list, configs) -> list[list[dict]]:
+    """The configuration rows of each measurement on its own (no accumulator: each one a whole
+    result, such as a weight's), the inputs of one shape summarised together."""
+    from kernelscope.stats.summary import config_figures
+
+    configs = list(configs)
+    out: list[list[dict] | None] = [None] * len(measured)
+    shapes: dict[tuple, list[int]] = {}
+    for i, m in enumerate(measured):
+        shapes.setdefault((m.token.shape, m.channel.shape), []).append(i)
+    for members in shapes.values():
+        group = [measured[i] for i in members]
+        counts, bounds = config_figures(group, configs)  # (layers, C, 4)
+        counts = counts.cpu()
+        quantiles = HISTOGRAM.quantiles(bounds.hist.reshape(-1, HISTOGRAM.bins), QUANTILES,
+                                        bounds.low.reshape(-1).tolist(), bounds.high.reshape(-1).tolist())
+        batch, seq, _ = group[0].token.shape
+        width = group[0].channel.shape[-1]
+        blocks = [batch * seq * -(-width // c.block_size) if c.format.is_block else 0 for c in configs]
+        for j, i in enumerate(members):
+            values = {name: counts[j, :, k].tolist() for k, name in enumerate(COUNT_FIELDS)}
+            values |= {"blocks": blocks, "bound_min": bounds.low[j].tolist(), "bound_max": bounds.high[j].tolist()}
+            positions = batch * seq * width
+            elements = positions - int(group[j].counted.nonfinite)
+            sums = bounds.sums[j].sum(dim=-1).tolist()  # (C,)
+            out[i] = config_rows(configs, values, sums, quantiles[j * len(configs):(j + 1) * len(configs)],
+                                 positions, elements)
+    return out  # type: ignore[return-value]
+
+
+COUNT_FIELDS = ("kernel", "subnormal", "below_per_token", "kernel_blocks")
+"""The four counts of :attr:`kernelscope.stats.elementwise.Counted.counts`, by column."""
