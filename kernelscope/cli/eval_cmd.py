@@ -140,7 +140,7 @@ def _details(r: dict) -> str:
         parts.append(f"weights and activations {r['weight_format']}")
     if r["alpha"] is not None:
         parts.append(f"α={r['alpha']:g}")
-    if r.get("transform_layers") and r["transform_layers"] != r["transform"]:
+    if r.get("transform_layers"):
         parts.append(r["transform_layers"])
     if r.get("transform_seed") is not None:
         parts.append(f"signs seed {r['transform_seed']}")

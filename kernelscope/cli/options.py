@@ -59,8 +59,8 @@ Transform = Annotated[list[str] | None, typer.Option(
     "(x_j / s_j, weights W_:j · s_j, s_j = max|X_j|^α / max|W_j|^(1-α), α in [0, 1], default 0.5, "
     "calibrated on --calib-dataset); hadamard[:B] (x·H, weights W·H, H block-diagonal normalised "
     "Hadamard on blocks of B input channels, B a power of two dividing each layer's width, default the "
-    "largest such up to 4096, per layer). Compose in order with + (smoothquant+hadamard). Quantizers act "
-    "in the new basis. [default: none]", show_default=False)]
+    "largest such power of two up to 4096, per layer). Compose in order with + (smoothquant+hadamard). Quantizers act "
+    "in the new basis. Default: none.", show_default=False)]
 TransformSeed = Annotated[int | None, typer.Option(
     "--transform-seed", metavar="S", help="Random ±1 signs per input channel before each hadamard "
     "transform (x·D·H, a randomised Hadamard transform), drawn from S and the layer's width; the same S "

@@ -40,7 +40,7 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -110,13 +110,18 @@ def fwht(x: torch.Tensor, block: int, *, radix: int = RADIX) -> torch.Tensor:
     y = torch.matmul(runs, factor).view(-1, block)  # (N·I/B, B), a new tensor
     spare = None
     half = inner
+    tracked = y.requires_grad  # autograd takes no out= arguments
     while half < block:  # butterflies between the two halves of each run of 2·half channels
         pairs = y.view(-1, block // (2 * half), 2, half)  # (N·I/B, B/2h, 2, h)
-        spare = torch.empty_like(y) if spare is None else spare
-        out = spare.view(pairs.shape)  # (N·I/B, B/2h, 2, h)
-        torch.add(pairs[:, :, 0], pairs[:, :, 1], out=out[:, :, 0])
-        torch.sub(pairs[:, :, 0], pairs[:, :, 1], out=out[:, :, 1])
-        y, spare = spare, y
+        low, high = pairs[:, :, 0], pairs[:, :, 1]  # (N·I/B, B/2h, h) each
+        if tracked:
+            y = torch.stack((low + high, low - high), dim=2).view(-1, block)  # (N·I/B, B)
+        else:  # two buffers used in turn: no allocation after the first level
+            spare = torch.empty_like(y) if spare is None else spare
+            out = spare.view(pairs.shape)  # (N·I/B, B/2h, 2, h)
+            torch.add(low, high, out=out[:, :, 0])
+            torch.sub(low, high, out=out[:, :, 1])
+            y, spare = spare, y
         half *= 2
     return y.view(x.shape).to(x.dtype)
 

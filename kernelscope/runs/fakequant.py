@@ -1,8 +1,9 @@
 """Apply a :class:`~kernelscope.runs.schemes.Scheme` to selected Linear layers for a ``with`` block.
 
-Activations are transformed (a change of basis, then the quantizer) by a forward pre-hook; quantized weights are computed once per layer,
-swapped in for the length of that layer's forward call and swapped back right after. On exit (error
-or not) every hook is removed, every weight is the caller's original tensor, and caches are freed.
+Activations are changed (a change of basis, then the quantizer) by a forward pre-hook; quantized
+weights are computed once per layer, swapped in for the length of that layer's forward call and
+swapped back right after. On exit (error or not) every hook is removed, every weight is the caller's
+original tensor, and caches are freed.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ Figure 8 / Table 4). α = 1 is per-token."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import polars as pl
 from torch import nn
@@ -23,7 +23,7 @@ from kernelscope.runs.common import (
 )
 from kernelscope.runs.evaluate import protocol_text, run_scheme, transforms_facts
 from kernelscope.runs.schemes import Scheme
-from kernelscope.runs.transforming import TransformBinder, measured_kernels
+from kernelscope.runs.transforming import ModelTransform, TransformBinder, measured_kernels
 
 
 class SweepResult(TableResult):
@@ -64,7 +64,9 @@ def alpha_sweep(
     binder = TransformBinder(net, selected, calibration, batch_size=batch_size)
     bound = [binder.bind(t) for t in transforms]
     several = len(bound) > 1
-    stage = lambda name, t: stage_callback(progress, f"{name}, {t.label}" if several else name)  # noqa: E731
+
+    def stage(name: str, t: ModelTransform) -> Callable[[int, int], None] | None:
+        return stage_callback(progress, f"{name}, {t.label}" if several else name)
 
     configs = [QuantizerConfig("crossquant", bits, a) for a in alphas]
     kernels = {t.label: measured_kernels(net, windows, configs, selected, t, tokenizer=tokenizer,

@@ -150,7 +150,9 @@ def threshold_search(
     binder = TransformBinder(net, selected, calibration, batch_size=batch_size)
     bound = [binder.bind(t) for t in transforms]
     several = len(bound) > 1
-    stage = lambda name, t: stage_callback(progress, f"{name}, {t.label}" if several else name)  # noqa: E731
+
+    def stage(name: str, t: ModelTransform) -> Callable[[int, int], None] | None:
+        return stage_callback(progress, f"{name}, {t.label}" if several else name)
 
     actual_configs = [QuantizerConfig("per_token", 8), QuantizerConfig("crossquant", 8, alpha),
                       QuantizerConfig("per_token", 4), QuantizerConfig("crossquant", 4, alpha)]

@@ -91,6 +91,11 @@ class TransformBinder:
             check_transform(spec, self.layers)
             if spec.needs_calibration and self.calibration is None:
                 raise ValueError(f"transform {spec.label} needs calibration windows")
+            offloaded = [layer.name for layer in self.layers if layer.module.weight.device.type == "meta"]
+            if spec.needs_calibration and offloaded:
+                raise KernelscopeError(
+                    f"transform {spec.label} is calibrated on each layer's weight, but {len(offloaded)} layers "
+                    f"(first {offloaded[0]}) are offloaded to disk by the device map; give --max-memory more room")
             self._bound[key] = ModelTransform(spec, self._bind_layers(spec))
         return self._bound[key]
 
