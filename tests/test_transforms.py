@@ -306,6 +306,20 @@ def test_every_transform_leaves_each_linear_output_unchanged(family):
     assert no_hooks(model)
 
 
+def test_one_calibration_pass_serves_every_transform_with_the_same_steps_before_smoothquant(monkeypatch):
+    import kernelscope.runs.transforming as T
+
+    passes = []
+    original = T.calibration_maxima
+    monkeypatch.setattr(T, "calibration_maxima", lambda *a, **k: passes.append(1) or original(*a, **k))
+    model = tiny_model("llama")
+    binder = TransformBinder(model, select_linear_layers(model), windows_for(seed=4))
+    for text, seed in (("smoothquant", None), ("smoothquant:0.7", None), ("smoothquant+hadamard", 3),
+                       ("hadamard:8+smoothquant", None), ("hadamard:8+smoothquant:0.2", None)):
+        binder.bind(parse_transform(text).with_seed(seed))
+    assert len(passes) == 2 and binder.calibrated
+
+
 def test_calibration_sees_each_step_in_the_basis_before_it():
     # hadamard+smoothquant: SmoothQuant's maxima are those of the rotated input and rotated weight.
     model = tiny_model("llama")

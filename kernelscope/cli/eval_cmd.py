@@ -164,7 +164,7 @@ def _show_eval(result) -> None:
     table.add_column("scheme", no_wrap=True)
     if transformed:
         table.add_column("transform", no_wrap=True)
-    table.add_column("details")
+    table.add_column("details", min_width=16)
     for col in ("perplexity", "vs fp", "act. kernel", "s"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows:

@@ -105,7 +105,8 @@ class TransformBinder:
             return {layer.name: by_width[layer.in_features] for layer in self.layers}
         bound = {layer.name: LayerTransform(layer.in_features) for layer in self.layers}
         for i, step in enumerate(spec.steps):
-            stats = self._statistics(TransformSpec(spec.steps[:i], spec.seed), bound) if step.entry.calibrated else {}
+            prefix = TransformSpec(spec.steps[:i]).with_seed(spec.seed)
+            stats = self._statistics(prefix, bound) if step.entry.calibrated else {}
             for layer in self.layers:
                 bound[layer.name] = bound[layer.name].then(
                     step.bind(layer.in_features, spec.seed, stats.get(layer.name)))
