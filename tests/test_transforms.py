@@ -517,7 +517,8 @@ def test_threshold_and_sweep_run_once_per_transform():
     model = tiny_model("llama")
     windows = windows_for()
     specs = [IDENTITY, parse_transform("hadamard")]
-    res = threshold_search(model, windows, tolerance=0.01, steps=0, transforms=specs)
+    int2 = QuantizerConfig("per_token", 2)  # λ runs up to 2·qmax = 2: two evaluations a search
+    res = threshold_search(model, windows, family=int2, tolerance=1.0, steps=0, transforms=specs)
     searches = res.summary["searches"]
     assert [s["transform"] for s in searches] == ["none", "hadamard"]
     assert set(res.table["transform"].to_list()) == {"none", "hadamard"}
@@ -525,7 +526,7 @@ def test_threshold_and_sweep_run_once_per_transform():
     layers = select_linear_layers(model)
     bound = TransformBinder(model, layers).bind(specs[1])
     at_one = res.table.filter((res.table["transform"] == "hadamard") & (res.table["lambda"] == 1.0)).row(0, named=True)
-    removal = run_scheme(model, windows, parse_scheme("remove-kernel-per-token"), layers, transform=bound)
+    removal = run_scheme(model, windows, parse_scheme("remove-kernel-per-token", bits=2), layers, transform=bound)
     assert at_one["kernel_elements"] == removal["kernel_elements"] and at_one["nll"] == removal["nll"]
 
     sweep = alpha_sweep(model, windows, [1.0], transforms=specs).table.to_dicts()
@@ -591,7 +592,13 @@ def test_the_transform_help_names_every_registered_transform():
 
 
 def test_fwht_under_autograd_gives_the_same_values():
+    with torch.inference_mode():  # factors and signs first made in inference mode serve autograd too
+        fwht(torch.randn(2, 1024), 512)
+        seeded = parse_transform("hadamard:512").with_seed(1).bind(1024)
+        seeded.activation(torch.randn(2, 1024))
     x = torch.randn(3, 1024, requires_grad=True)
+    seeded.activation(x).sum().backward()
+    x.grad = None
     y = fwht(x, 512)
     y.square().sum().backward()
     assert torch.equal(y.detach(), fwht(x.detach(), 512))

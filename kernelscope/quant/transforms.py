@@ -80,11 +80,15 @@ def _work_dtype(x: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=64)
 def _hadamard_factor(size: int, block: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``H_size / √block`` (Sylvester order), the dense factor of the innermost levels; never written to."""
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < size:  # H_2m = [[H_m, H_m], [H_m, -H_m]]
-        h = torch.cat((torch.cat((h, h), dim=1), torch.cat((h, -h), dim=1)), dim=0)
-    return (h / math.sqrt(block)).to(dtype=dtype, device=device)
+    """``H_size / √block`` (Sylvester order), the dense factor of the innermost levels; never written to.
+
+    Made outside inference mode, so that the cached tensor also serves computations autograd records.
+    """
+    with torch.inference_mode(False):
+        h = torch.ones(1, 1, dtype=torch.float64)
+        while h.shape[0] < size:  # H_2m = [[H_m, H_m], [H_m, -H_m]]
+            h = torch.cat((torch.cat((h, h), dim=1), torch.cat((h, -h), dim=1)), dim=0)
+        return (h / math.sqrt(block)).to(dtype=dtype, device=device)
 
 
 def fwht(x: torch.Tensor, block: int, *, radix: int = RADIX) -> torch.Tensor:
@@ -169,7 +173,8 @@ class _OnDevice:
     def like(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.device, x.dtype)
         if key not in self._copies:
-            self._copies[key] = self.vector.to(device=x.device, dtype=x.dtype)
+            with torch.inference_mode(False):  # a copy kept for later calls, in or out of inference mode
+                self._copies[key] = self.vector.to(device=x.device, dtype=x.dtype, copy=True)
         return self._copies[key]
 
 
