@@ -203,7 +203,8 @@ def test_threshold_and_sweep_end_to_end(capsys, tmp_path, tiny_llama_dir, text_f
                                    "-s", "64", "--steps", "2", "--json")
     assert code == 0, stderr
     body = json.loads(stdout)
-    assert body["kind"] == "threshold" and len(body["verdicts"]) == 4 and body["curve"]
+    assert body["kind"] == "threshold" and len(body["searches"]) == 1
+    assert len(body["searches"][0]["verdicts"]) == 4 and body["searches"][0]["curve"]
     out = tmp_path / "sw"
     report = tmp_path / "sweep.html"
     code, stdout, stderr = run_cli(capsys, "sweep", str(tiny_llama_dir), "-d", str(text_file), "-n", "2",

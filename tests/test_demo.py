@@ -142,3 +142,18 @@ def test_demo_perplexities_match_independent_computation(hf_model):
         theirs = independent_w8a8_perplexity(model, ids, quantizer)
         assert abs(ours[scheme] / theirs - 1) < tolerance, (scheme, ours[scheme], theirs)
     assert ours["fp"] < ours["w8a8-crossquant"] < ours["w8a8-per-token"]
+
+
+def test_demo_fp_perplexity_is_unchanged_by_the_hadamard_rotation(hf_model):
+    from kernelscope.data import make_windows
+    from kernelscope.quant.transforms import IDENTITY, parse_transform
+    from kernelscope.runs.evaluate import evaluate
+    from kernelscope.runs.schemes import parse_scheme
+
+    model, ids = hf_model
+    windows = make_windows(ids[0], SEQLEN, NSAMPLES)
+    transforms = [IDENTITY, parse_transform("hadamard")]
+    rows = evaluate(model, windows, [parse_scheme("fp")], transforms=transforms).table.to_dicts()
+    assert rows[1]["transform_layers"] == "hadamard:64 (I=576), hadamard:512 (I=1536)"
+    for r in rows[1:]:
+        assert abs(r["perplexity"] / rows[0]["perplexity"] - 1) < 1e-4, r

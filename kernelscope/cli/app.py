@@ -206,11 +206,11 @@ def evaluate(
     weight_bits: o.WeightBits = None,
     group_size: o.GroupSize = None,
     smooth_alpha: Annotated[float, typer.Option(metavar="α", help="SmoothQuant migration strength in "
-        "[0, 1] (w8a8-smoothquant only).")] = 0.5,
-    calib_dataset: Annotated[str, typer.Option(metavar="TEXT", help="Calibration text for SmoothQuant (any "
-        "--dataset value; keep it apart from the evaluation text; w8a8-smoothquant only).")] = "pileval",
-    calib_nsamples: Annotated[int, typer.Option(metavar="N", help="Calibration windows for SmoothQuant "
-        "(w8a8-smoothquant only).")] = 64,
+        "[0, 1] of the w8a8-smoothquant scheme (other schemes: --transform smoothquant:α).")] = 0.5,
+    transform: o.Transform = None,
+    transform_seed: o.TransformSeed = None,
+    calib_dataset: o.CalibDataset = "pileval",
+    calib_nsamples: o.CalibNsamples = 64,
     layers: o.Layers = None,
     batch_size: o.BatchSize = 1,
     dtype: o.Dtype = "auto",
@@ -228,6 +228,7 @@ def evaluate(
     """Perplexity under quantization schemes, all in one run (one model load, one tokenization).
 
     Weights are per-channel unless the scheme says g128; lm_head stays in full precision.
+    With --transform, every scheme runs under each transform, quantizing in its basis.
     Writes eval.json and eval.parquet with --output.
     """
     options = dict(locals())
@@ -257,6 +258,10 @@ def threshold(
         "placed against the threshold (and of --family crossquant); one value.")] = "0.15",
     weight_bits: o.WeightBits = None,
     group_size: o.GroupSize = None,
+    transform: o.Transform = None,
+    transform_seed: o.TransformSeed = None,
+    calib_dataset: o.CalibDataset = "pileval",
+    calib_nsamples: o.CalibNsamples = 64,
     layers: o.Layers = None,
     batch_size: o.BatchSize = 1,
     dtype: o.Dtype = "auto",
@@ -275,7 +280,8 @@ def threshold(
 
     Walks the family K_λ = {|x| <= λ·B} (B the zero bound of the --family quantizer at --family-bits,
     per-token INT8 by default), brackets the crossing of the tolerance and bisects it, then places the
-    model's per-token and CrossQuant kernels against it.
+    model's per-token and CrossQuant kernels against it. With --transform, one search per transform,
+    the kernel removed (and measured) in its basis.
     """
     options = dict(locals())
     from kernelscope.cli.eval_cmd import run_threshold
@@ -298,6 +304,10 @@ def sweep(
     bits: Annotated[int, typer.Option("--bits", "-b", help="Activation bits.")] = 8,
     weight_bits: Annotated[int, typer.Option(help="Weight bits.")] = 8,
     group_size: o.GroupSize = None,
+    transform: o.Transform = None,
+    transform_seed: o.TransformSeed = None,
+    calib_dataset: o.CalibDataset = "pileval",
+    calib_nsamples: o.CalibNsamples = 64,
     layers: o.Layers = None,
     batch_size: o.BatchSize = 1,
     dtype: o.Dtype = "auto",
@@ -312,7 +322,8 @@ def sweep(
     as_json: o.AsJson = False,
     quiet: o.Quiet = False,
 ) -> None:
-    """Kernel % and W8A8 perplexity for each CrossQuant α (α = 1 reproduces per-token)."""
+    """Kernel % and W8A8 perplexity for each CrossQuant α (α = 1 reproduces per-token), under each
+    --transform."""
     options = dict(locals())
     from kernelscope.cli.eval_cmd import run_sweep
 
@@ -350,12 +361,12 @@ def zeroshot(
     group_size: o.GroupSize = None,
     smooth_alpha: Annotated[float, typer.Option(metavar="α", help="SmoothQuant migration strength in "
         "[0, 1] (w8a8-smoothquant only).")] = 0.5,
-    calib_dataset: Annotated[str, typer.Option(metavar="TEXT", help="Calibration text for SmoothQuant (any "
-        "--dataset value of `kernelscope eval`; w8a8-smoothquant only).")] = "pileval",
-    calib_nsamples: Annotated[int, typer.Option(metavar="N", help="Calibration windows for SmoothQuant "
-        "(w8a8-smoothquant only).")] = 64,
+    transform: o.Transform = None,
+    transform_seed: o.TransformSeed = None,
+    calib_dataset: o.CalibDataset = "pileval",
+    calib_nsamples: o.CalibNsamples = 64,
     calib_seqlen: Annotated[int, typer.Option(metavar="N", help="Tokens per calibration window "
-        "(w8a8-smoothquant only).")] = 512,
+        "(calibrated transforms only).")] = 512,
     layers: o.Layers = None,
     dtype: o.Dtype = "auto",
     device: o.Device = "auto",

@@ -53,3 +53,20 @@ Report = Annotated[Path | None, typer.Option(
     "--report", metavar="FILE",
     help="Also write the HTML report of this run to this file (see `kernelscope report`).",
     show_default=False)]
+Transform = Annotated[list[str] | None, typer.Option(
+    "--transform", metavar="T", help="Change of each covered Linear's input basis before quantization, "
+    "repeated or comma-separated; every scheme is run under each: none (the identity); smoothquant[:α] "
+    "(x_j / s_j, weights W_:j · s_j, s_j = max|X_j|^α / max|W_j|^(1-α), α in [0, 1], default 0.5, "
+    "calibrated on --calib-dataset); hadamard[:B] (x·H, weights W·H, H block-diagonal normalised "
+    "Hadamard on blocks of B input channels, B a power of two dividing each layer's width, default the "
+    "largest such power of two up to 4096, per layer). Compose in order with + (smoothquant+hadamard). Quantizers act "
+    "in the new basis. Default: none.", show_default=False)]
+TransformSeed = Annotated[int | None, typer.Option(
+    "--transform-seed", metavar="S", help="Random ±1 signs per input channel before each hadamard "
+    "transform (x·D·H, a randomised Hadamard transform), drawn from S and the layer's width; the same S "
+    "gives the same signs.", show_default=False)]
+CalibDataset = Annotated[str, typer.Option(
+    metavar="TEXT", help="Calibration text for SmoothQuant (any --dataset value; keep it apart from the "
+    "evaluation text; calibrated transforms only: --transform smoothquant, w8a8-smoothquant).")]
+CalibNsamples = Annotated[int, typer.Option(
+    metavar="N", help="Calibration windows for SmoothQuant (calibrated transforms only).")]

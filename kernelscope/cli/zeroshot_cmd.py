@@ -59,21 +59,26 @@ def _check_numbers(*, alpha, bits, weight_bits, group_size, smooth_alpha, calib_
     return alpha
 
 
-def _refusals(schemes, given, *, output, report, batch_size, group_size, weight_bits) -> None:
+def _refusals(schemes, transforms, given, *, output, report, batch_size, group_size, weight_bits) -> bool:
+    """Refuse the options that do not apply; True when a transform needs calibration."""
+    from kernelscope.cli.eval_cmd import _transform_refusals
+
     removing = any(s.mode == "remove_kernel" for s in schemes)
     removing_int = any(s.mode == "remove_kernel" and s.activation.format.grid.is_int for s in schemes)
-    smoothing = any(s.smooth_alpha is not None for s in schemes)
+    own = any(not s.transform.is_identity for s in schemes)  # wXaY-smoothquant
+    calibrated = any(s.transform.then(t).needs_calibration for s in schemes for t in transforms)
     only_removal = "it applies to remove-kernel-* schemes only (a wXaY scheme names its own bit widths)"
-    only_smoothing = "it applies to the w8a8-smoothquant scheme only"
+    calibration = _transform_refusals(transforms, calibrated)
     refuse_unused(
-        given,
+        given, **calibration,
+        calib_seqlen=calibration["calib_nsamples"],
         alpha=None if any(s.activation and s.activation.takes_alpha for s in schemes)
         else "it is CrossQuant's exponent, and no --scheme given is a *-crossquant scheme",
         bits=None if removing_int else "it applies to remove-kernel-* schemes of INT quantizers only "
         "(a wXaY scheme names its own widths, a float format carries its own)",
         weight_bits=None if removing else only_removal, group_size=None if removing else only_removal,
-        smooth_alpha=None if smoothing else only_smoothing, calib_dataset=None if smoothing else only_smoothing,
-        calib_nsamples=None if smoothing else only_smoothing, calib_seqlen=None if smoothing else only_smoothing,
+        smooth_alpha=None if own else "it applies to the w8a8-smoothquant scheme only (give --transform "
+        "smoothquant:α for the others)",
         overwrite=None if output is not None or report is not None
         else "it lets --output or --report replace an earlier result, and neither is given",
     )
@@ -86,6 +91,7 @@ def _refusals(schemes, given, *, output, report, batch_size, group_size, weight_
         fail(f"{flag('--batch-size')} {batch_size} with {flag('--scheme')} {wide.name}: the harness pads the "
              "shorter requests of a batch, and this scheme takes its scale over a whole sequence, padding "
              "included; give --batch-size 1")
+    return calibrated
 
 
 def _check_paths_and_model(model, output, overwrite, report, dtype, device, layers) -> str:
@@ -123,8 +129,10 @@ def _calibration(loaded, text, nsamples: int, seqlen: int, seed: int | None):
 
 
 def run_zeroshot(*, model, scheme, tasks, include_path, limit, num_fewshot, batch_size, seed, alpha, bits,
-                 weight_bits, group_size, smooth_alpha, calib_dataset, calib_nsamples, calib_seqlen, layers,
-                 dtype, device, trust_remote_code, output, overwrite, report, as_json, quiet, given) -> None:
+                 weight_bits, group_size, smooth_alpha, transform, transform_seed, calib_dataset, calib_nsamples,
+                 calib_seqlen, layers, dtype, device, trust_remote_code, output, overwrite, report, as_json, quiet,
+                 given) -> None:
+    from kernelscope.cli.eval_cmd import _check_transforms_with_schemes, _check_widths, _transforms
     from kernelscope.data import load_text
     from kernelscope.data.tasks import load_tasks, require_harness
     from kernelscope.runs.zeroshot import zeroshot
@@ -135,24 +143,26 @@ def run_zeroshot(*, model, scheme, tasks, include_path, limit, num_fewshot, batc
                            smooth_alpha=smooth_alpha, calib_nsamples=calib_nsamples, calib_seqlen=calib_seqlen,
                            limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, seed=seed)
     schemes = _schemes(scheme, alpha, bits, weight_bits, group_size, smooth_alpha)
-    _refusals(schemes, given, output=output, report=report, batch_size=batch_size, group_size=group_size,
-              weight_bits=weight_bits)
+    transforms = _transforms(transform, transform_seed)
+    _check_transforms_with_schemes(schemes, transforms)
+    calibrated = _refusals(schemes, transforms, given, output=output, report=report, batch_size=batch_size,
+                           group_size=group_size, weight_bits=weight_bits)
     device = _check_paths_and_model(model, output, overwrite, report, dtype, device, layers)
     names = split_values(tasks, "--tasks", str, "a task name") if tasks else list(DEFAULT_TASKS)
     harness_tasks = load_tasks(names, include_path, option=flag("--tasks"), path_option=flag("--include-path"))
     if num_fewshot not in (None, 0) and harness_tasks.fixed_zero_shot:
         fail(f"{flag('--num-fewshot')} {num_fewshot} has no effect on task {harness_tasks.fixed_zero_shot[0]}: "
              "its definition fixes the few-shot count at 0, which the harness keeps")
-    smoothing = any(s.smooth_alpha is not None for s in schemes)
     calib_text = (load_text(calib_dataset, max_chars=20 * calib_nsamples * calib_seqlen,
-                            option=flag("--calib-dataset")) if smoothing else None)
+                            option=flag("--calib-dataset")) if calibrated else None)
     silent = quiet or as_json
     loaded = load_with_status(model, dtype, device, trust_remote_code, quiet=silent)
-    calibration = _calibration(loaded, calib_text, calib_nsamples, calib_seqlen, seed) if smoothing else None
+    _check_widths(transforms, loaded.model, layers)
+    calibration = _calibration(loaded, calib_text, calib_nsamples, calib_seqlen, seed) if calibrated else None
     with stage_progress(silent, unit="tasks") as update:
         result = zeroshot(loaded, harness_tasks, schemes, layers=layers, limit=limit, num_fewshot=num_fewshot,
-                          batch_size=batch_size, seed=seed, calibration=calibration, calibration_text=calib_text,
-                          progress=update)
+                          batch_size=batch_size, seed=seed, transforms=list(transforms), calibration=calibration,
+                          calibration_text=calib_text, progress=update)
     finish(result, output, overwrite, as_json, _show, report)
 
 

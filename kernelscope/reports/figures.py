@@ -105,40 +105,58 @@ def c_ge_t(profiles: list[tuple[str, pl.DataFrame]]) -> go.Figure:
     return fig
 
 
+def _searches(summary: dict) -> list[dict]:
+    """The searches of a threshold run, one per transform (a run of an earlier version holds one)."""
+    return summary.get("searches") or [summary]
+
+
+def _named(run: str, what: str, transform: str | None) -> str:
+    return f"{run}: {what}" if transform in (None, "none") else f"{run}: {what}, {transform}"
+
+
 def threshold_curve(runs: list[tuple[str, dict]]) -> go.Figure:
     """Remove-kernel perplexity against kernel proportion, with the tolerance and the crossing."""
     fig = go.Figure()
-    for r, (run, summary) in enumerate(runs):
-        color = PALETTE[r % len(PALETTE)]
-        curve = sorted(summary["curve"], key=lambda p: p["kernel_fraction"])
-        fig.add_trace(go.Scatter(
-            x=[round(100 * p["kernel_fraction"], 4) for p in curve], y=[p["perplexity"] for p in curve],
-            mode="lines+markers", name=esc(f"{run}: remove-kernel"), line=dict(color=color),
-            text=[f"λ={p['lambda']:.4g}" for p in curve],
-            hovertemplate="%{text}<br>kernel %{x:.2f}%<br>ppl %{y:.4f}<extra>%{fullData.name}</extra>"))
-        fig.add_hline(y=summary["target_perplexity"], line=dict(color=color, dash="dot"),
+    trace = 0
+    for run, summary in runs:
+        fig.add_hline(y=summary["target_perplexity"], line=dict(color=PALETTE[trace % len(PALETTE)], dash="dot"),
                       annotation_text=esc(f"{run}: fp + {100 * summary['tolerance']:g}%"))
-        within = (summary.get("bracket") or {}).get("within")
-        if within and summary.get("status") == "crossing bracketed":
-            fig.add_vline(x=100 * within["kernel_fraction"], line=dict(color=color, dash="dash"),
-                          annotation_text=esc(f"threshold {100 * within['kernel_fraction']:.2f}%"))
+        for search in _searches(summary):
+            color = PALETTE[trace % len(PALETTE)]
+            trace += 1
+            curve = sorted(search["curve"], key=lambda p: p["kernel_fraction"])
+            fig.add_trace(go.Scatter(
+                x=[round(100 * p["kernel_fraction"], 4) for p in curve], y=[p["perplexity"] for p in curve],
+                mode="lines+markers", name=esc(_named(run, "remove-kernel", search.get("transform"))),
+                line=dict(color=color), text=[f"λ={p['lambda']:.4g}" for p in curve],
+                hovertemplate="%{text}<br>kernel %{x:.2f}%<br>ppl %{y:.4f}<extra>%{fullData.name}</extra>"))
+            within = (search.get("bracket") or {}).get("within")
+            if within and search.get("status") == "crossing bracketed":
+                fig.add_vline(x=100 * within["kernel_fraction"], line=dict(color=color, dash="dash"),
+                              annotation_text=esc(f"threshold {100 * within['kernel_fraction']:.2f}%"))
     fig.update_layout(**LAYOUT, title="Threshold: remove-kernel perplexity vs kernel proportion",
                       xaxis_title="kernel %", yaxis_title="perplexity")
     return fig
 
 
 def alpha_sweep(runs: list[tuple[str, dict]]) -> go.Figure:
-    """Perplexity and kernel % against CrossQuant α (α = 1 is per-token)."""
+    """Perplexity and kernel % against CrossQuant α (α = 1 is per-token), one pair of lines per
+    run and transform."""
     fig = make_subplots(specs=[[{"secondary_y": True}]])
-    for r, (run, summary) in enumerate(runs):
-        color = PALETTE[r % len(PALETTE)]
+    trace = 0
+    for run, summary in runs:
         rows = [x for x in summary["results"] if x["alpha"] is not None]
-        alphas = [x["alpha"] for x in rows]
-        fig.add_trace(go.Scatter(x=alphas, y=[x["perplexity"] for x in rows], mode="lines+markers",
-                                 name=esc(f"{run}: perplexity"), line=dict(color=color)), secondary_y=False)
-        fig.add_trace(go.Scatter(x=alphas, y=[round(100 * x["kernel_fraction"], 4) for x in rows],
-                                 mode="lines+markers", name=esc(f"{run}: kernel %"),
-                                 line=dict(color=color, dash="dot")), secondary_y=True)
+        for transform in dict.fromkeys(x.get("transform") for x in rows):
+            color = PALETTE[trace % len(PALETTE)]
+            trace += 1
+            mine = [x for x in rows if x.get("transform") == transform]
+            alphas = [x["alpha"] for x in mine]
+            fig.add_trace(go.Scatter(x=alphas, y=[x["perplexity"] for x in mine], mode="lines+markers",
+                                     name=esc(_named(run, "perplexity", transform)), line=dict(color=color)),
+                          secondary_y=False)
+            fig.add_trace(go.Scatter(x=alphas, y=[round(100 * x["kernel_fraction"], 4) for x in mine],
+                                     mode="lines+markers", name=esc(_named(run, "kernel %", transform)),
+                                     line=dict(color=color, dash="dot")), secondary_y=True)
     fig.update_layout(**LAYOUT, title="CrossQuant α sweep")
     fig.update_xaxes(title_text="α")
     fig.update_yaxes(title_text="perplexity", secondary_y=False)

@@ -164,7 +164,9 @@ def _verdict(page: _Page, profiles, thresholds) -> None:
     if not profiles and not thresholds:
         page.missing("kernel measurement", PROFILE_COMMAND)
         return
-    located = {label: s for label, s in thresholds if s.get("threshold_kernel_fraction") is not None}
+    located = {(label if search.get("transform", "none") == "none" else f"{label}, {search['transform']}"): search
+               for label, s in thresholds for search in (s.get("searches") or [s])
+               if search.get("threshold_kernel_fraction") is not None}
     rows = []
     for label, run in profiles:
         for r in run.summary.get("model_level", []):
@@ -185,8 +187,10 @@ def _verdict(page: _Page, profiles, thresholds) -> None:
                  "LLaMA) and against any threshold located by <code>kernelscope threshold</code>.</p>")
         page.add(_table(["run", "quantizer", "kernel", "OPT reference", "LLaMA reference", "located threshold"], rows))
     for label, s in thresholds:
-        page.add(f"<p><b>{esc(label)}</b> ({esc(s.get('status', ''))}):</p><ul>"
-                 + "".join(f"<li>{esc(v)}</li>" for v in s.get("verdicts", [])) + "</ul>")
+        for search in s.get("searches") or [s]:
+            basis = "" if search.get("transform", "none") == "none" else f", {search['transform']}"
+            page.add(f"<p><b>{esc(label + basis)}</b> ({esc(search.get('status', ''))}):</p><ul>"
+                     + "".join(f"<li>{esc(v)}</li>" for v in search.get("verdicts", [])) + "</ul>")
     if not thresholds:
         page.missing("located threshold", "kernelscope threshold MODEL -o DIR")
 
@@ -230,12 +234,13 @@ def _eval_table(page: _Page, evals) -> None:
         page.missing("evaluation", "kernelscope eval MODEL --scheme fp --scheme w8a8-per-token --scheme w8a8-crossquant -o DIR")
         return
     for label, s in evals:
-        fp = next((r["perplexity"] for r in s["results"] if r["scheme"] == "fp"), None)
-        rows = [[esc(r["scheme"]), f"{r['perplexity']:.4f}",
-                 "" if fp is None or r["scheme"] == "fp" else f"{100 * (r['perplexity'] / fp - 1):+.2f}%",
+        reference = next((r for r in s["results"] if r["scheme"] == "fp"), None)
+        fp = reference["perplexity"] if reference else None
+        rows = [[esc(r["scheme"]), esc(r.get("transform", "none")), f"{r['perplexity']:.4f}",
+                 "" if fp is None or r is reference else f"{100 * (r['perplexity'] / fp - 1):+.2f}%",
                  _pct(r.get("kernel_fraction")), esc(r["tokens"])] for r in s["results"]]
         page.add(f"<p><b>{esc(label)}</b>: {esc(s.get('protocol', ''))}</p>")
-        page.add(_table(["scheme", "perplexity", "vs fp", "activation kernel", "tokens"], rows))
+        page.add(_table(["scheme", "transform", "perplexity", "vs fp", "activation kernel", "tokens"], rows))
 
 
 def _zeroshot_table(page: _Page, zeroshots) -> None:

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernelscope.capture import LinearInputCapture
 from kernelscope.data import TextSource, Windows
+from kernelscope.errors import KernelscopeError
 from kernelscope.models import LinearLayer, LoadedModel
-from kernelscope.quant import smoothing_factors
+from kernelscope.quant.transforms import IDENTITY, TransformSpec
 from kernelscope.runs.common import (
     StageProgress,
     TableResult,
@@ -31,9 +31,10 @@ from kernelscope.runs.common import (
     text_facts,
     unpack,
 )
-from kernelscope.runs.fakequant import SchemeApplied, weight_out_in
-from kernelscope.runs.forward import eval_mode, forward_windows, model_device
+from kernelscope.runs.fakequant import SchemeApplied
+from kernelscope.runs.forward import eval_mode, model_device
 from kernelscope.runs.schemes import Scheme
+from kernelscope.runs.transforming import ModelTransform, TransformBinder, identity_transform
 
 
 def protocol_text(windows: Windows) -> str:
@@ -74,39 +75,24 @@ def nll_pass(
     return float(total), n * (windows.seqlen - 1)
 
 
-def calibrate_smoothing(
-    model: nn.Module, layers: list[LinearLayer], windows: Windows, alpha: float, *, batch_size: int = 1
-) -> dict[str, torch.Tensor]:
-    """SmoothQuant factors per layer from the channel maxima of its input over ``windows``."""
-    act_max: dict[str, torch.Tensor] = {}
-
-    def observer(name: str, x: torch.Tensor) -> None:
-        m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()  # (I,)
-        act_max[name] = m if name not in act_max else torch.maximum(act_max[name], m)
-
-    with eval_mode(model), LinearInputCapture({layer.name: layer.module for layer in layers}, observer):
-        for first in range(0, len(windows), batch_size):
-            forward_windows(model, windows.tokens[first : first + batch_size])
-    factors = {}
-    for layer in layers:
-        w_max = weight_out_in(layer.module).detach().abs().amax(dim=0).float()  # (I,)
-        factors[layer.name] = smoothing_factors(act_max[layer.name].to(w_max.device), w_max, alpha)
-    return factors
-
-
 def run_scheme(
     model: nn.Module,
     windows: Windows,
     scheme: Scheme,
     layers: list[LinearLayer],
     *,
-    smoothing: dict[str, torch.Tensor] | None = None,
+    transform: ModelTransform | None = None,
     batch_size: int = 1,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """Perplexity of ``model`` under ``scheme`` on ``windows``, with the activation kernel it caused."""
+    """Perplexity of ``model`` under ``scheme`` on ``windows``, with the activation kernel it caused.
+
+    ``transform`` (bound to ``layers``; default none) changes the basis the scheme quantizes in; it
+    must include the scheme's own transform (see :func:`evaluate`).
+    """
     started = time.perf_counter()
-    applied = SchemeApplied(layers, scheme, smoothing, seq_len=windows.seqlen)
+    transform = transform or identity_transform(layers)
+    applied = SchemeApplied(layers, scheme, transform.layers, seq_len=windows.seqlen)
     with eval_mode(model), applied:
         nll, tokens = nll_pass(model, windows, batch_size=batch_size, after_batch=applied.end_batch,
                                progress=progress)
@@ -117,6 +103,7 @@ def run_scheme(
     perplexity = math.exp(mean) if math.isfinite(mean) and mean < 700 else (math.nan if math.isnan(mean) else math.inf)
     return {
         **scheme.describe(),
+        **transform.describe(),
         "perplexity": perplexity,
         "finite": math.isfinite(nll),  # False: the model produced NaN/Inf logits under this scheme
         "nll": nll / tokens,
@@ -136,6 +123,15 @@ class EvalResult(TableResult):
     SUMMARY = "eval.json"
 
 
+def scheme_transform(scheme: Scheme, transform: TransformSpec) -> TransformSpec:
+    """The basis ``scheme`` quantizes in under ``transform``: its own transform (SmoothQuant's), then
+    ``transform``. Raises KernelscopeError where a step would apply twice."""
+    try:
+        return scheme.transform.then(transform)
+    except ValueError as exc:
+        raise KernelscopeError(f"scheme {scheme.name} with transform {transform.label}: {exc}") from None
+
+
 def evaluate(
     model: nn.Module | LoadedModel,
     windows: Windows,
@@ -143,34 +139,35 @@ def evaluate(
     *,
     text: TextSource | None = None,
     layers: str | Sequence[LinearLayer] | None = None,
+    transforms: Sequence[TransformSpec] = (IDENTITY,),
     calibration: Windows | None = None,
     calibration_text: TextSource | None = None,
     batch_size: int = 1,
     progress: StageProgress | None = None,
 ) -> EvalResult:
-    """Perplexity of ``model`` on ``windows`` under each scheme, in order.
+    """Perplexity of ``model`` on ``windows`` under each scheme and each transform, scheme by scheme.
 
     Activations and weights of the selected Linear layers (default: every Linear in the decoder
-    blocks; ``lm_head`` stays in full precision, as in SmoothQuant) are treated as each scheme says.
-    SmoothQuant schemes need ``calibration`` windows (from text other than the evaluation text).
+    blocks; ``lm_head`` stays in full precision, as in SmoothQuant) are treated as each scheme says,
+    in the basis of each transform (``none`` the identity): the scheme's own transform (SmoothQuant
+    schemes) first, then the one given. Calibrated transforms need ``calibration`` windows (from
+    text other than the evaluation text).
     """
     net, info, _ = unpack(model)
     if not schemes:
         raise ValueError("evaluate needs at least one scheme")
+    if not transforms:
+        raise ValueError("evaluate needs at least one transform (IDENTITY for none)")
     selected = resolve_layers(net, layers)
-    smoothing: dict[float, dict[str, torch.Tensor]] = {}
+    pairs = [(scheme, scheme_transform(scheme, t)) for scheme in schemes for t in transforms]
+    binder = TransformBinder(net, selected, calibration, batch_size=batch_size)
+    for _, spec in pairs:  # every width checked and every calibration done before the first evaluation
+        binder.bind(spec)
     rows = []
-    for scheme in schemes:
-        factors = None
-        if scheme.smooth_alpha is not None:
-            if calibration is None:
-                raise ValueError(f"scheme {scheme.name} needs calibration windows")
-            if scheme.smooth_alpha not in smoothing:
-                smoothing[scheme.smooth_alpha] = calibrate_smoothing(
-                    net, selected, calibration, scheme.smooth_alpha, batch_size=batch_size)
-            factors = smoothing[scheme.smooth_alpha]
-        rows.append(run_scheme(net, windows, scheme, selected, smoothing=factors, batch_size=batch_size,
-                               progress=stage_callback(progress, scheme.name)))
+    for scheme, spec in pairs:
+        stage = scheme.name if len(transforms) == 1 else f"{scheme.name}, {spec.label}"
+        rows.append(run_scheme(net, windows, scheme, selected, transform=binder.bind(spec),
+                               batch_size=batch_size, progress=stage_callback(progress, stage)))
     table = pl.DataFrame(rows, infer_schema_length=None)
     summary = {
         **run_context(info, text, windows, "eval"),
@@ -178,10 +175,22 @@ def evaluate(
         "results": rows,
         "layers": {"count": len(selected), "pattern": layers if isinstance(layers, str) else None,
                    "lm_head": "full precision"},
+        "transforms": transforms_facts(transforms),
         "calibration": (
             {"text": text_facts(calibration_text), "windows": calibration.as_dict()}
-            if calibration is not None and smoothing else None
+            if calibration is not None and binder.calibrated else None
         ),
         "settings": {"batch_size": batch_size},
     }
     return EvalResult(table, summary)
+
+
+def transforms_facts(transforms: Sequence[TransformSpec]) -> dict[str, Any]:
+    """What a summary says about the transforms of a run and how they were applied."""
+    return {
+        "given": [t.label for t in transforms],
+        "seed": next((t.seed for t in transforms if t.seed is not None), None),
+        "basis": "each quantizer acts on T(x); schemes that quantize weights use the weight in that basis "
+                 "(W·A^-T), quantized there; schemes with full-precision weights map the activation back "
+                 "(T^-1) and keep the layer's own weight",
+    }

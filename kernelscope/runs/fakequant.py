@@ -1,12 +1,14 @@
 """Apply a :class:`~kernelscope.runs.schemes.Scheme` to selected Linear layers for a ``with`` block.
 
-Activations are transformed by a forward pre-hook; quantized weights are computed once per layer,
-swapped in for the length of that layer's forward call and swapped back right after. On exit (error
-or not) every hook is removed, every weight is the caller's original tensor, and caches are freed.
+Activations are changed (a change of basis, then the quantizer) by a forward pre-hook; quantized
+weights are computed once per layer, swapped in for the length of that layer's forward call and
+swapped back right after. On exit (error or not) every hook is removed, every weight is the caller's
+original tensor, and caches are freed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ from kernelscope.errors import KernelscopeError
 from kernelscope.models import LinearLayer
 from kernelscope.quant import as_sequences, crossquant_factors
 from kernelscope.quant import formats as F
+from kernelscope.quant.transforms import LayerTransform
 from kernelscope.runs.schemes import Scheme
 from kernelscope.stats import elementwise, native
 
@@ -52,57 +55,67 @@ def treat_activation(x: torch.Tensor, fmt: F.Format, remove: bool, kernel_scale:
 class SchemeApplied:
     """Context manager: ``scheme`` in force on ``layers``; counts the activation kernel it causes.
 
-    ``smoothing`` maps layer names to SmoothQuant factors ``s (I,)`` (for SmoothQuant schemes);
+    ``transforms`` maps layer names to the transform of their input basis (absent: none). The
+    quantizer acts in that basis: the activation becomes ``T(x)`` and is quantized (or loses its
+    kernel) there. A scheme that quantizes weights then feeds that to the weight in the same basis,
+    ``W' = W·A⁻ᵀ``, quantized there; a scheme that keeps weights in full precision (fp, remove-kernel
+    without weight bits) maps the activation back, ``T⁻¹(R(T(x)))``, and keeps the layer's own weight,
+    which is the same product up to rounding and holds no second copy of the weights.
     ``seq_len`` is the window length, for models that flatten tokens before a Linear.
     ``kernel`` and ``elements`` are int64 counters on the model's device, read once at the end.
     """
 
     def __init__(self, layers: list[LinearLayer], scheme: Scheme,
-                 smoothing: dict[str, torch.Tensor] | None = None, seq_len: int | None = None) -> None:
-        if scheme.smooth_alpha is not None and smoothing is None:
-            raise ValueError(f"scheme {scheme.name} needs smoothing factors from calibration")
+                 transforms: Mapping[str, LayerTransform] | None = None, seq_len: int | None = None) -> None:
         self.layers = layers
         self.scheme = scheme
-        self.smoothing = smoothing
+        self.transforms = {name: t for name, t in (transforms or {}).items() if not t.is_identity}
         self.seq_len = seq_len  # splits flattened (B·T, I) inputs back into sequences
         self.kernel: torch.Tensor | None = None
         self.elements: torch.Tensor | None = None
         self._handles: list[Any] = []
         self._weights: dict[str, torch.Tensor] = {}
         self._swapped: dict[str, tuple[nn.Module, torch.Tensor]] = {}
-        self._last: tuple[torch.Tensor | None, Any] = (None, None)
+        self._last: tuple[torch.Tensor | None, Any, Any] = (None, None, None)
 
     # -- activation ---------------------------------------------------------------------------
-    def _transform(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _quantized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` quantized (or with its kernel zeroed) as the scheme says, and its kernel count."""
         scheme, act = self.scheme, self.scheme.activation
-        if self.smoothing is not None:
-            x = (x.float() / self.smoothing[name]).to(x.dtype)  # (..., I) / (I,)
-        if scheme.mode == "fp":
-            return x, torch.zeros((), dtype=torch.int64, device=x.device)
         seqs = as_sequences(x, self.seq_len)  # (B, T, I)
         out, zeros = treat_activation(seqs, act.format, scheme.mode == "remove_kernel", scheme.kernel_scale)
         return out.reshape(x.shape), zeros
 
+    def _transform(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        t = self.transforms.get(name)
+        xt = x if t is None else t.activation(x)
+        out, zeros = (xt, None) if self.scheme.mode == "fp" else self._quantized(xt)
+        if t is not None and not self.scheme.changes_weight:
+            out = t.inverse(out)  # back to the layer's own basis and weight
+        return out, zeros
+
     def _activation(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        # Layers fed the same tensor (q/k/v, gate/up) share one transform unless smoothing differs.
-        if self.smoothing is None and self._last[0] is x:
-            xq, zeros = self._last[1]
+        # Layers fed the same tensor (q/k/v, gate/up) share one transform unless their transforms differ.
+        t = self.transforms.get(name)
+        if self._last[0] is x and self._last[1] is t:
+            xq, zeros = self._last[2]
         else:
             xq, zeros = self._transform(name, x)
-            self._last = (x, (xq, zeros))
-        if self.kernel is None:
-            self.kernel = torch.zeros((), dtype=torch.int64, device=x.device)
-            self.elements = torch.zeros((), dtype=torch.int64, device=x.device)
-        self.kernel += zeros.to(self.kernel.device)
-        self.elements += x.numel()
+            self._last = (x, t, (xq, zeros))
+        if zeros is not None:
+            if self.kernel is None:
+                self.kernel = torch.zeros((), dtype=torch.int64, device=x.device)
+                self.elements = torch.zeros((), dtype=torch.int64, device=x.device)
+            self.kernel += zeros.to(self.kernel.device)
+            self.elements += x.numel()
         return xq
 
     # -- weight -------------------------------------------------------------------------------
     def _quantized_weight(self, name: str, module: nn.Module) -> torch.Tensor:
         if name not in self._weights:
             w = weight_out_in(module).detach()  # (O, I)
-            if self.smoothing is not None:
-                w = (w.float() * self.smoothing[name]).to(w.dtype)  # column j times s_j
+            if name in self.transforms:
+                w = self.transforms[name].weight(w)  # W·A⁻ᵀ, the weight in the input's new basis
             weight = self.scheme.weight_quantizer
             if weight is not None:
                 w = F.fake_quantize(w, weight.format)  # (O, I): one sequence whose rows are the outputs
@@ -111,15 +124,15 @@ class SchemeApplied:
 
     def _pre_hook(self, name: str):
         scheme = self.scheme
-        changes_weight = scheme.changes_weight or self.smoothing is not None
+        untouched = scheme.mode == "fp" and name not in self.transforms
 
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             if args:
                 x, rest = args[0], args[1:]
             else:
                 return None
-            xq = x if scheme.mode == "fp" and self.smoothing is None else self._activation(name, x)
-            if changes_weight:
+            xq = x if untouched else self._activation(name, x)
+            if scheme.changes_weight:
                 self._swapped[name] = (module, module.weight.data)
                 module.weight.data = self._quantized_weight(name, module)
             return (xq, *rest), kwargs
@@ -138,9 +151,8 @@ class SchemeApplied:
             module.weight.data = original
 
     def __enter__(self) -> SchemeApplied:
-        changes_weight = self.scheme.changes_weight or self.smoothing is not None
         offloaded = [layer.name for layer in self.layers if layer.module.weight.device.type == "meta"]
-        if changes_weight and offloaded:
+        if self.scheme.changes_weight and offloaded:
             raise KernelscopeError(
                 f"scheme {self.scheme.name} quantizes weights, but {len(offloaded)} layers (first "
                 f"{offloaded[0]}) are offloaded to disk by the device map; give --max-memory more room, "
@@ -162,8 +174,8 @@ class SchemeApplied:
         for name in list(self._swapped):
             self._restore(name)
         self._weights.clear()
-        self._last = (None, None)
+        self._last = (None, None, None)
 
     def end_batch(self) -> None:
         """Drop the reference to the last activation (call after each forward pass)."""
-        self._last = (None, None)
+        self._last = (None, None, None)

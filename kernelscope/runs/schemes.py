@@ -2,6 +2,8 @@
 ``w8a8-smoothquant``, ``remove-kernel-per-token``, ...
 
 A scheme says how every decoder Linear's activation and weight are treated during a forward pass.
+``wXaY-smoothquant`` is ``wXaY-per-token`` with the ``smoothquant`` transform of
+:mod:`kernelscope.quant.transforms` as its own; any other transform is given beside the scheme.
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ from dataclasses import dataclass
 from kernelscope.errors import KernelscopeError
 from kernelscope.quant import DEFAULT_ALPHA, QuantizerConfig, check_alpha, qmax_for_bits
 from kernelscope.quant.formats import FORMATS
+from kernelscope.quant.transforms import IDENTITY, SMOOTHQUANT_ALPHA, TRANSFORMS, TransformSpec, TransformStep
 
 _REMOVE = "remove-kernel-"
 
 QUANTIZER_WORDS = {"per-token": "per_token", "per-tensor": "per_tensor", "per-channel": "per_channel",
                    "crossquant": "crossquant"}
 """The INT quantizers a ``wXaY-QUANTIZER`` scheme names."""
-_FAKE = re.compile(r"^w(\d+)a(\d+)(?:-g(\d+))?-(per-token|per-tensor|per-channel|crossquant|smoothquant)$")
+TRANSFORM_WORDS = {"smoothquant": ("per_token", "smoothquant")}
+"""``wXaY-WORD`` schemes that name a quantizer with a transform of their own (its value
+``smooth_alpha``): SmoothQuant is per-token INT after the ``smoothquant`` transform."""
+_FAKE = re.compile(r"^w(\d+)a(\d+)(?:-g(\d+))?-(" + "|".join([*QUANTIZER_WORDS, *TRANSFORM_WORDS]) + ")$")
 FORMAT_WORDS = {name.replace("_", "-"): name for name in FORMATS}
 """Every quantizer of the formats registry, as a scheme spells it (``remove-kernel-mxfp4-rceil``)."""
 FLOAT_SCHEMES = {name.replace("_", "-"): name for name, entry in FORMATS.items() if entry.grid is not None}
@@ -29,7 +35,6 @@ whose rows are output channels, blocks along the input axis)."""
 EXAMPLES = ("fp", "w8a8-per-token", "w8a8-crossquant", "w4a8-g128-per-token", "w4a8-g128-crossquant",
             "w4a4-per-token", "w4a4-crossquant", "w8a8-smoothquant", "fp8", "mxfp8", "mxfp4", "nvfp4",
             "remove-kernel-per-token", "remove-kernel-crossquant", "remove-kernel-mxfp4")
-SMOOTHQUANT_ALPHA = 0.5
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,8 @@ class Scheme:
     ``mode``: ``fp`` (untouched), ``fake_quant`` (activations quantized and dequantized) or
     ``remove_kernel`` (only the kernel of ``activation`` zeroed, at ``kernel_scale`` = λ times its
     zero bound). ``weight_bits`` None keeps weights in full precision; ``group_size`` None is
-    per-output-channel. ``smooth_alpha`` set means SmoothQuant scaling before quantization.
+    per-output-channel. ``transform`` is the scheme's own change of basis before quantization
+    (``smoothquant:α`` for ``wXaY-smoothquant``); a transform given for a run follows it.
     """
 
     name: str
@@ -47,7 +53,7 @@ class Scheme:
     activation: QuantizerConfig | None = None
     weight_bits: int | None = None
     group_size: int | None = None
-    smooth_alpha: float | None = None
+    transform: TransformSpec = IDENTITY
     kernel_scale: float = 1.0
     weight_format: QuantizerConfig | None = None  # a format of the registry for the weights instead
 
@@ -75,7 +81,6 @@ class Scheme:
             "alpha": act.alpha if act else None,
             "weight_bits": wf.bits if wf else self.weight_bits, "group_size": self.group_size,
             "weight_format": wf.label if wf else None,
-            "smooth_alpha": self.smooth_alpha,
             "kernel_scale": self.kernel_scale if self.mode == "remove_kernel" else None,
         }
 
@@ -102,13 +107,15 @@ def parse_scheme(
             qmax_for_bits(wbits)
             if group is not None and int(group) < 1:
                 raise ValueError("the group size gG must be at least 1")
-            if kind == "smoothquant":
-                act = QuantizerConfig("per_token", abits)
-                return Scheme(name, "fake_quant", act, wbits, int(group) if group else None,
-                              smooth_alpha=check_alpha(smooth_alpha))
-            quantizer = QUANTIZER_WORDS[kind]
-            act = QuantizerConfig(quantizer, abits, alpha if quantizer == "crossquant" else None)
-            return Scheme(name, "fake_quant", act, wbits, int(group) if group else None)
+            own = IDENTITY
+            if kind in TRANSFORM_WORDS:
+                quantizer, transform = TRANSFORM_WORDS[kind]
+                own = TransformSpec((TransformStep(TRANSFORMS[transform], check_alpha(smooth_alpha)),))
+            else:
+                quantizer = QUANTIZER_WORDS[kind]
+            takes_alpha = FORMATS[quantizer].takes_alpha
+            act = QuantizerConfig(quantizer, abits, alpha if takes_alpha else None)
+            return Scheme(name, "fake_quant", act, wbits, int(group) if group else None, transform=own)
         if name in FLOAT_SCHEMES:
             config = QuantizerConfig(FLOAT_SCHEMES[name], FORMATS[FLOAT_SCHEMES[name]].grid.bits)
             return Scheme(name, "fake_quant", config, weight_format=config)

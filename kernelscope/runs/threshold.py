@@ -24,24 +24,26 @@ from torch import nn
 from kernelscope.data import TextSource, Windows
 from kernelscope.models import LinearLayer, LoadedModel
 from kernelscope.quant import DEFAULT_ALPHA, QuantizerConfig
+from kernelscope.quant.transforms import IDENTITY, TransformSpec
 from kernelscope.runs.common import (
     StageProgress,
     TableResult,
     resolve_layers,
     run_context,
     stage_callback,
+    text_facts,
     unpack,
 )
-from kernelscope.runs.evaluate import protocol_text, run_scheme
-from kernelscope.runs.profiling import profile
+from kernelscope.runs.evaluate import protocol_text, run_scheme, transforms_facts
 from kernelscope.runs.schemes import Scheme
+from kernelscope.runs.transforming import ModelTransform, TransformBinder, measured_kernels
 
 MIN_WINDOWS = 2
 LAMBDA_MIN = 2.0**-12
 
 class ThresholdResult(TableResult):
-    """The remove-kernel curve (``table``: one row per evaluated λ, by kernel proportion) and
-    ``threshold.json``."""
+    """The remove-kernel curve (``table``: one row per evaluated λ and transform, by kernel
+    proportion within each transform) and ``threshold.json`` (one search per transform)."""
 
     TABLE = "threshold"
     SUMMARY = "threshold.json"
@@ -120,6 +122,9 @@ def threshold_search(
     weight_bits: int | None = None,
     group_size: int | None = None,
     layers: str | Sequence[LinearLayer] | None = None,
+    transforms: Sequence[TransformSpec] = (IDENTITY,),
+    calibration: Windows | None = None,
+    calibration_text: TextSource | None = None,
     batch_size: int = 1,
     progress: StageProgress | None = None,
 ) -> ThresholdResult:
@@ -127,7 +132,9 @@ def threshold_search(
 
     ``family`` is the quantizer whose zero bound is scaled (default per-token INT8). The model's
     actual per-token and CrossQuant (``alpha``) kernels at INT8 and INT4 are measured on the same
-    windows and placed against the threshold.
+    windows and placed against the threshold. With several ``transforms`` the search runs once in
+    each one's basis (the kernel removed there, the measured kernels counted there), against the one
+    full-precision perplexity; calibrated transforms need ``calibration`` windows.
     """
     if not tolerance > 0 or not math.isfinite(tolerance):
         raise ValueError(f"tolerance must be a positive number, got {tolerance}")
@@ -135,51 +142,28 @@ def threshold_search(
         raise ValueError(f"steps must be at least 0, got {steps}")
     if len(windows) < MIN_WINDOWS:
         raise ValueError(f"a threshold search needs at least {MIN_WINDOWS} windows, got {len(windows)}")
+    if not transforms:
+        raise ValueError("threshold_search needs at least one transform (IDENTITY for none)")
     family = family or QuantizerConfig("per_token", 8)
     net, info, tokenizer = unpack(model)
     selected = resolve_layers(net, layers)
-    stage = lambda name: stage_callback(progress, name)  # noqa: E731
+    binder = TransformBinder(net, selected, calibration, batch_size=batch_size)
+    bound = [binder.bind(t) for t in transforms]
+    several = len(bound) > 1
+
+    def stage(name: str, t: ModelTransform) -> Callable[[int, int], None] | None:
+        return stage_callback(progress, f"{name}, {t.label}" if several else name)
 
     actual_configs = [QuantizerConfig("per_token", 8), QuantizerConfig("crossquant", 8, alpha),
                       QuantizerConfig("per_token", 4), QuantizerConfig("crossquant", 4, alpha)]
-    measured = profile(net, windows, actual_configs, tokenizer=tokenizer, layers=selected,
-                       batch_size=batch_size, progress=stage("kernels"))
+    actual = {t.label: measured_kernels(net, windows, actual_configs, selected, t, tokenizer=tokenizer,
+                                        batch_size=batch_size, progress=stage("kernels", t)) for t in bound}
     fp = run_scheme(net, windows, Scheme("fp", "fp", weight_bits=None), selected,
-                    batch_size=batch_size, progress=stage("fp"))
+                    batch_size=batch_size, progress=stage_callback(progress, "fp"))
     target = fp["perplexity"] * (1 + tolerance)
-
-    points: dict[float, dict[str, Any]] = {}
-
-    def at(lam: float) -> dict[str, Any]:
-        if lam not in points:
-            scheme = Scheme(f"remove-kernel λ={lam:g}", "remove_kernel", family, weight_bits, group_size,
-                            kernel_scale=lam)
-            row = run_scheme(net, windows, scheme, selected, batch_size=batch_size,
-                             progress=stage(f"λ={lam:.4g}"))
-            row["lambda"] = lam
-            row["within_tolerance"] = row["perplexity"] <= target
-            points[lam] = row
-        return points[lam]
-
-    lo, hi = bracket_crossing(lambda lam: at(lam)["within_tolerance"], family.saturation_scale, steps)
-
-    curve = pl.DataFrame(sorted(points.values(), key=lambda r: (r["kernel_fraction"], r["lambda"])),
-                         infer_schema_length=None)
-    lo_row = points.get(lo) if lo is not None else None
-    hi_row = points.get(hi) if hi is not None else None
-    contradictions = [
-        r["lambda"] for r in points.values()
-        if (lo is not None and r["lambda"] < lo and not r["within_tolerance"])
-        or (hi is not None and r["lambda"] > hi and r["within_tolerance"])
-    ]
-    actual = measured.model_level.select("config", "quantizer", "bits", "alpha", "kernel_fraction").to_dicts()
-    verdicts = [_verdict(r["config"], r["kernel_fraction"], lo_row, hi_row, tolerance) for r in actual]
-    if hi is None:
-        status = "never crossed"
-    elif lo is None:
-        status = f"crossed below the smallest λ tried ({LAMBDA_MIN:g})"
-    else:
-        status = "crossing bracketed"
+    searches = [_search(net, windows, selected, family, t, actual[t.label], target, tolerance, steps,
+                        weight_bits, group_size, batch_size, lambda name, t=t: stage(name, t)) for t in bound]
+    curve = pl.DataFrame([row for search in searches for row in search.pop("points")], infer_schema_length=None)
     summary = {
         **run_context(info, text, windows, "threshold"),
         "protocol": protocol_text(windows),
@@ -188,6 +172,53 @@ def threshold_search(
         "tolerance": tolerance,
         "fp_perplexity": fp["perplexity"],
         "target_perplexity": target,
+        "transforms": transforms_facts(transforms),
+        "calibration": ({"text": text_facts(calibration_text), "windows": calibration.as_dict()}
+                        if calibration is not None and binder.calibrated else None),
+        "searches": searches,
+        "settings": {"steps": steps, "weight_bits": weight_bits, "group_size": group_size,
+                     "alpha": alpha, "batch_size": batch_size},
+    }
+    return ThresholdResult(curve, summary)
+
+
+def _search(net: nn.Module, windows: Windows, selected: list[LinearLayer], family: QuantizerConfig,
+            transform: ModelTransform, actual: list[dict], target: float, tolerance: float, steps: int,
+            weight_bits: int | None, group_size: int | None, batch_size: int,
+            stage: Callable[[str], Any]) -> dict[str, Any]:
+    """One bracketing search along λ with the kernel removed in ``transform``'s basis."""
+    points: dict[float, dict[str, Any]] = {}
+
+    def at(lam: float) -> dict[str, Any]:
+        if lam not in points:
+            scheme = Scheme(f"remove-kernel λ={lam:g}", "remove_kernel", family, weight_bits, group_size,
+                            kernel_scale=lam)
+            row = run_scheme(net, windows, scheme, selected, transform=transform, batch_size=batch_size,
+                             progress=stage(f"λ={lam:.4g}"))
+            row["lambda"] = lam
+            row["within_tolerance"] = row["perplexity"] <= target
+            points[lam] = row
+        return points[lam]
+
+    lo, hi = bracket_crossing(lambda lam: at(lam)["within_tolerance"], family.saturation_scale, steps)
+    ordered = sorted(points.values(), key=lambda r: (r["kernel_fraction"], r["lambda"]))
+    lo_row = points.get(lo) if lo is not None else None
+    hi_row = points.get(hi) if hi is not None else None
+    contradictions = [
+        r["lambda"] for r in points.values()
+        if (lo is not None and r["lambda"] < lo and not r["within_tolerance"])
+        or (hi is not None and r["lambda"] > hi and r["within_tolerance"])
+    ]
+    label = "" if transform.is_identity else f" ({transform.label})"
+    verdicts = [_verdict(r["config"] + label, r["kernel_fraction"], lo_row, hi_row, tolerance) for r in actual]
+    if hi is None:
+        status = "never crossed"
+    elif lo is None:
+        status = f"crossed below the smallest λ tried ({LAMBDA_MIN:g})"
+    else:
+        status = "crossing bracketed"
+    return {
+        **transform.describe(),
         "status": status,
         "threshold_kernel_fraction": lo_row["kernel_fraction"] if lo_row else None,
         "bracket": {
@@ -198,8 +229,7 @@ def threshold_search(
         "actual_kernels": actual,
         "verdicts": verdicts,
         "evaluations": len(points),
-        "settings": {"steps": steps, "weight_bits": weight_bits, "group_size": group_size,
-                     "alpha": alpha, "batch_size": batch_size},
-        "curve": curve.select("lambda", "kernel_fraction", "perplexity", "within_tolerance").to_dicts(),
+        "curve": [{k: r[k] for k in ("lambda", "kernel_fraction", "perplexity", "within_tolerance")}
+                  for r in ordered],
+        "points": ordered,
     }
-    return ThresholdResult(curve, summary)

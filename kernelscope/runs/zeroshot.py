@@ -45,10 +45,12 @@ from kernelscope.runs.common import (
     text_facts,
     unpack,
 )
-from kernelscope.runs.evaluate import calibrate_smoothing
+from kernelscope.quant.transforms import IDENTITY, LayerTransform, TransformSpec
+from kernelscope.runs.evaluate import scheme_transform, transforms_facts
 from kernelscope.runs.fakequant import SchemeApplied
 from kernelscope.runs.forward import eval_mode
 from kernelscope.runs.schemes import Scheme
+from kernelscope.runs.transforming import ModelTransform, TransformBinder, identity_transform
 
 HARNESS_SEEDS = {"random": 0, "numpy": 1234, "torch": 1234, "fewshot": 1234}
 """lm-evaluation-harness's default seeds (its ``--seed 0,1234,1234,1234``)."""
@@ -66,7 +68,7 @@ def spans_tokens(scheme: Scheme) -> bool:
 
 @contextlib.contextmanager
 def applied_scheme(model: nn.Module, layers: list[LinearLayer], scheme: Scheme,
-                   smoothing: dict[str, torch.Tensor] | None = None) -> Iterator[SchemeApplied]:
+                   transforms: dict[str, LayerTransform] | None = None) -> Iterator[SchemeApplied]:
     """``scheme`` in force on ``layers`` for every forward pass of ``model`` inside the block; every
     hook gone and every weight restored after, error or not.
 
@@ -74,7 +76,7 @@ def applied_scheme(model: nn.Module, layers: list[LinearLayer], scheme: Scheme,
     Linear input is ``(B, T, I)``, and a flattened ``(T, I)`` one (OPT's fc1/fc2) is one sequence,
     exact at batch size 1 (the only size at which a sequence-wide scale is allowed).
     """
-    applied = SchemeApplied(layers, scheme, smoothing, seq_len=None)
+    applied = SchemeApplied(layers, scheme, transforms, seq_len=None)
     with applied:
         handle = model.register_forward_hook(lambda module, args, output: applied.end_batch())
         try:
@@ -186,12 +188,13 @@ def _kernel(applied: SchemeApplied) -> tuple[int, int]:
 
 
 def _run_scheme(lm, net: nn.Module, layers: list[LinearLayer], scheme: Scheme, tasks: HarnessTasks, *,
-                smoothing, limit, num_fewshot, seeds, batch_size, progress) -> tuple[list, list]:
+                transform: ModelTransform, stage: str, limit, num_fewshot, seeds, batch_size,
+                progress) -> tuple[list, list]:
     rows, items = [], []
     total = len(tasks.tasks)
     if progress is not None:
-        progress(scheme.name, 0, total)
-    with applied_scheme(net, layers, scheme, smoothing) as applied:
+        progress(stage, 0, total)
+    with applied_scheme(net, layers, scheme, transform.layers) as applied:
         for done, (name, task) in enumerate(tasks.tasks.items(), start=1):
             started, (kernel0, elements0) = time.perf_counter(), _kernel(applied)
             count = fewshot_count(tasks.fact(name)["config_num_fewshot"], num_fewshot)
@@ -200,19 +203,24 @@ def _run_scheme(lm, net: nn.Module, layers: list[LinearLayer], scheme: Scheme, t
             counted = scheme.mode != "fp" and batch_size == 1 and elements > 0  # a batch's padding would count
             seconds = round(time.perf_counter() - started, 3)
             for row in _rows(scheme, name, tasks.metrics(name), results, samples):
-                rows.append(row | {"num_fewshot": count, "kernel_elements": kernel if counted else None,
+                rows.append(row | transform.describe() | {
+                                   "num_fewshot": count, "kernel_elements": kernel if counted else None,
                                    "elements": elements if counted else None,
                                    "kernel_fraction": kernel / elements if counted else None,
                                    "seconds": seconds})
-            items.extend(_items(scheme, name, tasks.metrics(name), samples))
+            items.extend(item | {"transform": transform.label}
+                         for item in _items(scheme, name, tasks.metrics(name), samples))
             if progress is not None:
-                progress(scheme.name, done, total)
+                progress(stage, done, total)
     return rows, items
 
 
 def _with_change_from_fp(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each row's accuracy minus the fp row's of the same task, metric and filter (None without fp)."""
-    fp = {(r["task"], r["metric"], r["filter"]): r["accuracy"] for r in rows if r["mode"] == "fp"}
+    """Each row's accuracy minus the fp row's of the same task, metric and filter (None without fp; the
+    fp row without a transform where there is one)."""
+    fp: dict[tuple, float] = {}
+    for r in sorted((r for r in rows if r["mode"] == "fp"), key=lambda r: r["transform"] != IDENTITY.label):
+        fp.setdefault((r["task"], r["metric"], r["filter"]), r["accuracy"])
     return [r | {"change_from_fp": None if r["mode"] == "fp" or (r["task"], r["metric"], r["filter"]) not in fp
                  else r["accuracy"] - fp[(r["task"], r["metric"], r["filter"])]} for r in rows]
 
@@ -239,38 +247,39 @@ def zeroshot(
     num_fewshot: int | None = None,
     batch_size: int = 1,
     seed: int | None = None,
+    transforms: Sequence[TransformSpec] = (IDENTITY,),
     calibration: Windows | None = None,
     calibration_text: TextSource | None = None,
     progress: StageProgress | None = None,
 ) -> ZeroshotResult:
     """Accuracy of ``model`` on ``tasks`` (from :func:`kernelscope.data.tasks.load_tasks`) under each
-    scheme, in order. ``tokenizer`` is needed for a bare module (a loaded model brings its own).
+    scheme and each transform, in order. ``tokenizer`` is needed for a bare module (a loaded model
+    brings its own).
 
     The selected Linear layers (default: every Linear in the decoder blocks; ``lm_head`` stays in
-    full precision) are treated as each scheme says; SmoothQuant schemes need ``calibration``
-    windows. The model is left as it was found: hooks removed, weights and training flag restored.
+    full precision) are treated as each scheme says, in the basis of each transform (the scheme's
+    own first, as :func:`~kernelscope.runs.evaluate.evaluate` does); calibrated transforms
+    (SmoothQuant) need ``calibration`` windows. The model is left as it was found: hooks removed,
+    weights and training flag restored.
     """
     net, info, own_tokenizer = unpack(model)
     tokenizer = tokenizer if tokenizer is not None else own_tokenizer
-    _check(schemes, tasks, tokenizer, num_fewshot, batch_size, calibration)
+    pairs = [(scheme, scheme_transform(scheme, t)) for scheme in schemes for t in transforms]
+    _check(schemes, tasks, tokenizer, num_fewshot, batch_size, calibration, [spec for _, spec in pairs])
     selected = resolve_layers(net, layers)
     seeds = harness_seeds(seed)
-    smoothing: dict[float, dict[str, torch.Tensor]] = {}
+    binder = TransformBinder(net, selected, calibration, batch_size=1)
     rows: list[dict[str, Any]] = []
     items: list[dict[str, Any]] = []
     with eval_mode(net):
         # the harness may set a missing pad token on the tokenizer it is given: give it a copy
         lm = _harness_model(net, copy.deepcopy(tokenizer), batch_size)
-        for scheme in schemes:
-            factors = None
-            if scheme.smooth_alpha is not None:
-                if scheme.smooth_alpha not in smoothing:
-                    smoothing[scheme.smooth_alpha] = calibrate_smoothing(
-                        net, selected, calibration, scheme.smooth_alpha, batch_size=batch_size)
-                factors = smoothing[scheme.smooth_alpha]
+        for scheme, spec in pairs:
+            bound = identity_transform(selected) if spec.is_identity else binder.bind(spec)
+            stage = scheme.name if len(transforms) == 1 else f"{scheme.name}, {spec.label}"
             scheme_rows, scheme_items = _run_scheme(
-                lm, net, selected, scheme, tasks, smoothing=factors, limit=limit, num_fewshot=num_fewshot,
-                seeds=seeds, batch_size=batch_size, progress=progress)
+                lm, net, selected, scheme, tasks, transform=bound, stage=stage, limit=limit,
+                num_fewshot=num_fewshot, seeds=seeds, batch_size=batch_size, progress=progress)
             rows += scheme_rows
             items += scheme_items
     rows = _with_change_from_fp(rows)
@@ -281,8 +290,9 @@ def zeroshot(
         "results": rows,
         "layers": {"count": len(selected), "pattern": layers if isinstance(layers, str) else None,
                    "lm_head": "full precision"},
+        "transforms": transforms_facts(transforms),
         "calibration": ({"text": text_facts(calibration_text), "windows": calibration.as_dict()}
-                        if calibration is not None and smoothing else None),
+                        if calibration is not None and binder.calibrated else None),
         "settings": {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size, "seeds": seeds,
                      "include_path": tasks.include_path, "harness": "lm-evaluation-harness",
                      "harness_version": tasks.harness_version},
@@ -293,7 +303,7 @@ def zeroshot(
 
 
 def _check(schemes: Sequence[Scheme], tasks: HarnessTasks, tokenizer: Any, num_fewshot: int | None,
-           batch_size: int, calibration: Windows | None) -> None:
+           batch_size: int, calibration: Windows | None, specs: Sequence[TransformSpec]) -> None:
     if not schemes:
         raise ValueError("zeroshot needs at least one scheme")
     if tokenizer is None:
@@ -307,5 +317,5 @@ def _check(schemes: Sequence[Scheme], tasks: HarnessTasks, tokenizer: Any, num_f
     if num_fewshot not in (None, 0) and tasks.fixed_zero_shot:
         raise KernelscopeError(f"task {tasks.fixed_zero_shot[0]} fixes its few-shot count at 0 in its "
                                "definition, which the harness keeps over any other")
-    if any(s.smooth_alpha is not None for s in schemes) and calibration is None:
-        raise ValueError("SmoothQuant schemes need calibration windows")
+    if any(spec.needs_calibration for spec in specs) and calibration is None:
+        raise ValueError("calibrated transforms (SmoothQuant) need calibration windows")
