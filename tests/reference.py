@@ -95,8 +95,9 @@ def int_weight_step(w: torch.Tensor, bits: int, group: int | None = None) -> tor
     for o in range(w.shape[0]):
         for start in range(0, w.shape[1], size):
             block = w[o, start : start + size]
-            out[o, start : start + size] = max(block.abs().max().item() / qmax(bits), FLOOR)
-    return out.float()
+            step = block.abs().max() / qmax(bits)  # float32 division, as the quantizer's own
+            out[o, start : start + size] = torch.clamp(step, min=FLOOR)
+    return out
 
 
 def step_for_sequence_batch(x: torch.Tensor, quantizer: str, bits: int, alpha: float | None) -> torch.Tensor:

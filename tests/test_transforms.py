@@ -15,14 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from kernelscope.data import make_windows
 from kernelscope.errors import KernelscopeError
 from kernelscope.models import select_linear_layers
-from kernelscope.quant import (
-    QuantizerConfig,
-    as_sequences,
-    fake_quantize_counted,
-    fake_quantize_weight,
-    per_token_step,
-    smoothing_factors,
-)
+from kernelscope.quant import QuantizerConfig, as_sequences, per_token_step, smoothing_factors
 from kernelscope.quant.transforms import (
     IDENTITY,
     RADIX,
@@ -372,14 +365,15 @@ def old_smoothquant_nll(model, windows, calibration, alpha: float, bits: int = 8
     def pre(mod, args, name):
         x = (args[0].float() / factors[name]).to(args[0].dtype)
         seqs = as_sequences(x, windows.seqlen)
-        out, zeros = fake_quantize_counted(seqs, per_token_step(seqs, bits), 2 ** (bits - 1) - 1)
-        kernel[0] += int(zeros)
+        out = ref.int_fake_quantize(seqs, per_token_step(seqs, bits), bits)
+        kernel[0] += int((out == 0).sum())
         return (out.reshape(x.shape),)
 
     originals = {}
     for l in layers:
         w = weight_out_in(l.module).detach()
-        wq = fake_quantize_weight((w.float() * factors[l.name]).to(w.dtype), bits)
+        smoothed = (w.float() * factors[l.name]).to(w.dtype)
+        wq = ref.int_fake_quantize(smoothed, ref.int_weight_step(smoothed, bits), bits)
         originals[l.name] = l.module.weight.data
         l.module.weight.data = wq if isinstance(l.module, torch.nn.Linear) else wq.t().contiguous()
         handles.append(l.module.register_forward_pre_hook(lambda mod, args, n=l.name: pre(mod, args, n)))
