@@ -74,20 +74,60 @@ def _details(r: dict) -> str:
     return ", ".join(parts)
 
 
+def _figure(x: float) -> str:
+    """Four significant figures, decimals kept: 20.24, 790.9, 1235."""
+    if not math.isfinite(x) or x == 0:
+        return f"{x:.4g}"
+    return f"{x:.{max(0, 3 - math.floor(math.log10(abs(x))))}f}"
+
+
+def interval(low: float | None, high: float | None, fmt=_figure) -> str:
+    """``[low, high]``, or nothing where there is no interval (one window)."""
+    if low is None or high is None:
+        return ""
+    return f"[{fmt(low)}, {fmt(high)}]"
+
+
+def _signed_pct(x: float) -> str:
+    return f"{x:+.2f}"
+
+
+def versus_fp(r: dict) -> str:
+    """The paired change from fp over its interval; a change the interval does not separate from 0
+    says so in words, so that it never reads as a loss."""
+    if r.get("change_pct") is None:
+        return ""
+    lines = [f"{r['change_pct']:+.2f}%", interval(r["change_pct_ci_low"], r["change_pct_ci_high"], _signed_pct)]
+    verdict = r.get("vs_fp") or ""
+    if verdict.startswith("not separable"):
+        lines.append("[yellow]not separable[/]")
+    return "\n".join(line for line in lines if line)
+
+
+def with_ci(r: dict) -> str:
+    """A perplexity over its interval."""
+    return "\n".join(filter(None, [f"{r['perplexity']:.4f}", interval(r["perplexity_ci_low"], r["perplexity_ci_high"])]))
+
+
 def _show_eval(result) -> None:
     s = result.summary
     out.print(header(s, "kernelscope eval"))
-    fp = next((r["perplexity"] for r in s["results"] if r["scheme"] == "fp"), None)
-    table = Table(title="Perplexity (lm_head in full precision; INT weights per-channel unless gN)")
-    table.add_column("scheme", no_wrap=True)
-    table.add_column("details")
-    for col in ("perplexity", "vs fp", "act. kernel", "s"):
+    kept = s["layers"].get("full_precision") or []
+    title = "Perplexity (lm_head in full precision; INT weights per-channel unless gN)"
+    if kept:
+        title += f"; {len(kept)} layers kept in full precision ({escape(str(s['layers']['ignore']))})"
+    table = Table(title=title, show_lines=True)
+    table.add_column("scheme")
+    for col in ("perplexity\n95% CI", "vs fp, paired\n95% CI", "act.\nkernel", "s"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in s["results"]:
-        rel = "" if fp is None or r["scheme"] == "fp" else f"{100 * (r['perplexity'] / fp - 1):+.2f}%"
-        table.add_row(escape(r["scheme"]), _details(r), f"{r['perplexity']:.4f}", rel,
-                      pct(r["kernel_fraction"]), f"{r['seconds']:.1f}")
+        details = _details(r)
+        name = escape(r["scheme"]) + (f"\n[dim]{details}[/]" if details else "")
+        table.add_row(name, with_ci(r), versus_fp(r), pct(r["kernel_fraction"]), f"{r['seconds']:.1f}")
     out.print(table)
+    out.print("[dim]not separable: the interval of the change contains 0, so these windows do not tell it "
+              "from fp[/]")
+    out.print(f"[dim]intervals: {escape(s['uncertainty'])}[/]")
     for r in s["results"]:
         if not r.get("finite", True):
             out.print(f"[yellow]warning:[/] {escape(r['scheme'])} produced NaN or infinite logits; "
@@ -151,12 +191,14 @@ def _show_threshold(result) -> None:
     out.print(header(s, "kernelscope threshold"))
     table = Table(title=f"Remove-kernel perplexity along {s['family']['label']} zero bound x λ "
                         f"(fp {s['fp_perplexity']:.4f}, tolerance {100 * s['tolerance']:g}%)")
-    for col in ("λ", "kernel", "perplexity", "vs fp", "within"):
+    for col in ("λ", "kernel", "perplexity", "95% CI", "vs fp", "within", "P(within)"):
         table.add_column(col, justify="right")
     for r in s["curve"]:
+        p = r["within_probability"]
         table.add_row(f"{r['lambda']:.4g}", pct(r["kernel_fraction"]), f"{r['perplexity']:.4f}",
+                      interval(r["perplexity_ci_low"], r["perplexity_ci_high"]),
                       f"{100 * (r['perplexity'] / s['fp_perplexity'] - 1):+.2f}%",
-                      "yes" if r["within_tolerance"] else "no")
+                      "yes" if r["within_tolerance"] else "no", "" if p is None else f"{p:.2f}")
     out.print(table)
     b = s["bracket"]
     if s["status"] == "crossing bracketed":
@@ -164,6 +206,12 @@ def _show_threshold(result) -> None:
                   f"{pct(b['beyond']['kernel_fraction'])} does not ({s['evaluations']} evaluations)")
     else:
         out.print(f"[bold]{s['status']}[/] ({s['evaluations']} evaluations)")
+    u = s["crossing_uncertainty"]
+    if u is not None:
+        held = "" if u["bracket_probability"] is None else (
+            f"; the observed bracket holds in {100 * u['bracket_probability']:.0f}% of resamples")
+        out.print(f"resampling the windows, the threshold lies in [{pct(u['kernel_fraction_ci_low'])}, "
+                  f"{pct(u['kernel_fraction_ci_high'])}] (95%, on the λ grid evaluated){held}")
     if s["non_monotone_lambdas"]:
         out.print(f"[yellow]the curve is not monotone: λ = {', '.join(f'{x:.4g}' for x in s['non_monotone_lambdas'])} "
                   "contradict the bracket[/]")
@@ -216,14 +264,15 @@ def _show_sweep(result) -> None:
     s = result.summary
     out.print(header(s, "kernelscope sweep"))
     table = Table(title=f"CrossQuant α sweep, W{s['weight_bits']}A{s['bits']} (α = 1 is per-token)")
-    for col in ("α", "kernel (fp activations)", "kernel (in quantized pass)", "perplexity", "vs fp"):
+    for col in ("α", "kernel (fp activations)", "kernel (in quantized pass)", "perplexity\n95% CI",
+                "vs fp, paired\n95% CI"):
         table.add_column(col, justify="right")
     for r in s["results"]:
         a = "fp" if r["alpha"] is None else f"{r['alpha']:g}"
-        rel = "" if r["alpha"] is None else f"{100 * (r['perplexity'] / s['fp_perplexity'] - 1):+.2f}%"
-        table.add_row(a, pct(r["kernel_fraction"]), pct(r["quantized_kernel_fraction"]),
-                      f"{r['perplexity']:.4f}", rel)
+        table.add_row(a, pct(r["kernel_fraction"]), pct(r["quantized_kernel_fraction"]), with_ci(r),
+                      versus_fp(r))
     out.print(table)
+    out.print(f"[dim]intervals: {escape(s['uncertainty'])}[/]")
 
 
 def run_sweep(*, alpha, bits, weight_bits, group_size, given, **kw) -> None:

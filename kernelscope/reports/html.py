@@ -229,11 +229,21 @@ def _eval_table(page: _Page, evals) -> None:
         return
     for label, s in evals:
         fp = next((r["perplexity"] for r in s["results"] if r["scheme"] == "fp"), None)
-        rows = [[esc(r["scheme"]), f"{r['perplexity']:.4f}",
+        rows = [[esc(r["scheme"]), f"{r['perplexity']:.4f}", _ci(r, "perplexity", "{:.4f}"),
                  "" if fp is None or r["scheme"] == "fp" else f"{100 * (r['perplexity'] / fp - 1):+.2f}%",
+                 _ci(r, "change_pct", "{:+.2f}%"), esc(r.get("vs_fp") or ""),
                  _pct(r.get("kernel_fraction")), esc(r["tokens"])] for r in s["results"]]
         page.add(f"<p><b>{esc(label)}</b>: {esc(s.get('protocol', ''))}</p>")
-        page.add(_table(["scheme", "perplexity", "vs fp", "activation kernel", "tokens"], rows))
+        page.add(_table(["scheme", "perplexity", "95% CI", "vs fp", "95% CI (paired)", "verdict",
+                         "activation kernel", "tokens"], rows))
+        if s.get("uncertainty"):
+            page.add(f"<p><small>{esc(s['uncertainty'])}</small></p>")
+
+
+def _ci(row: dict, field: str, spec: str) -> str:
+    """``[low, high]`` of a row's interval, empty where it has none (one window, or an older run)."""
+    low, high = row.get(f"{field}_ci_low"), row.get(f"{field}_ci_high")
+    return "" if low is None or high is None else esc(f"[{spec.format(low)}, {spec.format(high)}]")
 
 
 def _layer_table(page: _Page, profiles) -> None:

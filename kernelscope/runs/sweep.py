@@ -19,9 +19,18 @@ from kernelscope.runs.common import (
     stage_callback,
     unpack,
 )
-from kernelscope.runs.evaluate import protocol_text, run_scheme
+from kernelscope.runs.evaluate import compare, protocol_text, run_scheme
 from kernelscope.runs.profiling import profile
 from kernelscope.runs.schemes import Scheme
+from kernelscope.stats.uncertainty import METHOD
+
+
+_MEASURED = ("perplexity", "perplexity_ci_low", "perplexity_ci_high", "nll", "window_nll", "tokens", "seconds")
+
+
+def _measured(row: dict) -> dict:
+    """What a sweep row keeps of an evaluation: the perplexity, its interval and its windows."""
+    return {k: row[k] for k in _MEASURED}
 
 
 class SweepResult(TableResult):
@@ -58,22 +67,23 @@ def alpha_sweep(
     kernels = profile(net, windows, configs, tokenizer=tokenizer, layers=selected,
                       batch_size=batch_size, progress=stage("kernels")).model_level
     fp = run_scheme(net, windows, Scheme("fp", "fp"), selected, batch_size=batch_size, progress=stage("fp"))
-    rows = [{"alpha": None, "scheme": "fp", "kernel_fraction": None, "perplexity": fp["perplexity"],
-             "quantized_kernel_fraction": None, "tokens": fp["tokens"], "seconds": fp["seconds"]}]
+    rows = [{"alpha": None, "scheme": "fp", "kernel_fraction": None, **_measured(fp),
+             "quantized_kernel_fraction": None}]
     group = f"-g{group_size}" if group_size else ""
     for a, kernel in zip(alphas, kernels["kernel_fraction"].to_list(), strict=True):
         name = f"w{weight_bits}a{bits}{group}-crossquant"
         scheme = Scheme(name, "fake_quant", QuantizerConfig("crossquant", bits, a), weight_bits, group_size)
         row = run_scheme(net, windows, scheme, selected, batch_size=batch_size, progress=stage(f"α={a:g}"))
-        rows.append({"alpha": a, "scheme": name, "kernel_fraction": kernel, "perplexity": row["perplexity"],
-                     "quantized_kernel_fraction": row["kernel_fraction"], "tokens": row["tokens"],
-                     "seconds": row["seconds"]})
+        rows.append({"alpha": a, "scheme": name, "kernel_fraction": kernel, **_measured(row),
+                     "quantized_kernel_fraction": row["kernel_fraction"]} | compare(row, fp))
+    rows[0] |= dict.fromkeys(k for k in rows[-1] if k not in rows[0])
     table = pl.DataFrame(rows, schema_overrides={"alpha": pl.Float64}, infer_schema_length=None)
     summary = {
         **run_context(info, text, windows, "sweep"),
         "protocol": protocol_text(windows),
         "bits": bits, "weight_bits": weight_bits, "group_size": group_size,
         "fp_perplexity": fp["perplexity"],
+        "uncertainty": METHOD,
         "results": rows,
         "note": "alpha = 1 is per-token; kernel_fraction is measured on full-precision activations",
     }

@@ -32,9 +32,10 @@ from kernelscope.runs.common import (
     stage_callback,
     unpack,
 )
-from kernelscope.runs.evaluate import protocol_text, run_scheme
+from kernelscope.runs.evaluate import protocol_text, run_scheme, with_comparisons
 from kernelscope.runs.profiling import profile
 from kernelscope.runs.schemes import Scheme
+from kernelscope.stats.uncertainty import METHOD, crossing_interval, within_probabilities
 
 MIN_WINDOWS = 2
 LAMBDA_MIN = 2.0**-12
@@ -88,6 +89,21 @@ def bracket_crossing(within: Callable[[float], bool], lam_max: float, steps: int
             else:
                 hi = mid
     return lo, hi
+
+
+def _crossing_uncertainty(ordered: list[dict], fp: dict, tolerance: float, lo_row: dict | None,
+                          hi_row: dict | None) -> dict | None:
+    """Per point, how often it is within tolerance over resampled windows (``within_probability``,
+    set on the rows); for the whole curve, the interval of the threshold and how often the observed
+    bracket holds (None with one window, which a search never has)."""
+    probabilities = within_probabilities([r["window_nll"] for r in ordered], fp["window_nll"], tolerance)
+    for row, p in zip(ordered, probabilities or [None] * len(ordered), strict=True):
+        row["within_probability"] = p
+    rows = [id(r) for r in ordered]
+    bracket = (rows.index(id(lo_row)) if lo_row else None, rows.index(id(hi_row)) if hi_row else None)
+    found = crossing_interval([r["window_nll"] for r in ordered], [r["kernel_fraction"] for r in ordered],
+                              fp["window_nll"], tolerance, bracket=bracket)
+    return None if found is None else found.as_dict()
 
 
 def _verdict(label: str, fraction: float, lo: dict | None, hi: dict | None, tolerance: float) -> str:
@@ -163,10 +179,11 @@ def threshold_search(
 
     lo, hi = bracket_crossing(lambda lam: at(lam)["within_tolerance"], family.saturation_scale, steps)
 
-    curve = pl.DataFrame(sorted(points.values(), key=lambda r: (r["kernel_fraction"], r["lambda"])),
-                         infer_schema_length=None)
     lo_row = points.get(lo) if lo is not None else None
     hi_row = points.get(hi) if hi is not None else None
+    ordered = sorted(points.values(), key=lambda r: (r["kernel_fraction"], r["lambda"]))
+    uncertainty = _crossing_uncertainty(ordered, fp, tolerance, lo_row, hi_row)
+    curve = pl.DataFrame(with_comparisons(ordered, fp), infer_schema_length=None)
     contradictions = [
         r["lambda"] for r in points.values()
         if (lo is not None and r["lambda"] < lo and not r["within_tolerance"])
@@ -187,9 +204,13 @@ def threshold_search(
                    "definition": "kernel K_λ = {|x| <= λ·B}, B the family's zero bound; λ = 1 is its own kernel"},
         "tolerance": tolerance,
         "fp_perplexity": fp["perplexity"],
+        "fp_perplexity_ci": [fp["perplexity_ci_low"], fp["perplexity_ci_high"]],
+        "fp_window_nll": fp["window_nll"],
         "target_perplexity": target,
         "status": status,
         "threshold_kernel_fraction": lo_row["kernel_fraction"] if lo_row else None,
+        "crossing_uncertainty": uncertainty,
+        "uncertainty": METHOD,
         "bracket": {
             "within": {k: lo_row[k] for k in ("lambda", "kernel_fraction", "perplexity")} if lo_row else None,
             "beyond": {k: hi_row[k] for k in ("lambda", "kernel_fraction", "perplexity")} if hi_row else None,
@@ -200,6 +221,7 @@ def threshold_search(
         "evaluations": len(points),
         "settings": {"steps": steps, "weight_bits": weight_bits, "group_size": group_size,
                      "alpha": alpha, "batch_size": batch_size},
-        "curve": curve.select("lambda", "kernel_fraction", "perplexity", "within_tolerance").to_dicts(),
+        "curve": curve.select("lambda", "kernel_fraction", "perplexity", "perplexity_ci_low", "perplexity_ci_high",
+                              "within_tolerance", "within_probability").to_dicts(),
     }
     return ThresholdResult(curve, summary)
