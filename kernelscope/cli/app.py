@@ -210,6 +210,10 @@ def evaluate(
     calib_nsamples: Annotated[int, typer.Option(metavar="N", help="Calibration windows for SmoothQuant "
         "(w8a8-smoothquant only).")] = 64,
     layers: o.Layers = None,
+    ignore: Annotated[str | None, typer.Option("--ignore", metavar="REGEX|@FILE", help="Keep these layers in "
+        "full precision under every scheme: a regular expression over module names, or @FILE: an advice "
+        "folder or its advice.json, recipe.yaml, modelopt_quant_cfg.json or modules.txt (one name a line).",
+        show_default=False)] = None,
     batch_size: o.BatchSize = 1,
     dtype: o.Dtype = "auto",
     device: o.Device = "auto",
@@ -224,6 +228,9 @@ def evaluate(
     quiet: o.Quiet = False,
 ) -> None:
     """Perplexity under quantization schemes, all in one run (one model load, one tokenization).
+
+    Each perplexity comes with a 95% bootstrap interval over the windows, and each scheme's change
+    from fp with a paired one; a change whose interval contains 0 is reported as not separable.
 
     Weights are per-channel unless the scheme says g128; lm_head stays in full precision.
     Writes eval.json and eval.parquet with --output.
@@ -315,6 +322,68 @@ def sweep(
     from kernelscope.cli.eval_cmd import run_sweep
 
     _run(run_sweep, options)
+
+
+@app.command(cls=_Command)
+def advise(
+    ctx: typer.Context,
+    model: o.Model,
+    scheme: Annotated[str, typer.Option("--scheme", metavar="SCHEME", help="The scheme to deploy (one): "
+        "w8a8-per-token, w4a8-g128-per-token, fp8, mxfp4, nvfp4, ... (any `eval --scheme`).",
+        show_default=False)],
+    tolerance: Annotated[float, typer.Option(help="Relative perplexity increase over fp the plan must stay "
+        "within (0.01 = 1%).")] = 0.01,
+    budget: Annotated[float | None, typer.Option(metavar="SHARE", help="Instead of the fewest layers within "
+        "tolerance, the best plan keeping at most this share of the Linear parameters in full precision, "
+        "in (0, 1].", show_default=False)] = None,
+    dataset: o.Dataset = "wikitext2",
+    nsamples: Annotated[int, typer.Option("--nsamples", "-n", help="Windows every pass runs over (at least "
+        "2).")] = 4,
+    seqlen: o.Seqlen = 2048,
+    windows: o.WindowsSel = "first",
+    seed: o.Seed = 0,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="Also measure each layer on its own (one "
+        "pass per layer) and plan from those figures.")] = False,
+    kernel_groups: Annotated[list[str] | None, typer.Option("--kernel-groups", metavar="KINDS", help="Groups "
+        "whose kernel is also removed on its own (one more pass each): module-type, block, layer, "
+        "comma-separated, or none. [default: module-type]", show_default=False)] = None,
+    alpha: Annotated[str, typer.Option("--alpha", "-a", metavar="α", help="CrossQuant exponent of a "
+        "*-crossquant scheme.")] = "0.15",
+    bits: Annotated[int, typer.Option("--bits", "-b", metavar="N", help="Activation bits of a "
+        "remove-kernel-* scheme of an INT quantizer.")] = 8,
+    weight_bits: o.WeightBits = None,
+    group_size: o.GroupSize = None,
+    smooth_alpha: Annotated[float, typer.Option(metavar="α", help="SmoothQuant migration strength "
+        "(w8a8-smoothquant only).")] = 0.5,
+    calib_dataset: Annotated[str, typer.Option(metavar="TEXT", help="Calibration text for SmoothQuant "
+        "(w8a8-smoothquant only).")] = "pileval",
+    calib_nsamples: Annotated[int, typer.Option(metavar="N", help="Calibration windows for SmoothQuant "
+        "(w8a8-smoothquant only).")] = 64,
+    layers: o.Layers = None,
+    batch_size: o.BatchSize = 1,
+    dtype: o.Dtype = "auto",
+    device: o.Device = "auto",
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
+    offload_folder: o.OffloadFolder = None,
+    trust_remote_code: o.TrustRemoteCode = False,
+    output: o.Output = None,
+    overwrite: o.Overwrite = False,
+    as_json: o.AsJson = False,
+    quiet: o.Quiet = False,
+) -> None:
+    """The fewest Linear layers to keep in full precision so that --scheme stays within --tolerance of fp.
+
+    Measures how sensitive each module type and block is (quantized alone, and with only its kernel
+    removed), keeps the most sensitive cells (layers of a block fed the same input) until the measured
+    perplexity is within tolerance, and reports that plan's own measured perplexity and interval.
+    With --output writes advice.json, sensitivity/cells/search tables, recipe.yaml (llm-compressor),
+    modelopt_quant_cfg.json and modules.txt; `kernelscope eval --ignore @DIR/recipe.yaml` re-measures it.
+    """
+    options = dict(locals())
+    from kernelscope.cli.advise_cmd import run_advise
+
+    _run(run_advise, options)
 
 
 @app.command(cls=_Command)

@@ -32,15 +32,70 @@ PERPLEXITY_MIN_SEQLEN = 2  # a window's first token is never predicted
 
 def _common(kw: dict, **extra) -> dict:
     keys = ("model", "dataset", "nsamples", "seqlen", "windows", "seed", "layers", "batch_size", "dtype",
-            "device", "trust_remote_code", "output", "overwrite", "report", "device_map", "max_memory",
+            "device", "trust_remote_code", "output", "overwrite", "device_map", "max_memory",
             "offload_folder")
     quiet = kw["quiet"] or kw["as_json"]
-    return {k: kw[k] for k in keys} | {"quiet": quiet, "min_seqlen": PERPLEXITY_MIN_SEQLEN} | extra
+    return ({k: kw[k] for k in keys} | {"report": kw.get("report"), "quiet": quiet,
+                                        "min_seqlen": PERPLEXITY_MIN_SEQLEN} | extra)
 
 
 def _refusals(kw: dict, seed_applies: bool = False) -> dict[str, str | None]:
-    return common_refusals(windows=kw["windows"], output=kw["output"], report=kw["report"],
+    return common_refusals(windows=kw["windows"], output=kw["output"], report=kw.get("report"),
                            device_map=kw["device_map"], seed_applies=seed_applies)
+
+
+def read_calibration_text(calib_dataset: str, calib_nsamples: int, seqlen: int):
+    """SmoothQuant's calibration text, read before the model loads so that a missing one fails fast."""
+    from kernelscope.data import load_text
+
+    return load_text(calib_dataset, max_chars=20 * calib_nsamples * seqlen, option=flag("--calib-dataset"))
+
+
+def calibration_windows(prep, calib_text, calib_nsamples: int, kw: dict):
+    """Random windows of the calibration text (seeded by --seed)."""
+    from kernelscope.data import make_windows, tokenize
+
+    ids = tokenize(prep.loaded.tokenizer, calib_text.text)
+    return make_windows(ids, kw["seqlen"], calib_nsamples, selection="random", seed=kw["seed"],
+                        names=(f"calibration text ({flag('--calib-dataset')})", flag("--calib-nsamples"),
+                               flag("--seqlen")))
+
+
+def read_ignore(value: str):
+    """``--ignore``: ``@FILE`` read now (a missing or foreign file fails before the model loads), or a
+    regular expression checked now."""
+    import re
+
+    from kernelscope.results.exports import read_ignore_file
+
+    if value.startswith("@"):
+        return read_ignore_file(value[1:], f"{flag('--ignore')} {value}")
+    if not value.strip():
+        fail(f"{flag('--ignore')} is empty; give a regular expression over module names or @FILE")
+    try:
+        re.compile(value)
+    except re.error as exc:
+        fail(f"{flag('--ignore')} {value!r} is not a valid regular expression: {exc}")
+    return value
+
+
+def ignored_names(spec, model, layers: str | None, value: str) -> list[str]:
+    """The module names ``spec`` leaves in full precision on this model. A regular expression that
+    matches none of the layers a scheme quantizes is refused; a file's names must each be a Linear of
+    the model (a plan may keep none: then only lm_head is named)."""
+    import re
+
+    from kernelscope.capture import is_linear
+    from kernelscope.models import select_linear_layers
+
+    if not isinstance(spec, str):
+        return spec.resolve({n: type(m).__name__ for n, m in model.named_modules() if is_linear(m)})
+    selected = [layer.name for layer in select_linear_layers(model, layers)]
+    names = [n for n in selected if re.search(spec, n)]
+    if not names:
+        fail(f"{flag('--ignore')} {value!r} matches none of the {len(selected)} layers a scheme quantizes here "
+             "(see `kernelscope layers MODEL`)")
+    return names
 
 
 def _one_alpha(alpha: str) -> float:
@@ -135,8 +190,7 @@ def _show_eval(result) -> None:
 
 
 def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, calib_dataset, calib_nsamples,
-             given, **kw) -> None:
-    from kernelscope.data import load_text, make_windows, tokenize
+             ignore, given, **kw) -> None:
     from kernelscope.runs.evaluate import evaluate
     from kernelscope.runs.schemes import parse_scheme
 
@@ -167,22 +221,19 @@ def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, cali
                   group_size=None if removing else only_removal,
                   smooth_alpha=None if smoothing else only_smoothing,
                   calib_dataset=None if smoothing else only_smoothing,
-                  calib_nsamples=None if smoothing else only_smoothing)
+                  calib_nsamples=None if smoothing else only_smoothing,
+                  ignore=None if any(s.mode != "fp" for s in schemes)
+                  else "it keeps layers in full precision under a scheme, and fp quantizes none")
     _check_weights(weight_bits, group_size)
-    calibration = calib_text = None
-    if smoothing:  # read before the model loads, so that a missing text fails fast
-        calib_text = load_text(calib_dataset, max_chars=20 * calib_nsamples * kw["seqlen"],
-                               option=flag("--calib-dataset"))
+    spec = read_ignore(ignore) if ignore is not None else None
+    calib_text = read_calibration_text(calib_dataset, calib_nsamples, kw["seqlen"]) if smoothing else None
     prep = prepare(**_common(kw))
-    if smoothing:
-        ids = tokenize(prep.loaded.tokenizer, calib_text.text)
-        calibration = make_windows(ids, kw["seqlen"], calib_nsamples, selection="random", seed=kw["seed"],
-                                   names=(f"calibration text ({flag('--calib-dataset')})",
-                                          flag("--calib-nsamples"), flag("--seqlen")))
+    calibration = calibration_windows(prep, calib_text, calib_nsamples, kw) if smoothing else None
+    names = ignored_names(spec, prep.loaded.model, kw["layers"], ignore) if spec is not None else None
     with stage_progress(kw["quiet"] or kw["as_json"]) as update:
         result = evaluate(prep.loaded, prep.windows, schemes, text=prep.text, layers=kw["layers"],
-                          calibration=calibration, calibration_text=calib_text,
-                          batch_size=kw["batch_size"], progress=update)
+                          calibration=calibration, calibration_text=calib_text, ignore=names,
+                          ignore_source=ignore, batch_size=kw["batch_size"], progress=update)
     finish(result, kw["output"], kw["overwrite"], kw["as_json"], _show_eval, kw["report"])
 
 
