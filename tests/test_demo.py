@@ -142,3 +142,29 @@ def test_demo_perplexities_match_independent_computation(hf_model):
         theirs = independent_w8a8_perplexity(model, ids, quantizer)
         assert abs(ours[scheme] / theirs - 1) < tolerance, (scheme, ours[scheme], theirs)
     assert ours["fp"] < ours["w8a8-crossquant"] < ours["w8a8-per-token"]
+
+
+def test_demo_advice_is_reproduced_by_eval_ignore_from_its_recipe(tmp_path, hf_model):
+    """The advise check at a shorter window: advise writes the recipe, evaluating the scheme with the
+    recipe's ignore list on the same windows gives the plan's perplexity exactly, within tolerance of
+    fp, in at most groups + 3 full-pass equivalents; the model is left as it was."""
+    from kernelscope.data import make_windows
+    from kernelscope.results.exports import read_ignore_file
+    from kernelscope.runs.advise import advise
+    from kernelscope.runs.evaluate import evaluate
+    from kernelscope.runs.schemes import parse_scheme
+
+    model, ids = hf_model
+    windows = make_windows(ids[0], 64, 2)
+    scheme = parse_scheme("w8a8-per-token")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = advise(model, windows, scheme, tolerance=0.01)
+    s = result.summary
+    assert s["groups"]["count"] == 34 and s["forward_passes"] <= s["pass_budget"] == 37
+    folder = result.save(tmp_path / "advice")
+    modules = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    names = read_ignore_file(folder / "recipe.yaml", "recipe").resolve(modules)
+    assert names == sorted(s["plan"]["full_precision_modules"])
+    row = evaluate(model, windows, [scheme], ignore=names).summary["results"][0]
+    assert row["perplexity"] == s["plan"]["perplexity"] <= s["fp"]["perplexity"] * 1.01
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -38,7 +38,14 @@ from kernelscope.capture import is_linear
 from kernelscope.data import TextSource, Windows
 from kernelscope.models import LinearLayer, LoadedModel
 from kernelscope.results import exports, write_run
-from kernelscope.runs.common import StageProgress, TableResult, resolve_layers, run_context, text_facts, unpack
+from kernelscope.runs.common import (
+    StageProgress,
+    TableResult,
+    resolve_layers,
+    run_context,
+    text_facts,
+    unpack,
+)
 from kernelscope.runs.evaluate import protocol_text
 from kernelscope.runs.schemes import Scheme
 from kernelscope.runs.sensitivity import (
@@ -102,7 +109,9 @@ def _cell(layers: tuple[LinearLayer, ...], order: dict[str, int]) -> Cell:
 
 def estimate_losses(cells: list[Cell], rows: list[dict], field: str) -> list[float]:
     """Each cell's estimated loss from the groups' measured ``field`` (``delta_nll`` or ``kl``)."""
-    pos = lambda v: max(v, 0.0) if v is not None and math.isfinite(v) else 0.0  # noqa: E731
+    def pos(v: float | None) -> float:  # a loss below 0 (noise, or a gain) explains nothing
+        return max(v, 0.0) if v is not None and math.isfinite(v) else 0.0
+
     layer = {r["group"]: pos(r[field]) for r in rows if r["kind"] == "layer"}
     types = [(set(r["layers"]), pos(r[field]), r["parameters"]) for r in rows if r["kind"] == "module_type"]
     blocks = {r["group"]: (pos(r[field]), r["parameters"]) for r in rows if r["kind"] == "block"}
@@ -272,10 +281,10 @@ def _exports(scheme: Scheme, plan: dict, fp: dict, windows: Windows, text: TextS
             "modelopt": exports.MODELOPT, "modelopt_base_config": d.modelopt, "modules": exports.MODULES}
     if d.reason is None:
         source = text.description if text is not None else "the evaluation text"
+        measured = (f"measured perplexity {plan['perplexity']:.4f} (fp {fp['perplexity']:.4f}, "
+                    f"{plan['change_pct']:+.2f}%) on {len(windows)} windows of {windows.seqlen} tokens of {source}")
         header = [f"kernelscope advise: {scheme.name} with {plan['kept_layers']} Linear layers kept in full precision",
-                  f"measured perplexity {plan['perplexity']:.4f} (fp {fp['perplexity']:.4f}, "
-                  f"{plan['change_pct']:+.2f}%) on {len(windows)} windows of {windows.seqlen} tokens of {source}",
-                  "ignore: lm_head, the kept layers and any Linear the measurement did not cover",
+                  measured, "ignore: lm_head, the kept layers and any Linear the measurement did not cover",
                   *d.notes]
         files[exports.RECIPE] = exports.recipe_yaml(d, ignore, header)
         info["recipe"] = exports.RECIPE

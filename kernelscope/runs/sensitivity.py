@@ -41,7 +41,14 @@ from torch import nn
 from kernelscope.capture import LinearInputCapture, is_linear
 from kernelscope.data import TextSource, Windows
 from kernelscope.models import LinearLayer, LoadedModel, find_decoder_blocks
-from kernelscope.runs.common import StageProgress, TableResult, resolve_layers, run_context, stage_callback, unpack
+from kernelscope.runs.common import (
+    StageProgress,
+    TableResult,
+    resolve_layers,
+    run_context,
+    stage_callback,
+    unpack,
+)
 from kernelscope.runs.evaluate import calibrate_smoothing, compare, protocol_text, run_scheme
 from kernelscope.runs.prefix import DEFAULT_LIMIT_BYTES, BlockOutputs
 from kernelscope.runs.schemes import Scheme
@@ -180,10 +187,8 @@ class _Divergence:
         for s in range(0, t - 1, step):
             e = min(s + step, t - 1)
             ref = self.reference[first : first + b, s:e]  # (b, c, V)
-            p = ref.exp()
-            log_q = torch.log_softmax(logits[:, s:e].float(), dim=-1)
-            terms = torch.where(p > 0, p * (ref - log_q), 0.0)  # (b, c, V)
-            total += terms.sum(dim=(1, 2)).double()
+            gap = torch.log_softmax(logits[:, s:e].float(), dim=-1).sub_(ref).neg_()  # log p - log q
+            total += torch.linalg.vecdot(ref.exp(), gap).sum(dim=1).double()  # Σ_v p (log p - log q)
         self.sums[first : first + b] = total.cpu()
 
     def per_window(self, positions: int) -> list[float]:

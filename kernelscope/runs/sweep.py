@@ -24,7 +24,6 @@ from kernelscope.runs.profiling import profile
 from kernelscope.runs.schemes import Scheme
 from kernelscope.stats.uncertainty import METHOD
 
-
 _MEASURED = ("perplexity", "perplexity_ci_low", "perplexity_ci_high", "nll", "window_nll", "tokens", "seconds")
 
 
