@@ -229,8 +229,9 @@ def evaluate(
 ) -> None:
     """Perplexity under quantization schemes, all in one run (one model load, one tokenization).
 
-    Each perplexity comes with a 95% bootstrap interval over the windows, and each scheme's change
-    from fp with a paired one; a change whose interval contains 0 is reported as not separable.
+    Each perplexity comes with a 95% bootstrap interval over the windows and
+    each change from fp with a paired one; a change whose interval contains 0
+    is reported as not separable from fp.
 
     Weights are per-channel unless the scheme says g128; lm_head stays in full precision.
     Writes eval.json and eval.parquet with --output.
@@ -372,13 +373,16 @@ def advise(
     as_json: o.AsJson = False,
     quiet: o.Quiet = False,
 ) -> None:
-    """The fewest Linear layers to keep in full precision so that --scheme stays within --tolerance of fp.
+    """The fewest Linear layers to keep in full precision for --scheme to stay within --tolerance.
 
-    Measures how sensitive each module type and block is (quantized alone, and with only its kernel
-    removed), keeps the most sensitive cells (layers of a block fed the same input) until the measured
-    perplexity is within tolerance, and reports that plan's own measured perplexity and interval.
-    With --output writes advice.json, sensitivity/cells/search tables, recipe.yaml (llm-compressor),
-    modelopt_quant_cfg.json and modules.txt; `kernelscope eval --ignore @DIR/recipe.yaml` re-measures it.
+    Measures each module type and block quantized alone (and with only its
+    kernel removed), keeps the most sensitive cells (the layers of a block fed
+    one input) until the measured perplexity is within tolerance, and reports
+    that plan's own measured perplexity and interval.
+
+    --output writes advice.json, the sensitivity, cells and search tables,
+    recipe.yaml (llm-compressor), modelopt_quant_cfg.json and modules.txt;
+    `kernelscope eval --ignore @DIR/recipe.yaml` measures the plan again.
     """
     options = dict(locals())
     from kernelscope.cli.advise_cmd import run_advise
