@@ -127,10 +127,24 @@ def test_the_plan_reports_its_own_measurement(planted, advised_planted):
     again = run_scheme(model, windows, W8A8, quantized)
     assert again["perplexity"] == plan["perplexity"] and again["perplexity_ci_low"] == plan["perplexity_ci_low"]
     assert plan["full_precision_modules"] == [*plan["kept_modules"], "lm_head"]
+    assert f"plan: keep {len(plan['kept_cells'])} of 8 cells" in plan["measured"]
     k, fp, q = s["kernel"], s["fp"], s["quantized"]
     assert s["kernel_explains"]["share"] == pytest.approx((k["nll"] - fp["nll"]) / (q["nll"] - fp["nll"]), rel=1e-9)
     down = next(r for r in s["sensitivity"] if r["group"] == "down_proj")
     assert down["kernel_share"] == pytest.approx(down["kernel_delta_nll"] / down["delta_nll"], rel=1e-9)
+
+
+def test_sensitivity_alone_ranks_groups_and_saves(planted, tmp_path):
+    from kernelscope.runs.sensitivity import sensitivity
+
+    model, windows = planted
+    two = make_windows(windows.tokens[:2].reshape(-1), windows.seqlen, 2)
+    result = sensitivity(model, two, W8A8, groups=("block",), kernel_groups=("block",))
+    rows = result.table.to_dicts()
+    assert [r["group"] for r in rows] == ["block 0", "block 1"] and rows[1]["rank"] == 1
+    assert rows[1]["first_block"] == 1 and rows[1]["cost"] < 1 and rows[1]["kernel_delta_nll"] > 0
+    assert result.summary["runs"] == 3 + 2 * 2
+    assert (result.save(tmp_path / "sens") / "sensitivity.json").is_file()
 
 
 def test_the_model_is_restored_when_a_pass_fails(planted):

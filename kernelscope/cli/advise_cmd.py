@@ -106,7 +106,7 @@ def run_advise(*, scheme, tolerance, budget, per_layer, kernel_groups, alpha, bi
                         calibration_text=calib_text, batch_size=kw["batch_size"], progress=update)
     finish(result, kw["output"], kw["overwrite"], kw["as_json"], _show)
     if kw["output"] is None and not kw["as_json"]:
-        out.print("[dim]give -o DIR to write advice.json, recipe.yaml, modelopt_quant_cfg.json and modules.txt[/]")
+        out.print("[dim]give -o DIR to write advice.json, its tables and the exports for llm-compressor and ModelOpt[/]")
 
 
 def _change(r: dict, prefix: str = "", *, lines: bool = False) -> str:

@@ -266,8 +266,7 @@ def _plan(search: PlanSearch, kept: list[Cell], row: dict, model: nn.Module, tol
         **summarize(row),
         "within_tolerance": search.within(row),
         "target_perplexity": search.target,
-        "measured": f"its own pass on the same windows ({row.get('scheme')}, stage "
-                    f"{search.log[-1]['stage'] if search.log else ''})",
+        "measured": f"by its own pass over the same windows (stage {row['stage']!r})",
         "tolerance": tolerance,
     }
 
@@ -289,6 +288,45 @@ def _exports(scheme: Scheme, plan: dict, fp: dict, windows: Windows, text: TextS
         files[exports.RECIPE] = exports.recipe_yaml(d, ignore, header)
         info["recipe"] = exports.RECIPE
     return files, info
+
+
+@dataclass
+class _Outcome:
+    """Everything one advice measured, handed from the passes to the summary."""
+
+    fp: dict
+    whole: dict
+    kernel: dict
+    groups: list
+    rows: list[dict]
+    cell_rows: list[dict]
+    search: PlanSearch
+    kept: list[Cell]
+    row: dict
+    replay: str
+
+
+def _measure(probe: Probe, scheme: Scheme, tolerance: float, budget: float | None, groups: Sequence[str],
+             kernel_groups: Sequence[str]) -> _Outcome:
+    """The passes: reference, whole scheme, whole kernel, groups, then the plan's candidates."""
+    selected = probe.selected
+    fp = probe.reference()
+    whole = probe.measure(scheme.name, scheme, selected)
+    kernel = probe.measure("remove-kernel", kernel_scheme(scheme), selected)
+    group_list = make_groups(selected, probe.shared, groups)
+    rows = measure_groups(probe, scheme, group_list, kernel_groups)
+    cells, cell_rows = rank_cells(make_cells(selected, probe.shared), rows)
+    estimates = [r["estimated_delta_nll"] for r in cell_rows]
+    search = PlanSearch(probe, scheme, cells, whole, tolerance)
+    if budget is None:
+        kept = cells[: search.fewest(estimates)]
+        row = search.rows[len(kept)]
+    else:
+        search.note(scheme.name, [], whole)
+        kept = search.within_budget(budget, estimates)
+        row = search.measure(kept, f"plan within budget: keep {len(kept)} cells") if kept else whole
+    replay = probe.cache.reason or "passes start at the first block they change"
+    return _Outcome(fp, whole, kernel, group_list, rows, cell_rows, search, kept, row, replay)
 
 
 def advise(
@@ -322,69 +360,47 @@ def advise(
         raise ValueError(f"budget must lie in (0, 1], got {budget}")
     check_kinds(groups, kernel_groups)
     net, info, _ = unpack(model)
-    selected = resolve_layers(net, layers)
     started = time.perf_counter()
-    probe = prepare_probe(net, windows, scheme, selected, calibration=calibration, batch_size=batch_size,
-                          progress=progress)
+    probe = prepare_probe(net, windows, scheme, resolve_layers(net, layers), calibration=calibration,
+                          batch_size=batch_size, progress=progress)
     try:
-        fp = probe.reference()
-        whole = probe.measure(scheme.name, scheme, selected)
-        kernel = probe.measure("remove-kernel", kernel_scheme(scheme), selected)
-        group_list = make_groups(selected, probe.shared, groups)
-        rows = measure_groups(probe, scheme, group_list, kernel_groups)
-        cells, cell_rows = rank_cells(make_cells(selected, probe.shared), rows)
-        estimates = [r["estimated_delta_nll"] for r in cell_rows]
-        search = PlanSearch(probe, scheme, cells, whole, tolerance)
-        if budget is None:
-            kept = cells[: search.fewest(estimates)]
-            row = search.rows[len(kept)]
-        else:
-            search.note(scheme.name, [], whole)
-            kept = search.within_budget(budget, estimates)
-            row = search.measure(kept, f"plan within budget: keep {len(kept)} cells") if kept else whole
-        replay = probe.cache.reason or "passes start at the first block they change"
+        o = _measure(probe, scheme, tolerance, budget, groups, kernel_groups)
     finally:
         probe.release()
-    plan = _plan(search, kept, row, net, tolerance)
-    files, export_info = _exports(scheme, plan, fp, windows, text)
-    summary = _summary(info, text, windows, scheme, tolerance, budget, fp, whole, kernel, rows, plan, probe,
-                       group_list, calibration, calibration_text, batch_size, groups, kernel_groups, started)
-    summary["prefix_replay"] = replay
-    summary["exports"] = export_info
-    tables = {"cells": pl.DataFrame(cell_rows, infer_schema_length=None),
-              "search": pl.DataFrame(search.log, infer_schema_length=None)}
-    return AdviceResult(pl.DataFrame(rows, infer_schema_length=None), summary, tables, files)
-
-
-def _summary(info, text, windows, scheme, tolerance, budget, fp, whole, kernel, rows, plan, probe: Probe,
-             group_list, calibration, calibration_text, batch_size, groups, kernel_groups, started) -> dict:
-    kinds = {k: sum(1 for g in group_list if g.kind == k) for k in dict.fromkeys(g.kind for g in group_list)}
+    plan = _plan(o.search, o.kept, o.row, net, tolerance)
+    files, export_info = _exports(scheme, plan, o.fp, windows, text)
     drop = ("window_nll", "kernel_window_nll")
-    return {
+    kinds = {k: sum(1 for g in o.groups if g.kind == k) for k in dict.fromkeys(g.kind for g in o.groups)}
+    summary = {
         **run_context(info, text, windows, "advise"),
         "protocol": protocol_text(windows),
         "uncertainty": METHOD,
         "scheme": scheme.describe(),
         "tolerance": tolerance,
         "budget": budget,
-        "fp": summarize(fp),
-        "quantized": summarize(whole),
-        "kernel": summarize(kernel),
-        "kernel_explains": kernel_explains(whole, kernel, fp),
+        "fp": summarize(o.fp),
+        "quantized": summarize(o.whole),
+        "kernel": summarize(o.kernel),
+        "kernel_explains": kernel_explains(o.whole, o.kernel, o.fp),
         "plan": plan,
-        "sensitivity": [{k: v for k, v in r.items() if k not in drop} for r in rows],
-        "groups": {"count": len(group_list), **kinds, "kernel_measured": list(kernel_groups)},
+        "sensitivity": [{k: v for k, v in r.items() if k not in drop} for r in o.rows],
+        "groups": {"count": len(o.groups), **kinds, "kernel_measured": list(kernel_groups)},
         "forward_passes": round(probe.forward_passes, 3),
         "forward_passes_note": "full-pass equivalents: a pass from block b counts the share of the model's "
                                "Linear multiply-adds in blocks >= b and outside the blocks",
         "runs": len(probe.passes),
-        "pass_budget": len(group_list) + 3,
+        "pass_budget": len(o.groups) + 3,
         "passes": probe.passes,
+        "prefix_replay": o.replay,
         "seconds": round(time.perf_counter() - started, 3),
         "calibration": ({"text": text_facts(calibration_text), "windows": calibration.as_dict()}
                         if calibration is not None and scheme.smooth_alpha is not None else None),
         "settings": {"batch_size": batch_size, "groups": list(groups), "kernel_groups": list(kernel_groups)},
+        "exports": export_info,
     }
+    tables = {"cells": pl.DataFrame(o.cell_rows, infer_schema_length=None),
+              "search": pl.DataFrame(o.search.log, infer_schema_length=None)}
+    return AdviceResult(pl.DataFrame(o.rows, infer_schema_length=None), summary, tables, files)
 
 
 __all__ = ["AdviceResult", "Cell", "PlanSearch", "advise", "make_cells", "rank_cells"]

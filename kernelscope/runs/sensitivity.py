@@ -244,7 +244,7 @@ class Probe:
                              on_logits=on_logits)
         self._logprobs = keep.logprobs
         self.shared = shared_input_sets(order, same)
-        row["kl"], row["window_kl"] = 0.0, [0.0] * len(self.windows)
+        row["kl"], row["window_kl"], row["stage"] = 0.0, [0.0] * len(self.windows), "fp (reference)"
         self.fp = row
         self._count("fp (reference)", "fp", 0, time.perf_counter() - started)
         return row
@@ -267,7 +267,7 @@ class Probe:
         row["window_kl"] = divergence.per_window(positions)
         row["kl"] = float(divergence.sums.sum()) / (len(self.windows) * positions)
         row |= compare(row, self.fp)
-        row["first_block"] = start
+        row["stage"], row["first_block"] = stage, start
         row["cost"] = self._count(stage, scheme.name, start, time.perf_counter() - started)
         return row
 
