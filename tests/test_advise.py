@@ -387,6 +387,16 @@ def test_overwrite_replaces_an_advice_folder_and_nothing_foreign(capsys, advised
     assert code == 2 and "notes.md" in stderr and (target / "notes.md").read_text() == "mine"
 
 
+def test_export_names_are_kernelscopes_only_beside_an_advice(tmp_path):
+    from kernelscope.results.paths import foreign_entries
+
+    (tmp_path / "eval.json").write_text("{}")
+    (tmp_path / "modules.txt").write_text("a user's own list\n")
+    assert foreign_entries(tmp_path) == ["modules.txt"]
+    (tmp_path / "advice.json").write_text("{}")
+    assert foreign_entries(tmp_path) == []
+
+
 BAD_ADVISE = [
     (["--scheme", "w8a8-bogus"], "unknown scheme"),
     (["--scheme", "fp"], "quantizes nothing"),

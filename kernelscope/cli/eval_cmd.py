@@ -180,8 +180,9 @@ def _show_eval(result) -> None:
         name = escape(r["scheme"]) + (f"\n[dim]{details}[/]" if details else "")
         table.add_row(name, with_ci(r), versus_fp(r), pct(r["kernel_fraction"]), f"{r['seconds']:.1f}")
     out.print(table)
-    out.print("[dim]not separable: the interval of the change contains 0, so these windows do not tell it "
-              "from fp[/]")
+    if any((r.get("vs_fp") or "").startswith("not separable") for r in s["results"]):
+        out.print("[dim]not separable: the interval of the change contains 0, so these windows do not tell it "
+                  "from fp[/]")
     out.print(f"[dim]intervals: {escape(s['uncertainty'])}[/]")
     for r in s["results"]:
         if not r.get("finite", True):

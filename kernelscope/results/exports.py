@@ -30,13 +30,12 @@ from typing import TYPE_CHECKING, Any
 
 from kernelscope.errors import KernelscopeError
 from kernelscope.quant.formats import FORMATS
-from kernelscope.results.paths import EXPORT_NAMES
+from kernelscope.results.paths import ADVICE, EXPORT_NAMES
 
 if TYPE_CHECKING:  # the scheme is read through its fields only
     from kernelscope.quant import QuantizerConfig
 
 RECIPE, MODELOPT, MODULES = EXPORT_NAMES
-ADVICE = "advice.json"
 
 WEIGHTS, ACTIVATIONS = "weights", "input_activations"
 
