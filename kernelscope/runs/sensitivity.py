@@ -19,7 +19,7 @@ never reloaded; every pass leaves it as found.
 
 Memory: the reference log-probabilities are kept whole, ``windows × (seqlen - 1) × vocab`` float32 on
 the model's device (the demo at 2 × 1024: 2 × 1023 × 49152 × 4 B = 402 MB), and the KL is computed from
-them in chunks of positions (~64 MB of temporaries). They are exact; a top-k truncation would bias the
+them in chunks of positions (two temporaries of 64 MB each). They are exact; a top-k truncation would bias the
 small divergences that rank the groups, so none is offered.
 
 Cost is counted in full-pass equivalents (:func:`pass_cost`): a pass from block b costs the share of
