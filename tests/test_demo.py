@@ -157,3 +157,32 @@ def test_demo_fp_perplexity_is_unchanged_by_the_hadamard_rotation(hf_model):
     assert rows[1]["transform_layers"] == "hadamard:64 (I=576), hadamard:512 (I=1536)"
     for r in rows[1:]:
         assert abs(r["perplexity"] / rows[0]["perplexity"] - 1) < 1e-4, r
+
+
+def test_demo_advice_is_reproduced_by_eval_ignore_from_its_recipe(tmp_path, hf_model):
+    """The advise check on the last six blocks at a shorter window: advise writes the recipe, and
+    evaluating the scheme with the recipe's ignore list on the same windows gives the plan's
+    perplexity exactly, within tolerance of fp; block passes start late, from the replayed outputs;
+    the model is left as it was."""
+    from kernelscope.data import make_windows
+    from kernelscope.results.exports import read_ignore_file
+    from kernelscope.runs.advise import advise
+    from kernelscope.runs.evaluate import evaluate
+    from kernelscope.runs.schemes import parse_scheme
+
+    model, ids = hf_model
+    windows = make_windows(ids[0], 64, 2)
+    scheme, layers = parse_scheme("w8a8-per-token"), r"\.layers\.(2[4-9])\."
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = advise(model, windows, scheme, tolerance=0.01, layers=layers)
+    s = result.summary
+    assert s["groups"]["count"] == 10 and s["plan"]["kept_layers"] + s["plan"]["quantized_layers"] == 42
+    assert [p["first_block"] for p in s["passes"] if p["stage"].startswith("block")] == list(range(24, 30))
+    assert all(p["cost"] < 0.5 for p in s["passes"] if p["stage"].startswith("block"))
+    folder = result.save(tmp_path / "advice")
+    modules = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    names = read_ignore_file(folder / "recipe.yaml", "recipe").resolve(modules)
+    assert names == sorted(s["plan"]["full_precision_modules"])  # the kept layers, blocks 0-23, lm_head
+    row = evaluate(model, windows, [scheme], ignore=names).summary["results"][0]
+    assert row["perplexity"] == s["plan"]["perplexity"] <= s["fp"]["perplexity"] * 1.01
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

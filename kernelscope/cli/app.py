@@ -212,6 +212,10 @@ def evaluate(
     calib_dataset: o.CalibDataset = "pileval",
     calib_nsamples: o.CalibNsamples = 64,
     layers: o.Layers = None,
+    ignore: Annotated[str | None, typer.Option("--ignore", metavar="REGEX|@FILE", help="Keep these layers in "
+        "full precision under every scheme: a regular expression over module names, or @FILE: an advice "
+        "folder or its advice.json, recipe.yaml, modelopt_quant_cfg.json or modules.txt (one name a line).",
+        show_default=False)] = None,
     batch_size: o.BatchSize = 1,
     dtype: o.Dtype = "auto",
     device: o.Device = "auto",
@@ -226,6 +230,10 @@ def evaluate(
     quiet: o.Quiet = False,
 ) -> None:
     """Perplexity under quantization schemes, all in one run (one model load, one tokenization).
+
+    Each perplexity comes with a 95% bootstrap interval over the windows and
+    each change from fp with a paired one; a change whose interval contains 0
+    is reported as not separable from fp.
 
     Weights are per-channel unless the scheme says g128; lm_head stays in full precision.
     With --transform, every scheme runs under each transform, quantizing in its basis.
@@ -293,16 +301,21 @@ def threshold(
 def sweep(
     ctx: typer.Context,
     model: o.Model,
-    alpha: Annotated[list[str] | None, typer.Option("--alpha", "-a", metavar="LIST", help="α values, comma-separated "
-        "or repeated. [default: 0.15,0.45,0.75,1]", show_default=False)] = None,
+    quantizer: Annotated[list[str] | None, typer.Option("--quantizer", "-q", metavar="NAME", help="Activation "
+        "quantizers to compare, repeated or comma-separated, any of `kernelscope formats` (INT ones at each "
+        "--bits with INT weights at --weight-bits; float formats with their weights in that format). "
+        "\[default: crossquant]", show_default=False)] = None,
+    alpha: Annotated[list[str] | None, typer.Option("--alpha", "-a", metavar="LIST", help="CrossQuant α values, "
+        "comma-separated or repeated. \[default: 0.15,0.45,0.75,1]", show_default=False)] = None,
     dataset: o.Dataset = "wikitext2",
     nsamples: Annotated[int | None, typer.Option("--nsamples", "-n", help="Windows to evaluate; "
         "default: every window.", show_default=False)] = None,
     seqlen: o.Seqlen = 2048,
     windows: o.WindowsSel = "first",
     seed: o.Seed = 0,
-    bits: Annotated[int, typer.Option("--bits", "-b", help="Activation bits.")] = 8,
-    weight_bits: Annotated[int, typer.Option(help="Weight bits.")] = 8,
+    bits: Annotated[list[str] | None, typer.Option("--bits", "-b", metavar="N", help="Activation bits of the "
+        "INT quantizers, repeated or comma-separated. \[default: 8]", show_default=False)] = None,
+    weight_bits: Annotated[int, typer.Option(help="Weight bits of the INT quantizers' schemes.")] = 8,
     group_size: o.GroupSize = None,
     transform: o.Transform = None,
     transform_seed: o.TransformSeed = None,
@@ -322,8 +335,8 @@ def sweep(
     as_json: o.AsJson = False,
     quiet: o.Quiet = False,
 ) -> None:
-    """Kernel % and W8A8 perplexity for each CrossQuant α (α = 1 reproduces per-token), under each
-    --transform."""
+    """Kernel % and perplexity for each CrossQuant α (α = 1 reproduces per-token), or for several
+    quantizers side by side (-q per_token,mxfp4,nvfp4), under each --transform."""
     options = dict(locals())
     from kernelscope.cli.eval_cmd import run_sweep
 
@@ -388,6 +401,74 @@ def zeroshot(
     from kernelscope.cli.zeroshot_cmd import run_zeroshot
 
     _run(run_zeroshot, options)
+
+
+@app.command(cls=_Command)
+def advise(
+    ctx: typer.Context,
+    model: o.Model,
+    scheme: Annotated[str, typer.Option("--scheme", metavar="SCHEME", help="The scheme to deploy (one): "
+        "w8a8-per-token, w4a8-g128-per-token, fp8, mxfp4, nvfp4, ... (any `eval --scheme`).",
+        show_default=False)],
+    tolerance: Annotated[float, typer.Option(help="Relative perplexity increase over fp the plan must stay "
+        "within (0.01 = 1%).")] = 0.01,
+    budget: Annotated[float | None, typer.Option(metavar="SHARE", help="Instead of the fewest layers within "
+        "tolerance, the best plan keeping at most this share of the Linear parameters in full precision, "
+        "in (0, 1].", show_default=False)] = None,
+    dataset: o.Dataset = "wikitext2",
+    nsamples: Annotated[int, typer.Option("--nsamples", "-n", help="Windows every pass runs over (at least "
+        "2).")] = 4,
+    seqlen: o.Seqlen = 2048,
+    windows: o.WindowsSel = "first",
+    seed: o.Seed = 0,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="Also measure each layer on its own (one "
+        "pass per layer) and plan from those figures.")] = False,
+    kernel_groups: Annotated[list[str] | None, typer.Option("--kernel-groups", metavar="KINDS", help="Groups "
+        "whose kernel is also removed on its own (one more pass each): module-type, block, layer, "
+        "comma-separated, or none. [default: module-type]", show_default=False)] = None,
+    alpha: Annotated[str, typer.Option("--alpha", "-a", metavar="α", help="CrossQuant exponent of a "
+        "*-crossquant scheme.")] = "0.15",
+    bits: Annotated[int, typer.Option("--bits", "-b", metavar="N", help="Activation bits of a "
+        "remove-kernel-* scheme of an INT quantizer.")] = 8,
+    weight_bits: o.WeightBits = None,
+    group_size: o.GroupSize = None,
+    smooth_alpha: Annotated[float, typer.Option(metavar="α", help="SmoothQuant migration strength "
+        "(w8a8-smoothquant only).")] = 0.5,
+    transform: Annotated[str | None, typer.Option("--transform", metavar="T", help="The basis the scheme "
+        "quantizes in, one transform as `eval --transform` takes it (hadamard, smoothquant:0.5, "
+        "smoothquant+hadamard, ...; default none). The plan's recipe is then not written: llm-compressor "
+        "transforms norm-Linear pairs instead.", show_default=False)] = None,
+    transform_seed: o.TransformSeed = None,
+    calib_dataset: o.CalibDataset = "pileval",
+    calib_nsamples: o.CalibNsamples = 64,
+    layers: o.Layers = None,
+    batch_size: o.BatchSize = 1,
+    dtype: o.Dtype = "auto",
+    device: o.Device = "auto",
+    device_map: o.DeviceMap = None,
+    max_memory: o.MaxMemory = None,
+    offload_folder: o.OffloadFolder = None,
+    trust_remote_code: o.TrustRemoteCode = False,
+    output: o.Output = None,
+    overwrite: o.Overwrite = False,
+    as_json: o.AsJson = False,
+    quiet: o.Quiet = False,
+) -> None:
+    """The fewest Linear layers to keep in full precision for --scheme to stay within --tolerance.
+
+    Measures each module type and block quantized alone (and with only its
+    kernel removed), keeps the most sensitive cells (the layers of a block fed
+    one input) until the measured perplexity is within tolerance, and reports
+    that plan's own measured perplexity and interval.
+
+    --output writes advice.json, the sensitivity, cells and search tables,
+    recipe.yaml (llm-compressor), modelopt_quant_cfg.json and modules.txt;
+    `kernelscope eval --ignore @DIR/recipe.yaml` measures the plan again.
+    """
+    options = dict(locals())
+    from kernelscope.cli.advise_cmd import run_advise
+
+    _run(run_advise, options)
 
 
 @app.command(cls=_Command)

@@ -32,15 +32,70 @@ PERPLEXITY_MIN_SEQLEN = 2  # a window's first token is never predicted
 
 def _common(kw: dict, **extra) -> dict:
     keys = ("model", "dataset", "nsamples", "seqlen", "windows", "seed", "layers", "batch_size", "dtype",
-            "device", "trust_remote_code", "output", "overwrite", "report", "device_map", "max_memory",
+            "device", "trust_remote_code", "output", "overwrite", "device_map", "max_memory",
             "offload_folder")
     quiet = kw["quiet"] or kw["as_json"]
-    return {k: kw[k] for k in keys} | {"quiet": quiet, "min_seqlen": PERPLEXITY_MIN_SEQLEN} | extra
+    return ({k: kw[k] for k in keys} | {"report": kw.get("report"), "quiet": quiet,
+                                        "min_seqlen": PERPLEXITY_MIN_SEQLEN} | extra)
 
 
 def _refusals(kw: dict, seed_applies: bool = False) -> dict[str, str | None]:
-    return common_refusals(windows=kw["windows"], output=kw["output"], report=kw["report"],
+    return common_refusals(windows=kw["windows"], output=kw["output"], report=kw.get("report"),
                            device_map=kw["device_map"], seed_applies=seed_applies)
+
+
+def read_calibration_text(calib_dataset: str, calib_nsamples: int, seqlen: int):
+    """SmoothQuant's calibration text, read before the model loads so that a missing one fails fast."""
+    from kernelscope.data import load_text
+
+    return load_text(calib_dataset, max_chars=20 * calib_nsamples * seqlen, option=flag("--calib-dataset"))
+
+
+def calibration_windows(prep, calib_text, calib_nsamples: int, kw: dict):
+    """Random windows of the calibration text (seeded by --seed)."""
+    from kernelscope.data import make_windows, tokenize
+
+    ids = tokenize(prep.loaded.tokenizer, calib_text.text)
+    return make_windows(ids, kw["seqlen"], calib_nsamples, selection="random", seed=kw["seed"],
+                        names=(f"calibration text ({flag('--calib-dataset')})", flag("--calib-nsamples"),
+                               flag("--seqlen")))
+
+
+def read_ignore(value: str):
+    """``--ignore``: ``@FILE`` read now (a missing or foreign file fails before the model loads), or a
+    regular expression checked now."""
+    import re
+
+    from kernelscope.results.exports import read_ignore_file
+
+    if value.startswith("@"):
+        return read_ignore_file(value[1:], f"{flag('--ignore')} {value}")
+    if not value.strip():
+        fail(f"{flag('--ignore')} is empty; give a regular expression over module names or @FILE")
+    try:
+        re.compile(value)
+    except re.error as exc:
+        fail(f"{flag('--ignore')} {value!r} is not a valid regular expression: {exc}")
+    return value
+
+
+def ignored_names(spec, model, layers: str | None, value: str) -> list[str]:
+    """The module names ``spec`` leaves in full precision on this model. A regular expression that
+    matches none of the layers a scheme quantizes is refused; a file's names must each be a Linear of
+    the model (a plan may keep none: then only lm_head is named)."""
+    import re
+
+    from kernelscope.capture import is_linear
+    from kernelscope.models import select_linear_layers
+
+    if not isinstance(spec, str):
+        return spec.resolve({n: type(m).__name__ for n, m in model.named_modules() if is_linear(m)})
+    selected = [layer.name for layer in select_linear_layers(model, layers)]
+    names = [n for n in selected if re.search(spec, n)]
+    if not names:
+        fail(f"{flag('--ignore')} {value!r} matches none of the {len(selected)} layers a scheme quantizes here "
+             "(see `kernelscope layers MODEL`)")
+    return names
 
 
 def _one_alpha(alpha: str) -> float:
@@ -121,27 +176,6 @@ def _check_widths(specs: dict, model, layers: str | None) -> None:
                 fail(f"{flag('--transform')} {typed}: layer {layer.name}: {exc}")
 
 
-def _read_calibration(needed: bool, calib_dataset: str, calib_nsamples: int, seqlen: int):
-    """The calibration text, read before the model loads so that a missing text fails fast."""
-    if not needed:
-        return None
-    from kernelscope.data import load_text
-
-    check_positive("--calib-nsamples", calib_nsamples)
-    return load_text(calib_dataset, max_chars=20 * calib_nsamples * seqlen, option=flag("--calib-dataset"))
-
-
-def _calibration_windows(prep, calib_text, calib_nsamples: int, seqlen: int, seed: int):
-    if calib_text is None:
-        return None
-    from kernelscope.data import make_windows, tokenize
-
-    ids = tokenize(prep.loaded.tokenizer, calib_text.text)
-    return make_windows(ids, seqlen, calib_nsamples, selection="random", seed=seed,
-                        names=(f"calibration text ({flag('--calib-dataset')})",
-                               flag("--calib-nsamples"), flag("--seqlen")))
-
-
 def _details(r: dict) -> str:
     """What the scheme name does not already say."""
     parts = []
@@ -159,6 +193,41 @@ def _details(r: dict) -> str:
     return ", ".join(parts)
 
 
+def _figure(x: float) -> str:
+    """Four significant figures, decimals kept: 20.24, 790.9, 1235."""
+    if not math.isfinite(x) or x == 0:
+        return f"{x:.4g}"
+    return f"{x:.{max(0, 3 - math.floor(math.log10(abs(x))))}f}"
+
+
+def interval(low: float | None, high: float | None, fmt=_figure) -> str:
+    """``[low, high]``, or nothing where there is no interval (one window)."""
+    if low is None or high is None:
+        return ""
+    return f"[{fmt(low)}, {fmt(high)}]"
+
+
+def _signed_pct(x: float) -> str:
+    return f"{x:+.2f}"
+
+
+def versus_fp(r: dict) -> str:
+    """The paired change from fp over its interval; a change the interval does not separate from 0
+    says so in words, so that it never reads as a loss."""
+    if r.get("change_pct") is None:
+        return ""
+    lines = [f"{r['change_pct']:+.2f}%", interval(r["change_pct_ci_low"], r["change_pct_ci_high"], _signed_pct)]
+    verdict = r.get("vs_fp") or ""
+    if verdict.startswith("not separable"):
+        lines.append("[yellow]not separable[/]")
+    return "\n".join(line for line in lines if line)
+
+
+def with_ci(r: dict) -> str:
+    """A perplexity over its interval."""
+    return "\n".join(filter(None, [f"{r['perplexity']:.4f}", interval(r["perplexity_ci_low"], r["perplexity_ci_high"])]))
+
+
 def _with_transforms(rows: list[dict]) -> bool:
     """True when some row ran in a transformed basis (the table then names each row's transform)."""
     return any(r.get("transform", "none") != rows[0].get("transform", "none") or r.get("transform_layers")
@@ -169,29 +238,35 @@ def _show_eval(result) -> None:
     s = result.summary
     out.print(header(s, "kernelscope eval"))
     rows = s["results"]
-    reference = next((r for r in rows if r["scheme"] == "fp"), None)
-    fp = reference["perplexity"] if reference else None
+    kept = s["layers"].get("full_precision") or []
+    title = "Perplexity (lm_head in full precision; INT weights per-channel unless gN)"
+    if kept:
+        title += f"; {len(kept)} layers kept in full precision ({escape(str(s['layers']['ignore']))})"
     transformed = _with_transforms(rows)
-    table = Table(title="Perplexity (lm_head in full precision; INT weights per-channel unless gN)")
-    table.add_column("scheme", no_wrap=True)
+    table = Table(title=title, show_lines=True)
+    table.add_column("scheme")
     if transformed:
         table.add_column("transform", no_wrap=True)
-    table.add_column("details", min_width=16)
-    for col in ("perplexity", "vs fp", "act. kernel", "s"):
+    for col in ("perplexity\n95% CI", "vs fp, paired\n95% CI", "act.\nkernel", "s"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
-        rel = "" if fp is None or r is reference else f"{100 * (r['perplexity'] / fp - 1):+.2f}%"
-        cells = [escape(r["scheme"]), *([escape(r["transform"])] if transformed else []), escape(_details(r))]
-        table.add_row(*cells, f"{r['perplexity']:.4f}", rel, pct(r["kernel_fraction"]), f"{r['seconds']:.1f}")
+        details = _details(r)
+        name = escape(r["scheme"]) + (f"\n[dim]{escape(details)}[/]" if details else "")
+        table.add_row(name, *([escape(r["transform"])] if transformed else []), with_ci(r), versus_fp(r),
+                      pct(r["kernel_fraction"]), f"{r['seconds']:.1f}")
     out.print(table)
-    for r in s["results"]:
+    if any((r.get("vs_fp") or "").startswith("not separable") for r in rows):
+        out.print("[dim]not separable: the interval of the change contains 0, so these windows do not tell it "
+                  "from fp[/]")
+    out.print(f"[dim]intervals: {escape(s['uncertainty'])}[/]")
+    for r in rows:
         if not r.get("finite", True):
             out.print(f"[yellow]warning:[/] {escape(r['scheme'])} produced NaN or infinite logits; "
                       "its perplexity is not a measurement")
 
 
 def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, transform, transform_seed,
-             calib_dataset, calib_nsamples, given, **kw) -> None:
+             calib_dataset, calib_nsamples, ignore, given, **kw) -> None:
     from kernelscope.runs.evaluate import evaluate
     from kernelscope.runs.schemes import parse_scheme
 
@@ -200,6 +275,7 @@ def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, tran
     check_bits([bits])
     if weight_bits is not None:
         check_bits([weight_bits], "--weight-bits")
+    check_positive("--calib-nsamples", calib_nsamples)
     schemes = [parse_scheme(s, alpha=alpha, bits=bits, weight_bits=weight_bits, group_size=group_size,
                             smooth_alpha=smooth_alpha)
                for s in (split_values(scheme, "--scheme", str, "a scheme") if scheme else DEFAULT_SCHEMES)]
@@ -222,45 +298,62 @@ def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, tran
                   weight_bits=None if removing else only_removal,
                   group_size=None if removing else only_removal,
                   smooth_alpha=None if own else "it applies to the w8a8-smoothquant scheme only "
-                  "(give --transform smoothquant:α for the others)")
+                  "(give --transform smoothquant:α for the others)",
+                  ignore=None if any(s.mode != "fp" for s in schemes)
+                  else "it keeps layers in full precision under a scheme, and fp quantizes none")
     _check_weights(weight_bits, group_size)
-    calib_text = _read_calibration(calibrated, calib_dataset, calib_nsamples, kw["seqlen"])
+    spec = read_ignore(ignore) if ignore is not None else None
+    calib_text = read_calibration_text(calib_dataset, calib_nsamples, kw["seqlen"]) if calibrated else None
     prep = prepare(**_common(kw))
     _check_widths(transforms, prep.loaded.model, kw["layers"])
-    calibration = _calibration_windows(prep, calib_text, calib_nsamples, kw["seqlen"], kw["seed"])
+    calibration = calibration_windows(prep, calib_text, calib_nsamples, kw) if calibrated else None
+    names = ignored_names(spec, prep.loaded.model, kw["layers"], ignore) if spec is not None else None
     with stage_progress(kw["quiet"] or kw["as_json"]) as update:
         result = evaluate(prep.loaded, prep.windows, schemes, text=prep.text, layers=kw["layers"],
                           transforms=list(transforms), calibration=calibration, calibration_text=calib_text,
-                          batch_size=kw["batch_size"], progress=update)
+                          ignore=names, ignore_source=ignore, batch_size=kw["batch_size"], progress=update)
     finish(result, kw["output"], kw["overwrite"], kw["as_json"], _show_eval, kw["report"])
+
+
+def _show_search(s: dict, search: dict) -> None:
+    """One threshold search: its curve with intervals, its bracket, its uncertainty and verdicts."""
+    basis = "" if search["transform"] == "none" else f", in the {search['transform']} basis"
+    table = Table(title=f"Remove-kernel perplexity along {s['family']['label']} zero bound x λ{basis} "
+                        f"(fp {s['fp_perplexity']:.4f}, tolerance {100 * s['tolerance']:g}%)")
+    for col in ("λ", "kernel", "perplexity", "95% CI", "vs fp", "within", "P(within)"):
+        table.add_column(col, justify="right")
+    for r in search["curve"]:
+        p = r["within_probability"]
+        table.add_row(f"{r['lambda']:.4g}", pct(r["kernel_fraction"]), f"{r['perplexity']:.4f}",
+                      interval(r["perplexity_ci_low"], r["perplexity_ci_high"]),
+                      f"{100 * (r['perplexity'] / s['fp_perplexity'] - 1):+.2f}%",
+                      "yes" if r["within_tolerance"] else "no", "" if p is None else f"{p:.2f}")
+    out.print(table)
+    b = search["bracket"]
+    if search["status"] == "crossing bracketed":
+        out.print(f"threshold{escape(basis)}: [bold]{pct(b['within']['kernel_fraction'])}[/] kernel stays "
+                  f"within tolerance; {pct(b['beyond']['kernel_fraction'])} does not "
+                  f"({search['evaluations']} evaluations)")
+    else:
+        out.print(f"[bold]{search['status']}[/] ({search['evaluations']} evaluations)")
+    u = search["crossing_uncertainty"]
+    if u is not None:
+        held = "" if u["bracket_probability"] is None else (
+            f"; the observed bracket holds in {100 * u['bracket_probability']:.0f}% of resamples")
+        out.print(f"resampling the windows, the threshold lies in [{pct(u['kernel_fraction_ci_low'])}, "
+                  f"{pct(u['kernel_fraction_ci_high'])}] (95%, on the λ grid evaluated){held}")
+    if search["non_monotone_lambdas"]:
+        lams = ", ".join(f"{x:.4g}" for x in search["non_monotone_lambdas"])
+        out.print(f"[yellow]the curve is not monotone: λ = {lams} contradict the bracket[/]")
+    for line in search["verdicts"]:
+        out.print(f"- {escape(line)}")
 
 
 def _show_threshold(result) -> None:
     s = result.summary
     out.print(header(s, "kernelscope threshold"))
     for search in s["searches"]:
-        basis = "" if search["transform"] == "none" else f", in the {search['transform']} basis"
-        table = Table(title=f"Remove-kernel perplexity along {s['family']['label']} zero bound x λ{basis} "
-                            f"(fp {s['fp_perplexity']:.4f}, tolerance {100 * s['tolerance']:g}%)")
-        for col in ("λ", "kernel", "perplexity", "vs fp", "within"):
-            table.add_column(col, justify="right")
-        for r in search["curve"]:
-            table.add_row(f"{r['lambda']:.4g}", pct(r["kernel_fraction"]), f"{r['perplexity']:.4f}",
-                          f"{100 * (r['perplexity'] / s['fp_perplexity'] - 1):+.2f}%",
-                          "yes" if r["within_tolerance"] else "no")
-        out.print(table)
-        b = search["bracket"]
-        if search["status"] == "crossing bracketed":
-            out.print(f"threshold{escape(basis)}: [bold]{pct(b['within']['kernel_fraction'])}[/] kernel stays "
-                      f"within tolerance; {pct(b['beyond']['kernel_fraction'])} does not "
-                      f"({search['evaluations']} evaluations)")
-        else:
-            out.print(f"[bold]{search['status']}[/] ({search['evaluations']} evaluations)")
-        if search["non_monotone_lambdas"]:
-            lams = ", ".join(f"{x:.4g}" for x in search["non_monotone_lambdas"])
-            out.print(f"[yellow]the curve is not monotone: λ = {lams} contradict the bracket[/]")
-        for line in search["verdicts"]:
-            out.print(f"- {escape(line)}")
+        _show_search(s, search)
 
 
 MAX_TOLERANCE = 1.0  # a doubled perplexity is no longer "lossless" by any reading
@@ -291,10 +384,12 @@ def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, 
                   family_bits=None if grid is None else f"--family {family} carries its own {grid.bits}-bit elements")
     base = QuantizerConfig(name, family_bits if grid is None else grid.bits,
                            alpha if FORMATS[name].takes_alpha else None)
-    calib_text = _read_calibration(calibrated, calib_dataset, calib_nsamples, kw["seqlen"])
+    if calibrated:
+        check_positive("--calib-nsamples", calib_nsamples)
+    calib_text = read_calibration_text(calib_dataset, calib_nsamples, kw["seqlen"]) if calibrated else None
     prep = prepare(**_common(kw), min_windows=MIN_WINDOWS)
     _check_widths(transforms, prep.loaded.model, kw["layers"])
-    calibration = _calibration_windows(prep, calib_text, calib_nsamples, kw["seqlen"], kw["seed"])
+    calibration = calibration_windows(prep, calib_text, calib_nsamples, kw) if calibrated else None
     with stage_progress(kw["quiet"] or kw["as_json"]) as update:
         result = threshold_search(prep.loaded, prep.windows, text=prep.text, family=base, tolerance=tolerance,
                                   steps=steps, alpha=alpha, weight_bits=weight_bits, group_size=group_size,
@@ -313,37 +408,53 @@ def parse_alpha_list(values: list[str]) -> list[float]:
 def _show_sweep(result) -> None:
     s = result.summary
     out.print(header(s, "kernelscope sweep"))
-    transformed = _with_transforms(s["results"])
-    table = Table(title=f"CrossQuant α sweep, W{s['weight_bits']}A{s['bits']} (α = 1 is per-token)")
-    for col in (*(["transform"] if transformed else []), "α", "kernel (fp activations)",
-                "kernel (in quantized pass)", "perplexity", "vs fp"):
+    rows = s["results"]
+    transformed = _with_transforms(rows)
+    quantizers = s["quantizers"]
+    alphas_only = all(q["alpha"] is not None for q in quantizers) and len({q["bits"] for q in quantizers}) == 1
+    title = (f"CrossQuant α sweep, W{s['weight_bits']}A{quantizers[0]['bits']} (α = 1 is per-token)" if alphas_only
+             else f"Quantizers side by side (INT weights W{s['weight_bits']}, float formats' weights in their format)")
+    table = Table(title=title, show_lines=True)
+    for col in (*(["transform"] if transformed else []), "α" if alphas_only else "quantizer",
+                "kernel (fp activations)", "kernel (in quantized pass)", "perplexity\n95% CI",
+                "vs fp, paired\n95% CI"):
         table.add_column(col, justify="right")
-    for r in s["results"]:
-        a = "fp" if r["alpha"] is None else f"{r['alpha']:g}"
-        rel = "" if r["alpha"] is None else f"{100 * (r['perplexity'] / s['fp_perplexity'] - 1):+.2f}%"
-        table.add_row(*([escape(r["transform"])] if transformed else []), a, pct(r["kernel_fraction"]),
-                      pct(r["quantized_kernel_fraction"]), f"{r['perplexity']:.4f}", rel)
+    for r in rows:
+        first = "fp" if r["quantizer"] is None else (f"{r['alpha']:g}" if alphas_only else r["quantizer"])
+        table.add_row(*([escape(r["transform"])] if transformed else []), escape(first),
+                      pct(r["kernel_fraction"]), pct(r["quantized_kernel_fraction"]), with_ci(r), versus_fp(r))
     out.print(table)
+    out.print(f"[dim]intervals: {escape(s['uncertainty'])}[/]")
 
 
-def run_sweep(*, alpha, bits, weight_bits, group_size, transform, transform_seed, calib_dataset,
+def run_sweep(*, quantizer, alpha, bits, weight_bits, group_size, transform, transform_seed, calib_dataset,
               calib_nsamples, given, **kw) -> None:
-    from kernelscope.runs.sweep import alpha_sweep
+    from kernelscope.cli.profile_cmd import quantizer_configs
+    from kernelscope.runs.sweep import sweep
 
-    alphas = parse_alpha_list(alpha or [str(DEFAULT_ALPHA), "0.45", "0.75", "1"])
-    check_bits([bits])
+    configs = quantizer_configs(quantizer or ["crossquant"], bits or ["8"],
+                                alpha or [str(DEFAULT_ALPHA), "0.45", "0.75", "1"], None)
     check_bits([weight_bits], "--weight-bits")
     _check_weights(weight_bits, group_size)
     transforms = _transforms(transform, transform_seed)
     calibrated = any(t.needs_calibration for t in transforms)
-    refuse_unused(given, **_refusals(kw, seed_applies=calibrated), **_transform_refusals(transforms, calibrated))
-    calib_text = _read_calibration(calibrated, calib_dataset, calib_nsamples, kw["seqlen"])
+    some_int = any(c.format.grid.is_int for c in configs)
+    float_only = "it sets the INT weights of INT quantizers, and the float formats given carry their own"
+    refuse_unused(given, **_refusals(kw, seed_applies=calibrated), **_transform_refusals(transforms, calibrated),
+                  alpha=None if any(c.takes_alpha for c in configs)
+                  else "it is CrossQuant's exponent, and no --quantizer given takes it (add -q crossquant)",
+                  bits=None if some_int else "it sets the width of INT quantizers, and the float formats given "
+                  "carry their own",
+                  weight_bits=None if some_int else float_only, group_size=None if some_int else float_only)
+    if calibrated:
+        check_positive("--calib-nsamples", calib_nsamples)
+    calib_text = read_calibration_text(calib_dataset, calib_nsamples, kw["seqlen"]) if calibrated else None
     prep = prepare(**_common(kw))
     _check_widths(transforms, prep.loaded.model, kw["layers"])
-    calibration = _calibration_windows(prep, calib_text, calib_nsamples, kw["seqlen"], kw["seed"])
+    calibration = calibration_windows(prep, calib_text, calib_nsamples, kw) if calibrated else None
     with stage_progress(kw["quiet"] or kw["as_json"]) as update:
-        result = alpha_sweep(prep.loaded, prep.windows, alphas, text=prep.text, bits=bits,
-                             weight_bits=weight_bits, group_size=group_size, layers=kw["layers"],
-                             transforms=list(transforms), calibration=calibration, calibration_text=calib_text,
-                             batch_size=kw["batch_size"], progress=update)
+        result = sweep(prep.loaded, prep.windows, configs, text=prep.text, weight_bits=weight_bits,
+                       group_size=group_size, layers=kw["layers"], transforms=list(transforms),
+                       calibration=calibration, calibration_text=calib_text, batch_size=kw["batch_size"],
+                       progress=update)
     finish(result, kw["output"], kw["overwrite"], kw["as_json"], _show_sweep, kw["report"])

@@ -51,10 +51,16 @@ def _weight_formats(specs: list[str] | None, group_size: int | None):
 
 def _configs(quantizer: list[str] | None, bits: list[str] | None, alpha: list[str] | None,
              group_size: int | None):
-    names = split_values(quantizer, "--quantizer", str, "a quantizer") if quantizer else [
-        "per_token", "crossquant"]
-    widths = split_values(bits, "--bits", int, "a whole number") if bits else [8, 4]
-    alphas = split_values(alpha, "--alpha", float, "a number") if alpha else [DEFAULT_ALPHA]
+    return quantizer_configs(quantizer or ["per_token", "crossquant"], bits or ["8", "4"],
+                             alpha or [str(DEFAULT_ALPHA)], group_size)
+
+
+def quantizer_configs(quantizer: list[str], bits: list[str], alpha: list[str], group_size: int | None):
+    """``-q``, ``-b`` and ``-a`` as typed (repeated or comma-separated) -> the configurations: every INT
+    quantizer at every width (CrossQuant at every α), every float format once."""
+    names = split_values(quantizer, "--quantizer", str, "a quantizer")
+    widths = split_values(bits, "--bits", int, "a whole number")
+    alphas = split_values(alpha, "--alpha", float, "a number")
     check_bits(widths)
     check_alphas(alphas)
     check_positive("--group-size", group_size)

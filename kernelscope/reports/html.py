@@ -237,10 +237,21 @@ def _eval_table(page: _Page, evals) -> None:
         reference = next((r for r in s["results"] if r["scheme"] == "fp"), None)
         fp = reference["perplexity"] if reference else None
         rows = [[esc(r["scheme"]), esc(r.get("transform", "none")), f"{r['perplexity']:.4f}",
+                 _ci(r, "perplexity", "{:.4f}"),
                  "" if fp is None or r is reference else f"{100 * (r['perplexity'] / fp - 1):+.2f}%",
+                 _ci(r, "change_pct", "{:+.2f}%"), esc(r.get("vs_fp") or ""),
                  _pct(r.get("kernel_fraction")), esc(r["tokens"])] for r in s["results"]]
         page.add(f"<p><b>{esc(label)}</b>: {esc(s.get('protocol', ''))}</p>")
-        page.add(_table(["scheme", "transform", "perplexity", "vs fp", "activation kernel", "tokens"], rows))
+        page.add(_table(["scheme", "transform", "perplexity", "95% CI", "vs fp", "95% CI (paired)", "verdict",
+                         "activation kernel", "tokens"], rows))
+        if s.get("uncertainty"):
+            page.add(f"<p><small>{esc(s['uncertainty'])}</small></p>")
+
+
+def _ci(row: dict, field: str, spec: str) -> str:
+    """``[low, high]`` of a row's interval, empty where it has none (one window, or an older run)."""
+    low, high = row.get(f"{field}_ci_low"), row.get(f"{field}_ci_high")
+    return "" if low is None or high is None else esc(f"[{spec.format(low)}, {spec.format(high)}]")
 
 
 def _zeroshot_table(page: _Page, zeroshots) -> None:

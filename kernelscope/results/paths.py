@@ -18,7 +18,11 @@ RUN_MARKER = ".kernelscope-run"
 """The file every run folder holds; its presence is what makes a folder replaceable."""
 REPORT_TAG = '<meta name="generator" content="kernelscope">'
 """The tag at the head of every report; only a file that starts with it is replaced."""
-SUMMARY_NAMES = ("summary.json", "eval.json", "threshold.json", "sweep.json", "zeroshot.json")
+SUMMARY_NAMES = ("summary.json", "eval.json", "threshold.json", "sweep.json", "zeroshot.json", "advice.json",
+                 "sensitivity.json")
+ADVICE = "advice.json"
+EXPORT_NAMES = ("recipe.yaml", "modelopt_quant_cfg.json", "modules.txt")
+"""The files an advice folder holds for the deploying tools (see :mod:`kernelscope.results.exports`)."""
 
 
 def protected_paths() -> set[Path]:
@@ -29,12 +33,14 @@ def protected_paths() -> set[Path]:
 
 def foreign_entries(folder: Path) -> list[str]:
     """What in ``folder`` kernelscope does not write: anything but its marker, a summary, parquet
-    tables and kernelscope reports."""
+    tables, kernelscope reports and, beside an ``advice.json``, the exports."""
+    exports = EXPORT_NAMES if (folder / ADVICE).is_file() else ()
 
     def ours(p: Path) -> bool:
         if not p.is_file():
             return False
-        return p.name in (RUN_MARKER, *SUMMARY_NAMES) or p.suffix == ".parquet" or is_kernelscope_report(p)
+        return (p.name in (RUN_MARKER, *SUMMARY_NAMES, *exports) or p.suffix == ".parquet"
+                or is_kernelscope_report(p))
 
     return sorted(p.name for p in folder.iterdir() if not ours(p))
 

@@ -18,7 +18,7 @@ from typing import Any
 import polars as pl
 
 from kernelscope.errors import KernelscopeError
-from kernelscope.results.paths import RUN_MARKER, SUMMARY_NAMES, check_output_dir
+from kernelscope.results.paths import EXPORT_NAMES, RUN_MARKER, SUMMARY_NAMES, check_output_dir
 
 SCHEMA_VERSION = 1
 SUMMARY = SUMMARY_NAMES[0]
@@ -43,14 +43,19 @@ def default_mode(path: Path, *, directory: bool) -> None:
 
 
 def write_run(path: str | Path, tables: dict[str, pl.DataFrame], summary: dict[str, Any],
-              *, overwrite: bool = False, summary_name: str = SUMMARY) -> Path:
-    """Write ``tables`` as ``<name>.parquet`` and ``summary`` as JSON, all or nothing.
+              *, overwrite: bool = False, summary_name: str = SUMMARY, files: dict[str, str] | None = None) -> Path:
+    """Write ``tables`` as ``<name>.parquet``, ``summary`` as JSON and ``files`` (name -> text, names
+    of :data:`EXPORT_NAMES`) beside them, all or nothing.
 
     ``summary_name`` is one of :data:`SUMMARY_NAMES` (``summary.json`` for a profile, ``eval.json``,
-    ``threshold.json``, ``sweep.json`` or ``zeroshot.json`` for the other runs).
+    ``threshold.json``, ``sweep.json``, ``zeroshot.json``, ``advice.json`` or ``sensitivity.json`` for the
+    other runs).
     """
     if summary_name not in SUMMARY_NAMES:
         raise ValueError(f"summary_name must be one of {SUMMARY_NAMES}")
+    files = files or {}
+    if not set(files) <= set(EXPORT_NAMES):
+        raise ValueError(f"a run folder's other files are {EXPORT_NAMES}, got {sorted(files)}")
     out = check_output_dir(path, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
@@ -60,6 +65,8 @@ def write_run(path: str | Path, tables: dict[str, pl.DataFrame], summary: dict[s
             frame.write_parquet(tmp / f"{name}.parquet")
         body = {"schema_version": SCHEMA_VERSION, **summary}
         (tmp / summary_name).write_text(json.dumps(json_safe(body), indent=2, ensure_ascii=False) + "\n")
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
         marker = {"schema_version": SCHEMA_VERSION, "summary": summary_name}
         (tmp / RUN_MARKER).write_text(json.dumps(marker) + "\n")
         if out.exists():

@@ -9,6 +9,7 @@ before it in its window (``seqlen - 1`` per window).
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -35,6 +36,7 @@ from kernelscope.runs.fakequant import SchemeApplied
 from kernelscope.runs.forward import eval_mode, model_device
 from kernelscope.runs.schemes import Scheme
 from kernelscope.runs.transforming import ModelTransform, TransformBinder, identity_transform
+from kernelscope.stats.uncertainty import METHOD, paired_difference, perplexity_interval
 
 
 def protocol_text(windows: Windows) -> str:
@@ -46,6 +48,10 @@ def protocol_text(windows: Windows) -> str:
     )
 
 
+LogitsHook = Callable[[int, torch.Tensor, torch.Tensor], None]
+"""``hook(first_window, logits (b, T, V), tokens (b, T))``, called after each batch's forward pass."""
+
+
 def nll_pass(
     model: nn.Module,
     windows: Windows,
@@ -53,10 +59,16 @@ def nll_pass(
     batch_size: int = 1,
     after_batch: Callable[[], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[float, int]:
-    """Summed NLL (float64) over every predicted token of every window, and the token count."""
+    on_logits: LogitsHook | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Summed NLL of each window, ``(W,)`` float64 on the CPU, and the tokens each window predicts.
+
+    Token NLLs are computed in float32 and summed per window in float64; the run's mean NLL is
+    ``sums.sum() / (W · tokens)``. ``on_logits`` sees every batch's logits (e.g. to compare them with
+    a reference) without a second pass.
+    """
     device = model_device(model)
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    sums = []
     n = len(windows)
     for first in range(0, n, batch_size):
         batch = windows.tokens[first : first + batch_size].to(device)  # (b, T)
@@ -67,12 +79,21 @@ def nll_pass(
                 after_batch()
         vocab = logits.shape[-1]
         nll = F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(),  # (b*(T-1), V)
-                              batch[:, 1:].reshape(-1), reduction="sum")
-        total += nll.double()
+                              batch[:, 1:].reshape(-1), reduction="none")
+        sums.append(nll.view(batch.shape[0], -1).double().sum(dim=1))  # (b,)
+        if on_logits is not None:
+            on_logits(first, logits, batch)
         del logits
         if progress is not None:
             progress(min(first + batch_size, n), n)
-    return float(total), n * (windows.seqlen - 1)
+    return torch.cat(sums).cpu(), windows.seqlen - 1
+
+
+def perplexity_of(mean_nll: float) -> float:
+    """``exp(mean NLL)``: infinite past float range, NaN for a NaN mean."""
+    if math.isnan(mean_nll):
+        return math.nan
+    return math.exp(mean_nll) if mean_nll < 700 else math.inf
 
 
 def run_scheme(
@@ -84,8 +105,10 @@ def run_scheme(
     transform: ModelTransform | None = None,
     batch_size: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    on_logits: LogitsHook | None = None,
 ) -> dict[str, Any]:
-    """Perplexity of ``model`` under ``scheme`` on ``windows``, with the activation kernel it caused.
+    """Perplexity of ``model`` under ``scheme`` on ``windows``, with the activation kernel it caused,
+    the mean NLL of every window (``window_nll``) and the bootstrap interval of the perplexity.
 
     ``transform`` (bound to ``layers``; default none) changes the basis the scheme quantizes in; it
     must include the scheme's own transform (see :func:`evaluate`).
@@ -94,19 +117,25 @@ def run_scheme(
     transform = transform or identity_transform(layers)
     applied = SchemeApplied(layers, scheme, transform.layers, seq_len=windows.seqlen)
     with eval_mode(model), applied:
-        nll, tokens = nll_pass(model, windows, batch_size=batch_size, after_batch=applied.end_batch,
-                               progress=progress)
+        sums, per_window = nll_pass(model, windows, batch_size=batch_size, after_batch=applied.end_batch,
+                                    progress=progress, on_logits=on_logits)
     seconds = time.perf_counter() - started
     kernel = int(applied.kernel) if applied.kernel is not None else None
     elements = int(applied.elements) if applied.elements is not None else None
+    tokens = len(windows) * per_window
+    nll = float(sums.sum())
     mean = nll / tokens
-    perplexity = math.exp(mean) if math.isfinite(mean) and mean < 700 else (math.nan if math.isnan(mean) else math.inf)
+    window_nll = (sums / per_window).tolist()
+    ci = perplexity_interval(window_nll)
     return {
         **scheme.describe(),
         **transform.describe(),
-        "perplexity": perplexity,
+        "perplexity": perplexity_of(mean),
+        "perplexity_ci_low": ci[0] if ci else None,
+        "perplexity_ci_high": ci[1] if ci else None,
         "finite": math.isfinite(nll),  # False: the model produced NaN/Inf logits under this scheme
-        "nll": nll / tokens,
+        "nll": mean,
+        "window_nll": window_nll,
         "tokens": tokens,
         "windows": len(windows),
         "kernel_elements": kernel,
@@ -114,6 +143,62 @@ def run_scheme(
         "kernel_fraction": kernel / elements if kernel is not None and elements else None,
         "seconds": round(seconds, 3),
     }
+
+
+def compare(row: dict[str, Any], reference: dict[str, Any], name: str = "fp") -> dict[str, Any]:
+    """The paired difference of ``row`` from ``reference`` (same windows) as row fields:
+    ``delta_nll`` (log perplexity), ``change_pct`` and their intervals, and ``vs_fp`` in words."""
+    diff = paired_difference(row["window_nll"], reference["window_nll"], reference=name,
+                             delta=row["nll"] - reference["nll"])
+    fields = diff.as_dict()
+    fields[f"vs_{name}"] = fields.pop("verdict")
+    return fields
+
+
+def fp_references(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]] | None:
+    """The fp row each row is compared with, by transform: the fp row of its own transform, or of
+    none (the model itself) where its transform has none; None without an fp row."""
+    fp = {r.get("transform", "none"): r for r in rows if r["mode"] == "fp"}
+    if not fp:
+        return None
+    default = fp.get("none", next(iter(fp.values())))
+    return {r.get("transform", "none"): fp.get(r.get("transform", "none"), default) for r in rows}
+
+
+def with_comparisons(rows: list[dict[str, Any]], reference: dict[str, Any] | dict[str, dict] | None,
+                     ) -> list[dict[str, Any]]:
+    """Each row with its paired difference from ``reference`` (one row; or, from
+    :func:`fp_references`, one per transform), None fields for a reference itself or without one."""
+    empty = dict.fromkeys(("delta_nll", "delta_nll_ci_low", "delta_nll_ci_high", "change_pct",
+                           "change_pct_ci_low", "change_pct_ci_high", "vs_fp"))
+
+    def ref_of(row):
+        if reference is None or "window_nll" in reference:
+            return reference
+        return reference.get(row.get("transform", "none"))
+
+    return [row | (compare(row, ref_of(row)) if ref_of(row) is not None and row is not ref_of(row) else empty)
+            for row in rows]
+
+
+def split_ignored(selected: list[LinearLayer], ignore: str | Sequence[str] | None,
+                  ) -> tuple[list[LinearLayer], list[LinearLayer]]:
+    """``(quantized, ignored)``: the selected layers without, and with, the names ``ignore`` gives
+    (a regular expression, ``re.search``; or exact names, which may include unselected ones)."""
+    if ignore is None:
+        return selected, []
+    if isinstance(ignore, str):
+        try:
+            regex = re.compile(ignore)
+        except re.error as exc:
+            raise KernelscopeError(f"--ignore {ignore!r} is not a valid regular expression: {exc}") from None
+        hit = {layer.name for layer in selected if regex.search(layer.name)}
+        if not hit:
+            raise KernelscopeError(f"--ignore {ignore!r} matches none of the {len(selected)} selected layers; "
+                                   "list them with `kernelscope layers MODEL`")
+    else:
+        hit = set(ignore)
+    return [lay for lay in selected if lay.name not in hit], [lay for lay in selected if lay.name in hit]
 
 
 class EvalResult(TableResult):
@@ -142,6 +227,8 @@ def evaluate(
     transforms: Sequence[TransformSpec] = (IDENTITY,),
     calibration: Windows | None = None,
     calibration_text: TextSource | None = None,
+    ignore: str | Sequence[str] | None = None,
+    ignore_source: str | None = None,
     batch_size: int = 1,
     progress: StageProgress | None = None,
 ) -> EvalResult:
@@ -150,15 +237,19 @@ def evaluate(
     Activations and weights of the selected Linear layers (default: every Linear in the decoder
     blocks; ``lm_head`` stays in full precision, as in SmoothQuant) are treated as each scheme says,
     in the basis of each transform (``none`` the identity): the scheme's own transform (SmoothQuant
-    schemes) first, then the one given. Calibrated transforms need ``calibration`` windows (from
-    text other than the evaluation text).
+    schemes) first, then the one given; except the layers ``ignore`` names (a regular expression over
+    module names, or the names themselves), which stay in full precision: a plan from ``advise``
+    re-measured. Calibrated transforms need ``calibration`` windows (from text other than the
+    evaluation text). Each row carries its per-window NLLs and a bootstrap interval; with an ``fp``
+    scheme among them, every other row its paired difference from fp on the same windows (the fp
+    row of the same transform where there is one).
     """
     net, info, _ = unpack(model)
     if not schemes:
         raise ValueError("evaluate needs at least one scheme")
     if not transforms:
         raise ValueError("evaluate needs at least one transform (IDENTITY for none)")
-    selected = resolve_layers(net, layers)
+    selected, ignored = split_ignored(resolve_layers(net, layers), ignore)
     pairs = [(scheme, scheme_transform(scheme, t)) for scheme in schemes for t in transforms]
     binder = TransformBinder(net, selected, calibration, batch_size=batch_size)
     for _, spec in pairs:  # every width checked and every calibration done before the first evaluation
@@ -168,13 +259,16 @@ def evaluate(
         stage = scheme.name if len(transforms) == 1 else f"{scheme.name}, {spec.label}"
         rows.append(run_scheme(net, windows, scheme, selected, transform=binder.bind(spec),
                                batch_size=batch_size, progress=stage_callback(progress, stage)))
+    rows = with_comparisons(rows, fp_references(rows))
     table = pl.DataFrame(rows, infer_schema_length=None)
     summary = {
         **run_context(info, text, windows, "eval"),
         "protocol": protocol_text(windows),
+        "uncertainty": METHOD,
         "results": rows,
         "layers": {"count": len(selected), "pattern": layers if isinstance(layers, str) else None,
-                   "lm_head": "full precision"},
+                   "lm_head": "full precision", "full_precision": [layer.name for layer in ignored],
+                   "ignore": ignore_source or (ignore if isinstance(ignore, str) else None)},
         "transforms": transforms_facts(transforms),
         "calibration": (
             {"text": text_facts(calibration_text), "windows": calibration.as_dict()}

@@ -18,9 +18,10 @@ from kernelscope.quant.transforms import IDENTITY, SMOOTHQUANT_ALPHA, TRANSFORMS
 
 _REMOVE = "remove-kernel-"
 
-QUANTIZER_WORDS = {"per-token": "per_token", "per-tensor": "per_tensor", "per-channel": "per_channel",
-                   "crossquant": "crossquant"}
-"""The INT quantizers a ``wXaY-QUANTIZER`` scheme names."""
+QUANTIZER_WORDS = {name.replace("_", "-"): name for name, entry in FORMATS.items()
+                   if entry.grid is None and entry.block_size is None}
+"""The INT quantizers a ``wXaY-QUANTIZER`` scheme names: every INT format of the registry whose scale
+needs no block size of its own (per-token, per-tensor, per-channel, crossquant)."""
 TRANSFORM_WORDS = {"smoothquant": ("per_token", "smoothquant")}
 """``wXaY-WORD`` schemes that name a quantizer with a transform of their own (its value
 ``smooth_alpha``): SmoothQuant is per-token INT after the ``smoothquant`` transform."""
@@ -83,6 +84,17 @@ class Scheme:
             "weight_format": wf.label if wf else None,
             "kernel_scale": self.kernel_scale if self.mode == "remove_kernel" else None,
         }
+
+
+def scheme_of(config: QuantizerConfig, weight_bits: int | None, group_size: int | None = None) -> Scheme:
+    """The scheme that quantizes activations with ``config``: a float format quantizes the weights in
+    the same format (its scheme of :data:`FLOAT_SCHEMES`); an INT quantizer is ``wXaY[-gG]-QUANTIZER``
+    with INT weights at ``weight_bits``, per output channel or per ``group_size`` inputs."""
+    if not config.format.grid.is_int:
+        return Scheme(config.quantizer.replace("_", "-"), "fake_quant", config, weight_format=config)
+    group = f"-g{group_size}" if group_size else ""
+    word = config.quantizer.replace("_", "-") + (f"{config.block_size}" if config.format.is_block else "")
+    return Scheme(f"w{weight_bits}a{config.bits}{group}-{word}", "fake_quant", config, weight_bits, group_size)
 
 
 def parse_scheme(

@@ -1,5 +1,5 @@
-"""``alpha_sweep``: kernel proportion and W8A8 perplexity for each CrossQuant α (the paper's
-Figure 8 / Table 4). α = 1 is per-token."""
+"""``sweep``: kernel proportion and perplexity for each of several quantizers: CrossQuant at several
+α (the paper's Figure 8 / Table 4; α = 1 is per-token), or any formats of the registry side by side."""
 
 from __future__ import annotations
 
@@ -21,25 +21,32 @@ from kernelscope.runs.common import (
     text_facts,
     unpack,
 )
-from kernelscope.runs.evaluate import protocol_text, run_scheme, transforms_facts
-from kernelscope.runs.schemes import Scheme
+from kernelscope.runs.evaluate import compare, protocol_text, run_scheme, transforms_facts
+from kernelscope.runs.schemes import Scheme, scheme_of
 from kernelscope.runs.transforming import ModelTransform, TransformBinder, measured_kernels
+from kernelscope.stats.uncertainty import METHOD
+
+_MEASURED = ("perplexity", "perplexity_ci_low", "perplexity_ci_high", "nll", "window_nll", "tokens", "seconds")
+
+
+def _measured(row: dict) -> dict:
+    """What a sweep row keeps of an evaluation: the perplexity, its interval and its windows."""
+    return {k: row[k] for k in _MEASURED}
 
 
 class SweepResult(TableResult):
-    """One row per transform and α plus the fp reference (``table``), and ``sweep.json``."""
+    """One row per transform and quantizer plus the fp reference (``table``), and ``sweep.json``."""
 
     TABLE = "sweep"
     SUMMARY = "sweep.json"
 
 
-def alpha_sweep(
+def sweep(
     model: nn.Module | LoadedModel,
     windows: Windows,
-    alphas: Sequence[float],
+    configs: Sequence[QuantizerConfig],
     *,
     text: TextSource | None = None,
-    bits: int = 8,
     weight_bits: int = 8,
     group_size: int | None = None,
     layers: str | Sequence[LinearLayer] | None = None,
@@ -49,16 +56,18 @@ def alpha_sweep(
     batch_size: int = 1,
     progress: StageProgress | None = None,
 ) -> SweepResult:
-    """For each transform and α: the CrossQuant kernel of the full-precision activations in the
-    transform's basis (``kernel_fraction``), and the perplexity with weights and activations
-    fake-quantized (W{weight_bits}A{bits}) in that basis, with the kernel measured inside that
-    quantized pass (``quantized_kernel_fraction``). One full-precision row (no transform) is the
-    reference; calibrated transforms need ``calibration`` windows."""
-    alphas = [check_alpha(a) for a in dict.fromkeys(alphas)]
-    if not alphas:
-        raise ValueError("alpha_sweep needs at least one α")
+    """For each transform and quantizer configuration: its kernel on the full-precision activations
+    in the transform's basis (``kernel_fraction``), and the perplexity under its scheme
+    (:func:`~kernelscope.runs.schemes.scheme_of`: an INT quantizer with weights at ``weight_bits``,
+    per output channel or per ``group_size`` inputs; a float format with weights in that format),
+    with the kernel measured inside that quantized pass (``quantized_kernel_fraction``) and the
+    paired difference from fp. One full-precision row (no transform) is the reference; calibrated
+    transforms need ``calibration`` windows."""
+    configs = list(dict.fromkeys(configs))
+    if not configs:
+        raise ValueError("sweep needs at least one quantizer configuration")
     if not transforms:
-        raise ValueError("alpha_sweep needs at least one transform (IDENTITY for none)")
+        raise ValueError("sweep needs at least one transform (IDENTITY for none)")
     net, info, tokenizer = unpack(model)
     selected = resolve_layers(net, layers)
     binder = TransformBinder(net, selected, calibration, batch_size=batch_size)
@@ -68,31 +77,30 @@ def alpha_sweep(
     def stage(name: str, t: ModelTransform) -> Callable[[int, int], None] | None:
         return stage_callback(progress, f"{name}, {t.label}" if several else name)
 
-    configs = [QuantizerConfig("crossquant", bits, a) for a in alphas]
     kernels = {t.label: measured_kernels(net, windows, configs, selected, t, tokenizer=tokenizer,
                                          batch_size=batch_size, progress=stage("kernels", t)) for t in bound}
     fp = run_scheme(net, windows, Scheme("fp", "fp"), selected, batch_size=batch_size,
                     progress=stage_callback(progress, "fp"))
-    rows = [{"alpha": None, "scheme": "fp", "transform": fp["transform"], "kernel_fraction": None,
-             "perplexity": fp["perplexity"], "quantized_kernel_fraction": None, "tokens": fp["tokens"],
-             "seconds": fp["seconds"]}]
-    group = f"-g{group_size}" if group_size else ""
-    name = f"w{weight_bits}a{bits}{group}-crossquant"
+    rows = [{"quantizer": None, "alpha": None, "scheme": "fp", "transform": fp["transform"],
+             "kernel_fraction": None, **_measured(fp), "quantized_kernel_fraction": None}]
     for t in bound:
-        for a, kernel in zip(alphas, kernels[t.label], strict=True):
-            scheme = Scheme(name, "fake_quant", QuantizerConfig("crossquant", bits, a), weight_bits, group_size)
+        for cfg, kernel in zip(configs, kernels[t.label], strict=True):
+            scheme = scheme_of(cfg, weight_bits, group_size)
             row = run_scheme(net, windows, scheme, selected, transform=t, batch_size=batch_size,
-                             progress=stage(f"α={a:g}", t))
-            rows.append({"alpha": a, "scheme": name, "transform": t.label,
-                         "kernel_fraction": kernel["kernel_fraction"], "perplexity": row["perplexity"],
-                         "quantized_kernel_fraction": row["kernel_fraction"], "tokens": row["tokens"],
-                         "seconds": row["seconds"]})
-    table = pl.DataFrame(rows, schema_overrides={"alpha": pl.Float64}, infer_schema_length=None)
+                             progress=stage(cfg.label if cfg.alpha is None else f"α={cfg.alpha:g}", t))
+            rows.append({"quantizer": cfg.label, "alpha": cfg.alpha, "scheme": scheme.name, "transform": t.label,
+                         "kernel_fraction": kernel["kernel_fraction"], **_measured(row),
+                         "quantized_kernel_fraction": row["kernel_fraction"]} | compare(row, fp))
+    rows[0] |= dict.fromkeys(k for k in rows[-1] if k not in rows[0])
+    table = pl.DataFrame(rows, schema_overrides={"alpha": pl.Float64, "quantizer": pl.String},
+                         infer_schema_length=None)
     summary = {
         **run_context(info, text, windows, "sweep"),
         "protocol": protocol_text(windows),
-        "bits": bits, "weight_bits": weight_bits, "group_size": group_size,
+        "quantizers": [c.as_dict() | {"label": c.label} for c in configs],
+        "weight_bits": weight_bits, "group_size": group_size,
         "fp_perplexity": fp["perplexity"],
+        "uncertainty": METHOD,
         "transforms": transforms_facts(transforms),
         "calibration": ({"text": text_facts(calibration_text), "windows": calibration.as_dict()}
                         if calibration is not None and binder.calibrated else None),
@@ -101,3 +109,12 @@ def alpha_sweep(
                 "(in the transform's basis)",
     }
     return SweepResult(table, summary)
+
+
+def alpha_sweep(model: nn.Module | LoadedModel, windows: Windows, alphas: Sequence[float], *, bits: int = 8,
+                **options) -> SweepResult:
+    """:func:`sweep` over CrossQuant at each α at ``bits``-bit activations (α = 1 is per-token)."""
+    alphas = [check_alpha(a) for a in dict.fromkeys(alphas)]
+    if not alphas:
+        raise ValueError("alpha_sweep needs at least one α")
+    return sweep(model, windows, [QuantizerConfig("crossquant", bits, a) for a in alphas], **options)

@@ -34,9 +34,10 @@ from kernelscope.runs.common import (
     text_facts,
     unpack,
 )
-from kernelscope.runs.evaluate import protocol_text, run_scheme, transforms_facts
+from kernelscope.runs.evaluate import protocol_text, run_scheme, transforms_facts, with_comparisons
 from kernelscope.runs.schemes import Scheme
 from kernelscope.runs.transforming import ModelTransform, TransformBinder, measured_kernels
+from kernelscope.stats.uncertainty import METHOD, crossing_interval, within_probabilities
 
 MIN_WINDOWS = 2
 LAMBDA_MIN = 2.0**-12
@@ -90,6 +91,21 @@ def bracket_crossing(within: Callable[[float], bool], lam_max: float, steps: int
             else:
                 hi = mid
     return lo, hi
+
+
+def _crossing_uncertainty(ordered: list[dict], fp: dict, tolerance: float, lo_row: dict | None,
+                          hi_row: dict | None) -> dict | None:
+    """Per point, how often it is within tolerance over resampled windows (``within_probability``,
+    set on the rows); for the whole curve, the interval of the threshold and how often the observed
+    bracket holds (None with one window, which a search never has)."""
+    probabilities = within_probabilities([r["window_nll"] for r in ordered], fp["window_nll"], tolerance)
+    for row, p in zip(ordered, probabilities or [None] * len(ordered), strict=True):
+        row["within_probability"] = p
+    rows = [id(r) for r in ordered]
+    bracket = (rows.index(id(lo_row)) if lo_row else None, rows.index(id(hi_row)) if hi_row else None)
+    found = crossing_interval([r["window_nll"] for r in ordered], [r["kernel_fraction"] for r in ordered],
+                              fp["window_nll"], tolerance, bracket=bracket)
+    return None if found is None else found.as_dict()
 
 
 def _verdict(label: str, fraction: float, lo: dict | None, hi: dict | None, tolerance: float) -> str:
@@ -161,7 +177,7 @@ def threshold_search(
     fp = run_scheme(net, windows, Scheme("fp", "fp", weight_bits=None), selected,
                     batch_size=batch_size, progress=stage_callback(progress, "fp"))
     target = fp["perplexity"] * (1 + tolerance)
-    searches = [_search(net, windows, selected, family, t, actual[t.label], target, tolerance, steps,
+    searches = [_search(net, windows, selected, family, t, actual[t.label], fp, target, tolerance, steps,
                         weight_bits, group_size, batch_size, lambda name, t=t: stage(name, t)) for t in bound]
     curve = pl.DataFrame([row for search in searches for row in search.pop("points")], infer_schema_length=None)
     summary = {
@@ -171,7 +187,10 @@ def threshold_search(
                    "definition": "kernel K_λ = {|x| <= λ·B}, B the family's zero bound; λ = 1 is its own kernel"},
         "tolerance": tolerance,
         "fp_perplexity": fp["perplexity"],
+        "fp_perplexity_ci": [fp["perplexity_ci_low"], fp["perplexity_ci_high"]],
+        "fp_window_nll": fp["window_nll"],
         "target_perplexity": target,
+        "uncertainty": METHOD,
         "transforms": transforms_facts(transforms),
         "calibration": ({"text": text_facts(calibration_text), "windows": calibration.as_dict()}
                         if calibration is not None and binder.calibrated else None),
@@ -183,10 +202,11 @@ def threshold_search(
 
 
 def _search(net: nn.Module, windows: Windows, selected: list[LinearLayer], family: QuantizerConfig,
-            transform: ModelTransform, actual: list[dict], target: float, tolerance: float, steps: int,
+            transform: ModelTransform, actual: list[dict], fp: dict, target: float, tolerance: float, steps: int,
             weight_bits: int | None, group_size: int | None, batch_size: int,
             stage: Callable[[str], Any]) -> dict[str, Any]:
-    """One bracketing search along λ with the kernel removed in ``transform``'s basis."""
+    """One bracketing search along λ with the kernel removed in ``transform``'s basis, each point with
+    its interval and its paired difference from ``fp``, and the uncertainty of the crossing."""
     points: dict[float, dict[str, Any]] = {}
 
     def at(lam: float) -> dict[str, Any]:
@@ -204,6 +224,8 @@ def _search(net: nn.Module, windows: Windows, selected: list[LinearLayer], famil
     ordered = sorted(points.values(), key=lambda r: (r["kernel_fraction"], r["lambda"]))
     lo_row = points.get(lo) if lo is not None else None
     hi_row = points.get(hi) if hi is not None else None
+    uncertainty = _crossing_uncertainty(ordered, fp, tolerance, lo_row, hi_row)
+    ordered = with_comparisons(ordered, fp)
     contradictions = [
         r["lambda"] for r in points.values()
         if (lo is not None and r["lambda"] < lo and not r["within_tolerance"])
@@ -221,6 +243,7 @@ def _search(net: nn.Module, windows: Windows, selected: list[LinearLayer], famil
         **transform.describe(),
         "status": status,
         "threshold_kernel_fraction": lo_row["kernel_fraction"] if lo_row else None,
+        "crossing_uncertainty": uncertainty,
         "bracket": {
             "within": {k: lo_row[k] for k in ("lambda", "kernel_fraction", "perplexity")} if lo_row else None,
             "beyond": {k: hi_row[k] for k in ("lambda", "kernel_fraction", "perplexity")} if hi_row else None,
@@ -229,7 +252,8 @@ def _search(net: nn.Module, windows: Windows, selected: list[LinearLayer], famil
         "actual_kernels": actual,
         "verdicts": verdicts,
         "evaluations": len(points),
-        "curve": [{k: r[k] for k in ("lambda", "kernel_fraction", "perplexity", "within_tolerance")}
+        "curve": [{k: r[k] for k in ("lambda", "kernel_fraction", "perplexity", "perplexity_ci_low",
+                                     "perplexity_ci_high", "within_tolerance", "within_probability")}
                   for r in ordered],
         "points": ordered,
     }
