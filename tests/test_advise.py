@@ -227,8 +227,8 @@ def test_kernel_scheme_is_the_remove_kernel_of_the_same_quantizer():
     for name in ("w8a8-per-token", "w4a8-g128-crossquant", "nvfp4", "w8a8-smoothquant"):
         s = parse_scheme(name)
         k = kernel_scheme(s)
-        assert (k.mode, k.activation, k.weight_bits, k.weight_format, k.smooth_alpha) == (
-            "remove_kernel", s.activation, None, None, s.smooth_alpha)
+        assert (k.mode, k.activation, k.weight_bits, k.weight_format, k.transform) == (
+            "remove_kernel", s.activation, None, None, s.transform)
     with pytest.raises(ValueError):
         kernel_scheme(parse_scheme("fp"))
 

@@ -196,7 +196,8 @@ def test_sweep_and_threshold_rows_carry_intervals():
     assert a["vs_fp"] in ("not separable from fp", "worse than fp", "better than fp")
     assert len(sweep.table["window_nll"][0]) == 3
     th = threshold_search(model, windows, tolerance=0.01, steps=1)
-    for point in th.summary["curve"]:
+    (search,) = th.summary["searches"]
+    for point in search["curve"]:
         assert 0.0 <= point["within_probability"] <= 1.0
-    u = th.summary["crossing_uncertainty"]
+    u = search["crossing_uncertainty"]
     assert u is not None and 0.0 <= u["kernel_fraction_ci_low"] <= u["kernel_fraction_ci_high"] <= 1.0

@@ -186,8 +186,8 @@ def _details(r: dict) -> str:
         parts.append(f"weights and activations {r['weight_format']}")
     if r["alpha"] is not None:
         parts.append(f"α={r['alpha']:g}")
-    if r.get("transform_layers"):
-        parts.append(r["transform_layers"])
+    if r.get("transform_layers"):  # the blocks each width got are in the JSON's transform_layers
+        parts.append(f"in the {r['transform']} basis")
     if r.get("transform_seed") is not None:
         parts.append(f"signs seed {r['transform_seed']}")
     return ", ".join(parts)
@@ -242,18 +242,14 @@ def _show_eval(result) -> None:
     title = "Perplexity (lm_head in full precision; INT weights per-channel unless gN)"
     if kept:
         title += f"; {len(kept)} layers kept in full precision ({escape(str(s['layers']['ignore']))})"
-    transformed = _with_transforms(rows)
     table = Table(title=title, show_lines=True)
-    table.add_column("scheme")
-    if transformed:
-        table.add_column("transform", no_wrap=True)
+    table.add_column("scheme", min_width=min(28, max(len(r["scheme"]) for r in rows)))  # names whole; details wrap
     for col in ("perplexity\n95% CI", "vs fp, paired\n95% CI", "act.\nkernel", "s"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
         details = _details(r)
         name = escape(r["scheme"]) + (f"\n[dim]{escape(details)}[/]" if details else "")
-        table.add_row(name, *([escape(r["transform"])] if transformed else []), with_ci(r), versus_fp(r),
-                      pct(r["kernel_fraction"]), f"{r['seconds']:.1f}")
+        table.add_row(name, with_ci(r), versus_fp(r), pct(r["kernel_fraction"]), f"{r['seconds']:.1f}")
     out.print(table)
     if any((r.get("vs_fp") or "").startswith("not separable") for r in rows):
         out.print("[dim]not separable: the interval of the change contains 0, so these windows do not tell it "

@@ -156,9 +156,12 @@ def compare(row: dict[str, Any], reference: dict[str, Any], name: str = "fp") ->
 
 
 def fp_references(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]] | None:
-    """The fp row each row is compared with, by transform: the fp row of its own transform, or of
-    none (the model itself) where its transform has none; None without an fp row."""
-    fp = {r.get("transform", "none"): r for r in rows if r["mode"] == "fp"}
+    """The fp row each row is compared with, by transform: the first fp row of its own transform, or
+    of none (the model itself) where its transform has none; None without an fp row."""
+    fp: dict[str, dict[str, Any]] = {}
+    for r in rows:  # the first fp row of each transform
+        if r["mode"] == "fp":
+            fp.setdefault(r.get("transform", "none"), r)
     if not fp:
         return None
     default = fp.get("none", next(iter(fp.values())))
