@@ -3,10 +3,12 @@
     python benchmarks/overhead.py                      # everything, on the demo model (~25 minutes on 2 cores)
     python benchmarks/overhead.py --sections overhead  # only the main ratios
     python benchmarks/overhead.py --sections overhead --formats --schemes w8a8-per-token,fp8,mxfp4,nvfp4
+    python benchmarks/overhead.py --sections overhead --transforms 'hadamard;none,hadamard' --schemes fp
 
 Sections:
   overhead  profile (1, 4 = the default set, 8 configurations; the default set without the weight
-            kernels; with --formats, the default set and the 8 other formats) / bare forward, and
+            kernels; with --formats, the default set and the 8 other formats; with --transforms, the
+            default set counted in each basis given) / bare forward, and
             evaluation with
             fake quantization / fp evaluation, on --nsamples x --seqlen windows;
   scaling   profile / bare forward and tokens per second from 1 to 16 windows and 512 to 4096 tokens;
@@ -41,6 +43,7 @@ import torch
 import kernelscope as ks
 from kernelscope.models import select_linear_layers
 from kernelscope.quant import expand_configs
+from kernelscope.quant.transforms import parse_transforms
 from kernelscope.runs.evaluate import run_scheme
 from kernelscope.runs.forward import eval_mode, forward_windows
 from kernelscope.runs.schemes import parse_scheme
@@ -112,6 +115,10 @@ def section_overhead(b: Bench, out: list[str]) -> None:
     runs["profile, 4, no weight kernels"] = lambda: b.profile(windows, CONFIG_SETS[4], weight_formats=())
     if a.formats:
         runs["profile, 4 + 8 formats"] = lambda: b.profile(windows, FORMAT_SET)
+    for text in filter(None, a.transforms.split(";")):
+        specs = parse_transforms(text.split(","))
+        runs[f"profile, 4, {' + '.join(t.label for t in specs)}"] = (
+            lambda t=specs: b.profile(windows, CONFIG_SETS[4], transforms=t))
     fp = parse_scheme("fp")
     runs["eval fp"] = lambda: run_scheme(b.model, windows, fp, b.layers)
     for name in a.schemes.split(","):
@@ -246,6 +253,9 @@ def main() -> None:
     parser.add_argument("--sections", default="overhead,scaling,memory")
     parser.add_argument("--formats", action="store_true",
                         help="also time a profile of the default set with every other format of the registry")
+    parser.add_argument("--transforms", default="",
+                        help="profiles of the default set under these transforms to time too, ';' between "
+                             "profiles, ',' between the transforms of one: 'hadamard;none,hadamard'")
     parser.add_argument("--child", choices=["bare", "profile"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

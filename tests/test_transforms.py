@@ -36,7 +36,7 @@ from kernelscope.runs.fakequant import weight_out_in
 from kernelscope.runs.schemes import Scheme, parse_scheme
 from kernelscope.runs.sweep import alpha_sweep
 from kernelscope.runs.threshold import threshold_search
-from kernelscope.runs.transforming import TransformBinder, identity_transform, transformed_kernels
+from kernelscope.runs.transforming import TransformBinder
 from tests import reference as ref
 from tests.conftest import tiny_model
 
@@ -491,20 +491,124 @@ def test_fake_quantization_and_kernel_removal_act_in_the_rotated_basis(family):
     assert no_hooks(model)
 
 
-def test_the_kernel_count_in_a_transformed_basis():
-    model = tiny_model("llama")
-    windows = windows_for()
+def all_linear_inputs(model, windows) -> dict[str, list[torch.Tensor]]:
+    """Every selected Linear's input on each window (copies), one forward pass per window."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = [layer.module.register_forward_pre_hook(
+        lambda m, args, name=layer.name: seen.setdefault(name, []).append(args[0].detach().clone()))
+        for layer in select_linear_layers(model)]
+    try:
+        with torch.no_grad():
+            for w in range(len(windows)):
+                model(input_ids=windows.tokens[w : w + 1])
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_profile_counts_every_configuration_in_every_basis_in_one_pass(family, monkeypatch):
+    import kernelscope.runs.profiling as prof
+
+    model = tiny_model(family)
+    windows, calib = windows_for(n=3), windows_for(n=2, seed=9)
     layers = select_linear_layers(model)
-    configs = [QuantizerConfig("per_token", 8), QuantizerConfig("crossquant", 4, 0.15), QuantizerConfig("mxfp4", 4)]
-    plain = transformed_kernels(model, windows, configs, layers, identity_transform(layers))
-    prof = profile(model, windows, configs, layers=layers).model_level
-    assert [r["kernel_elements"] for r in plain] == prof["kernel_elements"].to_list()
-    bound = TransformBinder(model, layers).bind(parse_transform("hadamard:8"))
-    rotated = transformed_kernels(model, windows, configs[:1], layers, bound)[0]
+    configs = [QuantizerConfig("per_token", 8), QuantizerConfig("crossquant", 4, 0.15), QuantizerConfig("per_token", 4)]
+    specs = [IDENTITY, parse_transform("hadamard:8"), parse_transform("hadamard").with_seed(3),
+             parse_transform("smoothquant:0.6")]
+    forwards = []
+    real_forward = prof.forward_windows
+    monkeypatch.setattr(prof, "forward_windows", lambda *a, **k: forwards.append(1) or real_forward(*a, **k))
+    result = profile(model, windows, configs, transforms=specs, calibration=calib, batch_size=2)
+    assert len(forwards) == 2  # ceil(3 / 2) batches: every basis in the same passes
+    plain = profile(model, windows, configs, batch_size=2)
+    none_rows = result.layers.filter(result.layers["transform"] == "none")
+    assert none_rows.equals(plain.layers)  # the identity is today's profile, column for column
+    assert result.model_level.filter(result.model_level["transform"] == "none").equals(plain.model_level)
+    bound = {t.label: t for t in (TransformBinder(model, layers, calib).bind(spec) for spec in specs)}
+    inputs = all_linear_inputs(model, windows)
+    rows = {(r["transform"], r["layer"], r["config"]): r for r in result.layers.iter_rows(named=True)}
+    assert len(rows) == len(specs) * len(layers) * len(configs)
+    for label, t in bound.items():
+        for layer in layers:
+            seqs = [t.layers[layer.name].activation(x)[0] for x in inputs[layer.name]]  # (T, I) each
+            for cfg in configs:
+                expect = sum(ref.kernel_count(x, cfg.quantizer, cfg.bits, cfg.alpha) for x in seqs)
+                assert rows[(label, layer.name, cfg.label)]["kernel_elements"] == expect, (label, layer.name, cfg.label)
     removal = run_scheme(model, windows, Scheme("count", "remove_kernel", configs[0], kernel_scale=1.0),
-                         layers[:3], transform=bound)  # layer 0's q/k/v see the model's own input
-    first = transformed_kernels(model, windows, configs[:1], layers[:3], bound)[0]
-    assert first["kernel_elements"] == removal["kernel_elements"] and rotated["transform"] == "hadamard:8"
+                         layers[:1], transform=bound["hadamard:8"])  # the first layer sees the model's own input
+    assert removal["kernel_elements"] == rows[("hadamard:8", layers[0].name, configs[0].label)]["kernel_elements"]
+    level = {(r["transform"], r["config"]): r for r in result.model_level.iter_rows(named=True)}
+    for label in bound:
+        per_layer = result.layers.filter(result.layers["transform"] == label)
+        assert level[(label, "per_token int4")]["kernel_elements"] == per_layer.filter(
+            per_layer["config"] == "per_token int4")["kernel_elements"].sum()
+    assert [t["transform"] for t in result.summary["transforms"]] == ["none", "hadamard:8", "hadamard", "smoothquant:0.6"]
+    assert result.summary["transforms"][2]["transform_seed"] == 3 and result.summary["calibration"] is not None
+    assert no_hooks(model)
+
+
+def test_profile_measures_a_shared_input_once_per_basis_unless_calibrated(monkeypatch):
+    import kernelscope.runs.profiling as prof
+
+    calls = []
+    real = prof.measure
+    monkeypatch.setattr(prof, "measure", lambda x, *a, **k: calls.append(1) or real(x, *a, **k))
+    model = tiny_model("llama")
+    configs = [QuantizerConfig("per_token", 8)]
+    profile(model, windows_for(n=1), configs, transforms=[IDENTITY, parse_transform("hadamard")])
+    assert len(calls) == 2 * 2 * 4  # two blocks, two bases, four distinct inputs (q/k/v and gate/up shared)
+    calls.clear()
+    profile(model, windows_for(n=1), configs, transforms=[parse_transform("smoothquant")], calibration=windows_for(seed=2))
+    assert len(calls) == 2 * 7  # SmoothQuant's factors are each layer's own: every layer measured
+
+
+def test_weights_are_counted_in_each_basis_as_deployed_with_it():
+    model = tiny_model("llama")
+    layers = select_linear_layers(model)
+    formats = [QuantizerConfig("per_token", 4), QuantizerConfig("mxfp4", 4)]
+    result = profile(model, windows_for(n=1), [QuantizerConfig("per_token", 8)], weight_formats=formats,
+                     transforms=[IDENTITY, parse_transform("hadamard:16")])
+    weights = {(r["transform"], r["layer"], r["config"]): r for r in result.weights.iter_rows(named=True)}
+    bound = TransformBinder(model, layers).bind(parse_transform("hadamard:16"))
+    for layer in layers:
+        w = weight_out_in(layer.module).detach()  # (O, I)
+        rotated = w @ dense_hadamard(16, w.shape[1]).float()  # W·H⁻ᵀ = W·H: H orthonormal and symmetric
+        assert torch.allclose(bound.layers[layer.name].weight(w), rotated, atol=1e-6)
+        for label, matrix in (("none", w), ("hadamard:16", bound.layers[layer.name].weight(w))):
+            expect = ref.kernel_count(matrix, "per_token", 4, None)  # one step per output channel
+            assert weights[(label, layer.name, "per_token int4")]["kernel_elements"] == expect
+    level = {(r["transform"], r["config"]): r for r in result.summary["weights_model_level"]}
+    assert set(level) == {(t, c.label) for t in ("none", "hadamard:16") for c in formats}
+
+
+def test_a_resumed_profile_with_transforms_is_the_uninterrupted_one(tmp_path):
+    model, windows = tiny_model("llama"), windows_for(n=4)
+    configs, specs = [QuantizerConfig("per_token", 4)], [IDENTITY, parse_transform("hadamard").with_seed(5)]
+    whole = profile(model, windows, configs, transforms=specs, batch_size=2)
+    checkpoint = tmp_path / ".run.checkpoint"
+
+    def stop(done, total):
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        profile(model, windows, configs, transforms=specs, batch_size=2, checkpoint=checkpoint, progress=stop)
+    with pytest.raises(KernelscopeError, match="transforms differs"):
+        profile(model, windows, configs, transforms=specs[:1], batch_size=2, checkpoint=checkpoint, resume=True)
+    resumed = profile(model, windows, configs, transforms=specs, batch_size=2, checkpoint=checkpoint, resume=True)
+    assert resumed.summary["resumed_from_window"] == 2 and resumed.layers.equals(whole.layers)
+
+
+def test_profile_refuses_a_transform_given_twice_or_uncalibrated():
+    model, windows = tiny_model("llama"), windows_for(n=1)
+    configs = [QuantizerConfig("per_token", 8)]
+    with pytest.raises(ValueError, match="given twice"):
+        profile(model, windows, configs, transforms=[parse_transform("hadamard"), parse_transform("Hadamard")])
+    with pytest.raises(ValueError, match="needs calibration windows"):
+        profile(model, windows, configs, transforms=[parse_transform("smoothquant")])
+    assert no_hooks(model)
 
 
 def test_threshold_and_sweep_run_once_per_transform():
@@ -527,8 +631,8 @@ def test_threshold_and_sweep_run_once_per_transform():
     assert [(r["transform"], r["alpha"]) for r in sweep] == [("none", None), ("none", 1.0), ("hadamard", 1.0)]
     pt = run_scheme(model, windows, parse_scheme("w8a8-per-token"), layers, transform=bound)
     assert sweep[2]["perplexity"] == pt["perplexity"] and sweep[2]["quantized_kernel_fraction"] == pt["kernel_fraction"]
-    counted = transformed_kernels(model, windows, [QuantizerConfig("per_token", 8)], layers, bound)[0]
-    assert sweep[2]["kernel_fraction"] == counted["kernel_fraction"]
+    counted = profile(model, windows, [QuantizerConfig("per_token", 8)], transforms=[specs[1]]).model_level
+    assert sweep[2]["kernel_fraction"] == counted["kernel_fraction"][0]
     assert no_hooks(model)
 
 
@@ -566,6 +670,11 @@ def test_eval_cli_runs_every_scheme_under_each_transform(capsys, tiny_llama_dir,
     (["eval", "--transform", "hadamard", "--calib-nsamples", "8"], "--calib-nsamples has no effect here"),
     (["sweep", "--calib-dataset", "pydoc"], "--calib-dataset has no effect here"),
     (["eval", "--transform", "smoothquant", "--smooth-alpha", "0.7"], "--smooth-alpha has no effect here"),
+    (["profile", "--transform-seed", "3"], "--transform-seed has no effect here: it seeds the random signs of a hadamard"),
+    (["profile", "--transform", "hadamard:64"], "--transform hadamard:64: layer model.layers.0.self_attn.q_proj"),
+    (["profile", "--transform", "none,NONE"], "--transform NONE is given twice (as none)"),
+    (["profile", "--transform", "hadamard", "--calib-dataset", "pydoc"], "--calib-dataset has no effect here"),
+    (["profile", "--transform", "smoothquant", "--calib-nsamples", "0"], "--calib-nsamples must be at least 1"),
 ])
 def test_bad_transform_options_are_refused(args, message, capsys, tmp_path, tiny_llama_dir, text_file):
     from tests.test_trust import assert_refused
@@ -573,6 +682,32 @@ def test_bad_transform_options_are_refused(args, message, capsys, tmp_path, tiny
     command, *rest = args
     assert_refused(capsys, [command, str(tiny_llama_dir), "-d", str(text_file), "-n", "2", "-s", "32", *rest],
                    message, tmp_path)
+
+
+def test_profile_cli_counts_each_basis_and_shows_them_side_by_side(capsys, tmp_path, tiny_llama_dir, text_file):
+    import json
+
+    import polars as pl
+
+    from tests.test_cli import run_cli
+
+    args = ["profile", str(tiny_llama_dir), "-d", str(text_file), "-n", "2", "-s", "32", "-q", "per_token", "-b", "4",
+            "--transform", "none,hadamard:16", "--transform", "smoothquant:0.7", "--calib-dataset", str(text_file),
+            "--calib-nsamples", "2"]
+    code, stdout, stderr = run_cli(capsys, *args, "-o", str(tmp_path / "run"))
+    assert code == 0, stderr
+    shown = " ".join(stdout.split())
+    assert "Model-level kernel per transform" in shown and " pt │" in shown  # the change from none, in points
+    layers = pl.read_parquet(tmp_path / "run" / "layers.parquet")
+    assert layers["transform"].unique(maintain_order=True).to_list() == ["none", "hadamard:16", "smoothquant:0.7"]
+    weights = pl.read_parquet(tmp_path / "run" / "weights.parquet")
+    assert weights["transform"].unique(maintain_order=True).to_list() == ["none", "hadamard:16", "smoothquant:0.7"]
+    code, stdout, stderr = run_cli(capsys, *args, "--json")
+    summary = json.loads(stdout)
+    assert [t["transform"] for t in summary["transforms"]] == ["none", "hadamard:16", "smoothquant:0.7"]
+    assert summary["calibration"]["windows"]["windows"] == 2 and summary["calibration"]["text"]["source"]
+    level = {(r["transform"], r["config"]): r["kernel_fraction"] for r in summary["model_level"]}
+    assert level[("hadamard:16", "per_token int4")] != level[("none", "per_token int4")]
 
 
 def test_the_transform_help_names_every_registered_transform():

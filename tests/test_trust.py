@@ -367,8 +367,13 @@ def test_the_checkpoint_fingerprint_covers_what_changes_a_figure(tiny_llama_dir,
     text = ks.load_text(str(text_file))
     windows = ks.make_windows(ks.tokenize(loaded.tokenizer, text.text), 32, 2)
     layers = ks.select_linear_layers(loaded.model)
-    print_ = _fingerprint(loaded.model, loaded.info, text, windows, ks.default_configs(), layers, 1, 10)
+    from kernelscope.runs.transforming import identity_transform
+
+    print_ = _fingerprint(loaded.model, loaded.info, text, windows, ks.default_configs(), layers, 1, 10,
+                          [identity_transform(layers)], None)
     assert {
+        "transforms",
+        "calibration",
         "model_identity",
         "dtype",
         "device",

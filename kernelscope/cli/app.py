@@ -151,6 +151,16 @@ def profile(
         "per_group:BITS (--group-size inputs), per_tensor:BITS, or a float format (fp8_per_token, mxfp4, "
         "nvfp4, ...; see `kernelscope formats`). [default: per_token:8]",
         show_default=False)] = None,
+    transform: Annotated[list[str] | None, typer.Option(
+        "--transform", metavar="T", help="Basis each covered Linear's input is counted in (and its weight, "
+        "as deployed with it), repeated or comma-separated; every quantizer is measured under each, in the "
+        "same forward passes: none (the identity); hadamard[:B] (x·H, H block-diagonal normalised "
+        "Sylvester-Hadamard blocks of B channels, default the largest power of two dividing the width, at "
+        "most 4096); smoothquant[:α] (x_j / s_j, calibrated on --calib-dataset); composed in order with +, "
+        "e.g. smoothquant+hadamard. [default: none]", show_default=False)] = None,
+    transform_seed: o.TransformSeed = None,
+    calib_dataset: o.CalibDataset = "pileval",
+    calib_nsamples: o.CalibNsamples = 64,
     layers: o.Layers = None,
     include_lm_head: Annotated[bool, typer.Option("--include-lm-head",
                                                   help="Also measure the output projection.")] = False,
@@ -172,7 +182,8 @@ def profile(
 ) -> None:
     """Profile the quantization kernel of every decoder Linear input over calibration text.
 
-    Writes layers.parquet (one row per layer x quantizer) and summary.json with --output.
+    Writes layers.parquet (one row per layer x quantizer x transform), weights.parquet and summary.json
+    with --output. With --transform, every quantizer is also counted in each transformed basis.
     To share the windows among processes, launch it as
     `torchrun --standalone --nproc-per-node N -m kernelscope profile ...`; the statistics merge exactly.
     """
@@ -304,9 +315,9 @@ def sweep(
     quantizer: Annotated[list[str] | None, typer.Option("--quantizer", "-q", metavar="NAME", help="Activation "
         "quantizers to compare, repeated or comma-separated, any of `kernelscope formats` (INT ones at each "
         "--bits with INT weights at --weight-bits; float formats with their weights in that format). "
-        "\[default: crossquant]", show_default=False)] = None,
+        r"\[default: crossquant]", show_default=False)] = None,
     alpha: Annotated[list[str] | None, typer.Option("--alpha", "-a", metavar="LIST", help="CrossQuant α values, "
-        "comma-separated or repeated. \[default: 0.15,0.45,0.75,1]", show_default=False)] = None,
+        r"comma-separated or repeated. \[default: 0.15,0.45,0.75,1]", show_default=False)] = None,
     dataset: o.Dataset = "wikitext2",
     nsamples: Annotated[int | None, typer.Option("--nsamples", "-n", help="Windows to evaluate; "
         "default: every window.", show_default=False)] = None,
@@ -314,7 +325,7 @@ def sweep(
     windows: o.WindowsSel = "first",
     seed: o.Seed = 0,
     bits: Annotated[list[str] | None, typer.Option("--bits", "-b", metavar="N", help="Activation bits of the "
-        "INT quantizers, repeated or comma-separated. \[default: 8]", show_default=False)] = None,
+        r"INT quantizers, repeated or comma-separated. \[default: 8]", show_default=False)] = None,
     weight_bits: Annotated[int, typer.Option(help="Weight bits of the INT quantizers' schemes.")] = 8,
     group_size: o.GroupSize = None,
     transform: o.Transform = None,

@@ -75,36 +75,80 @@ def _show(result) -> None:
     out.print(header(s, "kernelscope profile"))
     out.print(f"[bold]layers[/] {s['layers']['count']} Linear inputs, {s['tokens']:,} tokens in "
               f"{s['seconds']:.1f} s ({s['tokens_per_second']:,.0f} tokens/s)")
-
     level = result.model_level
+    labels = level["transform"].unique(maintain_order=True).to_list()
+    if len(labels) > 1:
+        out.print(_side_by_side(level, labels))
+    else:
+        out.print(_model_table(level, labels[0]))
+    shares = [(label, level.filter(pl.col("transform") == label)["c_ge_t_fraction"][0]) for label in labels]
+    shown = ", ".join(f"[bold]{pct(v)}[/]" + ("" if len(labels) == 1 else f" ({escape(label)})")
+                      for label, v in shares)
+    out.print(f"pairs with c_j >= t_i (where CrossQuant's bound is not below per-token's): {shown}")
+    out.print(_by_module_type(result.by_module_type, several=len(labels) > 1))
+    if result.weights is not None:
+        out.print(_weight_table(s["weights_model_level"], several=len(labels) > 1))
+
+
+def _basis(label: str) -> str:
+    return "" if label == "none" else f", in the {label} basis"
+
+
+def _model_table(level: pl.DataFrame, label: str) -> Table:
+    """One transform's model-level kernels, with the subnormal and whole-block shares that apply."""
     extras = [(c, title) for c, title in (("subnormal_fraction", "on subnormals"),
                                            ("block_kernel_fraction", "whole blocks"))
               if level[c].is_not_null().any()]
-    model_table = Table(title="Model-level kernel (elements-weighted over all covered Linear inputs)")
+    table = Table(title=f"Model-level kernel (elements-weighted over all covered Linear inputs{escape(_basis(label))})")
     for col, justify in (("quantizer", "left"), ("kernel", "right"), ("kernel elements", "right"),
                          ("of elements", "right"), *((title, "right") for _, title in extras)):
-        model_table.add_column(col, justify=justify, no_wrap=col == "quantizer")
+        table.add_column(col, justify=justify, no_wrap=col == "quantizer")
     for row in level.iter_rows(named=True):
-        model_table.add_row(row["config"], pct(row["kernel_fraction"]), f"{row['kernel_elements']:,}",
-                            f"{row['elements']:,}", *(pct(row[c]) for c, _ in extras))
-    out.print(model_table)
-    out.print("pairs with c_j >= t_i (where CrossQuant's bound is not below per-token's): "
-              f"[bold]{pct(level['c_ge_t_fraction'][0])}[/]")
-    out.print(_by_module_type(result.by_module_type))
-    if result.weights is not None:
-        weights = Table(title="Weight kernel (parameter-weighted over the covered Linear weights)")
-        for col in ("weight quantizer", "kernel", "kernel weights", "of weights"):
-            weights.add_column(col, justify="left" if col == "weight quantizer" else "right")
-        for row in s["weights_model_level"]:
-            weights.add_row(row["config"], pct(row["kernel_fraction"]), f"{row['kernel_elements']:,}",
-                            f"{row['elements']:,}")
-        out.print(weights)
+        table.add_row(row["config"], pct(row["kernel_fraction"]), f"{row['kernel_elements']:,}",
+                      f"{row['elements']:,}", *(pct(row[c]) for c, _ in extras))
+    return table
 
 
-def _by_module_type(by_type: pl.DataFrame) -> Table:
-    """Kernel per module type: one column per configuration, or, past four, one row each."""
+def _side_by_side(level: pl.DataFrame, labels: list[str]) -> Table:
+    """Each configuration's model-level kernel in every basis, and the change from the first."""
+    table = Table(title="Model-level kernel per transform (elements-weighted over all covered Linear inputs)")
+    table.add_column("quantizer", no_wrap=True)
+    for i, label in enumerate(labels):
+        table.add_column(escape(label), justify="right")
+        if i:
+            table.add_column(f"{escape(label)} vs {escape(labels[0])}", justify="right")
+    cell = {(r["transform"], r["config"]): r["kernel_fraction"] for r in level.iter_rows(named=True)}
+    for config in level["config"].unique(maintain_order=True).to_list():
+        first = cell.get((labels[0], config))
+        row = [pct(first)]
+        for label in labels[1:]:
+            value = cell.get((label, config))
+            row += [pct(value), "" if value is None or first is None else f"{100 * (value - first):+.2f} pt"]
+        table.add_row(escape(config), *row)
+    return table
+
+
+def _weight_table(rows: list[dict], several: bool) -> Table:
+    table = Table(title="Weight kernel (parameter-weighted over the covered Linear weights, each in the basis "
+                        "it is deployed in)" if several else "Weight kernel (parameter-weighted over the covered "
+                        "Linear weights)")
+    cols = ["weight quantizer", *(["transform"] if several else []), "kernel", "kernel weights", "of weights"]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("weight quantizer", "transform") else "right")
+    for row in rows:
+        table.add_row(escape(row["config"]), *([escape(row["transform"])] if several else []),
+                      pct(row["kernel_fraction"]), f"{row['kernel_elements']:,}", f"{row['elements']:,}")
+    return table
+
+
+def _by_module_type(by_type: pl.DataFrame, several: bool = False) -> Table:
+    """Kernel per module type: one column per configuration (and transform), or, past four, one row each."""
+    if several:
+        by_type = by_type.with_columns(pl.format("{} ({})", "config", "transform").alias("config"))
     wide = by_type.pivot(on="config", index="module_type", values="kernel_fraction", maintain_order=True)
-    c_by_type = by_type.group_by("module_type", maintain_order=True).agg(pl.col("c_ge_t_fraction").first())
+    c_rows = by_type.group_by("module_type", "transform", maintain_order=True).agg(pl.col("c_ge_t_fraction").first())
+    c_rows = c_rows.with_columns((pl.format("c >= t ({})", "transform") if several else pl.lit("c >= t")).alias("share"))
+    c_by_type = c_rows.pivot(on="share", index="module_type", values="c_ge_t_fraction", maintain_order=True)
     wide = wide.join(c_by_type, on="module_type", how="left", maintain_order="left")
     if wide.width > 6:  # many configurations: configurations as rows, module types as columns
         types = wide["module_type"].to_list()
@@ -113,29 +157,40 @@ def _by_module_type(by_type: pl.DataFrame) -> Table:
         for name in types:
             table.add_column(escape(str(name)), justify="right")
         for col in wide.columns[1:]:
-            label = "c >= t" if col == "c_ge_t_fraction" else col
-            table.add_row(escape(label), *(pct(v) for v in wide[col].to_list()))
+            table.add_row(escape(col), *(pct(v) for v in wide[col].to_list()))
         return table
     table = Table(title="Kernel by module type")
     for col in wide.columns:
-        name = {"module_type": "module", "c_ge_t_fraction": "c >= t"}.get(col, col)
-        table.add_column(name, justify="left" if col == "module_type" else "right")
+        name = "module" if col == "module_type" else col
+        table.add_column(escape(name), justify="left" if col == "module_type" else "right")
     for row in wide.iter_rows():
         table.add_row(escape(str(row[0])), *(pct(v) for v in row[1:]))
     return table
 
 
 def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, bits, alpha, group_size,
-                weight_format, layers,
+                weight_format, transform, transform_seed, calib_dataset, calib_nsamples, layers,
                 include_lm_head, batch_size, top_k, dtype, device, device_map, max_memory, offload_folder,
                 trust_remote_code, output, overwrite, report, resume, as_json, quiet, given) -> None:
+    from kernelscope.cli.eval_cmd import (
+        _check_widths,
+        _transform_refusals,
+        _transforms,
+        calibration_windows,
+        read_calibration_text,
+    )
     from kernelscope.runs import distributed, profile
     from kernelscope.runs.checkpoint import checkpoint_path, is_checkpoint
 
     configs = _configs(quantizer, bits, alpha, group_size)
     weights = _weight_formats(weight_format, group_size)
+    transforms = _transforms(transform, transform_seed)
+    calibrated = any(t.needs_calibration for t in transforms)
+    check_positive("--calib-nsamples", calib_nsamples)
     refuse_unused(given,
-                  **common_refusals(windows=windows, output=output, report=report, device_map=device_map),
+                  **common_refusals(windows=windows, output=output, report=report, device_map=device_map,
+                                    seed_applies=calibrated),
+                  **_transform_refusals(transforms, calibrated),
                   alpha=None if any(c.takes_alpha for c in configs)
                   else "it is CrossQuant's exponent, and no --quantizer given takes it (add -q crossquant)",
                   bits=None if any(c.format.grid.is_int for c in configs)
@@ -167,11 +222,15 @@ def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, b
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         world = distributed.start(torch.device("cuda" if device.startswith("cuda") else "cpu"))
         quiet = quiet or not world.main
+    calib_text = read_calibration_text(calib_dataset, calib_nsamples, seqlen) if calibrated else None
     prep = prepare(model=model, dataset=dataset, nsamples=nsamples, seqlen=seqlen, windows=windows,
                    seed=seed, layers=layers, batch_size=batch_size, dtype=dtype, device=device,
                    trust_remote_code=trust_remote_code, output=output, overwrite=overwrite, quiet=quiet,
                    report=report, device_map=device_map, max_memory=max_memory,
                    offload_folder=offload_folder)
+    _check_widths(transforms, prep.loaded.model, layers)
+    calibration = (calibration_windows(prep, calib_text, calib_nsamples, {"seqlen": seqlen, "seed": seed})
+                   if calibrated else None)
     done = [0]
 
     def step(count: int, total: int) -> None:
@@ -182,7 +241,8 @@ def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, b
         try:
             result = profile(prep.loaded, prep.windows, configs, text=prep.text, layers=layers,
                              include_lm_head=include_lm_head, batch_size=batch_size, top_k=top_k,
-                             progress=step, checkpoint=checkpoint, resume=resume, weight_formats=weights)
+                             progress=step, checkpoint=checkpoint, resume=resume, weight_formats=weights,
+                             transforms=list(transforms), calibration=calibration, calibration_text=calib_text)
         except KeyboardInterrupt:
             if checkpoint is not None and checkpoint.is_file():
                 raise Interrupted(f"stopped after {done[0]} of {len(prep.windows)} windows; a checkpoint "

@@ -20,6 +20,19 @@ def esc(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
+def with_series(layers: pl.DataFrame) -> pl.DataFrame:
+    """``layers`` with a ``series`` column: the configuration, and the transform where it is not the
+    identity (``per_token int4 · hadamard``): what one line of a figure draws."""
+    return layers.with_columns(pl.when(pl.col("transform") == "none").then(pl.col("config"))
+                               .otherwise(pl.format("{} · {}", "config", "transform")).alias("series"))
+
+
+def colour_of(names: list[str]) -> dict[str, str]:
+    """One colour per name, given in order of first appearance over every run of a report, so that a
+    configuration has the same colour in every run and figure."""
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(dict.fromkeys(names))}
+
+
 def layer_order(layers: pl.DataFrame) -> pl.DataFrame:
     """One row per layer in capture order, with its index along depth and a short hover name."""
     return (layers.select("layer", "block", "module_type").unique(subset="layer", maintain_order=True)
@@ -29,35 +42,39 @@ def layer_order(layers: pl.DataFrame) -> pl.DataFrame:
                           .otherwise(pl.col("layer")).alias("short")))
 
 
-def depth_kernel(profiles: list[tuple[str, pl.DataFrame]]) -> go.Figure:
-    """Kernel % of every layer along depth, per quantizer configuration and run."""
+def depth_kernel(profiles: list[tuple[str, pl.DataFrame]], colours: dict[str, str]) -> go.Figure:
+    """Kernel % of every layer along depth, per quantizer configuration (and transform) and run."""
     fig = go.Figure()
     for r, (run, layers) in enumerate(profiles):
         order = layer_order(layers)
-        for c, config in enumerate(layers["config"].unique(maintain_order=True)):
-            rows = layers.filter(pl.col("config") == config).join(order.select("layer", "depth", "short"), on="layer")
+        for config in layers["series"].unique(maintain_order=True):
+            rows = layers.filter(pl.col("series") == config).join(order.select("layer", "depth", "short"), on="layer")
             fig.add_trace(go.Scatter(
                 x=rows["depth"].to_list(), y=[round(100 * v, 4) for v in rows["kernel_fraction"]],
                 mode="lines", name=esc(f"{run}: {config}"), text=[esc(n) for n in rows["short"]],
                 hovertemplate="%{text}<br>kernel %{y:.2f}%<extra>%{fullData.name}</extra>",
-                line=dict(color=PALETTE[c % len(PALETTE)], dash=("solid", "dot", "dash")[r % 3])))
+                line=dict(color=colours[config], dash=("solid", "dot", "dash")[r % 3])))
     fig.update_layout(**LAYOUT, title="Kernel per layer along depth", xaxis_title="layer (capture order)",
                       yaxis_title="kernel %")
     return fig
 
 
 def heatmap(run: str, layers: pl.DataFrame) -> go.Figure:
-    """Block × module type kernel %, per-token INT8 beside CrossQuant INT8 (or the first configs)."""
-    configs = layers.filter(pl.col("bits") == 8)["config"].unique(maintain_order=True).to_list()[:2]
-    configs = configs or layers["config"].unique(maintain_order=True).to_list()[:2]
+    """Block × module type kernel %, per-token INT8 beside CrossQuant INT8 (or the first configs, and
+    the first of another transform); the colour range is that of what is drawn."""
+    configs = layers.filter(pl.col("bits") == 8)["series"].unique(maintain_order=True).to_list()[:2]
+    configs = configs or layers["series"].unique(maintain_order=True).to_list()[:2]
+    other = layers.filter((pl.col("transform") != "none") & (pl.col("config") == layers["config"][0]))
+    configs += other["series"].unique(maintain_order=True).to_list()[:1]  # the first beside it in another basis
     fig = make_subplots(rows=1, cols=len(configs), subplot_titles=[esc(c) for c in configs],
                         shared_yaxes=True, horizontal_spacing=0.08)
     in_blocks = layers.filter(pl.col("block").is_not_null())
     types = in_blocks["module_type"].unique(maintain_order=True).to_list()
     blocks = sorted(in_blocks["block"].unique().to_list())
-    top = max(in_blocks["kernel_fraction"].max() or 0.0, 1e-9) * 100
+    drawn = in_blocks.filter(pl.col("series").is_in(configs))
+    top = max(drawn["kernel_fraction"].max() or 0.0, 1e-9) * 100
     for i, config in enumerate(configs):
-        sub = in_blocks.filter(pl.col("config") == config)
+        sub = in_blocks.filter(pl.col("series") == config)
         cell = {(r["module_type"], r["block"]): r["kernel_fraction"] for r in sub.iter_rows(named=True)}
         z = [[round(100 * cell[(t, b)], 3) if (t, b) in cell else None for b in blocks] for t in types]
         fig.add_trace(go.Heatmap(z=z, x=blocks, y=[esc(t) for t in types], zmin=0, zmax=top,
@@ -67,22 +84,24 @@ def heatmap(run: str, layers: pl.DataFrame) -> go.Figure:
                       row=1, col=i + 1)
     fig.update_layout(**{**LAYOUT, "height": 120 + 28 * len(types)},
                       title=esc(f"{run}: kernel % by block and module type"))
+    fig.update_xaxes(title_text="block")
+    fig.update_yaxes(automargin=True)
     return fig
 
 
-def zero_bounds(profiles: list[tuple[str, pl.DataFrame]]) -> go.Figure:
+def zero_bounds(profiles: list[tuple[str, pl.DataFrame]], colours: dict[str, str]) -> go.Figure:
     """Median and 99th percentile of the zero bound along depth: per-token B against CrossQuant B̃."""
     fig = go.Figure()
-    for r, (run, layers) in enumerate(profiles):
+    for run, layers in profiles:
         order = layer_order(layers)
-        for c, config in enumerate(layers.filter(pl.col("bits") == 8)["config"].unique(maintain_order=True)):
-            rows = layers.filter(pl.col("config") == config).join(order.select("layer", "depth", "short"), on="layer")
+        for config in layers.filter(pl.col("bits") == 8)["series"].unique(maintain_order=True):
+            rows = layers.filter(pl.col("series") == config).join(order.select("layer", "depth", "short"), on="layer")
             for stat, dash in (("bound_p50", "solid"), ("bound_p99", "dot")):
                 fig.add_trace(go.Scatter(
                     x=rows["depth"].to_list(), y=[float(f"{v:.4g}") for v in rows[stat]], mode="lines",
                     name=esc(f"{run}: {config} {stat[6:]}"), text=[esc(n) for n in rows["short"]],
                     hovertemplate="%{text}<br>%{y:.3g}<extra>%{fullData.name}</extra>",
-                    line=dict(color=PALETTE[(2 * r + c) % len(PALETTE)], dash=dash)))
+                    line=dict(color=colours[config], dash=dash)))
     fig.update_layout(**LAYOUT, title="Zero bound along depth (INT8): B per-token vs B̃ CrossQuant",
                       xaxis_title="layer (capture order)", yaxis_title="zero bound (p50 solid, p99 dotted)",
                       yaxis_type="log")
@@ -94,12 +113,15 @@ def c_ge_t(profiles: list[tuple[str, pl.DataFrame]]) -> go.Figure:
     fig = go.Figure()
     for r, (run, layers) in enumerate(profiles):
         order = layer_order(layers)
-        rows = layers.unique(subset="layer", maintain_order=True).join(order.select("layer", "depth", "short"), on="layer")
-        fig.add_trace(go.Scatter(
-            x=rows["depth"].to_list(), y=[round(100 * v, 4) for v in rows["c_ge_t_fraction"]], mode="lines",
-            name=esc(run), text=[esc(n) for n in rows["short"]],
-            hovertemplate="%{text}<br>c ≥ t: %{y:.2f}%<extra>%{fullData.name}</extra>",
-            line=dict(color=PALETTE[r % len(PALETTE)])))
+        for b, basis in enumerate(layers["transform"].unique(maintain_order=True).to_list()):
+            mine = layers.filter(pl.col("transform") == basis)
+            rows = mine.unique(subset="layer", maintain_order=True).join(order.select("layer", "depth", "short"),
+                                                                         on="layer")
+            fig.add_trace(go.Scatter(
+                x=rows["depth"].to_list(), y=[round(100 * v, 4) for v in rows["c_ge_t_fraction"]], mode="lines",
+                name=esc(run if basis == "none" else f"{run}, {basis}"), text=[esc(n) for n in rows["short"]],
+                hovertemplate="%{text}<br>c ≥ t: %{y:.2f}%<extra>%{fullData.name}</extra>",
+                line=dict(color=PALETTE[r % len(PALETTE)], dash=("solid", "dot", "dash")[b % 3])))
     fig.update_layout(**LAYOUT, title="Pairs with c_j ≥ t_i per layer", xaxis_title="layer (capture order)",
                       yaxis_title="c ≥ t %")
     return fig

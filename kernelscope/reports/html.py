@@ -25,7 +25,7 @@ ZEROSHOT_COMMAND = "kernelscope zeroshot MODEL --scheme fp --scheme w8a8-per-tok
 REFERENCE_THRESHOLDS = {"OPT": 0.19, "LLaMA": 0.01}
 """Kernel proportions below which the CrossQuant paper finds perplexity near-lossless."""
 
-TABLE_COLUMNS = ("run", "layer", "block", "module_type", "config", "kernel_fraction", "bound_p50",
+TABLE_COLUMNS = ("run", "layer", "block", "module_type", "transform", "config", "kernel_fraction", "bound_p50",
                  "bound_below_per_token_fraction", "c_ge_t_fraction", "abs_max")
 
 STYLE = """
@@ -170,7 +170,7 @@ def _verdict(page: _Page, profiles, thresholds) -> None:
     rows = []
     for label, run in profiles:
         for r in run.summary.get("model_level", []):
-            cells = [esc(label), esc(r["config"]), _pct(r["kernel_fraction"])]
+            cells = [esc(label), esc(_series(r)), _pct(r["kernel_fraction"])]
             for name, ref in REFERENCE_THRESHOLDS.items():
                 side = "below" if r["kernel_fraction"] < ref else "above"
                 cells.append(f'<span class="{side}">{side} {name} {100 * ref:g}%</span>')
@@ -198,7 +198,7 @@ def _verdict(page: _Page, profiles, thresholds) -> None:
 def _outliers(page: _Page, profiles) -> None:
     page.add("<h2>Top outlier channels and tokens</h2>")
     for label, run in profiles:
-        layers = run.tables["layers"].unique(subset="layer", maintain_order=True)
+        layers = run.tables["layers"].unique(subset="layer", maintain_order=True)  # the first basis: the input as is
         top = layers.sort("abs_max", descending=True).head(12)
         rows = []
         for r in top.iter_rows(named=True):
@@ -219,13 +219,40 @@ def _formats(page: _Page, profiles: list[tuple[str, RunFolder]]) -> None:
         level = run.summary.get("model_level") or []
         by_type = run.summary.get("by_module_type") or []
         types = list(dict.fromkeys(r["module_type"] for r in by_type))
-        cell = {(r["config"], r["module_type"]): r["kernel_fraction"] for r in by_type}
-        rows = [[esc(r["config"]), esc(r.get("format") or ""), esc(r.get("block_size") or ""),
+        cell = {(_series(r), r["module_type"]): r["kernel_fraction"] for r in by_type}
+        rows = [[esc(_series(r)), esc(r.get("format") or ""), esc(r.get("block_size") or ""),
                  _pct(r["kernel_fraction"]), _pct(r.get("subnormal_fraction")),
                  _pct(r.get("block_kernel_fraction")),
-                 *(_pct(cell.get((r["config"], t))) for t in types)] for r in level]
+                 *(_pct(cell.get((_series(r), t))) for t in types)] for r in level]
         page.add(f"<h3>{esc(label)}</h3>" + _table(
             ["quantizer", "grid", "block", "kernel", "on subnormals", "whole blocks", *types], rows))
+        _transforms_side_by_side(page, level)
+
+
+def _series(row: dict) -> str:
+    """A row's configuration, with its transform where that is not the identity."""
+    basis = row.get("transform", "none")
+    return row["config"] if basis == "none" else f"{row['config']} · {basis}"
+
+
+def _transforms_side_by_side(page: _Page, level: list[dict]) -> None:
+    """Each configuration's model-level kernel in every basis the profile counted, and the change
+    from the first (nothing when it counted one)."""
+    bases = list(dict.fromkeys(r.get("transform", "none") for r in level))
+    if len(bases) < 2:
+        return
+    cell = {(r["transform"], r["config"]): r["kernel_fraction"] for r in level}
+    rows = []
+    for config in dict.fromkeys(r["config"] for r in level):
+        first = cell.get((bases[0], config))
+        row = [esc(config), _pct(first)]
+        for basis in bases[1:]:
+            value = cell.get((basis, config))
+            row += [_pct(value), "" if value is None or first is None else f"{100 * (value - first):+.2f} pt"]
+        rows.append(row)
+    header = ["quantizer", bases[0]] + [h for b in bases[1:] for h in (b, f"{b} vs {bases[0]}")]
+    page.add("<p>The model-level kernel in each basis (the input counted after the transform):</p>"
+             + _table(header, rows))
 
 
 def _eval_table(page: _Page, evals) -> None:
@@ -284,9 +311,14 @@ def _accuracy(r: dict | None) -> str:
     return text
 
 
+def _with_transform(layers: pl.DataFrame) -> pl.DataFrame:
+    """A profile's rows with their ``transform`` (``none`` in a run written before profiles had one)."""
+    return layers if "transform" in layers.columns else layers.with_columns(pl.lit("none").alias("transform"))
+
+
 def _layer_table(page: _Page, profiles) -> None:
     page.add("<h2>Layers</h2>")
-    frames = [run.tables["layers"].with_columns(pl.lit(label).alias("run")).select(TABLE_COLUMNS)
+    frames = [_with_transform(run.tables["layers"]).with_columns(pl.lit(label).alias("run")).select(TABLE_COLUMNS)
               for label, run in profiles]
     table = pl.concat(frames, how="vertical_relaxed")
     cols = [{"name": c, "pct": c.endswith("fraction")} for c in TABLE_COLUMNS]
@@ -325,11 +357,12 @@ def build_report(runs: Sequence[RunFolder], *, title: str | None = None) -> str:
     page.add(f"<h1>{esc(heading)}</h1>")
     _measured(page, labelled)
     _verdict(page, profiles, thresholds)
-    tables = [(lab, run.tables["layers"]) for lab, run in profiles]
+    tables = [(lab, F.with_series(_with_transform(run.tables["layers"]))) for lab, run in profiles]
+    colours = F.colour_of([name for _, layers in tables for name in layers["series"].to_list()])
     if tables:
-        _section(page, "Kernel along depth", [F.depth_kernel(tables)])
+        _section(page, "Kernel along depth", [F.depth_kernel(tables, colours)])
         _section(page, "Kernel by block and module type", [F.heatmap(lab, layers) for lab, layers in tables])
-        _section(page, "Zero bounds", [F.zero_bounds(tables)])
+        _section(page, "Zero bounds", [F.zero_bounds(tables, colours)])
         _section(page, "Where CrossQuant cannot shrink the bound", [F.c_ge_t(tables)])
         _formats(page, profiles)
         _outliers(page, profiles)

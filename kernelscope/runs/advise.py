@@ -37,6 +37,7 @@ from torch import nn
 from kernelscope.capture import is_linear
 from kernelscope.data import TextSource, Windows
 from kernelscope.models import LinearLayer, LoadedModel
+from kernelscope.quant.transforms import IDENTITY, TransformSpec
 from kernelscope.results import exports, write_run
 from kernelscope.runs.common import (
     StageProgress,
@@ -46,7 +47,6 @@ from kernelscope.runs.common import (
     text_facts,
     unpack,
 )
-from kernelscope.quant.transforms import IDENTITY, TransformSpec
 from kernelscope.runs.evaluate import protocol_text, scheme_transform
 from kernelscope.runs.schemes import Scheme
 from kernelscope.runs.sensitivity import (

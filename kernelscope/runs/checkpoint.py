@@ -16,7 +16,7 @@ import torch
 
 from kernelscope.errors import KernelscopeError
 
-VERSION = 3
+VERSION = 4
 
 
 def checkpoint_path(output: str | Path) -> Path:

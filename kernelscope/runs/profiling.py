@@ -17,11 +17,13 @@ from kernelscope.data import TextSource, Windows
 from kernelscope.errors import KernelscopeError
 from kernelscope.models import LinearLayer, LoadedModel
 from kernelscope.quant import QuantizerConfig
+from kernelscope.quant.transforms import IDENTITY, LayerTransform, TransformSpec
 from kernelscope.results import write_run
 from kernelscope.runs import distributed
 from kernelscope.runs.checkpoint import load_checkpoint, save_checkpoint
-from kernelscope.runs.common import resolve_layers, run_context, unpack, versions
+from kernelscope.runs.common import resolve_layers, run_context, text_facts, unpack, versions
 from kernelscope.runs.forward import eval_mode, forward_windows, model_device
+from kernelscope.runs.transforming import ModelTransform, bind_transforms
 from kernelscope.runs.weights import DEFAULT_WEIGHT_FORMAT, weight_kernels, weight_rollup
 from kernelscope.stats import KernelStats, elementwise
 from kernelscope.stats.accumulator import KernelStatsGroup
@@ -51,73 +53,89 @@ class ProfileResult:
         return write_run(path, tables, self.summary, overwrite=overwrite)
 
 
-class Observer:
-    """What the hooks do during a profile's forward passes: measure each Linear input once (q/k/v
-    and gate/up receive the same tensor object: it is measured for the first of them, and the others
-    share that layer's accumulator), and, once a pass is over, add what was measured to the
-    accumulators of the layers of one input shape together."""
+Key = tuple[str, str]
+"""An accumulator's key: (layer name, transform label)."""
 
-    def __init__(self, names: list[str], configs: list[QuantizerConfig], top_k: int, seq_len: int,
-                 arena: Arena) -> None:
-        self.configs, self.top_k, self.seq_len, self.arena = configs, top_k, seq_len, arena
-        self.stats = {name: KernelStats(configs, top_k) for name in names}
-        self.follows: dict[str, str | None] = {}  # who shares with whom, as the first batch showed
+
+class Observer:
+    """What the hooks do during a profile's forward passes: measure each Linear input once in each
+    transform's basis (q/k/v and gate/up receive the same tensor object: in a basis they share, it is
+    measured for the first of them, and the others share that layer's accumulator), and, once a pass
+    is over, add what was measured to the accumulators of the inputs of one shape together."""
+
+    def __init__(self, names: list[str], transforms: list[ModelTransform], configs: list[QuantizerConfig],
+                 top_k: int, seq_len: int, arena: Arena) -> None:
+        self.transforms, self.configs, self.top_k, self.seq_len, self.arena = transforms, configs, top_k, seq_len, arena
+        self.stats = {(name, t.label): KernelStats(configs, top_k) for t in transforms for name in names}
+        self.follows: dict[Key, Key | None] = {}  # who shares with whom, as the first batch showed
         self.offset = 0  # global index of the batch's first token
         self._first_batch = True
-        self._last: tuple[torch.Tensor | None, str | None] = (None, None)
-        self._pending: list[tuple[str, Measured]] = []
-        self._groups: dict[tuple[str, ...], KernelStatsGroup] = {}
+        self._last: list[tuple[torch.Tensor | None, LayerTransform | None, Key | None]] = []
+        self._pending: list[tuple[Key, Measured]] = []
+        self._groups: dict[tuple[Key, ...], KernelStatsGroup] = {}
+        self._forget()
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
-        leader = self._last[1] if self._last[0] is x else None
-        if self._first_batch:
-            self.follows.setdefault(name, leader)
-        if self.follows.get(name) != leader:
-            raise RuntimeError(f"layer {name} shares its input differently from one batch to the next")
-        if leader is None:
-            self._pending.append((name, measure(x, self.configs, token_offset=self.offset, seq_len=self.seq_len,
-                                                arena=self.arena)))
-            self._last = (x, name)
+        for i, transform in enumerate(self.transforms):
+            bound, key = transform.layers[name], (name, transform.label)
+            last_x, last_bound, last_key = self._last[i]
+            leader = last_key if last_x is x and _same_basis(bound, last_bound) else None
+            if self._first_batch:
+                self.follows.setdefault(key, leader)
+            if self.follows.get(key) != leader:
+                raise RuntimeError(f"layer {name} shares its input differently from one batch to the next")
+            if leader is None:
+                self._pending.append((key, measure(bound.activation(x), self.configs, token_offset=self.offset,
+                                                   seq_len=self.seq_len, arena=self.arena)))
+                self._last[i] = (x, bound, key)
 
     def end_batch(self, completed: bool) -> None:
         """Add what the pass measured (when it ``completed``) and forget it."""
         try:
             if completed:
                 for members, stacked in summarise_groups([m for _, m in self._pending], self.configs, self.top_k):
-                    names = tuple(self._pending[i][0] for i in members)
-                    if names not in self._groups:
-                        self._groups[names] = KernelStatsGroup([self.stats[name] for name in names])
-                    self._groups[names].update(stacked)
+                    keys = tuple(self._pending[i][0] for i in members)
+                    if keys not in self._groups:
+                        self._groups[keys] = KernelStatsGroup([self.stats[key] for key in keys])
+                    self._groups[keys].update(stacked)
                 self._first_batch = False
         finally:
-            self._last = (None, None)
+            self._forget()
             self._pending.clear()
             self.arena.reset()
 
-    def owner(self, name: str) -> str:
-        """The layer whose accumulator ``name`` reads (itself, or the first layer sharing its input)."""
-        return self.follows.get(name) or name
+    def _forget(self) -> None:
+        self._last = [(None, None, None)] * len(self.transforms)
+
+    def owner(self, key: Key) -> Key:
+        """The key whose accumulator ``key`` reads (itself, or the first layer sharing its input)."""
+        return self.follows.get(key) or key
 
     def leaders(self) -> list[KernelStats]:
         self.release()
-        return [acc for name, acc in self.stats.items() if self.follows.get(name) is None]
+        return [acc for key, acc in self.stats.items() if self.follows.get(key) is None]
 
     def release(self) -> None:
         for group in self._groups.values():
             group.release()
 
-    def state(self) -> dict[str, dict]:
-        """Every layer's state as a checkpoint keeps it (tensors only)."""
-        return {name: self.stats[self.owner(name)].state_dict() for name in self.stats}
+    def state(self) -> dict[Key, dict]:
+        """Every accumulator's state as a checkpoint keeps it (tensors only)."""
+        return {key: self.stats[self.owner(key)].state_dict() for key in self.stats}
 
-    def load(self, state: dict[str, dict], device: torch.device) -> None:
-        for name, acc in self.stats.items():
-            acc.load_state_dict(state.get(name, {}), device)
+    def load(self, state: dict[Key, dict], device: torch.device) -> None:
+        for key, acc in self.stats.items():
+            acc.load_state_dict(state.get(key, {}), device)
+
+
+def _same_basis(a: LayerTransform, b: LayerTransform | None) -> bool:
+    """Whether ``a`` and ``b`` map an input alike: the same bound object, or both the identity."""
+    return b is not None and (a is b or (a.is_identity and b.is_identity))
 
 
 def _fingerprint(model: nn.Module, info: dict[str, Any], text: TextSource | None, windows: Windows,
                  configs: list[QuantizerConfig], selected: list[LinearLayer], batch_size: int,
-                 top_k: int) -> dict[str, Any]:
+                 top_k: int, transforms: list[ModelTransform], calibration: Windows | None) -> dict[str, Any]:
     """Everything that can change a figure of a profile; a checkpoint resumes only the same run."""
     weight = next(model.parameters(), None)
     return {
@@ -126,6 +144,8 @@ def _fingerprint(model: nn.Module, info: dict[str, Any], text: TextSource | None
         "device": model_device(model).type, "text": None if text is None else text.sha256,
         "windows": windows.sha256, "seqlen": windows.seqlen, "quantizers": [c.label for c in configs],
         "layers": [layer.name for layer in selected], "batch_size": batch_size, "top_k": top_k,
+        "transforms": [[t.label, t.spec.seed] for t in transforms],
+        "calibration": None if calibration is None else calibration.sha256,
         "kernelscope": versions()["kernelscope"], "torch": str(torch.__version__),
     }
 
@@ -165,6 +185,9 @@ def profile(
     checkpoint: str | Path | None = None,
     resume: bool = False,
     weight_formats: Sequence[QuantizerConfig] = (DEFAULT_WEIGHT_FORMAT,),
+    transforms: Sequence[TransformSpec | ModelTransform] = (IDENTITY,),
+    calibration: Windows | None = None,
+    calibration_text: TextSource | None = None,
 ) -> ProfileResult:
     """Run ``windows`` through ``model`` and measure the kernel of every selected Linear input.
 
@@ -176,6 +199,11 @@ def profile(
 
     ``weight_formats`` are the weight quantizers whose kernel each selected layer's weight is measured
     under, from the weights alone (``weights``; none when empty).
+
+    ``transforms`` are the bases every configuration is measured in, in the same forward passes: each
+    input ``x`` is counted as ``T(x)`` and each weight as its transformed counterpart (every row names its
+    ``transform``). Calibrated ones (SmoothQuant) are calibrated on ``calibration`` first (windows of
+    ``calibration_text``, which the summary records).
 
     With ``checkpoint`` (a file path) the state is saved after every batch; ``resume`` continues
     from it, giving the same statistics as an uninterrupted run. The caller removes the file once
@@ -202,11 +230,13 @@ def profile(
     if world.size > n:
         raise KernelscopeError(f"{world.size} processes need at least as many windows; got {n}")
     device = model_device(model)
-    # Room for what the hooks keep until a forward pass ends (every layer a leader).
-    arena = Arena(sum(measured_nbytes(batch_size, windows.seqlen, layer.in_features, configs)
-                      for layer in selected), device)
-    observer = Observer([layer.name for layer in selected], configs, top_k, windows.seqlen, arena)
-    fingerprint = _fingerprint(model, info, text, windows, configs, selected, batch_size, top_k)
+    bound, calibrated = bind_transforms(model, selected, transforms, calibration, batch_size=batch_size)
+    # Room for what the hooks keep until a forward pass ends (every layer a leader in every basis).
+    arena = Arena(len(bound) * sum(measured_nbytes(batch_size, windows.seqlen, layer.in_features, configs)
+                                   for layer in selected), device)
+    observer = Observer([layer.name for layer in selected], bound, configs, top_k, windows.seqlen, arena)
+    calibration = calibration if calibrated else None
+    fingerprint = _fingerprint(model, info, text, windows, configs, selected, batch_size, top_k, bound, calibration)
     start = 0
     if checkpoint is not None and resume:
         start, saved = load_checkpoint(Path(checkpoint), fingerprint)
@@ -225,8 +255,11 @@ def profile(
     result = ProfileResult(frame, _rollup(frame, ROLLUP_KEYS), _rollup(frame, ["module_type", *ROLLUP_KEYS]), {})
     result.summary = _summary(result, info, text, windows, configs, selected, layers, include_lm_head, batch_size,
                               top_k, start, world, device, elapsed)
+    result.summary["transforms"] = [t.describe() for t in bound]
+    result.summary["calibration"] = None if calibration is None else {
+        "text": text_facts(calibration_text), "windows": calibration.as_dict()}
     if weight_formats:
-        result.weights = weight_kernels(model, weight_formats, selected)
+        result.weights = weight_kernels(model, weight_formats, selected, transforms=bound)
         result.summary["weight_formats"] = [c.as_dict() | {"label": c.label} for c in weight_formats]
         result.summary["weights_model_level"] = weight_rollup(result.weights).to_dicts()
     return result
@@ -238,7 +271,7 @@ def _sum_or_null(column: str) -> pl.Expr:
     return pl.when(col.null_count() == pl.len()).then(None).otherwise(col.sum()).alias(column)
 
 
-ROLLUP_KEYS = ["config", "quantizer", "bits", "alpha", "format", "block_size"]
+ROLLUP_KEYS = ["transform", "config", "quantizer", "bits", "alpha", "format", "block_size"]
 
 
 def _rollup(layers: pl.DataFrame, by: list[str]) -> pl.DataFrame:
@@ -267,7 +300,7 @@ LIST_COLUMNS = {"top_channels": pl.Int64, "top_channel_absmax": pl.Float64, "top
 COLUMN_TYPES = {"block": pl.Int64, "alpha": pl.Float64, "bound_below_per_token_fraction": pl.Float64,
                 "block_size": pl.Int64, "subnormal_elements": pl.Int64, "subnormal_fraction": pl.Float64,
                 "blocks": pl.Int64, "kernel_blocks": pl.Int64, "block_kernel_fraction": pl.Float64}
-LEAD_COLUMNS = ["layer", "block", "module_type", "quantizer", "bits", "alpha", "config", "elements",
+LEAD_COLUMNS = ["layer", "block", "module_type", "transform", "quantizer", "bits", "alpha", "config", "elements",
                 "kernel_elements", "kernel_fraction"]
 
 
@@ -298,16 +331,17 @@ def _token_text(tokenizer, token_id: int) -> str:
 
 def _layer_table(selected: list[LinearLayer], observer: Observer, configs: list[QuantizerConfig],
                  windows: Windows, tokenizer) -> pl.DataFrame:
-    """One row per layer × configuration, from each layer's accumulator (or the one it shares)."""
-    owners = [observer.owner(layer.name) for layer in selected]
-    for layer, owner in zip(selected, owners, strict=True):
+    """One row per transform × layer × configuration, from each accumulator (or the one it shares)."""
+    keys = [(layer, (layer.name, t.label)) for t in observer.transforms for layer in selected]
+    owners = [observer.owner(key) for _, key in keys]
+    for (layer, _), owner in zip(keys, owners, strict=True):
         if observer.stats[owner].empty:
             raise RuntimeError(f"layer {layer.name} never ran; is it used by the model's forward pass?")
     distinct = list(dict.fromkeys(owners))
     computed = dict(zip(distinct, results([observer.stats[owner] for owner in distinct]), strict=True))
     texts: dict[int, str] = {}
     rows = []
-    for layer, owner in zip(selected, owners, strict=True):
+    for (layer, (_, transform)), owner in zip(keys, owners, strict=True):
         lay = computed[owner]["layer"]
         positions = [(i // windows.seqlen, i % windows.seqlen) for i in lay["top_token_index"]]
         token_ids = [int(windows.tokens[w, p]) for w, p in positions]
@@ -315,7 +349,7 @@ def _layer_table(selected: list[LinearLayer], observer: Observer, configs: list[
             if t not in texts:
                 texts[t] = _token_text(tokenizer, t)
         base = {
-            "layer": layer.name, "block": layer.block, "module_type": layer.module_type,
+            "layer": layer.name, "block": layer.block, "module_type": layer.module_type, "transform": transform,
             "in_features": layer.in_features, "tokens": lay["tokens"], "elements": lay["elements"],
             "nonfinite_elements": lay["nonfinite_elements"],
             "c_ge_t_pairs": lay["c_ge_t_pairs"], "c_ge_t_fraction": lay["c_ge_t_fraction"],
@@ -354,3 +388,14 @@ def _summary(result: ProfileResult, info: dict, text: TextSource | None, windows
         "seconds": round(elapsed, 3),
         "tokens_per_second": round((n - start) * windows.seqlen / elapsed, 1) if elapsed > 0 else None,
     }
+
+
+def measured_kernels(model: nn.Module, windows: Windows, configs: Sequence[QuantizerConfig],
+                     layers: Sequence[LinearLayer], transforms: Sequence[ModelTransform], *, tokenizer: Any = None,
+                     batch_size: int = 1, progress: ProgressFn | None = None) -> dict[str, list[dict[str, Any]]]:
+    """The model-level kernel of each configuration on the full-precision inputs, in each transform's
+    basis (by label): one profile, every basis in the same forward passes."""
+    level = profile(model, windows, configs, tokenizer=tokenizer, layers=list(layers), batch_size=batch_size,
+                    progress=progress, weight_formats=(), transforms=transforms).model_level
+    keep = ["transform", "config", "quantizer", "bits", "alpha", "kernel_elements", "elements", "kernel_fraction"]
+    return {t.label: level.filter(pl.col("transform") == t.label).select(keep).to_dicts() for t in transforms}

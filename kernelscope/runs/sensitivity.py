@@ -41,6 +41,7 @@ from torch import nn
 from kernelscope.capture import LinearInputCapture, is_linear
 from kernelscope.data import TextSource, Windows
 from kernelscope.models import LinearLayer, LoadedModel, find_decoder_blocks
+from kernelscope.quant.transforms import IDENTITY, TransformSpec
 from kernelscope.runs.common import (
     StageProgress,
     TableResult,
@@ -49,11 +50,10 @@ from kernelscope.runs.common import (
     stage_callback,
     unpack,
 )
-from kernelscope.quant.transforms import IDENTITY, TransformSpec
 from kernelscope.runs.evaluate import compare, protocol_text, run_scheme, scheme_transform
-from kernelscope.runs.transforming import ModelTransform, TransformBinder
 from kernelscope.runs.prefix import DEFAULT_LIMIT_BYTES, BlockOutputs
 from kernelscope.runs.schemes import Scheme
+from kernelscope.runs.transforming import ModelTransform, TransformBinder
 from kernelscope.stats.uncertainty import METHOD, ratio_interval
 
 GROUP_KINDS = ("module_type", "block", "layer")

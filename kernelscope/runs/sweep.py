@@ -22,8 +22,9 @@ from kernelscope.runs.common import (
     unpack,
 )
 from kernelscope.runs.evaluate import compare, protocol_text, run_scheme, transforms_facts
+from kernelscope.runs.profiling import measured_kernels
 from kernelscope.runs.schemes import Scheme, scheme_of
-from kernelscope.runs.transforming import ModelTransform, TransformBinder, measured_kernels
+from kernelscope.runs.transforming import ModelTransform, TransformBinder
 from kernelscope.stats.uncertainty import METHOD
 
 _MEASURED = ("perplexity", "perplexity_ci_low", "perplexity_ci_high", "nll", "window_nll", "tokens", "seconds")
@@ -77,8 +78,8 @@ def sweep(
     def stage(name: str, t: ModelTransform) -> Callable[[int, int], None] | None:
         return stage_callback(progress, f"{name}, {t.label}" if several else name)
 
-    kernels = {t.label: measured_kernels(net, windows, configs, selected, t, tokenizer=tokenizer,
-                                         batch_size=batch_size, progress=stage("kernels", t)) for t in bound}
+    kernels = measured_kernels(net, windows, configs, selected, bound, tokenizer=tokenizer,
+                               batch_size=batch_size, progress=stage_callback(progress, "kernels"))
     fp = run_scheme(net, windows, Scheme("fp", "fp"), selected, batch_size=batch_size,
                     progress=stage_callback(progress, "fp"))
     rows = [{"quantizer": None, "alpha": None, "scheme": "fp", "transform": fp["transform"],

@@ -35,8 +35,9 @@ from kernelscope.runs.common import (
     unpack,
 )
 from kernelscope.runs.evaluate import protocol_text, run_scheme, transforms_facts, with_comparisons
+from kernelscope.runs.profiling import measured_kernels
 from kernelscope.runs.schemes import Scheme
-from kernelscope.runs.transforming import ModelTransform, TransformBinder, measured_kernels
+from kernelscope.runs.transforming import ModelTransform, TransformBinder
 from kernelscope.stats.uncertainty import METHOD, crossing_interval, within_probabilities
 
 MIN_WINDOWS = 2
@@ -172,8 +173,8 @@ def threshold_search(
 
     actual_configs = [QuantizerConfig("per_token", 8), QuantizerConfig("crossquant", 8, alpha),
                       QuantizerConfig("per_token", 4), QuantizerConfig("crossquant", 4, alpha)]
-    actual = {t.label: measured_kernels(net, windows, actual_configs, selected, t, tokenizer=tokenizer,
-                                        batch_size=batch_size, progress=stage("kernels", t)) for t in bound}
+    actual = measured_kernels(net, windows, actual_configs, selected, bound, tokenizer=tokenizer,
+                              batch_size=batch_size, progress=stage_callback(progress, "kernels"))
     fp = run_scheme(net, windows, Scheme("fp", "fp", weight_bits=None), selected,
                     batch_size=batch_size, progress=stage_callback(progress, "fp"))
     target = fp["perplexity"] * (1 + tolerance)

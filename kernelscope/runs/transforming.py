@@ -8,7 +8,7 @@ One calibration pass serves every transform whose steps before a calibrated one 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +19,6 @@ from kernelscope.capture import LinearInputCapture
 from kernelscope.data import Windows
 from kernelscope.errors import KernelscopeError
 from kernelscope.models import LinearLayer
-from kernelscope.quant import QuantizerConfig, as_sequences
-from kernelscope.quant import formats as F
 from kernelscope.quant.transforms import (
     IDENTITY,
     ChannelMaxima,
@@ -32,7 +30,6 @@ from kernelscope.quant.transforms import (
 )
 from kernelscope.runs.fakequant import weight_out_in
 from kernelscope.runs.forward import eval_mode, forward_windows
-from kernelscope.runs.profiling import profile
 
 
 @dataclass(frozen=True)
@@ -140,61 +137,24 @@ def calibration_maxima(model: nn.Module, layers: Sequence[LinearLayer], windows:
     return act_max
 
 
-def measured_kernels(model: nn.Module, windows: Windows, configs: list[QuantizerConfig],
-                     layers: list[LinearLayer], transform: ModelTransform, *, tokenizer: Any = None,
-                     batch_size: int = 1, progress: Callable[[int, int], None] | None = None) -> list[dict]:
-    """The model-level kernel of each configuration on the full-precision inputs in ``transform``'s
-    basis: the profile's for the identity, a counting pass in that basis otherwise."""
-    if transform.is_identity:
-        measured = profile(model, windows, configs, tokenizer=tokenizer, layers=layers,
-                           batch_size=batch_size, progress=progress)
-        rows = measured.model_level.select("config", "quantizer", "bits", "alpha", "kernel_fraction").to_dicts()
-        return [{**r, "transform": transform.label} for r in rows]
-    rows = transformed_kernels(model, windows, configs, layers, transform, batch_size=batch_size, progress=progress)
-    keep = ("config", "quantizer", "bits", "alpha", "kernel_fraction", "transform")
-    return [{k: r[k] for k in keep} for r in rows]
-
-
-def transformed_kernels(model: nn.Module, windows: Windows, configs: Sequence[QuantizerConfig],
-                        layers: Sequence[LinearLayer], transform: ModelTransform,
-                        *, batch_size: int = 1, progress=None) -> list[dict[str, Any]]:
-    """The model-level kernel of each configuration on the full-precision inputs in ``transform``'s
-    basis: elements of ``transform.activation(x)`` that round to zero, summed over every covered
-    Linear input and window (nothing about the forward pass changes).
-
-    Counted element by element in torch (one kernel mask per input and configuration); for the
-    identity it equals the profile's ``kernel_elements``.
-    """
-    kernels = [torch.zeros((), dtype=torch.int64) for _ in configs]
-    elements = [0]
-    last: list[Any] = [None, None, None]  # input, transform, counts: q/k/v and gate/up share one count
-
-    def observer(name: str, x: torch.Tensor) -> None:
-        t = transform.layers[name]
-        if last[0] is not x or last[1] is not t:
-            seqs = as_sequences(t.activation(x.detach()), windows.seqlen)  # (B, T, I)
-            finite = torch.isfinite(seqs)
-            last[:] = [x, t, [_kernel(seqs, c, finite) for c in configs] + [finite.sum()]]
-        for i, count in enumerate(last[2][:-1]):
-            kernels[i] += count.cpu()
-        elements[0] += int(last[2][-1])
-
-    with eval_mode(model), LinearInputCapture({layer.name: layer.module for layer in layers}, observer):
-        n = len(windows)
-        for first in range(0, n, batch_size):
-            forward_windows(model, windows.tokens[first : first + batch_size])
-            last[:] = [None, None, None]
-            if progress is not None:
-                progress(min(first + batch_size, n), n)
-    return [{"config": c.label, "quantizer": c.quantizer, "bits": c.bits, "alpha": c.alpha,
-             "transform": transform.label, "kernel_elements": int(k), "elements": elements[0],
-             "kernel_fraction": int(k) / elements[0] if elements[0] else None}
-            for c, k in zip(configs, kernels, strict=True)]
-
-
-def _kernel(seqs: torch.Tensor, config: QuantizerConfig, finite: torch.Tensor) -> torch.Tensor:
-    """Finite elements of ``seqs (B, T, I)`` in the kernel of ``config``."""
-    return (F.kernel_mask(seqs, config.format) & finite).sum()
+def bind_transforms(model: nn.Module, layers: Sequence[LinearLayer],
+                    transforms: Sequence[TransformSpec | ModelTransform], calibration: Windows | None = None,
+                    *, batch_size: int = 1) -> tuple[list[ModelTransform], bool]:
+    """``transforms`` bound to ``layers`` (calibrated on ``calibration`` where a step needs it; bound
+    ones kept as they are), and whether a calibration pass ran. Two with one label are refused."""
+    if not transforms:
+        raise ValueError("at least one transform is needed (IDENTITY for none)")
+    binder = TransformBinder(model, layers, calibration, batch_size=batch_size)
+    bound = [t if isinstance(t, ModelTransform) else binder.bind(t) for t in transforms]
+    labels = [t.label for t in bound]
+    twice = next((label for label in labels if labels.count(label) > 1), None)
+    if twice is not None:
+        raise ValueError(f"transform {twice} is given twice")
+    names = {layer.name for layer in layers}
+    for t in bound:
+        if not names <= set(t.layers):
+            raise ValueError(f"transform {t.label} is not bound to every selected layer")
+    return bound, binder.calibrated
 
 
 def identity_transform(layers: Sequence[LinearLayer]) -> ModelTransform:

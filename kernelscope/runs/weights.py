@@ -6,6 +6,7 @@ axis, ``nvfp4``'s tensor scale is the whole weight's (DESIGN.md §1b, "Weights")
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import polars as pl
 import torch
@@ -13,10 +14,14 @@ from torch import nn
 
 from kernelscope.models import LinearLayer
 from kernelscope.quant import QuantizerConfig
+from kernelscope.quant.transforms import NONE
 from kernelscope.runs.common import resolve_layers
 from kernelscope.runs.fakequant import weight_out_in
 from kernelscope.stats.measure import measure
 from kernelscope.stats.table import measured_rows
+
+if TYPE_CHECKING:
+    from kernelscope.runs.transforming import ModelTransform
 
 DEFAULT_WEIGHT_FORMAT = QuantizerConfig("per_token", 8)
 """INT8, one step per output channel: what W8A8 deployments use."""
@@ -31,23 +36,29 @@ def _onloaded(module: nn.Module):
 
 def weight_kernels(model: nn.Module, configs: Sequence[QuantizerConfig],
                    layers: str | Sequence[LinearLayer] | None = None,
-                   include_lm_head: bool = False) -> pl.DataFrame:
-    """One row per layer × weight quantizer: the kernel of the weight, its subnormal and whole-block
-    shares, and its zero bound, with the same columns as a profile's rows where they apply. Each
-    weight is counted as a profile counts an input, and the weights of one shape summarised together."""
+                   include_lm_head: bool = False, *, transforms: Sequence[ModelTransform] = ()) -> pl.DataFrame:
+    """One row per transform × layer × weight quantizer: the kernel of the weight, its subnormal and
+    whole-block shares, and its zero bound, with the same columns as a profile's rows where they apply.
+    Each weight is counted as a profile counts an input, and the weights of one shape summarised together.
+
+    Under a transform ``T`` the weight counted is the one deployed with it, ``W·T⁻ᵀ`` (so that
+    ``T(x)·(W·T⁻ᵀ)ᵀ = x·Wᵀ``); with no ``transforms`` only the weight as it is (``none``)."""
     configs = list(configs)
+    selected = resolve_layers(model, layers, include_lm_head)
     bases, measured = [], []
-    for layer in resolve_layers(model, layers, include_lm_head):
-        with torch.no_grad(), _onloaded(layer.module):
-            w = weight_out_in(layer.module).detach()  # (O, I)
-            m = measure(w.unsqueeze(0), configs)  # (1, O, I): one sequence whose rows are the outputs
-            nonfinite = int(m.counted.nonfinite)
-            bases.append({"layer": layer.name, "block": layer.block, "module_type": layer.module_type,
-                          "out_features": w.shape[0], "in_features": w.shape[1],
-                          "zero_weights": w.numel() - int(torch.count_nonzero(w)),
-                          "abs_max": float(m.token.max()),  # the largest finite |w|, as a profile's abs_max
-                          "elements": w.numel() - nonfinite})
-            measured.append(m)
+    for label, bound in _bases(transforms, selected):
+        for layer in selected:
+            with torch.no_grad(), _onloaded(layer.module):
+                w = weight_out_in(layer.module).detach()  # (O, I)
+                w = w if bound is None else bound[layer.name].weight(w)
+                m = measure(w.unsqueeze(0), configs)  # (1, O, I): one sequence whose rows are the outputs
+                nonfinite = int(m.counted.nonfinite)
+                bases.append({"layer": layer.name, "block": layer.block, "module_type": layer.module_type,
+                              "transform": label, "out_features": w.shape[0], "in_features": w.shape[1],
+                              "zero_weights": w.numel() - int(torch.count_nonzero(w)),
+                              "abs_max": float(m.token.max()),  # the largest finite |w|, as a profile's abs_max
+                              "elements": w.numel() - nonfinite})
+                measured.append(m)
     rows = [{**base, "config": cfg.label, **row}
             for base, per_config in zip(bases, measured_rows(measured, configs), strict=True)
             for cfg, row in zip(configs, per_config, strict=True)]
@@ -56,13 +67,20 @@ def weight_kernels(model: nn.Module, configs: Sequence[QuantizerConfig],
         "subnormal_fraction": pl.Float64, "blocks": pl.Int64, "kernel_blocks": pl.Int64,
         "block_kernel_fraction": pl.Float64, "bound_below_per_token_fraction": pl.Float64},
         infer_schema_length=None)
-    lead = ["layer", "block", "module_type", "quantizer", "bits", "alpha", "config", "elements",
+    lead = ["layer", "block", "module_type", "transform", "quantizer", "bits", "alpha", "config", "elements",
             "kernel_elements", "kernel_fraction"]
     return frame.select(lead + [c for c in frame.columns if c not in lead])
 
 
+def _bases(transforms: Sequence[ModelTransform], layers: Sequence[LinearLayer]):
+    """(label, the layers' bound transforms or None for the identity) of each basis to count in."""
+    if not transforms:
+        return [(NONE, None)]
+    return [(t.label, None if t.is_identity else t.layers) for t in transforms]
+
+
 def weight_rollup(frame: pl.DataFrame) -> pl.DataFrame:
     """Parameter-weighted kernel of each weight quantizer over all layers of ``frame``."""
-    return (frame.group_by("config", maintain_order=True)
+    return (frame.group_by("transform", "config", maintain_order=True)
             .agg(pl.col("elements").sum(), pl.col("kernel_elements").sum(), pl.len().alias("layers"))
             .with_columns((pl.col("kernel_elements") / pl.col("elements")).alias("kernel_fraction")))

@@ -36,6 +36,7 @@ from kernelscope.data import TextSource, Windows
 from kernelscope.data.tasks import HarnessTasks
 from kernelscope.errors import KernelscopeError
 from kernelscope.models import LinearLayer, LoadedModel
+from kernelscope.quant.transforms import IDENTITY, LayerTransform, TransformSpec
 from kernelscope.results import write_run
 from kernelscope.runs.common import (
     StageProgress,
@@ -45,7 +46,6 @@ from kernelscope.runs.common import (
     text_facts,
     unpack,
 )
-from kernelscope.quant.transforms import IDENTITY, LayerTransform, TransformSpec
 from kernelscope.runs.evaluate import scheme_transform, transforms_facts
 from kernelscope.runs.fakequant import SchemeApplied
 from kernelscope.runs.forward import eval_mode

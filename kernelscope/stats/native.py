@@ -11,10 +11,10 @@ under a second. Where no compiler works, :func:`library` returns None with the r
 from __future__ import annotations
 
 import ctypes
-import math
 import hashlib
 import itertools
 import logging
+import math
 import os
 import platform
 import shutil
