@@ -4,6 +4,7 @@
     python benchmarks/overhead.py --sections overhead  # only the main ratios
     python benchmarks/overhead.py --sections overhead --formats --schemes w8a8-per-token,fp8,mxfp4,nvfp4
     python benchmarks/overhead.py --sections overhead --transforms 'hadamard;none,hadamard' --schemes fp
+    python benchmarks/overhead.py --sections overhead --clock cpu --threads 1 --runs 'profile, 4$'  # the cost alone
 
 Sections:
   overhead  profile (1, 4 = the default set, 8 configurations; the default set without the weight
@@ -33,6 +34,7 @@ import gc
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -61,10 +63,14 @@ FORMAT_SET = ks.default_configs() + expand_configs(
 """The default set and every other format of the registry: 4 + 8 configurations."""
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK = CLOCKS["wall"]
+
+
 def timed(fn) -> float:
-    start = time.perf_counter()
+    start = CLOCK()
     fn()
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def rounds(runs: dict, repeat: int) -> dict[str, list[float]]:
@@ -124,9 +130,12 @@ def section_overhead(b: Bench, out: list[str]) -> None:
     for name in a.schemes.split(","):
         scheme = parse_scheme(name)
         runs[f"eval {scheme.name}"] = lambda s=scheme: run_scheme(b.model, windows, s, b.layers)
+    if a.runs:
+        runs = {name: fn for name, fn in runs.items() if name in ("bare forward", "eval fp") or re.search(a.runs, name)}
     times = rounds(runs, a.repeat)
     best = {name: min(t) for name, t in times.items()}
-    out.append(f"\n## overhead: {windows.describe()}; best of {a.repeat}, and the ratio within each round")
+    out.append(f"\n## overhead: {windows.describe()}; {a.clock} seconds, best of {a.repeat}, and the ratio "
+               "within each round")
     out.append(f"{'':34s} {'best s':>8s} {'tok/s':>8s}  {'best ratio':>10s} {'per round: median (range)':>26s}")
     for name, seconds in best.items():
         against = "eval fp" if name.startswith("eval ") else "bare forward"
@@ -256,11 +265,21 @@ def main() -> None:
     parser.add_argument("--transforms", default="",
                         help="profiles of the default set under these transforms to time too, ';' between "
                              "profiles, ',' between the transforms of one: 'hadamard;none,hadamard'")
+    parser.add_argument("--runs", default="", help="overhead: only the runs whose name matches this regular "
+                        "expression (and the bare forward and fp evaluation they are compared with)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall seconds, or the process's CPU seconds (steadier on a shared machine; with "
+                             "--threads 1 the cost of the work itself)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (the native statistics use as many)")
     parser.add_argument("--child", choices=["bare", "profile"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args)
         return
+    global CLOCK
+    CLOCK = CLOCKS[args.clock]
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     b = Bench(args)
     cpu = platform.machine()

@@ -13,6 +13,7 @@ from kernelscope.cli import main
 from kernelscope.data import make_windows
 from kernelscope.errors import KernelscopeError
 from kernelscope.models import select_linear_layers
+from kernelscope.results import SCHEMA_VERSION
 from kernelscope.results import exports as X
 from kernelscope.runs.advise import advise
 from kernelscope.runs.evaluate import run_scheme
@@ -344,7 +345,7 @@ def test_advise_writes_the_folder_and_exports(advised):
     out, body, stdout = advised
     assert {p.name for p in out.iterdir()} >= {"advice.json", "recipe.yaml", "modelopt_quant_cfg.json", "modules.txt",
                                                "sensitivity.parquet", "cells.parquet", "search.parquet"}
-    assert body["kind"] == "advise" and body["schema_version"] == 1 and body["plan"]["kept_layers"] > 0
+    assert body["kind"] == "advise" and body["schema_version"] == SCHEMA_VERSION and body["plan"]["kept_layers"] > 0
     assert (out / "modules.txt").read_text().split() == body["plan"]["kept_modules"]
     assert "plan perplexity" in stdout and "forward passes" in stdout and "recipe.yaml" in stdout
 

@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 
 from kernelscope.cli import main
+from kernelscope.results import SCHEMA_VERSION
 
 REQUIRED_COLUMNS = {
     "layer", "block", "module_type", "quantizer", "bits", "alpha", "elements", "kernel_elements",
@@ -39,7 +40,7 @@ def test_profile_end_to_end(capsys, tmp_path, tiny_llama_dir, text_file):
     assert layers.height == 14 * 4  # 2 blocks x 7 Linear layers, 4 default configurations
     assert set(layers["quantizer"]) == {"per_token", "crossquant"} and set(layers["bits"]) == {8, 4}
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["schema_version"] == 1 and summary["kind"] == "profile"
+    assert summary["schema_version"] == SCHEMA_VERSION and summary["kind"] == "profile"
     assert summary["windows"]["windows"] == 3 and summary["windows"]["seqlen"] == 64
     assert len(summary["text"]["sha256"]) == 64 and summary["versions"]["kernelscope"]
     levels = {(r["quantizer"], r["bits"]): r["kernel_fraction"] for r in summary["model_level"]}
@@ -189,7 +190,7 @@ def test_eval_end_to_end(capsys, tmp_path, tiny_llama_dir, text_file):
     assert code == 0, stderr
     assert "Perplexity" in stdout and "w8a8-smoothquant" in stdout
     body = json.loads((out / "eval.json").read_text())
-    assert body["kind"] == "eval" and body["schema_version"] == 1
+    assert body["kind"] == "eval" and body["schema_version"] == SCHEMA_VERSION
     assert [r["scheme"] for r in body["results"]][:3] == ["fp", "w8a8-per-token", "w8a8-crossquant"]
     for r in body["results"]:
         assert {"scheme", "perplexity", "tokens", "windows"} <= set(r) and r["tokens"] == 2 * 63

@@ -247,9 +247,9 @@ def test_sweep_alpha_one_reproduces_per_token():
     rows = {r["alpha"]: r for r in res.table.to_dicts()}
     pt = run_scheme(model, windows, parse_scheme("w8a8-per-token"), select_linear_layers(model))
     assert rows[1.0]["perplexity"] == pt["perplexity"]
-    assert rows[1.0]["quantized_kernel_fraction"] == pt["kernel_fraction"]
+    assert rows[1.0]["kernel_fraction"] == pt["kernel_fraction"]  # the kernel of the row's own pass
     prof = profile(model, windows, [QuantizerConfig("per_token", 8)])
-    assert rows[1.0]["kernel_fraction"] == prof.model_level["kernel_fraction"][0]
+    assert rows[1.0]["fp_kernel_fraction"] == prof.model_level["kernel_fraction"][0]
     assert rows[None]["scheme"] == "fp"
 
 

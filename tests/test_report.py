@@ -43,6 +43,9 @@ def run_dirs(tmp_path_factory, tokenizer):
     evaluate(llama, w, [parse_scheme("fp"), parse_scheme("w8a8-per-token")]).save(root / "eval")
     threshold_search(llama, w, steps=2).save(root / "threshold")
     alpha_sweep(llama, w, [0.15, 1.0]).save(root / "sweep")
+    from kernelscope.runs.advise import advise
+
+    advise(llama, w, parse_scheme("w4a4-per-token"), tolerance=0.01, kernel_groups=()).save(root / "advise")
     tasks = load_tasks(["ks_mc"], write_zeroshot_tasks(tmp_path_factory.mktemp("tasks")))
     zeroshot(llama, tasks, [parse_scheme("fp"), parse_scheme("w8a8-per-token")], tokenizer=tokenizer,
              limit=2).save(root / "zeroshot")
@@ -52,24 +55,35 @@ def run_dirs(tmp_path_factory, tokenizer):
     layers = pl.read_parquet(evil / "layers.parquet")
     layers = layers.with_columns(pl.col("top_tokens").list.eval(pl.lit(EVIL)))
     layers.write_parquet(evil / "layers.parquet")
-    names = ("llama", "opt", "eval", "threshold", "sweep", "zeroshot")
+    names = ("llama", "opt", "eval", "threshold", "sweep", "zeroshot", "advise")
     return {name: root / name for name in names} | {"evil": evil}
 
 
 def test_report_has_every_section_and_plotly_once(run_dirs, tmp_path):
+    import lzma
+
     from plotly.offline import get_plotlyjs
+
+    from kernelscope.reports import packing
+    from kernelscope.reports.html import page_data
 
     out = write_report([run_dirs[k] for k in ("llama", "opt", "eval", "threshold", "sweep", "zeroshot")],
                        tmp_path / "r.html")
     text = out.read_text(encoding="utf-8")
-    assert text.count(get_plotlyjs()[:200]) == 1
+    assert text.count('id="ks-plotly"') == 1 and text.count("data-packed=") == 2
+    packed = text.split('id="ks-plotly" data-packed="')[1]
+    size, body = int(packed.split('"')[0]), packed.partition(">")[2].partition("</script>")[0]
+    assert lzma.decompress(packing.b85decode(body, size), format=lzma.FORMAT_ALONE) == get_plotlyjs().encode()
+    data = page_data(text)
+    assert sum(key.startswith("fig-") for key in data) == text.count('data-figure="fig-') >= 7
+    assert len(data["layer-rows"]) == sum(len(read_run(run_dirs[k]).tables["layers"]) for k in ("llama", "opt"))
     for heading in ("What was measured", "Verdict", "Kernel along depth", "Kernel by block and module type",
                     "Zero bounds", "Where CrossQuant cannot shrink the bound", "Top outlier channels and tokens",
                     "Threshold", "CrossQuant α sweep", "Perplexity under quantization", "Zero-shot accuracy",
                     "Layers"):
         assert f"<h2>{heading}</h2>" in text, heading
     assert "fills this section" not in text  # every section has data
-    assert "below LLaMA 1%" in text or "above LLaMA 1%" in text
+    assert "below the paper's LLaMA 1%" in text or "above the paper's LLaMA 1%" in text
     assert text.index("What was measured") < text.index("Verdict") < text.index("Kernel along depth")
     assert 'data-figure="fig-' in text
     assert "<script src" not in text and "<link" not in text  # nothing fetched: it opens offline
@@ -87,8 +101,7 @@ def test_sections_without_data_say_which_command_fills_them(run_dirs):
 
 def test_markup_from_runs_is_escaped(run_dirs):
     text = build_report([read_run(run_dirs["evil"])])
-    own_scripts = 1 + text.count('<script type="application/json"') + 1  # plotly.js, data, page script
-    assert text.count("<script") == own_scripts
+    assert text.count("<script") == 4  # plotly.js and the data (both packed, inert), the unpacker, the page script
     assert "window.__pwned" in text  # present, but only as escaped text
     assert "&lt;script&gt;window.__pwned" in text or "\\u003cscript\\u003ewindow.__pwned" in text
 
@@ -103,7 +116,9 @@ def test_report_command_and_bad_inputs(run_dirs, tmp_path, capsys):
     (damaged / "layers.parquet").write_bytes(b"PAR1 truncated")
     newer = tmp_path / "newer"
     shutil.copytree(run_dirs["llama"], newer)
-    summary = (newer / "summary.json").read_text().replace('"schema_version": 1', '"schema_version": 99')
+    from kernelscope.results import SCHEMA_VERSION
+
+    summary = (newer / "summary.json").read_text().replace(f'"schema_version": {SCHEMA_VERSION}', '"schema_version": 99')
     (newer / "summary.json").write_text(summary)
     incomplete = tmp_path / "incomplete"
     shutil.copytree(run_dirs["eval"], incomplete)
@@ -149,7 +164,7 @@ def open_page(browser, path: Path) -> float:
 def test_report_in_headless_chromium(browser, run_dirs, tmp_path):
     from selenium.webdriver.common.by import By
 
-    page = write_report([run_dirs[k] for k in ("llama", "opt", "eval", "threshold", "sweep", "evil")],
+    page = write_report([run_dirs[k] for k in ("llama", "opt", "eval", "threshold", "sweep", "advise", "evil")],
                         tmp_path / "report.html")
     open_page(browser, page)
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
@@ -179,12 +194,37 @@ def test_report_in_headless_chromium(browser, run_dirs, tmp_path):
     box = browser.find_element(By.ID, "layer-filter")
     box.send_keys("down_proj")
     assert all("down_proj" in v for v in column(1)) and len(column(1)) > 0
-    shot = tmp_path / "report.png"
-    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    box.send_keys(" int8")  # every word somewhere in the row, as shown
+    config_col = [h.text for h in table.find_elements(By.CSS_SELECTOR, "th")].index("config")
+    assert column(config_col) and all("int8" in v for v in column(config_col))
+    box.clear()
+    box.send_keys(" ")
+    kernel_box = table.find_element(By.CSS_SELECTOR, 'input[data-column="kernel_fraction"]')
+    kernel_box.send_keys(">1")
+    assert column(kernel_col) and all(float(v.rstrip("%")) > 1 for v in column(kernel_col))
+    kernel_box.clear()
+    kernel_box.send_keys(" ")
+    layer_header = table.find_elements(By.CSS_SELECTOR, "th")[1]
+    layer_header.click()
+    blocks = [int(v.split(".")[2]) for v in column(1) if v.startswith("model.layers.")]
+    assert blocks == sorted(blocks)  # natural order: block 2 before block 10
+    browser.find_element(By.ID, "layer-csv").click()
+    assert int(table.get_attribute("data-csv-rows")) == len(column(1))
+    browser.find_element(By.ID, "layer-wide").click()
+    headers = [h.text for h in table.find_elements(By.CSS_SELECTOR, "th")]
+    assert "per_token int8 kernel" in headers and "crossquant a=0.15 int8 kernel" in headers
+    decision = browser.find_element(By.ID, "decision").text
+    assert "Model" in decision and "4-bit activations" in decision
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+    for i, y in enumerate((0, 2500, 6000)):
+        browser.execute_script(f"window.scrollTo(0, {y})")
+        shot = tmp_path / f"report-{i}.png"
+        assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
 
 
-def test_demo_report_size_and_open_time(browser, tmp_path):
-    """The report of a demo-model profile: under 5 MB, open in under 2 s."""
+def test_demo_report_size(browser, tmp_path):
+    """The report of a demo-model profile: at most 1.5 MB, drawn from disk with no console error (how
+    long it takes to open is measured in benchmarks/report_open.py, not asserted here)."""
     import importlib.util
 
     from tests.conftest import WIKITEXT_TEST
@@ -196,8 +236,70 @@ def test_demo_report_size_and_open_time(browser, tmp_path):
         main(["profile", "demo", "--dataset", str(WIKITEXT_TEST), "-n", "2", "-s", "256", "--quiet",
               "--report", str(report)])
     assert e.value.code == 0
-    assert report.stat().st_size < 5_000_000
-    open_page(browser, tmp_path / "blank.html" if (tmp_path / "blank.html").write_text("<p>") else report)
-    seconds = min(open_page(browser, report) for _ in range(2))
-    assert seconds < 2.0, seconds
+    assert report.stat().st_size <= 1_500_000
+    open_page(browser, report)
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
+    drawn = browser.execute_script("return Array.from(document.querySelectorAll('[data-figure]'))"
+                                   ".filter(d => d.querySelector('.main-svg')).length")
+    assert drawn == browser.execute_script("return document.querySelectorAll('[data-figure]').length") >= 4
+
+
+def test_the_first_screen_decides_from_the_runs(run_dirs):
+    from kernelscope.reports.html import family_of
+
+    runs = [read_run(run_dirs[k]) for k in ("llama", "eval", "threshold", "sweep", "advise")]
+    text = build_report(runs)
+    first = text[text.index('<section id="decision">'):text.index("</section>")]
+    plan = runs[4].summary["plan"]
+    assert text.index('id="decision"') < text.index("What was measured")
+    assert f"with {plan['kept_layers']} Linear layer" in first and "kept in full precision" in first
+    assert f"{plan['change_pct']:+.2f}%" in first and "4-bit activations" in first
+    searches = runs[2].summary["searches"]
+    if searches[0].get("threshold_kernel_fraction") is not None:
+        assert "threshold located on this model" in first
+    # the paper's reference only for the model's own family
+    assert family_of({"model_type": "llama"}) == "LLaMA" and family_of({"architecture": "OPTForCausalLM"}) == "OPT"
+    assert family_of({"model_type": "gpt2"}) is None
+    verdict = text[text.index("<h2>Verdict</h2>"):text.index("<h2>Kernel along depth</h2>")]
+    assert "the paper's LLaMA 1%" in verdict and "OPT 19%" not in verdict
+    assert "different text, windows or lengths" not in first  # the same windows throughout
+
+
+def test_runs_on_different_text_are_flagged_and_colours_are_stable(run_dirs, tmp_path):
+    from kernelscope.reports.html import page_data
+
+    other = tmp_path / "other"
+    profile(tiny_model("llama"), windows_for(seed=7), default_configs()[1:]).save(other)
+    text = build_report([read_run(run_dirs["llama"]), read_run(other), read_run(run_dirs["opt"])])
+    assert "different text, windows or lengths" in text
+    depth = next(f for f in page_data(text).values() if isinstance(f, dict)
+                 and f.get("layout", {}).get("title", {}).get("text") == "Kernel per block, by module type")
+    colour: dict[str, set[str]] = {}
+    for trace in depth["data"]:
+        colour.setdefault(trace["name"].split(": ", 1)[1], set()).add(trace["line"]["color"])
+    assert all(len(c) == 1 for c in colour.values())  # one colour per configuration in every run
+    assert len({c.pop() for c in colour.values()}) == len(colour)  # and none shared
+
+
+def test_outliers_say_where_the_token_sits(run_dirs):
+    text = build_report([read_run(run_dirs["llama"])])
+    start = text.index("<h2>Top outlier channels and tokens</h2>")
+    outliers = text[start:text.index("<h2>", start + 4)]
+    layers = read_run(run_dirs["llama"]).tables["layers"]
+    assert "top_token_window_positions" in layers.columns
+    if (layers["top_token_window_positions"].list.first() == 0).any():
+        assert "first token (attention sink)" in outliers
+
+
+def test_every_table_is_typed_and_carries_the_schema_version(run_dirs):
+    from kernelscope.results import SCHEMA_VERSION
+
+    for name, folder in run_dirs.items():
+        for file in folder.glob("*.parquet") if name != "evil" else ():  # (its table was rewritten by the test)
+            meta = pl.read_parquet_metadata(file)
+            assert meta["kernelscope.schema_version"] == str(SCHEMA_VERSION), file
+            assert meta["kernelscope.table"] == file.stem and meta["kernelscope.kind"], file
+            frame = pl.read_parquet(file)
+            assert pl.Null not in frame.schema.dtypes(), (file, frame.schema)
+    evaluated = pl.read_parquet(run_dirs["eval"] / "eval.parquet")
+    assert evaluated.schema["alpha"] == pl.Float64 and evaluated.schema["group_size"] == pl.Int64

@@ -630,9 +630,9 @@ def test_threshold_and_sweep_run_once_per_transform():
     sweep = alpha_sweep(model, windows, [1.0], transforms=specs).table.to_dicts()
     assert [(r["transform"], r["alpha"]) for r in sweep] == [("none", None), ("none", 1.0), ("hadamard", 1.0)]
     pt = run_scheme(model, windows, parse_scheme("w8a8-per-token"), layers, transform=bound)
-    assert sweep[2]["perplexity"] == pt["perplexity"] and sweep[2]["quantized_kernel_fraction"] == pt["kernel_fraction"]
+    assert sweep[2]["perplexity"] == pt["perplexity"] and sweep[2]["kernel_fraction"] == pt["kernel_fraction"]
     counted = profile(model, windows, [QuantizerConfig("per_token", 8)], transforms=[specs[1]]).model_level
-    assert sweep[2]["kernel_fraction"] == counted["kernel_fraction"][0]
+    assert sweep[2]["fp_kernel_fraction"] == counted["kernel_fraction"][0]
     assert no_hooks(model)
 
 

@@ -19,6 +19,7 @@ import torch
 
 from kernelscope.cli import main
 from kernelscope.data.tasks import load_tasks
+from kernelscope.results import SCHEMA_VERSION
 from kernelscope.runs.schemes import parse_scheme
 from kernelscope.runs.zeroshot import zeroshot
 from tests.conftest import LAST_WORD_ITEMS, MC_ITEMS, tiny_model
@@ -196,7 +197,7 @@ def test_command_end_to_end(capsys, tmp_path, tiny_llama_dir, zeroshot_tasks):
     assert "Zero-shot accuracy" in flat and "kernelscope zeroshot" in flat and "acc_norm" in flat
     assert "first 3 documents" in flat and "seeds 7,7,7,7" in flat
     summary = json.loads((out / "zeroshot.json").read_text())
-    assert summary["kind"] == "zeroshot" and summary["schema_version"] == 1
+    assert summary["kind"] == "zeroshot" and summary["schema_version"] == SCHEMA_VERSION
     assert summary["versions"]["lm_eval"] == importlib.metadata.version("lm_eval")
     assert summary["settings"]["seeds"] == {"random": 7, "numpy": 7, "torch": 7, "fewshot": 7}
     assert [t["task"] for t in summary["tasks"]] == list(TASKS)

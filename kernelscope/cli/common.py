@@ -258,8 +258,10 @@ def show_formats(as_json: bool) -> None:
         print(json.dumps(rows, indent=2))
         return
     table = Table(title=f"{len(rows)} number formats: -q NAME, --weight-format NAME, --scheme remove-kernel-NAME")
-    for col in ("name", "elements", "τ", "scale over each", "--scheme"):
-        table.add_column(col, no_wrap=True)
+    for col in ("name", "elements", "τ"):  # kept whole; the wide ones wrap on a narrow terminal
+        table.add_column(col, no_wrap=True, min_width=max(len(col), 5))
+    for col in ("scale over each", "--scheme"):
+        table.add_column(col, overflow="fold")
     for r in rows:
         elements = r["grid"] if r["max"] is None else f"{r['grid']} (max {r['max']:g})"
         exponent = math.log2(r["tau"])

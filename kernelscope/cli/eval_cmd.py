@@ -418,7 +418,7 @@ def _show_sweep(result) -> None:
     for r in rows:
         first = "fp" if r["quantizer"] is None else (f"{r['alpha']:g}" if alphas_only else r["quantizer"])
         table.add_row(*([escape(r["transform"])] if transformed else []), escape(first),
-                      pct(r["kernel_fraction"]), pct(r["quantized_kernel_fraction"]), with_ci(r), versus_fp(r))
+                      pct(r["fp_kernel_fraction"]), pct(r["kernel_fraction"]), with_ci(r), versus_fp(r))
     out.print(table)
     out.print(f"[dim]intervals: {escape(s['uncertainty'])}[/]")
 

@@ -301,7 +301,7 @@ def load_model(
     info = {
         "model": spec,
         "source": source.kind,
-        "path": source.display,
+        "path": source.spec if source.kind in ("folder", "gguf") else source.display,  # as typed: no machine's paths
         "architecture": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
         "parameters": sum(p.numel() for p in model.parameters()),

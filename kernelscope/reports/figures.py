@@ -42,50 +42,92 @@ def layer_order(layers: pl.DataFrame) -> pl.DataFrame:
                           .otherwise(pl.col("layer")).alias("short")))
 
 
-def depth_kernel(profiles: list[tuple[str, pl.DataFrame]], colours: dict[str, str]) -> go.Figure:
-    """Kernel % of every layer along depth, per quantizer configuration (and transform) and run."""
-    fig = go.Figure()
+def module_groups(profiles: list[tuple[str, pl.DataFrame]]) -> list[tuple[str, list[str]]]:
+    """Module types of the decoder blocks, those with the same figures in every row of every run (q/k/v
+    and gate/up, fed the same tensor) joined: ``("q_proj / k_proj / v_proj", [...])``."""
+    types: list[str] = []
+    values: dict[str, tuple] = {}
+    for _, layers in profiles:
+        in_blocks = layers.filter(pl.col("block").is_not_null())
+        for t in in_blocks["module_type"].unique(maintain_order=True).to_list():
+            if t not in types:
+                types.append(t)
+            mine = in_blocks.filter(pl.col("module_type") == t).sort("series", "block")
+            values[t] = values.get(t, ()) + (tuple(mine["kernel_fraction"].to_list()),)
+    groups: list[list[str]] = []
+    for t in types:
+        same = next((g for g in groups if values[g[0]] == values[t]), None)
+        if same is None:
+            groups.append([t])
+        else:
+            same.append(t)
+    return [(" / ".join(g), g) for g in groups]
+
+
+def depth_kernel(profiles: list[tuple[str, pl.DataFrame]], colours: dict[str, str],
+                 threshold: float | None = None) -> go.Figure:
+    """Kernel % against the block, one panel per module type (types fed the same tensor in one), one
+    colour per quantizer configuration (and transform), one line style per run; the threshold located
+    on the model as a line."""
+    groups = module_groups(profiles)
+    fig = make_subplots(rows=1, cols=max(len(groups), 1), shared_yaxes=True, horizontal_spacing=0.02,
+                        subplot_titles=[esc(name) for name, _ in groups])
+    shown: set[str] = set()
     for r, (run, layers) in enumerate(profiles):
-        order = layer_order(layers)
-        for config in layers["series"].unique(maintain_order=True):
-            rows = layers.filter(pl.col("series") == config).join(order.select("layer", "depth", "short"), on="layer")
-            fig.add_trace(go.Scatter(
-                x=rows["depth"].to_list(), y=[round(100 * v, 4) for v in rows["kernel_fraction"]],
-                mode="lines", name=esc(f"{run}: {config}"), text=[esc(n) for n in rows["short"]],
-                hovertemplate="%{text}<br>kernel %{y:.2f}%<extra>%{fullData.name}</extra>",
-                line=dict(color=colours[config], dash=("solid", "dot", "dash")[r % 3])))
-    fig.update_layout(**LAYOUT, title="Kernel per layer along depth", xaxis_title="layer (capture order)",
-                      yaxis_title="kernel %")
+        for col, (_, types) in enumerate(groups, start=1):
+            mine = layers.filter(pl.col("module_type") == types[0]).filter(pl.col("block").is_not_null())
+            for config in mine["series"].unique(maintain_order=True):
+                rows = mine.filter(pl.col("series") == config).sort("block")
+                name = f"{run}: {config}"
+                fig.add_trace(go.Scatter(
+                    x=rows["block"].to_list(), y=[round(100 * v, 4) for v in rows["kernel_fraction"]],
+                    mode="lines+markers", marker={"size": 4}, name=esc(name), legendgroup=esc(name),
+                    showlegend=name not in shown, text=[esc(f"block {b}, {types[0]}") for b in rows["block"]],
+                    hovertemplate="%{text}<br>kernel %{y:.2f}%<extra>%{fullData.name}</extra>",
+                    line={"color": colours[config], "dash": ("solid", "dot", "dash")[r % 3]}), row=1, col=col)
+                shown.add(name)
+    if threshold is not None:
+        fig.add_hline(y=100 * threshold, line={"color": "#555555", "dash": "dash"},
+                      annotation_text=f"threshold {100 * threshold:.2f}%", annotation_position="top left")
+    fig.update_layout(**{**LAYOUT, "height": 440, "margin": {"l": 60, "r": 20, "t": 80, "b": 50}},
+                      title="Kernel per block, by module type")
+    fig.update_xaxes(title_text="block")
+    fig.update_yaxes(title_text="kernel %", row=1, col=1)
     return fig
 
 
 def heatmap(run: str, layers: pl.DataFrame) -> go.Figure:
     """Block × module type kernel %, per-token INT8 beside CrossQuant INT8 (or the first configs, and
-    the first of another transform); the colour range is that of what is drawn."""
+    the first of another transform); module types fed the same tensor share a row; the colour range
+    is that of what is drawn."""
     configs = layers.filter(pl.col("bits") == 8)["series"].unique(maintain_order=True).to_list()[:2]
     configs = configs or layers["series"].unique(maintain_order=True).to_list()[:2]
     other = layers.filter((pl.col("transform") != "none") & (pl.col("config") == layers["config"][0]))
     configs += other["series"].unique(maintain_order=True).to_list()[:1]  # the first beside it in another basis
+    int4 = layers.filter((pl.col("bits") == 4) & (pl.col("transform") == "none"))["series"].unique(maintain_order=True)
+    configs += [c for c in int4.to_list()[:1] if c not in configs]  # and a 4-bit panel, on its own colour range
     fig = make_subplots(rows=1, cols=len(configs), subplot_titles=[esc(c) for c in configs],
                         shared_yaxes=True, horizontal_spacing=0.08)
     in_blocks = layers.filter(pl.col("block").is_not_null())
-    types = in_blocks["module_type"].unique(maintain_order=True).to_list()
+    groups = module_groups([(run, layers)])
     blocks = sorted(in_blocks["block"].unique().to_list())
-    drawn = in_blocks.filter(pl.col("series").is_in(configs))
-    top = max(drawn["kernel_fraction"].max() or 0.0, 1e-9) * 100
+    four = set(int4.to_list()[:1]) - set(configs[:-1])
     for i, config in enumerate(configs):
+        same_range = [c for c in configs if (c in four) == (config in four)]
+        top = max(in_blocks.filter(pl.col("series").is_in(same_range))["kernel_fraction"].max() or 0.0, 1e-9) * 100
         sub = in_blocks.filter(pl.col("series") == config)
         cell = {(r["module_type"], r["block"]): r["kernel_fraction"] for r in sub.iter_rows(named=True)}
-        z = [[round(100 * cell[(t, b)], 3) if (t, b) in cell else None for b in blocks] for t in types]
-        fig.add_trace(go.Heatmap(z=z, x=blocks, y=[esc(t) for t in types], zmin=0, zmax=top,
-                                 colorscale="Viridis", showscale=i == len(configs) - 1,
-                                 colorbar=dict(title="kernel %"),
+        z = [[round(100 * cell[(types[0], b)], 3) if (types[0], b) in cell else None for b in blocks]
+             for _, types in groups]
+        fig.add_trace(go.Heatmap(z=z, x=blocks, y=[esc(name) for name, _ in groups], zmin=0, zmax=top,
+                                 colorscale="Viridis", showscale=i == len(configs) - 1 or config in four,
+                                 colorbar={"title": "kernel %", "x": 1.02 if config not in four else 1.12},
                                  hovertemplate="block %{x}, %{y}: %{z:.2f}%<extra></extra>"),
                       row=1, col=i + 1)
-    fig.update_layout(**{**LAYOUT, "height": 120 + 28 * len(types)},
+    fig.update_layout(**{**LAYOUT, "height": 160 + 32 * len(groups), "margin": {"l": 170, "r": 20, "t": 60, "b": 50}},
                       title=esc(f"{run}: kernel % by block and module type"))
     fig.update_xaxes(title_text="block")
-    fig.update_yaxes(automargin=True)
+    fig.update_yaxes(title_text="module type", row=1, col=1)
     return fig
 
 
@@ -103,26 +145,27 @@ def zero_bounds(profiles: list[tuple[str, pl.DataFrame]], colours: dict[str, str
                     hovertemplate="%{text}<br>%{y:.3g}<extra>%{fullData.name}</extra>",
                     line=dict(color=colours[config], dash=dash)))
     fig.update_layout(**LAYOUT, title="Zero bound along depth (INT8): B per-token vs B̃ CrossQuant",
-                      xaxis_title="layer (capture order)", yaxis_title="zero bound (p50 solid, p99 dotted)",
+                      xaxis_title="layer (capture order)", yaxis_title="zero bound, in units of |x| (p50 solid, p99 dotted)",
                       yaxis_type="log")
     return fig
 
 
 def c_ge_t(profiles: list[tuple[str, pl.DataFrame]]) -> go.Figure:
-    """Share of pairs with c_j ≥ t_i per layer: where CrossQuant's bound is not below per-token's."""
+    """Share of pairs with c_j ≥ t_i per block, one line per module type (those fed the same tensor as
+    one) and line style per run: where CrossQuant's bound is not below per-token's. In the input's own
+    basis."""
     fig = go.Figure()
+    groups = module_groups(profiles)
     for r, (run, layers) in enumerate(profiles):
-        order = layer_order(layers)
-        for b, basis in enumerate(layers["transform"].unique(maintain_order=True).to_list()):
-            mine = layers.filter(pl.col("transform") == basis)
-            rows = mine.unique(subset="layer", maintain_order=True).join(order.select("layer", "depth", "short"),
-                                                                         on="layer")
+        own = layers.filter((pl.col("transform") == layers["transform"][0]) & pl.col("block").is_not_null())
+        for g, (name, types) in enumerate(groups):
+            rows = own.filter(pl.col("module_type") == types[0]).unique(subset="layer", maintain_order=True).sort("block")
             fig.add_trace(go.Scatter(
-                x=rows["depth"].to_list(), y=[round(100 * v, 4) for v in rows["c_ge_t_fraction"]], mode="lines",
-                name=esc(run if basis == "none" else f"{run}, {basis}"), text=[esc(n) for n in rows["short"]],
-                hovertemplate="%{text}<br>c ≥ t: %{y:.2f}%<extra>%{fullData.name}</extra>",
-                line=dict(color=PALETTE[r % len(PALETTE)], dash=("solid", "dot", "dash")[b % 3])))
-    fig.update_layout(**LAYOUT, title="Pairs with c_j ≥ t_i per layer", xaxis_title="layer (capture order)",
+                x=rows["block"].to_list(), y=[round(100 * v, 4) for v in rows["c_ge_t_fraction"]], mode="lines+markers",
+                marker={"size": 4}, name=esc(f"{run}: {name}"),
+                hovertemplate="block %{x}<br>c ≥ t: %{y:.2f}%<extra>%{fullData.name}</extra>",
+                line={"color": PALETTE[g % len(PALETTE)], "dash": ("solid", "dot", "dash")[r % 3]}))
+    fig.update_layout(**LAYOUT, title="Pairs with c_j ≥ t_i per block, by module type", xaxis_title="block",
                       yaxis_title="c ≥ t %")
     return fig
 
@@ -137,37 +180,61 @@ def _named(run: str, what: str, transform: str | None) -> str:
 
 
 def threshold_curve(runs: list[tuple[str, dict]]) -> go.Figure:
-    """Remove-kernel perplexity against kernel proportion, with the tolerance and the crossing."""
+    """Remove-kernel perplexity change from fp against kernel proportion, with the fp line, the
+    tolerance, the crossing and its 95% interval, and the model's own kernels marked."""
     fig = go.Figure()
+    fig.add_hline(y=0, line={"color": "#777777"}, annotation_text="fp", annotation_position="bottom left")
     trace = 0
     for run, summary in runs:
-        fig.add_hline(y=summary["target_perplexity"], line=dict(color=PALETTE[trace % len(PALETTE)], dash="dot"),
+        fp = summary["fp_perplexity"]
+        fig.add_hline(y=100 * summary["tolerance"], line={"color": PALETTE[trace % len(PALETTE)], "dash": "dot"},
                       annotation_text=esc(f"{run}: fp + {100 * summary['tolerance']:g}%"))
         for search in _searches(summary):
             color = PALETTE[trace % len(PALETTE)]
             trace += 1
             curve = sorted(search["curve"], key=lambda p: p["kernel_fraction"])
             fig.add_trace(go.Scatter(
-                x=[round(100 * p["kernel_fraction"], 4) for p in curve], y=[p["perplexity"] for p in curve],
+                x=[round(100 * p["kernel_fraction"], 4) for p in curve],
+                y=[round(100 * (p["perplexity"] / fp - 1), 4) for p in curve],
                 mode="lines+markers", name=esc(_named(run, "remove-kernel", search.get("transform"))),
-                line=dict(color=color), text=[f"λ={p['lambda']:.4g}" for p in curve],
-                hovertemplate="%{text}<br>kernel %{x:.2f}%<br>ppl %{y:.4f}<extra>%{fullData.name}</extra>"))
+                line={"color": color}, text=[f"λ={p['lambda']:.4g}, ppl {p['perplexity']:.4f}" for p in curve],
+                hovertemplate="%{text}<br>kernel %{x:.2f}%<br>%{y:+.2f}% from fp<extra>%{fullData.name}</extra>"))
             within = (search.get("bracket") or {}).get("within")
             if within and search.get("status") == "crossing bracketed":
-                fig.add_vline(x=100 * within["kernel_fraction"], line=dict(color=color, dash="dash"),
+                fig.add_vline(x=100 * within["kernel_fraction"], line={"color": color, "dash": "dash"},
                               annotation_text=esc(f"threshold {100 * within['kernel_fraction']:.2f}%"))
-    fig.update_layout(**LAYOUT, title="Threshold: remove-kernel perplexity vs kernel proportion",
-                      xaxis_title="kernel %", yaxis_title="perplexity")
+            spread = search.get("crossing_uncertainty") or {}
+            if spread.get("kernel_fraction_ci_low") is not None:
+                fig.add_vrect(x0=100 * spread["kernel_fraction_ci_low"], x1=100 * spread["kernel_fraction_ci_high"],
+                              fillcolor=color, opacity=0.08, line_width=0)
+            kernels = search.get("actual_kernels") or []
+            fig.add_trace(go.Scatter(
+                x=[round(100 * k["kernel_fraction"], 4) for k in kernels], y=[0.0] * len(kernels),
+                mode="markers+text", marker={"symbol": "triangle-up", "size": 10, "color": color},
+                text=[esc(k["config"]) for k in kernels], textposition="top center",
+                name=esc(_named(run, "the model's kernels", search.get("transform"))),
+                hovertemplate="%{text}: kernel %{x:.2f}%<extra></extra>"))
+    fig.update_layout(**LAYOUT, title="Threshold: remove-kernel perplexity change vs kernel proportion",
+                      xaxis_title="kernel %", yaxis_title="perplexity change from fp, %")
     return fig
 
 
+def _fp_kernel(row: dict) -> float | None:
+    """A sweep row's kernel on full-precision activations (``kernel_fraction`` in a run written before
+    ``kernel_fraction`` meant the kernel of the row's own pass, beside ``quantized_kernel_fraction``)."""
+    return row["kernel_fraction"] if "quantized_kernel_fraction" in row else row.get("fp_kernel_fraction")
+
+
 def alpha_sweep(runs: list[tuple[str, dict]]) -> go.Figure:
-    """Perplexity and kernel % against CrossQuant α (α = 1 is per-token), one pair of lines per
-    run and transform."""
-    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    """Perplexity (with the fp line) and kernel % against CrossQuant α (α = 1 is per-token), in two
+    panels, one line per run and transform."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["perplexity (dotted: fp)", "kernel % on fp activations"],
+                        horizontal_spacing=0.1)
     trace = 0
     for run, summary in runs:
         rows = [x for x in summary["results"] if x["alpha"] is not None]
+        if summary.get("fp_perplexity") is not None:
+            fig.add_hline(y=summary["fp_perplexity"], line=dict(color="#777777", dash="dot"), row=1, col=1)
         for transform in dict.fromkeys(x.get("transform") for x in rows):
             color = PALETTE[trace % len(PALETTE)]
             trace += 1
@@ -175,12 +242,13 @@ def alpha_sweep(runs: list[tuple[str, dict]]) -> go.Figure:
             alphas = [x["alpha"] for x in mine]
             fig.add_trace(go.Scatter(x=alphas, y=[x["perplexity"] for x in mine], mode="lines+markers",
                                      name=esc(_named(run, "perplexity", transform)), line=dict(color=color)),
-                          secondary_y=False)
-            fig.add_trace(go.Scatter(x=alphas, y=[round(100 * x["kernel_fraction"], 4) for x in mine],
+                          row=1, col=1)
+            kernels = [_fp_kernel(x) for x in mine]
+            fig.add_trace(go.Scatter(x=alphas, y=[None if k is None else round(100 * k, 4) for k in kernels],
                                      mode="lines+markers", name=esc(_named(run, "kernel %", transform)),
-                                     line=dict(color=color, dash="dot")), secondary_y=True)
+                                     line=dict(color=color, dash="dot")), row=1, col=2)
     fig.update_layout(**LAYOUT, title="CrossQuant α sweep")
     fig.update_xaxes(title_text="α")
-    fig.update_yaxes(title_text="perplexity", secondary_y=False)
-    fig.update_yaxes(title_text="kernel %", secondary_y=True)
+    fig.update_yaxes(title_text="perplexity", row=1, col=1)
+    fig.update_yaxes(title_text="kernel %", row=1, col=2)
     return fig

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,7 @@ import polars as pl
 
 from kernelscope.errors import KernelscopeError
 from kernelscope.reports import figures as F
+from kernelscope.reports import packing
 from kernelscope.reports.figures import esc
 from kernelscope.results import RunFolder, check_report_file, default_mode, read_run
 from kernelscope.results.paths import REPORT_TAG
@@ -23,7 +25,9 @@ from kernelscope.version import __version__
 PROFILE_COMMAND = "kernelscope profile MODEL -o DIR"
 ZEROSHOT_COMMAND = "kernelscope zeroshot MODEL --scheme fp --scheme w8a8-per-token --tasks arc_easy,piqa -o DIR"
 REFERENCE_THRESHOLDS = {"OPT": 0.19, "LLaMA": 0.01}
-"""Kernel proportions below which the CrossQuant paper finds perplexity near-lossless."""
+"""Kernel proportions below which the CrossQuant paper finds perplexity near-lossless, per family."""
+FAMILIES = {"OPT": ("opt",), "LLaMA": ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma")}
+"""Which model types (or architecture names' beginnings) each paper reference applies to."""
 
 TABLE_COLUMNS = ("run", "layer", "block", "module_type", "transform", "config", "kernel_fraction", "bound_p50",
                  "bound_below_per_token_fraction", "c_ge_t_fraction", "abs_max")
@@ -35,35 +39,81 @@ table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}td,th{border:1px 
 th{background:#f5f5f5}th.sortable{cursor:pointer}th.sortable:after{content:" \\2195";color:#999}
 table.facts thead{display:none}table.facts td:first-child{font-weight:600;white-space:nowrap}
 td.num{text-align:right;font-variant-numeric:tabular-nums}.missing{color:#777;font-style:italic}
-.below{color:#2ca02c}.above{color:#d62728}code{background:#f3f3f3;padding:0 .25rem}
+.below{color:#2ca02c}.above{color:#d62728}.warning{color:#a15c00;font-weight:600}
+#decision{border:1px solid #ccc;border-radius:6px;padding:.2rem 1rem;background:#fafafa}
+p.decision{font-size:1.05rem;line-height:1.5}code{background:#f3f3f3;padding:0 .25rem}
 #layer-filter{width:24rem;padding:.3rem;margin:.3rem 0}.scroll{max-height:32rem;overflow:auto}
+#layer-table thead tr:first-child th{position:sticky;top:0;z-index:2}
+#layer-table thead tr.filters td{position:sticky;top:1.6rem;background:#fafafa;z-index:2;padding:.1rem}
+#layer-table thead tr.filters input{width:100%;box-sizing:border-box;font-size:.75rem}
 """
 
 SCRIPT = """
 (function(){
-  function parse(id){return JSON.parse(document.getElementById(id).textContent);}
+  var data = JSON.parse(KS.unpack('ks-data'));
+  function parse(id){return data[id];}
   document.querySelectorAll('[data-figure]').forEach(function(div){
     var fig = parse(div.getAttribute('data-figure'));
     Plotly.newPlot(div, fig.data, fig.layout, {responsive:true, displaylogo:false});
   });
   var table = document.getElementById('layer-table');
   if(!table){return;}
-  var cols = parse('layer-cols'), body = table.tBodies[0];
-  var rows = parse('layer-rows').map(function(r){
-    return r.map(function(v, i){return (cols[i].values && v !== null) ? cols[i].values[v] : v;});});
-  var sortCol = -1, sortDir = 1, filter = '';
+  var longCols = parse('layer-cols'), body = table.tBodies[0];
+  var longRows = parse('layer-rows').map(function(r){
+    return r.map(function(v, i){return (longCols[i].values && v !== null) ? longCols[i].values[v] : v;});});
+  var cols = longCols, rows = longRows, wide = false;
+  var sortCol = -1, sortDir = 1, filter = '', colFilters = [];
   function cell(v, c){
-    if(v === null){return '';}
+    if(v === null || v === undefined){return '';}
     if(c.pct){return (100*v).toFixed(2) + '%';}
     if(typeof v === 'number' && !Number.isInteger(v)){return v.toPrecision(4);}
     return String(v);
   }
+  function matches(r){
+    var shown = r.map(function(v, i){return cell(v, cols[i]).toLowerCase();});
+    var terms = filter.split(/\\s+/).filter(Boolean);
+    if(!terms.every(function(t){return shown.some(function(s){return s.indexOf(t) >= 0;});})){return false;}
+    return colFilters.every(function(f, i){
+      if(!f){return true;}
+      var m = /^([<>]=?)\\s*(-?[0-9.]+)(%?)$/.exec(f);
+      if(m && typeof r[i] === 'number'){
+        var x = cols[i].pct ? 100 * r[i] : r[i], y = parseFloat(m[2]);
+        return m[1] === '<' ? x < y : m[1] === '<=' ? x <= y : m[1] === '>' ? x > y : x >= y;
+      }
+      return shown[i].indexOf(f) >= 0;
+    });
+  }
+  function compare(x, y){
+    if(x === y){return 0;} if(x === null || x === undefined){return 1;} if(y === null || y === undefined){return -1;}
+    if(typeof x === 'number' && typeof y === 'number'){return (x < y ? -1 : 1) * sortDir;}
+    return String(x).localeCompare(String(y), undefined, {numeric: true}) * sortDir;
+  }
+  function shownRows(){
+    var shown = rows.filter(matches);
+    if(sortCol >= 0){shown.sort(function(a, b){return compare(a[sortCol], b[sortCol]);});}
+    return shown;
+  }
+  function header(){
+    var head = table.tHead;
+    head.textContent = '';
+    var names = head.insertRow(), filters = head.insertRow();
+    filters.className = 'filters';
+    colFilters = cols.map(function(){return '';});
+    cols.forEach(function(c, i){
+      var th = document.createElement('th');
+      th.className = 'sortable'; th.textContent = c.title || c.name;
+      th.addEventListener('click', function(){sortDir = (sortCol === i) ? -sortDir : 1; sortCol = i; render();
+        table.setAttribute('data-sorted', c.name + (sortDir > 0 ? ' asc' : ' desc'));});
+      names.appendChild(th);
+      var td = document.createElement('td'), box = document.createElement('input');
+      box.type = 'search'; box.placeholder = c.pct || c.numeric ? '>1.5' : 'filter';
+      box.setAttribute('data-column', c.name);
+      box.addEventListener('input', function(e){colFilters[i] = e.target.value.trim().toLowerCase(); render();});
+      td.appendChild(box); filters.appendChild(td);
+    });
+  }
   function render(){
-    var shown = rows.filter(function(r){return !filter || r.join(' ').toLowerCase().indexOf(filter) >= 0;});
-    if(sortCol >= 0){shown.sort(function(a, b){
-      var x = a[sortCol], y = b[sortCol];
-      if(x === y){return 0;} if(x === null){return 1;} if(y === null){return -1;}
-      return (x < y ? -1 : 1) * sortDir;});}
+    var shown = shownRows();
     body.textContent = '';
     shown.forEach(function(r){
       var tr = document.createElement('tr');
@@ -72,27 +122,74 @@ SCRIPT = """
       body.appendChild(tr);});
     document.getElementById('layer-count').textContent = shown.length + ' of ' + rows.length + ' rows';
   }
-  table.querySelectorAll('th').forEach(function(th, i){
-    th.addEventListener('click', function(){sortDir = (sortCol === i) ? -sortDir : 1; sortCol = i; render();
-      table.setAttribute('data-sorted', cols[i].name + (sortDir > 0 ? ' asc' : ' desc'));});});
+  function widen(){
+    var at = {}; longCols.forEach(function(c, i){at[c.name] = i;});
+    var keys = ['run', 'layer', 'block', 'module_type', 'transform'], series = [], index = {}, out = [];
+    longRows.forEach(function(r){
+      var config = r[at.config];
+      if(series.indexOf(config) < 0){series.push(config);}
+      var key = keys.map(function(k){return r[at[k]];}).join('\\u0000');
+      if(!(key in index)){index[key] = out.length; out.push(keys.map(function(k){return r[at[k]];}));}
+      out[index[key]][keys.length + series.indexOf(config)] = r[at.kernel_fraction];
+    });
+    cols = keys.map(function(k){return longCols[at[k]];}).concat(series.map(function(s){
+      return {name: s, title: s + ' kernel', pct: true};}));
+    rows = out.map(function(r){for(var i = 0; i < cols.length; i++){if(r[i] === undefined){r[i] = null;}} return r;});
+  }
+  document.getElementById('layer-wide').addEventListener('click', function(e){
+    wide = !wide;
+    if(wide){widen();} else{cols = longCols; rows = longRows;}
+    e.target.textContent = wide ? 'one row per quantizer' : 'wide view (quantizers side by side)';
+    sortCol = -1; header(); render();
+  });
+  document.getElementById('layer-csv').addEventListener('click', function(){
+    var quote = function(v){v = (v === null || v === undefined) ? '' : String(v);
+      return /[",\\n]/.test(v) ? '"' + v.replace(/"/g, '""') + '"' : v;};
+    var lines = [cols.map(function(c){return quote(c.name);}).join(',')].concat(
+      shownRows().map(function(r){return r.map(quote).join(',');}));
+    var link = document.createElement('a');
+    link.href = URL.createObjectURL(new Blob([lines.join('\\n') + '\\n'], {type: 'text/csv'}));
+    link.download = 'kernelscope-layers.csv';
+    document.body.appendChild(link); link.click(); link.remove();
+    table.setAttribute('data-csv-rows', String(lines.length - 1));
+  });
   document.getElementById('layer-filter').addEventListener('input', function(e){
     filter = e.target.value.toLowerCase(); render();});
-  render();
+  header(); render();
 })();
 """
 
 
-def _json_script(element_id: str, value: object) -> str:
-    """JSON inside a ``<script>`` element, safe against ``</script>`` and friends in the data."""
-    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
-    text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-    return f'<script type="application/json" id="{element_id}">{text}</script>'
+BOOT = """
+(function(){
+  var s = document.createElement('script');
+  s.text = KS.unpack('ks-plotly');
+  document.head.appendChild(s);
+})();
+"""
+"""Unpacks plotly.js and runs it, before the page's own script draws."""
+
+
+def _packed_script(element_id: str, packed: tuple[str, int, int]) -> str:
+    """A payload packed by :mod:`~kernelscope.reports.packing` in an inert ``<script>`` element."""
+    text, packed_size, size = packed
+    return (f'<script type="text/plain" id="{element_id}" data-packed="{packed_size}" data-size="{size}">'
+            f"{text}</script>")
+
+
+def page_data(html: str) -> dict:
+    """The figures and tables a report page carries (what its script draws), read back from the page."""
+    start = html.index('<script type="text/plain" id="ks-data"')
+    head, _, rest = html[start:].partition(">")
+    packed_size = int(head.split('data-packed="')[1].split('"')[0])
+    return json.loads(packing.unpack(rest.partition("</script>")[0], packed_size))
 
 
 class _Page:
     def __init__(self) -> None:
         self.parts: list[str] = []
         self.figures = 0
+        self.data: dict[str, object] = {}  # what the page's script draws, packed once
 
     def add(self, html: str) -> None:
         self.parts.append(html)
@@ -101,7 +198,8 @@ class _Page:
         fid = f"fig-{self.figures}"
         self.figures += 1
         data = json.loads(pio.to_json(fig, validate=False, pretty=False))
-        self.add(f'<div class="figure" data-figure="{fid}"></div>{_json_script(fid, data)}')
+        self.data[fid] = data
+        self.add(f'<div class="figure" data-figure="{fid}"></div>')
 
     def missing(self, what: str, command: str, fills: str = "this section") -> None:
         self.add(f'<p class="missing">No {esc(what)} in these runs: <code>{esc(command)}</code> fills {esc(fills)}.</p>')
@@ -122,9 +220,14 @@ def _label_runs(runs: Sequence[RunFolder]) -> list[str]:
     return labels
 
 
+NUMBER = re.compile(r"^[+-]?[0-9][0-9,.]*(e[+-]?[0-9]+)?( ?%| pt)?$")
+"""A cell that is a number (``1,024``, ``+2.97%``, ``-8.80 pt``): right-aligned."""
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]], css: str = "") -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(f'<td class="num">{c}</td>' if NUMBER.match(str(c)) else f"<td>{c}</td>"
+                                    for c in row) + "</tr>" for row in rows)
     return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -159,6 +262,109 @@ def _measured(page: _Page, runs: list[tuple[str, RunFolder]]) -> None:
         page.add(_table(["", ""], [[esc(k), esc(v)] for k, v in rows if v], css="facts"))
 
 
+def family_of(model: dict) -> str | None:
+    """The paper's family a run's model belongs to (LLaMA-like or OPT), or None."""
+    name = str(model.get("model_type") or model.get("architecture") or "").lower()
+    return next((fam for fam, prefixes in FAMILIES.items() if name.startswith(prefixes)), None)
+
+
+def _measured_on(summary: dict) -> tuple:
+    """What a run's figures depend on besides the model: the text, the windows and their length."""
+    return ((summary.get("text") or {}).get("sha256"), (summary.get("windows") or {}).get("tokens_sha256"),
+            (summary.get("windows") or {}).get("seqlen"))
+
+
+def _change(row: dict) -> str:
+    """``+2.97% [2.50, 3.44]``: a row's perplexity change from fp with its paired interval."""
+    if row.get("change_pct") is None:
+        return ""
+    ci = "" if row.get("change_pct_ci_low") is None else f" [{row['change_pct_ci_low']:+.2f}, {row['change_pct_ci_high']:+.2f}]"
+    return f"{row['change_pct']:+.2f}%{ci}"
+
+
+def _recommendation(evals, sweeps, advices) -> list[str]:
+    """Sentences on what to deploy: advise's plan first, else the evaluated scheme closest to fp."""
+    said = []
+    for _, s in advices[:1]:
+        plan, whole = s["plan"], s["quantized"]
+        basis = "" if s.get("transform", "none") == "none" else f" in the {s['transform']} basis"
+        said.append(f"Deploy <b>{esc((s.get('scheme') or {}).get('scheme', ''))}"
+                    f"</b>{esc(basis)} with {plan['kept_layers']} Linear layer{'s' * (plan['kept_layers'] != 1)} kept in full precision "
+                    f"({_pct(plan.get('parameter_share'))} of the covered parameters): perplexity "
+                    f"{plan['perplexity']:.4f}, {esc(_change(plan))} from fp"
+                    f"{'' if plan.get('within_tolerance') else ', not within the tolerance'} (advise).")
+        said.append(f"Quantizing every layer costs {esc(_change(whole))}.")
+        share = s.get("kernel_explains") or {}
+        if share.get("share") is not None:
+            ci = "" if share.get("ci_low") is None else f" [{100 * share['ci_low']:.0f}%, {100 * share['ci_high']:.0f}%]"
+            said.append(f"Removing only the kernel causes {100 * share['share']:.0f}%{ci} of that loss.")
+    quantized = [r for _, s in evals for r in s["results"] if r.get("change_pct") is not None]
+    if quantized and not advices:
+        best = min(quantized, key=lambda r: r["perplexity"])
+        basis = "" if best.get("transform", "none") == "none" else f", {best['transform']}"
+        said.append(f"Of the schemes evaluated, <b>{esc(best['scheme'] + basis)}</b> is closest to fp: "
+                    f"{esc(_change(best))} ({esc(best.get('vs_fp') or '')}).")
+    for _, s in sweeps[:1]:
+        rows = [r for r in s["results"] if r.get("alpha") is not None and r.get("perplexity") is not None]
+        if rows:
+            best = min(rows, key=lambda r: r["perplexity"])
+            said.append(f"The CrossQuant sweep is best at α = {best['alpha']:g} ({esc(_change(best))}).")
+    return said
+
+
+def _int4(evals, profiles, located) -> list[str]:
+    """Whether 4-bit activations are viable: measured in an evaluation, else the INT4 kernel against
+    the threshold located on this model."""
+    rows = [r for _, s in evals for r in s["results"] if r.get("activation_bits") == 4 and r.get("change_pct") is not None]
+    if rows:
+        best = min(rows, key=lambda r: r["perplexity"])
+        return [f"4-bit activations: the best evaluated, {esc(best['scheme'])}"
+                f"{'' if best.get('transform', 'none') == 'none' else ', ' + esc(best['transform'])}, costs "
+                f"{esc(_change(best))}."]
+    if not located:
+        return []
+    threshold = min(located)
+    int4 = [r for _, run in profiles for r in run.summary.get("model_level", []) if r.get("bits") == 4]
+    if not int4:
+        return []
+    best = min(int4, key=lambda r: r["kernel_fraction"])
+    verdict = "below" if best["kernel_fraction"] <= threshold else "above"
+    return [f"4-bit activations: the smallest INT4 kernel measured, {esc(_series(best))} at "
+            f"{_pct(best['kernel_fraction'])}, is {verdict} the {_pct(threshold)} threshold located on this model."]
+
+
+def _decision(page: _Page, labelled, profiles, thresholds, evals, sweeps, advices) -> None:
+    """The first screen: what was measured on what, and one paragraph on what to do."""
+    first = labelled[0][1].summary
+    model, text = first.get("model") or {}, first.get("text") or {}
+    page.add('<section id="decision"><h2>Decision</h2>')
+    shown = text.get("description") or text.get("source")
+    page.add(f"<p><b>Model</b> {esc(model.get('path') or model.get('architecture') or '')}"
+             + (f"; <b>text</b> {esc(shown)}" if shown else "") + ".</p>")
+    located = [search["threshold_kernel_fraction"] for _, s in thresholds for search in (s.get("searches") or [s])
+               if search.get("threshold_kernel_fraction") is not None]
+    said = _recommendation(evals, sweeps, advices) + _int4(evals, profiles, located)
+    if located and not any("threshold located" in x for x in said):
+        said.append(f"The kernel threshold located on this model is {_pct(min(located))}.")
+    family = family_of(model)
+    if family and not located:
+        said.append(f"The CrossQuant paper's reference for {family} models is {100 * REFERENCE_THRESHOLDS[family]:g}% "
+                    "(the paper's, not measured here: <code>kernelscope threshold</code> locates this model's).")
+    if not said:
+        said.append("No evaluation in these runs: <code>kernelscope advise MODEL</code> or "
+                    "<code>kernelscope eval MODEL</code> measures what a scheme costs.")
+    page.add(f'<p class="decision">{" ".join(said)}</p>')
+    bases = {}
+    for label, run in labelled:
+        if run.summary.get("text") or run.summary.get("windows"):
+            bases.setdefault(_measured_on(run.summary), []).append(label)
+    if len(bases) > 1:
+        groups = "; ".join(", ".join(labels) for labels in bases.values())
+        page.add(f'<p class="warning">These runs were measured on different text, windows or lengths '
+                 f"({esc(groups)}): compare their figures with care.</p>")
+    page.add("</section>")
+
+
 def _verdict(page: _Page, profiles, thresholds) -> None:
     page.add("<h2>Verdict</h2>")
     if not profiles and not thresholds:
@@ -171,9 +377,11 @@ def _verdict(page: _Page, profiles, thresholds) -> None:
     for label, run in profiles:
         for r in run.summary.get("model_level", []):
             cells = [esc(label), esc(_series(r)), _pct(r["kernel_fraction"])]
-            for name, ref in REFERENCE_THRESHOLDS.items():
-                side = "below" if r["kernel_fraction"] < ref else "above"
-                cells.append(f'<span class="{side}">{side} {name} {100 * ref:g}%</span>')
+            family = family_of(run.summary.get("model") or {})
+            ref = REFERENCE_THRESHOLDS.get(family)
+            side = None if ref is None else ("below" if r["kernel_fraction"] < ref else "above")
+            cells.append('<span class="missing">no reference for this family</span>' if ref is None
+                         else f'<span class="{side}">{side} the paper\'s {family} {100 * ref:g}%</span>')
             located_txt = []
             for tl, ts in located.items():
                 t = ts["threshold_kernel_fraction"]
@@ -182,10 +390,11 @@ def _verdict(page: _Page, profiles, thresholds) -> None:
             cells.append("<br>".join(located_txt) or '<span class="missing">none located</span>')
             rows.append(cells)
     if rows:
-        page.add("<p>Model-level kernel, elements-weighted over every covered Linear input, against the "
-                 "paper's reference thresholds (perplexity near-lossless below about 19% on OPT and 1% on "
-                 "LLaMA) and against any threshold located by <code>kernelscope threshold</code>.</p>")
-        page.add(_table(["run", "quantizer", "kernel", "OPT reference", "LLaMA reference", "located threshold"], rows))
+        page.add("<p>Model-level kernel, elements-weighted over every covered Linear input, against any "
+                 "threshold located by <code>kernelscope threshold</code> and the CrossQuant paper's reference "
+                 "for the model's own family (perplexity near-lossless below about 19% on OPT, 1% on LLaMA).</p>")
+        page.add(_table(["run", "quantizer", "kernel", "located threshold", "paper's reference"],
+                        [[*row[:3], row[4], row[3]] for row in rows]))
     for label, s in thresholds:
         for search in s.get("searches") or [s]:
             basis = "" if search.get("transform", "none") == "none" else f", {search['transform']}"
@@ -195,20 +404,47 @@ def _verdict(page: _Page, profiles, thresholds) -> None:
         page.missing("located threshold", "kernelscope threshold MODEL -o DIR")
 
 
+def _tokens(row: dict) -> str:
+    """A layer's top tokens, each once with how often it occurs, and where in its window: a token at
+    position 0 is the window's first, where attention sinks put their outliers whatever the word."""
+    where = row.get("top_token_window_positions") or [None] * len(row["top_tokens"])
+    seen: dict[tuple[str, bool], list[float]] = {}
+    for token, pos, value in zip(row["top_tokens"], where, row["top_token_absmax"]):
+        seen.setdefault((token, pos == 0), []).append(value)
+    parts = []
+    for (token, sink), values in list(seen.items())[:5]:
+        count = f" ×{len(values)}" if len(values) > 1 else ""
+        place = " <b>first token (attention sink)</b>" if sink else ""
+        parts.append(f"<code>{esc(repr(token))}</code>{count} ({max(values):.3g}){place}")
+    return ", ".join(parts)
+
+
 def _outliers(page: _Page, profiles) -> None:
     page.add("<h2>Top outlier channels and tokens</h2>")
+    channel_layers: dict[int, set[tuple[str, str]]] = {}
     for label, run in profiles:
         layers = run.tables["layers"].unique(subset="layer", maintain_order=True)  # the first basis: the input as is
+        for r in layers.iter_rows(named=True):
+            for c in r["top_channels"][:5]:
+                channel_layers.setdefault(c, set()).add((label, r["layer"]))
         top = layers.sort("abs_max", descending=True).head(12)
-        rows = []
+        rows, sinks = [], 0
         for r in top.iter_rows(named=True):
             channels = ", ".join(f"{c} ({v:.3g})" for c, v in zip(r["top_channels"][:5], r["top_channel_absmax"][:5]))
-            tokens = ", ".join(f"<code>{esc(repr(t))}</code> ({v:.3g})"
-                               for t, v in zip(r["top_tokens"][:5], r["top_token_absmax"][:5]))
-            rows.append([esc(r["layer"]), f"{r['abs_max']:.4g}", esc(channels), tokens])
+            sinks += bool(r.get("top_token_window_positions")) and r["top_token_window_positions"][0] == 0
+            rows.append([esc(r["layer"]), f"{r['abs_max']:.4g}", esc(channels), _tokens(r)])
         page.add(f"<p><b>{esc(label)}</b>: the 12 layers with the largest |x|, their largest channels (c_j) "
-                 "and tokens (t_i, decoded).</p>")
+                 "and tokens (t_i, decoded, with how often each occurs and its largest |x|). "
+                 f"In {sinks} of them the largest token is the first of its window: an attention sink, an "
+                 "effect of the position rather than of the word.</p>")
         page.add(_table(["layer", "max |x|", "top channels (c_j)", "top tokens (t_i)"], rows))
+    persistent = sorted(((len(where), c, len({run for run, _ in where})) for c, where in channel_layers.items()
+                         if len(where) >= 3), reverse=True)[:8]
+    if persistent:
+        page.add("<p>Channels among the five largest of many layers (the same outlier dimensions run through "
+                 "the residual stream): " + ", ".join(
+                     f"<b>{c}</b> in {n} layers" + (f" of {runs} runs" if runs > 1 else "")
+                     for n, c, runs in persistent) + ".</p>")
 
 
 def _formats(page: _Page, profiles: list[tuple[str, RunFolder]]) -> None:
@@ -263,13 +499,14 @@ def _eval_table(page: _Page, evals) -> None:
     for label, s in evals:
         reference = next((r for r in s["results"] if r["scheme"] == "fp"), None)
         fp = reference["perplexity"] if reference else None
-        rows = [[esc(r["scheme"]), esc(r.get("transform", "none")), f"{r['perplexity']:.4f}",
+        rows = [[esc(r["scheme"]), "" if r.get("alpha") is None else f"{r['alpha']:g}",
+                 esc(r.get("transform", "none")), f"{r['perplexity']:.4f}",
                  _ci(r, "perplexity", "{:.4f}"),
                  "" if fp is None or r is reference else f"{100 * (r['perplexity'] / fp - 1):+.2f}%",
                  _ci(r, "change_pct", "{:+.2f}%"), esc(r.get("vs_fp") or ""),
                  _pct(r.get("kernel_fraction")), esc(r["tokens"])] for r in s["results"]]
         page.add(f"<p><b>{esc(label)}</b>: {esc(s.get('protocol', ''))}</p>")
-        page.add(_table(["scheme", "transform", "perplexity", "95% CI", "vs fp", "95% CI (paired)", "verdict",
+        page.add(_table(["scheme", "α", "transform", "perplexity", "95% CI", "vs fp", "95% CI (paired)", "verdict",
                          "activation kernel", "tokens"], rows))
         if s.get("uncertainty"):
             page.add(f"<p><small>{esc(s['uncertainty'])}</small></p>")
@@ -331,19 +568,24 @@ def _layer_table(page: _Page, profiles) -> None:
     rows = [[float(f"{v:.5g}") if isinstance(v, float) else v for v in row] for row in table.iter_rows()]
     names = {"kernel_fraction": "kernel", "bound_p50": "bound p50", "bound_below_per_token_fraction": "bound < per-token",
              "c_ge_t_fraction": "c ≥ t", "abs_max": "max |x|", "module_type": "module type"}
-    head = "".join(f'<th class="sortable">{esc(names.get(c, c))}</th>' for c in TABLE_COLUMNS)
-    page.add('<p>Click a header to sort; type to filter (matches any column). <span id="layer-count"></span></p>'
-             '<input id="layer-filter" type="search" placeholder="filter, e.g. down_proj or crossquant">'
-             f'<div class="scroll"><table id="layer-table"><thead><tr>{head}</tr></thead><tbody></tbody></table></div>'
-             + _json_script("layer-rows", rows) + _json_script("layer-cols", cols))
+    for c in cols:
+        c["title"] = names.get(c["name"], c["name"])
+        c["numeric"] = table.schema[c["name"]].is_numeric() and "values" not in c
+    page.add('<p>Click a header to sort (layer names in natural order); type to filter: the box below matches '
+             'every word somewhere in a row, as shown (<code>down_proj int8</code>), the boxes under the headers '
+             'one column each (<code>&gt;5</code> or <code>&lt;0.1%</code> for numbers). '
+             '<span id="layer-count"></span></p>'
+             '<input id="layer-filter" type="search" placeholder="filter, e.g. down_proj int8"> '
+             '<button id="layer-wide" type="button">wide view (quantizers side by side)</button> '
+             '<button id="layer-csv" type="button">download CSV of the rows shown</button>'
+             '<div class="scroll"><table id="layer-table"><thead></thead><tbody></tbody></table></div>')
+    page.data["layer-rows"], page.data["layer-cols"] = rows, cols
 
 
 def build_report(runs: Sequence[RunFolder], *, title: str | None = None) -> str:
     """The whole page as a string."""
     if not runs:
         raise KernelscopeError("a report needs at least one run folder")
-    from plotly.offline import get_plotlyjs
-
     labelled = list(zip(_label_runs(runs), runs))
     by_kind = lambda kind: [(lab, run) for lab, run in labelled if run.summary.get("kind") == kind]  # noqa: E731
     profiles = [(lab, run) for lab, run in by_kind("profile") if "layers" in run.tables]
@@ -351,16 +593,20 @@ def build_report(runs: Sequence[RunFolder], *, title: str | None = None) -> str:
     sweeps = [(lab, run.summary) for lab, run in by_kind("sweep")]
     evals = [(lab, run.summary) for lab, run in by_kind("eval")]
     zeroshots = [(lab, run.summary) for lab, run in by_kind("zeroshot")]
+    advices = [(lab, run.summary) for lab, run in by_kind("advise")]
 
     page = _Page()
     heading = title or "kernelscope report: " + ", ".join(lab for lab, _ in labelled)
     page.add(f"<h1>{esc(heading)}</h1>")
+    _decision(page, labelled, profiles, thresholds, evals, sweeps, advices)
     _measured(page, labelled)
     _verdict(page, profiles, thresholds)
     tables = [(lab, F.with_series(_with_transform(run.tables["layers"]))) for lab, run in profiles]
     colours = F.colour_of([name for _, layers in tables for name in layers["series"].to_list()])
     if tables:
-        _section(page, "Kernel along depth", [F.depth_kernel(tables, colours)])
+        located = [search["threshold_kernel_fraction"] for _, t in thresholds for search in (t.get("searches") or [t])
+                   if search.get("threshold_kernel_fraction") is not None]
+        _section(page, "Kernel along depth", [F.depth_kernel(tables, colours, min(located) if located else None)])
         _section(page, "Kernel by block and module type", [F.heatmap(lab, layers) for lab, layers in tables])
         _section(page, "Zero bounds", [F.zero_bounds(tables, colours)])
         _section(page, "Where CrossQuant cannot shrink the bound", [F.c_ge_t(tables)])
@@ -385,10 +631,12 @@ def build_report(runs: Sequence[RunFolder], *, title: str | None = None) -> str:
         _layer_table(page, profiles)
     page.add(f'<p class="missing">Written by kernelscope {esc(__version__)}.</p>')
 
+    data = json.dumps(page.data, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">" + REPORT_TAG +
             f"<title>{esc(heading)}</title><style>{STYLE}</style>"
-            f"<script>{get_plotlyjs()}</script></head><body>"
-            + "\n".join(page.parts) + f"<script>{SCRIPT}</script></body></html>\n")
+            f"</head><body>" + "\n".join(page.parts)
+            + _packed_script("ks-plotly", packing.packed_plotly()) + _packed_script("ks-data", packing.pack(data.encode("utf-8")))
+            + f"<script>{packing.UNPACK_JS}{BOOT}</script><script>{SCRIPT}</script></body></html>\n")
 
 
 def write_report(run_dirs: Sequence[str | Path] | Sequence[RunFolder], output: str | Path, *,

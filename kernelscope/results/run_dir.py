@@ -19,8 +19,8 @@ import polars as pl
 
 from kernelscope.errors import KernelscopeError
 from kernelscope.results.paths import EXPORT_NAMES, RUN_MARKER, SUMMARY_NAMES, check_output_dir
+from kernelscope.results.schema import SCHEMA_VERSION, parquet_metadata, typed
 
-SCHEMA_VERSION = 1
 SUMMARY = SUMMARY_NAMES[0]
 
 
@@ -62,7 +62,7 @@ def write_run(path: str | Path, tables: dict[str, pl.DataFrame], summary: dict[s
     default_mode(tmp, directory=True)
     try:
         for name, frame in tables.items():
-            frame.write_parquet(tmp / f"{name}.parquet")
+            typed(frame).write_parquet(tmp / f"{name}.parquet", metadata=parquet_metadata(name, summary.get("kind")))
         body = {"schema_version": SCHEMA_VERSION, **summary}
         (tmp / summary_name).write_text(json.dumps(json_safe(body), indent=2, ensure_ascii=False) + "\n")
         for name, text in files.items():

@@ -296,7 +296,7 @@ def _rollup(layers: pl.DataFrame, by: list[str]) -> pl.DataFrame:
 
 
 LIST_COLUMNS = {"top_channels": pl.Int64, "top_channel_absmax": pl.Float64, "top_tokens": pl.String,
-                "top_token_ids": pl.Int64, "top_token_positions": pl.Int64, "top_token_absmax": pl.Float64}
+                "top_token_ids": pl.Int64, "top_token_positions": pl.Int64, "top_token_window_positions": pl.Int64, "top_token_absmax": pl.Float64}
 COLUMN_TYPES = {"block": pl.Int64, "alpha": pl.Float64, "bound_below_per_token_fraction": pl.Float64,
                 "block_size": pl.Int64, "subnormal_elements": pl.Int64, "subnormal_fraction": pl.Float64,
                 "blocks": pl.Int64, "kernel_blocks": pl.Int64, "block_kernel_fraction": pl.Float64}
@@ -333,6 +333,7 @@ def _layer_table(selected: list[LinearLayer], observer: Observer, configs: list[
                  windows: Windows, tokenizer) -> pl.DataFrame:
     """One row per transform × layer × configuration, from each accumulator (or the one it shares)."""
     keys = [(layer, (layer.name, t.label)) for t in observer.transforms for layer in selected]
+    depth = {layer.name: i for i, layer in enumerate(selected)}  # capture order along the model
     owners = [observer.owner(key) for _, key in keys]
     for (layer, _), owner in zip(keys, owners, strict=True):
         if observer.stats[owner].empty:
@@ -350,6 +351,7 @@ def _layer_table(selected: list[LinearLayer], observer: Observer, configs: list[
                 texts[t] = _token_text(tokenizer, t)
         base = {
             "layer": layer.name, "block": layer.block, "module_type": layer.module_type, "transform": transform,
+            "depth": depth[layer.name],
             "in_features": layer.in_features, "tokens": lay["tokens"], "elements": lay["elements"],
             "nonfinite_elements": lay["nonfinite_elements"],
             "c_ge_t_pairs": lay["c_ge_t_pairs"], "c_ge_t_fraction": lay["c_ge_t_fraction"],
@@ -358,6 +360,7 @@ def _layer_table(selected: list[LinearLayer], observer: Observer, configs: list[
             "top_tokens": [texts[t] for t in token_ids],
             "top_token_ids": token_ids,
             "top_token_positions": [windows.starts[w] + p for w, p in positions],
+            "top_token_window_positions": [p for _, p in positions],  # 0: the window's first token
             "top_token_absmax": lay["top_token_absmax"],
         }
         rows.extend({**base, "config": cfg.label, **row}

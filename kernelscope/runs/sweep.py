@@ -58,10 +58,11 @@ def sweep(
     progress: StageProgress | None = None,
 ) -> SweepResult:
     """For each transform and quantizer configuration: its kernel on the full-precision activations
-    in the transform's basis (``kernel_fraction``), and the perplexity under its scheme
+    in the transform's basis (``fp_kernel_fraction``), and the perplexity under its scheme
     (:func:`~kernelscope.runs.schemes.scheme_of`: an INT quantizer with weights at ``weight_bits``,
     per output channel or per ``group_size`` inputs; a float format with weights in that format),
-    with the kernel measured inside that quantized pass (``quantized_kernel_fraction``) and the
+    with the kernel measured inside that quantized pass (``kernel_fraction``, as in every run kind: the
+    kernel of the activations the row's own pass quantizes) and the
     paired difference from fp. One full-precision row (no transform) is the reference; calibrated
     transforms need ``calibration`` windows."""
     configs = list(dict.fromkeys(configs))
@@ -83,15 +84,15 @@ def sweep(
     fp = run_scheme(net, windows, Scheme("fp", "fp"), selected, batch_size=batch_size,
                     progress=stage_callback(progress, "fp"))
     rows = [{"quantizer": None, "alpha": None, "scheme": "fp", "transform": fp["transform"],
-             "kernel_fraction": None, **_measured(fp), "quantized_kernel_fraction": None}]
+             "fp_kernel_fraction": None, **_measured(fp), "kernel_fraction": None}]
     for t in bound:
         for cfg, kernel in zip(configs, kernels[t.label], strict=True):
             scheme = scheme_of(cfg, weight_bits, group_size)
             row = run_scheme(net, windows, scheme, selected, transform=t, batch_size=batch_size,
                              progress=stage(cfg.label if cfg.alpha is None else f"α={cfg.alpha:g}", t))
             rows.append({"quantizer": cfg.label, "alpha": cfg.alpha, "scheme": scheme.name, "transform": t.label,
-                         "kernel_fraction": kernel["kernel_fraction"], **_measured(row),
-                         "quantized_kernel_fraction": row["kernel_fraction"]} | compare(row, fp))
+                         "fp_kernel_fraction": kernel["kernel_fraction"], **_measured(row),
+                         "kernel_fraction": row["kernel_fraction"]} | compare(row, fp))
     rows[0] |= dict.fromkeys(k for k in rows[-1] if k not in rows[0])
     table = pl.DataFrame(rows, schema_overrides={"alpha": pl.Float64, "quantizer": pl.String},
                          infer_schema_length=None)
@@ -106,8 +107,8 @@ def sweep(
         "calibration": ({"text": text_facts(calibration_text), "windows": calibration.as_dict()}
                         if calibration is not None and binder.calibrated else None),
         "results": rows,
-        "note": "alpha = 1 is per-token; kernel_fraction is measured on full-precision activations "
-                "(in the transform's basis)",
+        "note": "alpha = 1 is per-token; fp_kernel_fraction is measured on full-precision activations, "
+                "kernel_fraction inside the quantized pass (both in the transform's basis)",
     }
     return SweepResult(table, summary)
 
