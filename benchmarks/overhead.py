@@ -7,6 +7,9 @@
     python benchmarks/overhead.py --sections overhead --clock cpu --threads 1 --runs 'profile, 4$'  # the cost alone
 
 Sections:
+  own       inside one profile run, the CPU seconds of the model's forward passes and of kernelscope's own
+            work beside them (the default set; with --formats-like sets and --transforms), and their
+            ratio: a figure that a machine's changing speed moves far less than a ratio of two runs;
   overhead  profile (1, 4 = the default set, 8 configurations; the default set without the weight
             kernels; with --formats, the default set and the 8 other formats; with --transforms, the
             default set counted in each basis given) / bare forward, and
@@ -141,6 +144,60 @@ def section_overhead(b: Bench, out: list[str]) -> None:
         against = "eval fp" if name.startswith("eval ") else "bare forward"
         out.append(f"{name:34s} {seconds:8.2f} {tokens / seconds:8.0f}  {seconds / best[against]:9.3f}x "
                    f"{'' if name == against else paired(times, name, against):>26s}  vs {against}")
+
+
+class _Clocked:
+    """CPU seconds spent in ``owner.name`` while installed (a ``with`` block)."""
+
+    def __init__(self, owner, name: str) -> None:
+        self.owner, self.name, self.seconds = owner, name, 0.0
+
+    def __enter__(self):
+        real = self.real = getattr(self.owner, self.name)
+
+        def clocked(*args, **kwargs):
+            start = time.process_time()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                self.seconds += time.process_time() - start
+
+        setattr(self.owner, self.name, clocked)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        setattr(self.owner, self.name, self.real)
+
+
+def section_own(b: Bench, out: list[str]) -> None:
+    """Inside one profile run: CPU seconds of the model's own forward passes, and of all the rest (what
+    the hooks measure, the summaries after each pass, the tables and the weight kernels): the ratio
+    (forward + rest) / forward is the profile's cost over the bare forward, both read in the same run,
+    so that a machine that slows down for a while slows both alike."""
+    from kernelscope.runs import profiling
+
+    a = b.args
+    windows = b.windows(a.nsamples, a.seqlen)
+    cases = {"4 configurations": (CONFIG_SETS[4], ()), "4 + 8 formats": (FORMAT_SET, ())}
+    for text in filter(None, a.transforms.split(";")):
+        specs = parse_transforms(text.split(","))
+        cases[f"4, {' + '.join(t.label for t in specs)}"] = (CONFIG_SETS[4], specs)
+    b.profile(windows, CONFIG_SETS[8])  # warm-up
+    out.append(f"\n## own work inside a profile: {windows.describe()}; CPU seconds, {torch.get_num_threads()} "
+               f"thread(s), best of {a.repeat}")
+    out.append(f"{'':34s} {'total':>8s} {'forward':>8s} {'the rest':>9s} {'ratio':>7s}")
+    for name, (configs, specs) in cases.items():
+        best = None
+        for _ in range(a.repeat):
+            with _Clocked(profiling, "forward_windows") as forward, _Clocked(profiling.Observer, "__call__") as hooks:
+                start = time.process_time()
+                b.profile(windows, configs, **({"transforms": specs} if specs else {}))
+                total = time.process_time() - start
+            model = forward.seconds - hooks.seconds
+            if best is None or total / model < best[0] / best[1]:
+                best = (total, model)
+        total, model = best
+        out.append(f"profile, {name:25s} {total:8.2f} {model:8.2f} {total - model:9.2f} {total / model:6.3f}x")
 
 
 def section_scaling(b: Bench, out: list[str]) -> None:
@@ -292,7 +349,8 @@ def main() -> None:
            f"statistics {elementwise.describe()}",
            f"model: {b.loaded.info['path']}, {b.loaded.info['dtype']}; text: {_shown(args.dataset)}"]
     for section in args.sections.split(","):
-        {"overhead": section_overhead, "scaling": section_scaling, "memory": section_memory}[section](b, out)
+        {"overhead": section_overhead, "own": section_own, "scaling": section_scaling,
+         "memory": section_memory}[section](b, out)
         print("\n".join(out), flush=True)
         out.clear()
 

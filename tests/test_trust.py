@@ -546,6 +546,22 @@ def test_help_shows_value_names_not_type_labels(command, capsys):
         assert "Usage: kernelscope " + command + " [OPTIONS] MODEL" in stdout
 
 
+def test_help_shows_the_defaults_written_in_the_text(capsys):
+    import re
+
+    import importlib
+
+    source = open(importlib.import_module("kernelscope.cli.app").__file__, encoding="utf-8").read()
+    written = re.findall(r"\\\\\[default: ([^\]]+)\]", source)  # the defaults the help text spells out itself
+    assert len(written) >= 10
+    shown = []
+    for command in ("profile", "eval", "threshold", "sweep", "zeroshot", "advise"):
+        code, stdout, _ = run_cli(capsys, command, "--help")
+        shown.append(" ".join(stdout.replace("│", " ").split()))
+    for value in written:
+        assert any(f"[default: {' '.join(value.split())}]" in text for text in shown), value
+
+
 def test_version_flag(capsys):
     from kernelscope import __version__
 

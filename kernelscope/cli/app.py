@@ -135,21 +135,21 @@ def profile(
     quantizer: Annotated[list[str] | None, typer.Option("--quantizer", "-q", metavar="NAME", help="Activation "
         "quantizer, repeated or comma-separated: any format of `kernelscope formats`. INT ones (per_token, "
         "crossquant, per_tensor, per_channel, per_group) at each --bits; float ones (fp8_per_token, mxfp8, "
-        "mxfp4, nvfp4, ...) once, at their own width. [default: per_token, crossquant]",
+        "mxfp4, nvfp4, ...) once, at their own width. \\[default: per_token, crossquant]",
         show_default=False)] = None,
     bits: Annotated[list[str] | None, typer.Option("--bits", "-b", metavar="N", help="Bit width 2..8 of the "
-        "INT quantizers, repeated or comma-separated. [default: 8, 4]", show_default=False)] = None,
+        "INT quantizers, repeated or comma-separated. \\[default: 8, 4]", show_default=False)] = None,
     alpha: Annotated[list[str] | None, typer.Option("--alpha", "-a", metavar="α", help="CrossQuant exponent "
         "in [0, 1], repeated or comma-separated; 1 is per-token. Needs a crossquant --quantizer. "
-        "[default: 0.15]", show_default=False)] = None,
+        "\\[default: 0.15]", show_default=False)] = None,
     group_size: Annotated[int | None, typer.Option("--group-size", metavar="G", help="Input channels per "
         "block of per_group (its INT scale per G consecutive channels of a token, or of a weight's row). "
-        "[default: 128]", show_default=False)] = None,
+        "\\[default: 128]", show_default=False)] = None,
     weight_format: Annotated[list[str] | None, typer.Option("--weight-format", metavar="NAME[:BITS]",
         help="Weight quantizer whose kernel each layer's weight is measured under (weights.parquet), "
         "repeated or comma-separated: an INT format with its bits, per_token:BITS (per output channel), "
         "per_group:BITS (--group-size inputs), per_tensor:BITS, or a float format (fp8_per_token, mxfp4, "
-        "nvfp4, ...; see `kernelscope formats`). [default: per_token:8]",
+        "nvfp4, ...; see `kernelscope formats`). \\[default: per_token:8]",
         show_default=False)] = None,
     transform: Annotated[list[str] | None, typer.Option(
         "--transform", metavar="T", help="Basis each covered Linear's input is counted in (and its weight, "
@@ -157,7 +157,7 @@ def profile(
         "same forward passes: none (the identity); hadamard[:B] (x·H, H block-diagonal normalised "
         "Sylvester-Hadamard blocks of B channels, default the largest power of two dividing the width, at "
         "most 4096); smoothquant[:α] (x_j / s_j, calibrated on --calib-dataset); composed in order with +, "
-        "e.g. smoothquant+hadamard. [default: none]", show_default=False)] = None,
+        "e.g. smoothquant+hadamard. \\[default: none]", show_default=False)] = None,
     transform_seed: o.TransformSeed = None,
     calib_dataset: o.CalibDataset = "pileval",
     calib_nsamples: o.CalibNsamples = 64,
@@ -203,7 +203,7 @@ def evaluate(
         "wXaY[-gG]-QUANTIZER); fp8 (FP8 weights per channel, activations per token) or any float format of "
         "`kernelscope formats` (mxfp8, mxfp4, nvfp4, ...: weights and activations in that format); "
         "remove-kernel-QUANTIZER for any -q quantizer (remove-kernel-per-token, remove-kernel-mxfp4, ...). "
-        "[default: fp, w8a8-per-token, w8a8-crossquant]", show_default=False)] = None,
+        "\\[default: fp, w8a8-per-token, w8a8-crossquant]", show_default=False)] = None,
     dataset: o.Dataset = "wikitext2",
     nsamples: Annotated[int | None, typer.Option("--nsamples", "-n", help="Windows to evaluate; "
         "default: every window of the text (the protocol).", show_default=False)] = None,
@@ -436,7 +436,7 @@ def advise(
         "pass per layer) and plan from those figures.")] = False,
     kernel_groups: Annotated[list[str] | None, typer.Option("--kernel-groups", metavar="KINDS", help="Groups "
         "whose kernel is also removed on its own (one more pass each): module-type, block, layer, "
-        "comma-separated, or none. [default: module-type]", show_default=False)] = None,
+        "comma-separated, or none. \\[default: module-type]", show_default=False)] = None,
     alpha: Annotated[str, typer.Option("--alpha", "-a", metavar="α", help="CrossQuant exponent of a "
         "*-crossquant scheme.")] = "0.15",
     bits: Annotated[int, typer.Option("--bits", "-b", metavar="N", help="Activation bits of a "
