@@ -287,6 +287,9 @@ def test_outliers_say_where_the_token_sits(run_dirs):
     outliers = text[start:text.index("<h2>", start + 4)]
     layers = read_run(run_dirs["llama"]).tables["layers"]
     assert "top_token_window_positions" in layers.columns
+    # q/k/v share one input: one row named by all three, not three identical rows
+    assert "model.layers.0.self_attn.q_proj / model.layers.0.self_attn.k_proj / model.layers.0.self_attn.v_proj" in outliers
+    assert outliers.count("<td>model.layers.0.self_attn.k_proj</td>") == 0
     if (layers["top_token_window_positions"].list.first() == 0).any():
         assert "first token (attention sink)" in outliers
 

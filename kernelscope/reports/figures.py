@@ -144,7 +144,8 @@ def zero_bounds(profiles: list[tuple[str, pl.DataFrame]], colours: dict[str, str
                     name=esc(f"{run}: {config} {stat[6:]}"), text=[esc(n) for n in rows["short"]],
                     hovertemplate="%{text}<br>%{y:.3g}<extra>%{fullData.name}</extra>",
                     line=dict(color=colours[config], dash=dash)))
-    fig.update_layout(**LAYOUT, title="Zero bound along depth (INT8): B per-token vs B̃ CrossQuant",
+    fig.update_layout(**{**LAYOUT, "legend": {"orientation": "h", "y": -0.3}},
+                      title="Zero bound along depth (INT8): B per-token vs B̃ CrossQuant",
                       xaxis_title="layer (capture order)", yaxis_title="zero bound, in units of |x| (p50 solid, p99 dotted)",
                       yaxis_type="log")
     return fig

@@ -419,6 +419,15 @@ def _tokens(row: dict) -> str:
     return ", ".join(parts)
 
 
+def _one_row_per_input(layers: pl.DataFrame) -> pl.DataFrame:
+    """Layers fed the same tensor (q/k/v, gate/up: the same block, maximum and outliers) as one row
+    named by all of them."""
+    key = [c for c in ("block", "abs_max", "top_channels", "top_token_positions") if c in layers.columns]
+    return (layers.group_by(key, maintain_order=True)
+            .agg(pl.col("layer").str.join(" / "), pl.exclude([*key, "layer"]).first())
+            .select(layers.columns))
+
+
 def _outliers(page: _Page, profiles) -> None:
     page.add("<h2>Top outlier channels and tokens</h2>")
     channel_layers: dict[int, set[tuple[str, str]]] = {}
@@ -427,7 +436,7 @@ def _outliers(page: _Page, profiles) -> None:
         for r in layers.iter_rows(named=True):
             for c in r["top_channels"][:5]:
                 channel_layers.setdefault(c, set()).add((label, r["layer"]))
-        top = layers.sort("abs_max", descending=True).head(12)
+        top = _one_row_per_input(layers.sort("abs_max", descending=True)).head(12)
         rows, sinks = [], 0
         for r in top.iter_rows(named=True):
             channels = ", ".join(f"{c} ({v:.3g})" for c, v in zip(r["top_channels"][:5], r["top_channel_absmax"][:5]))
