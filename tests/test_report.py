@@ -254,9 +254,12 @@ def test_the_first_screen_decides_from_the_runs(run_dirs):
     assert text.index('id="decision"') < text.index("What was measured")
     assert f"with {plan['kept_layers']} Linear layer" in first and "kept in full precision" in first
     assert f"{plan['change_pct']:+.2f}%" in first and "4-bit activations" in first
-    searches = runs[2].summary["searches"]
-    if searches[0].get("threshold_kernel_fraction") is not None:
+    search = runs[2].summary["searches"][0]
+    if search["status"] == "crossing bracketed":
         assert "threshold located on this model" in first
+    else:  # a bound, not a located threshold: never drawn or named as one
+        assert "threshold located" not in first and "did not bracket a crossing" in first
+    assert "remove-kernel" not in first  # a diagnostic pass is never recommended
     # the paper's reference only for the model's own family
     assert family_of({"model_type": "llama"}) == "LLaMA" and family_of({"architecture": "OPTForCausalLM"}) == "OPT"
     assert family_of({"model_type": "gpt2"}) is None
@@ -306,3 +309,12 @@ def test_every_table_is_typed_and_carries_the_schema_version(run_dirs):
             assert pl.Null not in frame.schema.dtypes(), (file, frame.schema)
     evaluated = pl.read_parquet(run_dirs["eval"] / "eval.parquet")
     assert evaluated.schema["alpha"] == pl.Float64 and evaluated.schema["group_size"] == pl.Int64
+
+
+def test_the_decision_never_recommends_a_diagnostic_pass(tmp_path):
+    llama, w = tiny_model("llama"), windows_for()
+    schemes = [parse_scheme("fp"), parse_scheme("remove-kernel-per-token", bits=2), parse_scheme("w8a8-per-token")]
+    evaluate(llama, w, schemes).save(tmp_path / "eval")
+    text = build_report([read_run(tmp_path / "eval")])
+    first = text[text.index('<section id="decision">'):text.index("</section>")]
+    assert "<b>w8a8-per-token</b> is closest to fp" in first and "remove-kernel" not in first

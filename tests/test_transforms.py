@@ -732,3 +732,21 @@ def test_fwht_under_autograd_gives_the_same_values():
     y.square().sum().backward()
     assert torch.equal(y.detach(), fwht(x.detach(), 512))
     assert torch.allclose(x.grad, 2 * x.detach(), atol=1e-5)  # |x·H|² = |x|²: H orthonormal
+
+
+def test_smoothquant_on_the_output_projection_is_calibrated_on_every_position():
+    from kernelscope.runs.transforming import calibration_maxima
+
+    model = tiny_model("llama")
+    layers = select_linear_layers(model, include_lm_head=True)
+    head = next(layer for layer in layers if layer.module is model.get_output_embeddings())
+    calib = windows_for(n=2, seed=3)
+    maxima = calibration_maxima(model, [head], calib, {head.name: LayerTransform(head.in_features)})[head.name]
+    seen = []
+    handle = head.module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().abs().amax(dim=(0, 1))))
+    try:
+        with torch.no_grad():
+            model(input_ids=calib.tokens)  # every position's logits
+    finally:
+        handle.remove()
+    assert torch.equal(maxima, seen[0])  # the profile, with the output projection, sees every position too

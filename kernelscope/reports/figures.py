@@ -103,7 +103,8 @@ def heatmap(run: str, layers: pl.DataFrame) -> go.Figure:
     configs = layers.filter(pl.col("bits") == 8)["series"].unique(maintain_order=True).to_list()[:2]
     configs = configs or layers["series"].unique(maintain_order=True).to_list()[:2]
     other = layers.filter((pl.col("transform") != "none") & (pl.col("config") == layers["config"][0]))
-    configs += other["series"].unique(maintain_order=True).to_list()[:1]  # the first beside it in another basis
+    configs += [c for c in other["series"].unique(maintain_order=True).to_list()[:1]
+                if c not in configs]  # the first beside it in another basis
     int4 = layers.filter((pl.col("bits") == 4) & (pl.col("transform") == "none"))["series"].unique(maintain_order=True)
     configs += [c for c in int4.to_list()[:1] if c not in configs]  # and a 4-bit panel, on its own colour range
     fig = make_subplots(rows=1, cols=len(configs), subplot_titles=[esc(c) for c in configs],
@@ -158,12 +159,13 @@ def c_ge_t(profiles: list[tuple[str, pl.DataFrame]]) -> go.Figure:
     fig = go.Figure()
     groups = module_groups(profiles)
     for r, (run, layers) in enumerate(profiles):
-        own = layers.filter((pl.col("transform") == layers["transform"][0]) & pl.col("block").is_not_null())
+        basis = "none" if (layers["transform"] == "none").any() else layers["transform"][0]
+        own = layers.filter((pl.col("transform") == basis) & pl.col("block").is_not_null())
         for g, (name, types) in enumerate(groups):
             rows = own.filter(pl.col("module_type") == types[0]).unique(subset="layer", maintain_order=True).sort("block")
             fig.add_trace(go.Scatter(
                 x=rows["block"].to_list(), y=[round(100 * v, 4) for v in rows["c_ge_t_fraction"]], mode="lines+markers",
-                marker={"size": 4}, name=esc(f"{run}: {name}"),
+                marker={"size": 4}, name=esc(f"{run}: {name}" + ("" if basis == "none" else f", {basis} basis")),
                 hovertemplate="block %{x}<br>c ≥ t: %{y:.2f}%<extra>%{fullData.name}</extra>",
                 line={"color": PALETTE[g % len(PALETTE)], "dash": ("solid", "dot", "dash")[r % 3]}))
     fig.update_layout(**LAYOUT, title="Pairs with c_j ≥ t_i per block, by module type", xaxis_title="block",

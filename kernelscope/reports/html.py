@@ -268,6 +268,27 @@ def family_of(model: dict) -> str | None:
     return next((fam for fam, prefixes in FAMILIES.items() if name.startswith(prefixes)), None)
 
 
+BRACKETED = "crossing bracketed"
+"""The status of a threshold search that found the crossing between two measured points."""
+
+
+def located_thresholds(thresholds) -> dict[str, float]:
+    """The kernel thresholds the threshold runs located (their crossing bracketed), by basis; the
+    first run's where several located one in the same basis."""
+    found: dict[str, float] = {}
+    for _, summary in thresholds:
+        for search in summary.get("searches") or [summary]:
+            if search.get("status") == BRACKETED and search.get("threshold_kernel_fraction") is not None:
+                found.setdefault(search.get("transform", "none"), search["threshold_kernel_fraction"])
+    return found
+
+
+def _deployable(row: dict) -> bool:
+    """An evaluation row of a scheme one could deploy: fake quantization, not a diagnostic pass
+    (remove-kernel) or a reference."""
+    return row.get("mode") == "fake_quant"
+
+
 def _measured_on(summary: dict) -> tuple:
     """What a run's figures depend on besides the model: the text, the windows and their length."""
     return ((summary.get("text") or {}).get("sha256"), (summary.get("windows") or {}).get("tokens_sha256"),
@@ -298,7 +319,7 @@ def _recommendation(evals, sweeps, advices) -> list[str]:
         if share.get("share") is not None:
             ci = "" if share.get("ci_low") is None else f" [{100 * share['ci_low']:.0f}%, {100 * share['ci_high']:.0f}%]"
             said.append(f"Removing only the kernel causes {100 * share['share']:.0f}%{ci} of that loss.")
-    quantized = [r for _, s in evals for r in s["results"] if r.get("change_pct") is not None]
+    quantized = [r for _, s in evals for r in s["results"] if r.get("change_pct") is not None and _deployable(r)]
     if quantized and not advices:
         best = min(quantized, key=lambda r: r["perplexity"])
         basis = "" if best.get("transform", "none") == "none" else f", {best['transform']}"
@@ -312,25 +333,31 @@ def _recommendation(evals, sweeps, advices) -> list[str]:
     return said
 
 
-def _int4(evals, profiles, located) -> list[str]:
+def _int4(evals, profiles, located, advices=()) -> list[str]:
     """Whether 4-bit activations are viable: measured in an evaluation, else the INT4 kernel against
     the threshold located on this model."""
-    rows = [r for _, s in evals for r in s["results"] if r.get("activation_bits") == 4 and r.get("change_pct") is not None]
+    rows = [r for _, s in evals for r in s["results"]
+            if r.get("activation_bits") == 4 and r.get("change_pct") is not None and _deployable(r)]
+    for _, advice in advices:
+        scheme = advice.get("scheme") or {}
+        if scheme.get("activation_bits") == 4 and advice.get("quantized"):
+            rows.append({**advice["quantized"], "transform": advice.get("transform", "none")})
     if rows:
         best = min(rows, key=lambda r: r["perplexity"])
         return [f"4-bit activations: the best evaluated, {esc(best['scheme'])}"
                 f"{'' if best.get('transform', 'none') == 'none' else ', ' + esc(best['transform'])}, costs "
-                f"{esc(_change(best))}."]
-    if not located:
-        return []
-    threshold = min(located)
-    int4 = [r for _, run in profiles for r in run.summary.get("model_level", []) if r.get("bits") == 4]
+                f"{esc(_change(best))} with every layer quantized."]
+    int4 = [r for _, run in profiles for r in run.summary.get("model_level", [])
+            if r.get("bits") == 4 and r.get("transform", "none") in located]
     if not int4:
         return []
     best = min(int4, key=lambda r: r["kernel_fraction"])
+    basis = best.get("transform", "none")
+    threshold = located[basis]
     verdict = "below" if best["kernel_fraction"] <= threshold else "above"
     return [f"4-bit activations: the smallest INT4 kernel measured, {esc(_series(best))} at "
-            f"{_pct(best['kernel_fraction'])}, is {verdict} the {_pct(threshold)} threshold located on this model."]
+            f"{_pct(best['kernel_fraction'])}, is {verdict} the {_pct(threshold)} threshold located on this model"
+            + ("" if basis == "none" else f" in the {esc(basis)} basis") + "."]
 
 
 def _decision(page: _Page, labelled, profiles, thresholds, evals, sweeps, advices) -> None:
@@ -341,11 +368,16 @@ def _decision(page: _Page, labelled, profiles, thresholds, evals, sweeps, advice
     shown = text.get("description") or text.get("source")
     page.add(f"<p><b>Model</b> {esc(model.get('path') or model.get('architecture') or '')}"
              + (f"; <b>text</b> {esc(shown)}" if shown else "") + ".</p>")
-    located = [search["threshold_kernel_fraction"] for _, s in thresholds for search in (s.get("searches") or [s])
-               if search.get("threshold_kernel_fraction") is not None]
-    said = _recommendation(evals, sweeps, advices) + _int4(evals, profiles, located)
+    located = located_thresholds(thresholds)
+    said = _recommendation(evals, sweeps, advices) + _int4(evals, profiles, located, advices)
     if located and not any("threshold located" in x for x in said):
-        said.append(f"The kernel threshold located on this model is {_pct(min(located))}.")
+        said.append("The kernel threshold located on this model is " + ", ".join(
+            _pct(v) + ("" if basis == "none" else f" in the {esc(basis)} basis") for basis, v in located.items()) + ".")
+    unbracketed = [search for _, t in thresholds for search in (t.get("searches") or [t])
+                   if search.get("status") != BRACKETED and search.get("threshold_kernel_fraction") is not None]
+    for search in unbracketed[:1]:
+        said.append(f"The threshold search did not bracket a crossing ({esc(search.get('status', ''))}): every "
+                    f"kernel up to {_pct(search['threshold_kernel_fraction'])} stayed within the tolerance.")
     family = family_of(model)
     if family and not located:
         said.append(f"The CrossQuant paper's reference for {family} models is {100 * REFERENCE_THRESHOLDS[family]:g}% "
@@ -372,7 +404,7 @@ def _verdict(page: _Page, profiles, thresholds) -> None:
         return
     located = {(label if search.get("transform", "none") == "none" else f"{label}, {search['transform']}"): search
                for label, s in thresholds for search in (s.get("searches") or [s])
-               if search.get("threshold_kernel_fraction") is not None}
+               if search.get("threshold_kernel_fraction") is not None and search.get("status") == BRACKETED}
     rows = []
     for label, run in profiles:
         for r in run.summary.get("model_level", []):
@@ -432,7 +464,9 @@ def _outliers(page: _Page, profiles) -> None:
     page.add("<h2>Top outlier channels and tokens</h2>")
     channel_layers: dict[int, set[tuple[str, str]]] = {}
     for label, run in profiles:
-        layers = run.tables["layers"].unique(subset="layer", maintain_order=True)  # the first basis: the input as is
+        table = _with_transform(run.tables["layers"])
+        basis = "none" if (table["transform"] == "none").any() else table["transform"][0]
+        layers = table.filter(pl.col("transform") == basis).unique(subset="layer", maintain_order=True)
         for r in layers.iter_rows(named=True):
             for c in r["top_channels"][:5]:
                 channel_layers.setdefault(c, set()).add((label, r["layer"]))
@@ -442,7 +476,9 @@ def _outliers(page: _Page, profiles) -> None:
             channels = ", ".join(f"{c} ({v:.3g})" for c, v in zip(r["top_channels"][:5], r["top_channel_absmax"][:5]))
             sinks += bool(r.get("top_token_window_positions")) and r["top_token_window_positions"][0] == 0
             rows.append([esc(r["layer"]), f"{r['abs_max']:.4g}", esc(channels), _tokens(r)])
-        page.add(f"<p><b>{esc(label)}</b>: the 12 layers with the largest |x|, their largest channels (c_j) "
+        page.add(f"<p><b>{esc(label)}</b>"
+                 + ("" if basis == "none" else f" (in the {esc(basis)} basis: the profile did not count the input as it is)")
+                 + ": the 12 layers with the largest |x|, their largest channels (c_j) "
                  "and tokens (t_i, decoded, with how often each occurs and its largest |x|). "
                  f"In {sinks} of them the largest token is the first of its window: an attention sink, an "
                  "effect of the position rather than of the word.</p>")
@@ -613,9 +649,8 @@ def build_report(runs: Sequence[RunFolder], *, title: str | None = None) -> str:
     tables = [(lab, F.with_series(_with_transform(run.tables["layers"]))) for lab, run in profiles]
     colours = F.colour_of([name for _, layers in tables for name in layers["series"].to_list()])
     if tables:
-        located = [search["threshold_kernel_fraction"] for _, t in thresholds for search in (t.get("searches") or [t])
-                   if search.get("threshold_kernel_fraction") is not None]
-        _section(page, "Kernel along depth", [F.depth_kernel(tables, colours, min(located) if located else None)])
+        located = located_thresholds(thresholds)
+        _section(page, "Kernel along depth", [F.depth_kernel(tables, colours, located.get("none"))])
         _section(page, "Kernel by block and module type", [F.heatmap(lab, layers) for lab, layers in tables])
         _section(page, "Zero bounds", [F.zero_bounds(tables, colours)])
         _section(page, "Where CrossQuant cannot shrink the bound", [F.c_ge_t(tables)])

@@ -131,9 +131,11 @@ def calibration_maxima(model: nn.Module, layers: Sequence[LinearLayer], windows:
         m = input_channel_maxima(bound[name].activation(x.detach()))  # (I,)
         act_max[name] = m if name not in act_max else torch.maximum(act_max[name], m)
 
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    every_position = head is not None and any(layer.module is head for layer in layers)  # as the profile runs it
     with eval_mode(model), LinearInputCapture({layer.name: layer.module for layer in layers}, observer):
         for first in range(0, len(windows), batch_size):
-            forward_windows(model, windows.tokens[first : first + batch_size])
+            forward_windows(model, windows.tokens[first : first + batch_size], all_logits=every_position)
     return act_max
 
 
