@@ -547,9 +547,8 @@ def test_help_shows_value_names_not_type_labels(command, capsys):
 
 
 def test_help_shows_the_defaults_written_in_the_text(capsys):
-    import re
-
     import importlib
+    import re
 
     source = open(importlib.import_module("kernelscope.cli.app").__file__, encoding="utf-8").read()
     written = re.findall(r"\\\\\[default: ([^\]]+)\]", source)  # the defaults the help text spells out itself
