@@ -39,6 +39,7 @@ from kernelscope.runs.threshold import threshold_search
 from kernelscope.runs.transforming import TransformBinder
 from tests import reference as ref
 from tests.conftest import tiny_model
+from tests.test_eval import hooked_nll
 
 
 def windows_for(n: int = 2, seqlen: int = 32, seed: int = 0):
@@ -457,18 +458,7 @@ def rotated_reference_nll(model, windows, block: int, act_bits: int | None, weig
             return (out.reshape(xr.shape),)
 
         handles.append(l.module.register_forward_pre_hook(pre))
-    total = 0.0
-    try:
-        with torch.no_grad():
-            for row in windows.tokens:
-                logits = model(input_ids=row[None]).logits[0, :-1]
-                total += torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum").item()
-    finally:
-        for h in handles:
-            h.remove()
-        for l in layers:
-            l.module.weight.data = originals[l.name]
-    return total / (len(windows) * (windows.seqlen - 1))
+    return hooked_nll(model, windows, handles, originals)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])

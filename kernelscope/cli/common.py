@@ -101,6 +101,30 @@ class Prepared:
     device: str
 
 
+def check_paths_and_model(model: str, output: Path | None, overwrite: bool, report: Path | None, dtype: str,
+                          device: str, layers: str | None) -> str:
+    """Output paths, the model's source, dtype, device and --layers, checked before any loading; the
+    device ``auto`` stands for."""
+    from kernelscope.models import parse_device, parse_dtype, resolve_model_source
+    from kernelscope.results import check_output_dir
+
+    resolve_model_source(model)
+    if output is not None:
+        check_output_dir(output, overwrite, flag("--output"))
+    check_report_path(report, overwrite, output)
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    parse_dtype(dtype, parse_device(device))
+    if layers is not None:
+        try:
+            re.compile(layers)
+        except re.error as exc:
+            fail(f"{flag('--layers')} {layers!r} is not a valid regular expression: {exc}")
+    return device
+
+
 def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, windows: str, seed: int,
             layers: str | None, batch_size: int, dtype: str, device: str, trust_remote_code: bool,
             output: Path | None, overwrite: bool, quiet: bool, min_windows: int = 1, min_seqlen: int = 1,
@@ -112,9 +136,7 @@ def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, wind
     for perplexity, which predicts every token of a window but the first.
     """
     from kernelscope.data import load_text, make_windows, tokenize
-    from kernelscope.models import parse_device, parse_dtype, resolve_model_source
     from kernelscope.models.loading import check_placement
-    from kernelscope.results import check_output_dir
 
     check_positive("--nsamples", nsamples)
     check_positive("--seqlen", seqlen, min_seqlen)
@@ -126,22 +148,9 @@ def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, wind
         fail(f"{flag('--windows')} must be `first` or `random`, got {windows!r}")
     if nsamples is not None and nsamples < min_windows:
         fail(f"{flag('--nsamples')} {nsamples} is too few windows; this command needs at least {min_windows}")
-    resolve_model_source(model)
-    if output is not None:
-        check_output_dir(output, overwrite, flag("--output"))
-    check_report_path(report, overwrite, output)
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    parse_dtype(dtype, parse_device(device))
+    device = check_paths_and_model(model, output, overwrite, report, dtype, device, layers)
     placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
     check_placement(**placement)
-    if layers is not None:
-        try:
-            re.compile(layers)
-        except re.error as exc:
-            fail(f"{flag('--layers')} {layers!r} is not a valid regular expression: {exc}")
 
     max_chars = 20 * nsamples * seqlen if nsamples is not None else None
     text = load_text(dataset, max_chars=max_chars, option=flag("--dataset"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 
 from rich.markup import escape
 from rich.table import Table
@@ -11,8 +10,8 @@ from rich.table import Table
 from kernelscope.cli.common import (
     check_alphas,
     check_bits,
+    check_paths_and_model,
     check_positive,
-    check_report_path,
     finish,
     load_with_status,
     one_value,
@@ -94,28 +93,6 @@ def _refusals(schemes, transforms, given, *, output, report, batch_size, group_s
     return calibrated
 
 
-def _check_paths_and_model(model, output, overwrite, report, dtype, device, layers) -> str:
-    """Output paths, the model's source, dtype, device and --layers, checked before any loading."""
-    from kernelscope.models import parse_device, parse_dtype, resolve_model_source
-    from kernelscope.results import check_output_dir
-
-    resolve_model_source(model)
-    if output is not None:
-        check_output_dir(output, overwrite, flag("--output"))
-    check_report_path(report, overwrite, output)
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    parse_dtype(dtype, parse_device(device))
-    if layers is not None:
-        try:
-            re.compile(layers)
-        except re.error as exc:
-            fail(f"{flag('--layers')} {layers!r} is not a valid regular expression: {exc}")
-    return device
-
-
 def _calibration(loaded, text, nsamples: int, seqlen: int, seed: int | None):
     from kernelscope.data import make_windows, tokenize
 
@@ -147,7 +124,7 @@ def run_zeroshot(*, model, scheme, tasks, include_path, limit, num_fewshot, batc
     _check_transforms_with_schemes(schemes, transforms)
     calibrated = _refusals(schemes, transforms, given, output=output, report=report, batch_size=batch_size,
                            group_size=group_size, weight_bits=weight_bits)
-    device = _check_paths_and_model(model, output, overwrite, report, dtype, device, layers)
+    device = check_paths_and_model(model, output, overwrite, report, dtype, device, layers)
     names = split_values(tasks, "--tasks", str, "a task name") if tasks else list(DEFAULT_TASKS)
     harness_tasks = load_tasks(names, include_path, option=flag("--tasks"), path_option=flag("--include-path"))
     if num_fewshot not in (None, 0) and harness_tasks.fixed_zero_shot:

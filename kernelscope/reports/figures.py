@@ -20,11 +20,17 @@ def esc(text: object) -> str:
     return html.escape(str(text), quote=True)
 
 
+def series_name(config: str, transform: str) -> str:
+    """What one line of a figure draws: the configuration, and the transform where it is not the
+    identity (``per_token int4 · hadamard``)."""
+    return config if transform == "none" else f"{config} · {transform}"
+
+
 def with_series(layers: pl.DataFrame) -> pl.DataFrame:
-    """``layers`` with a ``series`` column: the configuration, and the transform where it is not the
-    identity (``per_token int4 · hadamard``): what one line of a figure draws."""
-    return layers.with_columns(pl.when(pl.col("transform") == "none").then(pl.col("config"))
-                               .otherwise(pl.format("{} · {}", "config", "transform")).alias("series"))
+    """``layers`` with a ``series`` column, :func:`series_name` of each row."""
+    pairs = layers.select("config", "transform").unique(maintain_order=True)
+    pairs = pairs.with_columns(pl.Series("series", [series_name(c, t) for c, t in pairs.iter_rows()], dtype=pl.String))
+    return layers.join(pairs, on=["config", "transform"], how="left", maintain_order="left")
 
 
 def colour_of(names: list[str]) -> dict[str, str]:
@@ -173,7 +179,7 @@ def c_ge_t(profiles: list[tuple[str, pl.DataFrame]]) -> go.Figure:
     return fig
 
 
-def _searches(summary: dict) -> list[dict]:
+def searches_of(summary: dict) -> list[dict]:
     """The searches of a threshold run, one per transform (a run of an earlier version holds one)."""
     return summary.get("searches") or [summary]
 
@@ -192,7 +198,7 @@ def threshold_curve(runs: list[tuple[str, dict]]) -> go.Figure:
         fp = summary["fp_perplexity"]
         fig.add_hline(y=100 * summary["tolerance"], line={"color": PALETTE[trace % len(PALETTE)], "dash": "dot"},
                       annotation_text=esc(f"{run}: fp + {100 * summary['tolerance']:g}%"))
-        for search in _searches(summary):
+        for search in searches_of(summary):
             color = PALETTE[trace % len(PALETTE)]
             trace += 1
             curve = sorted(search["curve"], key=lambda p: p["kernel_fraction"])

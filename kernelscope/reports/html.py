@@ -277,7 +277,7 @@ def located_thresholds(thresholds) -> dict[str, float]:
     first run's where several located one in the same basis."""
     found: dict[str, float] = {}
     for _, summary in thresholds:
-        for search in summary.get("searches") or [summary]:
+        for search in F.searches_of(summary):
             if search.get("status") == BRACKETED and search.get("threshold_kernel_fraction") is not None:
                 found.setdefault(search.get("transform", "none"), search["threshold_kernel_fraction"])
     return found
@@ -360,7 +360,7 @@ def _int4(evals, profiles, located, advices=()) -> list[str]:
             + ("" if basis == "none" else f" in the {esc(basis)} basis") + "."]
 
 
-def _decision(page: _Page, labelled, profiles, thresholds, evals, sweeps, advices) -> None:
+def _decision(page: _Page, labelled, profiles, thresholds, located, evals, sweeps, advices) -> None:
     """The first screen: what was measured on what, and one paragraph on what to do."""
     first = labelled[0][1].summary
     model, text = first.get("model") or {}, first.get("text") or {}
@@ -368,12 +368,11 @@ def _decision(page: _Page, labelled, profiles, thresholds, evals, sweeps, advice
     shown = text.get("description") or text.get("source")
     page.add(f"<p><b>Model</b> {esc(model.get('path') or model.get('architecture') or '')}"
              + (f"; <b>text</b> {esc(shown)}" if shown else "") + ".</p>")
-    located = located_thresholds(thresholds)
     said = _recommendation(evals, sweeps, advices) + _int4(evals, profiles, located, advices)
     if located and not any("threshold located" in x for x in said):
         said.append("The kernel threshold located on this model is " + ", ".join(
             _pct(v) + ("" if basis == "none" else f" in the {esc(basis)} basis") for basis, v in located.items()) + ".")
-    unbracketed = [search for _, t in thresholds for search in (t.get("searches") or [t])
+    unbracketed = [search for _, t in thresholds for search in F.searches_of(t)
                    if search.get("status") != BRACKETED and search.get("threshold_kernel_fraction") is not None]
     for search in unbracketed[:1]:
         said.append(f"The threshold search did not bracket a crossing ({esc(search.get('status', ''))}): every "
@@ -403,7 +402,7 @@ def _verdict(page: _Page, profiles, thresholds) -> None:
         page.missing("kernel measurement", PROFILE_COMMAND)
         return
     located = {(label if search.get("transform", "none") == "none" else f"{label}, {search['transform']}"): search
-               for label, s in thresholds for search in (s.get("searches") or [s])
+               for label, s in thresholds for search in F.searches_of(s)
                if search.get("threshold_kernel_fraction") is not None and search.get("status") == BRACKETED}
     rows = []
     for label, run in profiles:
@@ -428,7 +427,7 @@ def _verdict(page: _Page, profiles, thresholds) -> None:
         page.add(_table(["run", "quantizer", "kernel", "located threshold", "paper's reference"],
                         [[*row[:3], row[4], row[3]] for row in rows]))
     for label, s in thresholds:
-        for search in s.get("searches") or [s]:
+        for search in F.searches_of(s):
             basis = "" if search.get("transform", "none") == "none" else f", {search['transform']}"
             page.add(f"<p><b>{esc(label + basis)}</b> ({esc(search.get('status', ''))}):</p><ul>"
                      + "".join(f"<li>{esc(v)}</li>" for v in search.get("verdicts", [])) + "</ul>")
@@ -512,8 +511,7 @@ def _formats(page: _Page, profiles: list[tuple[str, RunFolder]]) -> None:
 
 def _series(row: dict) -> str:
     """A row's configuration, with its transform where that is not the identity."""
-    basis = row.get("transform", "none")
-    return row["config"] if basis == "none" else f"{row['config']} · {basis}"
+    return F.series_name(row["config"], row.get("transform", "none"))
 
 
 def _transforms_side_by_side(page: _Page, level: list[dict]) -> None:
@@ -643,13 +641,13 @@ def build_report(runs: Sequence[RunFolder], *, title: str | None = None) -> str:
     page = _Page()
     heading = title or "kernelscope report: " + ", ".join(lab for lab, _ in labelled)
     page.add(f"<h1>{esc(heading)}</h1>")
-    _decision(page, labelled, profiles, thresholds, evals, sweeps, advices)
+    located = located_thresholds(thresholds)
+    _decision(page, labelled, profiles, thresholds, located, evals, sweeps, advices)
     _measured(page, labelled)
     _verdict(page, profiles, thresholds)
     tables = [(lab, F.with_series(_with_transform(run.tables["layers"]))) for lab, run in profiles]
     colours = F.colour_of([name for _, layers in tables for name in layers["series"].to_list()])
     if tables:
-        located = located_thresholds(thresholds)
         _section(page, "Kernel along depth", [F.depth_kernel(tables, colours, located.get("none"))])
         _section(page, "Kernel by block and module type", [F.heatmap(lab, layers) for lab, layers in tables])
         _section(page, "Zero bounds", [F.zero_bounds(tables, colours)])

@@ -46,7 +46,7 @@ def weight_kernels(model: nn.Module, configs: Sequence[QuantizerConfig],
     configs = list(configs)
     selected = resolve_layers(model, layers, include_lm_head)
     bases, measured = [], []
-    for label, bound in _bases(transforms, selected):
+    for label, bound in _bases(transforms):
         for layer in selected:
             with torch.no_grad(), _onloaded(layer.module):
                 w = weight_out_in(layer.module).detach()  # (O, I)
@@ -72,7 +72,7 @@ def weight_kernels(model: nn.Module, configs: Sequence[QuantizerConfig],
     return frame.select(lead + [c for c in frame.columns if c not in lead])
 
 
-def _bases(transforms: Sequence[ModelTransform], layers: Sequence[LinearLayer]):
+def _bases(transforms: Sequence[ModelTransform]):
     """(label, the layers' bound transforms or None for the identity) of each basis to count in."""
     if not transforms:
         return [(NONE, None)]
