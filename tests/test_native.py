@@ -132,6 +132,30 @@ def test_all_configurations_in_one_count_equal_each_alone():
             assert torch.equal(together.bounds[slot], alone.bounds[0])
 
 
+def test_wide_rows_with_block_maxima_on_powers_of_two_count_as_the_torch_code(monkeypatch):
+    """Rows of many blocks (where the C code spreads a row's histogram over copies) whose block maxima
+    sit exactly on a power of two, on 6 times one (where MXFP4's RCEIL scale changes exponent) and one
+    float either side, beside all-zero blocks and blocks of subnormals."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 6, 1000, generator=g) * torch.logspace(-2, 2, 1000)
+    tops = torch.tensor([1.0, 6.0, 0.75, 2.0**-20])
+    peaks = (tops[torch.randint(len(tops), (2, 6, 31), generator=g)]
+             * 2.0 ** torch.randint(-8, 8, (2, 6, 31), generator=g).float())  # (2, 6, 31): one per block of 32
+    peaks = torch.nextafter(peaks, peaks * torch.randint(0, 3, peaks.shape, generator=g).float())  # below, at, above
+    x[..., : 31 * 32 : 32] = peaks
+    x[..., 1 : 31 * 32] = x[..., 1 : 31 * 32].clamp(-1, 1) * peaks.repeat_interleave(32, -1)[..., 1:].abs() * 0.99
+    x[0, 0, 64:192] = 0.0  # all-zero blocks
+    x[1, 2, 320:448] = 1e-40  # float32 subnormals
+    x[1, 3, 512:544] = torch.linspace(-5e-38, 5e-38, 32)  # MXFP4's amax / 6 a subnormal above 2^-127
+    configs = [c for c in CONFIGS if c.format.is_block]
+    monkeypatch.setenv("KERNELSCOPE_NATIVE", "1")
+    mine = counted(x, configs)
+    monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
+    assert_same(mine, counted(x, configs))
+    for i, cfg in enumerate(configs):
+        assert mine.counts[i, 0] == reference_counts(x, cfg)[0], cfg.label
+
+
 @pytest.mark.parametrize("scale", [1e-38, 1e-42, 3e38])
 def test_scales_outside_the_normal_range_search_their_thresholds(monkeypatch, scale):
     """Where τ·s or the subnormal top times s is no normal float (float32 subnormal inputs, or

@@ -67,6 +67,9 @@ typedef struct {
     float inner_max;
 } ks_term;
 
+/* Whether a scale form gives only powers of two (E8M0). */
+static inline int power_of_two_scales(int form) { return form == KS_E8M0_FLOOR || form == KS_E8M0_RCEIL; }
+
 static inline uint32_t fbits(float f) { uint32_t u; memcpy(&u, &f, sizeof u); return u; }
 static inline float bitsf(uint32_t u) { float f; memcpy(&f, &u, sizeof f); return f; }
 
@@ -285,6 +288,18 @@ static void row_counts(const float* restrict x, int64_t n, float bound0, float b
     *k1 = b;
 }
 
+/* The same two counts without the finite ones (known from an earlier reading of the row). */
+static void row_counts2(const float* restrict x, int64_t n, float bound0, float bound1, int32_t* k0, int32_t* k1) {
+    int32_t a = 0, b = 0;
+    for (int64_t j = 0; j < n; j++) {
+        const float ax = fabsf(x[j]);
+        a += ax <= bound0;
+        b += ax <= bound1;
+    }
+    *k0 = a;
+    *k1 = b;
+}
+
 static int32_t count_at_most(const float* restrict x, const float* restrict bound, int64_t n) {
     int32_t k = 0;
     for (int64_t j = 0; j < n; j++) k += fabsf(x[j]) <= bound[j];
@@ -418,6 +433,18 @@ KS_ROW static void block_scales(const ks_term* k, const float* restrict bm, int6
             q = q > hi ? hi : q;
             sc[b] = g * q;
         }
+    } else if (k->form == KS_E8M0_RCEIL) {
+        /* 2^ceil(log2 r) for r = amax / divisor, as unit_scale's frexpf gives it, from r's bits: a
+         * normal r rounds its exponent up unless its mantissa is zero; a subnormal one lies at or
+         * below 2^-126, and so at -126 above 2^-127 and at the clamp's -127 from there down */
+        const float div = k->divisor;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint32_t r = fbits(bm[b] / div);
+            const int32_t field = (int32_t)(r >> 23);
+            const int32_t e = field == 0 ? (r > 0x00400000u ? -126 : -127)
+                                         : field - 127 + (int32_t)((r & 0x007FFFFFu) != 0);
+            sc[b] = pow2i(clamp_e8m0(e));
+        }
     } else if (k->form == KS_ABSMAX) {
         const float div = k->divisor, lo = k->floor_;
         for (int64_t b = 0; b < nb; b++) {
@@ -550,6 +577,23 @@ KS_ROW static void block_thresholds(const ks_term* term, const float* restrict s
         for (int64_t b = 0; b < nb; b++)
             if (kthr[b] < FLT_MIN || sc[b] > FLT_MAX) kthr[b] = at_most(sc[b] == 0.0f ? 1.0f : sc[b], tau);
     if (!sub) return;
+    if (power_of_two_scales(term->form)) {
+        /* A power-of-two scale: hi · s is exact wherever it is normal, and so is h / s for every h
+         * near it, so h is the float just below hi · s; the others are searched as below. */
+        int32_t odd = 0;
+        for (int64_t b = 0; b < nb; b++) {
+            const float safe = sc[b] + (float)(sc[b] == 0.0f);
+            const float top = hi * safe;
+            hthr[b] = bitsf(fbits(top) - 1u);
+            odd |= (top < FLT_MIN) | (safe > FLT_MAX);
+        }
+        if (odd)
+            for (int64_t b = 0; b < nb; b++) {
+                const float safe = sc[b] == 0.0f ? 1.0f : sc[b];
+                if (hi * safe < FLT_MIN || safe > FLT_MAX) hthr[b] = below_of(safe, hi);
+            }
+        return;
+    }
     /* h: the largest float whose quotient stays below hi, within two floats below hi · s (whose
      * quotient is hi up to an ulp): since the quotient rises with the float, the count of the two
      * candidates above the lowest whose quotient is below hi is h's distance from that lowest one,
@@ -576,7 +620,7 @@ KS_ROW static void block_thresholds(const ks_term* term, const float* restrict s
  * counts, and the zero bound's extremes, row sum and histogram. */
 KS_ROW static void count_blocks(const float* restrict xr, int64_t I, const ks_rowbuf* rb, float t_row, float g,
                          const ks_term* term, int k, const int32_t* table, int nbins,
-                         float step_floor, ks_local* acc, int64_t* restrict hist, double* rowsum) {
+                         float step_floor, ks_local* acc, int64_t* restrict hist, int nslots, double* rowsum) {
     const int64_t size = term->block;
     const int64_t nb = (I + size - 1) / size, last = I - (nb - 1) * size;
     const int sub = term->sub_hi > 0.0f;
@@ -623,8 +667,20 @@ KS_ROW static void count_blocks(const float* restrict xr, int64_t I, const ks_ro
     for (int j = 0; j < 8; j++) sum += lanes[j];
     *rowsum = sum * (double)size + (double)bounds[nb - 1] * (double)last;
     for (int64_t b = 0; b < nb; b++) bins[b] = bin_of(bounds[b], table);
+    /* Under power-of-two scales neighbouring blocks mostly share a bin, and adds to one counter one
+     * after the other would each wait for the one before: block b goes to copy b % 4 of the
+     * histogram. Other scales spread over more bins, where one copy stays in the nearest cache. */
+    const int64_t copy = (int64_t)nslots * nbins;
     int64_t* h = hist + (int64_t)term->slot * nbins;
-    for (int64_t b = 0; b < nb - 1; b++) h[bins[b]] += size;
+    int64_t b4 = 0;
+    if (power_of_two_scales(term->form))
+        for (; b4 + 4 <= nb - 1; b4 += 4) {
+            h[bins[b4]] += size;
+            h[copy + bins[b4 + 1]] += size;
+            h[2 * copy + bins[b4 + 2]] += size;
+            h[3 * copy + bins[b4 + 3]] += size;
+        }
+    for (int64_t b = b4; b < nb - 1; b++) h[bins[b]] += size;
     h[bins[nb - 1]] += last;
 }
 
@@ -636,11 +692,19 @@ static int block_slots(int n, const ks_term* terms) {
     return slots;
 }
 
+/* Copies of the histograms each thread keeps: four where a block term has power-of-two scales (see
+ * count_blocks), else one. */
+static int hist_copies(int n, const ks_term* terms) {
+    for (int k = 0; k < n; k++)
+        if (terms[k].layout == KS_BLOCK && power_of_two_scales(terms[k].form)) return 4;
+    return 1;
+}
+
 /* Scratch each thread keeps: a widened bfloat16 row, the blocks' maxima, flags and two thresholds, a
- * memo and a histogram per block term. */
-static size_t thread_bytes(int dtype, int64_t I, int slots, int nbins) {
+ * memo and `copies` histograms per block term. */
+static size_t thread_bytes(int dtype, int64_t I, int slots, int nbins, int copies) {
     return align64((dtype == KS_F32 ? 0 : (size_t)I) * 4) + 7 * align64((size_t)I * 4) + 2 * align64((size_t)I)
-           + (size_t)slots * (size_t)nbins * 8;
+           + (size_t)copies * (size_t)slots * (size_t)nbins * 8;
 }
 
 /* The scratch every thread shares: each sequence's max t, per-column and per-sequence scales and
@@ -661,7 +725,7 @@ int64_t ks_count_scratch(int dtype, int64_t S, int64_t T, int64_t I, int nterms,
                          int nbins, int threads) {
     if (threads < 1) threads = 1;
     return (int64_t)(shared_bytes(S, T, I, nterms, terms)
-                     + (size_t)threads * thread_bytes(dtype, I, block_slots(nterms, terms), nbins)) + 128;
+                     + (size_t)threads * thread_bytes(dtype, I, block_slots(nterms, terms), nbins, hist_copies(nterms, terms))) + 128;
 }
 
 /*
@@ -750,7 +814,8 @@ int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, const fl
     }
     double* rowsums = (double*)(scratch + align64((size_t)((char*)next - scratch))); /* (slots, S·T) */
     char* per_thread = scratch + shared_bytes(S, T, I, n, terms);
-    const size_t my_bytes = thread_bytes(dtype, I, nslots, nbins);
+    const int copies = hist_copies(n, terms);
+    const size_t my_bytes = thread_bytes(dtype, I, nslots, nbins, copies);
 
     for (int k = 0; k < n; k++)
         for (int f = 0; f < KS_NCOUNTS; f++) counts[k * KS_NCOUNTS + f] = 0;
@@ -775,7 +840,7 @@ int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, const fl
         rb.fine_bad = (uint8_t*)at;
         rb.bad = (uint8_t*)(at + align64((size_t)I));
         int64_t* my_hist = (int64_t*)(at + 2 * align64((size_t)I));
-        memset(my_hist, 0, (size_t)nslots * (size_t)nbins * sizeof(int64_t));
+        memset(my_hist, 0, (size_t)copies * (size_t)nslots * (size_t)nbins * sizeof(int64_t));
         ks_local acc;
         memset(&acc, 0, sizeof acc);
         for (int k = 0; k < n; k++) {
@@ -793,8 +858,8 @@ int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, const fl
             const uint32_t* xb = (const uint32_t*)xr;
             /* Per-row bounds first (counted two at a time with the non-finite elements): each term's
              * kernel bound, and for a float grid the largest |x| short of a normal code. */
-            float p[KS_MAX_TERMS], rowbound[2 * KS_MAX_TERMS + 1];
-            int rowterm[2 * KS_MAX_TERMS + 1], rowfield[2 * KS_MAX_TERMS + 1], nrow = 0;
+            float p[KS_MAX_TERMS], rowbound[2 * KS_MAX_TERMS + 2];
+            int rowterm[2 * KS_MAX_TERMS + 2], rowfield[2 * KS_MAX_TERMS + 2], nrow = 0;
             for (int k = 0; k < n; k++) {
                 const ks_term* term = terms + k;
                 p[k] = term->below_qmax > 0.0f ? per_token_step(t[g], term->below_qmax, step_floor) : -INFINITY;
@@ -820,17 +885,14 @@ int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, const fl
                     rowbound[nrow++] = hb;
                 }
             }
-            rowterm[nrow] = -1;
-            rowbound[nrow] = -1.0f;
-            int32_t got[2 * KS_MAX_TERMS + 1], row_finite = 1;
-            for (int r = 0; r < (nrow > 0 ? nrow : 1); r += 2) {
-                int32_t finite;
-                row_counts(xr, I, rowbound[r], rowbound[r + 1], &finite, &got[r], &got[r + 1]);
-                if (r == 0) {
-                    acc.bad += I - finite;
-                    row_finite = finite == I;
-                }
-            }
+            rowterm[nrow] = rowterm[nrow + 1] = -1;
+            rowbound[nrow] = rowbound[nrow + 1] = -1.0f; /* admits nothing: pads an odd count */
+            int32_t got[2 * KS_MAX_TERMS + 2], row_finite = 1;
+            int32_t finite;
+            row_counts(xr, I, rowbound[0], rowbound[1], &finite, &got[0], &got[1]);
+            acc.bad += I - finite;
+            row_finite = finite == I;
+            for (int r = 2; r < nrow; r += 2) row_counts2(xr, I, rowbound[r], rowbound[r + 1], &got[r], &got[r + 1]);
             for (int r = 0; r < nrow; r++) {
                 /* a subnormal bound follows its kernel bound: the elements between the two */
                 acc.counts[rowterm[r]][rowfield[r]] += rowfield[r] == KS_SUBNORMAL ? got[r] - got[r - 1] : got[r];
@@ -879,7 +941,7 @@ int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, const fl
                     const ks_term* term = terms + gmember[m];
                     const float gseq = term->form == KS_NVFP4 ? tmax[s] / term->tensor_divisor : 0.0f;
                     count_blocks(xr, I, &rb, t[g], gseq, term, gmember[m], table, nbins, step_floor, &acc,
-                                 my_hist, rowsums + (size_t)term->slot * (size_t)nrows + (size_t)g);
+                                 my_hist, nslots, rowsums + (size_t)term->slot * (size_t)nrows + (size_t)g);
                 }
             }
         }
@@ -893,7 +955,8 @@ int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, const fl
                     b[1] = acc.bmax[k] > b[1] ? acc.bmax[k] : b[1];
                 }
             }
-            for (int64_t i = 0; i < (int64_t)nslots * nbins; i++) hist[i] += my_hist[i];
+            for (int c = 0; c < copies; c++)
+                for (int64_t i = 0, n1 = (int64_t)nslots * nbins; i < n1; i++) hist[i] += my_hist[c * n1 + i];
             *nonfinite += acc.bad;
         }
     }
