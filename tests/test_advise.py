@@ -87,7 +87,7 @@ def advised_planted(planted):
 def test_planted_layer_is_kept_first(advised_planted):
     result = advised_planted
     s = result.summary
-    ranks = {(r["kind"], r["group"]): r["rank"] for r in s["sensitivity"]}
+    ranks = {(r["group_kind"], r["group"]): r["rank"] for r in s["sensitivity"]}
     assert ranks[("module_type", "down_proj")] == 1 and ranks[("block", "block 1")] == 1
     assert result.tables["cells"]["cell"][0] == PLANTED
     assert s["plan"]["kept_modules"][0] == PLANTED and s["plan"]["within_tolerance"]
@@ -115,7 +115,7 @@ def test_per_layer_sensitivity_ranks_the_planted_layer_first(planted):
     two = make_windows(windows.tokens[:2].reshape(-1), windows.seqlen, 2)
     s = advise(model, two, W8A8, tolerance=0.01, groups=("module_type", "block", "layer"),
                kernel_groups=()).summary
-    layers = sorted((r for r in s["sensitivity"] if r["kind"] == "layer"), key=lambda r: r["rank"])
+    layers = sorted((r for r in s["sensitivity"] if r["group_kind"] == "layer"), key=lambda r: r["rank"])
     assert len(layers) == 14 and layers[0]["group"] == PLANTED and layers[0]["kernel_delta_nll"] is None
     assert s["plan"]["kept_modules"][0] == PLANTED
 
@@ -145,7 +145,7 @@ def test_sensitivity_alone_ranks_groups_and_saves(planted, tmp_path):
     assert [r["group"] for r in rows] == ["block 0", "block 1"] and rows[1]["rank"] == 1
     assert rows[1]["first_block"] == 1 and rows[1]["cost"] < 1 and rows[1]["kernel_delta_nll"] > 0
     assert result.summary["runs"] == 3 + 2 * 2
-    assert (result.save(tmp_path / "sens") / "sensitivity.json").is_file()
+    assert json.loads((result.save(tmp_path / "sens") / "summary.json").read_text())["kind"] == "sensitivity"
 
 
 def test_the_model_is_restored_when_a_pass_fails(planted):
@@ -305,11 +305,15 @@ def test_ignore_files_read_back(tmp_path):
     (tmp_path / "m.txt").write_text("# kept\nmodel.layers.0.mlp.up_proj\n\n")
     (tmp_path / "r.yaml").write_text("s:\n  m:\n    QuantizationModifier:\n      ignore: [lm_head, 're:.*1\\.mlp']\n")
     (tmp_path / "q.json").write_text(json.dumps({"quant_cfg": {"*layers.0.*": {"enable": False}, "default": {"enable": False}}}))
-    (tmp_path / "advice.json").write_text(json.dumps({"kind": "advise", "plan": {"full_precision_modules": ["lm_head"]}}))
+    (tmp_path / "summary.json").write_text(json.dumps({"kind": "advise", "plan": {"full_precision_modules": ["lm_head"]}}))
     assert X.read_ignore_file(tmp_path / "m.txt", "f").resolve(modules) == ["model.layers.0.mlp.up_proj"]
     assert X.read_ignore_file(tmp_path / "r.yaml", "f").resolve(modules) == ["lm_head", "model.layers.1.mlp.up_proj"]
     assert X.read_ignore_file(tmp_path / "q.json", "f").resolve(modules) == ["model.layers.0.mlp.up_proj"]
-    assert X.read_ignore_file(tmp_path, "f").resolve(modules) == ["lm_head"]  # the folder: its advice.json
+    assert X.read_ignore_file(tmp_path, "f").resolve(modules) == ["lm_head"]  # the folder: its summary
+    older = tmp_path / "older"  # an advice folder of schema version 2 named its summary advice.json
+    older.mkdir()
+    (older / "advice.json").write_text(json.dumps({"kind": "advise", "plan": {"full_precision_modules": ["lm_head"]}}))
+    assert X.read_ignore_file(older, "f").resolve(modules) == ["lm_head"]
     with pytest.raises(KernelscopeError, match="no Linear layer of this model"):
         X.read_ignore_file(tmp_path / "m.txt", "f").resolve({"lm_head": "Linear"})
     (tmp_path / "empty.txt").write_text("")  # the modules.txt of a plan that keeps nothing
@@ -338,19 +342,19 @@ def advised(tmp_path_factory, tiny_llama_dir, text_file):
     with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 0
-    return out, json.loads((out / "advice.json").read_text()), buf.getvalue()
+    return out, json.loads((out / "summary.json").read_text()), buf.getvalue()
 
 
 def test_advise_writes_the_folder_and_exports(advised):
     out, body, stdout = advised
-    assert {p.name for p in out.iterdir()} >= {"advice.json", "recipe.yaml", "modelopt_quant_cfg.json", "modules.txt",
+    assert {p.name for p in out.iterdir()} >= {"summary.json", "recipe.yaml", "modelopt_quant_cfg.json", "modules.txt",
                                                "sensitivity.parquet", "cells.parquet", "search.parquet"}
     assert body["kind"] == "advise" and body["schema_version"] == SCHEMA_VERSION and body["plan"]["kept_layers"] > 0
     assert (out / "modules.txt").read_text().split() == body["plan"]["kept_modules"]
     assert "plan perplexity" in stdout and "forward passes" in stdout and "recipe.yaml" in stdout
 
 
-@pytest.mark.parametrize("which", ["recipe.yaml", "advice.json", "", "modules.txt", "modelopt_quant_cfg.json"])
+@pytest.mark.parametrize("which", ["recipe.yaml", "summary.json", "", "modules.txt", "modelopt_quant_cfg.json"])
 def test_eval_ignore_reproduces_the_plan_exactly(capsys, advised, tiny_llama_dir, text_file, which):
     out, body, _ = advised
     code, stdout, stderr = run_cli(capsys, "eval", str(tiny_llama_dir), "-d", str(text_file), "-n", "3", "-s", "64",
@@ -382,7 +386,7 @@ def test_overwrite_replaces_an_advice_folder_and_nothing_foreign(capsys, advised
     assert code == 2 and "--overwrite" in stderr
     code, _, stderr = run_cli(capsys, *args, "--overwrite")
     assert code == 0, stderr
-    assert json.loads((target / "advice.json").read_text())["scheme"]["scheme"] == "w4a8-g128-per-token"
+    assert json.loads((target / "summary.json").read_text())["scheme"]["scheme"] == "w4a8-g128-per-token"
     (target / "notes.md").write_text("mine")
     code, _, stderr = run_cli(capsys, *args, "--overwrite")
     assert code == 2 and "notes.md" in stderr and (target / "notes.md").read_text() == "mine"
@@ -391,10 +395,13 @@ def test_overwrite_replaces_an_advice_folder_and_nothing_foreign(capsys, advised
 def test_export_names_are_kernelscopes_only_beside_an_advice(tmp_path):
     from kernelscope.results.paths import foreign_entries
 
-    (tmp_path / "eval.json").write_text("{}")
+    (tmp_path / "summary.json").write_text('{"kind": "eval"}')
     (tmp_path / "modules.txt").write_text("a user's own list\n")
     assert foreign_entries(tmp_path) == ["modules.txt"]
-    (tmp_path / "advice.json").write_text("{}")
+    (tmp_path / "summary.json").write_text('{"kind": "advise"}')
+    assert foreign_entries(tmp_path) == []
+    (tmp_path / "summary.json").unlink()
+    (tmp_path / "advice.json").write_text("{}")  # an advice folder of schema version 2
     assert foreign_entries(tmp_path) == []
 
 

@@ -189,7 +189,7 @@ def test_eval_end_to_end(capsys, tmp_path, tiny_llama_dir, text_file):
         "--calib-dataset", str(calib), "--calib-nsamples", "2", "-o", str(out))
     assert code == 0, stderr
     assert "Perplexity" in stdout and "w8a8-smoothquant" in stdout
-    body = json.loads((out / "eval.json").read_text())
+    body = json.loads((out / "summary.json").read_text())
     assert body["kind"] == "eval" and body["schema_version"] == SCHEMA_VERSION
     assert [r["scheme"] for r in body["results"]][:3] == ["fp", "w8a8-per-token", "w8a8-crossquant"]
     for r in body["results"]:
@@ -219,7 +219,7 @@ def test_threshold_and_sweep_end_to_end(capsys, tmp_path, tiny_llama_dir, text_f
     assert "Remove-kernel" in stdout and (tmp_path / "t.html").stat().st_size > 1_000_000
     table = pl.read_parquet(out / "sweep.parquet")
     assert table["alpha"].to_list() == [None, 0.15, 0.5, 1.0]
-    assert json.loads((out / "sweep.json").read_text())["kind"] == "sweep"
+    assert json.loads((out / "summary.json").read_text())["kind"] == "sweep"
 
 
 BAD_RUNS = {

@@ -122,7 +122,7 @@ def test_report_command_and_bad_inputs(run_dirs, tmp_path, capsys):
     (newer / "summary.json").write_text(summary)
     incomplete = tmp_path / "incomplete"
     shutil.copytree(run_dirs["eval"], incomplete)
-    (incomplete / "eval.json").write_text('{"schema_version": 1, "kind": "eval", "results": [{"scheme": "fp"}]}')
+    (incomplete / "summary.json").write_text('{"schema_version": 1, "kind": "eval", "results": [{"scheme": "fp"}]}')
     for args, message in (([str(tmp_path / "nope"), "--overwrite"], "is not a folder"),
                           ([str(incomplete), "--overwrite"], "is incomplete or damaged"),
                           ([str(tmp_path), "--overwrite"], "not a kernelscope run folder"),
@@ -309,6 +309,38 @@ def test_every_table_is_typed_and_carries_the_schema_version(run_dirs):
             assert pl.Null not in frame.schema.dtypes(), (file, frame.schema)
     evaluated = pl.read_parquet(run_dirs["eval"] / "eval.parquet")
     assert evaluated.schema["alpha"] == pl.Float64 and evaluated.schema["group_size"] == pl.Int64
+
+
+def test_every_table_and_column_is_declared_with_its_type(run_dirs):
+    from kernelscope.results.schema import COLUMNS, TABLES
+
+    seen = set()
+    for name, folder in run_dirs.items():
+        for file in folder.glob("*.parquet") if name != "evil" else ():
+            assert file.stem in TABLES, file
+            for column, dtype in pl.read_parquet(file).schema.items():
+                assert column in COLUMNS, (file.name, column)
+                assert dtype == COLUMNS[column].dtype, (file.name, column, dtype)
+                seen.add(column)
+    assert "group_kind" in seen and "kernel_perplexity" in seen and "kind" not in seen
+
+
+def test_the_readme_lists_the_declared_schema():
+    from kernelscope.results.schema import markdown
+
+    assert markdown() in (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+
+
+def test_every_run_writes_summary_json_and_a_folder_of_schema_version_2_is_still_read(run_dirs, tmp_path):
+    for name, folder in run_dirs.items():
+        assert (folder / "summary.json").is_file() and not [p for p in folder.glob("*.json")
+                                                            if p.name not in ("summary.json", "modelopt_quant_cfg.json")]
+    old = tmp_path / "old"
+    shutil.copytree(run_dirs["eval"], old)
+    (old / "summary.json").rename(old / "eval.json")
+    run = read_run(old)
+    assert run.summary["kind"] == "eval" and "eval" in run.tables
+    assert "<h2>Perplexity under quantization</h2>" in build_report([run])
 
 
 def test_the_decision_never_recommends_a_diagnostic_pass(tmp_path):

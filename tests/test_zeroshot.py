@@ -196,7 +196,7 @@ def test_command_end_to_end(capsys, tmp_path, tiny_llama_dir, zeroshot_tasks):
     flat = " ".join(stdout.replace("│", " ").split())
     assert "Zero-shot accuracy" in flat and "kernelscope zeroshot" in flat and "acc_norm" in flat
     assert "first 3 documents" in flat and "seeds 7,7,7,7" in flat
-    summary = json.loads((out / "zeroshot.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["kind"] == "zeroshot" and summary["schema_version"] == SCHEMA_VERSION
     assert summary["versions"]["lm_eval"] == importlib.metadata.version("lm_eval")
     assert summary["settings"]["seeds"] == {"random": 7, "numpy": 7, "torch": 7, "fewshot": 7}

@@ -113,7 +113,7 @@ def run_advise(*, scheme, tolerance, budget, per_layer, kernel_groups, alpha, bi
                         calibration_text=calib_text, batch_size=kw["batch_size"], progress=update)
     finish(result, kw["output"], kw["overwrite"], kw["as_json"], _show)
     if kw["output"] is None and not kw["as_json"]:
-        out.print("[dim]give -o DIR to write advice.json, its tables and the exports for llm-compressor and ModelOpt[/]")
+        out.print("[dim]give -o DIR to write the plan (summary.json), its tables and the exports for llm-compressor and ModelOpt[/]")
 
 
 def _change(r: dict, prefix: str = "", *, lines: bool = False) -> str:
@@ -143,13 +143,13 @@ def _sensitivity_table(s: dict) -> Table:
     for col in ("Δ perplexity\nquantized", "KL\n(nats)", "Δ perplexity\nkernel alone", "kernel's\nshare"):
         table.add_column(col, justify="right", no_wrap=True)
     for kind in ("module_type", "block", "layer"):
-        rows = sorted((r for r in s["sensitivity"] if r["kind"] == kind), key=lambda r: r["rank"])
+        rows = sorted((r for r in s["sensitivity"] if r["group_kind"] == kind), key=lambda r: r["rank"])
         for r in rows[:SHOWN_PER_KIND if kind != "module_type" else None]:
             name = f"{escape(r['group'])} ({r['rank']})\n[dim]{r['layer_count']} layers, {pct(r['parameter_share'], 1)}[/]"
             table.add_row(name, _change(r, lines=True), f"{r['kl']:.1e}", _change(r, "kernel_", lines=True),
                           _share(r["kernel_share"], r["kernel_share_ci_low"], r["kernel_share_ci_high"]))
         if len(rows) > SHOWN_PER_KIND and kind != "module_type":
-            table.add_row(f"[dim]{len(rows) - SHOWN_PER_KIND} more {kind}s in advice.json[/]", "", "", "", "")
+            table.add_row(f"[dim]{len(rows) - SHOWN_PER_KIND} more {kind}s in the sensitivity table[/]", "", "", "", "")
     return table
 
 

@@ -225,7 +225,7 @@ def evaluate(
     layers: o.Layers = None,
     ignore: Annotated[str | None, typer.Option("--ignore", metavar="REGEX|@FILE", help="Keep these layers in "
         "full precision under every scheme: a regular expression over module names, or @FILE: an advice "
-        "folder or its advice.json, recipe.yaml, modelopt_quant_cfg.json or modules.txt (one name a line).",
+        "folder or its summary.json, recipe.yaml, modelopt_quant_cfg.json or modules.txt (one name a line).",
         show_default=False)] = None,
     batch_size: o.BatchSize = 1,
     dtype: o.Dtype = "auto",
@@ -248,7 +248,7 @@ def evaluate(
 
     Weights are per-channel unless the scheme says g128; lm_head stays in full precision.
     With --transform, every scheme runs under each transform, quantizing in its basis.
-    Writes eval.json and eval.parquet with --output.
+    Writes summary.json and eval.parquet with --output.
     """
     options = dict(locals())
     from kernelscope.cli.eval_cmd import run_eval
@@ -406,7 +406,7 @@ def zeroshot(
     For each scheme, the scheme is applied to the model in memory and the harness scores every task on it.
     Shows accuracy ± standard error per task and scheme, and the change from fp in points.
     Needs the extra: pip install 'kernelscope\\[zeroshot]'.
-    Writes zeroshot.json, zeroshot.parquet and zeroshot_items.parquet (each item's log-likelihoods) with -o.
+    Writes summary.json, zeroshot.parquet and zeroshot_items.parquet (each item's log-likelihoods) with -o.
     """
     options = dict(locals())
     from kernelscope.cli.zeroshot_cmd import run_zeroshot
@@ -472,7 +472,7 @@ def advise(
     one input) until the measured perplexity is within tolerance, and reports
     that plan's own measured perplexity and interval.
 
-    --output writes advice.json, the sensitivity, cells and search tables,
+    --output writes summary.json (the plan), the sensitivity, cells and search tables,
     recipe.yaml (llm-compressor), modelopt_quant_cfg.json and modules.txt;
     `kernelscope eval --ignore @DIR/recipe.yaml` measures the plan again.
     """

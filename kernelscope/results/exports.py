@@ -1,6 +1,6 @@
 """What a plan becomes for the tools that deploy it, and how those files are read back.
 
-Beside ``advice.json`` an advice folder holds:
+Beside its ``summary.json`` (kind ``advise``) an advice folder holds:
 
 - ``recipe.yaml``: an llm-compressor recipe, one ``QuantizationModifier`` with ``targets: [Linear]``,
   the scheme as llm-compressor's preset name where one quantizes exactly what the scheme quantizes,
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from kernelscope.errors import KernelscopeError
 from kernelscope.quant.formats import FORMATS
-from kernelscope.results.paths import ADVICE, EXPORT_NAMES
+from kernelscope.results.paths import EXPORT_NAMES, SUMMARY, summary_of
 
 if TYPE_CHECKING:  # the scheme is read through its fields only
     from kernelscope.quant import QuantizerConfig
@@ -272,15 +272,15 @@ class IgnoreSpec:
 
 
 def read_ignore_file(path: str | Path, shown: str) -> IgnoreSpec:
-    """The layers an advice file keeps in full precision: ``advice.json`` (or its folder), an
+    """The layers an advice file keeps in full precision: an advice folder or its ``summary.json``, an
     llm-compressor recipe, a ModelOpt ``quant_cfg`` JSON, or a list of module names one a line
     (``#`` starts a comment). ``shown`` is how the option names the file in errors."""
     file = Path(path).expanduser()
     if file.is_dir():
-        file = file / ADVICE
+        file = summary_of(file) or file / SUMMARY
     if not file.is_file():
         raise KernelscopeError(f"{shown}: {file} does not exist; give an advice folder or one of its files "
-                               f"({ADVICE}, {', '.join(EXPORT_NAMES)})")
+                               f"({SUMMARY}, {', '.join(EXPORT_NAMES)})")
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -336,7 +336,7 @@ def _from_json(text: str, shown: str) -> IgnoreSpec:
     if isinstance(cfg, dict):
         off = [k for k, v in cfg.items() if isinstance(v, dict) and v.get("enable") is False and k != "default"]
         return IgnoreSpec(shown, patterns=tuple(off))
-    raise _not_advice(shown, "neither an advice.json (kind advise) nor a ModelOpt quant_cfg")
+    raise _not_advice(shown, "neither an advise summary (kind advise) nor a ModelOpt quant_cfg")
 
 
 def _from_list(text: str, shown: str) -> IgnoreSpec:

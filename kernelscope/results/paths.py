@@ -18,9 +18,12 @@ RUN_MARKER = ".kernelscope-run"
 """The file every run folder holds; its presence is what makes a folder replaceable."""
 REPORT_TAG = '<meta name="generator" content="kernelscope">'
 """The tag at the head of every report; only a file that starts with it is replaced."""
-SUMMARY_NAMES = ("summary.json", "eval.json", "threshold.json", "sweep.json", "zeroshot.json", "advice.json",
-                 "sensitivity.json")
-ADVICE = "advice.json"
+SUMMARY = "summary.json"
+"""Every run folder's summary, whatever the run (its ``kind`` says which: profile, eval, threshold, ...)."""
+LEGACY_SUMMARIES = ("eval.json", "threshold.json", "sweep.json", "zeroshot.json", "advice.json", "sensitivity.json")
+"""Where folders of schema version 2 and before kept the summary of runs other than profiles; still read."""
+SUMMARY_NAMES = (SUMMARY, *LEGACY_SUMMARIES)
+LEGACY_ADVICE = "advice.json"
 EXPORT_NAMES = ("recipe.yaml", "modelopt_quant_cfg.json", "modules.txt")
 """The files an advice folder holds for the deploying tools (see :mod:`kernelscope.results.exports`)."""
 
@@ -33,8 +36,8 @@ def protected_paths() -> set[Path]:
 
 def foreign_entries(folder: Path) -> list[str]:
     """What in ``folder`` kernelscope does not write: anything but its marker, a summary, parquet
-    tables, kernelscope reports and, beside an ``advice.json``, the exports."""
-    exports = EXPORT_NAMES if (folder / ADVICE).is_file() else ()
+    tables, kernelscope reports and, in an advice folder, the exports."""
+    exports = EXPORT_NAMES if is_advice_folder(folder) else ()
 
     def ours(p: Path) -> bool:
         if not p.is_file():
@@ -43,6 +46,21 @@ def foreign_entries(folder: Path) -> list[str]:
                 or is_kernelscope_report(p))
 
     return sorted(p.name for p in folder.iterdir() if not ours(p))
+
+
+def summary_of(folder: Path) -> Path | None:
+    """The summary file of a run folder (``summary.json``, or an older folder's own name), or None."""
+    return next((folder / n for n in SUMMARY_NAMES if (folder / n).is_file()), None)
+
+
+def is_advice_folder(folder: Path) -> bool:
+    """Whether ``folder`` holds an ``advise`` run's summary (where the exports belong)."""
+    if (folder / LEGACY_ADVICE).is_file():
+        return True
+    try:
+        return json.loads((folder / SUMMARY).read_text(encoding="utf-8")).get("kind") == "advise"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return False
 
 
 def _has_versioned_summary(folder: Path) -> bool:

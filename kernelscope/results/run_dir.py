@@ -1,4 +1,5 @@
-"""A run folder holds ``summary.json`` plus one parquet file per table (``layers.parquet``, ...).
+"""A run folder holds ``summary.json`` (whatever the run's kind) plus one parquet file per table
+(``layers.parquet``, ``eval.parquet``, ...).
 
 Writes go to a hidden sibling folder first and are renamed into place, so a failed or interrupted
 run never leaves a half-written result behind.
@@ -18,10 +19,8 @@ from typing import Any
 import polars as pl
 
 from kernelscope.errors import KernelscopeError
-from kernelscope.results.paths import EXPORT_NAMES, RUN_MARKER, SUMMARY_NAMES, check_output_dir
+from kernelscope.results.paths import EXPORT_NAMES, RUN_MARKER, SUMMARY, SUMMARY_NAMES, check_output_dir, summary_of
 from kernelscope.results.schema import SCHEMA_VERSION, parquet_metadata, typed
-
-SUMMARY = SUMMARY_NAMES[0]
 
 
 def json_safe(value: Any) -> Any:
@@ -43,16 +42,9 @@ def default_mode(path: Path, *, directory: bool) -> None:
 
 
 def write_run(path: str | Path, tables: dict[str, pl.DataFrame], summary: dict[str, Any],
-              *, overwrite: bool = False, summary_name: str = SUMMARY, files: dict[str, str] | None = None) -> Path:
-    """Write ``tables`` as ``<name>.parquet``, ``summary`` as JSON and ``files`` (name -> text, names
-    of :data:`EXPORT_NAMES`) beside them, all or nothing.
-
-    ``summary_name`` is one of :data:`SUMMARY_NAMES` (``summary.json`` for a profile, ``eval.json``,
-    ``threshold.json``, ``sweep.json``, ``zeroshot.json``, ``advice.json`` or ``sensitivity.json`` for the
-    other runs).
-    """
-    if summary_name not in SUMMARY_NAMES:
-        raise ValueError(f"summary_name must be one of {SUMMARY_NAMES}")
+              *, overwrite: bool = False, files: dict[str, str] | None = None) -> Path:
+    """Write ``tables`` as ``<name>.parquet``, ``summary`` as ``summary.json`` and ``files`` (name ->
+    text, names of :data:`EXPORT_NAMES`) beside them, all or nothing."""
     files = files or {}
     if not set(files) <= set(EXPORT_NAMES):
         raise ValueError(f"a run folder's other files are {EXPORT_NAMES}, got {sorted(files)}")
@@ -64,10 +56,10 @@ def write_run(path: str | Path, tables: dict[str, pl.DataFrame], summary: dict[s
         for name, frame in tables.items():
             typed(frame).write_parquet(tmp / f"{name}.parquet", metadata=parquet_metadata(name, summary.get("kind")))
         body = {"schema_version": SCHEMA_VERSION, **summary}
-        (tmp / summary_name).write_text(json.dumps(json_safe(body), indent=2, ensure_ascii=False) + "\n")
+        (tmp / SUMMARY).write_text(json.dumps(json_safe(body), indent=2, ensure_ascii=False) + "\n")
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
-        marker = {"schema_version": SCHEMA_VERSION, "summary": summary_name}
+        marker = {"schema_version": SCHEMA_VERSION, "summary": SUMMARY}
         (tmp / RUN_MARKER).write_text(json.dumps(marker) + "\n")
         if out.exists():
             _swap(tmp, out)
@@ -105,10 +97,9 @@ def read_run(path: str | Path) -> RunFolder:
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise KernelscopeError(f"{path} is not a folder")
-    found = [folder / name for name in SUMMARY_NAMES if (folder / name).is_file()]
-    if not found:
-        raise KernelscopeError(f"{path} is not a kernelscope run folder (no {' / '.join(SUMMARY_NAMES)})")
-    summary_file = found[0]
+    summary_file = summary_of(folder)
+    if summary_file is None:
+        raise KernelscopeError(f"{path} is not a kernelscope run folder (no {SUMMARY})")
     try:
         summary = json.loads(summary_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):

@@ -113,9 +113,9 @@ def estimate_losses(cells: list[Cell], rows: list[dict], field: str) -> list[flo
     def pos(v: float | None) -> float:  # a loss below 0 (noise, or a gain) explains nothing
         return max(v, 0.0) if v is not None and math.isfinite(v) else 0.0
 
-    layer = {r["group"]: pos(r[field]) for r in rows if r["kind"] == "layer"}
-    types = [(set(r["layers"]), pos(r[field]), r["parameters"]) for r in rows if r["kind"] == "module_type"]
-    blocks = {r["group"]: (pos(r[field]), r["parameters"]) for r in rows if r["kind"] == "block"}
+    layer = {r["group"]: pos(r[field]) for r in rows if r["group_kind"] == "layer"}
+    types = [(set(r["layers"]), pos(r[field]), r["parameters"]) for r in rows if r["group_kind"] == "module_type"]
+    blocks = {r["group"]: (pos(r[field]), r["parameters"]) for r in rows if r["group_kind"] == "block"}
     total_types = sum(v for _, v, _ in types)
     out = []
     for cell in cells:
@@ -232,11 +232,10 @@ class PlanSearch:
 # -- the result -----------------------------------------------------------------------------------
 
 class AdviceResult(TableResult):
-    """The sensitivity table (``table``), the cells and the measured candidates, ``advice.json`` and
-    the exports for llm-compressor and ModelOpt."""
+    """The sensitivity table (``table``), the cells and the measured candidates, the summary (the
+    plan) and the exports for llm-compressor and ModelOpt."""
 
     TABLE = "sensitivity"
-    SUMMARY = "advice.json"
 
     def __init__(self, table: pl.DataFrame, summary: dict[str, Any], tables: dict[str, pl.DataFrame],
                  files: dict[str, str]) -> None:
@@ -245,8 +244,7 @@ class AdviceResult(TableResult):
         self.files = files
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        return write_run(path, self.tables, self.summary, overwrite=overwrite, summary_name=self.SUMMARY,
-                         files=self.files)
+        return write_run(path, self.tables, self.summary, overwrite=overwrite, files=self.files)
 
 
 def _linear_modules(model: nn.Module) -> dict[str, str]:

@@ -78,14 +78,12 @@ def stage_callback(progress: StageProgress | None, stage: str) -> Callable[[int,
 
 @dataclass
 class TableResult:
-    """A run's table and its JSON summary; ``save`` writes ``<TABLE>.parquet`` and ``<SUMMARY>``."""
+    """A run's table and its JSON summary; ``save`` writes ``<TABLE>.parquet`` and ``summary.json``."""
 
     table: pl.DataFrame
     summary: dict[str, Any]
     TABLE: ClassVar[str] = ""
-    SUMMARY: ClassVar[str] = ""
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write the run folder atomically (all or nothing)."""
-        return write_run(path, {self.TABLE: self.table}, self.summary, overwrite=overwrite,
-                         summary_name=self.SUMMARY)
+        return write_run(path, {self.TABLE: self.table}, self.summary, overwrite=overwrite)

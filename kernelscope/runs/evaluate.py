@@ -205,10 +205,9 @@ def split_ignored(selected: list[LinearLayer], ignore: str | Sequence[str] | Non
 
 
 class EvalResult(TableResult):
-    """One row per scheme (``table``) and the JSON summary written as ``eval.json``."""
+    """One row per scheme (``table``) and the JSON summary (``summary.json``)."""
 
     TABLE = "eval"
-    SUMMARY = "eval.json"
 
 
 def scheme_transform(scheme: Scheme, transform: TransformSpec) -> TransformSpec:

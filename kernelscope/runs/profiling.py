@@ -19,6 +19,7 @@ from kernelscope.models import LinearLayer, LoadedModel
 from kernelscope.quant import QuantizerConfig
 from kernelscope.quant.transforms import IDENTITY, LayerTransform, TransformSpec
 from kernelscope.results import write_run
+from kernelscope.results.schema import COLUMNS
 from kernelscope.runs import distributed
 from kernelscope.runs.checkpoint import load_checkpoint, save_checkpoint
 from kernelscope.runs.common import resolve_layers, run_context, text_facts, unpack, versions
@@ -295,31 +296,24 @@ def _rollup(layers: pl.DataFrame, by: list[str]) -> pl.DataFrame:
     )
 
 
-LIST_COLUMNS = {"top_channels": pl.Int64, "top_channel_absmax": pl.Float64, "top_tokens": pl.String,
-                "top_token_ids": pl.Int64, "top_token_positions": pl.Int64, "top_token_window_positions": pl.Int64, "top_token_absmax": pl.Float64}
-COLUMN_TYPES = {"block": pl.Int64, "alpha": pl.Float64, "bound_below_per_token_fraction": pl.Float64,
-                "block_size": pl.Int64, "subnormal_elements": pl.Int64, "subnormal_fraction": pl.Float64,
-                "blocks": pl.Int64, "kernel_blocks": pl.Int64, "block_kernel_fraction": pl.Float64}
 LEAD_COLUMNS = ["layer", "block", "module_type", "transform", "quantizer", "bits", "alpha", "config", "elements",
                 "kernel_elements", "kernel_fraction"]
 
 
-def _table(rows: list[dict[str, Any]], overrides: dict[str, pl.DataType]) -> pl.DataFrame:
-    """Rows of dicts as a table, built column by column. A list column whose lists all have one
-    length is made from one flat sequence: cell by cell, the lists cost more than the rest of a
-    profile's bookkeeping together."""
+def _table(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    """Rows of dicts as a table, built column by column in the declared types. A list column whose
+    lists all have one length is made from one flat sequence: cell by cell, the lists cost more than
+    the rest of a profile's bookkeeping together."""
     columns = {}
     for name in rows[0]:
         values = [row[name] for row in rows]
-        inner = LIST_COLUMNS.get(name)
-        width = len(values[0]) if inner is not None else 0
+        dtype = COLUMNS[name].dtype if name in COLUMNS else None
+        width = len(values[0]) if isinstance(dtype, pl.List) else 0
         if width and all(len(v) == width for v in values):
-            flat = pl.Series(name, [item for v in values for item in v], dtype=inner)  # (rows * width,)
-            columns[name] = flat.reshape((len(values), width)).cast(pl.List(inner))  # (rows,) of lists
-        elif inner is not None:
-            columns[name] = pl.Series(name, values, dtype=pl.List(inner))
+            flat = pl.Series(name, [item for v in values for item in v], dtype=dtype.inner)  # (rows * width,)
+            columns[name] = flat.reshape((len(values), width)).cast(dtype)  # (rows,) of lists
         else:
-            columns[name] = pl.Series(name, values, dtype=overrides.get(name))
+            columns[name] = pl.Series(name, values, dtype=dtype)
     return pl.DataFrame(columns)
 
 
@@ -365,7 +359,7 @@ def _layer_table(selected: list[LinearLayer], observer: Observer, configs: list[
         }
         rows.extend({**base, "config": cfg.label, **row}
                     for cfg, row in zip(configs, computed[owner]["configs"], strict=True))
-    frame = _table(rows, COLUMN_TYPES)
+    frame = _table(rows)
     return frame.select(LEAD_COLUMNS + [c for c in frame.columns if c not in LEAD_COLUMNS])
 
 

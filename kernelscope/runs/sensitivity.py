@@ -300,7 +300,7 @@ _KEEP = ("perplexity", "perplexity_ci_low", "perplexity_ci_high", "nll", "window
 def group_row(group: Group, quantized: dict, removed: dict | None, fp: dict, total_parameters: int) -> dict:
     """One sensitivity row: the group, its loss under the scheme, and (when measured) under the
     removal of its kernel, with the share of the loss the kernel explains."""
-    row = {"kind": group.kind, "group": group.name, "layers": [layer.name for layer in group.layers],
+    row = {"group_kind": group.kind, "group": group.name, "layers": [layer.name for layer in group.layers],
            "layer_count": len(group.layers), "parameters": group.parameters,
            "parameter_share": group.parameters / total_parameters if total_parameters else None,
            "first_block": quantized["first_block"], **{k: quantized[k] for k in _KEEP}}
@@ -315,7 +315,7 @@ def group_row(group: Group, quantized: dict, removed: dict | None, fp: dict, tot
 def rank_rows(rows: list[dict]) -> list[dict]:
     """Rank within each kind, 1 = most sensitive: by the measured loss, then by the KL."""
     for kind in GROUP_KINDS:
-        members = [r for r in rows if r["kind"] == kind]
+        members = [r for r in rows if r["group_kind"] == kind]
         ordered = sorted(members, key=lambda r: (-_finite(r["delta_nll"]), -_finite(r["kl"])))
         for i, r in enumerate(ordered, start=1):
             r["rank"] = i
@@ -361,10 +361,9 @@ def summarize(row: dict) -> dict:
 
 
 class SensitivityResult(TableResult):
-    """One row per group (``table``) and ``sensitivity.json``."""
+    """One row per group (``table``) and the JSON summary."""
 
     TABLE = "sensitivity"
-    SUMMARY = "sensitivity.json"
 
 
 def check_kinds(groups: Sequence[str], kernel_groups: Sequence[str]) -> None:
@@ -423,7 +422,7 @@ def sensitivity(
         "scheme": scheme.describe(),
         "fp": summarize(fp), "quantized": summarize(whole), "kernel": summarize(kernel),
         "kernel_explains": kernel_explains(whole, kernel, fp),
-        "groups": [{k: r[k] for k in ("kind", "group", "rank", "layer_count", "delta_nll", "change_pct", "vs_fp",
+        "groups": [{k: r[k] for k in ("group_kind", "group", "rank", "layer_count", "delta_nll", "change_pct", "vs_fp",
                                        "kl", "kernel_delta_nll", "kernel_share")} for r in rows],
         "shared_inputs": [names for names in probe.shared if len(names) > 1],
         "forward_passes": probe.forward_passes, "runs": len(probe.passes), "passes": probe.passes,

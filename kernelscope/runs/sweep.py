@@ -36,10 +36,9 @@ def _measured(row: dict) -> dict:
 
 
 class SweepResult(TableResult):
-    """One row per transform and quantizer plus the fp reference (``table``), and ``sweep.json``."""
+    """One row per transform and quantizer plus the fp reference (``table``), and the JSON summary."""
 
     TABLE = "sweep"
-    SUMMARY = "sweep.json"
 
 
 def sweep(

@@ -45,10 +45,9 @@ LAMBDA_MIN = 2.0**-12
 
 class ThresholdResult(TableResult):
     """The remove-kernel curve (``table``: one row per evaluated λ and transform, by kernel
-    proportion within each transform) and ``threshold.json`` (one search per transform)."""
+    proportion within each transform) and the summary (one search per transform)."""
 
     TABLE = "threshold"
-    SUMMARY = "threshold.json"
 
     @property
     def curve(self) -> pl.DataFrame:

@@ -15,6 +15,7 @@ from torch import nn
 from kernelscope.models import LinearLayer
 from kernelscope.quant import QuantizerConfig
 from kernelscope.quant.transforms import NONE
+from kernelscope.results.schema import COLUMNS
 from kernelscope.runs.common import resolve_layers
 from kernelscope.runs.fakequant import weight_out_in
 from kernelscope.stats.measure import measure
@@ -62,11 +63,8 @@ def weight_kernels(model: nn.Module, configs: Sequence[QuantizerConfig],
     rows = [{**base, "config": cfg.label, **row}
             for base, per_config in zip(bases, measured_rows(measured, configs), strict=True)
             for cfg, row in zip(configs, per_config, strict=True)]
-    frame = pl.DataFrame(rows, schema_overrides={
-        "block": pl.Int64, "alpha": pl.Float64, "block_size": pl.Int64, "subnormal_elements": pl.Int64,
-        "subnormal_fraction": pl.Float64, "blocks": pl.Int64, "kernel_blocks": pl.Int64,
-        "block_kernel_fraction": pl.Float64, "bound_below_per_token_fraction": pl.Float64},
-        infer_schema_length=None)
+    frame = pl.DataFrame(rows, schema_overrides={name: COLUMNS[name].dtype for name in rows[0] if name in COLUMNS},
+                         infer_schema_length=None)
     lead = ["layer", "block", "module_type", "transform", "quantizer", "bits", "alpha", "config", "elements",
             "kernel_elements", "kernel_fraction"]
     return frame.select(lead + [c for c in frame.columns if c not in lead])

@@ -89,19 +89,18 @@ def applied_scheme(model: nn.Module, layers: list[LinearLayer], scheme: Scheme,
 class ZeroshotResult(TableResult):
     """One row per scheme x task x accuracy metric (``table``), one per scheme x task x document
     (``items``: each choice's log-likelihood and whether the item was answered right), and the
-    JSON summary written as ``zeroshot.json``."""
+    JSON summary (``summary.json``)."""
 
     items: pl.DataFrame | None = None
     TABLE = "zeroshot"
-    SUMMARY = "zeroshot.json"
     ITEMS = "zeroshot_items"
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write ``zeroshot.parquet``, ``zeroshot_items.parquet`` and ``zeroshot.json``, atomically."""
+        """Write ``zeroshot.parquet``, ``zeroshot_items.parquet`` and ``summary.json``, atomically."""
         tables = {self.TABLE: self.table}
         if self.items is not None:
             tables[self.ITEMS] = self.items
-        return write_run(path, tables, self.summary, overwrite=overwrite, summary_name=self.SUMMARY)
+        return write_run(path, tables, self.summary, overwrite=overwrite)
 
 
 def _harness_model(net: nn.Module, tokenizer: Any, batch_size: int):
