@@ -350,3 +350,16 @@ def test_the_decision_never_recommends_a_diagnostic_pass(tmp_path):
     text = build_report([read_run(tmp_path / "eval")])
     first = text[text.index('<section id="decision">'):text.index("</section>")]
     assert "<b>w8a8-per-token</b> is closest to fp" in first and "remove-kernel" not in first
+
+
+def test_the_decision_speaks_for_each_model_from_its_own_runs(run_dirs, tmp_path):
+    opt, w = tiny_model("opt"), windows_for()
+    evaluate(opt, w, [parse_scheme("fp"), parse_scheme("w4a4-per-token")]).save(tmp_path / "opt-eval")
+    runs = [read_run(run_dirs[k]) for k in ("llama", "opt", "eval")] + [read_run(tmp_path / "opt-eval")]
+    text = build_report(runs)
+    first = text[text.index('<section id="decision">'):text.index("</section>")]
+    assert "<b>Models</b> LlamaForCausalLM (llama, eval); OPTForCausalLM (opt, opt-eval)" in first
+    llama, opt_part = first.split("<b>LlamaForCausalLM</b>: ")[1].split("<b>OPTForCausalLM</b>: ")
+    assert "<b>w8a8-per-token</b> is closest to fp" in llama and "w4a4" not in llama
+    assert "<b>w4a4-per-token</b> is closest to fp" in opt_part and "w8a8" not in opt_part
+    assert "paper's reference for LLaMA" in llama and "paper's reference for OPT" in opt_part

@@ -39,15 +39,6 @@ def colour_of(names: list[str]) -> dict[str, str]:
     return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(dict.fromkeys(names))}
 
 
-def layer_order(layers: pl.DataFrame) -> pl.DataFrame:
-    """One row per layer in capture order, with its index along depth and a short hover name."""
-    return (layers.select("layer", "block", "module_type").unique(subset="layer", maintain_order=True)
-            .with_row_index("depth")
-            .with_columns(pl.when(pl.col("block").is_not_null())
-                          .then(pl.format("{}.{}", pl.col("block"), pl.col("module_type")))
-                          .otherwise(pl.col("layer")).alias("short")))
-
-
 def module_groups(profiles: list[tuple[str, pl.DataFrame]]) -> list[tuple[str, list[str]]]:
     """Module types of the decoder blocks, those with the same figures in every row of every run (q/k/v
     and gate/up, fed the same tensor) joined: ``("q_proj / k_proj / v_proj", [...])``."""
@@ -139,22 +130,35 @@ def heatmap(run: str, layers: pl.DataFrame) -> go.Figure:
 
 
 def zero_bounds(profiles: list[tuple[str, pl.DataFrame]], colours: dict[str, str]) -> go.Figure:
-    """Median and 99th percentile of the zero bound along depth: per-token B against CrossQuant B̃."""
-    fig = go.Figure()
-    for run, layers in profiles:
-        order = layer_order(layers)
-        for config in layers.filter(pl.col("bits") == 8)["series"].unique(maintain_order=True):
-            rows = layers.filter(pl.col("series") == config).join(order.select("layer", "depth", "short"), on="layer")
-            for stat, dash in (("bound_p50", "solid"), ("bound_p99", "dot")):
-                fig.add_trace(go.Scatter(
-                    x=rows["depth"].to_list(), y=[float(f"{v:.4g}") for v in rows[stat]], mode="lines",
-                    name=esc(f"{run}: {config} {stat[6:]}"), text=[esc(n) for n in rows["short"]],
-                    hovertemplate="%{text}<br>%{y:.3g}<extra>%{fullData.name}</extra>",
-                    line=dict(color=colours[config], dash=dash)))
-    fig.update_layout(**{**LAYOUT, "legend": {"orientation": "h", "y": -0.3}},
-                      title="Zero bound along depth (INT8): B per-token vs B̃ CrossQuant",
-                      xaxis_title="layer (capture order)", yaxis_title="zero bound, in units of |x| (p50 solid, p99 dotted)",
-                      yaxis_type="log")
+    """Median and 99th percentile of the INT8 zero bound against the block, one panel per module type
+    (types fed the same tensor in one): per-token B against CrossQuant B̃, one colour per configuration,
+    one pair of line styles (p50, p99) per run."""
+    groups = module_groups(profiles)
+    fig = make_subplots(rows=1, cols=max(len(groups), 1), shared_yaxes=True, horizontal_spacing=0.02,
+                        subplot_titles=[esc(name) for name, _ in groups])
+    styles = (("solid", "dot"), ("dash", "dashdot"), ("longdash", "longdashdot"))
+    shown: set[str] = set()
+    for r, (run, layers) in enumerate(profiles):
+        eight = layers.filter((pl.col("bits") == 8) & pl.col("block").is_not_null())
+        for col, (_, types) in enumerate(groups, start=1):
+            mine = eight.filter(pl.col("module_type") == types[0])
+            for config in mine["series"].unique(maintain_order=True):
+                rows = mine.filter(pl.col("series") == config).sort("block")
+                for stat, dash in zip(("bound_p50", "bound_p99"), styles[r % len(styles)], strict=True):
+                    name = f"{run}: {config} {stat[6:]}"
+                    fig.add_trace(go.Scatter(
+                        x=rows["block"].to_list(), y=[float(f"{v:.4g}") for v in rows[stat]], mode="lines",
+                        name=esc(name), legendgroup=esc(name), showlegend=name not in shown,
+                        text=[esc(f"block {b}, {types[0]}") for b in rows["block"]],
+                        hovertemplate="%{text}<br>%{y:.3g}<extra>%{fullData.name}</extra>",
+                        line={"color": colours[config], "dash": dash}), row=1, col=col)
+                    shown.add(name)
+    fig.update_layout(**{**LAYOUT, "height": 440, "margin": {"l": 70, "r": 20, "t": 80, "b": 50},
+                         "legend": {"orientation": "h", "y": -0.25}},
+                      title="Zero bound per block, by module type (INT8): B per-token vs B̃ CrossQuant")
+    fig.update_xaxes(title_text="block")
+    fig.update_yaxes(type="log")
+    fig.update_yaxes(title_text="zero bound, in units of |x| (p50, p99)", row=1, col=1)
     return fig
 
 

@@ -360,14 +360,20 @@ def _int4(evals, profiles, located, advices=()) -> list[str]:
             + ("" if basis == "none" else f" in the {esc(basis)} basis") + "."]
 
 
-def _decision(page: _Page, labelled, profiles, thresholds, located, evals, sweeps, advices) -> None:
-    """The first screen: what was measured on what, and one paragraph on what to do."""
-    first = labelled[0][1].summary
-    model, text = first.get("model") or {}, first.get("text") or {}
-    page.add('<section id="decision"><h2>Decision</h2>')
-    shown = text.get("description") or text.get("source")
-    page.add(f"<p><b>Model</b> {esc(model.get('path') or model.get('architecture') or '')}"
-             + (f"; <b>text</b> {esc(shown)}" if shown else "") + ".</p>")
+def _model_name(summary: dict) -> str:
+    model = summary.get("model") or {}
+    return str(model.get("path") or model.get("architecture") or "")
+
+
+def _of_model(pairs, name: str) -> list:
+    """The (label, run or summary) pairs whose run was made on the model ``name``."""
+    return [(label, run) for label, run in pairs
+            if _model_name(run.summary if isinstance(run, RunFolder) else run) == name]
+
+
+def _advice_sentences(profiles, thresholds, evals, sweeps, advices, family: str | None) -> list[str]:
+    """What to do, in words, from the runs of one model."""
+    located = located_thresholds(thresholds)
     said = _recommendation(evals, sweeps, advices) + _int4(evals, profiles, located, advices)
     if located and not any("threshold located" in x for x in said):
         said.append("The kernel threshold located on this model is " + ", ".join(
@@ -377,14 +383,35 @@ def _decision(page: _Page, labelled, profiles, thresholds, located, evals, sweep
     for search in unbracketed[:1]:
         said.append(f"The threshold search did not bracket a crossing ({esc(search.get('status', ''))}): every "
                     f"kernel up to {_pct(search['threshold_kernel_fraction'])} stayed within the tolerance.")
-    family = family_of(model)
     if family and not located:
         said.append(f"The CrossQuant paper's reference for {family} models is {100 * REFERENCE_THRESHOLDS[family]:g}% "
                     "(the paper's, not measured here: <code>kernelscope threshold</code> locates this model's).")
     if not said:
         said.append("No evaluation in these runs: <code>kernelscope advise MODEL</code> or "
                     "<code>kernelscope eval MODEL</code> measures what a scheme costs.")
-    page.add(f'<p class="decision">{" ".join(said)}</p>')
+    return said
+
+
+def _decision(page: _Page, labelled, profiles, thresholds, evals, sweeps, advices) -> None:
+    """The first screen: what was measured on what, and for each model one paragraph on what to do,
+    from that model's runs only."""
+    page.add('<section id="decision"><h2>Decision</h2>')
+    names = list(dict.fromkeys(_model_name(run.summary) for _, run in labelled))
+    texts = list(dict.fromkeys(str((run.summary.get("text") or {}).get("description")
+                                   or (run.summary.get("text") or {}).get("source") or "") for _, run in labelled))
+    texts = [t for t in texts if t]
+    if len(names) == 1:
+        models = f"<b>Model</b> {esc(names[0])}"
+    else:
+        models = "<b>Models</b> " + "; ".join(
+            f"{esc(name)} ({esc(', '.join(label for label, _ in _of_model(labelled, name)))})" for name in names)
+    page.add(f"<p>{models}" + (f"; <b>text</b> {esc(', '.join(texts))}" if texts else "") + ".</p>")
+    for name in names:
+        model = next(run.summary.get("model") or {} for _, run in _of_model(labelled, name))
+        said = _advice_sentences(_of_model(profiles, name), _of_model(thresholds, name), _of_model(evals, name),
+                                 _of_model(sweeps, name), _of_model(advices, name), family_of(model))
+        lead = "" if len(names) == 1 else f"<b>{esc(name)}</b>: "
+        page.add(f'<p class="decision">{lead}{" ".join(said)}</p>')
     bases = {}
     for label, run in labelled:
         if run.summary.get("text") or run.summary.get("windows"):
@@ -642,7 +669,7 @@ def build_report(runs: Sequence[RunFolder], *, title: str | None = None) -> str:
     heading = title or "kernelscope report: " + ", ".join(lab for lab, _ in labelled)
     page.add(f"<h1>{esc(heading)}</h1>")
     located = located_thresholds(thresholds)
-    _decision(page, labelled, profiles, thresholds, located, evals, sweeps, advices)
+    _decision(page, labelled, profiles, thresholds, evals, sweeps, advices)
     _measured(page, labelled)
     _verdict(page, profiles, thresholds)
     tables = [(lab, F.with_series(_with_transform(run.tables["layers"]))) for lab, run in profiles]
