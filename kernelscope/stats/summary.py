@@ -130,14 +130,24 @@ class _Bounds:
             self.hist[:, i] = counts[:, j]
 
 
-def config_figures(group: list[Measured], configs: list[QuantizerConfig]) -> tuple[torch.Tensor, _Bounds]:
+def stacked_ranges(group: list[Measured]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """t ``(S, T, 1)`` and c ``(S, 1, I)`` of measurements of one shape, stacked (S = layers · B
+    sequences), and c sorted ascending with the channels' order ``(S, I)`` each."""
+    t = torch.cat([m.token for m in group])  # (S, T, 1)
+    c = torch.cat([m.channel for m in group])  # (S, 1, I)
+    c_sorted, c_order = c.squeeze(-2).sort(dim=-1)  # (S, I), (S, I)
+    return t, c, c_sorted, c_order
+
+
+def config_figures(group: list[Measured], configs: list[QuantizerConfig],
+                   stacked: tuple[torch.Tensor, ...] | None = None) -> tuple[torch.Tensor, _Bounds]:
     """The per-configuration figures of measurements of one shape, stacked: the counts ``(layers, C,
-    4)`` and the zero bound's sums, extremes and histograms (a :class:`_Bounds`)."""
+    4)`` and the zero bound's sums, extremes and histograms (a :class:`_Bounds`). ``stacked``: what
+    :func:`stacked_ranges` gives for ``group``, when the caller has it."""
     plan = plan_for(configs)
     batch, seq, _ = group[0].token.shape
     width = group[0].channel.shape[-1]
-    t = torch.cat([m.token for m in group])  # (S, T, 1), S = layers * B sequences
-    c = torch.cat([m.channel for m in group])  # (S, 1, I)
+    t, c, _, c_order = stacked or stacked_ranges(group)
     ranges = ActivationRanges(t, c)
     bounds = _Bounds(len(group), batch, len(configs), t.device)
     for i, cfg in enumerate(configs):
@@ -147,8 +157,7 @@ def config_figures(group: list[Measured], configs: list[QuantizerConfig]) -> tup
         elif not cfg.separable:
             s = F.scale_from_ranges(ranges, fmt)  # (S, T|1, 1|I): as the count computed it
             bounds.from_scales(i, F.bound_of(s, fmt), seq * width // (s.shape[-2] * s.shape[-1]))
-    if plan.separable:
-        c_order = c.squeeze(-2).argsort(dim=-1)  # (S, I): channels by rising c (and so rising c^(1-α))
+    if plan.separable:  # c_order: channels by rising c, and so rising c^(1-α)
         for members in plan.separable.values():
             bounds.separable(members, configs, ranges, c_order)
     return torch.stack([m.counted.counts for m in group]), bounds  # (layers, C, 4)
@@ -159,10 +168,9 @@ def _summarise_same_shape(group: list[Measured], configs: list[QuantizerConfig],
     batch, seq, _ = group[0].token.shape
     width = group[0].channel.shape[-1]
     device = group[0].token.device
-    counts, bounds = config_figures(group, configs)  # (layers, C, 4)
-    t = torch.cat([m.token for m in group])  # (S, T, 1)
-    c = torch.cat([m.channel for m in group])  # (S, 1, I)
-    c_sorted = c.squeeze(-2).sort(dim=-1).values  # (S, I)
+    stacked = stacked_ranges(group)
+    t, c, c_sorted, _ = stacked  # (S, T, 1), (S, 1, I), (S, I)
+    counts, bounds = config_figures(group, configs, stacked)  # (layers, C, 4)
     blocks = torch.tensor([batch * seq * -(-width // cfg.block_size) if cfg.format.is_block else 0
                            for cfg in configs], dtype=torch.int64, device=device)
     flat_t = t.reshape(layers, batch * seq)  # (layers, B*T)
