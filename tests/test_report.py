@@ -67,7 +67,7 @@ def test_report_has_every_section_and_plotly_once(run_dirs, tmp_path):
     from kernelscope.reports import packing
     from kernelscope.reports.html import page_data
 
-    out = write_report([run_dirs[k] for k in ("llama", "opt", "eval", "threshold", "sweep", "zeroshot")],
+    out = write_report([run_dirs[k] for k in ("llama", "opt", "eval", "threshold", "sweep", "zeroshot", "advise")],
                        tmp_path / "r.html")
     text = out.read_text(encoding="utf-8")
     assert text.count('id="ks-plotly"') == 1 and text.count("data-packed=") == 2
@@ -79,7 +79,7 @@ def test_report_has_every_section_and_plotly_once(run_dirs, tmp_path):
     assert len(data["layer-rows"]) == sum(len(read_run(run_dirs[k]).tables["layers"]) for k in ("llama", "opt"))
     for heading in ("What was measured", "Verdict", "Kernel along depth", "Kernel by block and module type",
                     "Zero bounds", "Where CrossQuant cannot shrink the bound", "Top outlier channels and tokens",
-                    "Threshold", "CrossQuant α sweep", "Perplexity under quantization", "Zero-shot accuracy",
+                    "Threshold", "CrossQuant α sweep", "Perplexity under quantization", "Plan (advise)", "Zero-shot accuracy",
                     "Layers"):
         assert f"<h2>{heading}</h2>" in text, heading
     assert "fills this section" not in text  # every section has data
@@ -94,6 +94,7 @@ def test_sections_without_data_say_which_command_fills_them(run_dirs):
     assert "kernelscope threshold MODEL -o DIR</code> fills this section" in text
     assert "kernelscope sweep MODEL" in text and "kernelscope eval MODEL" in text
     assert "No zero-shot evaluation in these runs: <code>kernelscope zeroshot MODEL" in text
+    assert "No plan in these runs: <code>kernelscope advise MODEL --scheme w4a8-g128-per-token -o DIR" in text
     text = build_report([read_run(run_dirs["sweep"])])
     assert "kernelscope profile MODEL -o DIR</code> fills the per-layer, heatmap" in text
     assert text.count("kernelscope profile MODEL -o DIR") == 2  # verdict, and once for all layer sections
@@ -349,7 +350,7 @@ def test_the_decision_never_recommends_a_diagnostic_pass(tmp_path):
     evaluate(llama, w, schemes).save(tmp_path / "eval")
     text = build_report([read_run(tmp_path / "eval")])
     first = text[text.index('<section id="decision">'):text.index("</section>")]
-    assert "<b>w8a8-per-token</b> is closest to fp" in first and "remove-kernel" not in first
+    assert "<b>w8a8-per-token</b> (weights int8 per output channel) is closest to fp" in first and "remove-kernel" not in first
 
 
 def test_the_decision_speaks_for_each_model_from_its_own_runs(run_dirs, tmp_path):
@@ -360,6 +361,62 @@ def test_the_decision_speaks_for_each_model_from_its_own_runs(run_dirs, tmp_path
     first = text[text.index('<section id="decision">'):text.index("</section>")]
     assert "<b>Models</b> LlamaForCausalLM (llama, eval); OPTForCausalLM (opt, opt-eval)" in first
     llama, opt_part = first.split("<b>LlamaForCausalLM</b>: ")[1].split("<b>OPTForCausalLM</b>: ")
-    assert "<b>w8a8-per-token</b> is closest to fp" in llama and "w4a4" not in llama
-    assert "<b>w4a4-per-token</b> is closest to fp" in opt_part and "w8a8" not in opt_part
+    assert "<b>w8a8-per-token</b> (weights int8 per output channel) is closest to fp" in llama and "w4a4" not in llama
+    assert "<b>w4a4-per-token</b> (weights int4 per output channel) is closest to fp" in opt_part and "w8a8" not in opt_part
     assert "paper's reference for LLaMA" in llama and "paper's reference for OPT" in opt_part
+
+
+def test_the_figures_read_truly(run_dirs):
+    """Each width of the heatmap on its own colour range with its own bar, both 4-bit configurations
+    drawn; the sweep's fp line and intervals; the threshold points' intervals and the model's kernels
+    as marks."""
+    from kernelscope.reports import figures as F
+
+    run = read_run(run_dirs["llama"])
+    layers = F.with_series(run.tables["layers"])
+    fig = F.heatmap("llama", layers)
+    axes = [t.coloraxis for t in fig.data]
+    assert axes == ["coloraxis", "coloraxis", "coloraxis2", "coloraxis2"]
+    for name, bits in (("coloraxis", 8), ("coloraxis2", 4)):
+        top = 100 * layers.filter((pl.col("bits") == bits) & pl.col("block").is_not_null())["kernel_fraction"].max()
+        assert fig.layout[name].cmax == pytest.approx(top) and fig.layout[name].colorbar.title.text.startswith("kernel %")
+    sweep = read_run(run_dirs["sweep"]).summary
+    fig = F.alpha_sweep([("sweep", sweep)])
+    assert [shape.y0 for shape in fig.layout.shapes] == [sweep["fp_perplexity"]]
+    assert fig.data[0].error_y.array is not None
+    threshold = read_run(run_dirs["threshold"]).summary
+    fig = F.threshold_curve([("t", threshold)])
+    kernels = threshold["searches"][0]["actual_kernels"]
+    marks = [a.text for a in fig.layout.annotations]
+    assert all(f"{k['config']}: {100 * k['kernel_fraction']:.2f}%" in marks for k in kernels)
+    assert fig.data[0].error_y.array is not None
+
+
+def test_the_plan_section_shows_the_plan_against_every_layer_quantized(run_dirs):
+    run = read_run(run_dirs["advise"])
+    text = build_report([run])
+    section = text[text.index("<h2>Plan (advise)</h2>"):text.index("<h2>Zero-shot accuracy</h2>")]
+    plan = run.summary["plan"]
+    assert f"{plan['perplexity']:.4f}" in section and f"{run.summary['quantized']['perplexity']:.4f}" in section
+    n = len(plan["kept_modules"])
+    assert f"The {n} layer{'s' * (n != 1)} the plan keeps" in section
+    assert all(f"<code>{m}</code>" in section for m in plan["kept_modules"])
+    ranks = [g for g in run.summary["sensitivity"] if g["rank"] == 1]
+    assert all(f">{g['group']}</td>" in section for g in ranks)
+
+
+def test_the_first_screen_warns_and_names_what_it_must(run_dirs, tmp_path):
+    runs = [read_run(run_dirs[k]) for k in ("llama", "eval", "advise")]
+    runs[0].summary["text"] = {"description": "a text of its own", "sha256": "0"}
+    runs[1].summary["text"] = {"description": "another text", "sha256": "1"}
+    advice = runs[2].summary
+    advice["plan"] |= {"within_tolerance": True, "change_pct_ci_high": 100 * advice["tolerance"] + 3.0}
+    first = build_report(runs)
+    first = first[first.index('<section id="decision">'):first.index("</section>")]
+    assert "beyond the 1% tolerance" in first and "by its point estimate only" in first
+    assert "Of the schemes evaluated with every layer quantized" in first  # beside the plan, not instead of it
+    assert "a text of its own (llama); another text (eval)" in first  # which run read which text
+    assert "come from resampling 2 windows: too few" in first
+    text = build_report([read_run(run_dirs["eval"])])
+    table = text[text.index("<h2>Perplexity under quantization</h2>"):]
+    assert "<th>weights</th>" in table and "<td>int8 per output channel</td>" in table

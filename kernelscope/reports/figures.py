@@ -10,6 +10,9 @@ import polars as pl
 from plotly.subplots import make_subplots
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
+"""The colours of quantizer configurations (one each, the same in every figure)."""
+MODULE_PALETTE = ("#333333", "#b8860b", "#708090", "#c71585", "#556b2f", "#4b0082")
+"""The colours of module types where a figure draws them (c >= t), none of them a configuration's."""
 _AXIS = dict(gridcolor="#e5e5e5", zerolinecolor="#cccccc")
 # No template: plotly would embed a copy of it (about 7 kB) in every figure.
 LAYOUT = dict(template=None, height=380, margin=dict(l=60, r=20, t=40, b=50), plot_bgcolor="white",
@@ -94,39 +97,46 @@ def depth_kernel(profiles: list[tuple[str, pl.DataFrame]], colours: dict[str, st
 
 
 def heatmap(run: str, layers: pl.DataFrame) -> go.Figure:
-    """Block × module type kernel %, per-token INT8 beside CrossQuant INT8 (or the first configs, and
-    the first of another transform); module types fed the same tensor share a row; the colour range
-    is that of what is drawn."""
-    configs = layers.filter(pl.col("bits") == 8)["series"].unique(maintain_order=True).to_list()[:2]
-    configs = configs or layers["series"].unique(maintain_order=True).to_list()[:2]
+    """Block × module type kernel %: the 8-bit configurations (per-token INT8 beside CrossQuant INT8, or
+    the first ones, and the first of another transform), then the 4-bit ones; module types fed the
+    same tensor share a row. Each width has its own colour range, that of its panels, and its own
+    colour bar."""
+    eight = layers.filter(pl.col("bits") == 8)["series"].unique(maintain_order=True).to_list()[:2]
+    configs = eight or layers["series"].unique(maintain_order=True).to_list()[:2]
     other = layers.filter((pl.col("transform") != "none") & (pl.col("config") == layers["config"][0]))
-    configs += [c for c in other["series"].unique(maintain_order=True).to_list()[:1]
-                if c not in configs]  # the first beside it in another basis
-    int4 = layers.filter((pl.col("bits") == 4) & (pl.col("transform") == "none"))["series"].unique(maintain_order=True)
-    configs += [c for c in int4.to_list()[:1] if c not in configs]  # and a 4-bit panel, on its own colour range
-    fig = make_subplots(rows=1, cols=len(configs), subplot_titles=[esc(c) for c in configs],
-                        shared_yaxes=True, horizontal_spacing=0.08)
+    configs += [c for c in other["series"].unique(maintain_order=True).to_list()[:1] if c not in configs]
+    four = [c for c in layers.filter((pl.col("bits") == 4) & (pl.col("transform") == "none"))["series"]
+            .unique(maintain_order=True).to_list()[:2] if c not in configs]
+    panels = [(c, 1) for c in configs] + [(c, 2) for c in four]
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[esc(c) for c, _ in panels],
+                        shared_yaxes=True, horizontal_spacing=0.05)
     in_blocks = layers.filter(pl.col("block").is_not_null())
     groups = module_groups([(run, layers)])
     blocks = sorted(in_blocks["block"].unique().to_list())
-    four = set(int4.to_list()[:1]) - set(configs[:-1])
-    for i, config in enumerate(configs):
-        same_range = [c for c in configs if (c in four) == (config in four)]
-        top = max(in_blocks.filter(pl.col("series").is_in(same_range))["kernel_fraction"].max() or 0.0, 1e-9) * 100
+    for i, (config, axis) in enumerate(panels):
         sub = in_blocks.filter(pl.col("series") == config)
         cell = {(r["module_type"], r["block"]): r["kernel_fraction"] for r in sub.iter_rows(named=True)}
         z = [[round(100 * cell[(types[0], b)], 3) if (types[0], b) in cell else None for b in blocks]
              for _, types in groups]
-        fig.add_trace(go.Heatmap(z=z, x=blocks, y=[esc(name) for name, _ in groups], zmin=0, zmax=top,
-                                 colorscale="Viridis", showscale=i == len(configs) - 1 or config in four,
-                                 colorbar={"title": "kernel %", "x": 1.02 if config not in four else 1.12},
-                                 hovertemplate="block %{x}, %{y}: %{z:.2f}%<extra></extra>"),
-                      row=1, col=i + 1)
-    fig.update_layout(**{**LAYOUT, "height": 160 + 32 * len(groups), "margin": {"l": 170, "r": 20, "t": 60, "b": 50}},
-                      title=esc(f"{run}: kernel % by block and module type"))
+        fig.add_trace(go.Heatmap(z=z, x=blocks, y=[esc(name) for name, _ in groups], coloraxis=_colour_axis(axis),
+                                 hovertemplate="block %{x}, %{y}: %{z:.2f}%<extra></extra>"), row=1, col=i + 1)
+    axes = {}
+    for axis, width in ((1, "8-bit" if eight else "these"), (2, "4-bit")):
+        mine = [c for c, a in panels if a == axis]
+        if mine:
+            top = max(in_blocks.filter(pl.col("series").is_in(mine))["kernel_fraction"].max() or 0.0, 1e-9) * 100
+            axes[_colour_axis(axis)] = {"colorscale": "Viridis", "cmin": 0, "cmax": top,
+                                        "colorbar": {"title": f"kernel %, {width} panels", "x": 1.0 + 0.1 * (axis - 1),
+                                                     "len": 0.9}}
+    fig.update_layout(**{**LAYOUT, "height": 170 + 32 * len(groups), "margin": {"l": 170, "r": 90, "t": 60, "b": 50}},
+                      title=esc(f"{run}: kernel % by block and module type"), **axes)
     fig.update_xaxes(title_text="block")
     fig.update_yaxes(title_text="module type", row=1, col=1)
     return fig
+
+
+def _colour_axis(n: int) -> str:
+    return "coloraxis" if n == 1 else f"coloraxis{n}"
 
 
 def zero_bounds(profiles: list[tuple[str, pl.DataFrame]], colours: dict[str, str]) -> go.Figure:
@@ -177,7 +187,7 @@ def c_ge_t(profiles: list[tuple[str, pl.DataFrame]]) -> go.Figure:
                 x=rows["block"].to_list(), y=[round(100 * v, 4) for v in rows["c_ge_t_fraction"]], mode="lines+markers",
                 marker={"size": 4}, name=esc(f"{run}: {name}" + ("" if basis == "none" else f", {basis} basis")),
                 hovertemplate="block %{x}<br>c ≥ t: %{y:.2f}%<extra>%{fullData.name}</extra>",
-                line={"color": PALETTE[g % len(PALETTE)], "dash": ("solid", "dot", "dash")[r % 3]}))
+                line={"color": MODULE_PALETTE[g % len(MODULE_PALETTE)], "dash": ("solid", "dot", "dash")[r % 3]}))
     fig.update_layout(**LAYOUT, title="Pairs with c_j ≥ t_i per block, by module type", xaxis_title="block",
                       yaxis_title="c ≥ t %")
     return fig
@@ -193,8 +203,9 @@ def _named(run: str, what: str, transform: str | None) -> str:
 
 
 def threshold_curve(runs: list[tuple[str, dict]]) -> go.Figure:
-    """Remove-kernel perplexity change from fp against kernel proportion, with the fp line, the
-    tolerance, the crossing and its 95% interval, and the model's own kernels marked."""
+    """Remove-kernel perplexity change from fp against kernel proportion, each point with its 95%
+    interval, with the fp line, the tolerance, the crossing and its 95% interval, and the model's own
+    kernels as dotted vertical lines."""
     fig = go.Figure()
     fig.add_hline(y=0, line={"color": "#777777"}, annotation_text="fp", annotation_position="bottom left")
     trace = 0
@@ -210,6 +221,7 @@ def threshold_curve(runs: list[tuple[str, dict]]) -> go.Figure:
                 x=[round(100 * p["kernel_fraction"], 4) for p in curve],
                 y=[round(100 * (p["perplexity"] / fp - 1), 4) for p in curve],
                 mode="lines+markers", name=esc(_named(run, "remove-kernel", search.get("transform"))),
+                error_y=_interval(curve, lambda v, fp=fp: 100 * (v / fp - 1)),
                 line={"color": color}, text=[f"λ={p['lambda']:.4g}, ppl {p['perplexity']:.4f}" for p in curve],
                 hovertemplate="%{text}<br>kernel %{x:.2f}%<br>%{y:+.2f}% from fp<extra>%{fullData.name}</extra>"))
             within = (search.get("bracket") or {}).get("within")
@@ -220,13 +232,11 @@ def threshold_curve(runs: list[tuple[str, dict]]) -> go.Figure:
             if spread.get("kernel_fraction_ci_low") is not None:
                 fig.add_vrect(x0=100 * spread["kernel_fraction_ci_low"], x1=100 * spread["kernel_fraction_ci_high"],
                               fillcolor=color, opacity=0.08, line_width=0)
-            kernels = search.get("actual_kernels") or []
-            fig.add_trace(go.Scatter(
-                x=[round(100 * k["kernel_fraction"], 4) for k in kernels], y=[0.0] * len(kernels),
-                mode="markers+text", marker={"symbol": "triangle-up", "size": 10, "color": color},
-                text=[esc(k["config"]) for k in kernels], textposition="top center",
-                name=esc(_named(run, "the model's kernels", search.get("transform"))),
-                hovertemplate="%{text}: kernel %{x:.2f}%<extra></extra>"))
+            for i, k in enumerate(search.get("actual_kernels") or []):  # where the model's own kernels sit
+                fig.add_vline(x=round(100 * k["kernel_fraction"], 4), line={"color": color, "dash": "dot", "width": 1},
+                              annotation_text=esc(f"{k['config']}: {100 * k['kernel_fraction']:.2f}%"),
+                              annotation_position="top right" if i % 2 == 0 else "bottom right",
+                              annotation_font_size=10)
     fig.update_layout(**LAYOUT, title="Threshold: remove-kernel perplexity change vs kernel proportion",
                       xaxis_title="kernel %", yaxis_title="perplexity change from fp, %")
     return fig
@@ -239,29 +249,43 @@ def _fp_kernel(row: dict) -> float | None:
 
 
 def alpha_sweep(runs: list[tuple[str, dict]]) -> go.Figure:
-    """Perplexity (with the fp line) and kernel % against CrossQuant α (α = 1 is per-token), in two
-    panels, one line per run and transform."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=["perplexity (dotted: fp)", "kernel % on fp activations"],
-                        horizontal_spacing=0.1)
+    """Perplexity with its interval (and the fp line) and kernel % against CrossQuant α (α = 1 is
+    per-token), in two panels, one line per run and transform."""
+    fig = make_subplots(rows=1, cols=2, subplot_titles=["perplexity, 95% interval (dotted: fp)",
+                                                        "kernel % on fp activations"], horizontal_spacing=0.1)
     trace = 0
     for run, summary in runs:
         rows = [x for x in summary["results"] if x["alpha"] is not None]
-        if summary.get("fp_perplexity") is not None:
-            fig.add_hline(y=summary["fp_perplexity"], line=dict(color="#777777", dash="dot"), row=1, col=1)
         for transform in dict.fromkeys(x.get("transform") for x in rows):
             color = PALETTE[trace % len(PALETTE)]
             trace += 1
             mine = [x for x in rows if x.get("transform") == transform]
             alphas = [x["alpha"] for x in mine]
             fig.add_trace(go.Scatter(x=alphas, y=[x["perplexity"] for x in mine], mode="lines+markers",
-                                     name=esc(_named(run, "perplexity", transform)), line=dict(color=color)),
-                          row=1, col=1)
+                                     name=esc(_named(run, "perplexity", transform)), line=dict(color=color),
+                                     error_y=_interval(mine)), row=1, col=1)
             kernels = [_fp_kernel(x) for x in mine]
             fig.add_trace(go.Scatter(x=alphas, y=[None if k is None else round(100 * k, 4) for k in kernels],
                                      mode="lines+markers", name=esc(_named(run, "kernel %", transform)),
-                                     line=dict(color=color, dash="dot")), row=1, col=2)
+                                     line=dict(color=color)), row=1, col=2)
+        if summary.get("fp_perplexity") is not None:  # after the traces: an empty panel takes no line
+            fig.add_hline(y=summary["fp_perplexity"], line=dict(color="#777777", dash="dot"), row=1, col=1,
+                          annotation_text=esc(f"{run}: fp {summary['fp_perplexity']:.4f}"),
+                          annotation_position="bottom right")
     fig.update_layout(**LAYOUT, title="CrossQuant α sweep")
     fig.update_xaxes(title_text="α")
     fig.update_yaxes(title_text="perplexity", row=1, col=1)
     fig.update_yaxes(title_text="kernel %", row=1, col=2)
     return fig
+
+
+def _interval(rows: list[dict], scale=lambda v: v) -> dict | None:
+    """Asymmetric error bars from each row's ``perplexity_ci_low`` and ``perplexity_ci_high`` (through
+    ``scale``), or None when no row has them."""
+    if not any(r.get("perplexity_ci_low") is not None for r in rows):
+        return None
+    up = [None if r.get("perplexity_ci_high") is None else round(scale(r["perplexity_ci_high"]) - scale(r["perplexity"]), 4)
+          for r in rows]
+    down = [None if r.get("perplexity_ci_low") is None else round(scale(r["perplexity"]) - scale(r["perplexity_ci_low"]), 4)
+            for r in rows]
+    return {"type": "data", "symmetric": False, "array": up, "arrayminus": down, "thickness": 1, "width": 3}

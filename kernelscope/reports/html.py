@@ -5,6 +5,7 @@ model- or file-provided string escaped, sections without data replaced by the co
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -303,6 +304,21 @@ def _change(row: dict) -> str:
     return f"{row['change_pct']:+.2f}%{ci}"
 
 
+def _weights(row: dict) -> str:
+    """What a scheme does to the weights, in words: ``weights int4 g128``, ``weights mxfp4``, or empty for fp."""
+    if row.get("weight_format"):
+        return f"weights {row['weight_format']}"
+    if row.get("weight_bits"):
+        group = f" g{row['group_size']}" if row.get("group_size") else " per output channel"
+        return f"weights int{row['weight_bits']}{group}"
+    return ""
+
+
+def _share(x: float) -> str:
+    """A share of a loss in %, with a decimal where it is small."""
+    return f"{100 * x:.1f}%" if abs(x) < 0.1 else f"{100 * x:.0f}%"
+
+
 def _recommendation(evals, sweeps, advices) -> list[str]:
     """Sentences on what to deploy: advise's plan first, else the evaluated scheme closest to fp."""
     said = []
@@ -314,16 +330,22 @@ def _recommendation(evals, sweeps, advices) -> list[str]:
                     f"({_pct(plan.get('parameter_share'))} of the covered parameters): perplexity "
                     f"{plan['perplexity']:.4f}, {esc(_change(plan))} from fp"
                     f"{'' if plan.get('within_tolerance') else ', not within the tolerance'} (advise).")
+        tolerance, high = s.get("tolerance"), plan.get("change_pct_ci_high")
+        if plan.get("within_tolerance") and tolerance is not None and high is not None and high > 100 * tolerance:
+            said.append(f"Its interval reaches {high:+.2f}%, beyond the {100 * tolerance:g}% tolerance: the plan is "
+                        "within it by its point estimate only; more windows (<code>-n</code>) narrow the interval.")
         said.append(f"Quantizing every layer costs {esc(_change(whole))}.")
         share = s.get("kernel_explains") or {}
         if share.get("share") is not None:
-            ci = "" if share.get("ci_low") is None else f" [{100 * share['ci_low']:.0f}%, {100 * share['ci_high']:.0f}%]"
-            said.append(f"Removing only the kernel causes {100 * share['share']:.0f}%{ci} of that loss.")
+            ci = "" if share.get("ci_low") is None else f" [{_share(share['ci_low'])}, {_share(share['ci_high'])}]"
+            said.append(f"Removing only the kernel causes {_share(share['share'])}{ci} of that loss.")
     quantized = [r for _, s in evals for r in s["results"] if r.get("change_pct") is not None and _deployable(r)]
-    if quantized and not advices:
+    if quantized:
         best = min(quantized, key=lambda r: r["perplexity"])
         basis = "" if best.get("transform", "none") == "none" else f", {best['transform']}"
-        said.append(f"Of the schemes evaluated, <b>{esc(best['scheme'] + basis)}</b> is closest to fp: "
+        weights = f" ({_weights(best)})" if _weights(best) else ""
+        said.append(f"Of the schemes evaluated{' with every layer quantized' if advices else ''}, "
+                    f"<b>{esc(best['scheme'] + basis)}</b>{esc(weights)} is closest to fp: "
                     f"{esc(_change(best))} ({esc(best.get('vs_fp') or '')}).")
     for _, s in sweeps[:1]:
         rows = [r for r in s["results"] if r.get("alpha") is not None and r.get("perplexity") is not None]
@@ -342,22 +364,31 @@ def _int4(evals, profiles, located, advices=()) -> list[str]:
         scheme = advice.get("scheme") or {}
         if scheme.get("activation_bits") == 4 and advice.get("quantized"):
             rows.append({**advice["quantized"], "transform": advice.get("transform", "none")})
+    said = []
     if rows:
         best = min(rows, key=lambda r: r["perplexity"])
-        return [f"4-bit activations: the best evaluated, {esc(best['scheme'])}"
-                f"{'' if best.get('transform', 'none') == 'none' else ', ' + esc(best['transform'])}, costs "
-                f"{esc(_change(best))} with every layer quantized."]
+        weights = f", {_weights(best)}" if _weights(best) else ""
+        said.append(f"4-bit activations: the best evaluated, {esc(best['scheme'])}"
+                    f"{'' if best.get('transform', 'none') == 'none' else ', ' + esc(best['transform'])}"
+                    f"{esc(weights)}, costs {esc(_change(best))} with every layer quantized.")
     int4 = [r for _, run in profiles for r in run.summary.get("model_level", [])
             if r.get("bits") == 4 and r.get("transform", "none") in located]
     if not int4:
-        return []
+        return said
     best = min(int4, key=lambda r: r["kernel_fraction"])
     basis = best.get("transform", "none")
     threshold = located[basis]
     verdict = "below" if best["kernel_fraction"] <= threshold else "above"
-    return [f"4-bit activations: the smallest INT4 kernel measured, {esc(_series(best))} at "
-            f"{_pct(best['kernel_fraction'])}, is {verdict} the {_pct(threshold)} threshold located on this model"
-            + ("" if basis == "none" else f" in the {esc(basis)} basis") + "."]
+    said.append(f"{'Its' if said else '4-bit activations: the'} smallest INT4 kernel measured, {esc(_series(best))} at "
+                f"{_pct(best['kernel_fraction'])}, is {verdict} the {_pct(threshold)} threshold located on this model"
+                + ("" if basis == "none" else f" in the {esc(basis)} basis") + ".")
+    return said
+
+
+FEW_WINDOWS = 8
+"""Below this many windows a bootstrap interval is too rough to act on; the first screen says so."""
+INTERVAL_KINDS = ("eval", "threshold", "sweep", "advise", "sensitivity")
+"""The runs whose figures carry intervals resampled over their windows."""
 
 
 def _model_name(summary: dict) -> str:
@@ -397,15 +428,22 @@ def _decision(page: _Page, labelled, profiles, thresholds, evals, sweeps, advice
     from that model's runs only."""
     page.add('<section id="decision"><h2>Decision</h2>')
     names = list(dict.fromkeys(_model_name(run.summary) for _, run in labelled))
-    texts = list(dict.fromkeys(str((run.summary.get("text") or {}).get("description")
-                                   or (run.summary.get("text") or {}).get("source") or "") for _, run in labelled))
-    texts = [t for t in texts if t]
+    texts: dict[str, list[str]] = {}
+    for label, run in labelled:
+        text = run.summary.get("text") or {}
+        shown = str(text.get("description") or text.get("source") or "")
+        if shown:
+            texts.setdefault(shown, []).append(label)
     if len(names) == 1:
         models = f"<b>Model</b> {esc(names[0])}"
     else:
         models = "<b>Models</b> " + "; ".join(
             f"{esc(name)} ({esc(', '.join(label for label, _ in _of_model(labelled, name)))})" for name in names)
-    page.add(f"<p>{models}" + (f"; <b>text</b> {esc(', '.join(texts))}" if texts else "") + ".</p>")
+    if len(texts) == 1 and len(next(iter(texts.values()))) == len(labelled):
+        models += f". <b>Text</b> {esc(next(iter(texts)))}"
+    elif texts:
+        models += ". <b>Texts</b> " + "; ".join(f"{esc(t)} ({esc(', '.join(labels))})" for t, labels in texts.items())
+    page.add(f"<p>{models}.</p>")
     for name in names:
         model = next(run.summary.get("model") or {} for _, run in _of_model(labelled, name))
         said = _advice_sentences(_of_model(profiles, name), _of_model(thresholds, name), _of_model(evals, name),
@@ -420,6 +458,12 @@ def _decision(page: _Page, labelled, profiles, thresholds, evals, sweeps, advice
         groups = "; ".join(", ".join(labels) for labels in bases.values())
         page.add(f'<p class="warning">These runs were measured on different text, windows or lengths '
                  f"({esc(groups)}): compare their figures with care.</p>")
+    few = {label: n for label, run in labelled if run.summary.get("kind") in INTERVAL_KINDS
+           and (n := (run.summary.get("windows") or {}).get("windows") or 0) and n < FEW_WINDOWS}
+    if few:
+        page.add(f'<p class="warning">The intervals of {esc(", ".join(few))} come from resampling '
+                 f"{esc(', '.join(sorted({str(n) for n in few.values()})))} windows: too few to trust them "
+                 f"(give <code>-n</code> {FEW_WINDOWS} or more).</p>")
     page.add("</section>")
 
 
@@ -428,7 +472,7 @@ def _verdict(page: _Page, profiles, thresholds) -> None:
     if not profiles and not thresholds:
         page.missing("kernel measurement", PROFILE_COMMAND)
         return
-    located = {(label if search.get("transform", "none") == "none" else f"{label}, {search['transform']}"): search
+    located = {(label if search.get("transform", "none") == "none" else f"{label}, {search['transform']}"): (search, s)
                for label, s in thresholds for search in F.searches_of(s)
                if search.get("threshold_kernel_fraction") is not None and search.get("status") == BRACKETED}
     rows = []
@@ -441,10 +485,11 @@ def _verdict(page: _Page, profiles, thresholds) -> None:
             cells.append('<span class="missing">no reference for this family</span>' if ref is None
                          else f'<span class="{side}">{side} the paper\'s {family} {100 * ref:g}%</span>')
             located_txt = []
-            for tl, ts in located.items():
+            for tl, (ts, where) in located.items():
                 t = ts["threshold_kernel_fraction"]
                 side = "below" if r["kernel_fraction"] <= t else "above"
-                located_txt.append(f'<span class="{side}">{side} {_pct(t)} ({esc(tl)})</span>')
+                other = "" if _measured_on(where) == _measured_on(run.summary) else ", located on other text or windows"
+                located_txt.append(f'<span class="{side}">{side} {_pct(t)} ({esc(tl + other)})</span>')
             cells.append("<br>".join(located_txt) or '<span class="missing">none located</span>')
             rows.append(cells)
     if rows:
@@ -493,7 +538,7 @@ def _outliers(page: _Page, profiles) -> None:
         table = _with_transform(run.tables["layers"])
         basis = "none" if (table["transform"] == "none").any() else table["transform"][0]
         layers = table.filter(pl.col("transform") == basis).unique(subset="layer", maintain_order=True)
-        for r in layers.iter_rows(named=True):
+        for r in _one_row_per_input(layers).iter_rows(named=True):  # q/k/v (gate/up) once: one input
             for c in r["top_channels"][:5]:
                 channel_layers.setdefault(c, set()).add((label, r["layer"]))
         top = _one_row_per_input(layers.sort("abs_max", descending=True)).head(12)
@@ -514,7 +559,7 @@ def _outliers(page: _Page, profiles) -> None:
     if persistent:
         page.add("<p>Channels among the five largest of many layers (the same outlier dimensions run through "
                  "the residual stream): " + ", ".join(
-                     f"<b>{c}</b> in {n} layers" + (f" of {runs} runs" if runs > 1 else "")
+                     f"<b>{c}</b> in {n} layer inputs" + (f" of {runs} runs" if runs > 1 else "")
                      for n, c, runs in persistent) + ".</p>")
 
 
@@ -569,14 +614,15 @@ def _eval_table(page: _Page, evals) -> None:
     for label, s in evals:
         reference = next((r for r in s["results"] if r["scheme"] == "fp"), None)
         fp = reference["perplexity"] if reference else None
-        rows = [[esc(r["scheme"]), "" if r.get("alpha") is None else f"{r['alpha']:g}",
+        rows = [[esc(r["scheme"]), esc(_weights(r).removeprefix("weights ")) or "fp",
+                 "" if r.get("alpha") is None else f"{r['alpha']:g}",
                  esc(r.get("transform", "none")), f"{r['perplexity']:.4f}",
                  _ci(r, "perplexity", "{:.4f}"),
                  "" if fp is None or r is reference else f"{100 * (r['perplexity'] / fp - 1):+.2f}%",
                  _ci(r, "change_pct", "{:+.2f}%"), esc(r.get("vs_fp") or ""),
                  _pct(r.get("kernel_fraction")), esc(r["tokens"])] for r in s["results"]]
         page.add(f"<p><b>{esc(label)}</b>: {esc(s.get('protocol', ''))}</p>")
-        page.add(_table(["scheme", "α", "transform", "perplexity", "95% CI", "vs fp", "95% CI (paired)", "verdict",
+        page.add(_table(["scheme", "weights", "α", "transform", "perplexity", "95% CI", "vs fp", "95% CI (paired)", "verdict",
                          "activation kernel", "tokens"], rows))
         if s.get("uncertainty"):
             page.add(f"<p><small>{esc(s['uncertainty'])}</small></p>")
@@ -586,6 +632,39 @@ def _ci(row: dict, field: str, spec: str) -> str:
     """``[low, high]`` of a row's interval, empty where it has none (one window, or an older run)."""
     low, high = row.get(f"{field}_ci_low"), row.get(f"{field}_ci_high")
     return "" if low is None or high is None else esc(f"[{spec.format(low)}, {spec.format(high)}]")
+
+
+def _advice_section(page: _Page, advices) -> None:
+    """What advise measured and chose: the scheme and tolerance, the plan against quantizing every
+    layer, the most sensitive groups of each kind, and the layers the plan keeps."""
+    page.add("<h2>Plan (advise)</h2>")
+    if not advices:
+        page.missing("plan", "kernelscope advise MODEL --scheme w4a8-g128-per-token -o DIR")
+        return
+    for label, s in advices:
+        scheme, plan, whole = s.get("scheme") or {}, s["plan"], s.get("quantized") or {}
+        weights = _weights(scheme)
+        page.add(f"<p><b>{esc(label)}</b>: {esc(scheme.get('scheme', ''))}" + (f" ({esc(weights)})" if weights else "")
+                 + f", tolerance {100 * s['tolerance']:g}% above fp's perplexity; {s.get('forward_passes', 0):.1f} "
+                 "full-pass equivalents.</p>")
+        rows = [["every layer quantized", f"{whole.get('perplexity', math.nan):.4f}", _ci(whole, "perplexity", "{:.4f}"),
+                 esc(_change(whole)), esc(whole.get("vs_fp") or ""), ""],
+                [f"the plan: {plan['kept_layers']} layers kept ({_pct(plan.get('parameter_share'))} of the parameters)",
+                 f"{plan['perplexity']:.4f}", _ci(plan, "perplexity", "{:.4f}"), esc(_change(plan)),
+                 esc(plan.get("vs_fp") or ""), "yes" if plan.get("within_tolerance") else "no"]]
+        page.add(_table(["", "perplexity", "95% CI", "vs fp (paired)", "verdict", "within tolerance"], rows))
+        groups = s.get("sensitivity") or []
+        top = [r for kind in dict.fromkeys(r["group_kind"] for r in groups)
+               for r in sorted((g for g in groups if g["group_kind"] == kind), key=lambda g: g["rank"])[:5]]
+        page.add("<p>The most sensitive groups of each kind, each quantized alone (the rest in full precision), "
+                 "and the share of that loss its kernel alone causes where it was measured:</p>")
+        page.add(_table(["kind", "group", "rank", "layers", "vs fp", "KL", "kernel's share"],
+                        [[esc(r["group_kind"]), esc(r["group"]), esc(r["rank"]), esc(r["layer_count"]), esc(_change(r)),
+                          "" if r.get("kl") is None else f"{r['kl']:.4g}",
+                          "" if r.get("kernel_share") is None else _share(r["kernel_share"])] for r in top]))
+        kept = plan.get("kept_modules") or []
+        page.add(f"<details><summary>The {len(kept)} layer{'s' * (len(kept) != 1)} the plan keeps in full precision</summary><p>"
+                 + ", ".join(f"<code>{esc(m)}</code>" for m in kept) + "</p></details>")
 
 
 def _zeroshot_table(page: _Page, zeroshots) -> None:
@@ -695,6 +774,7 @@ def build_report(runs: Sequence[RunFolder], *, title: str | None = None) -> str:
     else:
         page.missing("α sweep", "kernelscope sweep MODEL --alpha 0.15,0.45,0.75,1 -o DIR")
     _eval_table(page, evals)
+    _advice_section(page, advices)
     _zeroshot_table(page, zeroshots)
     if profiles:
         _layer_table(page, profiles)

@@ -104,7 +104,8 @@ COLUMNS: dict[str, Column] = {
     "activation_bits": Column(_I, "its element width"),
     "activation_format": Column(_S, "its configuration's label"),
     "weight_bits": Column(_I, "element width of the scheme's weight quantizer; empty where weights stay fp"),
-    "weight_format": Column(_S, "the weight quantizer's label"),
+    "weight_format": Column(_S, "the weights' format where a scheme names one of the registry (fp8, mxfp4, nvfp4, "
+                                "...); empty for INT weights, which weight_bits and group_size describe"),
     "group_size": Column(_I, "inputs per weight scale (g128); empty for per-output-channel weights"),
     "kernel_scale": Column(_F, "remove-kernel's scale multiplier; empty for other modes"),
     "lambda": Column(_F, "remove-kernel's λ: kernel elements are those with |x| ≤ λ times the bound"),

@@ -139,7 +139,8 @@ def _build(compiler: str, flags: list[str], target: Path) -> str | None:
                               timeout=120)
         if done.returncode != 0:
             lines = (done.stderr or done.stdout).strip().splitlines()
-            return lines[0][:200] if lines else f"{compiler} exited with {done.returncode}"
+            error = next((line for line in lines if "error" in line.lower()), lines[0] if lines else "")
+            return error[:200] or f"{compiler} exited with {done.returncode}"
         os.replace(tmp, target)
         return None
     except (OSError, subprocess.SubprocessError) as exc:
