@@ -134,7 +134,7 @@ SCRIPT = """
       out[index[key]][keys.length + series.indexOf(config)] = r[at.kernel_fraction];
     });
     cols = keys.map(function(k){return longCols[at[k]];}).concat(series.map(function(s){
-      return {name: s, title: s + ' kernel', pct: true};}));
+      return {name: s + ' kernel_fraction', title: s + ' kernel', pct: true};}));
     rows = out.map(function(r){for(var i = 0; i < cols.length; i++){if(r[i] === undefined){r[i] = null;}} return r;});
   }
   document.getElementById('layer-wide').addEventListener('click', function(e){
@@ -722,7 +722,9 @@ def _layer_table(page: _Page, profiles) -> None:
         c["numeric"] = table.schema[c["name"]].is_numeric() and "values" not in c
     page.add('<p>Click a header to sort (layer names in natural order); type to filter: the box below matches '
              'every word somewhere in a row, as shown (<code>down_proj int8</code>), the boxes under the headers '
-             'one column each (<code>&gt;5</code> or <code>&lt;0.1%</code> for numbers). '
+             'one column each (<code>&gt;5</code> or <code>&lt;0.1%</code> for numbers). The CSV holds the rows '
+             'shown under the column names of the results files, shares as fractions, to 5 significant digits '
+             '(the files hold them in full). '
              '<span id="layer-count"></span></p>'
              '<input id="layer-filter" type="search" placeholder="filter, e.g. down_proj int8"> '
              '<button id="layer-wide" type="button">wide view (quantizers side by side)</button> '
