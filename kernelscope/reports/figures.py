@@ -91,8 +91,9 @@ def depth_kernel(profiles: list[tuple[str, pl.DataFrame]], colours: dict[str, st
                       annotation_text=f"threshold {100 * threshold:.2f}%", annotation_position="top left")
     fig.update_layout(**{**LAYOUT, "height": 440, "margin": {"l": 60, "r": 20, "t": 80, "b": 50}},
                       title="Kernel per block, by module type")
-    fig.update_xaxes(title_text="block")
+    fig.update_xaxes(title_text="block", **_AXIS)
     fig.update_yaxes(title_text="kernel %", row=1, col=1)
+    fig.update_yaxes(**_AXIS)
     return fig
 
 
@@ -166,8 +167,8 @@ def zero_bounds(profiles: list[tuple[str, pl.DataFrame]], colours: dict[str, str
     fig.update_layout(**{**LAYOUT, "height": 440, "margin": {"l": 70, "r": 20, "t": 80, "b": 50},
                          "legend": {"orientation": "h", "y": -0.25}},
                       title="Zero bound per block, by module type (INT8): B per-token vs B̃ CrossQuant")
-    fig.update_xaxes(title_text="block")
-    fig.update_yaxes(type="log")
+    fig.update_xaxes(title_text="block", **_AXIS)
+    fig.update_yaxes(type="log", **_AXIS)
     fig.update_yaxes(title_text="zero bound, in units of |x| (p50, p99)", row=1, col=1)
     return fig
 
@@ -273,7 +274,8 @@ def alpha_sweep(runs: list[tuple[str, dict]]) -> go.Figure:
                           annotation_text=esc(f"{run}: fp {summary['fp_perplexity']:.4f}"),
                           annotation_position="bottom right")
     fig.update_layout(**LAYOUT, title="CrossQuant α sweep")
-    fig.update_xaxes(title_text="α")
+    fig.update_xaxes(title_text="α", **_AXIS)
+    fig.update_yaxes(**_AXIS)
     fig.update_yaxes(title_text="perplexity", row=1, col=1)
     fig.update_yaxes(title_text="kernel %", row=1, col=2)
     return fig

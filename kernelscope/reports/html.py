@@ -39,7 +39,7 @@ h1{font-size:1.6rem}h2{font-size:1.25rem;margin-top:2rem;border-bottom:1px solid
 table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}td,th{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top}
 th{background:#f5f5f5}th.sortable{cursor:pointer}th.sortable:after{content:" \\2195";color:#999}
 table.facts thead{display:none}table.facts td:first-child{font-weight:600;white-space:nowrap}
-td.num{text-align:right;font-variant-numeric:tabular-nums}.missing{color:#777;font-style:italic}
+td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}table.facts td.num{text-align:left}.missing{color:#777;font-style:italic}
 .below{color:#2ca02c}.above{color:#d62728}.warning{color:#a15c00;font-weight:600}
 #decision{border:1px solid #ccc;border-radius:6px;padding:.2rem 1rem;background:#fafafa}
 p.decision{font-size:1.05rem;line-height:1.5}code{background:#f3f3f3;padding:0 .25rem}
@@ -221,8 +221,9 @@ def _label_runs(runs: Sequence[RunFolder]) -> list[str]:
     return labels
 
 
-NUMBER = re.compile(r"^[+-]?[0-9][0-9,.]*(e[+-]?[0-9]+)?( ?%| pt)?$")
-"""A cell that is a number (``1,024``, ``+2.97%``, ``-8.80 pt``): right-aligned."""
+NUMBER = re.compile(r"^(\[)?[+-]?[0-9][0-9,.]*(e[+-]?[0-9]+)?( ?%| pt)?(, [+-]?[0-9][0-9,.]*(e[+-]?[0-9]+)?%?\])?$")
+"""A cell that is a number (``1,024``, ``+2.97%``, ``-8.80 pt``) or an interval (``[+1.2, +3.4%]``):
+right-aligned, on one line."""
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]], css: str = "") -> str:
