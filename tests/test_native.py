@@ -142,11 +142,15 @@ def test_wide_rows_with_block_maxima_on_powers_of_two_count_as_the_torch_code(mo
     peaks = (tops[torch.randint(len(tops), (2, 6, 31), generator=g)]
              * 2.0 ** torch.randint(-8, 8, (2, 6, 31), generator=g).float())  # (2, 6, 31): one per block of 32
     peaks = torch.nextafter(peaks, peaks * torch.randint(0, 3, peaks.shape, generator=g).float())  # below, at, above
-    x[..., : 31 * 32 : 32] = peaks
-    x[..., 1 : 31 * 32] = x[..., 1 : 31 * 32].clamp(-1, 1) * peaks.repeat_interleave(32, -1)[..., 1:].abs() * 0.99
+    blocks = x[..., : 31 * 32].reshape(2, 6, 31, 32).clone()  # (2, 6, 31 blocks, 32)
+    blocks[..., 1:] = blocks[..., 1:].clamp(-1, 1) * peaks.abs().unsqueeze(-1) * 0.99
+    blocks[..., 0] = peaks  # each block's maximum: its peak
+    x[..., : 31 * 32] = blocks.reshape(2, 6, 31 * 32)
     x[0, 0, 64:192] = 0.0  # all-zero blocks
     x[1, 2, 320:448] = 1e-40  # float32 subnormals
     x[1, 3, 512:544] = torch.linspace(-5e-38, 5e-38, 32)  # MXFP4's amax / 6 a subnormal above 2^-127
+    peaked = F.unit_amax(x.abs(), expand_configs(["mxfp4"], [4], [])[0].format)[..., :31] == peaks.abs()  # (2, 6, 31)
+    assert peaked.float().mean() > 0.9  # the zero and subnormal stretches aside, the peaks are the maxima
     configs = [c for c in CONFIGS if c.format.is_block]
     monkeypatch.setenv("KERNELSCOPE_NATIVE", "1")
     mine = counted(x, configs)

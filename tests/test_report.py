@@ -420,3 +420,15 @@ def test_the_first_screen_warns_and_names_what_it_must(run_dirs, tmp_path):
     text = build_report([read_run(run_dirs["eval"])])
     table = text[text.index("<h2>Perplexity under quantization</h2>"):]
     assert "<th>weights</th>" in table and "<td>int8 per output channel</td>" in table
+
+
+def test_the_plan_section_reads_older_and_overflowed_advice(run_dirs):
+    run = read_run(run_dirs["advise"])
+    for row in run.summary["sensitivity"]:  # schema version 2 named the group kind "kind"
+        row["kind"] = row.pop("group_kind")
+    run.summary["quantized"]["perplexity"] = None  # a pass that overflowed is written as null
+    run.summary["plan"]["perplexity"] = None
+    del run.summary["tolerance"]
+    text = build_report([run])
+    section = text[text.index("<h2>Plan (advise)</h2>"):text.index("<h2>Zero-shot accuracy</h2>")]
+    assert "The most sensitive groups of each kind" in section and "every layer quantized" in section

@@ -5,7 +5,6 @@ model- or file-provided string escaped, sections without data replaced by the co
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tempfile
@@ -329,7 +328,7 @@ def _recommendation(evals, sweeps, advices) -> list[str]:
         said.append(f"Deploy <b>{esc((s.get('scheme') or {}).get('scheme', ''))}"
                     f"</b>{esc(basis)} with {plan['kept_layers']} Linear layer{'s' * (plan['kept_layers'] != 1)} kept in full precision "
                     f"({_pct(plan.get('parameter_share'))} of the covered parameters): perplexity "
-                    f"{plan['perplexity']:.4f}, {esc(_change(plan))} from fp"
+                    f"{_fixed(plan.get('perplexity')) or 'not finite'}, {esc(_change(plan))} from fp"
                     f"{'' if plan.get('within_tolerance') else ', not within the tolerance'} (advise).")
         tolerance, high = s.get("tolerance"), plan.get("change_pct_ci_high")
         if plan.get("within_tolerance") and tolerance is not None and high is not None and high > 100 * tolerance:
@@ -340,7 +339,8 @@ def _recommendation(evals, sweeps, advices) -> list[str]:
         if share.get("share") is not None:
             ci = "" if share.get("ci_low") is None else f" [{_share(share['ci_low'])}, {_share(share['ci_high'])}]"
             said.append(f"Removing only the kernel causes {_share(share['share'])}{ci} of that loss.")
-    quantized = [r for _, s in evals for r in s["results"] if r.get("change_pct") is not None and _deployable(r)]
+    quantized = [r for _, s in evals for r in s["results"]
+                 if r.get("change_pct") is not None and r.get("perplexity") is not None and _deployable(r)]
     if quantized:
         best = min(quantized, key=lambda r: r["perplexity"])
         basis = "" if best.get("transform", "none") == "none" else f", {best['transform']}"
@@ -359,11 +359,11 @@ def _recommendation(evals, sweeps, advices) -> list[str]:
 def _int4(evals, profiles, located, advices=()) -> list[str]:
     """Whether 4-bit activations are viable: measured in an evaluation, else the INT4 kernel against
     the threshold located on this model."""
-    rows = [r for _, s in evals for r in s["results"]
-            if r.get("activation_bits") == 4 and r.get("change_pct") is not None and _deployable(r)]
+    rows = [r for _, s in evals for r in s["results"] if r.get("activation_bits") == 4
+            and r.get("change_pct") is not None and r.get("perplexity") is not None and _deployable(r)]
     for _, advice in advices:
         scheme = advice.get("scheme") or {}
-        if scheme.get("activation_bits") == 4 and advice.get("quantized"):
+        if scheme.get("activation_bits") == 4 and (advice.get("quantized") or {}).get("perplexity") is not None:
             rows.append({**advice["quantized"], "transform": advice.get("transform", "none")})
     said = []
     if rows:
@@ -635,6 +635,16 @@ def _ci(row: dict, field: str, spec: str) -> str:
     return "" if low is None or high is None else esc(f"[{spec.format(low)}, {spec.format(high)}]")
 
 
+def _fixed(value: float | None, spec: str = "{:.4f}") -> str:
+    """A number as ``spec`` writes it, empty where there is none (a pass whose perplexity overflowed)."""
+    return "" if value is None else spec.format(value)
+
+
+def _group_kind(row: dict) -> str | None:
+    """A sensitivity row's group kind (``kind`` in a run of schema version 2)."""
+    return row.get("group_kind", row.get("kind"))
+
+
 def _advice_section(page: _Page, advices) -> None:
     """What advise measured and chose: the scheme and tolerance, the plan against quantizing every
     layer, the most sensitive groups of each kind, and the layers the plan keeps."""
@@ -643,29 +653,31 @@ def _advice_section(page: _Page, advices) -> None:
         page.missing("plan", "kernelscope advise MODEL --scheme w4a8-g128-per-token -o DIR")
         return
     for label, s in advices:
-        scheme, plan, whole = s.get("scheme") or {}, s["plan"], s.get("quantized") or {}
+        scheme, plan, whole = s.get("scheme") or {}, s.get("plan") or {}, s.get("quantized") or {}
         weights = _weights(scheme)
+        tolerance = "" if s.get("tolerance") is None else f", tolerance {100 * s['tolerance']:g}% above fp's perplexity"
         page.add(f"<p><b>{esc(label)}</b>: {esc(scheme.get('scheme', ''))}" + (f" ({esc(weights)})" if weights else "")
-                 + f", tolerance {100 * s['tolerance']:g}% above fp's perplexity; {s.get('forward_passes', 0):.1f} "
-                 "full-pass equivalents.</p>")
-        rows = [["every layer quantized", f"{whole.get('perplexity', math.nan):.4f}", _ci(whole, "perplexity", "{:.4f}"),
+                 + f"{tolerance}; {s.get('forward_passes') or 0:.1f} full-pass equivalents.</p>")
+        kept = plan.get("kept_modules") or []
+        rows = [["every layer quantized", _fixed(whole.get("perplexity")), _ci(whole, "perplexity", "{:.4f}"),
                  esc(_change(whole)), esc(whole.get("vs_fp") or ""), ""],
-                [f"the plan: {plan['kept_layers']} layers kept ({_pct(plan.get('parameter_share'))} of the parameters)",
-                 f"{plan['perplexity']:.4f}", _ci(plan, "perplexity", "{:.4f}"), esc(_change(plan)),
-                 esc(plan.get("vs_fp") or ""), "yes" if plan.get("within_tolerance") else "no"]]
+                [f"the plan: {len(kept)} layer{'s' * (len(kept) != 1)} kept ({_pct(plan.get('parameter_share'))} of the "
+                 + "parameters)", _fixed(plan.get("perplexity")), _ci(plan, "perplexity", "{:.4f}"),
+                 esc(_change(plan)), esc(plan.get("vs_fp") or ""), "yes" if plan.get("within_tolerance") else "no"]]
         page.add(_table(["", "perplexity", "95% CI", "vs fp (paired)", "verdict", "within tolerance"], rows))
         groups = s.get("sensitivity") or []
-        top = [r for kind in dict.fromkeys(r["group_kind"] for r in groups)
-               for r in sorted((g for g in groups if g["group_kind"] == kind), key=lambda g: g["rank"])[:5]]
-        page.add("<p>The most sensitive groups of each kind, each quantized alone (the rest in full precision), "
-                 "and the share of that loss its kernel alone causes where it was measured:</p>")
-        page.add(_table(["kind", "group", "rank", "layers", "vs fp", "KL", "kernel's share"],
-                        [[esc(r["group_kind"]), esc(r["group"]), esc(r["rank"]), esc(r["layer_count"]), esc(_change(r)),
-                          "" if r.get("kl") is None else f"{r['kl']:.4g}",
-                          "" if r.get("kernel_share") is None else _share(r["kernel_share"])] for r in top]))
-        kept = plan.get("kept_modules") or []
-        page.add(f"<details><summary>The {len(kept)} layer{'s' * (len(kept) != 1)} the plan keeps in full precision</summary><p>"
-                 + ", ".join(f"<code>{esc(m)}</code>" for m in kept) + "</p></details>")
+        top = [r for k in dict.fromkeys(map(_group_kind, groups))
+               for r in sorted((g for g in groups if _group_kind(g) == k), key=lambda g: g.get("rank") or 0)[:5]]
+        if top:
+            page.add("<p>The most sensitive groups of each kind, each quantized alone (the rest in full "
+                     "precision), and the share of that loss its kernel alone causes where it was measured:</p>")
+            page.add(_table(["kind", "group", "rank", "layers", "vs fp", "KL", "kernel's share"],
+                            [[esc(_group_kind(r)), esc(r.get("group", "")), esc(r.get("rank", "")), esc(r.get("layer_count", "")),
+                              esc(_change(r)), _fixed(r.get("kl"), "{:.4g}"),
+                              "" if r.get("kernel_share") is None else _share(r["kernel_share"])] for r in top]))
+        if kept:
+            page.add(f"<details><summary>The {len(kept)} layer{'s' * (len(kept) != 1)} the plan keeps in full "
+                     "precision</summary><p>" + ", ".join(f"<code>{esc(m)}</code>" for m in kept) + "</p></details>")
 
 
 def _zeroshot_table(page: _Page, zeroshots) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import polars as pl
 
 from kernelscope.errors import KernelscopeError
-from kernelscope.results.paths import EXPORT_NAMES, RUN_MARKER, SUMMARY, SUMMARY_NAMES, check_output_dir, summary_of
+from kernelscope.results.paths import EXPORT_NAMES, LEGACY_SUMMARIES, RUN_MARKER, SUMMARY, check_output_dir, summary_of
 from kernelscope.results.schema import SCHEMA_VERSION, parquet_metadata, typed
 
 
@@ -99,7 +99,8 @@ def read_run(path: str | Path) -> RunFolder:
         raise KernelscopeError(f"{path} is not a folder")
     summary_file = summary_of(folder)
     if summary_file is None:
-        raise KernelscopeError(f"{path} is not a kernelscope run folder (no {SUMMARY})")
+        raise KernelscopeError(f"{path} is not a kernelscope run folder (no {SUMMARY}, nor an older folder's "
+                               f"{' / '.join(LEGACY_SUMMARIES)})")
     try:
         summary = json.loads(summary_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
