@@ -261,6 +261,8 @@ def test_the_first_screen_decides_from_the_runs(run_dirs):
     else:  # a bound, not a located threshold: never drawn or named as one
         assert "threshold located" not in first and "did not bracket a crossing" in first
     assert "remove-kernel" not in first  # a diagnostic pass is never recommended
+    level = runs[0].summary["model_level"][0]
+    assert f"The model-level kernel (llama): {level['config']} {100 * level['kernel_fraction']:.2f}%" in first
     # the paper's reference only for the model's own family
     assert family_of({"model_type": "llama"}) == "LLaMA" and family_of({"architecture": "OPTForCausalLM"}) == "OPT"
     assert family_of({"model_type": "gpt2"}) is None
@@ -364,6 +366,7 @@ def test_the_decision_speaks_for_each_model_from_its_own_runs(run_dirs, tmp_path
     assert "<b>w8a8-per-token</b> (weights int8 per output channel) is closest to fp" in llama and "w4a4" not in llama
     assert "<b>w4a4-per-token</b> (weights int4 per output channel) is closest to fp" in opt_part and "w8a8" not in opt_part
     assert "paper's reference for LLaMA" in llama and "paper's reference for OPT" in opt_part
+    assert "The smallest INT4 kernel measured, " in llama and "is above it." in llama
 
 
 def test_the_figures_read_truly(run_dirs):

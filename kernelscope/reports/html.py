@@ -407,6 +407,11 @@ def _advice_sentences(profiles, thresholds, evals, sweeps, advices, family: str 
     """What to do, in words, from the runs of one model."""
     located = located_thresholds(thresholds)
     said = _recommendation(evals, sweeps, advices) + _int4(evals, profiles, located, advices)
+    for label, run in profiles[:1]:  # what the profile measured, in one sentence
+        level = run.summary.get("model_level") or []
+        if level:
+            said.append(f"The model-level kernel ({esc(label)}): " + ", ".join(
+                f"{esc(_series(r))} {_pct(r['kernel_fraction'])}" for r in level) + ".")
     if located and not any("threshold located" in x for x in said):
         said.append("The kernel threshold located on this model is " + ", ".join(
             _pct(v) + ("" if basis == "none" else f" in the {esc(basis)} basis") for basis, v in located.items()) + ".")
@@ -416,8 +421,15 @@ def _advice_sentences(profiles, thresholds, evals, sweeps, advices, family: str 
         said.append(f"The threshold search did not bracket a crossing ({esc(search.get('status', ''))}): every "
                     f"kernel up to {_pct(search['threshold_kernel_fraction'])} stayed within the tolerance.")
     if family and not located:
-        said.append(f"The CrossQuant paper's reference for {family} models is {100 * REFERENCE_THRESHOLDS[family]:g}% "
+        reference = REFERENCE_THRESHOLDS[family]
+        said.append(f"The CrossQuant paper's reference for {family} models is {100 * reference:g}% "
                     "(the paper's, not measured here: <code>kernelscope threshold</code> locates this model's).")
+        int4 = [r for _, run in profiles[:1] for r in run.summary.get("model_level") or [] if r.get("bits") == 4]
+        if int4:
+            best = min(int4, key=lambda r: r["kernel_fraction"])
+            side = "below" if best["kernel_fraction"] <= reference else "above"
+            said.append(f"The smallest INT4 kernel measured, {esc(_series(best))} at {_pct(best['kernel_fraction'])}, "
+                        f"is {side} it.")
     if not said:
         said.append("No evaluation in these runs: <code>kernelscope advise MODEL</code> or "
                     "<code>kernelscope eval MODEL</code> measures what a scheme costs.")
