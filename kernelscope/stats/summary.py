@@ -130,11 +130,13 @@ class _Bounds:
             self.hist[:, i] = counts[:, j]
 
 
-def stacked_ranges(group: list[Measured]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def stacked_ranges(group: list[Measured], sort: bool = True) -> tuple[torch.Tensor, ...]:
     """t ``(S, T, 1)`` and c ``(S, 1, I)`` of measurements of one shape, stacked (S = layers · B
-    sequences), and c sorted ascending with the channels' order ``(S, I)`` each."""
+    sequences), and (with ``sort``, else None) c sorted ascending with the channels' order ``(S, I)``."""
     t = torch.cat([m.token for m in group])  # (S, T, 1)
     c = torch.cat([m.channel for m in group])  # (S, 1, I)
+    if not sort:
+        return t, c, None, None
     c_sorted, c_order = c.squeeze(-2).sort(dim=-1)  # (S, I), (S, I)
     return t, c, c_sorted, c_order
 
@@ -147,7 +149,7 @@ def config_figures(group: list[Measured], configs: list[QuantizerConfig],
     plan = plan_for(configs)
     batch, seq, _ = group[0].token.shape
     width = group[0].channel.shape[-1]
-    t, c, _, c_order = stacked or stacked_ranges(group)
+    t, c, _, c_order = stacked or stacked_ranges(group, sort=bool(plan.separable))
     ranges = ActivationRanges(t, c)
     bounds = _Bounds(len(group), batch, len(configs), t.device)
     for i, cfg in enumerate(configs):
