@@ -64,28 +64,42 @@ def module_groups(profiles: list[tuple[str, pl.DataFrame]]) -> list[tuple[str, l
     return [(" / ".join(g), g) for g in groups]
 
 
+def _module_panels(groups: list[tuple[str, list[str]]]) -> go.Figure:
+    """One panel per module group, side by side, sharing the y axis."""
+    return make_subplots(rows=1, cols=max(len(groups), 1), shared_yaxes=True, horizontal_spacing=0.02,
+                         subplot_titles=[esc(name) for name, _ in groups])
+
+
+def _panel_lines(profiles: list[tuple[str, pl.DataFrame]], groups: list[tuple[str, list[str]]],
+                 keep: pl.Expr | None = None):
+    """Each line of a figure with one panel per module group: ``(run index, run, panel column, module
+    type, series, its rows by block)``, over the decoder blocks' rows that ``keep`` admits."""
+    for r, (run, layers) in enumerate(profiles):
+        in_blocks = layers.filter(pl.col("block").is_not_null())
+        in_blocks = in_blocks if keep is None else in_blocks.filter(keep)
+        for col, (_, types) in enumerate(groups, start=1):
+            mine = in_blocks.filter(pl.col("module_type") == types[0])
+            for config in mine["series"].unique(maintain_order=True):
+                yield r, run, col, types[0], config, mine.filter(pl.col("series") == config).sort("block")
+
+
 def depth_kernel(profiles: list[tuple[str, pl.DataFrame]], colours: dict[str, str],
                  threshold: float | None = None) -> go.Figure:
     """Kernel % against the block, one panel per module type (types fed the same tensor in one), one
     colour per quantizer configuration (and transform), one line style per run; the threshold located
     on the model as a line."""
     groups = module_groups(profiles)
-    fig = make_subplots(rows=1, cols=max(len(groups), 1), shared_yaxes=True, horizontal_spacing=0.02,
-                        subplot_titles=[esc(name) for name, _ in groups])
+    fig = _module_panels(groups)
     shown: set[str] = set()
-    for r, (run, layers) in enumerate(profiles):
-        for col, (_, types) in enumerate(groups, start=1):
-            mine = layers.filter(pl.col("module_type") == types[0]).filter(pl.col("block").is_not_null())
-            for config in mine["series"].unique(maintain_order=True):
-                rows = mine.filter(pl.col("series") == config).sort("block")
-                name = f"{run}: {config}"
-                fig.add_trace(go.Scatter(
-                    x=rows["block"].to_list(), y=[round(100 * v, 4) for v in rows["kernel_fraction"]],
-                    mode="lines+markers", marker={"size": 4}, name=esc(name), legendgroup=esc(name),
-                    showlegend=name not in shown, text=[esc(f"block {b}, {types[0]}") for b in rows["block"]],
-                    hovertemplate="%{text}<br>kernel %{y:.2f}%<extra>%{fullData.name}</extra>",
-                    line={"color": colours[config], "dash": ("solid", "dot", "dash")[r % 3]}), row=1, col=col)
-                shown.add(name)
+    for r, run, col, module_type, config, rows in _panel_lines(profiles, groups):
+        name = f"{run}: {config}"
+        fig.add_trace(go.Scatter(
+            x=rows["block"].to_list(), y=[round(100 * v, 4) for v in rows["kernel_fraction"]],
+            mode="lines+markers", marker={"size": 4}, name=esc(name), legendgroup=esc(name),
+            showlegend=name not in shown, text=[esc(f"block {b}, {module_type}") for b in rows["block"]],
+            hovertemplate="%{text}<br>kernel %{y:.2f}%<extra>%{fullData.name}</extra>",
+            line={"color": colours[config], "dash": ("solid", "dot", "dash")[r % 3]}), row=1, col=col)
+        shown.add(name)
     if threshold is not None:
         fig.add_hline(y=100 * threshold, line={"color": "#555555", "dash": "dash"},
                       annotation_text=f"threshold {100 * threshold:.2f}%", annotation_position="top left")
@@ -145,25 +159,19 @@ def zero_bounds(profiles: list[tuple[str, pl.DataFrame]], colours: dict[str, str
     (types fed the same tensor in one): per-token B against CrossQuant B̃, one colour per configuration,
     one pair of line styles (p50, p99) per run."""
     groups = module_groups(profiles)
-    fig = make_subplots(rows=1, cols=max(len(groups), 1), shared_yaxes=True, horizontal_spacing=0.02,
-                        subplot_titles=[esc(name) for name, _ in groups])
+    fig = _module_panels(groups)
     styles = (("solid", "dot"), ("dash", "dashdot"), ("longdash", "longdashdot"))
     shown: set[str] = set()
-    for r, (run, layers) in enumerate(profiles):
-        eight = layers.filter((pl.col("bits") == 8) & pl.col("block").is_not_null())
-        for col, (_, types) in enumerate(groups, start=1):
-            mine = eight.filter(pl.col("module_type") == types[0])
-            for config in mine["series"].unique(maintain_order=True):
-                rows = mine.filter(pl.col("series") == config).sort("block")
-                for stat, dash in zip(("bound_p50", "bound_p99"), styles[r % len(styles)], strict=True):
-                    name = f"{run}: {config} {stat[6:]}"
-                    fig.add_trace(go.Scatter(
-                        x=rows["block"].to_list(), y=[float(f"{v:.4g}") for v in rows[stat]], mode="lines",
-                        name=esc(name), legendgroup=esc(name), showlegend=name not in shown,
-                        text=[esc(f"block {b}, {types[0]}") for b in rows["block"]],
-                        hovertemplate="%{text}<br>%{y:.3g}<extra>%{fullData.name}</extra>",
-                        line={"color": colours[config], "dash": dash}), row=1, col=col)
-                    shown.add(name)
+    for r, run, col, module_type, config, rows in _panel_lines(profiles, groups, pl.col("bits") == 8):
+        for stat, dash in zip(("bound_p50", "bound_p99"), styles[r % len(styles)], strict=True):
+            name = f"{run}: {config} {stat[6:]}"
+            fig.add_trace(go.Scatter(
+                x=rows["block"].to_list(), y=[float(f"{v:.4g}") for v in rows[stat]], mode="lines",
+                name=esc(name), legendgroup=esc(name), showlegend=name not in shown,
+                text=[esc(f"block {b}, {module_type}") for b in rows["block"]],
+                hovertemplate="%{text}<br>%{y:.3g}<extra>%{fullData.name}</extra>",
+                line={"color": colours[config], "dash": dash}), row=1, col=col)
+            shown.add(name)
     fig.update_layout(**{**LAYOUT, "height": 440, "margin": {"l": 70, "r": 20, "t": 80, "b": 50},
                          "legend": {"orientation": "h", "y": -0.25}},
                       title="Zero bound per block, by module type (INT8): B per-token vs B̃ CrossQuant")

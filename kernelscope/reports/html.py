@@ -356,6 +356,13 @@ def _recommendation(evals, sweeps, advices) -> list[str]:
     return said
 
 
+def _smallest_int4(profiles, bases=None) -> dict | None:
+    """The smallest model-level INT4 kernel of the profiles (counted in one of ``bases`` where given)."""
+    rows = [r for _, run in profiles for r in run.summary.get("model_level") or []
+            if r.get("bits") == 4 and (bases is None or r.get("transform", "none") in bases)]
+    return min(rows, key=lambda r: r["kernel_fraction"], default=None)
+
+
 def _int4(evals, profiles, located, advices=()) -> list[str]:
     """Whether 4-bit activations are viable: measured in an evaluation, else the INT4 kernel against
     the threshold located on this model."""
@@ -372,11 +379,9 @@ def _int4(evals, profiles, located, advices=()) -> list[str]:
         said.append(f"4-bit activations: the best evaluated, {esc(best['scheme'])}"
                     f"{'' if best.get('transform', 'none') == 'none' else ', ' + esc(best['transform'])}"
                     f"{esc(weights)}, costs {esc(_change(best))} with every layer quantized.")
-    int4 = [r for _, run in profiles for r in run.summary.get("model_level", [])
-            if r.get("bits") == 4 and r.get("transform", "none") in located]
-    if not int4:
+    best = _smallest_int4(profiles, located)
+    if best is None:
         return said
-    best = min(int4, key=lambda r: r["kernel_fraction"])
     basis = best.get("transform", "none")
     threshold = located[basis]
     verdict = "below" if best["kernel_fraction"] <= threshold else "above"
@@ -424,9 +429,8 @@ def _advice_sentences(profiles, thresholds, evals, sweeps, advices, family: str 
         reference = REFERENCE_THRESHOLDS[family]
         said.append(f"The CrossQuant paper's reference for {family} models is {100 * reference:g}% "
                     "(the paper's, not measured here: <code>kernelscope threshold</code> locates this model's).")
-        int4 = [r for _, run in profiles[:1] for r in run.summary.get("model_level") or [] if r.get("bits") == 4]
-        if int4:
-            best = min(int4, key=lambda r: r["kernel_fraction"])
+        best = _smallest_int4(profiles[:1])
+        if best is not None:
             side = "below" if best["kernel_fraction"] <= reference else "above"
             said.append(f"The smallest INT4 kernel measured, {esc(_series(best))} at {_pct(best['kernel_fraction'])}, "
                         f"is {side} it.")
@@ -551,10 +555,11 @@ def _outliers(page: _Page, profiles) -> None:
         table = _with_transform(run.tables["layers"])
         basis = "none" if (table["transform"] == "none").any() else table["transform"][0]
         layers = table.filter(pl.col("transform") == basis).unique(subset="layer", maintain_order=True)
-        for r in _one_row_per_input(layers).iter_rows(named=True):  # q/k/v (gate/up) once: one input
+        inputs = _one_row_per_input(layers)  # q/k/v (gate/up) once: one input
+        for r in inputs.iter_rows(named=True):
             for c in r["top_channels"][:5]:
                 channel_layers.setdefault(c, set()).add((label, r["layer"]))
-        top = _one_row_per_input(layers.sort("abs_max", descending=True)).head(12)
+        top = inputs.sort("abs_max", descending=True, maintain_order=True).head(12)
         rows, sinks = [], 0
         for r in top.iter_rows(named=True):
             channels = ", ".join(f"{c} ({v:.3g})" for c, v in zip(r["top_channels"][:5], r["top_channel_absmax"][:5]))
