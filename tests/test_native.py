@@ -188,6 +188,22 @@ def test_the_bin_table_gives_the_bins_of_the_edges():
     assert torch.equal(got, HISTOGRAM.bin_of(values))
 
 
+def test_the_native_histogram_counts_what_the_torch_one_counts(monkeypatch):
+    edges = HISTOGRAM.edges.float()
+    g = torch.Generator().manual_seed(5)
+    values = torch.cat([torch.tensor([0.0, -0.0, 1e-45, 3.4e38, float("inf"), -2.0, float("nan")]), edges,
+                        torch.nextafter(edges, torch.tensor(0.0)), torch.nextafter(edges, torch.tensor(1e30)),
+                        (10 ** (torch.rand(30_000, generator=g, dtype=torch.float64) * 20 - 12)).float()])
+    values = values[: values.numel() // 3 * 3]  # three equal groups
+    for weight, groups in ((1, 1), (7, 3)):
+        monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
+        want = elementwise.histogram(values, weight, groups)
+        assert torch.equal(want, HISTOGRAM.counts(values, weight, groups=groups))
+        monkeypatch.setenv("KERNELSCOPE_NATIVE", "1")
+        assert torch.equal(elementwise.histogram(values, weight, groups), want)
+        assert int(want.sum()) == weight * values.numel()
+
+
 def test_a_library_that_does_not_match_its_mirror_is_refused(monkeypatch):
     lib = native.library()
     native.check_abi(lib)

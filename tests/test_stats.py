@@ -479,15 +479,19 @@ def test_exact_sums_do_not_depend_on_order():
 
 
 def test_separable_step_sums_against_float64_reference():
-    x = edge_activations()
-    for bits in (8, 4):
-        row, col = crossquant_factors(x, 0.15)
-        want = (row.double() * col.double() / qmax_for_bits(bits)).clamp(min=STEP_FLOOR).sum(dim=(-2, -1))
-        got = separable_step_sums(row, col.squeeze(-2).sort(dim=-1).values, qmax_for_bits(bits), STEP_FLOOR)
-        assert torch.allclose(got, want, rtol=1e-12, atol=0)
-        # and within float32 rounding of the steps kernelscope quantizes with
-        rounded = crossquant_step(x, bits, 0.15).double().sum(dim=(-2, -1))
-        assert torch.allclose(got, rounded, rtol=1e-7, atol=0)
+    # edge activations have steps at the floor (columns are searched); the other input has none
+    wide = 1.0 + torch.rand(3, 40, 24, generator=torch.Generator().manual_seed(4))
+    for x, floored in ((edge_activations(), True), (wide, False)):
+        for bits in (8, 4):
+            row, col = crossquant_factors(x, 0.15)
+            exact = row.double() * col.double() / qmax_for_bits(bits)
+            assert bool((exact < STEP_FLOOR).any()) == floored
+            want = exact.clamp(min=STEP_FLOOR).sum(dim=(-2, -1))
+            got = separable_step_sums(row, col.squeeze(-2).sort(dim=-1).values, qmax_for_bits(bits), STEP_FLOOR)
+            assert torch.allclose(got, want, rtol=1e-12, atol=0)
+            # and within float32 rounding of the steps kernelscope quantizes with
+            rounded = crossquant_step(x, bits, 0.15).double().sum(dim=(-2, -1))
+            assert torch.allclose(got, rounded, rtol=1e-7, atol=0)
 
 
 def test_separable_histogram_moves_only_values_at_bin_edges():

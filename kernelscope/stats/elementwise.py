@@ -21,6 +21,7 @@ Set ``KERNELSCOPE_NATIVE=0`` to run the torch code everywhere.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -242,6 +243,20 @@ def count(x: torch.Tensor, ranges: ActivationRanges, plan: Plan,
     plan.native.run(native.library(), nx, ranges.token.contiguous(), ranges.channel.contiguous(), rows, cols,
                     _fields(out))
     return out
+
+
+@functools.cache
+def _histogram_table() -> torch.Tensor:
+    return native.bin_table(HISTOGRAM.edges.double())
+
+
+def histogram(values: torch.Tensor, weight: int, groups: int) -> torch.Tensor:
+    """``HISTOGRAM.counts(values, weight, groups=groups)`` of non-negative zero bounds: the same
+    counts, from the C code's bin table where it runs (one reading instead of a float64 search)."""
+    if values.dtype != torch.float32 or values.device.type != "cpu" or not _wanted() or native.library() is None:
+        return HISTOGRAM.counts(values, weight, groups=groups)
+    return native.histogram(native.library(), values.contiguous(), groups, weight, HISTOGRAM.edges,
+                            _histogram_table())
 
 
 def _fields(c: Counted) -> tuple[torch.Tensor, ...]:

@@ -25,6 +25,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #else
@@ -80,13 +83,35 @@ typedef int32_t ks_v8i __attribute__((vector_size(32)));
 #define KS_SPLAT(v) {(v), (v), (v), (v), (v), (v), (v), (v)}
 
 static inline ks_v8i vmax(ks_v8i a, ks_v8i b) {
+#ifdef __AVX2__
+    return (ks_v8i)_mm256_max_epi32((__m256i)a, (__m256i)b); /* one instruction, not a compare and a blend */
+#else
     const ks_v8i gt = a > b; /* -1 where a > b */
     return (a & gt) | (b & ~gt);
+#endif
 }
+
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define KS_SHUFFLES 1
+#define KS_PICK(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+
+/* Lane b of the result: the largest lane of v[b], for eight vectors at once (three rounds that each
+ * halve the lanes per vector, 2.6 operations a vector instead of lane_max's six). */
+static inline ks_v8i lane_max8(const ks_v8i* v) {
+    ks_v8i r[4], s[2];
+    for (int p = 0; p < 4; p++) /* lanes 0-3: v[2p]'s four pairs, 4-7: v[2p+1]'s */
+        r[p] = vmax(KS_PICK(v[2 * p], v[2 * p + 1], 0, 1, 2, 3, 8, 9, 10, 11),
+                    KS_PICK(v[2 * p], v[2 * p + 1], 4, 5, 6, 7, 12, 13, 14, 15));
+    for (int p = 0; p < 2; p++) /* lanes: v[4p] twice, v[4p+2] twice, v[4p+1] twice, v[4p+3] twice */
+        s[p] = vmax(KS_PICK(r[2 * p], r[2 * p + 1], 0, 1, 8, 9, 4, 5, 12, 13),
+                    KS_PICK(r[2 * p], r[2 * p + 1], 2, 3, 10, 11, 6, 7, 14, 15));
+    return vmax(KS_PICK(s[0], s[1], 0, 4, 2, 6, 8, 12, 10, 14), KS_PICK(s[0], s[1], 1, 5, 3, 7, 9, 13, 11, 15));
+}
+#endif
 
 /* The largest of eight lanes. */
 static inline int32_t lane_max(ks_v8i m) {
-#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#ifdef KS_SHUFFLES
     ks_v8i h = __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3);
     m = vmax(m, h);
     h = __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5);
@@ -268,6 +293,22 @@ static inline int bin_of(float b, const int32_t* table) {
     return table[run] + (bits >= (uint32_t)table[65536 + run]);
 }
 
+/* The histogram (groups, nbins) of `groups` rows of n float32 values each, every value standing for
+ * `weight` items, in the bins of bin_of: a negative value (or -0) in the first bin and NaN in the last,
+ * where torch.searchsorted over the float64 edges puts them. */
+void ks_histogram(const float* v, int64_t groups, int64_t n, const int32_t* table, int nbins, int64_t weight,
+                  int64_t* out) {
+    for (int64_t i = 0; i < groups * (int64_t)nbins; i++) out[i] = 0;
+    for (int64_t g = 0; g < groups; g++) {
+        int64_t* h = out + g * nbins;
+        for (int64_t i = 0; i < n; i++) {
+            const uint32_t bits = fbits(v[g * n + i]);
+            const int bin = (bits & ABS_MASK) > INF_BITS ? nbins - 1 : (bits >> 31 ? 0 : bin_of(v[g * n + i], table));
+            h[bin] += weight;
+        }
+    }
+}
+
 /* ---- per-element counts -------------------------------------------------------------------------- */
 
 /* In one reading of a row: its finite elements, and those with |x| <= bound0 and <= bound1 (a bound
@@ -401,6 +442,18 @@ KS_ROW static void block_maxima(const uint32_t* restrict xb, int64_t I, int64_t 
                                 float* restrict bm, uint8_t* restrict bad) {
     int64_t b = 0, start = 0;
     if (finite_row && size % 8 == 0) { /* eight lanes a step, one lane maximum a block; no flags to keep */
+#ifdef KS_SHUFFLES
+        for (; start + 8 * size <= I; start += 8 * size, b += 8) { /* eight blocks' lane maxima at once */
+            ks_v8i m[8];
+            for (int k = 0; k < 8; k++) {
+                m[k] = abs_bits8(xb + start + k * size);
+                for (int64_t j = 8; j < size; j += 8) m[k] = vmax(m[k], abs_bits8(xb + start + k * size + j));
+            }
+            const ks_v8i top = lane_max8(m);
+            memcpy(bm + b, &top, sizeof top);
+            memset(bad + b, 0, 8);
+        }
+#endif
         for (; start + size <= I; start += size, b++) {
             ks_v8i m = abs_bits8(xb + start);
             for (int64_t j = 8; j < size; j += 8) {
@@ -533,7 +586,6 @@ KS_ROW static void blocked_counts(const float* restrict x, int64_t I, int64_t si
 /* Per-thread room for the blocks of one row. */
 typedef struct {
     float *fine, *bm, *sc, *kthr, *hthr, *bound;
-    int32_t* bin;
     uint8_t *fine_bad, *bad;
 } ks_rowbuf;
 
@@ -646,7 +698,6 @@ KS_ROW static void count_blocks(const float* restrict xr, int64_t I, const ks_ro
      * running sums, each added in block order, then added in lane order: the same whatever the
      * threads) and the histogram. */
     float* restrict bounds = rb->bound;
-    int32_t* restrict bins = rb->bin;
     for (int64_t b = 0; b < nb; b++) bounds[b] = tau * sc[b];
     /* extremes on the bit patterns: the bounds are non-negative floats, which order like their bits */
     int32_t lo = INT32_MAX, top = 0;
@@ -666,22 +717,19 @@ KS_ROW static void count_blocks(const float* restrict xr, int64_t I, const ks_ro
     double sum = 0.0;
     for (int j = 0; j < 8; j++) sum += lanes[j];
     *rowsum = sum * (double)size + (double)bounds[nb - 1] * (double)last;
-    for (int64_t b = 0; b < nb; b++) bins[b] = bin_of(bounds[b], table);
-    /* Under power-of-two scales neighbouring blocks mostly share a bin, and adds to one counter one
-     * after the other would each wait for the one before: block b goes to copy b % 4 of the
-     * histogram. Other scales spread over more bins, where one copy stays in the nearest cache. */
+    /* Neighbouring blocks mostly share a bin, and adds to one counter one after the other would each
+     * wait for the one before: block b goes to copy b % 4 of the histogram. */
     const int64_t copy = (int64_t)nslots * nbins;
     int64_t* h = hist + (int64_t)term->slot * nbins;
     int64_t b4 = 0;
-    if (power_of_two_scales(term->form))
-        for (; b4 + 4 <= nb - 1; b4 += 4) {
-            h[bins[b4]] += size;
-            h[copy + bins[b4 + 1]] += size;
-            h[2 * copy + bins[b4 + 2]] += size;
-            h[3 * copy + bins[b4 + 3]] += size;
-        }
-    for (int64_t b = b4; b < nb - 1; b++) h[bins[b]] += size;
-    h[bins[nb - 1]] += last;
+    for (; b4 + 4 <= nb - 1; b4 += 4) {
+        h[bin_of(bounds[b4], table)] += size;
+        h[copy + bin_of(bounds[b4 + 1], table)] += size;
+        h[2 * copy + bin_of(bounds[b4 + 2], table)] += size;
+        h[3 * copy + bin_of(bounds[b4 + 3], table)] += size;
+    }
+    for (int64_t b = b4; b < nb - 1; b++) h[bin_of(bounds[b], table)] += size;
+    h[bin_of(bounds[nb - 1], table)] += last;
 }
 
 static inline size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
@@ -692,18 +740,13 @@ static int block_slots(int n, const ks_term* terms) {
     return slots;
 }
 
-/* Copies of the histograms each thread keeps: four where a block term has power-of-two scales (see
- * count_blocks), else one. */
-static int hist_copies(int n, const ks_term* terms) {
-    for (int k = 0; k < n; k++)
-        if (terms[k].layout == KS_BLOCK && power_of_two_scales(terms[k].form)) return 4;
-    return 1;
-}
+/* Copies of the histograms each thread keeps: four where there are block terms (see count_blocks). */
+static int hist_copies(int n, const ks_term* terms) { return block_slots(n, terms) > 0 ? 4 : 1; }
 
-/* Scratch each thread keeps: a widened bfloat16 row, the blocks' maxima, flags and two thresholds, a
- * memo and `copies` histograms per block term. */
+/* Scratch each thread keeps: a widened bfloat16 row, the blocks' maxima (at the smallest size and at
+ * one other), their flags, scales, two thresholds and bounds, and `copies` histograms per block term. */
 static size_t thread_bytes(int dtype, int64_t I, int slots, int nbins, int copies) {
-    return align64((dtype == KS_F32 ? 0 : (size_t)I) * 4) + 7 * align64((size_t)I * 4) + 2 * align64((size_t)I)
+    return align64((dtype == KS_F32 ? 0 : (size_t)I) * 4) + 6 * align64((size_t)I * 4) + 2 * align64((size_t)I)
            + (size_t)copies * (size_t)slots * (size_t)nbins * 8;
 }
 
@@ -835,8 +878,6 @@ int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, const fl
         ks_rowbuf rb;
         float** floats[6] = {&rb.fine, &rb.bm, &rb.sc, &rb.kthr, &rb.hthr, &rb.bound};
         for (int i = 0; i < 6; i++, at += align64((size_t)I * 4)) *floats[i] = (float*)at;
-        rb.bin = (int32_t*)at;
-        at += align64((size_t)I * 4);
         rb.fine_bad = (uint8_t*)at;
         rb.bad = (uint8_t*)(at + align64((size_t)I));
         int64_t* my_hist = (int64_t*)(at + 2 * align64((size_t)I));

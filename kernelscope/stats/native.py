@@ -172,6 +172,9 @@ def _load(path: Path) -> ctypes.CDLL:
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,  # counts, bounds, hist, nonfinite
         ctypes.c_int, ctypes.c_void_p,  # threads, scratch
     ]
+    lib.ks_histogram.restype = None
+    lib.ks_histogram.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
+                                 ctypes.c_int64, ctypes.c_void_p]
     lib.ks_quantize_scratch.restype = ctypes.c_int64
     lib.ks_quantize_scratch.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     lib.ks_quantize.restype = ctypes.c_int
@@ -339,6 +342,22 @@ class CountPlan:
         )
         if status != 0:
             raise RuntimeError(f"native count failed with status {status}")
+
+
+def histogram(lib: ctypes.CDLL, values: torch.Tensor, groups: int, weight: int, edges: torch.Tensor,
+              table: torch.Tensor) -> torch.Tensor:
+    """int64 counts ``(groups, len(edges) + 1)`` of a contiguous CPU float32 ``values`` split into
+    ``groups`` equal rows, each value standing for ``weight`` items, in the bins of ``table``
+    (:func:`bin_table` of ``edges``)."""
+    if values.dtype != torch.float32 or not values.is_contiguous() or values.device.type != "cpu":
+        raise ValueError("the native histogram takes contiguous CPU float32 values")
+    if values.numel() % groups:
+        raise ValueError(f"{values.numel()} values do not split into {groups} equal groups")
+    bins = edges.numel() + 1
+    out = torch.empty((groups, bins), dtype=torch.int64)
+    lib.ks_histogram(values.data_ptr(), groups, values.numel() // groups, table.data_ptr(), bins, weight,
+                     out.data_ptr())
+    return out
 
 
 def bin_table(edges: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 
 from kernelscope.quant import ActivationRanges, QuantizerConfig, separable_step
 from kernelscope.quant import formats as F
+from kernelscope.stats import elementwise
 from kernelscope.stats.histogram import HISTOGRAM
 from kernelscope.stats.measure import Measured, measure, plan_for
 from kernelscope.stats.observation import Observation
@@ -40,7 +41,10 @@ def separable_step_sums(row: torch.Tensor, col_sorted: torch.Tensor, qmax: int, 
     b = col_sorted.double()  # (B, I)
     suffix = torch.nn.functional.pad(b.flip(-1).cumsum(-1).flip(-1), (0, 1))  # (B, I + 1): sum of b[k:]
     cutoff = (qmax * floor) / a  # (B, T): b_j below this gives a step at the floor; a = 0: inf
-    under = torch.searchsorted(b, cutoff)  # (B, T): how many b_j < cutoff
+    if bool((cutoff <= b[:, :1]).all()):  # the usual case: no step at the floor, nothing to search
+        under = torch.zeros_like(cutoff, dtype=torch.int64)
+    else:
+        under = torch.searchsorted(b, cutoff)  # (B, T): how many b_j < cutoff
     rows = under * floor + a * suffix.gather(-1, under) / qmax  # (B, T)
     return rows.sum(dim=-1)  # (B,)
 
@@ -97,7 +101,7 @@ class _Bounds:
         self.sums[:, i] = self.per_layer(bound.sum(dim=(-2, -1), dtype=torch.float64) * weight)
         self.low[:, i] = self.per_layer(bound.amin(dim=(-2, -1))).amin(dim=1).double()
         self.high[:, i] = self.per_layer(bound.amax(dim=(-2, -1))).amax(dim=1).double()
-        self.hist[:, i] = HISTOGRAM.counts(bound, weight, groups=self.layers)
+        self.hist[:, i] = elementwise.histogram(bound, weight, self.layers)
 
     def from_counts(self, i: int, slot: int, group: list[Measured]) -> None:
         """Configuration ``i``, a block format, from the figures counted with its elements."""
