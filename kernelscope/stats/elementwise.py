@@ -253,10 +253,10 @@ def _histogram_table() -> torch.Tensor:
 def histogram(values: torch.Tensor, weight: int, groups: int) -> torch.Tensor:
     """``HISTOGRAM.counts(values, weight, groups=groups)`` of non-negative zero bounds: the same
     counts, from the C code's bin table where it runs (one reading instead of a float64 search)."""
-    if values.dtype != torch.float32 or values.device.type != "cpu" or not _wanted() or native.library() is None:
+    nv = native_input(values) if values.dtype == torch.float32 else None
+    if nv is None:
         return HISTOGRAM.counts(values, weight, groups=groups)
-    return native.histogram(native.library(), values.contiguous(), groups, weight, HISTOGRAM.edges,
-                            _histogram_table())
+    return native.histogram(native.library(), nv, groups, weight, HISTOGRAM.edges, _histogram_table())
 
 
 def _fields(c: Counted) -> tuple[torch.Tensor, ...]:

@@ -349,8 +349,7 @@ def histogram(lib: ctypes.CDLL, values: torch.Tensor, groups: int, weight: int, 
     """int64 counts ``(groups, len(edges) + 1)`` of a contiguous CPU float32 ``values`` split into
     ``groups`` equal rows, each value standing for ``weight`` items, in the bins of ``table``
     (:func:`bin_table` of ``edges``)."""
-    if values.dtype != torch.float32 or not values.is_contiguous() or values.device.type != "cpu":
-        raise ValueError("the native histogram takes contiguous CPU float32 values")
+    _check_vector(values, values.numel())
     if values.numel() % groups:
         raise ValueError(f"{values.numel()} values do not split into {groups} equal groups")
     bins = edges.numel() + 1
@@ -383,7 +382,7 @@ def _check_out(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> N
 def _check_vector(v: torch.Tensor, size: int) -> None:
     """The C code reads a vector's memory whole: refuse anything but a full contiguous float32 one."""
     if v.dtype != torch.float32 or not v.is_contiguous() or v.numel() != size or v.device.type != "cpu":
-        raise ValueError(f"a vector for the native count must be contiguous CPU float32 of {size} elements")
+        raise ValueError(f"a vector for the native statistics must be contiguous CPU float32 of {size} elements")
 
 
 QUANTIZE, REMOVE_KERNEL = 0, 1
