@@ -5,6 +5,7 @@ beside NaN and ±Inf, below float32's normal range, in bfloat16."""
 
 from __future__ import annotations
 
+import platform
 import shutil
 
 import pytest
@@ -18,6 +19,32 @@ from kernelscope.stats.measure import measure
 
 pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("cc", "gcc", "clang")),
                                 reason="the native code needs a C compiler")
+
+BUILDS = {"this CPU": None, "portable": []}
+"""Every test runs on each build: this CPU's (AVX-512 code where it has it), and builds for CPUs
+without its vector instructions, whose loops are other code."""
+if platform.machine().lower() in ("x86_64", "amd64"):
+    BUILDS["AVX2"] = ["-march=x86-64-v3"]
+
+
+@pytest.fixture(scope="module", params=list(BUILDS))
+def build(request, tmp_path_factory):
+    if BUILDS[request.param] is None:
+        return native.library()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KERNELSCOPE_CACHE", str(tmp_path_factory.mktemp("native")))
+        lib = native.build_for(BUILDS[request.param])
+    if lib is None:
+        pytest.skip(f"the {request.param} build does not compile here")
+    return lib
+
+
+@pytest.fixture(autouse=True)
+def with_build(build, monkeypatch):
+    """The library every call below takes (the counts, the histogram, the fake quantization)."""
+    monkeypatch.setattr(native, "_library", build)
+    monkeypatch.setattr(native, "_tried", True)
+
 
 NAMES = list(F.FORMATS)
 CONFIGS = expand_configs(NAMES, [8, 4], [0.15, 0.5, 0.0, 1.0], group_size=24)  # 24: not a multiple of 16

@@ -25,7 +25,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #ifdef _OPENMP
@@ -527,11 +527,54 @@ static inline ks_v8f abs8(const float* p) {
     return f;
 }
 
+#ifdef __AVX512F__
+#define KS_MASKS 1
+/* Sixteen lanes: |x| of 16 floats, the mask of those at most a bound, and a count kept in each lane,
+ * raised where a mask is set (one masked add, where eight-lane code compares, converts and subtracts). */
+static inline __m512 abs16(const float* p) {
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_loadu_si512(p), _mm512_set1_epi32((int32_t)ABS_MASK)));
+}
+
+static inline __mmask16 le16(__m512 a, float bound) { return _mm512_cmp_ps_mask(a, _mm512_set1_ps(bound), _CMP_LE_OQ); }
+
+static inline __m512i count_if(__m512i acc, __mmask16 m) {
+    return _mm512_mask_add_epi32(acc, m, acc, _mm512_set1_epi32(1));
+}
+
+/* blocked_counts' whole blocks for a `size` that is a multiple of 16, sixteen elements a comparison:
+ * returns how many blocks it counted (a short last block is left to the caller). */
+KS_ROW static int64_t whole_block_counts(const float* restrict x, int64_t I, int64_t size, const float* restrict k,
+                                          const float* restrict h, int64_t* nk, int64_t* nh) {
+    int64_t b = 0;
+    __m512i ak = _mm512_setzero_si512(), ah = ak;
+    for (int64_t start = 0; start + size <= I; start += size, b++) {
+        if (h != NULL)
+            for (int64_t j = 0; j < size; j += 16) {
+                const __m512 a = abs16(x + start + j);
+                ak = count_if(ak, le16(a, k[b]));
+                ah = count_if(ah, le16(a, h[b]));
+            }
+        else
+            for (int64_t j = 0; j < size; j += 16) ak = count_if(ak, le16(abs16(x + start + j), k[b]));
+    }
+    *nk = _mm512_reduce_add_epi32(ak);
+    *nh = _mm512_reduce_add_epi32(ah);
+    return b;
+}
+#endif
+
 /* Elements with |x| <= k[block] and, with h, with |x| <= h[block], over a row of blocks of `size`:
- * for sizes that are multiples of 8, eight counts at a time kept across blocks and added up once. */
+ * for sizes that are multiples of 16 on AVX-512, or of 8, sixteen or eight counts at a time kept
+ * across blocks and added up once. */
 KS_ROW static void blocked_counts(const float* restrict x, int64_t I, int64_t size, const float* restrict k,
                                   const float* restrict h, int64_t* nk, int64_t* nh) {
     int64_t b = 0, start = 0, tk = 0, th = 0;
+#ifdef KS_MASKS
+    if (size % 16 == 0) {
+        b = whole_block_counts(x, I, size, k, h, &tk, &th);
+        start = b * size;
+    } else
+#endif
     if ((size == 16 || size == 32) && h != NULL) { /* whole blocks unrolled */
         ks_v8i ak = {0}, ah = {0};
         for (; start + size <= I; start += size, b++) {
@@ -590,24 +633,37 @@ typedef struct {
 } ks_rowbuf;
 
 /* The maxima (and non-finite flags) of blocks of `factor` consecutive fine blocks, from those of the
- * nb fine blocks. */
+ * nb fine blocks; a finite row's flags are all clear. */
 KS_ROW static void coarser_maxima(const float* restrict fine, const uint8_t* restrict fine_bad, int64_t nb,
-                                  int64_t factor, float* restrict bm, uint8_t* restrict bad) {
+                                  int64_t factor, int finite_row, float* restrict bm, uint8_t* restrict bad) {
+    const uint32_t* restrict bits = (const uint32_t*)fine; /* non-negative floats order like their bits */
+    uint32_t* restrict out = (uint32_t*)bm;
     if (factor == 1) {
         memcpy(bm, fine, (size_t)nb * sizeof *bm);
         memcpy(bad, fine_bad, (size_t)nb);
         return;
     }
-    const uint32_t* restrict bits = (const uint32_t*)fine;
-    for (int64_t first = 0, b = 0; first < nb; first += factor, b++) {
-        const int64_t end = first + factor < nb ? first + factor : nb;
-        uint32_t m = 0;
-        uint8_t flag = 0;
-        for (int64_t j = first; j < end; j++) {
-            m = bits[j] > m ? bits[j] : m; /* non-negative floats order like their bits */
-            flag |= fine_bad[j];
+    const int64_t whole = nb / factor, coarse = (nb + factor - 1) / factor;
+    if (factor == 2)
+        for (int64_t b = 0; b < whole; b++) out[b] = bits[2 * b] > bits[2 * b + 1] ? bits[2 * b] : bits[2 * b + 1];
+    else
+        for (int64_t b = 0; b < whole; b++) {
+            uint32_t m = 0;
+            for (int64_t j = b * factor; j < (b + 1) * factor; j++) m = bits[j] > m ? bits[j] : m;
+            out[b] = m;
         }
-        bm[b] = bitsf(m);
+    if (whole < coarse) {
+        uint32_t m = 0;
+        for (int64_t j = whole * factor; j < nb; j++) m = bits[j] > m ? bits[j] : m;
+        out[whole] = m;
+    }
+    if (finite_row) {
+        memset(bad, 0, (size_t)coarse);
+        return;
+    }
+    for (int64_t b = 0; b < coarse; b++) {
+        uint8_t flag = 0;
+        for (int64_t j = b * factor; j < nb && j < (b + 1) * factor; j++) flag |= fine_bad[j];
         bad[b] = flag;
     }
 }
@@ -670,9 +726,9 @@ KS_ROW static void block_thresholds(const ks_term* term, const float* restrict s
 
 /* The blocks of one row for one block term: its scales from the blocks' maxima, their thresholds, the
  * counts, and the zero bound's extremes, row sum and histogram. */
-KS_ROW static void count_blocks(const float* restrict xr, int64_t I, const ks_rowbuf* rb, float t_row, float g,
-                         const ks_term* term, int k, const int32_t* table, int nbins,
-                         float step_floor, ks_local* acc, int64_t* restrict hist, int nslots, double* rowsum) {
+KS_ROW static void count_blocks(const float* restrict xr, int64_t I, int finite_row, const ks_rowbuf* rb,
+                                float t_row, float g, const ks_term* term, int k, const int32_t* table, int nbins,
+                                float step_floor, ks_local* acc, int64_t* restrict hist, int nslots, double* rowsum) {
     const int64_t size = term->block;
     const int64_t nb = (I + size - 1) / size, last = I - (nb - 1) * size;
     const int sub = term->sub_hi > 0.0f;
@@ -681,10 +737,15 @@ KS_ROW static void count_blocks(const float* restrict xr, int64_t I, const ks_ro
     int64_t* c = acc->counts[k];
     block_scales(term, rb->bm, nb, g, rb->sc);
     block_thresholds(term, sc, nb, sub, rb->kthr, rb->hthr);
-    int64_t whole = 0;
-    for (int64_t b = 0; b < nb; b++) whole += (rb->bm[b] <= rb->kthr[b]) & !rb->bad[b]; /* |x / s| rises with |x| */
+    int64_t whole = 0, kern, below_normal;
+    if (finite_row) { /* no flags to read: a loop that vectorises */
+        const float* restrict bm = rb->bm;
+        const float* restrict kthr = rb->kthr;
+        for (int64_t b = 0; b < nb; b++) whole += bm[b] <= kthr[b]; /* |x / s| rises with |x| */
+    } else {
+        for (int64_t b = 0; b < nb; b++) whole += (rb->bm[b] <= rb->kthr[b]) & !rb->bad[b];
+    }
     c[KS_KERNEL_BLOCKS] += whole;
-    int64_t kern, below_normal;
     blocked_counts(xr, I, size, rb->kthr, sub ? rb->hthr : NULL, &kern, &below_normal);
     c[KS_KERNEL] += kern;
     if (sub) c[KS_SUBNORMAL] += below_normal - kern;
@@ -702,7 +763,6 @@ KS_ROW static void count_blocks(const float* restrict xr, int64_t I, const ks_ro
     /* extremes on the bit patterns: the bounds are non-negative floats, which order like their bits */
     int32_t lo = INT32_MAX, top = 0;
     const int32_t* restrict bound_bits = (const int32_t*)bounds;
-    #pragma omp simd reduction(min : lo) reduction(max : top)
     for (int64_t b = 0; b < nb; b++) {
         lo = bound_bits[b] < lo ? bound_bits[b] : lo;
         top = bound_bits[b] > top ? bound_bits[b] : top;
@@ -975,13 +1035,13 @@ int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, const fl
             for (int gi = 0; gi < groups; gi++) {
                 const int64_t size = terms[gmember[gstart[gi]]].block;
                 if (size % base == 0)
-                    coarser_maxima(rb.fine, rb.fine_bad, (I + base - 1) / base, size / base, rb.bm, rb.bad);
+                    coarser_maxima(rb.fine, rb.fine_bad, (I + base - 1) / base, size / base, row_finite, rb.bm, rb.bad);
                 else
                     block_maxima(xb, I, size, row_finite, rb.bm, rb.bad);
                 for (int m = gstart[gi]; m < gstart[gi + 1]; m++) {
                     const ks_term* term = terms + gmember[m];
                     const float gseq = term->form == KS_NVFP4 ? tmax[s] / term->tensor_divisor : 0.0f;
-                    count_blocks(xr, I, &rb, t[g], gseq, term, gmember[m], table, nbins, step_floor, &acc,
+                    count_blocks(xr, I, row_finite, &rb, t[g], gseq, term, gmember[m], table, nbins, step_floor, &acc,
                                  my_hist, nslots, rowsums + (size_t)term->slot * (size_t)nrows + (size_t)g);
                 }
             }

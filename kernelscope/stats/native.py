@@ -204,6 +204,27 @@ def _obtain(compiler: str, flags: list[str], fingerprint: bytes) -> tuple[ctypes
     return None, error
 
 
+def _first_build(compiler: str, archs) -> tuple[ctypes.CDLL | None, str | None, str | None]:
+    """The first of the builds for ``archs`` (lists of flags) and THREAD_FLAGS that compiles and loads:
+    (library, its flags, None), or (None, None, why the first failed)."""
+    fingerprint = b"\0".join([SOURCE.read_bytes(), compiler.encode(), _version(compiler).encode(),
+                              _cpu_features().encode(), platform.machine().encode()])
+    reasons = []
+    for arch, threads in itertools.product(archs, THREAD_FLAGS):  # the fastest build first
+        lib, error = _obtain(compiler, [*FLAGS, *arch, *threads], fingerprint)
+        if lib is not None:
+            return lib, " ".join([*arch, *threads]) or "portable", None
+        reasons.append(error)
+    return None, None, f"{compiler}: {reasons[0]}"
+
+
+def build_for(arch: list[str]) -> ctypes.CDLL | None:
+    """The library built for the target ``arch`` flags name (``[]``: the compiler's baseline) instead
+    of this CPU, or None: the code paths a CPU without this one's vector instructions runs."""
+    compiler = _compiler()
+    return None if compiler is None else _first_build(compiler, [arch])[0]
+
+
 def library() -> ctypes.CDLL | None:
     """The loaded library, building it on first use; None where that is not possible."""
     global _library, _tried, failure, built_with
@@ -216,16 +237,7 @@ def library() -> ctypes.CDLL | None:
         if compiler is None:
             failure = "no C compiler found (set CC)"
         else:
-            fingerprint = b"\0".join([SOURCE.read_bytes(), compiler.encode(), _version(compiler).encode(),
-                                      _cpu_features().encode(), platform.machine().encode()])
-            reasons = []
-            for arch, threads in itertools.product(ARCH_FLAGS, THREAD_FLAGS):  # the fastest build first
-                lib, error = _obtain(compiler, [*FLAGS, *arch, *threads], fingerprint)
-                if lib is not None:
-                    _library, built_with = lib, " ".join([*arch, *threads]) or "portable"
-                    break
-                reasons.append(error)
-            failure = None if _library is not None else f"{compiler}: {reasons[0]}"
+            _library, built_with, failure = _first_build(compiler, ARCH_FLAGS)
         if failure is not None:
             log.warning("kernelscope: statistics run as torch code; the native build failed (%s)", failure)
         _tried = True
