@@ -643,19 +643,12 @@ KS_ROW static void coarser_maxima(const float* restrict fine, const uint8_t* res
         memcpy(bad, fine_bad, (size_t)nb);
         return;
     }
-    const int64_t whole = nb / factor, coarse = (nb + factor - 1) / factor;
-    if (factor == 2)
-        for (int64_t b = 0; b < whole; b++) out[b] = bits[2 * b] > bits[2 * b + 1] ? bits[2 * b] : bits[2 * b + 1];
-    else
-        for (int64_t b = 0; b < whole; b++) {
-            uint32_t m = 0;
-            for (int64_t j = b * factor; j < (b + 1) * factor; j++) m = bits[j] > m ? bits[j] : m;
-            out[b] = m;
-        }
-    if (whole < coarse) {
+    const int64_t coarse = (nb + factor - 1) / factor;
+    for (int64_t b = 0; b < coarse; b++) {
+        const int64_t end = (b + 1) * factor < nb ? (b + 1) * factor : nb;
         uint32_t m = 0;
-        for (int64_t j = whole * factor; j < nb; j++) m = bits[j] > m ? bits[j] : m;
-        out[whole] = m;
+        for (int64_t j = b * factor; j < end; j++) m = bits[j] > m ? bits[j] : m;
+        out[b] = m;
     }
     if (finite_row) {
         memset(bad, 0, (size_t)coarse);
@@ -663,7 +656,8 @@ KS_ROW static void coarser_maxima(const float* restrict fine, const uint8_t* res
     }
     for (int64_t b = 0; b < coarse; b++) {
         uint8_t flag = 0;
-        for (int64_t j = b * factor; j < nb && j < (b + 1) * factor; j++) flag |= fine_bad[j];
+        const int64_t end = (b + 1) * factor < nb ? (b + 1) * factor : nb;
+        for (int64_t j = b * factor; j < end; j++) flag |= fine_bad[j];
         bad[b] = flag;
     }
 }
@@ -1035,14 +1029,15 @@ int ks_count(const void* x, int dtype, int64_t S, int64_t T, int64_t I, const fl
             for (int gi = 0; gi < groups; gi++) {
                 const int64_t size = terms[gmember[gstart[gi]]].block;
                 if (size % base == 0)
-                    coarser_maxima(rb.fine, rb.fine_bad, (I + base - 1) / base, size / base, row_finite, rb.bm, rb.bad);
+                    coarser_maxima(rb.fine, rb.fine_bad, (I + base - 1) / base, size / base, row_finite, rb.bm,
+                                   rb.bad);
                 else
                     block_maxima(xb, I, size, row_finite, rb.bm, rb.bad);
                 for (int m = gstart[gi]; m < gstart[gi + 1]; m++) {
                     const ks_term* term = terms + gmember[m];
                     const float gseq = term->form == KS_NVFP4 ? tmax[s] / term->tensor_divisor : 0.0f;
-                    count_blocks(xr, I, row_finite, &rb, t[g], gseq, term, gmember[m], table, nbins, step_floor, &acc,
-                                 my_hist, nslots, rowsums + (size_t)term->slot * (size_t)nrows + (size_t)g);
+                    count_blocks(xr, I, row_finite, &rb, t[g], gseq, term, gmember[m], table, nbins, step_floor,
+                                 &acc, my_hist, nslots, rowsums + (size_t)term->slot * (size_t)nrows + (size_t)g);
                 }
             }
         }
