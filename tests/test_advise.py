@@ -395,10 +395,10 @@ def test_overwrite_replaces_an_advice_folder_and_nothing_foreign(capsys, advised
 def test_export_names_are_kernelscopes_only_beside_an_advice(tmp_path):
     from kernelscope.results.paths import foreign_entries
 
-    (tmp_path / "summary.json").write_text('{"kind": "eval"}')
+    (tmp_path / "summary.json").write_text('{"schema_version": 3, "kind": "eval"}')
     (tmp_path / "modules.txt").write_text("a user's own list\n")
     assert foreign_entries(tmp_path) == ["modules.txt"]
-    (tmp_path / "summary.json").write_text('{"kind": "advise"}')
+    (tmp_path / "summary.json").write_text('{"schema_version": 3, "kind": "advise"}')
     assert foreign_entries(tmp_path) == []
     (tmp_path / "summary.json").unlink()
     (tmp_path / "advice.json").write_text("{}")  # an advice folder of schema version 2

@@ -141,7 +141,9 @@ def test_demo_perplexities_match_independent_computation(hf_model):
                                          ("w8a8-crossquant", "crossquant", 0.005)):
         theirs = independent_w8a8_perplexity(model, ids, quantizer)
         assert abs(ours[scheme] / theirs - 1) < tolerance, (scheme, ours[scheme], theirs)
-    assert ours["fp"] < ours["w8a8-crossquant"] < ours["w8a8-per-token"]
+    # CrossQuant's smaller kernel costs less than per-token's. Its own change from fp (about ±0.2%) falls on
+    # either side of fp from one CPU to another: the GGUF-derived weights meet exact rounding ties.
+    assert ours["w8a8-crossquant"] < ours["w8a8-per-token"] and ours["fp"] < ours["w8a8-per-token"], ours
 
 
 def test_demo_fp_perplexity_is_unchanged_by_the_hadamard_rotation(hf_model):

@@ -39,7 +39,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(pl.DataFrame, "write_parquet", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(KernelscopeError, match=r"run cannot be written \(disk full\); nothing was written"):
         write_run(tmp_path / "run", {"layers": FRAME}, {"kind": "profile"})
     assert list(tmp_path.iterdir()) == []
 

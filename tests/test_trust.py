@@ -131,7 +131,7 @@ def test_a_run_folder_the_user_added_files_to_or_an_empty_folder_is_not_replaced
 ):
     from kernelscope.results import write_run
 
-    run = write_run(tmp_path / "run", {"layers": pl.DataFrame({"a": [1]})}, {"kind": "profile"})
+    run = write_run(tmp_path / "run", {"layers": pl.DataFrame({"tokens": [1]})}, {"kind": "profile"})
     (run / "analysis.ipynb").write_text("{}")
     (tmp_path / "empty").mkdir()
     args = ["profile", str(tiny_llama_dir), "-d", str(text_file), "--overwrite", "-o"]
@@ -227,7 +227,7 @@ def test_a_run_that_cannot_replace_its_folder_leaves_both_untouched(tmp_path, mo
     from kernelscope.errors import KernelscopeError
     from kernelscope.results import write_run
 
-    out = write_run(tmp_path / "run", {"t": pl.DataFrame({"a": [1]})}, {"kind": "x"})
+    out = write_run(tmp_path / "run", {"t": pl.DataFrame({"tokens": [1]})}, {"kind": "x"})
     before = tree(tmp_path)
     real = os.replace
 
@@ -238,7 +238,7 @@ def test_a_run_that_cannot_replace_its_folder_leaves_both_untouched(tmp_path, mo
 
     monkeypatch.setattr(os, "replace", busy)
     with pytest.raises(KernelscopeError, match="cannot replace"):
-        write_run(out, {"t": pl.DataFrame({"a": [2]})}, {"kind": "x"}, overwrite=True)
+        write_run(out, {"t": pl.DataFrame({"tokens": [2]})}, {"kind": "x"}, overwrite=True)
     assert tree(tmp_path) == before
 
 
@@ -591,7 +591,7 @@ def test_more_refusals_before_any_work(args, message, capsys, tmp_path, tiny_lla
 def test_symbolic_links_are_never_written_through_or_replaced(capsys, tmp_path, tiny_llama_dir, text_file):
     from kernelscope.results import write_run
 
-    run = write_run(tmp_path / "run", {"layers": pl.DataFrame({"a": [1]})}, {"kind": "profile"})
+    run = write_run(tmp_path / "run", {"layers": pl.DataFrame({"tokens": [1]})}, {"kind": "profile"})
     (tmp_path / "link").symlink_to(run)
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     args = ["profile", str(tiny_llama_dir), "-d", str(text_file), "-n", "1", "-s", "32", "--overwrite", "-o"]
@@ -616,7 +616,7 @@ def test_a_foreign_folder_is_not_met_with_advice_to_overwrite_it(capsys, tmp_pat
 def test_report_refuses_a_run_given_twice_and_a_malformed_summary(capsys, tmp_path):
     from kernelscope.results import write_run
 
-    run = write_run(tmp_path / "run", {"layers": pl.DataFrame({"a": [1]})}, {"kind": "profile", "model": "x"})
+    run = write_run(tmp_path / "run", {"layers": pl.DataFrame({"tokens": [1]})}, {"kind": "profile", "model": "x"})
     assert_refused(
         capsys,
         ["report", str(run), str(tmp_path / "run" / "."), "-o", str(tmp_path / "r.html")],

@@ -19,7 +19,7 @@ from kernelscope.cli.common import (
     split_values,
     stage_progress,
 )
-from kernelscope.cli.console import fail, flag, out, pct
+from kernelscope.cli.console import fail, flag, out, pct, show_table
 from kernelscope.cli.eval_cmd import (
     MAX_TOLERANCE,
     _check_transforms_with_schemes,
@@ -124,8 +124,11 @@ def _change(r: dict, prefix: str = "", *, lines: bool = False) -> str:
         return ""
     lo, hi = r.get(prefix + "change_pct_ci_low"), r.get(prefix + "change_pct_ci_high")
     text = f"{c:+.2f}%{chr(10) if lines else ' '}{interval(lo, hi, lambda x: f'{x:+.2f}')}".strip()
-    if (r.get(prefix + "vs_fp") or "").startswith("not separable"):
+    verdict = r.get(prefix + "vs_fp") or ""
+    if verdict.startswith("not separable"):
         text += "\n[yellow]not separable[/]"
+    elif verdict.startswith("better"):
+        text += "\n[green]better than fp[/]"
     return text
 
 
@@ -139,7 +142,7 @@ def _share(share: float | None, low: float | None = None, high: float | None = N
 def _sensitivity_table(s: dict) -> Table:
     table = Table(title=f"Sensitivity to {escape(s['scheme']['scheme'])}: only the group quantized, or only its "
                         "kernel removed (paired 95% CI vs fp)", show_lines=True)
-    table.add_column("group (rank)", min_width=16)
+    table.add_column("group (rank)", min_width=16, overflow="fold")  # a long group name folds
     for col in ("Δ perplexity\nquantized", "KL\n(nats)", "Δ perplexity\nkernel alone", "kernel's\nshare"):
         table.add_column(col, justify="right", no_wrap=True)
     for kind in ("module_type", "block", "layer"):
@@ -156,7 +159,7 @@ def _sensitivity_table(s: dict) -> Table:
 def _show(result) -> None:
     s = result.summary
     out.print(header(s, "kernelscope advise"))
-    out.print(_sensitivity_table(s))
+    show_table(_sensitivity_table(s))
     fp, q, k, ke = s["fp"], s["quantized"], s["kernel"], s["kernel_explains"]
     out.print(f"fp {with_ci(fp).replace(chr(10), ' ')}; {escape(q['scheme'])} {with_ci(q).replace(chr(10), ' ')} "
               f"{_change(q).replace(chr(10), ' ')}; its kernel alone {_change(k).replace(chr(10), ' ')}")

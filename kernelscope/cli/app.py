@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -20,7 +19,7 @@ from rich.markup import escape
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from kernelscope.cli import options as o
-from kernelscope.cli.console import EXIT_USAGE, err, flag, out, remember_options
+from kernelscope.cli.console import EXIT_USAGE, check_int64, err, flag, out, remember_options, show_table
 from kernelscope.errors import Interrupted, KernelscopeError
 from kernelscope.quiet import QUIET_LOGGERS
 
@@ -113,6 +112,7 @@ def _run(runner, options: dict) -> None:
     kept, and exit status 130."""
     ctx = options.pop("ctx")
     remember_options(ctx.command.params, _ARGS)
+    check_int64(options)
     try:
         runner(given=_given(ctx), **options)
     except Interrupted as exc:
@@ -521,12 +521,12 @@ def list_layers(
     loaded = load_with_status(model, "float32", "cpu", trust_remote_code, quiet=False)
     selected = select_linear_layers(loaded.model, layers, include_lm_head=include_lm_head)
     table = Table(title=f"{len(selected)} Linear layers")
-    for col in ("layer", "block", "module type", "in features"):
-        table.add_column(col)
+    for col in ("layer", "block", "module type", "in features"):  # a long layer name folds
+        table.add_column(col, no_wrap=col == "block", overflow="fold" if col == "layer" else "ellipsis")
     for layer in selected:
         table.add_row(escape(layer.name), "" if layer.block is None else str(layer.block),
                       escape(layer.module_type), str(layer.in_features))
-    out.print(table)
+    show_table(table)
 
 
 @app.command("formats", cls=_Command)
@@ -545,9 +545,10 @@ def list_formats(
 @app.command(cls=_Command)
 def version() -> None:
     """Print the versions of kernelscope and the libraries it runs on."""
+    from kernelscope.results import to_json
     from kernelscope.runs.common import versions
 
-    out.print(json.dumps(versions(), indent=2))
+    print(to_json(versions(), indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:

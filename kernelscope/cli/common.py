@@ -4,7 +4,6 @@ choose the windows; and the progress display."""
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 from collections.abc import Callable, Iterator
@@ -15,7 +14,7 @@ from typing import Any
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from kernelscope.cli.console import err, fail, flag, out
+from kernelscope.cli.console import err, fail, flag, out, show_table
 
 
 def load_with_status(model: str, dtype: str, device: str, trust_remote_code: bool, *, quiet: bool,
@@ -142,8 +141,6 @@ def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, wind
     check_positive("--seqlen", seqlen, min_seqlen)
     check_positive("--batch-size", batch_size)
     windows = windows.strip().lower()
-    if not -(2**63) <= seed < 2**64:
-        fail(f"{flag('--seed')} {seed} is out of range; give a whole number below 2^64")
     if windows not in ("first", "random"):
         fail(f"{flag('--windows')} must be `first` or `random`, got {windows!r}")
     if nsamples is not None and nsamples < min_windows:
@@ -197,25 +194,48 @@ def check_report_path(report: Path | None, overwrite: bool, output: Path | None 
 
 
 def finish(result, output: Path | None, overwrite: bool, as_json: bool, show, report: Path | None = None) -> None:
-    """Save (if asked), write the report (if asked), then print JSON or the human view."""
+    """Save (if asked) and write the report (if asked), both or neither, then print JSON or the human view."""
+    from kernelscope.results import to_json
+
     if output is not None:
         result.summary["output"] = str(Path(output))
-        result.save(output, overwrite=overwrite)
-    if report is not None:
+        stager = _report_stager(report, overwrite, output) if report is not None else None
+        result.save(output, overwrite=overwrite, option=flag("--output"), alongside=stager)
+    elif report is not None:
         from kernelscope.reports import write_report
-        from kernelscope.results import RunFolder, json_safe, read_run
+        from kernelscope.results import RunFolder, json_safe
 
         tables = {result.TABLE: result.table} if hasattr(result, "TABLE") else {"layers": result.layers}
-        run = read_run(output) if output is not None else RunFolder(
-            Path(result.summary.get("kind", "run")), json_safe({"schema_version": 1, **result.summary}), tables)
+        run = RunFolder(Path(result.summary.get("kind", "run")), json_safe({"schema_version": 1, **result.summary}),
+                        tables)
         write_report([run], report, overwrite=overwrite, option=flag("--report"))
     if as_json:
-        print(json.dumps(result.summary, indent=2, default=str))
+        print(to_json(result.summary, indent=2))
         return
     show(result)
     for path in (output, report):
         if path is not None:
             out.print(f"wrote [bold]{escape(str(path))}[/]")
+
+
+def _report_stager(report: Path, overwrite: bool, output: Path):
+    """What stages the report of a run folder once that folder is written in full (not yet in place)."""
+    from kernelscope.reports import stage_report
+    from kernelscope.results import read_run
+
+    final = Path(output).expanduser().resolve()
+    within = report.expanduser().resolve()
+    inside = within.relative_to(final) if within.is_relative_to(final) else None
+
+    def stage(folder: Path):
+        run = read_run(folder)
+        run.path = Path(output).expanduser()
+        if inside is None:
+            return stage_report([run], report, overwrite=overwrite, option=flag("--report"))
+        stage_report([run], folder / inside, option=flag("--report")).commit()  # moves with its folder
+        return None
+
+    return stage
 
 
 def header(summary: dict, title: str) -> Any:
@@ -264,7 +284,9 @@ def show_formats(as_json: bool) -> None:
 
     rows = format_rows()
     if as_json:
-        print(json.dumps(rows, indent=2))
+        from kernelscope.results import to_json
+
+        print(to_json(rows, indent=2))
         return
     table = Table(title=f"{len(rows)} number formats: -q NAME, --weight-format NAME, --scheme remove-kernel-NAME")
     for col in ("name", "elements", "τ"):  # kept whole; the wide ones wrap on a narrow terminal
@@ -277,5 +299,5 @@ def show_formats(as_json: bool) -> None:
         tau = f"2^{exponent:.0f}" if exponent.is_integer() and exponent < -1 else f"{r['tau']:g}"
         table.add_row(escape(r["name"]), escape(elements), tau, escape(r["scale"]),
                       escape(", ".join(r["schemes"])))
-    out.print(table)
+    show_table(table)
     out.print("An element x is in the kernel where |x / scale| <= τ; `--json` gives every field.")

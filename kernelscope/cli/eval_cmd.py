@@ -20,7 +20,7 @@ from kernelscope.cli.common import (
     split_values,
     stage_progress,
 )
-from kernelscope.cli.console import fail, flag, out, pct
+from kernelscope.cli.console import fail, flag, out, pct, show_table
 from kernelscope.quant import DEFAULT_ALPHA, QuantizerConfig
 from kernelscope.quant.formats import FORMATS
 
@@ -242,6 +242,9 @@ def _show_eval(result) -> None:
     title = "Perplexity (lm_head in full precision; INT weights per-channel unless gN)"
     if kept:
         title += f"; {len(kept)} layers kept in full precision ({escape(str(s['layers']['ignore']))})"
+    elif s["layers"].get("ignore"):
+        out.print(f"[yellow]note:[/] {flag('--ignore')} {escape(str(s['layers']['ignore']))} keeps no layer in "
+                  "full precision: every layer a scheme quantizes is quantized")
     table = Table(title=title, show_lines=True)
     table.add_column("scheme", min_width=min(28, max(len(r["scheme"]) for r in rows)))  # names whole; details wrap
     for col in ("perplexity\n95% CI", "vs fp, paired\n95% CI", "act.\nkernel", "s"):
@@ -250,7 +253,7 @@ def _show_eval(result) -> None:
         details = _details(r)
         name = escape(r["scheme"]) + (f"\n[dim]{escape(details)}[/]" if details else "")
         table.add_row(name, with_ci(r), versus_fp(r), pct(r["kernel_fraction"]), f"{r['seconds']:.1f}")
-    out.print(table)
+    show_table(table)
     if any((r.get("vs_fp") or "").startswith("not separable") for r in rows):
         out.print("[dim]not separable: the interval of the change contains 0, so these windows do not tell it "
                   "from fp[/]")
@@ -317,14 +320,14 @@ def _show_search(s: dict, search: dict) -> None:
     table = Table(title=f"Remove-kernel perplexity along {s['family']['label']} zero bound x λ{basis} "
                         f"(fp {s['fp_perplexity']:.4f}, tolerance {100 * s['tolerance']:g}%)")
     for col in ("λ", "kernel", "perplexity", "95% CI", "vs fp", "within", "P(within)"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap=True)
     for r in search["curve"]:
         p = r["within_probability"]
         table.add_row(f"{r['lambda']:.4g}", pct(r["kernel_fraction"]), f"{r['perplexity']:.4f}",
                       interval(r["perplexity_ci_low"], r["perplexity_ci_high"]),
                       f"{100 * (r['perplexity'] / s['fp_perplexity'] - 1):+.2f}%",
                       "yes" if r["within_tolerance"] else "no", "" if p is None else f"{p:.2f}")
-    out.print(table)
+    show_table(table)
     b = search["bracket"]
     if search["status"] == "crossing bracketed":
         out.print(f"threshold{escape(basis)}: [bold]{pct(b['within']['kernel_fraction'])}[/] kernel stays "
@@ -414,12 +417,12 @@ def _show_sweep(result) -> None:
     for col in (*(["transform"] if transformed else []), "α" if alphas_only else "quantizer",
                 "kernel (fp activations)", "kernel (in quantized pass)", "perplexity\n95% CI",
                 "vs fp, paired\n95% CI"):
-        table.add_column(col, justify="right")
+        table.add_column(col, justify="right", no_wrap="\n" in col)  # numbers whole
     for r in rows:
         first = "fp" if r["quantizer"] is None else (f"{r['alpha']:g}" if alphas_only else r["quantizer"])
         table.add_row(*([escape(r["transform"])] if transformed else []), escape(first),
                       pct(r["fp_kernel_fraction"]), pct(r["kernel_fraction"]), with_ci(r), versus_fp(r))
-    out.print(table)
+    show_table(table)
     out.print(f"[dim]intervals: {escape(s['uncertainty'])}[/]")
 
 

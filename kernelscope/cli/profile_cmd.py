@@ -18,9 +18,9 @@ from kernelscope.cli.common import (
     split_values,
     stage_progress,
 )
-from kernelscope.cli.console import fail, flag, out, pct
+from kernelscope.cli.console import fail, flag, out, pct, show_table
 from kernelscope.errors import Interrupted, KernelscopeError
-from kernelscope.quant import DEFAULT_ALPHA, QuantizerConfig, expand_configs
+from kernelscope.quant import DEFAULT_ALPHA, MAX_BITS, MIN_BITS, QuantizerConfig, expand_configs
 
 
 def _weight_formats(specs: list[str] | None, group_size: int | None):
@@ -42,8 +42,9 @@ def _weight_formats(specs: list[str] | None, group_size: int | None):
         if entry.grid is not None and bits:
             fail(f"{flag('--weight-format')} {spec!r}: {name} carries its own width; drop :{bits}")
         width = int(bits) if bits else entry.grid.bits
-        if entry.grid is None:
-            check_bits([width], "--weight-format")
+        if entry.grid is None and not MIN_BITS <= width <= MAX_BITS:
+            fail(f"{flag('--weight-format')} {spec} is out of range; an INT weight quantizer takes "
+                 f"{MIN_BITS} to {MAX_BITS} bits: {name}:{MIN_BITS} to {name}:{MAX_BITS}")
         block = group_size if entry.block_size is not None and entry.grid is None else None
         out.append(QuantizerConfig(name, width, None, block))
     return list(dict.fromkeys(out))
@@ -78,16 +79,16 @@ def _show(result) -> None:
     level = result.model_level
     labels = level["transform"].unique(maintain_order=True).to_list()
     if len(labels) > 1:
-        out.print(_side_by_side(level, labels))
+        show_table(_side_by_side(level, labels))
     else:
-        out.print(_model_table(level, labels[0]))
+        show_table(_model_table(level, labels[0]))
     shares = [(label, level.filter(pl.col("transform") == label)["c_ge_t_fraction"][0]) for label in labels]
     shown = ", ".join(f"[bold]{pct(v)}[/]" + ("" if len(labels) == 1 else f" ({escape(label)})")
                       for label, v in shares)
     out.print(f"pairs with c_j >= t_i (where CrossQuant's bound is not below per-token's): {shown}")
-    out.print(_by_module_type(result.by_module_type, several=len(labels) > 1))
+    show_table(_by_module_type(result.by_module_type, several=len(labels) > 1))
     if result.weights is not None:
-        out.print(_weight_table(s["weights_model_level"], several=len(labels) > 1))
+        show_table(_weight_table(s["weights_model_level"], several=len(labels) > 1))
 
 
 def _basis(label: str) -> str:
@@ -102,7 +103,7 @@ def _model_table(level: pl.DataFrame, label: str) -> Table:
     table = Table(title=f"Model-level kernel (elements-weighted over all covered Linear inputs{escape(_basis(label))})")
     for col, justify in (("quantizer", "left"), ("kernel", "right"), ("kernel elements", "right"),
                          ("of elements", "right"), *((title, "right") for _, title in extras)):
-        table.add_column(col, justify=justify, no_wrap=col == "quantizer")
+        table.add_column(col, justify=justify, no_wrap=col in ("quantizer", "kernel"))
     for row in level.iter_rows(named=True):
         table.add_row(row["config"], pct(row["kernel_fraction"]), f"{row['kernel_elements']:,}",
                       f"{row['elements']:,}", *(pct(row[c]) for c, _ in extras))
@@ -112,7 +113,7 @@ def _model_table(level: pl.DataFrame, label: str) -> Table:
 def _side_by_side(level: pl.DataFrame, labels: list[str]) -> Table:
     """Each configuration's model-level kernel in every basis, and the change from the first."""
     table = Table(title="Model-level kernel per transform (elements-weighted over all covered Linear inputs)")
-    table.add_column("quantizer", no_wrap=True)
+    table.add_column("quantizer")  # wraps between its words, which leaves room for a basis more
     for i, label in enumerate(labels):
         table.add_column(escape(label), justify="right")
         if i:
@@ -134,7 +135,8 @@ def _weight_table(rows: list[dict], several: bool) -> Table:
                         "Linear weights)")
     cols = ["weight quantizer", *(["transform"] if several else []), "kernel", "kernel weights", "of weights"]
     for col in cols:
-        table.add_column(col, justify="left" if col in ("weight quantizer", "transform") else "right")
+        table.add_column(col, justify="left" if col in ("weight quantizer", "transform") else "right",
+                         no_wrap=col == "kernel")
     for row in rows:
         table.add_row(escape(row["config"]), *([escape(row["transform"])] if several else []),
                       pct(row["kernel_fraction"]), f"{row['kernel_elements']:,}", f"{row['elements']:,}")
@@ -155,7 +157,7 @@ def _by_module_type(by_type: pl.DataFrame, several: bool = False) -> Table:
         table = Table(title="Kernel by module type")
         table.add_column("quantizer", no_wrap=True)
         for name in types:
-            table.add_column(escape(str(name)), justify="right")
+            table.add_column(escape(str(name)), justify="right", no_wrap=True)
         for col in wide.columns[1:]:
             table.add_row(escape(col), *(pct(v) for v in wide[col].to_list()))
         return table

@@ -19,7 +19,7 @@ from kernelscope.cli.common import (
     split_values,
     stage_progress,
 )
-from kernelscope.cli.console import fail, flag, out, pct
+from kernelscope.cli.console import fail, flag, out, pct, show_table
 from kernelscope.cli.eval_cmd import DEFAULT_SCHEMES
 
 DEFAULT_TASKS = ("lambada_openai", "arc_easy", "piqa", "hellaswag", "boolq")
@@ -173,4 +173,4 @@ def _show(result) -> None:
         table.add_row(escape(r["scheme"]), escape(task), r["metric"], f"{100 * r['accuracy']:.2f}{stderr}",
                       "" if r["change_from_fp"] is None else f"{100 * r['change_from_fp']:+.2f}",
                       str(r["items"]), pct(r["kernel_fraction"]))
-    out.print(table)
+    show_table(table)

@@ -10,11 +10,13 @@ task definition.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
 import importlib.metadata
 import json
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,12 @@ ACCURACY_METRICS = ("acc", "acc_norm")
 with their standard error."""
 LOCAL_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
 """``dataset_path`` values that read local files (``data_files``) rather than a hub dataset."""
+IGNORED_DIRS = ("__pycache__", ".ipynb_checkpoints")
+"""Folders whose YAML files the harness's task index skips."""
+EMPTY_SPLIT = re.compile(r'Instruction "([^"]+)" corresponds to no data')
+"""How datasets says a split it was asked for has no rows."""
+EMPTY_EVAL = "Invalid key: 0 is out of bounds for size 0"
+"""How the harness's task fails when the documents it evaluates are none (it reads the first one)."""
 
 
 def require_harness() -> str:
@@ -87,16 +95,34 @@ def load_tasks(names: Sequence[str], include_path: str | Path | None = None, *,
     if not names:
         raise KernelscopeError(f"{option} needs at least one task")
     folder = _checked_folder(include_path, path_option)
+    if folder is not None:
+        _check_yaml_files(folder, str(include_path), path_option)
     manager = _manager(names, folder, option, path_option)
     tasks: dict[str, Any] = {}
     requested: dict[str, str] = {}
-    for name in dict.fromkeys(names):
-        for task_name, task in _load_one(manager, name, path_option).items():
-            tasks.setdefault(task_name, task)
-            requested.setdefault(task_name, name)
-    facts = [_facts(task_name, task, requested[task_name], option) for task_name, task in tasks.items()]
+    with _datasets_quiet():
+        for name in dict.fromkeys(names):
+            for task_name, task in _load_one(manager, name, option, path_option).items():
+                tasks.setdefault(task_name, task)
+                requested.setdefault(task_name, name)
+        facts = [_facts(task_name, task, requested[task_name], option) for task_name, task in tasks.items()]
     return HarnessTasks(list(dict.fromkeys(names)), tasks, facts, str(folder) if folder else None, version,
                         manager)
+
+
+@contextlib.contextmanager
+def _datasets_quiet() -> Iterator[None]:
+    """datasets' own progress bars off while tasks load (each split it prepares draws one on stderr, around
+    a command's one-line refusal), on again after where they were on."""
+    import datasets
+
+    was_on = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
 
 
 def _checked_folder(include_path: str | Path | None, path_option: str) -> Path | None:
@@ -110,6 +136,53 @@ def _checked_folder(include_path: str | Path | None, path_option: str) -> Path |
         raise KernelscopeError(f"{path_option} {include_path} is not a folder; give the folder that holds "
                                "your task YAML files")
     return folder.resolve()
+
+
+def _check_yaml_files(folder: Path, given: str, path_option: str) -> None:
+    """Refuse a YAML file under ``folder`` that does not parse, named as under the folder the user
+    gave (``given``): the harness's index skips such a file without a word, and its task would then
+    be reported as unknown."""
+    import yaml
+
+    loader = _syntax_loader()
+    for path in _task_yaml_files(folder):
+        try:
+            with path.open("rb") as fh:
+                yaml.load(fh, Loader=loader)  # a safe loader that reads every tag as null
+        except yaml.YAMLError as exc:
+            shown = Path(given) / path.relative_to(folder)
+            raise KernelscopeError(
+                f"{path_option} {given}: {shown} is not valid YAML ({_yaml_problem(exc)}); correct it, or "
+                "move it out of that folder (the harness reads every .yaml file under it)") from None
+
+
+def _task_yaml_files(folder: Path) -> list[Path]:
+    """The ``.yaml`` files the harness's task index reads under ``folder``, in its order."""
+    files = (p for p in folder.rglob("*.yaml")
+             if p.is_file() and not any(part in IGNORED_DIRS for part in p.relative_to(folder).parts))
+    return sorted(files, key=lambda p: p.as_posix())
+
+
+@functools.cache
+def _syntax_loader() -> type:
+    """A safe YAML loader that reads any local tag (the harness's ``!function``) as null, so that only
+    the syntax of a task file is checked and none of its code is imported."""
+    import yaml
+
+    class SyntaxLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+        pass
+
+    SyntaxLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+    return SyntaxLoader
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """The parser's complaint with its line (1-based), where it has one."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None)
+    if mark is None or not problem:
+        return _first_line(exc)
+    return f"line {mark.line + 1}: {problem}"
 
 
 def _manager(names: Sequence[str], folder: Path | None, option: str, path_option: str):
@@ -150,8 +223,9 @@ def _yaml_fingerprint(folder: Path | None) -> tuple:
     return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 
-def _load_one(manager, name: str, path_option: str) -> dict[str, Any]:
-    """The tasks ``name`` stands for, loaded; a hub dataset that cannot be had is refused first."""
+def _load_one(manager, name: str, option: str, path_option: str) -> dict[str, Any]:
+    """The tasks ``name`` stands for, loaded; a hub dataset that cannot be had is refused first, a
+    split without documents is named."""
     offline = _datasets_offline()
     needed = next(_hub_datasets(manager, name), None)
     if needed is not None and not offline:
@@ -166,7 +240,74 @@ def _load_one(manager, name: str, path_option: str) -> dict[str, Any]:
         task, dataset = needed or (name, "its data")
         raise KernelscopeError(_unavailable(task, dataset, reason, path_option)) from None
     except Exception as exc:  # the harness and datasets raise many types for a bad task file or data
+        if _is_empty_split(exc):
+            raise KernelscopeError(_no_documents_at_load(manager, name, exc, option)) from None
         raise KernelscopeError(f"cannot load task {name!r}: {type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def _is_empty_split(exc: Exception) -> bool:
+    """Whether loading failed for a split without documents: datasets says so for the split it was asked
+    for, its JSON reader stops (``StopIteration``) on an empty first data file while guessing the columns,
+    and the harness fails to read the first document it evaluates (none left after ``process_docs``)."""
+    return isinstance(exc, StopIteration) or bool(EMPTY_SPLIT.search(str(exc))) or EMPTY_EVAL in str(exc)
+
+
+def _empty_split_name(exc: Exception, cfg: dict) -> str | None:
+    """The split that has no documents, as far as the failure tells."""
+    found = EMPTY_SPLIT.search(str(exc))
+    if found:
+        return found.group(1)
+    return _first_data_split(cfg) if isinstance(exc, StopIteration) else _evaluated_split(cfg)
+
+
+def _no_documents_at_load(manager, name: str, exc: Exception, option: str) -> str:
+    """Which task under ``name`` has a split without documents, and which split that is."""
+    leaves = list(_leaf_configs(manager, name, set()))
+    task, cfg = leaves[0] if len(leaves) == 1 else _failing_leaf(manager, leaves) or (name, {})
+    filtered = EMPTY_EVAL in str(exc) and bool(cfg.get("process_docs"))
+    return _no_documents_message(task, name, option, _empty_split_name(exc, cfg), _evaluated_split(cfg),
+                                 filtered=filtered)
+
+
+def _failing_leaf(manager, leaves: list[tuple[str, dict]]) -> tuple[str, dict] | None:
+    """The first of a group's tasks that fails to load for a split without rows."""
+    for task, cfg in leaves:
+        try:
+            manager.load([task])
+        except Exception as exc:  # as in _load_one
+            if _is_empty_split(exc):
+                return task, cfg
+    return None
+
+
+def _first_data_split(cfg: dict) -> str | None:
+    """The split of the first of a task's local data files (datasets reads it first)."""
+    files = (cfg.get("dataset_kwargs") or {}).get("data_files")
+    if isinstance(files, dict):
+        return next(iter(files), None)
+    return "train" if files else None  # datasets names the split of unnamed files "train"
+
+
+def _evaluated_split(cfg: dict) -> str | None:
+    """The split the harness scores: the test split where the task names one, else the validation split."""
+    return cfg.get("test_split") or cfg.get("validation_split")
+
+
+def _no_documents_message(task: str, requested: str, option: str, split: str | None,
+                          evaluated: str | None, *, filtered: bool = False) -> str:
+    """The refusal of a task with a split that holds no documents (``filtered``: none that its
+    ``process_docs`` keeps)."""
+    fix = "point the task's YAML (test_split, validation_split, data_files) at a split that has some"
+    if split is None:
+        return (f"task {task} (from {option} {requested}) has a data file without documents; give each of "
+                f"its data files at least one document, or {fix}")
+    if split == evaluated or evaluated is None:
+        where = f"in its {split} split, the split it evaluates" + (
+            " (none that its process_docs keeps)" if filtered else "")
+    else:
+        where = f"in its {split} split (it evaluates its {evaluated} split)"
+    return (f"task {task} (from {option} {requested}) has no documents {where}; give that split at least "
+            f"one document, or {fix}")
 
 
 def _datasets_offline() -> bool:
@@ -238,6 +379,9 @@ def _facts(name: str, task, requested: str, option: str) -> dict[str, Any]:
             f"{', '.join(task.aggregation()) or 'none'}); kernelscope zeroshot reports {', '.join(ACCURACY_METRICS)}")
     docs = list(task.eval_docs)
     config = task.config
+    if not docs:
+        split = config.test_split if task.has_test_docs() else config.validation_split
+        raise KernelscopeError(_no_documents_message(name, requested, option, split, split))
     return {
         "task": name, "requested_as": requested, "output_type": output_type, "metrics": metrics,
         "dataset_path": config.dataset_path, "dataset_name": config.dataset_name,

@@ -6,8 +6,10 @@ perplexity protocol uses (SmoothQuant, AWQ, GPTQ, OmniQuant).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,18 @@ HUB_DATASETS = {
     "pileval": "The Pile, validation (mit-han-lab/pile-val-backup)",
 }
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+SAMPLE_BYTES = 65536
+"""How much of a file the checks for binary data and other encodings look at."""
+WIDE_ENCODINGS = (  # (encoding, byte order, byte-order mark, bytes a character, where ASCII has NULs)
+    ("UTF-32", "LE", codecs.BOM_UTF32_LE, 4, (1, 2, 3)),
+    ("UTF-32", "BE", codecs.BOM_UTF32_BE, 4, (0, 1, 2)),
+    ("UTF-16", "LE", codecs.BOM_UTF16_LE, 2, (1,)),
+    ("UTF-16", "BE", codecs.BOM_UTF16_BE, 2, (0,)),
+)
+"""The Unicode encodings other than UTF-8 a text file may be in (UTF-32's marks first: UTF-32LE's begins
+with UTF-16LE's). Without a mark, text mostly in the first 256 code points has a NUL at the same places
+of nearly every character and almost none elsewhere."""
+BYTE_ORDERS = {"LE": "little-endian", "BE": "big-endian"}
 
 
 @dataclass(frozen=True)
@@ -44,9 +58,55 @@ def _checked(name: str, description: str, text: str) -> TextSource:
     return TextSource(name, description, text)
 
 
+class OtherEncodingError(KernelscopeError):
+    """A text file in a Unicode encoding other than UTF-8. ``iconv_name`` is the encoding as iconv
+    reads it: with its byte order where no byte-order mark says it (``UTF-16LE``), else without
+    (``UTF-16``, so the mark is dropped)."""
+
+    def __init__(self, encoding: str, byte_order: str, marked: bool):
+        super().__init__(f"looks like {encoding} ({BYTE_ORDERS[byte_order]}) text; kernelscope reads UTF-8")
+        self.iconv_name = encoding if marked else encoding + byte_order
+
+    def advice(self, option: str, source: str, path: Path) -> str:
+        """The one-line refusal of the file given to ``option`` as ``source``, with the command that
+        converts it (named as typed where a shell reads that unchanged, else by its full path)."""
+        shown = source if shlex.quote(source) == source else str(path)
+        target = str(Path(shown).with_name(f"{path.stem}-utf8{path.suffix}"))
+        return (f"{option} {source} {self}: convert it with iconv -f {self.iconv_name} -t UTF-8 "
+                f"{shlex.quote(shown)} > {shlex.quote(target)}")
+
+
+def _wide_encoding(data: bytes) -> OtherEncodingError | None:
+    """The UTF-16 or UTF-32 encoding ``data`` is in, by its byte-order mark or, without one, by where
+    its NULs are; None when it is in neither (or does not decode as the one it looks like)."""
+    for encoding, order, bom, width, nul_at in WIDE_ENCODINGS:
+        marked = data.startswith(bom)
+        if not marked and not _nuls_at(data[:SAMPLE_BYTES], width, nul_at):
+            continue
+        try:
+            data[len(bom) if marked else 0:].decode(f"{encoding}-{order}")
+        except UnicodeDecodeError:
+            continue
+        return OtherEncodingError(encoding, order, marked)
+    return None
+
+
+def _nuls_at(sample: bytes, width: int, nul_at: tuple[int, ...]) -> bool:
+    """Whether most bytes at ``nul_at`` (offsets within each ``width``-byte character) are NUL and
+    almost none of the others are."""
+    chars = len(sample) // width
+    if chars < 2:
+        return False
+    share = [sample[offset:chars * width:width].count(0) / chars for offset in range(width)]
+    return all(share[i] >= 0.5 if i in nul_at else share[i] <= 0.1 for i in range(width))
+
+
 def _read_txt(path: Path) -> str:
     data = path.read_bytes()
-    if b"\x00" in data[:65536]:
+    wide = _wide_encoding(data)
+    if wide is not None:
+        raise wide
+    if b"\x00" in data[:SAMPLE_BYTES]:
         raise KernelscopeError(f"{path} looks like a binary file, not text")
     try:
         return data.decode("utf-8")
@@ -141,6 +201,8 @@ def load_text(source: str, *, max_chars: int | None = None, option: str = "--dat
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         try:
             return _read_local(source, path)
+        except OtherEncodingError as exc:
+            raise KernelscopeError(exc.advice(option, source, path)) from None
         except KernelscopeError as exc:
             raise KernelscopeError(f"{option}: {exc}") from None
     choices = ", ".join([*HUB_DATASETS, "pydoc"])

@@ -9,6 +9,7 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import plotly.io as pio
@@ -19,6 +20,7 @@ from kernelscope.reports import figures as F
 from kernelscope.reports import packing
 from kernelscope.reports.figures import esc
 from kernelscope.results import RunFolder, check_report_file, default_mode, read_run
+from kernelscope.results.run_dir import make_parents, remove_made
 from kernelscope.results.paths import REPORT_TAG
 from kernelscope.version import __version__
 
@@ -827,6 +829,32 @@ def write_report(run_dirs: Sequence[str | Path] | Sequence[RunFolder], output: s
     An existing ``output`` is replaced only with ``overwrite`` and only when kernelscope wrote it;
     ``option`` is how error messages name the path (the command-line option that gave it).
     """
+    staged = stage_report(run_dirs, output, overwrite=overwrite, title=title, option=option)
+    staged.commit()
+    return staged.final
+
+
+@dataclass
+class StagedReport:
+    """A complete report in a hidden file beside its final place."""
+
+    file: Path
+    final: Path
+    made: list[Path]
+
+    def commit(self) -> None:
+        os.replace(self.file, self.final)
+
+    def discard(self) -> None:
+        self.file.unlink(missing_ok=True)
+        remove_made(self.made)
+
+
+def stage_report(run_dirs: Sequence[str | Path] | Sequence[RunFolder], output: str | Path, *,
+                 overwrite: bool = False, title: str | None = None, option: str = "report") -> StagedReport:
+    """Build the report of the run folders and write it in full beside ``output``, to be committed (put in
+    place) or discarded together with other output. A place that cannot be written is one error naming
+    ``option``, with nothing left behind."""
     out = check_report_file(output, overwrite, option=option)
     folders = [Path(r).expanduser().resolve() for r in run_dirs if not isinstance(r, RunFolder)]
     if len(set(folders)) != len(folders):
@@ -841,17 +869,18 @@ def write_report(run_dirs: Sequence[str | Path] | Sequence[RunFolder], output: s
         names = ", ".join(str(r.path) for r in runs)
         raise KernelscopeError(f"cannot build a report: a run folder among {names} is incomplete or damaged "
                                f"({type(exc).__name__}: {exc})") from None
+    staged = StagedReport(out.parent / f".{out.name}.partial", out, [])
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        raise KernelscopeError(f"{option} {output} cannot be written: cannot create {out.parent}") from None
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    try:
+        staged.made = make_parents(out)
+        fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
+        staged.file = Path(name)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
-        default_mode(Path(tmp), directory=False)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        default_mode(staged.file, directory=False)
+    except BaseException as exc:
+        staged.discard()
+        if isinstance(exc, OSError):
+            raise KernelscopeError(f"{option} {output} cannot be written ({exc.strerror or exc}); "
+                                   "nothing was written") from None
         raise
-    return out
+    return staged

@@ -228,7 +228,9 @@ def modelopt_config(d: Deployment, names: list[str], scheme_name: str) -> dict[s
 
 
 def json_text(body: Any) -> str:
-    return json.dumps(body, indent=2) + "\n"
+    from kernelscope.results.run_dir import to_json
+
+    return to_json(body, indent=2) + "\n"
 
 
 def modules_text(names: Iterable[str]) -> str:

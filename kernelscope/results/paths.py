@@ -1,15 +1,20 @@
 """Which output paths kernelscope may write or replace: never one it did not write itself.
 
-A run folder carries a marker file (:data:`RUN_MARKER`); a report carries a generator tag in its
-first bytes (:data:`REPORT_TAG`). ``--overwrite`` replaces only a path that bears one of them, and
-never the working folder, one of its parents, the home folder or the filesystem root. Every check
-here runs before any work starts.
+A run folder carries a marker file (:data:`RUN_MARKER`) that lists every file the run wrote with the
+SHA-256 of its bytes; a report carries a generator tag in its first bytes (:data:`REPORT_TAG`). A file is
+kernelscope's by what it holds, never by its name or extension: listed in the marker with the same bytes,
+or a report. Folders written before the marker listed its files are read by content too: a summary with a
+schema version, a parquet table whose metadata names a kernelscope table. ``--overwrite`` replaces only a
+folder of such files, and never the working folder, one of its parents, the home folder or the filesystem
+root. Every check here runs before any work starts, and proves the place writable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 
 from kernelscope.errors import KernelscopeError
@@ -34,18 +39,76 @@ def protected_paths() -> set[Path]:
     return {cwd, *cwd.parents, Path.home().resolve(), Path(cwd.anchor)}
 
 
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file's bytes, as the marker lists it."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def marked_files(folder: Path) -> dict[str, str] | None:
+    """The files the marker of ``folder`` lists (name -> SHA-256), or None where the marker lists none
+    (a folder written before markers listed their files, or no marker at all)."""
+    try:
+        files = json.loads((folder / RUN_MARKER).read_text(encoding="utf-8")).get("files")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None
+    return files if isinstance(files, dict) else None
+
+
+def is_kernelscope_table(file: Path) -> bool:
+    """True when ``file`` is a parquet table whose metadata names a kernelscope table, or (written before
+    tables carried that metadata) whose every column is one of the results schema's."""
+    import polars as pl
+
+    from kernelscope.results.schema import COLUMNS
+
+    try:
+        if "kernelscope.table" in pl.read_parquet_metadata(file):
+            return True
+        return set(pl.read_parquet_schema(file)) <= set(COLUMNS)
+    except Exception:  # any unreadable or foreign file is simply not ours
+        return False
+
+
 def foreign_entries(folder: Path) -> list[str]:
-    """What in ``folder`` kernelscope does not write: anything but its marker, a summary, parquet
-    tables, kernelscope reports and, in an advice folder, the exports."""
-    exports = EXPORT_NAMES if is_advice_folder(folder) else ()
+    """What in ``folder`` kernelscope did not write, judged by content: a file the marker lists with other
+    bytes, or not at all, is foreign unless it is a kernelscope report. A folder whose marker lists no
+    files is judged by each file's own content (and, in an advice folder, its exports by name)."""
+    listed = marked_files(folder)
 
     def ours(p: Path) -> bool:
         if not p.is_file():
             return False
-        return (p.name in (RUN_MARKER, *SUMMARY_NAMES, *exports) or p.suffix == ".parquet"
-                or is_kernelscope_report(p))
+        if p.name == RUN_MARKER or is_kernelscope_report(p):
+            return True
+        if listed is not None:
+            return p.name in listed and file_digest(p) == listed[p.name]
+        return _ours_unlisted(p, folder)
 
     return sorted(p.name for p in folder.iterdir() if not ours(p))
+
+
+def _ours_unlisted(file: Path, folder: Path) -> bool:
+    """A file of a folder whose marker lists none: a versioned summary, a kernelscope table, or an export
+    of an advice folder."""
+    if file.name in SUMMARY_NAMES:
+        return _versioned(file)
+    if file.name in EXPORT_NAMES:
+        return is_advice_folder(folder)
+    return is_kernelscope_table(file)
+
+
+def _versioned(file: Path) -> bool:
+    """Whether ``file`` is a summary: a JSON object with an integer ``schema_version`` (an advice file of
+    schema version 2 may lack it)."""
+    try:
+        body = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(body, dict) and (isinstance(body.get("schema_version"), int) or file.name == LEGACY_ADVICE)
 
 
 def summary_of(folder: Path) -> Path | None:
@@ -66,13 +129,7 @@ def is_advice_folder(folder: Path) -> bool:
 def _has_versioned_summary(folder: Path) -> bool:
     """A folder written before run folders carried the marker: one summary, with a schema version."""
     summaries = [folder / n for n in SUMMARY_NAMES if (folder / n).is_file()]
-    if len(summaries) != 1:
-        return False
-    try:
-        body = json.loads(summaries[0].read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(body, dict) and isinstance(body.get("schema_version"), int)
+    return len(summaries) == 1 and _versioned(summaries[0])
 
 
 def is_kernelscope_run(folder: Path) -> bool:
@@ -94,11 +151,20 @@ def is_kernelscope_report(file: Path) -> bool:
 
 
 def _check_writable_parent(path: Path, option: str, shown: str | Path) -> None:
+    """Prove the place of ``path`` writable by creating and removing a probe file in its parent (or in the
+    nearest folder above that exists, where the parent is still to be made)."""
     probe = path.resolve().parent
     while not probe.exists():
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise KernelscopeError(f"{option} {shown} cannot be written: {probe} is not a writable folder")
+    if not probe.is_dir():
+        raise KernelscopeError(f"{option} {shown} cannot be written: {probe} is not a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".kernelscope-probe.", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise KernelscopeError(f"{option} {shown} cannot be written: {probe} refuses a new file "
+                               f"({exc.strerror or exc}); give a path in a writable folder") from None
 
 
 def _refuse_protected(path: Path, option: str, shown: str | Path, what: str) -> None:

@@ -12,15 +12,24 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import polars as pl
 
 from kernelscope.errors import KernelscopeError
-from kernelscope.results.paths import EXPORT_NAMES, LEGACY_SUMMARIES, RUN_MARKER, SUMMARY, check_output_dir, summary_of
-from kernelscope.results.schema import SCHEMA_VERSION, parquet_metadata, typed
+from kernelscope.results.paths import (
+    EXPORT_NAMES,
+    LEGACY_SUMMARIES,
+    RUN_MARKER,
+    SUMMARY,
+    check_output_dir,
+    file_digest,
+    summary_of,
+)
+from kernelscope.results.schema import SCHEMA_VERSION, conformed, parquet_metadata
 
 
 def json_safe(value: Any) -> Any:
@@ -34,6 +43,12 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def to_json(value: Any, **layout: Any) -> str:
+    """``value`` as strict JSON, the one spelling of every JSON kernelscope prints or writes: a non-finite
+    number is null (a strict parser knows no NaN), anything else not JSON by nature is its text."""
+    return json.dumps(json_safe(value), allow_nan=False, ensure_ascii=False, default=str, **layout)
+
+
 def default_mode(path: Path, *, directory: bool) -> None:
     """Give a file or folder made through ``tempfile`` (owner-only) the permissions of an ordinary one."""
     mask = os.umask(0)
@@ -41,34 +56,107 @@ def default_mode(path: Path, *, directory: bool) -> None:
     os.chmod(path, (0o777 if directory else 0o666) & ~mask)
 
 
+class Staged(Protocol):
+    """Output written in full beside its final place: ``commit`` puts it there, ``discard`` removes it."""
+
+    def commit(self) -> None: ...
+
+    def discard(self) -> None: ...
+
+
+def make_parents(path: Path) -> list[Path]:
+    """Create the missing folders above ``path``; those made, outermost first (for :func:`remove_made`)."""
+    missing = [p for p in path.parents if not p.exists()][::-1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def remove_made(folders: list[Path]) -> None:
+    """Remove the folders :func:`make_parents` made, innermost first, where they are still empty."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+@dataclass
+class StagedRun:
+    """A complete run folder in a hidden sibling of its final place, and the folders made above it."""
+
+    folder: Path
+    final: Path
+    made: list[Path]
+
+    def commit(self) -> None:
+        if self.final.exists():
+            _swap(self.folder, self.final)
+        else:
+            os.replace(self.folder, self.final)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        remove_made(self.made)
+
+
 def write_run(path: str | Path, tables: dict[str, pl.DataFrame], summary: dict[str, Any],
-              *, overwrite: bool = False, files: dict[str, str] | None = None) -> Path:
+              *, overwrite: bool = False, files: dict[str, str] | None = None, option: str = "--output",
+              alongside: Callable[[Path], Staged | None] | None = None) -> Path:
     """Write ``tables`` as ``<name>.parquet``, ``summary`` as ``summary.json`` and ``files`` (name ->
-    text, names of :data:`EXPORT_NAMES`) beside them, all or nothing."""
-    files = files or {}
+    text, names of :data:`EXPORT_NAMES`) beside them, all or nothing.
+
+    ``alongside`` stages other output from the complete folder (a report of it) before anything is put
+    in place; it is committed right after the folder, or discarded with it (or, returning None, it wrote
+    into the folder itself). A place that cannot be
+    written is one error naming ``option``, with nothing left behind.
+    """
+    out = check_output_dir(path, overwrite, option)
+    staged, extra = None, None
+    try:
+        staged = _stage_run(out, tables, summary, files or {})
+        extra = alongside(staged.folder) if alongside is not None else None
+        staged.commit()
+    except BaseException as exc:
+        for part in (staged, extra):
+            if part is not None:
+                part.discard()
+        if isinstance(exc, OSError):
+            raise KernelscopeError(f"{option} {path} cannot be written ({exc.strerror or exc}); "
+                                   "nothing was written") from None
+        raise
+    if extra is not None:
+        extra.commit()
+    return out
+
+
+def _stage_run(out: Path, tables: dict[str, pl.DataFrame], summary: dict[str, Any],
+               files: dict[str, str]) -> StagedRun:
+    """The run folder written in full into a hidden sibling of ``out``, its marker listing every file."""
     if not set(files) <= set(EXPORT_NAMES):
         raise ValueError(f"a run folder's other files are {EXPORT_NAMES}, got {sorted(files)}")
-    out = check_output_dir(path, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    default_mode(tmp, directory=True)
+    made = make_parents(out)
     try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError:
+        remove_made(made)
+        raise
+    staged = StagedRun(tmp, out, made)
+    try:
+        default_mode(tmp, directory=True)
         for name, frame in tables.items():
-            typed(frame).write_parquet(tmp / f"{name}.parquet", metadata=parquet_metadata(name, summary.get("kind")))
-        body = {"schema_version": SCHEMA_VERSION, **summary}
-        (tmp / SUMMARY).write_text(json.dumps(json_safe(body), indent=2, ensure_ascii=False) + "\n")
+            conformed(frame).write_parquet(tmp / f"{name}.parquet",
+                                           metadata=parquet_metadata(name, summary.get("kind")))
+        (tmp / SUMMARY).write_text(to_json({"schema_version": SCHEMA_VERSION, **summary}, indent=2) + "\n",
+                                   encoding="utf-8")
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")
-        marker = {"schema_version": SCHEMA_VERSION, "summary": SUMMARY}
-        (tmp / RUN_MARKER).write_text(json.dumps(marker) + "\n")
-        if out.exists():
-            _swap(tmp, out)
-        else:
-            os.replace(tmp, out)
+        listed = {p.name: file_digest(p) for p in sorted(tmp.iterdir())}
+        marker = {"schema_version": SCHEMA_VERSION, "summary": SUMMARY, "files": listed}
+        (tmp / RUN_MARKER).write_text(to_json(marker) + "\n", encoding="utf-8")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staged.discard()
         raise
-    return out
+    return staged
 
 
 def _swap(new: Path, out: Path) -> None:

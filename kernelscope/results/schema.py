@@ -175,11 +175,18 @@ COLUMNS |= {f"kernel_{name}": Column(COLUMNS[name].dtype, f"(advise) {name} with
             for name in KERNEL_REMOVED}
 
 
-def typed(frame: pl.DataFrame) -> pl.DataFrame:
-    """``frame`` with each Null-typed column cast to its declared type (or text, for a name not declared)."""
-    casts = {name: COLUMNS[name].dtype if name in COLUMNS else pl.String
-             for name, dtype in frame.schema.items() if dtype == pl.Null}
-    return frame.cast(casts) if casts else frame
+def conformed(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` with every column in its declared type, so that every parquet reader (pyarrow, pandas,
+    polars) reads every table. A column that is not declared, or holds a value its declared type cannot
+    (a whole number beyond int64), is an error: the options that feed a table refuse such values first."""
+    undeclared = [name for name in frame.columns if name not in COLUMNS]
+    if undeclared:
+        raise ValueError(f"columns {undeclared} are not declared in the results schema")
+    casts = {name: COLUMNS[name].dtype for name, dtype in frame.schema.items() if dtype != COLUMNS[name].dtype}
+    try:
+        return frame.cast(casts, strict=True) if casts else frame
+    except pl.exceptions.PolarsError as exc:
+        raise ValueError(f"a table column holds values outside its declared type: {exc}") from None
 
 
 def parquet_metadata(table: str, kind: str | None) -> dict[str, str]:

@@ -243,8 +243,8 @@ class AdviceResult(TableResult):
         self.tables = {self.TABLE: table, **tables}
         self.files = files
 
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        return write_run(path, self.tables, self.summary, overwrite=overwrite, files=self.files)
+    def save(self, path: str | Path, *, overwrite: bool = False, **writing: Any) -> Path:
+        return write_run(path, self.tables, self.summary, overwrite=overwrite, files=self.files, **writing)
 
 
 def _linear_modules(model: nn.Module) -> dict[str, str]:

@@ -26,15 +26,21 @@ def checkpoint_path(output: str | Path) -> Path:
 
 
 def save_checkpoint(path: Path, fingerprint: dict[str, Any], done: int, state: dict[str, Any]) -> None:
-    """Write atomically: a crash while saving leaves the previous checkpoint intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
-    os.close(fd)
+    """Write atomically: a crash while saving leaves the previous checkpoint intact; a place that cannot
+    take it (a full disk) stops the run with one error."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".partial", dir=path.parent)
+        os.close(fd)
         torch.save({"version": VERSION, "fingerprint": fingerprint, "done": done, "state": state}, tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise KernelscopeError(f"cannot write the checkpoint {path} ({exc.strerror or exc}); the run stopped "
+                                   "and no result was written") from None
         raise
 
 
@@ -70,8 +76,18 @@ def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> tuple[int, dict[
 
 
 def _change(key: str, before: dict[str, Any], now: dict[str, Any]) -> str:
-    """``dtype: float32 in the checkpoint, bfloat16 now``; long values (lists, hashes) by name only."""
+    """``dtype: float32 in the checkpoint, bfloat16 now``; of two lists of one length, the first item
+    that differs; other long values (hashes) by name only. Numbers are shown as they compare (repr)."""
     old, new = before.get(key), now.get(key)
-    if all(isinstance(v, (int, float, str, type(None))) and len(str(v)) <= 40 for v in (old, new)):
-        return f"{key}: {old} in the checkpoint, {new} now"
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        old, new = next((a, b) for a, b in zip(old, new, strict=True) if a != b)
+    if all(isinstance(v, (int, float, str, list, type(None))) and len(repr(v)) <= 60 for v in (old, new)):
+        return f"{key}: {_shown(old)} in the checkpoint, {_shown(new)} now"
     return f"{key} differs"
+
+
+def _shown(value: Any) -> str:
+    """A fingerprint value in full: every digit of a number, a list's items joined."""
+    if isinstance(value, list):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return repr(value) if isinstance(value, float) else str(value)

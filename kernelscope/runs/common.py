@@ -84,6 +84,6 @@ class TableResult:
     summary: dict[str, Any]
     TABLE: ClassVar[str] = ""
 
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+    def save(self, path: str | Path, *, overwrite: bool = False, **writing: Any) -> Path:
         """Write the run folder atomically (all or nothing)."""
-        return write_run(path, {self.TABLE: self.table}, self.summary, overwrite=overwrite)
+        return write_run(path, {self.TABLE: self.table}, self.summary, overwrite=overwrite, **writing)

@@ -48,10 +48,10 @@ class ProfileResult:
     summary: dict[str, Any]
     weights: pl.DataFrame | None = None  # one row per layer x weight quantizer
 
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+    def save(self, path: str | Path, *, overwrite: bool = False, **writing: Any) -> Path:
         """Write ``layers.parquet``, ``weights.parquet`` and ``summary.json`` to ``path`` atomically."""
         tables = {"layers": self.layers} | ({} if self.weights is None else {"weights": self.weights})
-        return write_run(path, tables, self.summary, overwrite=overwrite)
+        return write_run(path, tables, self.summary, overwrite=overwrite, **writing)
 
 
 Key = tuple[str, str]
@@ -143,7 +143,7 @@ def _fingerprint(model: nn.Module, info: dict[str, Any], text: TextSource | None
         "model": str(info.get("path", info.get("architecture"))), "model_identity": info.get("identity"),
         "parameters": info.get("parameters"), "dtype": None if weight is None else str(weight.dtype),
         "device": model_device(model).type, "text": None if text is None else text.sha256,
-        "windows": windows.sha256, "seqlen": windows.seqlen, "quantizers": [c.label for c in configs],
+        "windows": windows.sha256, "seqlen": windows.seqlen, "quantizers": [[c.label, c.alpha, c.block_size] for c in configs],
         "layers": [layer.name for layer in selected], "batch_size": batch_size, "top_k": top_k,
         "transforms": [[t.label, t.spec.seed] for t in transforms],
         "calibration": None if calibration is None else calibration.sha256,

@@ -12,7 +12,14 @@ import re
 from dataclasses import dataclass
 
 from kernelscope.errors import KernelscopeError
-from kernelscope.quant import DEFAULT_ALPHA, QuantizerConfig, check_alpha, qmax_for_bits
+from kernelscope.quant import (
+    DEFAULT_ALPHA,
+    MAX_BITS,
+    MIN_BITS,
+    QuantizerConfig,
+    check_alpha,
+    qmax_for_bits,
+)
 from kernelscope.quant.formats import FORMATS
 from kernelscope.quant.transforms import IDENTITY, SMOOTHQUANT_ALPHA, TRANSFORMS, TransformSpec, TransformStep
 
@@ -116,7 +123,11 @@ def parse_scheme(
             return Scheme("fp", "fp")
         if m := _FAKE.match(name):
             wbits, abits, group, kind = int(m[1]), int(m[2]), m[3], m[4]
-            qmax_for_bits(wbits)
+            for part, letter, width in (("weights", "w", wbits), ("activations", "a", abits)):
+                if not MIN_BITS <= width <= MAX_BITS:
+                    raise ValueError(f"the {part}' width, {letter}{width}, is out of range; wXaY takes "
+                                     f"{MIN_BITS} to {MAX_BITS} bits for the weights (X) and the "
+                                     "activations (Y)")
             if group is not None and int(group) < 1:
                 raise ValueError("the group size gG must be at least 1")
             own = IDENTITY
@@ -140,7 +151,7 @@ def parse_scheme(
                 qmax_for_bits(weight_bits)
             return Scheme(name, "remove_kernel", act, weight_bits, group_size)
     except ValueError as exc:
-        raise KernelscopeError(f"scheme {text!r}: {exc}") from None
+        raise KernelscopeError(f"--scheme {text.strip()}: {exc}") from None
     raise KernelscopeError(
         f"unknown scheme {text!r}; use fp, wXaY[-gG]-QUANTIZER (QUANTIZER: per-token, crossquant, "
         f"per-tensor, per-channel, smoothquant), a float format ({', '.join(FLOAT_SCHEMES)}) or "

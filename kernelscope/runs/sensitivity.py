@@ -345,11 +345,18 @@ def kernel_explains(scheme_row: dict, kernel_row: dict, fp: dict) -> dict:
     paired interval; undefined when the scheme's own loss is not separable from fp."""
     found = ratio_interval(kernel_row["window_nll"], scheme_row["window_nll"], fp["window_nll"])
     if found is None:
-        return {"share": None, "ci_low": None, "ci_high": None,
-                "note": "undefined: the scheme's loss is not separable from fp on these windows"}
+        return {"share": None, "ci_low": None, "ci_high": None, "note": _no_share(scheme_row)}
     share, ci = found
     return {"share": share, "ci_low": ci[0] if ci else None, "ci_high": ci[1] if ci else None,
             "note": "remove-kernel loss / full quantization loss, both in log perplexity over fp"}
+
+
+def _no_share(scheme_row: dict) -> str:
+    """Why the kernel's share of a scheme's loss is undefined: the scheme has no loss to share, because
+    it is better than fp or not separable from it on these windows."""
+    if (scheme_row.get("vs_fp") or "").startswith("better"):
+        return "undefined: the scheme is better than fp on these windows, so it has no loss to explain"
+    return "undefined: the scheme's loss is not separable from fp on these windows"
 
 
 def summarize(row: dict) -> dict:

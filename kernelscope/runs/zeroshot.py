@@ -95,12 +95,12 @@ class ZeroshotResult(TableResult):
     TABLE = "zeroshot"
     ITEMS = "zeroshot_items"
 
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+    def save(self, path: str | Path, *, overwrite: bool = False, **writing: Any) -> Path:
         """Write ``zeroshot.parquet``, ``zeroshot_items.parquet`` and ``summary.json``, atomically."""
         tables = {self.TABLE: self.table}
         if self.items is not None:
             tables[self.ITEMS] = self.items
-        return write_run(path, tables, self.summary, overwrite=overwrite)
+        return write_run(path, tables, self.summary, overwrite=overwrite, **writing)
 
 
 def _harness_model(net: nn.Module, tokenizer: Any, batch_size: int):
