@@ -28,6 +28,11 @@ from kernelscope.stats.summary import count_c_ge_t, separable_step_sums, summari
 from kernelscope.stats.table import results
 from tests import reference as ref
 
+
+def result_of(stats: KernelStats) -> dict:
+    """One layer's figures as plain values, as a profile's table reads them."""
+    return results([stats])[0]
+
 CONFIGS = default_configs() + [QuantizerConfig("per_tensor", 8), QuantizerConfig("per_channel", 4)]
 
 
@@ -40,7 +45,7 @@ def activations(seed: int, shape=(3, 40, 24)) -> torch.Tensor:
 
 def test_counts_match_reference():
     x = activations(0)
-    res = KernelStats(CONFIGS).update(observe(x, CONFIGS)).result()
+    res = result_of(KernelStats(CONFIGS).update(observe(x, CONFIGS)))
     assert res["layer"]["elements"] == x.numel()
     assert res["layer"]["tokens"] == 3 * 40
     for cfg, row in zip(CONFIGS, res["configs"]):
@@ -68,7 +73,7 @@ def test_streaming_equals_one_batch_and_merge_is_exact():
     for i, x in enumerate(xs):
         (left if i < 2 else right).update(observe(x, CONFIGS, token_offset=i * 3 * 40))
     merged = left.merge(right)
-    a, b, c = whole.result(), streamed.result(), merged.result()
+    a, b, c = result_of(whole), result_of(streamed), result_of(merged)
     for other in (b, c):
         assert other["layer"]["elements"] == a["layer"]["elements"]
         assert other["layer"]["c_ge_t_pairs"] == a["layer"]["c_ge_t_pairs"]
@@ -85,7 +90,7 @@ def test_bound_statistics_against_direct_computation():
     x = activations(7, (2, 64, 48))
     cq = QuantizerConfig("crossquant", 8, 0.15)
     pt = QuantizerConfig("per_token", 8)
-    res = KernelStats([pt, cq]).update(observe(x, [pt, cq])).result()
+    res = result_of(KernelStats([pt, cq]).update(observe(x, [pt, cq])))
     hist = LogHistogram()
     for cfg, row in zip((pt, cq), res["configs"]):
         bound = (cfg.format.tau * cfg.scale(x)).expand_as(x).reshape(-1).double()
@@ -102,7 +107,7 @@ def test_bound_statistics_against_direct_computation():
 
 def test_top_channels_and_tokens():
     x = activations(3)
-    res = KernelStats(CONFIGS, top_k=4).update(observe(x, CONFIGS, token_offset=1000)).result()["layer"]
+    res = result_of(KernelStats(CONFIGS, top_k=4).update(observe(x, CONFIGS, token_offset=1000)))["layer"]
     c = x.abs().amax(dim=(0, 1))
     assert res["top_channels"] == torch.topk(c, 4).indices.tolist()
     assert res["top_channels"][0] == 5
@@ -127,7 +132,7 @@ def test_state_size_does_not_grow_with_tokens():
 def test_zero_rows_and_all_zero_input_give_finite_statistics():
     x = torch.zeros(2, 8, 6)
     x[0, 3] = torch.arange(6.0)
-    res = KernelStats(CONFIGS).update(observe(x, CONFIGS)).result()
+    res = result_of(KernelStats(CONFIGS).update(observe(x, CONFIGS)))
     for row in res["configs"]:
         for key, value in row.items():
             if isinstance(value, float):
@@ -137,8 +142,8 @@ def test_zero_rows_and_all_zero_input_give_finite_statistics():
 
 def test_two_dimensional_input_is_one_sequence():
     x = activations(2, (1, 16, 8))
-    a = KernelStats(CONFIGS).update(observe(x[0], CONFIGS)).result()
-    b = KernelStats(CONFIGS).update(observe(x, CONFIGS)).result()
+    a = result_of(KernelStats(CONFIGS).update(observe(x[0], CONFIGS)))
+    b = result_of(KernelStats(CONFIGS).update(observe(x, CONFIGS)))
     assert a == b
 
 
@@ -155,7 +160,7 @@ def test_nan_and_inf_are_counted_and_never_poison_statistics():
     x[0, 3, 2] = float("nan")
     x[1, 5, 0] = float("inf")
     x[1, 6, 7] = float("-inf")
-    res = KernelStats(CONFIGS).update(observe(x, CONFIGS)).result()
+    res = result_of(KernelStats(CONFIGS).update(observe(x, CONFIGS)))
     assert res["layer"]["nonfinite_elements"] == 3
     assert res["layer"]["elements"] == x.numel() - 3
     # the statistics are those of the finite elements, with the bad ones measured as zeros
@@ -172,7 +177,7 @@ def test_nan_and_inf_are_counted_and_never_poison_statistics():
 def test_denormal_activations_are_measured_exactly():
     x = activations(12, (1, 16, 8)) * 1e-39  # far below float32's smallest normal number
     assert (x[x != 0].abs() < 1.18e-38).any()
-    res = KernelStats(CONFIGS).update(observe(x, CONFIGS)).result()
+    res = result_of(KernelStats(CONFIGS).update(observe(x, CONFIGS)))
     for cfg, row in zip(CONFIGS, res["configs"]):
         # every step is floored at 1e-5, so all of these tiny values round to zero
         assert row["kernel_elements"] == ref.kernel_count(x, cfg.quantizer, cfg.bits, cfg.alpha) == x.numel()
@@ -216,10 +221,10 @@ def edge_activations(nonfinite: bool = False) -> torch.Tensor:
 def test_native_counts_equal_torch_and_reference_at_ties(monkeypatch, dtype):
     x = edge_activations(nonfinite=True).to(dtype)
     assert elementwise.describe().startswith("native"), elementwise.describe()
-    native = KernelStats(EDGE_CONFIGS).update(observe(x, EDGE_CONFIGS)).result()
+    native = result_of(KernelStats(EDGE_CONFIGS).update(observe(x, EDGE_CONFIGS)))
     monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
     assert elementwise.describe() == "torch (KERNELSCOPE_NATIVE=0)"
-    torch_code = KernelStats(EDGE_CONFIGS).update(observe(x, EDGE_CONFIGS)).result()
+    torch_code = result_of(KernelStats(EDGE_CONFIGS).update(observe(x, EDGE_CONFIGS)))
     assert native == torch_code
     assert native["layer"]["nonfinite_elements"] == 3
     clean = torch.where(x.float().isfinite(), x.float(), 0.0)
@@ -240,9 +245,9 @@ def test_native_counts_equal_reference_for_any_grouping_of_terms(monkeypatch, la
     by_label = {c.label: c for c in expand_configs(["per_token", "per_channel", "crossquant"], [8, 6, 4, 2], [0.15, 0.5])}
     configs = [by_label[label] for label in labels]
     x = edge_activations(nonfinite=True)
-    native = KernelStats(configs).update(observe(x, configs)).result()
+    native = result_of(KernelStats(configs).update(observe(x, configs)))
     monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
-    assert native == KernelStats(configs).update(observe(x, configs)).result()
+    assert native == result_of(KernelStats(configs).update(observe(x, configs)))
     clean = torch.where(x.isfinite(), x, 0.0)
     for cfg, row in zip(configs, native["configs"]):
         assert row["kernel_elements"] == ref.kernel_count(clean, cfg.quantizer, cfg.bits, cfg.alpha) - 3, cfg.label
@@ -347,7 +352,7 @@ def test_without_a_compiler_the_torch_code_runs(monkeypatch, tmp_path):
     from kernelscope.stats import native
 
     x = edge_activations(nonfinite=True)
-    want = KernelStats(EDGE_CONFIGS).update(observe(x, EDGE_CONFIGS)).result()
+    want = result_of(KernelStats(EDGE_CONFIGS).update(observe(x, EDGE_CONFIGS)))
     monkeypatch.setenv("CC", "no-such-compiler")
     monkeypatch.setenv("PATH", str(tmp_path))  # nothing to find there
     monkeypatch.setenv("KERNELSCOPE_CACHE", str(tmp_path / "cache"))
@@ -355,7 +360,7 @@ def test_without_a_compiler_the_torch_code_runs(monkeypatch, tmp_path):
     try:
         assert native.library() is None
         assert elementwise.describe() == "torch (native build failed: no C compiler found (set CC))"
-        assert KernelStats(EDGE_CONFIGS).update(observe(x, EDGE_CONFIGS)).result() == want
+        assert result_of(KernelStats(EDGE_CONFIGS).update(observe(x, EDGE_CONFIGS))) == want
     finally:
         native.reset()
 
@@ -401,8 +406,8 @@ def test_summarising_many_layers_at_once_equals_one_at_a_time():
     measured = [measure(x, CONFIGS, token_offset=80 * i) for i, x in enumerate(xs)]
     together = summarise(measured, CONFIGS, top_k=5)
     for i, x in enumerate(xs):
-        alone = KernelStats(CONFIGS, top_k=5).update(observe(x, CONFIGS, token_offset=80 * i, top_k=5)).result()
-        assert KernelStats(CONFIGS, top_k=5).update(together[i]).result() == alone
+        alone = result_of(KernelStats(CONFIGS, top_k=5).update(observe(x, CONFIGS, token_offset=80 * i, top_k=5)))
+        assert result_of(KernelStats(CONFIGS, top_k=5).update(together[i])) == alone
 
 
 def test_a_group_updates_as_each_layer_alone(monkeypatch):
@@ -430,10 +435,10 @@ def test_a_group_updates_as_each_layer_alone(monkeypatch):
             together[1].load_state_dict(together[1].state_dict())
             assert together[1]._group is None
         if b == 3:  # read mid-run, while the group holds sums
-            assert together[0].result() == alone[0].result()
+            assert result_of(together[0]) == result_of(alone[0])
     group.release()
     for mine, theirs in zip(together, alone, strict=True):
-        assert mine.result() == theirs.result()
+        assert result_of(mine) == result_of(theirs)
         a, b = mine.state_dict(), theirs.state_dict()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert all(acc._group is None for acc in together)
@@ -443,7 +448,7 @@ def test_results_read_in_slices_equal_results_read_together(monkeypatch):
     accs = [KernelStats(CONFIGS).update(observe(activations(60 + i), CONFIGS)) for i in range(5)]
     together = results(accs)
     monkeypatch.setattr("kernelscope.stats.table._AT_ONCE", 2)
-    assert results(accs) == together == [acc.result() for acc in accs]
+    assert results(accs) == together == [result_of(acc) for acc in accs]
 
 
 def test_a_group_refuses_an_observation_of_other_layers():
@@ -457,11 +462,11 @@ def test_top_tokens_break_ties_by_position():
     x = torch.zeros(2, 6, 4)
     x[0, 1, 0] = x[0, 4, 1] = x[1, 0, 2] = x[1, 5, 3] = 3.0  # four tokens with the same abs-max
     x[1, 2, 0] = 5.0
-    whole = KernelStats(CONFIGS, top_k=3).update(observe(x, CONFIGS)).result()["layer"]
+    whole = result_of(KernelStats(CONFIGS, top_k=3).update(observe(x, CONFIGS)))["layer"]
     assert whole["top_token_index"] == [8, 1, 4]  # 5.0 first, then the earliest of the ties
     split = KernelStats(CONFIGS, top_k=3)
     split.update(observe(x[1:], CONFIGS, token_offset=6)).update(observe(x[:1], CONFIGS))
-    assert split.result()["layer"]["top_token_index"] == [8, 1, 4]
+    assert result_of(split)["layer"]["top_token_index"] == [8, 1, 4]
 
 
 def test_exact_sums_do_not_depend_on_order():
@@ -559,7 +564,7 @@ def test_rows_of_single_measurements_equal_the_accumulated_rows():
     xs[1][0, 3, 4] = math.nan
     rows = measured_rows([measure(x, configs) for x in xs], configs)
     for x, mine in zip(xs, rows, strict=True):
-        want = KernelStats(configs).update(observe(x, configs)).result()["configs"]
+        want = result_of(KernelStats(configs).update(observe(x, configs)))["configs"]
         for a, b in zip(mine, want, strict=True):
             assert a.keys() == b.keys()
             for key in a:

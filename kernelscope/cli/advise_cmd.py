@@ -7,6 +7,19 @@ import math
 from rich.markup import escape
 from rich.table import Table
 
+from kernelscope.cli.checks import (
+    MAX_TOLERANCE,
+    calibration_windows,
+    check_transforms_with_schemes,
+    check_weights,
+    check_widths,
+    one_alpha,
+    option_refusals,
+    prepare_options,
+    read_calibration_text,
+    transform_options,
+    transform_refusals,
+)
 from kernelscope.cli.common import (
     check_alphas,
     check_bits,
@@ -19,22 +32,7 @@ from kernelscope.cli.common import (
     split_values,
     stage_progress,
 )
-from kernelscope.cli.console import fail, flag, out, pct, show_table
-from kernelscope.cli.eval_cmd import (
-    MAX_TOLERANCE,
-    _check_transforms_with_schemes,
-    _check_weights,
-    _check_widths,
-    _common,
-    _one_alpha,
-    _refusals,
-    _transform_refusals,
-    _transforms,
-    calibration_windows,
-    interval,
-    read_calibration_text,
-    with_ci,
-)
+from kernelscope.cli.console import fail, flag, interval, out, pct, show_table, with_ci
 
 KERNEL_KINDS = {"module-type": "module_type", "block": "block", "layer": "layer"}
 SHOWN_PER_KIND = 10
@@ -70,7 +68,7 @@ def run_advise(*, scheme, tolerance, budget, per_layer, kernel_groups, alpha, bi
     from kernelscope.runs.threshold import MIN_WINDOWS
 
     name = one_value(scheme, "--scheme", str, "a scheme", "advise plans for one scheme at a time")
-    alpha = _one_alpha(alpha)
+    alpha = one_alpha(alpha)
     check_alphas([smooth_alpha], "--smooth-alpha", hint="")
     check_bits([bits])
     if weight_bits is not None:
@@ -88,11 +86,11 @@ def run_advise(*, scheme, tolerance, budget, per_layer, kernel_groups, alpha, bi
     kinds = _kernel_kinds(kernel_groups, per_layer)
     removing = target.mode == "remove_kernel"
     only_removal = "it applies to a remove-kernel-* --scheme only (a wXaY scheme names its own bit widths)"
-    transforms = _transforms([transform] if transform else None, transform_seed)
-    _check_transforms_with_schemes([target], transforms)
+    transforms = transform_options([transform] if transform else None, transform_seed)
+    check_transforms_with_schemes([target], transforms)
     basis = next(iter(transforms))
     smoothing = target.transform.then(basis).needs_calibration
-    refuse_unused(given, **_refusals(kw, seed_applies=smoothing), **_transform_refusals(transforms, smoothing),
+    refuse_unused(given, **option_refusals(kw, seed_applies=smoothing), **transform_refusals(transforms, smoothing),
                   alpha=None if target.activation.takes_alpha else "it is CrossQuant's exponent, and --scheme "
                   "is not a *-crossquant scheme",
                   bits=None if removing and target.activation.format.grid.is_int else
@@ -100,10 +98,10 @@ def run_advise(*, scheme, tolerance, budget, per_layer, kernel_groups, alpha, bi
                   weight_bits=None if removing else only_removal, group_size=None if removing else only_removal,
                   smooth_alpha=None if not target.transform.is_identity else "it applies to --scheme "
                   "w8a8-smoothquant only (give --transform smoothquant:α for the others)")
-    _check_weights(weight_bits, group_size)
+    check_weights(weight_bits, group_size)
     calib_text = read_calibration_text(calib_dataset, calib_nsamples, kw["seqlen"]) if smoothing else None
-    prep = prepare(**_common(kw), min_windows=MIN_WINDOWS)
-    _check_widths(transforms, prep.loaded.model, kw["layers"])
+    prep = prepare(**prepare_options(kw), min_windows=MIN_WINDOWS)
+    check_widths(transforms, prep.loaded.model, kw["layers"])
     calibration = calibration_windows(prep, calib_text, calib_nsamples, kw) if smoothing else None
     groups = ["module_type", "block", *(["layer"] if per_layer else [])]
     with stage_progress(kw["quiet"] or kw["as_json"]) as update:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 from collections.abc import Iterable, Sequence
 
 from rich.cells import cell_len
@@ -208,3 +209,38 @@ def _one_line(cell: RenderableType, console: Console) -> Text:
     for line in lines:
         line.rstrip()
     return Text(" ").join(line for line in lines if line.plain.strip())
+
+
+def _figure(x: float) -> str:
+    """Four significant figures, decimals kept: 20.24, 790.9, 1235."""
+    if not math.isfinite(x) or x == 0:
+        return f"{x:.4g}"
+    return f"{x:.{max(0, 3 - math.floor(math.log10(abs(x))))}f}"
+
+
+def interval(low: float | None, high: float | None, fmt=_figure) -> str:
+    """``[low, high]``, or nothing where there is no interval (one window)."""
+    if low is None or high is None:
+        return ""
+    return f"[{fmt(low)}, {fmt(high)}]"
+
+
+def _signed_pct(x: float) -> str:
+    return f"{x:+.2f}"
+
+
+def versus_fp(r: dict) -> str:
+    """The paired change from fp over its interval; a change the interval does not separate from 0
+    says so in words, so that it never reads as a loss."""
+    if r.get("change_pct") is None:
+        return ""
+    lines = [f"{r['change_pct']:+.2f}%", interval(r["change_pct_ci_low"], r["change_pct_ci_high"], _signed_pct)]
+    verdict = r.get("vs_fp") or ""
+    if verdict.startswith("not separable"):
+        lines.append("[yellow]not separable[/]")
+    return "\n".join(line for line in lines if line)
+
+
+def with_ci(r: dict) -> str:
+    """A perplexity over its interval."""
+    return "\n".join(filter(None, [f"{r['perplexity']:.4f}", interval(r["perplexity_ci_low"], r["perplexity_ci_high"])]))

@@ -7,173 +7,37 @@ import math
 from rich.markup import escape
 from rich.table import Table
 
+from kernelscope.cli.checks import (
+    DEFAULT_SCHEMES,
+    MAX_TOLERANCE,
+    calibration_windows,
+    check_transforms_with_schemes,
+    check_weights,
+    check_widths,
+    ignored_names,
+    one_alpha,
+    option_refusals,
+    prepare_options,
+    quantizer_configs,
+    read_calibration_text,
+    read_ignore,
+    transform_options,
+    transform_refusals,
+)
 from kernelscope.cli.common import (
     check_alphas,
     check_bits,
     check_positive,
-    common_refusals,
     finish,
     header,
-    one_value,
     prepare,
     refuse_unused,
     split_values,
     stage_progress,
 )
-from kernelscope.cli.console import fail, flag, out, pct, show_table
+from kernelscope.cli.console import fail, flag, interval, out, pct, show_table, versus_fp, with_ci
 from kernelscope.quant import DEFAULT_ALPHA, QuantizerConfig
 from kernelscope.quant.formats import FORMATS
-
-DEFAULT_SCHEMES = ("fp", "w8a8-per-token", "w8a8-crossquant")
-
-
-PERPLEXITY_MIN_SEQLEN = 2  # a window's first token is never predicted
-
-
-def _common(kw: dict, **extra) -> dict:
-    keys = ("model", "dataset", "nsamples", "seqlen", "windows", "seed", "layers", "batch_size", "dtype",
-            "device", "trust_remote_code", "output", "overwrite", "device_map", "max_memory",
-            "offload_folder")
-    quiet = kw["quiet"] or kw["as_json"]
-    return ({k: kw[k] for k in keys} | {"report": kw.get("report"), "quiet": quiet,
-                                        "min_seqlen": PERPLEXITY_MIN_SEQLEN} | extra)
-
-
-def _refusals(kw: dict, seed_applies: bool = False) -> dict[str, str | None]:
-    return common_refusals(windows=kw["windows"], output=kw["output"], report=kw.get("report"),
-                           device_map=kw["device_map"], seed_applies=seed_applies)
-
-
-def read_calibration_text(calib_dataset: str, calib_nsamples: int, seqlen: int):
-    """SmoothQuant's calibration text, read before the model loads so that a missing one fails fast."""
-    from kernelscope.data import load_text
-
-    return load_text(calib_dataset, max_chars=20 * calib_nsamples * seqlen, option=flag("--calib-dataset"))
-
-
-def calibration_windows(prep, calib_text, calib_nsamples: int, kw: dict):
-    """Random windows of the calibration text (seeded by --seed)."""
-    from kernelscope.data import make_windows, tokenize
-
-    ids = tokenize(prep.loaded.tokenizer, calib_text.text)
-    return make_windows(ids, kw["seqlen"], calib_nsamples, selection="random", seed=kw["seed"],
-                        names=(f"calibration text ({flag('--calib-dataset')})", flag("--calib-nsamples"),
-                               flag("--seqlen")))
-
-
-def read_ignore(value: str):
-    """``--ignore``: ``@FILE`` read now (a missing or foreign file fails before the model loads), or a
-    regular expression checked now."""
-    import re
-
-    from kernelscope.results.exports import read_ignore_file
-
-    if value.startswith("@"):
-        return read_ignore_file(value[1:], f"{flag('--ignore')} {value}")
-    if not value.strip():
-        fail(f"{flag('--ignore')} is empty; give a regular expression over module names or @FILE")
-    try:
-        re.compile(value)
-    except re.error as exc:
-        fail(f"{flag('--ignore')} {value!r} is not a valid regular expression: {exc}")
-    return value
-
-
-def ignored_names(spec, model, layers: str | None, value: str) -> list[str]:
-    """The module names ``spec`` leaves in full precision on this model. A regular expression that
-    matches none of the layers a scheme quantizes is refused; a file's names must each be a Linear of
-    the model (a plan may keep none: then only lm_head is named)."""
-    import re
-
-    from kernelscope.capture import is_linear
-    from kernelscope.models import select_linear_layers
-
-    if not isinstance(spec, str):
-        return spec.resolve({n: type(m).__name__ for n, m in model.named_modules() if is_linear(m)})
-    selected = [layer.name for layer in select_linear_layers(model, layers)]
-    names = [n for n in selected if re.search(spec, n)]
-    if not names:
-        fail(f"{flag('--ignore')} {value!r} matches none of the {len(selected)} layers a scheme quantizes here "
-             "(see `kernelscope layers MODEL`)")
-    return names
-
-
-def _one_alpha(alpha: str) -> float:
-    value = one_value(alpha, "--alpha", float, "a number",
-                      f"`kernelscope sweep MODEL --alpha {alpha}` compares several α")
-    check_alphas([value])
-    return value
-
-
-def _check_weights(weight_bits, group_size) -> None:
-    if weight_bits is not None:
-        check_bits([weight_bits], "--weight-bits")
-    if group_size is not None and group_size < 1:
-        fail(f"{flag('--group-size')} must be at least 1, got {group_size}")
-    if group_size is not None and weight_bits is None:
-        fail(f"{flag('--group-size')} applies to quantized weights; give --weight-bits too")
-
-
-def _transforms(values: list[str] | None, seed: int | None) -> dict:
-    """``--transform`` values (repeated or comma-separated; default none), each with ``--transform-seed``:
-    the parsed transforms, in order, each mapped to the value as typed (for later errors)."""
-    from kernelscope.quant.transforms import NONE, parse_transform
-
-    specs: dict = {}
-    for part in (p.strip() for v in (values or [NONE]) for p in v.split(",")):
-        if not part:
-            continue
-        try:
-            spec = parse_transform(part).with_seed(seed)
-        except ValueError as exc:
-            fail(f"{flag('--transform')} {part!r}: {exc}")
-        if spec in specs:
-            fail(f"{flag('--transform')} {part} is given twice (as {specs[spec]})")
-        specs[spec] = part
-    if not specs:
-        fail(f"{flag('--transform')} needs at least one value (none for the identity)")
-    return specs
-
-
-def _check_transforms_with_schemes(schemes, transforms: dict) -> None:
-    """Refuse a transform that a scheme's own transform already applies (w8a8-smoothquant with
-    --transform smoothquant)."""
-    for s in schemes:
-        for t in transforms:
-            try:
-                s.transform.then(t)
-            except ValueError as exc:
-                fail(f"{flag('--scheme')} {s.name} with {flag('--transform')} {transforms[t]}: {exc}; "
-                     f"give the scheme without its own transform (w8a8-per-token for w8a8-smoothquant) instead")
-
-
-def _transform_refusals(specs, calibrated: bool) -> dict[str, str | None]:
-    """When ``--transform-seed`` and the calibration options have no effect."""
-    from kernelscope.quant.transforms import TRANSFORMS
-
-    seeded = ", ".join(e.name for e in TRANSFORMS.values() if e.seeded)
-    calibrated_names = ", ".join(e.name for e in TRANSFORMS.values() if e.calibrated)
-    no_calibration = f"it calibrates a transform ({calibrated_names}), and none given needs calibration"
-    return {
-        "transform_seed": None if any(s.seeded for s in specs)
-        else f"it seeds the random signs of a {seeded} --transform, and none is given",
-        "calib_dataset": None if calibrated else no_calibration,
-        "calib_nsamples": None if calibrated else no_calibration,
-    }
-
-
-def _check_widths(specs: dict, model, layers: str | None) -> None:
-    """Refuse a transform that cannot apply to a selected layer (a Hadamard block that does not
-    divide its width), naming the value as typed and the layer."""
-    from kernelscope.runs.common import resolve_layers
-
-    selected = resolve_layers(model, layers)
-    for spec, typed in specs.items():
-        for layer in selected:
-            try:
-                spec.check(layer.in_features)
-            except ValueError as exc:
-                fail(f"{flag('--transform')} {typed}: layer {layer.name}: {exc}")
 
 
 def _details(r: dict) -> str:
@@ -191,41 +55,6 @@ def _details(r: dict) -> str:
     if r.get("transform_seed") is not None:
         parts.append(f"signs seed {r['transform_seed']}")
     return ", ".join(parts)
-
-
-def _figure(x: float) -> str:
-    """Four significant figures, decimals kept: 20.24, 790.9, 1235."""
-    if not math.isfinite(x) or x == 0:
-        return f"{x:.4g}"
-    return f"{x:.{max(0, 3 - math.floor(math.log10(abs(x))))}f}"
-
-
-def interval(low: float | None, high: float | None, fmt=_figure) -> str:
-    """``[low, high]``, or nothing where there is no interval (one window)."""
-    if low is None or high is None:
-        return ""
-    return f"[{fmt(low)}, {fmt(high)}]"
-
-
-def _signed_pct(x: float) -> str:
-    return f"{x:+.2f}"
-
-
-def versus_fp(r: dict) -> str:
-    """The paired change from fp over its interval; a change the interval does not separate from 0
-    says so in words, so that it never reads as a loss."""
-    if r.get("change_pct") is None:
-        return ""
-    lines = [f"{r['change_pct']:+.2f}%", interval(r["change_pct_ci_low"], r["change_pct_ci_high"], _signed_pct)]
-    verdict = r.get("vs_fp") or ""
-    if verdict.startswith("not separable"):
-        lines.append("[yellow]not separable[/]")
-    return "\n".join(line for line in lines if line)
-
-
-def with_ci(r: dict) -> str:
-    """A perplexity over its interval."""
-    return "\n".join(filter(None, [f"{r['perplexity']:.4f}", interval(r["perplexity_ci_low"], r["perplexity_ci_high"])]))
 
 
 def _with_transforms(rows: list[dict]) -> bool:
@@ -269,7 +98,7 @@ def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, tran
     from kernelscope.runs.evaluate import evaluate
     from kernelscope.runs.schemes import parse_scheme
 
-    alpha = _one_alpha(alpha)
+    alpha = one_alpha(alpha)
     check_alphas([smooth_alpha], "--smooth-alpha", hint="")
     check_bits([bits])
     if weight_bits is not None:
@@ -281,14 +110,14 @@ def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, tran
     names = [s.name for s in schemes]
     if len(set(names)) != len(names):
         fail(f"a {flag('--scheme')} is given twice")
-    transforms = _transforms(transform, transform_seed)
-    _check_transforms_with_schemes(schemes, transforms)
+    transforms = transform_options(transform, transform_seed)
+    check_transforms_with_schemes(schemes, transforms)
     removing = any(s.mode == "remove_kernel" for s in schemes)
     removing_int = any(s.mode == "remove_kernel" and s.activation.format.grid.is_int for s in schemes)
     own = any(not s.transform.is_identity for s in schemes)  # wXaY-smoothquant
     calibrated = any(s.transform.then(t).needs_calibration for s in schemes for t in transforms)
     only_removal = "it applies to remove-kernel-* schemes only (a wXaY scheme names its own bit widths)"
-    refuse_unused(given, **_refusals(kw, seed_applies=calibrated), **_transform_refusals(transforms, calibrated),
+    refuse_unused(given, **option_refusals(kw, seed_applies=calibrated), **transform_refusals(transforms, calibrated),
                   alpha=None if any(s.activation and s.activation.takes_alpha for s in schemes)
                   else "it is CrossQuant's exponent, and no --scheme given is a *-crossquant scheme",
                   bits=None if removing_int
@@ -300,11 +129,11 @@ def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, tran
                   "(give --transform smoothquant:α for the others)",
                   ignore=None if any(s.mode != "fp" for s in schemes)
                   else "it keeps layers in full precision under a scheme, and fp quantizes none")
-    _check_weights(weight_bits, group_size)
+    check_weights(weight_bits, group_size)
     spec = read_ignore(ignore) if ignore is not None else None
     calib_text = read_calibration_text(calib_dataset, calib_nsamples, kw["seqlen"]) if calibrated else None
-    prep = prepare(**_common(kw))
-    _check_widths(transforms, prep.loaded.model, kw["layers"])
+    prep = prepare(**prepare_options(kw))
+    check_widths(transforms, prep.loaded.model, kw["layers"])
     calibration = calibration_windows(prep, calib_text, calib_nsamples, kw) if calibrated else None
     names = ignored_names(spec, prep.loaded.model, kw["layers"], ignore) if spec is not None else None
     with stage_progress(kw["quiet"] or kw["as_json"]) as update:
@@ -355,9 +184,6 @@ def _show_threshold(result) -> None:
         _show_search(s, search)
 
 
-MAX_TOLERANCE = 1.0  # a doubled perplexity is no longer "lossless" by any reading
-
-
 def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, group_size, transform,
                   transform_seed, calib_dataset, calib_nsamples, given, **kw) -> None:
     from kernelscope.runs.schemes import FORMAT_WORDS
@@ -370,24 +196,24 @@ def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, 
              "perplexity increase); it is a relative increase: 0.01 is 1%")
     if steps < 0:
         fail(f"{flag('--steps')} must be at least 0, got {steps}")
-    alpha = _one_alpha(alpha)
+    alpha = one_alpha(alpha)
     check_bits([family_bits], "--family-bits")
-    _check_weights(weight_bits, group_size)
+    check_weights(weight_bits, group_size)
     name = FORMAT_WORDS.get(family.strip().lower().replace("_", "-"))
     if name is None:
         fail(f"unknown {flag('--family')} {family!r}; choose {', '.join(FORMAT_WORDS)}")
     grid = FORMATS[name].grid
-    transforms = _transforms(transform, transform_seed)
+    transforms = transform_options(transform, transform_seed)
     calibrated = any(t.needs_calibration for t in transforms)
-    refuse_unused(given, **_refusals(kw, seed_applies=calibrated), **_transform_refusals(transforms, calibrated),
+    refuse_unused(given, **option_refusals(kw, seed_applies=calibrated), **transform_refusals(transforms, calibrated),
                   family_bits=None if grid is None else f"--family {family} carries its own {grid.bits}-bit elements")
     base = QuantizerConfig(name, family_bits if grid is None else grid.bits,
                            alpha if FORMATS[name].takes_alpha else None)
     if calibrated:
         check_positive("--calib-nsamples", calib_nsamples)
     calib_text = read_calibration_text(calib_dataset, calib_nsamples, kw["seqlen"]) if calibrated else None
-    prep = prepare(**_common(kw), min_windows=MIN_WINDOWS)
-    _check_widths(transforms, prep.loaded.model, kw["layers"])
+    prep = prepare(**prepare_options(kw), min_windows=MIN_WINDOWS)
+    check_widths(transforms, prep.loaded.model, kw["layers"])
     calibration = calibration_windows(prep, calib_text, calib_nsamples, kw) if calibrated else None
     with stage_progress(kw["quiet"] or kw["as_json"]) as update:
         result = threshold_search(prep.loaded, prep.windows, text=prep.text, family=base, tolerance=tolerance,
@@ -395,13 +221,6 @@ def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, 
                                   layers=kw["layers"], transforms=list(transforms), calibration=calibration,
                                   calibration_text=calib_text, batch_size=kw["batch_size"], progress=update)
     finish(result, kw["output"], kw["overwrite"], kw["as_json"], _show_threshold, kw["report"])
-
-
-def parse_alpha_list(values: list[str]) -> list[float]:
-    """``--alpha 0.15,0.45 --alpha 1`` -> [0.15, 0.45, 1.0]."""
-    alphas = split_values(values, "--alpha", float, "a number")
-    check_alphas(alphas)
-    return alphas
 
 
 def _show_sweep(result) -> None:
@@ -428,18 +247,17 @@ def _show_sweep(result) -> None:
 
 def run_sweep(*, quantizer, alpha, bits, weight_bits, group_size, transform, transform_seed, calib_dataset,
               calib_nsamples, given, **kw) -> None:
-    from kernelscope.cli.profile_cmd import quantizer_configs
     from kernelscope.runs.sweep import sweep
 
     configs = quantizer_configs(quantizer or ["crossquant"], bits or ["8"],
                                 alpha or [str(DEFAULT_ALPHA), "0.45", "0.75", "1"], None)
     check_bits([weight_bits], "--weight-bits")
-    _check_weights(weight_bits, group_size)
-    transforms = _transforms(transform, transform_seed)
+    check_weights(weight_bits, group_size)
+    transforms = transform_options(transform, transform_seed)
     calibrated = any(t.needs_calibration for t in transforms)
     some_int = any(c.format.grid.is_int for c in configs)
     float_only = "it sets the INT weights of INT quantizers, and the float formats given carry their own"
-    refuse_unused(given, **_refusals(kw, seed_applies=calibrated), **_transform_refusals(transforms, calibrated),
+    refuse_unused(given, **option_refusals(kw, seed_applies=calibrated), **transform_refusals(transforms, calibrated),
                   alpha=None if any(c.takes_alpha for c in configs)
                   else "it is CrossQuant's exponent, and no --quantizer given takes it (add -q crossquant)",
                   bits=None if some_int else "it sets the width of INT quantizers, and the float formats given "
@@ -448,8 +266,8 @@ def run_sweep(*, quantizer, alpha, bits, weight_bits, group_size, transform, tra
     if calibrated:
         check_positive("--calib-nsamples", calib_nsamples)
     calib_text = read_calibration_text(calib_dataset, calib_nsamples, kw["seqlen"]) if calibrated else None
-    prep = prepare(**_common(kw))
-    _check_widths(transforms, prep.loaded.model, kw["layers"])
+    prep = prepare(**prepare_options(kw))
+    check_widths(transforms, prep.loaded.model, kw["layers"])
     calibration = calibration_windows(prep, calib_text, calib_nsamples, kw) if calibrated else None
     with stage_progress(kw["quiet"] or kw["as_json"]) as update:
         result = sweep(prep.loaded, prep.windows, configs, text=prep.text, weight_bits=weight_bits,

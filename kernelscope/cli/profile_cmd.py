@@ -6,9 +6,15 @@ import polars as pl
 from rich.markup import escape
 from rich.table import Table
 
+from kernelscope.cli.checks import (
+    calibration_windows,
+    check_widths,
+    profile_configs,
+    read_calibration_text,
+    transform_options,
+    transform_refusals,
+)
 from kernelscope.cli.common import (
-    check_alphas,
-    check_bits,
     check_positive,
     common_refusals,
     finish,
@@ -20,7 +26,7 @@ from kernelscope.cli.common import (
 )
 from kernelscope.cli.console import fail, flag, out, pct, show_table
 from kernelscope.errors import Interrupted, KernelscopeError
-from kernelscope.quant import DEFAULT_ALPHA, MAX_BITS, MIN_BITS, QuantizerConfig, expand_configs
+from kernelscope.quant import MAX_BITS, MIN_BITS, QuantizerConfig
 
 
 def _weight_formats(specs: list[str] | None, group_size: int | None):
@@ -48,27 +54,6 @@ def _weight_formats(specs: list[str] | None, group_size: int | None):
         block = group_size if entry.block_size is not None and entry.grid is None else None
         out.append(QuantizerConfig(name, width, None, block))
     return list(dict.fromkeys(out))
-
-
-def _configs(quantizer: list[str] | None, bits: list[str] | None, alpha: list[str] | None,
-             group_size: int | None):
-    return quantizer_configs(quantizer or ["per_token", "crossquant"], bits or ["8", "4"],
-                             alpha or [str(DEFAULT_ALPHA)], group_size)
-
-
-def quantizer_configs(quantizer: list[str], bits: list[str], alpha: list[str], group_size: int | None):
-    """``-q``, ``-b`` and ``-a`` as typed (repeated or comma-separated) -> the configurations: every INT
-    quantizer at every width (CrossQuant at every α), every float format once."""
-    names = split_values(quantizer, "--quantizer", str, "a quantizer")
-    widths = split_values(bits, "--bits", int, "a whole number")
-    alphas = split_values(alpha, "--alpha", float, "a number")
-    check_bits(widths)
-    check_alphas(alphas)
-    check_positive("--group-size", group_size)
-    try:
-        return expand_configs(names, widths, alphas, group_size)
-    except ValueError as exc:
-        raise KernelscopeError(f"{flag('--quantizer')}: {exc}") from None
 
 
 def _show(result) -> None:
@@ -174,25 +159,18 @@ def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, b
                 weight_format, transform, transform_seed, calib_dataset, calib_nsamples, layers,
                 include_lm_head, batch_size, top_k, dtype, device, device_map, max_memory, offload_folder,
                 trust_remote_code, output, overwrite, report, resume, as_json, quiet, given) -> None:
-    from kernelscope.cli.eval_cmd import (
-        _check_widths,
-        _transform_refusals,
-        _transforms,
-        calibration_windows,
-        read_calibration_text,
-    )
     from kernelscope.runs import distributed, profile
     from kernelscope.runs.checkpoint import checkpoint_path, is_checkpoint
 
-    configs = _configs(quantizer, bits, alpha, group_size)
+    configs = profile_configs(quantizer, bits, alpha, group_size)
     weights = _weight_formats(weight_format, group_size)
-    transforms = _transforms(transform, transform_seed)
+    transforms = transform_options(transform, transform_seed)
     calibrated = any(t.needs_calibration for t in transforms)
     check_positive("--calib-nsamples", calib_nsamples)
     refuse_unused(given,
                   **common_refusals(windows=windows, output=output, report=report, device_map=device_map,
                                     seed_applies=calibrated),
-                  **_transform_refusals(transforms, calibrated),
+                  **transform_refusals(transforms, calibrated),
                   alpha=None if any(c.takes_alpha for c in configs)
                   else "it is CrossQuant's exponent, and no --quantizer given takes it (add -q crossquant)",
                   bits=None if any(c.format.grid.is_int for c in configs)
@@ -230,7 +208,7 @@ def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, b
                    trust_remote_code=trust_remote_code, output=output, overwrite=overwrite, quiet=quiet,
                    report=report, device_map=device_map, max_memory=max_memory,
                    offload_folder=offload_folder)
-    _check_widths(transforms, prep.loaded.model, layers)
+    check_widths(transforms, prep.loaded.model, layers)
     calibration = (calibration_windows(prep, calib_text, calib_nsamples, {"seqlen": seqlen, "seed": seed})
                    if calibrated else None)
     done = [0]

@@ -7,6 +7,13 @@ import logging
 from rich.markup import escape
 from rich.table import Table
 
+from kernelscope.cli.checks import (
+    DEFAULT_SCHEMES,
+    check_transforms_with_schemes,
+    check_widths,
+    transform_options,
+    transform_refusals,
+)
 from kernelscope.cli.common import (
     check_alphas,
     check_bits,
@@ -20,7 +27,6 @@ from kernelscope.cli.common import (
     stage_progress,
 )
 from kernelscope.cli.console import fail, flag, out, pct, show_table
-from kernelscope.cli.eval_cmd import DEFAULT_SCHEMES
 
 DEFAULT_TASKS = ("lambada_openai", "arc_easy", "piqa", "hellaswag", "boolq")
 """The CrossQuant paper's zero-shot tasks (its Figure 1 and Table 3)."""
@@ -60,14 +66,12 @@ def _check_numbers(*, alpha, bits, weight_bits, group_size, smooth_alpha, calib_
 
 def _refusals(schemes, transforms, given, *, output, report, batch_size, group_size, weight_bits) -> bool:
     """Refuse the options that do not apply; True when a transform needs calibration."""
-    from kernelscope.cli.eval_cmd import _transform_refusals
-
     removing = any(s.mode == "remove_kernel" for s in schemes)
     removing_int = any(s.mode == "remove_kernel" and s.activation.format.grid.is_int for s in schemes)
     own = any(not s.transform.is_identity for s in schemes)  # wXaY-smoothquant
     calibrated = any(s.transform.then(t).needs_calibration for s in schemes for t in transforms)
     only_removal = "it applies to remove-kernel-* schemes only (a wXaY scheme names its own bit widths)"
-    calibration = _transform_refusals(transforms, calibrated)
+    calibration = transform_refusals(transforms, calibrated)
     refuse_unused(
         given, **calibration,
         calib_seqlen=calibration["calib_nsamples"],
@@ -109,7 +113,6 @@ def run_zeroshot(*, model, scheme, tasks, include_path, limit, num_fewshot, batc
                  weight_bits, group_size, smooth_alpha, transform, transform_seed, calib_dataset, calib_nsamples,
                  calib_seqlen, layers, dtype, device, trust_remote_code, output, overwrite, report, as_json, quiet,
                  given) -> None:
-    from kernelscope.cli.eval_cmd import _check_transforms_with_schemes, _check_widths, _transforms
     from kernelscope.data import load_text
     from kernelscope.data.tasks import load_tasks, require_harness
     from kernelscope.runs.zeroshot import zeroshot
@@ -120,8 +123,8 @@ def run_zeroshot(*, model, scheme, tasks, include_path, limit, num_fewshot, batc
                            smooth_alpha=smooth_alpha, calib_nsamples=calib_nsamples, calib_seqlen=calib_seqlen,
                            limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, seed=seed)
     schemes = _schemes(scheme, alpha, bits, weight_bits, group_size, smooth_alpha)
-    transforms = _transforms(transform, transform_seed)
-    _check_transforms_with_schemes(schemes, transforms)
+    transforms = transform_options(transform, transform_seed)
+    check_transforms_with_schemes(schemes, transforms)
     calibrated = _refusals(schemes, transforms, given, output=output, report=report, batch_size=batch_size,
                            group_size=group_size, weight_bits=weight_bits)
     device = check_paths_and_model(model, output, overwrite, report, dtype, device, layers)
@@ -134,7 +137,7 @@ def run_zeroshot(*, model, scheme, tasks, include_path, limit, num_fewshot, batc
                             option=flag("--calib-dataset")) if calibrated else None)
     silent = quiet or as_json
     loaded = load_with_status(model, dtype, device, trust_remote_code, quiet=silent)
-    _check_widths(transforms, loaded.model, layers)
+    check_widths(transforms, loaded.model, layers)
     calibration = _calibration(loaded, calib_text, calib_nsamples, calib_seqlen, seed) if calibrated else None
     with stage_progress(silent, unit="tasks") as update:
         result = zeroshot(loaded, harness_tasks, schemes, layers=layers, limit=limit, num_fewshot=num_fewshot,

@@ -131,12 +131,6 @@ class KernelStats:
     def empty(self) -> bool:
         return self.state is None
 
-    def result(self) -> dict:
-        """Plain Python values: layer-wide figures and one dict per config (host sync happens here)."""
-        from kernelscope.stats.table import results
-
-        return results([self])[0]
-
     def on_host(self) -> Observation:
         """The accumulated state on the CPU, pending bound sums folded in."""
         if self.state is None:

@@ -19,8 +19,9 @@ _AT_ONCE = 16
 
 
 def results(accumulators: list[KernelStats]) -> list[dict]:
-    """:meth:`KernelStats.result` of each accumulator; the bound quantiles are read from the
-    histograms of many layers together, rather than one layer at a time."""
+    """Each accumulator's figures as plain Python values (host sync happens here): layer-wide figures and
+    one dict per config; the bound quantiles are read from the histograms of many layers together,
+    rather than one layer at a time."""
     states = [acc.on_host() for acc in accumulators]
     quantiles: list[list[float]] = []  # (sum of C, len(QUANTILES))
     for first in range(0, len(states), _AT_ONCE):  # a slice at a time: the copies stay small
