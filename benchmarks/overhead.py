@@ -1,10 +1,11 @@
 """What kernelscope's passes cost beside the bare forward pass, measured in one process.
 
-    python benchmarks/overhead.py                      # everything, on the demo model (~25 minutes on 2 cores)
+    python benchmarks/overhead.py  # everything, on the demo model (~25 minutes on 2 cores)
     python benchmarks/overhead.py --sections overhead  # only the main ratios
     python benchmarks/overhead.py --sections overhead --formats --schemes w8a8-per-token,fp8,mxfp4,nvfp4
     python benchmarks/overhead.py --sections overhead --transforms 'hadamard;none,hadamard' --schemes fp
-    python benchmarks/overhead.py --sections overhead --clock cpu --threads 1 --runs 'profile, 4$'  # the cost alone
+    # the cost alone
+    python benchmarks/overhead.py --sections overhead --clock cpu --threads 1 --runs 'profile, 4$'
 
 Sections:
   own       inside one profile run, the CPU seconds of the model's forward passes and of kernelscope's own
@@ -32,6 +33,7 @@ percent either way. Compare ratios across machines, not seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -134,12 +136,14 @@ def section_overhead(b: Bench, out: list[str]) -> None:
         scheme = parse_scheme(name)
         runs[f"eval {scheme.name}"] = lambda s=scheme: run_scheme(b.model, windows, s, b.layers)
     if a.runs:
-        runs = {name: fn for name, fn in runs.items() if name in ("bare forward", "eval fp") or re.search(a.runs, name)}
+        runs = {name: fn for name, fn in runs.items()
+                if name in ("bare forward", "eval fp") or re.search(a.runs, name)}
     times = rounds(runs, a.repeat)
     best = {name: min(t) for name, t in times.items()}
     out.append(f"\n## overhead: {windows.describe()}; {a.clock} seconds, best of {a.repeat}, and the ratio "
                "within each round")
-    out.append(f"{'':34s} {'best s':>8s} {'tok/s':>8s}  {'best ratio':>10s} {'per round: median (range)':>26s}")
+    out.append(f"{'':34s} {'best s':>8s} {'tok/s':>8s}  {'best ratio':>10s} "
+               f"{'per round: median (range)':>26s}")
     for name, seconds in best.items():
         against = "eval fp" if name.startswith("eval ") else "bare forward"
         out.append(f"{name:34s} {seconds:8.2f} {tokens / seconds:8.0f}  {seconds / best[against]:9.3f}x "
@@ -183,13 +187,14 @@ def section_own(b: Bench, out: list[str]) -> None:
         specs = parse_transforms(text.split(","))
         cases[f"4, {' + '.join(t.label for t in specs)}"] = (CONFIG_SETS[4], specs)
     b.profile(windows, CONFIG_SETS[8])  # warm-up
-    out.append(f"\n## own work inside a profile: {windows.describe()}; CPU seconds, {torch.get_num_threads()} "
-               f"thread(s), best of {a.repeat}")
+    out.append(f"\n## own work inside a profile: {windows.describe()}; CPU seconds, "
+               f"{torch.get_num_threads()} thread(s), best of {a.repeat}")
     out.append(f"{'':34s} {'total':>8s} {'forward':>8s} {'the rest':>9s} {'ratio':>7s}")
     for name, (configs, specs) in cases.items():
         best = None
         for _ in range(a.repeat):
-            with _Clocked(profiling, "forward_windows") as forward, _Clocked(profiling.Observer, "__call__") as hooks:
+            with (_Clocked(profiling, "forward_windows") as forward,
+                  _Clocked(profiling.Observer, "__call__") as hooks):
                 start = time.process_time()
                 b.profile(windows, configs, **({"transforms": specs} if specs else {}))
                 total = time.process_time() - start
@@ -197,14 +202,15 @@ def section_own(b: Bench, out: list[str]) -> None:
             if best is None or total / model < best[0] / best[1]:
                 best = (total, model)
         total, model = best
-        out.append(f"profile, {name:25s} {total:8.2f} {model:8.2f} {total - model:9.2f} {total / model:6.3f}x")
+        out.append(f"profile, {name:25s} {total:8.2f} {model:8.2f} {total - model:9.2f} "
+                   f"{total / model:6.3f}x")
 
 
 def section_scaling(b: Bench, out: list[str]) -> None:
     a = b.args
     out.append(f"\n## scaling: profile (default set) / bare forward; best of {a.repeat}")
-    out.append(f"{'windows x tokens':18s} {'bare s':>8s} {'profile s':>10s} {'ratio':>7s} {'profile tok/s':>14s} "
-               f"{'per round: median (range)':>26s}")
+    out.append(f"{'windows x tokens':18s} {'bare s':>8s} {'profile s':>10s} {'ratio':>7s} "
+               f"{'profile tok/s':>14s} {'per round: median (range)':>26s}")
     shapes = [(n, 512) for n in (1, 4, 16)] + [(1, s) for s in (1024, 2048, 4096)]
     for n, seqlen in shapes:
         windows = b.windows(n, seqlen)
@@ -237,7 +243,8 @@ def section_memory(b: Bench, out: list[str]) -> None:
         spread = {what: _spread([r["peak_mib"] - r["before_mib"] for r in runs[what]]) for what in runs}
         live_bare, live_prof = (_median_run(live[what]) for what in ("bare", "profile"))
         out.append(f"{n:<8d} {bare['before_mib']:10.0f} {bare['peak_mib']:10.0f} {prof['peak_mib']:13.0f} "
-                   f"{prof['peak_mib'] / bare['peak_mib']:7.3f} {spread['bare']:>14s} {spread['profile']:>14s} "
+                   f"{prof['peak_mib'] / bare['peak_mib']:7.3f} {spread['bare']:>14s} "
+                   f"{spread['profile']:>14s} "
                    f"{prof['warmup_mib']:13.0f} {live_prof['peak_mib'] / live_bare['peak_mib']:14.3f} "
                    f"{live_bare['peak_mib'] - live_bare['before_mib']:10.0f} "
                    f"{live_prof['peak_mib'] - live_prof['before_mib']:13.0f}")
@@ -293,10 +300,8 @@ def child(args) -> None:
 def _settle() -> None:
     """Free what is garbage and hand freed heap back to the OS, so both runs start alike."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc
-        pass
 
 
 def _shown(dataset: str) -> str:
@@ -306,15 +311,19 @@ def _shown(dataset: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo")
     parser.add_argument("--dataset", default=str(DEFAULT_TEXT) if DEFAULT_TEXT.is_file() else "pydoc")
     parser.add_argument("--nsamples", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=2048)
-    parser.add_argument("--repeat", type=int, default=3, help="timed runs of each thing compared (best is kept)")
-    parser.add_argument("--memory-repeat", type=int, default=3, help="fresh processes per memory figure (median)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="timed runs of each thing compared (best is kept)")
+    parser.add_argument("--memory-repeat", type=int, default=3,
+                        help="fresh processes per memory figure (median)")
     parser.add_argument("--live-repeat", type=int, default=1,
-                        help="fresh processes per memory-in-use figure (median); it moves by a few MiB at most")
+                        help="fresh processes per memory-in-use figure (median); it moves by a few MiB "
+                             "at most")
     parser.add_argument("--schemes", default="w8a8-per-token,w8a8-crossquant,remove-kernel-per-token")
     parser.add_argument("--sections", default="overhead,scaling,memory")
     parser.add_argument("--formats", action="store_true",
@@ -327,7 +336,8 @@ def main() -> None:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall seconds, or the process's CPU seconds (steadier on a shared machine; with "
                              "--threads 1 the cost of the work itself)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (the native statistics use as many)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (the native statistics use as many)")
     parser.add_argument("--child", choices=["bare", "profile"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -345,8 +355,8 @@ def main() -> None:
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                  if line.startswith("model name")]
         cpu = f"{names[0]} ({len(names)} cores visible)" if names else cpu
-    out = [f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-           f"statistics {elementwise.describe()}",
+    out = [(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"statistics {elementwise.describe()}"),
            f"model: {b.loaded.info['path']}, {b.loaded.info['dtype']}; text: {_shown(args.dataset)}"]
     for section in args.sections.split(","):
         {"overhead": section_overhead, "own": section_own, "scaling": section_scaling,

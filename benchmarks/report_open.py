@@ -28,7 +28,8 @@ def main() -> None:
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1300,1000"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1300,1000"):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
     drawn = ("return Array.from(document.querySelectorAll('[data-figure]'))"
@@ -48,8 +49,9 @@ def main() -> None:
         driver.quit()
     timed = seconds[1:]
     print(f"{args.report}: {args.report.stat().st_size / 1e6:.2f} MB")
-    print(f"open until every figure is drawn: best {min(timed):.2f} s, median {statistics.median(timed):.2f} s "
-          f"(of {len(timed)}); unpacking plotly.js alone {unpack / 1000:.2f} s")
+    print(f"open until every figure is drawn: best {min(timed):.2f} s, "
+          f"median {statistics.median(timed):.2f} s (of {len(timed)}); "
+          f"unpacking plotly.js alone {unpack / 1000:.2f} s")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,8 @@ def main() -> None:
     bound = TransformBinder(loaded.model, layers).bind(spec)
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
-    print(f"model: {args.model}, float32; {len(windows)} x {args.seqlen} tokens; {len(layers)} Linear layers; "
+    print(f"model: {args.model}, float32; {len(windows)} x {args.seqlen} tokens; "
+          f"{len(layers)} Linear layers; "
           f"transform {spec.label} ({', '.join(sorted({t.label for t in bound.layers.values()}))})")
 
     bare(loaded.model, windows)  # warm-up
@@ -100,7 +101,8 @@ def main() -> None:
         print(f"  inside the transform, inputs of width {width}: {seconds:6.2f} s "
               f"({100 * seconds / best_bare:.1f}% of the bare pass)")
     total = sum(spent.values())
-    print(f"  inside the transform, all inputs: {total:6.2f} s ({100 * total / best_bare:.1f}% of the bare pass)")
+    print(f"  inside the transform, all inputs: {total:6.2f} s "
+          f"({100 * total / best_bare:.1f}% of the bare pass)")
 
 
 if __name__ == "__main__":

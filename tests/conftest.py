@@ -133,14 +133,16 @@ def write_zeroshot_tasks(folder: Path) -> Path:
                 f"    test: {folder / 'lastword.jsonl'}\noutput_type: loglikelihood\ntest_split: test\n"
                 "doc_to_text: \"{{text.split(' ')[:-1]|join(' ')}}\"\n"
                 "doc_to_target: \"{{' '+text.split(' ')[-1]}}\"\n"
-                "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
+                "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n"
+                "    higher_is_better: false\n"
                 "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
     generate = (f"task: ks_generate\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
                 f"    test: {folder / 'lastword.jsonl'}\noutput_type: generate_until\ntest_split: test\n"
                 "doc_to_text: '{{text}}'\ndoc_to_target: '{{text}}'\n"
                 "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
     hub = ("task: ks_hub\ndataset_path: EleutherAI/lambada_openai\ndataset_name: default\n"
-           "output_type: loglikelihood\ntest_split: test\ndoc_to_text: '{{text}}'\ndoc_to_target: '{{text}}'\n")
+           "output_type: loglikelihood\ntest_split: test\n"
+           "doc_to_text: '{{text}}'\ndoc_to_target: '{{text}}'\n")
     (folder / "ks_mc.yaml").write_text("task: ks_mc\n" + mc, encoding="utf-8")
     (folder / "ks_zero.yaml").write_text("task: ks_zero\nnum_fewshot: 0\n" + mc, encoding="utf-8")
     (folder / "ks_lastword.yaml").write_text(lastword, encoding="utf-8")

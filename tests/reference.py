@@ -70,7 +70,8 @@ def c_ge_t_pairs(x: torch.Tensor) -> int:
 
 
 def below_per_token_count(x: torch.Tensor, quantizer: str, bits: int, alpha: float | None) -> int:
-    """Positions of ``x (..., T, I)`` whose step is smaller than the per-token step, one sequence at a time."""
+    """Positions of ``x (..., T, I)`` whose step is smaller than the per-token step, one sequence at a
+    time."""
     seqs = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() > 2 else x[None]
     total = 0
     for seq in seqs:

@@ -126,11 +126,13 @@ def test_the_plan_reports_its_own_measurement(planted, advised_planted):
     plan = s["plan"]
     quantized = [layer for layer in select_linear_layers(model) if layer.name not in plan["kept_modules"]]
     again = run_scheme(model, windows, W8A8, quantized)
-    assert again["perplexity"] == plan["perplexity"] and again["perplexity_ci_low"] == plan["perplexity_ci_low"]
+    assert (again["perplexity"] == plan["perplexity"]
+            and again["perplexity_ci_low"] == plan["perplexity_ci_low"])
     assert plan["full_precision_modules"] == [*plan["kept_modules"], "lm_head"]
     assert f"plan: keep {len(plan['kept_cells'])} of 8 cells" in plan["measured"]
     k, fp, q = s["kernel"], s["fp"], s["quantized"]
-    assert s["kernel_explains"]["share"] == pytest.approx((k["nll"] - fp["nll"]) / (q["nll"] - fp["nll"]), rel=1e-9)
+    assert s["kernel_explains"]["share"] == pytest.approx((k["nll"] - fp["nll"]) / (q["nll"] - fp["nll"]),
+                                                          rel=1e-9)
     down = next(r for r in s["sensitivity"] if r["group"] == "down_proj")
     assert down["kernel_share"] == pytest.approx(down["kernel_delta_nll"] / down["delta_nll"], rel=1e-9)
 
@@ -237,8 +239,9 @@ def test_kernel_scheme_is_the_remove_kernel_of_the_same_quantizer():
 # -- exports ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("scheme", "preset", "modelopt"), [
-    ("w8a8-per-token", "W8A8", None), ("w4a8-g128-per-token", "W4A8", None), ("fp8", "FP8_DYNAMIC",
-     "FP8_PER_CHANNEL_PER_TOKEN_CFG"), ("mxfp8", "MXFP8", "MXFP8_DEFAULT_CFG"), ("mxfp4", "MXFP4", "MXFP4_DEFAULT_CFG"),
+    ("w8a8-per-token", "W8A8", None), ("w4a8-g128-per-token", "W4A8", None),
+    ("fp8", "FP8_DYNAMIC", "FP8_PER_CHANNEL_PER_TOKEN_CFG"), ("mxfp8", "MXFP8", "MXFP8_DEFAULT_CFG"),
+    ("mxfp4", "MXFP4", "MXFP4_DEFAULT_CFG"),
     ("mxfp4-rceil", "MXFP4", "MXFP4_DEFAULT_CFG"), ("nvfp4", "NVFP4", "NVFP4_DEFAULT_CFG"),
     ("w4a4-per-token", None, None), ("w8a8-per-tensor", None, None), ("fp8-per-tensor", None, None)])
 def test_schemes_map_to_presets_by_what_they_quantize(scheme, preset, modelopt):
@@ -258,21 +261,23 @@ def test_preset_table_matches_the_installed_compressed_tensors():
     fields = ("num_bits", "type", "strategy", "group_size", "symmetric", "dynamic")
     for preset in X.LLMCOMPRESSOR_PRESETS:
         scheme = ct.preset_name_to_scheme(preset.name, ["Linear"])
-        for ours, theirs in ((preset.weights, scheme.weights), (preset.input_activations, scheme.input_activations)):
+        for ours, theirs in ((preset.weights, scheme.weights),
+                             (preset.input_activations, scheme.input_activations)):
             got = {f: getattr(theirs, f) for f in fields}
             got = {f: v.value if hasattr(v, "value") else v for f, v in got.items()}  # enums or their values
             assert got == {f: getattr(ours, f) for f in fields}, preset.name
 
 
-@pytest.mark.parametrize("scheme", ["w8a8-per-token", "w4a4-per-token", "fp8-per-tensor", "nvfp4", "w8a8-per-tensor"])
+@pytest.mark.parametrize("scheme", ["w8a8-per-token", "w4a4-per-token", "fp8-per-tensor", "nvfp4",
+                                    "w8a8-per-tensor"])
 def test_recipe_validates_against_compressed_tensors_and_ignores_exactly_the_kept_layers(scheme):
     ct = pytest.importorskip("compressed_tensors.quantization")
     from compressed_tensors.utils import match_named_modules
 
     yaml = pytest.importorskip("yaml")
     model = tiny_model("llama")
-    kept = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj",
-            PLANTED]
+    kept = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+            "model.layers.0.self_attn.v_proj", PLANTED]
     d = X.deployment(parse_scheme(scheme))
     body = yaml.safe_load(X.recipe_yaml(d, [*kept, "lm_head"], ["a comment"]))
     mod = body["quant_stage"]["quant_modifiers"]["QuantizationModifier"]
@@ -301,18 +306,24 @@ def test_modelopt_patterns_disable_exactly_the_kept_layers_quantizers():
 
 
 def test_ignore_files_read_back(tmp_path):
-    modules = {"model.layers.0.mlp.up_proj": "Linear", "model.layers.1.mlp.up_proj": "Linear", "lm_head": "Linear"}
+    modules = {"model.layers.0.mlp.up_proj": "Linear", "model.layers.1.mlp.up_proj": "Linear",
+               "lm_head": "Linear"}
     (tmp_path / "m.txt").write_text("# kept\nmodel.layers.0.mlp.up_proj\n\n")
-    (tmp_path / "r.yaml").write_text("s:\n  m:\n    QuantizationModifier:\n      ignore: [lm_head, 're:.*1\\.mlp']\n")
-    (tmp_path / "q.json").write_text(json.dumps({"quant_cfg": {"*layers.0.*": {"enable": False}, "default": {"enable": False}}}))
-    (tmp_path / "summary.json").write_text(json.dumps({"kind": "advise", "plan": {"full_precision_modules": ["lm_head"]}}))
+    (tmp_path / "r.yaml").write_text("s:\n  m:\n    QuantizationModifier:\n"
+                                     "      ignore: [lm_head, 're:.*1\\.mlp']\n")
+    (tmp_path / "q.json").write_text(json.dumps({"quant_cfg": {"*layers.0.*": {"enable": False},
+                                                               "default": {"enable": False}}}))
+    (tmp_path / "summary.json").write_text(json.dumps({"kind": "advise",
+                                                       "plan": {"full_precision_modules": ["lm_head"]}}))
     assert X.read_ignore_file(tmp_path / "m.txt", "f").resolve(modules) == ["model.layers.0.mlp.up_proj"]
-    assert X.read_ignore_file(tmp_path / "r.yaml", "f").resolve(modules) == ["lm_head", "model.layers.1.mlp.up_proj"]
+    assert X.read_ignore_file(tmp_path / "r.yaml", "f").resolve(modules) == ["lm_head",
+                                                                            "model.layers.1.mlp.up_proj"]
     assert X.read_ignore_file(tmp_path / "q.json", "f").resolve(modules) == ["model.layers.0.mlp.up_proj"]
     assert X.read_ignore_file(tmp_path, "f").resolve(modules) == ["lm_head"]  # the folder: its summary
     older = tmp_path / "older"  # an advice folder of schema version 2 named its summary advice.json
     older.mkdir()
-    (older / "advice.json").write_text(json.dumps({"kind": "advise", "plan": {"full_precision_modules": ["lm_head"]}}))
+    (older / "advice.json").write_text(json.dumps({"kind": "advise",
+                                                   "plan": {"full_precision_modules": ["lm_head"]}}))
     assert X.read_ignore_file(older, "f").resolve(modules) == ["lm_head"]
     with pytest.raises(KernelscopeError, match="no Linear layer of this model"):
         X.read_ignore_file(tmp_path / "m.txt", "f").resolve({"lm_head": "Linear"})
@@ -336,8 +347,8 @@ def advised(tmp_path_factory, tiny_llama_dir, text_file):
     import io
 
     out = tmp_path_factory.mktemp("advice") / "plan"
-    args = ["advise", str(tiny_llama_dir), "-d", str(text_file), "-n", "3", "-s", "64", "--scheme", "w8a8-per-token",
-            "--tolerance", "0.0001", "-o", str(out), "--quiet"]
+    args = ["advise", str(tiny_llama_dir), "-d", str(text_file), "-n", "3", "-s", "64", "--scheme",
+            "w8a8-per-token", "--tolerance", "0.0001", "-o", str(out), "--quiet"]
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf), pytest.raises(SystemExit) as exit_info:
         main(args)
@@ -347,18 +358,22 @@ def advised(tmp_path_factory, tiny_llama_dir, text_file):
 
 def test_advise_writes_the_folder_and_exports(advised):
     out, body, stdout = advised
-    assert {p.name for p in out.iterdir()} >= {"summary.json", "recipe.yaml", "modelopt_quant_cfg.json", "modules.txt",
-                                               "sensitivity.parquet", "cells.parquet", "search.parquet"}
-    assert body["kind"] == "advise" and body["schema_version"] == SCHEMA_VERSION and body["plan"]["kept_layers"] > 0
+    assert {p.name for p in out.iterdir()} >= {"summary.json", "recipe.yaml", "modelopt_quant_cfg.json",
+                                               "modules.txt", "sensitivity.parquet", "cells.parquet",
+                                               "search.parquet"}
+    assert (body["kind"] == "advise" and body["schema_version"] == SCHEMA_VERSION
+            and body["plan"]["kept_layers"] > 0)
     assert (out / "modules.txt").read_text().split() == body["plan"]["kept_modules"]
     assert "plan perplexity" in stdout and "forward passes" in stdout and "recipe.yaml" in stdout
 
 
-@pytest.mark.parametrize("which", ["recipe.yaml", "summary.json", "", "modules.txt", "modelopt_quant_cfg.json"])
+@pytest.mark.parametrize("which", ["recipe.yaml", "summary.json", "", "modules.txt",
+                                   "modelopt_quant_cfg.json"])
 def test_eval_ignore_reproduces_the_plan_exactly(capsys, advised, tiny_llama_dir, text_file, which):
     out, body, _ = advised
-    code, stdout, stderr = run_cli(capsys, "eval", str(tiny_llama_dir), "-d", str(text_file), "-n", "3", "-s", "64",
-                                   "--scheme", "w8a8-per-token", "--ignore", f"@{out / which}", "--json")
+    code, stdout, stderr = run_cli(capsys, "eval", str(tiny_llama_dir), "-d", str(text_file), "-n", "3",
+                                   "-s", "64", "--scheme", "w8a8-per-token", "--ignore", f"@{out / which}",
+                                   "--json")
     assert code == 0, stderr
     row = json.loads(stdout)["results"][0]
     assert row["perplexity"] == body["plan"]["perplexity"]
@@ -366,22 +381,25 @@ def test_eval_ignore_reproduces_the_plan_exactly(capsys, advised, tiny_llama_dir
 
 
 def test_eval_ignore_by_regex(capsys, tiny_llama_dir, text_file):
-    code, stdout, stderr = run_cli(capsys, "eval", str(tiny_llama_dir), "-d", str(text_file), "-n", "2", "-s", "32",
-                                   "--scheme", "fp,w8a8-per-token", "--ignore", r"layers\.1\.mlp", "--json")
+    code, stdout, stderr = run_cli(capsys, "eval", str(tiny_llama_dir), "-d", str(text_file), "-n", "2",
+                                   "-s", "32", "--scheme", "fp,w8a8-per-token", "--ignore", r"layers\.1\.mlp",
+                                   "--json")
     assert code == 0, stderr
     body = json.loads(stdout)
-    assert body["layers"]["full_precision"] == [f"model.layers.1.mlp.{t}" for t in ("gate_proj", "up_proj", "down_proj")]
+    assert body["layers"]["full_precision"] == [f"model.layers.1.mlp.{t}"
+                                                for t in ("gate_proj", "up_proj", "down_proj")]
     assert body["layers"]["count"] == 11 and body["results"][1]["vs_fp"]
 
 
-def test_overwrite_replaces_an_advice_folder_and_nothing_foreign(capsys, advised, tiny_llama_dir, text_file, tmp_path):
+def test_overwrite_replaces_an_advice_folder_and_nothing_foreign(capsys, advised, tiny_llama_dir, text_file,
+                                                                 tmp_path):
     out, _, _ = advised
     target = tmp_path / "again"
     target.mkdir()
     for f in out.iterdir():
         (target / f.name).write_bytes(f.read_bytes())
-    args = ["advise", str(tiny_llama_dir), "-d", str(text_file), "-n", "2", "-s", "32", "--scheme", "w4a8-g128-per-token",
-            "--kernel-groups", "none", "-o", str(target), "--quiet"]
+    args = ["advise", str(tiny_llama_dir), "-d", str(text_file), "-n", "2", "-s", "32", "--scheme",
+            "w4a8-g128-per-token", "--kernel-groups", "none", "-o", str(target), "--quiet"]
     code, _, stderr = run_cli(capsys, *args)
     assert code == 2 and "--overwrite" in stderr
     code, _, stderr = run_cli(capsys, *args, "--overwrite")
@@ -446,8 +464,8 @@ def test_bad_ignore_input_is_one_line_and_exit_2(capsys, tmp_path, tiny_llama_di
     ]
     for value, message in cases:
         out = tmp_path / "never"
-        code, _, stderr = run_cli(capsys, "eval", str(tiny_llama_dir), "-d", str(text_file), "-n", "2", "-s", "32",
-                                  "--scheme", "w8a8-per-token", "--ignore", value, "-o", str(out))
+        code, _, stderr = run_cli(capsys, "eval", str(tiny_llama_dir), "-d", str(text_file), "-n", "2",
+                                  "-s", "32", "--scheme", "w8a8-per-token", "--ignore", value, "-o", str(out))
         assert code == 2 and message in stderr and "Traceback" not in stderr, (value, stderr)
         assert len(stderr.strip().splitlines()) == 1 and not out.exists()
     code, _, stderr = run_cli(capsys, "eval", str(tiny_llama_dir), "-d", str(text_file), "--scheme", "fp",

@@ -37,22 +37,22 @@ def windows_for(seed: int = 0, n: int = 3, seqlen: int = 24):
 def test_layer_selection(family):
     model = tiny_model(family)
     layers = select_linear_layers(model)
-    per_block = [l.module_type for l in layers if l.block == 0]
+    per_block = [layer.module_type for layer in layers if layer.block == 0]
     assert sorted(per_block) == sorted(EXPECTED_TYPES[family])
     assert len(layers) == 2 * len(EXPECTED_TYPES[family])
-    assert all("lm_head" not in l.name for l in layers)
+    assert all("lm_head" not in layer.name for layer in layers)
     head = select_linear_layers(model, include_lm_head=True)
     assert head[-1].module_type == "lm_head" and len(head) == len(layers) + 1
     only_first = select_linear_layers(model, r"\.0\.")
-    assert {l.block for l in only_first} == {0}
+    assert {layer.block for layer in only_first} == {0}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_profile_counts_equal_brute_force_recount(family):
     model = tiny_model(family)
-    configs = default_configs() + [QuantizerConfig("crossquant", 8, 1.0), QuantizerConfig("per_tensor", 4)]
+    configs = [*default_configs(), QuantizerConfig("crossquant", 8, 1.0), QuantizerConfig("per_tensor", 4)]
     windows = windows_for()
-    names = {l.name for l in select_linear_layers(model)}
+    names = {layer.name for layer in select_linear_layers(model)}
 
     # Independent capture: plain hooks that keep a copy of every input.
     captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
@@ -74,7 +74,8 @@ def test_profile_counts_equal_brute_force_recount(family):
     for name, xs in captured.items():
         assert len(xs) == 2  # two batches: 2 windows then 1
         for cfg in configs:
-            row = layers.filter((layers["layer"] == name) & (layers["config"] == cfg.label)).row(0, named=True)
+            row = (layers.filter((layers["layer"] == name) & (layers["config"] == cfg.label))
+                   .row(0, named=True))
             expect = sum(ref.kernel_count(x, cfg.quantizer, cfg.bits, cfg.alpha) for x in xs)
             assert row["kernel_elements"] == expect, (name, cfg.label)
             assert row["elements"] == sum(x.numel() for x in xs)
@@ -111,14 +112,13 @@ def test_outputs_bitwise_identical_and_state_restored_after_profile(family):
 
 def test_hooks_removed_when_the_observer_raises():
     model = tiny_model("llama")
-    modules = {l.name: l.module for l in select_linear_layers(model)}
+    modules = {layer.name: layer.module for layer in select_linear_layers(model)}
 
     def boom(name, x):
         raise RuntimeError("observer failed")
 
-    with pytest.raises(RuntimeError, match="observer failed"):
-        with LinearInputCapture(modules, boom):
-            model(input_ids=windows_for().tokens[:1])
+    with pytest.raises(RuntimeError, match="observer failed"), LinearInputCapture(modules, boom):
+        model(input_ids=windows_for().tokens[:1])
     assert no_hooks(model)
 
 
@@ -162,8 +162,10 @@ def test_capture_is_scoped_and_not_reentrant():
 
 def test_same_inputs_give_byte_identical_layers_parquet(tmp_path):
     for name in ("a", "b"):
-        profile(tiny_model("qwen2"), windows_for(seed=3), default_configs(), batch_size=2).save(tmp_path / name)
-    assert (tmp_path / "a" / "layers.parquet").read_bytes() == (tmp_path / "b" / "layers.parquet").read_bytes()
+        profile(tiny_model("qwen2"), windows_for(seed=3), default_configs(),
+                batch_size=2).save(tmp_path / name)
+    assert ((tmp_path / "a" / "layers.parquet").read_bytes()
+            == (tmp_path / "b" / "layers.parquet").read_bytes())
 
 
 def test_bf16_model_profiles_in_float32_close_to_the_fp32_run():

@@ -36,7 +36,7 @@ def test_profile_end_to_end(capsys, tmp_path, tiny_llama_dir, text_file):
     flat = " ".join(stdout.replace("│", " ").split())  # the panel wraps long lines
     assert "3 of " in flat and "(the first 3, in text order)" in flat
     layers = pl.read_parquet(out / "layers.parquet")
-    assert REQUIRED_COLUMNS <= set(layers.columns)
+    assert set(layers.columns) >= REQUIRED_COLUMNS
     assert layers.height == 14 * 4  # 2 blocks x 7 Linear layers, 4 default configurations
     assert set(layers["quantizer"]) == {"per_token", "crossquant"} and set(layers["bits"]) == {8, 4}
     summary = json.loads((out / "summary.json").read_text())
@@ -149,7 +149,8 @@ def bad_files(tmp: Path, model_dir: Path) -> dict[str, Path]:
     made["no_tokenizer"].mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(model_dir / name, made["no_tokenizer"] / name)
-    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(made["vit"])
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+              intermediate_size=64).save_pretrained(made["vit"])
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(made["vit"])
     made["binary"].write_bytes(bytes(range(256)) * 4)
     made["latin1"].write_bytes("café au lait, crème brûlée ".encode("latin-1") * 50)
@@ -227,23 +228,27 @@ BAD_RUNS = {
     "duplicate scheme": (["eval", "{model}", "--scheme", "fp", "--scheme", "fp"], "given twice"),
     "eval alpha": (["eval", "{model}", "--scheme", "w8a8-crossquant", "--alpha", "2"],
                    "--alpha 2 is out of range"),
-    "eval bits": (["eval", "{model}", "--scheme", "remove-kernel-per-token", "--bits", "1"], "--bits 1 is out of range"),
-    "group without weights": (["eval", "{model}", "--scheme", "remove-kernel-per-token", "--group-size", "128"],
-                              "give --weight-bits too"),
-    "smoothquant calibration offline": (["eval", "{model}", "--scheme", "w8a8-smoothquant", "-n", "1", "-s", "64"],
-                                        "needs the Hugging Face hub"),
+    "eval bits": (["eval", "{model}", "--scheme", "remove-kernel-per-token", "--bits", "1"],
+                  "--bits 1 is out of range"),
+    "group without weights": (["eval", "{model}", "--scheme", "remove-kernel-per-token", "--group-size",
+                               "128"], "give --weight-bits too"),
+    "smoothquant calibration offline": (["eval", "{model}", "--scheme", "w8a8-smoothquant", "-n", "1",
+                                         "-s", "64"], "needs the Hugging Face hub"),
     "tolerance zero": (["threshold", "{model}", "--tolerance", "0"], "--tolerance must be a positive number"),
-    "tolerance negative": (["threshold", "{model}", "--tolerance", "-0.01"], "--tolerance must be a positive number"),
+    "tolerance negative": (["threshold", "{model}", "--tolerance", "-0.01"],
+                           "--tolerance must be a positive number"),
     "too few windows": (["threshold", "{model}", "-n", "1", "-s", "64"], "too few windows"),
     "unknown family": (["threshold", "{model}", "--family", "per-row"], "unknown --family"),
     "sweep alpha above one": (["sweep", "{model}", "--alpha", "0.15,1.5"], "--alpha 1.5 is out of range"),
     "sweep alpha negative": (["sweep", "{model}", "--alpha", "-0.2"], "--alpha -0.2 is out of range"),
     "sweep alpha not a number": (["sweep", "{model}", "--alpha", "0.1,x"], "--alpha 'x' is not a number"),
     "sweep alpha nan": (["sweep", "{model}", "--alpha", "nan"], "--alpha nan is out of range"),
-    "group size zero": (["eval", "{model}", "--scheme", "w4a8-g0-per-token"], "group size gG must be at least 1"),
+    "group size zero": (["eval", "{model}", "--scheme", "w4a8-g0-per-token"],
+                        "group size gG must be at least 1"),
     "weight bits nine": (["eval", "{model}", "--scheme", "remove-kernel-per-token", "--weight-bits", "9"],
                          "--weight-bits 9 is out of range"),
-    "lm_head without the flag": (["threshold", "{model}", "--layers", "lm_head", "-s", "32"], "--include-lm-head"),
+    "lm_head without the flag": (["threshold", "{model}", "--layers", "lm_head", "-s", "32"],
+                                 "--include-lm-head"),
 }
 
 

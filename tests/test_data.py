@@ -17,7 +17,7 @@ from tests.conftest import WIKITEXT_TEST
 def test_windows_first_are_consecutive_and_tail_dropped():
     ids = torch.arange(1030)
     w = make_windows(ids, 256, 2)
-    assert w.tokens.tolist() == [list(range(0, 256)), list(range(256, 512))]
+    assert w.tokens.tolist() == [list(range(256)), list(range(256, 512))]
     assert w.starts == [0, 256] and w.available == 4 and w.dropped_tokens == 6
     assert "2 of 4 non-overlapping 256-token windows (the first 2, in text order)" in w.describe()
     assert make_windows(ids, 256).tokens.shape == (4, 256)
@@ -32,7 +32,7 @@ def test_windows_random_are_seeded_distinct_and_in_text_order():
     assert a.starts == b.starts and a.sha256 == b.sha256
     assert a.starts != c.starts
     assert a.starts == sorted(set(a.starts)) and all(s % 100 == 0 for s in a.starts)
-    for row, start in zip(a.tokens.tolist(), a.starts):
+    for row, start in zip(a.tokens.tolist(), a.starts, strict=True):
         assert row == list(range(start, start + 100))  # non-overlapping, aligned windows
     assert "seed 3" in a.describe()
 
@@ -51,7 +51,8 @@ def test_window_errors(seqlen, nsamples, message):
 
 def test_local_formats(tmp_path):
     (tmp_path / "a.txt").write_text("hello\n\nworld", encoding="utf-8")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "hello"}) + "\n\n" + json.dumps({"text": "world"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "hello"}) + "\n\n" + json.dumps({"text": "world"})
+                                      + "\n")
     pl.DataFrame({"text": ["hello", "world"], "id": [1, 2]}).write_parquet(tmp_path / "c.parquet")
     texts = [load_text(str(tmp_path / n)) for n in ("a.txt", "b.jsonl", "c.parquet")]
     assert [t.text for t in texts] == ["hello\n\nworld"] * 3

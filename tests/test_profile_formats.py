@@ -61,7 +61,7 @@ def test_every_format_counts_what_its_fake_quantization_zeroes(run):
             bound = 0.0
             for x in inputs[layer.name]:  # (B, T, I)
                 for seq in x:  # one sequence at a time: no statistic may mix them
-                    q, s = F.quantize(seq, fmt)
+                    q, _s = F.quantize(seq, fmt)
                     kernel += int((F.fake_quantize(seq, fmt) == 0).sum())
                     subnormal += int(fmt.grid.subnormal(q).sum())
                     bound += float(F.zero_bound(seq, fmt).double().expand(seq.shape).sum())
@@ -156,8 +156,10 @@ def test_weight_kernels_against_the_weights_themselves(family):
         w = layer.module.weight.detach()
         w = w.t() if family == "gpt2" else w  # GPT-2's Conv1D keeps (I, O)
         expected = {
-            "per_token int4": int((ref.int_fake_quantize(w, ref.int_weight_step(w, 4), 4) == 0).sum()),  # per row
-            "per_group g16 int4": int((ref.int_fake_quantize(w, ref.int_weight_step(w, 4, 16), 4) == 0).sum()),
+            # per row
+            "per_token int4": int((ref.int_fake_quantize(w, ref.int_weight_step(w, 4), 4) == 0).sum()),
+            "per_group g16 int4": int((ref.int_fake_quantize(w, ref.int_weight_step(w, 4, 16), 4)
+                                       == 0).sum()),
             "nvfp4": int((F.fake_quantize(w, configs[2].format) == 0).sum()),
             "fp8_per_token": int((F.fake_quantize(w, configs[3].format) == 0).sum()),
         }

@@ -48,10 +48,12 @@ def test_steps_match_naive_reference_per_sequence():
         for b in range(3):
             seq = x[b]
             full = lambda s: s.expand(6, 5)  # noqa: E731
-            assert torch.equal(full(per_token_step(x, bits)[b]), ref.step_for_sequence(seq, "per_token", bits, None))
+            assert torch.equal(full(per_token_step(x, bits)[b]),
+                               ref.step_for_sequence(seq, "per_token", bits, None))
             assert torch.equal(full(per_channel_activation_step(x, bits)[b]),
                                ref.step_for_sequence(seq, "per_channel", bits, None))
-            assert torch.equal(full(per_tensor_step(x, bits)[b]), ref.step_for_sequence(seq, "per_tensor", bits, None))
+            assert torch.equal(full(per_tensor_step(x, bits)[b]),
+                               ref.step_for_sequence(seq, "per_tensor", bits, None))
             for alpha in (0.0, 0.15, 0.5, 1.0):
                 assert torch.equal(crossquant_step(x, bits, alpha)[b],
                                    ref.step_for_sequence(seq, "crossquant", bits, alpha))
@@ -178,8 +180,10 @@ def test_weight_steps_per_channel_and_groupwise():
     assert per_channel.shape == (4, 1)
     assert torch.equal(per_channel.expand_as(w), ref.int_weight_step(w, 4))
     grouped = fmt("per_group", 4, block=128)
-    assert torch.equal(F.expand_scale(F.scale(w, grouped), grouped, 300), ref.int_weight_step(w, 4, 128))  # last: 44
-    assert torch.equal(F.fake_quantize(w, grouped), ref.int_fake_quantize(w, ref.int_weight_step(w, 4, 128), 4))
+    assert torch.equal(F.expand_scale(F.scale(w, grouped), grouped, 300),
+                       ref.int_weight_step(w, 4, 128))  # last: 44
+    assert torch.equal(F.fake_quantize(w, grouped),
+                       ref.int_fake_quantize(w, ref.int_weight_step(w, 4, 128), 4))
     whole = fmt("per_group", 4, block=300)
     assert torch.equal(F.fake_quantize(w, whole), F.fake_quantize(w, fmt("per_token", 4)))
 

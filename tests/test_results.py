@@ -60,7 +60,7 @@ def test_read_refuses_what_is_not_a_run(tmp_path):
         read_run(tmp_path)
     run = write_run(tmp_path / "run", {"layers": FRAME}, {"kind": "profile"})
     (run / "layers.parquet").write_bytes(b"PAR1 damaged")
-    with pytest.raises(KernelscopeError, match="layers.parquet is damaged"):
+    with pytest.raises(KernelscopeError, match=r"layers\.parquet is damaged"):
         read_run(run)
     (run / "summary.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION + 1}))
     with pytest.raises(KernelscopeError, match="newer than this kernelscope reads"):

@@ -33,7 +33,7 @@ def result_of(stats: KernelStats) -> dict:
     """One layer's figures as plain values, as a profile's table reads them."""
     return results([stats])[0]
 
-CONFIGS = default_configs() + [QuantizerConfig("per_tensor", 8), QuantizerConfig("per_channel", 4)]
+CONFIGS = [*default_configs(), QuantizerConfig("per_tensor", 8), QuantizerConfig("per_channel", 4)]
 
 
 def activations(seed: int, shape=(3, 40, 24)) -> torch.Tensor:
@@ -48,7 +48,7 @@ def test_counts_match_reference():
     res = result_of(KernelStats(CONFIGS).update(observe(x, CONFIGS)))
     assert res["layer"]["elements"] == x.numel()
     assert res["layer"]["tokens"] == 3 * 40
-    for cfg, row in zip(CONFIGS, res["configs"]):
+    for cfg, row in zip(CONFIGS, res["configs"], strict=True):
         expect = ref.kernel_count(x, cfg.quantizer, cfg.bits, cfg.alpha)
         assert row["kernel_elements"] == expect, cfg.label
         assert row["kernel_fraction"] == expect / x.numel()
@@ -79,7 +79,7 @@ def test_streaming_equals_one_batch_and_merge_is_exact():
         assert other["layer"]["c_ge_t_pairs"] == a["layer"]["c_ge_t_pairs"]
         assert other["layer"]["top_channels"] == a["layer"]["top_channels"]
         assert other["layer"]["top_token_index"] == a["layer"]["top_token_index"]
-        for ra, ro in zip(a["configs"], other["configs"]):
+        for ra, ro in zip(a["configs"], other["configs"], strict=True):
             for key in ("kernel_elements", "bound_p50", "bound_p90", "bound_p99", "bound_min", "bound_max",
                         "bound_below_per_token_fraction"):
                 assert ro[key] == ra[key], key
@@ -92,7 +92,7 @@ def test_bound_statistics_against_direct_computation():
     pt = QuantizerConfig("per_token", 8)
     res = result_of(KernelStats([pt, cq]).update(observe(x, [pt, cq])))
     hist = LogHistogram()
-    for cfg, row in zip((pt, cq), res["configs"]):
+    for cfg, row in zip((pt, cq), res["configs"], strict=True):
         bound = (cfg.format.tau * cfg.scale(x)).expand_as(x).reshape(-1).double()
         assert row["bound_mean"] == pytest.approx(bound.mean().item(), rel=1e-9)
         assert row["bound_min"] == bound.min().item() and row["bound_max"] == bound.max().item()
@@ -166,7 +166,7 @@ def test_nan_and_inf_are_counted_and_never_poison_statistics():
     # the statistics are those of the finite elements, with the bad ones measured as zeros
     zeroed = clean.clone()
     zeroed[0, 3, 2] = zeroed[1, 5, 0] = zeroed[1, 6, 7] = 0.0
-    for cfg, row in zip(CONFIGS, res["configs"]):
+    for cfg, row in zip(CONFIGS, res["configs"], strict=True):
         assert row["kernel_elements"] == ref.kernel_count(zeroed, cfg.quantizer, cfg.bits, cfg.alpha) - 3
         for key, value in row.items():
             if isinstance(value, float):
@@ -178,7 +178,7 @@ def test_denormal_activations_are_measured_exactly():
     x = activations(12, (1, 16, 8)) * 1e-39  # far below float32's smallest normal number
     assert (x[x != 0].abs() < 1.18e-38).any()
     res = result_of(KernelStats(CONFIGS).update(observe(x, CONFIGS)))
-    for cfg, row in zip(CONFIGS, res["configs"]):
+    for cfg, row in zip(CONFIGS, res["configs"], strict=True):
         # every step is floored at 1e-5, so all of these tiny values round to zero
         assert row["kernel_elements"] == ref.kernel_count(x, cfg.quantizer, cfg.bits, cfg.alpha) == x.numel()
         floor_bound = float(torch.tensor(1e-5, dtype=torch.float32) * 0.5)
@@ -228,8 +228,9 @@ def test_native_counts_equal_torch_and_reference_at_ties(monkeypatch, dtype):
     assert native == torch_code
     assert native["layer"]["nonfinite_elements"] == 3
     clean = torch.where(x.float().isfinite(), x.float(), 0.0)
-    for cfg, row in zip(EDGE_CONFIGS, native["configs"]):
-        assert row["kernel_elements"] == ref.kernel_count(clean, cfg.quantizer, cfg.bits, cfg.alpha) - 3, cfg.label
+    for cfg, row in zip(EDGE_CONFIGS, native["configs"], strict=True):
+        assert (row["kernel_elements"]
+                == ref.kernel_count(clean, cfg.quantizer, cfg.bits, cfg.alpha) - 3), cfg.label
 
 
 @needs_compiler
@@ -242,15 +243,17 @@ def test_native_counts_equal_torch_and_reference_at_ties(monkeypatch, dtype):
 def test_native_counts_equal_reference_for_any_grouping_of_terms(monkeypatch, labels):
     """The C count takes the per-token terms two by two, with the non-finite elements; whatever
     the grouping, each term's counts are its own."""
-    by_label = {c.label: c for c in expand_configs(["per_token", "per_channel", "crossquant"], [8, 6, 4, 2], [0.15, 0.5])}
+    by_label = {c.label: c for c in expand_configs(["per_token", "per_channel", "crossquant"], [8, 6, 4, 2],
+                                                   [0.15, 0.5])}
     configs = [by_label[label] for label in labels]
     x = edge_activations(nonfinite=True)
     native = result_of(KernelStats(configs).update(observe(x, configs)))
     monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
     assert native == result_of(KernelStats(configs).update(observe(x, configs)))
     clean = torch.where(x.isfinite(), x, 0.0)
-    for cfg, row in zip(configs, native["configs"]):
-        assert row["kernel_elements"] == ref.kernel_count(clean, cfg.quantizer, cfg.bits, cfg.alpha) - 3, cfg.label
+    for cfg, row in zip(configs, native["configs"], strict=True):
+        assert (row["kernel_elements"]
+                == ref.kernel_count(clean, cfg.quantizer, cfg.bits, cfg.alpha) - 3), cfg.label
         if cfg.quantizer != "per_token":
             below = ref.below_per_token_count(clean, cfg.quantizer, cfg.bits, cfg.alpha)
             assert row["bound_below_per_token_fraction"] == below / x.numel(), cfg.label
@@ -267,7 +270,8 @@ def test_native_separable_counts_where_the_step_overflows(monkeypatch, pair):
     row = torch.logspace(-20, 20, 12).reshape(2, 6, 1)  # rows at 1e8 and above overflow against col's top
     col = torch.logspace(-40, 30, 80).reshape(2, 1, 40)
     x[1, 2, :] = 0.5 * separable_step(row, col, 7)[1, 2, :]  # exactly half a step: in the kernel
-    configs = [QuantizerConfig("crossquant", 8, 0.15)] + ([QuantizerConfig("crossquant", 4, 0.15)] if pair else [])
+    configs = ([QuantizerConfig("crossquant", 8, 0.15)]
+               + ([QuantizerConfig("crossquant", 4, 0.15)] if pair else []))
     plan = elementwise.make_plan(configs)
     assert plan.native is not None
     ranges = ActivationRanges(*elementwise._ranges(x))
@@ -278,7 +282,7 @@ def test_native_separable_counts_where_the_step_overflows(monkeypatch, pair):
     assert torch.equal(got.counts, want.counts) and torch.equal(got.nonfinite, want.nonfinite)
     assert got.nonfinite == int(x.isinf().sum()) >= 2
     finite = torch.where(x.isfinite(), x.abs(), math.nan)
-    for cfg, counts in zip(configs, got.counts):
+    for cfg, counts in zip(configs, got.counts, strict=True):
         step = separable_step(row, col, cfg.qmax)  # (2, 6, 40)
         assert torch.isinf(step).any()
         bound = torch.clamp_max(0.5 * step, torch.finfo(torch.float32).max)
@@ -286,9 +290,9 @@ def test_native_separable_counts_where_the_step_overflows(monkeypatch, pair):
         assert counts[2] == int((step < per_token_step(ranges, cfg.bits)).sum())  # t: non-finite as 0
 
 
-ALL_FORMATS = expand_configs(["per_token", "crossquant", "per_tensor", "per_channel", "per_group", "fp8_per_token",
-                              "fp8_per_tensor", "mxfp8", "mxfp4", "mxfp4_rceil", "nvfp4"], [8, 4], [0.15, 0.0, 1.0],
-                             group_size=16)
+ALL_FORMATS = expand_configs(["per_token", "crossquant", "per_tensor", "per_channel", "per_group",
+                              "fp8_per_token", "fp8_per_tensor", "mxfp8", "mxfp4", "mxfp4_rceil", "nvfp4"],
+                             [8, 4], [0.15, 0.0, 1.0], group_size=16)
 
 
 def count_of(x: torch.Tensor, configs) -> elementwise.Counted:
@@ -312,7 +316,7 @@ def test_native_passes_equal_torch_on_odd_shapes(monkeypatch, shape):
     got = elementwise.ranges(x), count_of(x, ALL_FORMATS)
     monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
     want = elementwise.ranges(x), count_of(x, ALL_FORMATS)
-    assert all(torch.equal(a, b) for a, b in zip(got[0], want[0]))
+    assert all(torch.equal(a, b) for a, b in zip(got[0], want[0], strict=True))
     assert_same_counts(got[1], want[1])
 
 
@@ -324,7 +328,8 @@ def test_more_configurations_than_the_native_code_takes_run_as_torch_code():
     many = ALL_FORMATS * repeat  # past the C code's limit
     assert len(many) > native.MAX_TERMS and elementwise.make_plan(many).native is None
     got, want = count_of(x, many), count_of(x, ALL_FORMATS)  # within the limit: the C code
-    assert torch.equal(got.counts, want.counts.repeat(repeat, 1)) and torch.equal(got.nonfinite, want.nonfinite)
+    assert (torch.equal(got.counts, want.counts.repeat(repeat, 1))
+            and torch.equal(got.nonfinite, want.nonfinite))
     assert torch.equal(got.hist, want.hist.repeat(repeat, 1))
 
 
@@ -406,7 +411,8 @@ def test_summarising_many_layers_at_once_equals_one_at_a_time():
     measured = [measure(x, CONFIGS, token_offset=80 * i) for i, x in enumerate(xs)]
     together = summarise(measured, CONFIGS, top_k=5)
     for i, x in enumerate(xs):
-        alone = result_of(KernelStats(CONFIGS, top_k=5).update(observe(x, CONFIGS, token_offset=80 * i, top_k=5)))
+        alone = result_of(KernelStats(CONFIGS, top_k=5).update(observe(x, CONFIGS, token_offset=80 * i,
+                                                                       top_k=5)))
         assert result_of(KernelStats(CONFIGS, top_k=5).update(together[i])) == alone
 
 
@@ -492,7 +498,8 @@ def test_separable_step_sums_against_float64_reference():
             exact = row.double() * col.double() / qmax_for_bits(bits)
             assert bool((exact < STEP_FLOOR).any()) == floored
             want = exact.clamp(min=STEP_FLOOR).sum(dim=(-2, -1))
-            got = separable_step_sums(row, col.squeeze(-2).sort(dim=-1).values, qmax_for_bits(bits), STEP_FLOOR)
+            got = separable_step_sums(row, col.squeeze(-2).sort(dim=-1).values, qmax_for_bits(bits),
+                                      STEP_FLOOR)
             assert torch.allclose(got, want, rtol=1e-12, atol=0)
             # and within float32 rounding of the steps kernelscope quantizes with
             rounded = crossquant_step(x, bits, 0.15).double().sum(dim=(-2, -1))
@@ -503,7 +510,8 @@ def test_separable_histogram_moves_only_values_at_bin_edges():
     hist = LogHistogram()
     g = torch.Generator().manual_seed(9)
     t = torch.rand(3, 200, 1, generator=g, dtype=torch.float64) * 50
-    c = torch.rand(3, 1, 150, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-6, 3, (3, 1, 150), generator=g)
+    c = (torch.rand(3, 1, 150, generator=g, dtype=torch.float64)
+         * 10.0 ** torch.randint(-6, 3, (3, 1, 150), generator=g))
     t[1, 17] = 0.0  # a zero row: all its steps sit at the floor
     r, k = 0.15 * torch.log10(t), 0.85 * torch.log10(c)
     lowest = math.log10(0.5 * STEP_FLOOR)
@@ -515,7 +523,8 @@ def test_separable_histogram_moves_only_values_at_bin_edges():
     for s, shift in enumerate(shifts):
         position = ((r + k + shift).clamp(min=lowest) - hist.low) * hist.per_decade  # (3, 200, 150) bins
         for counts, where in ((got[s], position), *((per_sequence[g, s], position[g]) for g in range(3))):
-            want = torch.bincount(where.floor().long().clamp(0, hist.bins - 1).reshape(-1), minlength=hist.bins)
+            want = torch.bincount(where.floor().long().clamp(0, hist.bins - 1).reshape(-1),
+                                  minlength=hist.bins)
             assert int(counts.sum()) == int(want.sum()) == where.numel()
             near_edge = ((where - where.round()).abs() < 2 / 16).sum().item()
             moved = (counts - want).abs().sum().item() // 2

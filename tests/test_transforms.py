@@ -140,7 +140,8 @@ def some_transforms(width: int) -> dict[str, LayerTransform]:
         "hadamard": parse_transform("hadamard").bind(width),
         "hadamard seeded": parse_transform("hadamard:8").with_seed(7).bind(width),
         "smoothquant": LayerTransform(width, (smooth,)),
-        "smoothquant+hadamard": LayerTransform(width, (smooth, Hadamard(width, default_block(width), random_signs(3, width)))),
+        "smoothquant+hadamard": LayerTransform(width, (smooth, Hadamard(width, default_block(width),
+                                                                        random_signs(3, width)))),
     }
 
 
@@ -229,11 +230,13 @@ def test_labels_are_canonical():
 
 
 @pytest.mark.parametrize("bad,message", [
-    ("", "empty transform"), ("rotate", "unknown transform 'rotate'"), ("none+hadamard", "identity cannot be composed"),
+    ("", "empty transform"), ("rotate", "unknown transform 'rotate'"),
+    ("none+hadamard", "identity cannot be composed"),
     ("hadamard:", "nothing after ':'"), ("hadamard:3", "power of two"), ("hadamard:1", "power of two"),
     ("hadamard:0", "power of two"), ("hadamard:x", "whole number"), ("hadamard:-4", "power of two"),
     ("smoothquant:1.5", "α must be a number in [0, 1]"), ("smoothquant:nan", "α must be"),
-    ("smoothquant:a", "α must be"), ("hadamard+hadamard:8", "given twice"), ("hadamard+", "unknown transform ''"),
+    ("smoothquant:a", "α must be"), ("hadamard+hadamard:8", "given twice"),
+    ("hadamard+", "unknown transform ''"),
 ])
 def test_bad_specs_are_refused(bad, message):
     with pytest.raises(ValueError, match=None) as info:
@@ -252,7 +255,8 @@ def test_widths_a_block_cannot_apply_to_are_refused():
         parse_transform("smoothquant").then(parse_transform("smoothquant:0.7+hadamard"))
     model = tiny_model("llama")
     binder = TransformBinder(model, select_linear_layers(model))
-    with pytest.raises(KernelscopeError, match=r"hadamard:64: layer model\.layers\.0\.self_attn\.q_proj: B=64"):
+    with pytest.raises(KernelscopeError,
+                       match=r"hadamard:64: layer model\.layers\.0\.self_attn\.q_proj: B=64"):
         binder.bind(parse_transform("hadamard:64"))  # the tiny model's width is 32
     with pytest.raises(ValueError, match="needs calibration windows"):
         binder.bind(parse_transform("smoothquant"))
@@ -267,8 +271,9 @@ def linear_inputs(model, windows) -> dict[str, torch.Tensor]:
     def keep(name, x) -> None:
         seen.setdefault(name, x.detach().clone())
 
-    for layer in select_linear_layers(model):
-        handles.append(layer.module.register_forward_pre_hook(lambda m, args, name=layer.name: keep(name, args[0])))
+    handles.extend(
+        layer.module.register_forward_pre_hook(lambda m, args, name=layer.name: keep(name, args[0]))
+        for layer in select_linear_layers(model))
     try:
         with torch.no_grad():
             model(input_ids=windows.tokens[:1])
@@ -323,10 +328,10 @@ def test_calibration_sees_each_step_in_the_basis_before_it():
     bound = binder.bind(parse_transform("hadamard:8+smoothquant"))
     rotate = parse_transform("hadamard:8").bind(32)
     act: dict[str, torch.Tensor] = {}
-    handles = [l.module.register_forward_pre_hook(
-        lambda m, args, name=l.name: act.__setitem__(name, torch.maximum(
+    handles = [layer.module.register_forward_pre_hook(
+        lambda m, args, name=layer.name: act.__setitem__(name, torch.maximum(
             act.get(name, torch.zeros(32)), rotate.activation(args[0]).abs().reshape(-1, 32).amax(0))))
-        for l in layers if l.in_features == 32]
+        for layer in layers if layer.in_features == 32]
     try:
         with torch.no_grad():
             for row in calib.tokens:
@@ -334,12 +339,12 @@ def test_calibration_sees_each_step_in_the_basis_before_it():
     finally:
         for h in handles:
             h.remove()
-    for l in layers:
-        if l.in_features != 32:
+    for layer in layers:
+        if layer.in_features != 32:
             continue
-        w_max = rotate.weight(weight_out_in(l.module).detach()).abs().amax(0)
-        smooth = bound.layers[l.name].steps[1]
-        assert torch.allclose(smooth.factors, smoothing_factors(act[l.name], w_max, 0.5), rtol=1e-6)
+        w_max = rotate.weight(weight_out_in(layer.module).detach()).abs().amax(0)
+        smooth = bound.layers[layer.name].steps[1]
+        assert torch.allclose(smooth.factors, smoothing_factors(act[layer.name], w_max, 0.5), rtol=1e-6)
 
 
 def old_smoothquant_nll(model, windows, calibration, alpha: float, bits: int = 8) -> tuple[list[float], int]:
@@ -353,14 +358,16 @@ def old_smoothquant_nll(model, windows, calibration, alpha: float, bits: int = 8
         m = x.detach().abs().reshape(-1, x.shape[-1]).amax(dim=0).float()
         act_max[name] = m if name not in act_max else torch.maximum(act_max[name], m)
 
-    handles = [l.module.register_forward_pre_hook(lambda mod, args, n=l.name: observe(n, args[0])) for l in layers]
+    handles = [layer.module.register_forward_pre_hook(lambda mod, args, n=layer.name: observe(n, args[0]))
+               for layer in layers]
     with torch.inference_mode():
         for row in calibration.tokens:
             model(input_ids=row[None], use_cache=False)
     for h in handles:
         h.remove()
-    factors = {l.name: smoothing_factors(act_max[l.name], weight_out_in(l.module).detach().abs().amax(dim=0).float(),
-                                         alpha) for l in layers}
+    factors = {layer.name: smoothing_factors(act_max[layer.name],
+                                             weight_out_in(layer.module).detach().abs().amax(dim=0).float(),
+                                             alpha) for layer in layers}
     kernel = [0]
 
     def pre(mod, args, name):
@@ -371,21 +378,22 @@ def old_smoothquant_nll(model, windows, calibration, alpha: float, bits: int = 8
         return (out.reshape(x.shape),)
 
     originals = {}
-    for l in layers:
-        w = weight_out_in(l.module).detach()
-        smoothed = (w.float() * factors[l.name]).to(w.dtype)
+    for layer in layers:
+        w = weight_out_in(layer.module).detach()
+        smoothed = (w.float() * factors[layer.name]).to(w.dtype)
         wq = ref.int_fake_quantize(smoothed, ref.int_weight_step(smoothed, bits), bits)
-        originals[l.name] = l.module.weight.data
-        l.module.weight.data = wq if isinstance(l.module, torch.nn.Linear) else wq.t().contiguous()
-        handles.append(l.module.register_forward_pre_hook(lambda mod, args, n=l.name: pre(mod, args, n)))
+        originals[layer.name] = layer.module.weight.data
+        layer.module.weight.data = wq if isinstance(layer.module, torch.nn.Linear) else wq.t().contiguous()
+        handles.append(layer.module.register_forward_pre_hook(
+            lambda mod, args, n=layer.name: pre(mod, args, n)))
     try:
         with torch.inference_mode():
             sums, per_window = nll_pass(model, windows)
     finally:
         for h in handles:
             h.remove()
-        for l in layers:
-            l.module.weight.data = originals[l.name]
+        for layer in layers:
+            layer.module.weight.data = originals[layer.name]
     return (sums / per_window).tolist(), kernel[0]
 
 
@@ -400,7 +408,8 @@ def test_smoothquant_scheme_is_the_transform_and_gives_todays_perplexity_bit_for
                     transforms=[parse_transform("smoothquant:0.6")])
     window_nll, kernel = old_smoothquant_nll(model, windows, calib, 0.6)
     row, other = res.table.row(0, named=True), same.table.row(0, named=True)
-    assert row["window_nll"] == window_nll and row["kernel_elements"] == kernel  # the same numbers, bit for bit
+    # the same numbers, bit for bit
+    assert row["window_nll"] == window_nll and row["kernel_elements"] == kernel
     assert other["window_nll"] == row["window_nll"] and other["kernel_elements"] == kernel
     assert row["transform"] == other["transform"] == "smoothquant:0.6"
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and no_hooks(model)
@@ -418,7 +427,8 @@ def test_fp_under_any_transform_is_fp_and_rows_name_their_transform():
     assert [r["transform"] for r in rows] == ["none", "hadamard", "hadamard:2", "smoothquant:0.5+hadamard"]
     assert [r["transform_seed"] for r in rows] == [None, None, 3, 3]
     assert rows[1]["transform_layers"] == "hadamard:32 (I=32), hadamard:64 (I=64)"
-    assert rows[3]["transform_layers"] == "smoothquant:0.5+hadamard:32 (I=32), smoothquant:0.5+hadamard:64 (I=64)"
+    assert rows[3]["transform_layers"] == ("smoothquant:0.5+hadamard:32 (I=32), "
+                                           "smoothquant:0.5+hadamard:64 (I=64)")
     for r in rows[1:]:
         assert abs(r["perplexity"] / rows[0]["perplexity"] - 1) < 1e-4, r["transform"]
         assert r["kernel_fraction"] is None
@@ -432,17 +442,17 @@ def rotated_reference_nll(model, windows, block: int, act_bits: int | None, weig
     per output channel: the transformed basis written out independently of kernelscope."""
     layers = select_linear_layers(model)
     originals, handles = {}, []
-    for l in layers:
-        h = dense_hadamard(block, l.in_features).float()
-        conv1d = not isinstance(l.module, torch.nn.Linear)
-        w = l.module.weight.data
+    for layer in layers:
+        h = dense_hadamard(block, layer.in_features).float()
+        conv1d = not isinstance(layer.module, torch.nn.Linear)
+        w = layer.module.weight.data
         wr = (w.t() if conv1d else w) @ h  # (O, I)
         if weight_bits is not None:
             q = 2 ** (weight_bits - 1) - 1
             step = torch.clamp(wr.abs().max(dim=1, keepdim=True).values / q, min=1e-5)
             wr = torch.clamp(torch.round(wr / step), -q, q) * step
-        originals[l.name] = w
-        l.module.weight.data = wr.t().contiguous() if conv1d else wr
+        originals[layer.name] = w
+        layer.module.weight.data = wr.t().contiguous() if conv1d else wr
 
         def pre(mod, args, h=h):
             xr = args[0] @ h
@@ -457,7 +467,7 @@ def rotated_reference_nll(model, windows, block: int, act_bits: int | None, weig
                 out[b] = torch.where(r == 0, 0.0, seqs[b]) if remove else torch.clamp(r, -q, q) * step
             return (out.reshape(xr.shape),)
 
-        handles.append(l.module.register_forward_pre_hook(pre))
+        handles.append(layer.module.register_forward_pre_hook(pre))
     return hooked_nll(model, windows, handles, originals)
 
 
@@ -471,13 +481,17 @@ def test_fake_quantization_and_kernel_removal_act_in_the_rotated_basis(family):
     assert w4a4["nll"] == pytest.approx(rotated_reference_nll(model, windows, 16, 4, 4), rel=1e-5)
     # remove-kernel with fp weights maps the activation back (T⁻¹(R(T(x))), original W); the reference
     # feeds R(T(x)) to W·H: the same product up to rounding
-    removed = run_scheme(model, windows, parse_scheme("remove-kernel-per-token", bits=4), layers, transform=bound)
-    assert removed["nll"] == pytest.approx(rotated_reference_nll(model, windows, 16, 4, None, remove=True), rel=1e-5)
+    removed = run_scheme(model, windows, parse_scheme("remove-kernel-per-token", bits=4), layers,
+                         transform=bound)
+    assert removed["nll"] == pytest.approx(rotated_reference_nll(model, windows, 16, 4, None, remove=True),
+                                           rel=1e-5)
     plain = run_scheme(model, windows, parse_scheme("remove-kernel-per-token", bits=4), layers)
     assert removed["kernel_fraction"] < plain["kernel_fraction"]  # the rotation spreads the outliers
-    with_w8 = run_scheme(model, windows, parse_scheme("remove-kernel-per-token", bits=4, weight_bits=8), layers,
-                         transform=bound)  # weights quantized in the rotated basis: R(T(x)) meets Q(W·H)
-    assert with_w8["nll"] == pytest.approx(rotated_reference_nll(model, windows, 16, 4, 8, remove=True), rel=1e-5)
+    # weights quantized in the rotated basis: R(T(x)) meets Q(W·H)
+    with_w8 = run_scheme(model, windows, parse_scheme("remove-kernel-per-token", bits=4, weight_bits=8),
+                         layers, transform=bound)
+    assert with_w8["nll"] == pytest.approx(rotated_reference_nll(model, windows, 16, 4, 8, remove=True),
+                                           rel=1e-5)
     assert no_hooks(model)
 
 
@@ -504,7 +518,8 @@ def test_profile_counts_every_configuration_in_every_basis_in_one_pass(family, m
     model = tiny_model(family)
     windows, calib = windows_for(n=3), windows_for(n=2, seed=9)
     layers = select_linear_layers(model)
-    configs = [QuantizerConfig("per_token", 8), QuantizerConfig("crossquant", 4, 0.15), QuantizerConfig("per_token", 4)]
+    configs = [QuantizerConfig("per_token", 8), QuantizerConfig("crossquant", 4, 0.15),
+               QuantizerConfig("per_token", 4)]
     specs = [IDENTITY, parse_transform("hadamard:8"), parse_transform("hadamard").with_seed(3),
              parse_transform("smoothquant:0.6")]
     forwards = []
@@ -525,17 +540,22 @@ def test_profile_counts_every_configuration_in_every_basis_in_one_pass(family, m
             seqs = [t.layers[layer.name].activation(x)[0] for x in inputs[layer.name]]  # (T, I) each
             for cfg in configs:
                 expect = sum(ref.kernel_count(x, cfg.quantizer, cfg.bits, cfg.alpha) for x in seqs)
-                assert rows[(label, layer.name, cfg.label)]["kernel_elements"] == expect, (label, layer.name, cfg.label)
+                assert rows[(label, layer.name, cfg.label)]["kernel_elements"] == expect, (
+                    label, layer.name, cfg.label)
+    # the first layer sees the model's own input
     removal = run_scheme(model, windows, Scheme("count", "remove_kernel", configs[0], kernel_scale=1.0),
-                         layers[:1], transform=bound["hadamard:8"])  # the first layer sees the model's own input
-    assert removal["kernel_elements"] == rows[("hadamard:8", layers[0].name, configs[0].label)]["kernel_elements"]
+                         layers[:1], transform=bound["hadamard:8"])
+    assert (removal["kernel_elements"]
+            == rows[("hadamard:8", layers[0].name, configs[0].label)]["kernel_elements"])
     level = {(r["transform"], r["config"]): r for r in result.model_level.iter_rows(named=True)}
     for label in bound:
         per_layer = result.layers.filter(result.layers["transform"] == label)
         assert level[(label, "per_token int4")]["kernel_elements"] == per_layer.filter(
             per_layer["config"] == "per_token int4")["kernel_elements"].sum()
-    assert [t["transform"] for t in result.summary["transforms"]] == ["none", "hadamard:8", "hadamard", "smoothquant:0.6"]
-    assert result.summary["transforms"][2]["transform_seed"] == 3 and result.summary["calibration"] is not None
+    assert [t["transform"] for t in result.summary["transforms"]] == ["none", "hadamard:8", "hadamard",
+                                                                      "smoothquant:0.6"]
+    assert (result.summary["transforms"][2]["transform_seed"] == 3
+            and result.summary["calibration"] is not None)
     assert no_hooks(model)
 
 
@@ -550,7 +570,8 @@ def test_profile_measures_a_shared_input_once_per_basis_unless_calibrated(monkey
     profile(model, windows_for(n=1), configs, transforms=[IDENTITY, parse_transform("hadamard")])
     assert len(calls) == 2 * 2 * 4  # two blocks, two bases, four distinct inputs (q/k/v and gate/up shared)
     calls.clear()
-    profile(model, windows_for(n=1), configs, transforms=[parse_transform("smoothquant")], calibration=windows_for(seed=2))
+    profile(model, windows_for(n=1), configs, transforms=[parse_transform("smoothquant")],
+            calibration=windows_for(seed=2))
     assert len(calls) == 2 * 7  # SmoothQuant's factors are each layer's own: every layer measured
 
 
@@ -587,8 +608,10 @@ def test_a_resumed_profile_with_transforms_is_the_uninterrupted_one(tmp_path):
         profile(model, windows, configs, transforms=specs, batch_size=2, checkpoint=checkpoint, progress=stop)
     changed = r"transforms: \[\[none, None\], \[hadamard, 5\]\] in the checkpoint, \[\[none, None\]\] now"
     with pytest.raises(KernelscopeError, match=changed):
-        profile(model, windows, configs, transforms=specs[:1], batch_size=2, checkpoint=checkpoint, resume=True)
-    resumed = profile(model, windows, configs, transforms=specs, batch_size=2, checkpoint=checkpoint, resume=True)
+        profile(model, windows, configs, transforms=specs[:1], batch_size=2, checkpoint=checkpoint,
+                resume=True)
+    resumed = profile(model, windows, configs, transforms=specs, batch_size=2, checkpoint=checkpoint,
+                      resume=True)
     assert resumed.summary["resumed_from_window"] == 2 and resumed.layers.equals(whole.layers)
 
 
@@ -596,7 +619,8 @@ def test_profile_refuses_a_transform_given_twice_or_uncalibrated():
     model, windows = tiny_model("llama"), windows_for(n=1)
     configs = [QuantizerConfig("per_token", 8)]
     with pytest.raises(ValueError, match="given twice"):
-        profile(model, windows, configs, transforms=[parse_transform("hadamard"), parse_transform("Hadamard")])
+        profile(model, windows, configs,
+                transforms=[parse_transform("hadamard"), parse_transform("Hadamard")])
     with pytest.raises(ValueError, match="needs calibration windows"):
         profile(model, windows, configs, transforms=[parse_transform("smoothquant")])
     assert no_hooks(model)
@@ -614,8 +638,10 @@ def test_threshold_and_sweep_run_once_per_transform():
     assert all(len(s["verdicts"]) == 4 and len(s["actual_kernels"]) == 4 for s in searches)
     layers = select_linear_layers(model)
     bound = TransformBinder(model, layers).bind(specs[1])
-    at_one = res.table.filter((res.table["transform"] == "hadamard") & (res.table["lambda"] == 1.0)).row(0, named=True)
-    removal = run_scheme(model, windows, parse_scheme("remove-kernel-per-token", bits=2), layers, transform=bound)
+    at_one = res.table.filter((res.table["transform"] == "hadamard")
+                              & (res.table["lambda"] == 1.0)).row(0, named=True)
+    removal = run_scheme(model, windows, parse_scheme("remove-kernel-per-token", bits=2), layers,
+                         transform=bound)
     assert at_one["kernel_elements"] == removal["kernel_elements"] and at_one["nll"] == removal["nll"]
 
     sweep = alpha_sweep(model, windows, [1.0], transforms=specs).table.to_dicts()
@@ -634,24 +660,29 @@ def test_eval_cli_runs_every_scheme_under_each_transform(capsys, tiny_llama_dir,
 
     from tests.test_cli import run_cli
 
-    code, stdout, stderr = run_cli(capsys, "eval", str(tiny_llama_dir), "-d", str(text_file), "-n", "2", "-s", "32",
-                                   "--scheme", "fp,w4a4-per-token", "--transform", "none", "--transform",
-                                   "Hadamard", "--transform-seed", "2", "--json")
+    code, stdout, stderr = run_cli(capsys, "eval", str(tiny_llama_dir), "-d", str(text_file), "-n", "2",
+                                   "-s", "32", "--scheme", "fp,w4a4-per-token", "--transform", "none",
+                                   "--transform", "Hadamard", "--transform-seed", "2", "--json")
     assert code == 0, stderr
     rows = json.loads(stdout)["results"]
     assert [(r["scheme"], r["transform"], r["transform_seed"]) for r in rows] == [
-        ("fp", "none", None), ("fp", "hadamard", 2), ("w4a4-per-token", "none", None), ("w4a4-per-token", "hadamard", 2)]
+        ("fp", "none", None), ("fp", "hadamard", 2), ("w4a4-per-token", "none", None),
+        ("w4a4-per-token", "hadamard", 2)]
     assert abs(rows[1]["perplexity"] / rows[0]["perplexity"] - 1) < 1e-4
 
 
 @pytest.mark.parametrize("args,message", [
-    (["eval", "--transform-seed", "3"], "--transform-seed has no effect here: it seeds the random signs of a hadamard"),
+    (["eval", "--transform-seed", "3"],
+     "--transform-seed has no effect here: it seeds the random signs of a hadamard"),
     (["sweep", "--transform", "smoothquant", "--transform-seed", "3"], "--transform-seed has no effect here"),
-    (["eval", "--transform", "hadamard:128"], ("--transform hadamard:128: layer model.layers.0.self_attn.q_proj: "
-                                               "B=128 does not divide its 32 input channels")),
-    (["threshold", "--transform", "none,hadamard:64"], "--transform hadamard:64: layer model.layers.0.self_attn.q_proj"),
+    (["eval", "--transform", "hadamard:128"], ("--transform hadamard:128: layer "
+                                               "model.layers.0.self_attn.q_proj: B=128 does not divide its "
+                                               "32 input channels")),
+    (["threshold", "--transform", "none,hadamard:64"],
+     "--transform hadamard:64: layer model.layers.0.self_attn.q_proj"),
     (["eval", "--transform", "hadamard:3"], "--transform 'hadamard:3': hadamard: B must be a power of two"),
-    (["eval", "--transform", "smoothquant:2"], "--transform 'smoothquant:2': smoothquant: α must be a number in [0, 1]"),
+    (["eval", "--transform", "smoothquant:2"],
+     "--transform 'smoothquant:2': smoothquant: α must be a number in [0, 1]"),
     (["eval", "--transform", "rotate"], "--transform 'rotate': unknown transform 'rotate'"),
     (["eval", "--transform", "hadamard,HADAMARD"], "--transform HADAMARD is given twice (as hadamard)"),
     (["eval", "--transform", ","], "--transform needs at least one value"),
@@ -661,11 +692,15 @@ def test_eval_cli_runs_every_scheme_under_each_transform(capsys, tiny_llama_dir,
     (["eval", "--transform", "hadamard", "--calib-nsamples", "8"], "--calib-nsamples has no effect here"),
     (["sweep", "--calib-dataset", "pydoc"], "--calib-dataset has no effect here"),
     (["eval", "--transform", "smoothquant", "--smooth-alpha", "0.7"], "--smooth-alpha has no effect here"),
-    (["profile", "--transform-seed", "3"], "--transform-seed has no effect here: it seeds the random signs of a hadamard"),
-    (["profile", "--transform", "hadamard:64"], "--transform hadamard:64: layer model.layers.0.self_attn.q_proj"),
+    (["profile", "--transform-seed", "3"],
+     "--transform-seed has no effect here: it seeds the random signs of a hadamard"),
+    (["profile", "--transform", "hadamard:64"],
+     "--transform hadamard:64: layer model.layers.0.self_attn.q_proj"),
     (["profile", "--transform", "none,NONE"], "--transform NONE is given twice (as none)"),
-    (["profile", "--transform", "hadamard", "--calib-dataset", "pydoc"], "--calib-dataset has no effect here"),
-    (["profile", "--transform", "smoothquant", "--calib-nsamples", "0"], "--calib-nsamples must be at least 1"),
+    (["profile", "--transform", "hadamard", "--calib-dataset", "pydoc"],
+     "--calib-dataset has no effect here"),
+    (["profile", "--transform", "smoothquant", "--calib-nsamples", "0"],
+     "--calib-nsamples must be at least 1"),
 ])
 def test_bad_transform_options_are_refused(args, message, capsys, tmp_path, tiny_llama_dir, text_file):
     from tests.test_trust import assert_refused
@@ -675,24 +710,27 @@ def test_bad_transform_options_are_refused(args, message, capsys, tmp_path, tiny
                    message, tmp_path)
 
 
-def test_profile_cli_counts_each_basis_and_shows_them_side_by_side(capsys, tmp_path, tiny_llama_dir, text_file):
+def test_profile_cli_counts_each_basis_and_shows_them_side_by_side(capsys, tmp_path, tiny_llama_dir,
+                                                                   text_file):
     import json
 
     import polars as pl
 
     from tests.test_cli import run_cli
 
-    args = ["profile", str(tiny_llama_dir), "-d", str(text_file), "-n", "2", "-s", "32", "-q", "per_token", "-b", "4",
-            "--transform", "none,hadamard:16", "--transform", "smoothquant:0.7", "--calib-dataset", str(text_file),
-            "--calib-nsamples", "2"]
+    args = ["profile", str(tiny_llama_dir), "-d", str(text_file), "-n", "2", "-s", "32", "-q", "per_token",
+            "-b", "4", "--transform", "none,hadamard:16", "--transform", "smoothquant:0.7", "--calib-dataset",
+            str(text_file), "--calib-nsamples", "2"]
     code, stdout, stderr = run_cli(capsys, *args, "-o", str(tmp_path / "run"))
     assert code == 0, stderr
     shown = " ".join(stdout.split())
     assert "Model-level kernel per transform" in shown and " pt │" in shown  # the change from none, in points
     layers = pl.read_parquet(tmp_path / "run" / "layers.parquet")
-    assert layers["transform"].unique(maintain_order=True).to_list() == ["none", "hadamard:16", "smoothquant:0.7"]
+    assert layers["transform"].unique(maintain_order=True).to_list() == ["none", "hadamard:16",
+                                                                         "smoothquant:0.7"]
     weights = pl.read_parquet(tmp_path / "run" / "weights.parquet")
-    assert weights["transform"].unique(maintain_order=True).to_list() == ["none", "hadamard:16", "smoothquant:0.7"]
+    assert weights["transform"].unique(maintain_order=True).to_list() == ["none", "hadamard:16",
+                                                                          "smoothquant:0.7"]
     code, stdout, stderr = run_cli(capsys, *args, "--json")
     summary = json.loads(stdout)
     assert [t["transform"] for t in summary["transforms"]] == ["none", "hadamard:16", "smoothquant:0.7"]
@@ -732,9 +770,11 @@ def test_smoothquant_on_the_output_projection_is_calibrated_on_every_position():
     layers = select_linear_layers(model, include_lm_head=True)
     head = next(layer for layer in layers if layer.module is model.get_output_embeddings())
     calib = windows_for(n=2, seed=3)
-    maxima = calibration_maxima(model, [head], calib, {head.name: LayerTransform(head.in_features)})[head.name]
+    maxima = calibration_maxima(model, [head], calib,
+                                {head.name: LayerTransform(head.in_features)})[head.name]
     seen = []
-    handle = head.module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().abs().amax(dim=(0, 1))))
+    handle = head.module.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].detach().abs().amax(dim=(0, 1))))
     try:
         with torch.no_grad():
             model(input_ids=calib.tokens)  # every position's logits

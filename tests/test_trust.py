@@ -550,12 +550,12 @@ def test_help_shows_the_defaults_written_in_the_text(capsys):
     import importlib
     import re
 
-    source = open(importlib.import_module("kernelscope.cli.app").__file__, encoding="utf-8").read()
+    source = Path(importlib.import_module("kernelscope.cli.app").__file__).read_text(encoding="utf-8")
     written = re.findall(r"\\\\\[default: ([^\]]+)\]", source)  # the defaults the help text spells out itself
     assert len(written) >= 10
     shown = []
     for command in ("profile", "eval", "threshold", "sweep", "zeroshot", "advise"):
-        code, stdout, _ = run_cli(capsys, command, "--help")
+        _code, stdout, _ = run_cli(capsys, command, "--help")
         shown.append(" ".join(stdout.replace("│", " ").split()))
     for value in written:
         assert any(f"[default: {' '.join(value.split())}]" in text for text in shown), value
@@ -616,7 +616,8 @@ def test_a_foreign_folder_is_not_met_with_advice_to_overwrite_it(capsys, tmp_pat
 def test_report_refuses_a_run_given_twice_and_a_malformed_summary(capsys, tmp_path):
     from kernelscope.results import write_run
 
-    run = write_run(tmp_path / "run", {"layers": pl.DataFrame({"tokens": [1]})}, {"kind": "profile", "model": "x"})
+    run = write_run(tmp_path / "run", {"layers": pl.DataFrame({"tokens": [1]})},
+                    {"kind": "profile", "model": "x"})
     assert_refused(
         capsys,
         ["report", str(run), str(tmp_path / "run" / "."), "-o", str(tmp_path / "r.html")],

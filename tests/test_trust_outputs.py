@@ -54,15 +54,17 @@ def test_overwrite_keeps_a_users_parquet_file_in_a_run_folder(capsys, tmp_path, 
     args = ["profile", *small(tiny_llama_dir, text_file, "-o", str(out))]
     assert run_cli(capsys, *args)[0] == 0
     pl.DataFrame({"scale": [0.5, 0.25]}).write_parquet(out / "my_calibration.parquet")
-    assert_refused(capsys, [*args, "--overwrite"], "holds files kernelscope did not write (my_calibration.parquet)",
-                   tmp_path)
+    assert_refused(capsys, [*args, "--overwrite"],
+                   "holds files kernelscope did not write (my_calibration.parquet)", tmp_path)
 
 
-def test_a_kernelscope_file_the_user_changed_or_copied_in_is_theirs(capsys, tmp_path, tiny_llama_dir, text_file):
+def test_a_kernelscope_file_the_user_changed_or_copied_in_is_theirs(capsys, tmp_path, tiny_llama_dir,
+                                                                    text_file):
     out, other = tmp_path / "run", tmp_path / "other"
     args = ["profile", *small(tiny_llama_dir, text_file, "-o", str(out))]
     assert run_cli(capsys, *args)[0] == 0
-    assert run_cli(capsys, "profile", *small(tiny_llama_dir, text_file, "-q", "mxfp4", "-o", str(other)))[0] == 0
+    assert run_cli(capsys, "profile",
+                   *small(tiny_llama_dir, text_file, "-q", "mxfp4", "-o", str(other)))[0] == 0
     (out / "theirs.parquet").write_bytes((other / "layers.parquet").read_bytes())  # a table, not this run's
     assert_refused(capsys, [*args, "--overwrite"], "(theirs.parquet)", tmp_path)
     (out / "theirs.parquet").unlink()
@@ -73,7 +75,8 @@ def test_a_kernelscope_file_the_user_changed_or_copied_in_is_theirs(capsys, tmp_
 
 def test_overwrite_replaces_its_own_run_and_report_inside_it(capsys, tmp_path, tiny_llama_dir, text_file):
     out = tmp_path / "run"
-    args = ["profile", *small(tiny_llama_dir, text_file, "-o", str(out), "--report", str(out / "report.html"))]
+    args = ["profile",
+            *small(tiny_llama_dir, text_file, "-o", str(out), "--report", str(out / "report.html"))]
     assert run_cli(capsys, *args)[0] == 0
     assert (out / "report.html").is_file() and (out / "layers.parquet").is_file()
     code, _, stderr = run_cli(capsys, *args, "--overwrite")
@@ -87,7 +90,8 @@ def test_an_older_folder_without_a_file_list_is_judged_by_content(tmp_path):
     from kernelscope.results.paths import foreign_entries
 
     pl.DataFrame({"x": [1]}).write_parquet(tmp_path / "plain.parquet")
-    pl.DataFrame({"x": [1]}).write_parquet(tmp_path / "layers.parquet", metadata={"kernelscope.table": "layers"})
+    pl.DataFrame({"x": [1]}).write_parquet(tmp_path / "layers.parquet",
+                                           metadata={"kernelscope.table": "layers"})
     (tmp_path / "summary.json").write_text('{"schema_version": 2, "kind": "profile"}')
     (tmp_path / ".kernelscope-run").write_text('{"schema_version": 2, "summary": "summary.json"}')
     assert foreign_entries(tmp_path) == ["plain.parquet"]
@@ -136,11 +140,14 @@ def test_a_report_that_fails_at_the_end_takes_the_run_folder_with_it(capsys, tmp
 
     out, report = tmp_path / "run", tmp_path / "pages" / "report.html"
     monkeypatch.setattr(html, "default_mode", full)
-    assert_refused(capsys, ["eval", *small(tiny_llama_dir, text_file, "-o", str(out), "--report", str(report))],
-                   f"--report {report} cannot be written (No space left on device); nothing was written", tmp_path)
+    assert_refused(capsys,
+                   ["eval", *small(tiny_llama_dir, text_file, "-o", str(out), "--report", str(report))],
+                   f"--report {report} cannot be written (No space left on device); nothing was written",
+                   tmp_path)
 
 
-def test_an_existing_run_survives_a_failed_overwrite(capsys, tmp_path, monkeypatch, tiny_llama_dir, text_file):
+def test_an_existing_run_survives_a_failed_overwrite(capsys, tmp_path, monkeypatch, tiny_llama_dir,
+                                                     text_file):
     import kernelscope.reports.html as html
 
     out = tmp_path / "run"
@@ -248,7 +255,8 @@ def test_resume_refuses_an_alpha_that_differs_below_its_label(capsys, tmp_path, 
     text = ks.load_text(str(text_file))
     windows = ks.make_windows(ks.tokenize(loaded.tokenizer, text.text), 32, 2)
     checkpoint = checkpoint_path(tmp_path / "run")
-    ks.profile(loaded, windows, [QuantizerConfig("crossquant", 8, alpha=0.15)], text=text, checkpoint=checkpoint)
+    ks.profile(loaded, windows, [QuantizerConfig("crossquant", 8, alpha=0.15)], text=text,
+               checkpoint=checkpoint)
     args = ["profile", *small(tiny_llama_dir, text_file, "-q", "crossquant", "-b", "8", "-o",
                               str(tmp_path / "run"), "--resume")]
     stderr = assert_refused(capsys, [*args, "-a", "0.1500001"], "belongs to a different run", tmp_path)
@@ -272,11 +280,12 @@ def test_a_scheme_better_than_fp_is_called_so_where_the_kernel_share_is_undefine
     assert "not separable" in kernel_explains(unclear, kernel, fp)["note"]
 
 
-def test_an_empty_ignore_file_says_on_screen_that_it_keeps_nothing(capsys, tmp_path, tiny_llama_dir, text_file):
+def test_an_empty_ignore_file_says_on_screen_that_it_keeps_nothing(capsys, tmp_path, tiny_llama_dir,
+                                                                    text_file):
     empty = tmp_path / "empty.txt"
     empty.write_text("# no layers\n")
-    code, stdout, stderr = run_cli(capsys, "eval", *small(tiny_llama_dir, text_file, "--scheme", "w8a8-per-token",
-                                                          "--ignore", f"@{empty}"))
+    code, stdout, stderr = run_cli(capsys, "eval", *small(tiny_llama_dir, text_file, "--scheme",
+                                                          "w8a8-per-token", "--ignore", f"@{empty}"))
     assert code == 0, stderr
     flat = " ".join(stdout.split())
     assert f"--ignore @{empty} keeps no layer in full precision" in flat

@@ -162,7 +162,8 @@ def test_window_nll_equals_a_loop_over_windows_written_here():
     model, windows = tiny_model("llama"), windows_for(4)
     row = run_scheme(model, windows, Scheme("fp", "fp"), [], batch_size=3)
     with torch.no_grad():
-        naive = [torch.nn.functional.cross_entropy(model(input_ids=w[None]).logits[0, :-1].double(), w[1:]).item()
+        naive = [torch.nn.functional.cross_entropy(model(input_ids=w[None]).logits[0, :-1].double(),
+                                                   w[1:]).item()
                  for w in windows.tokens]
     assert row["window_nll"] == pytest.approx(naive, rel=1e-6)
     assert row["nll"] == pytest.approx(sum(naive) / 4, rel=1e-6)

@@ -80,7 +80,8 @@ def assert_same_as_harness(result, scheme, results, samples):
             for metric in ("acc", "acc_norm"):
                 if metric in sample:
                     assert ours[doc_id][metric] == sample[metric], (task, doc_id, metric)
-        for row in result.table.filter((pl.col("scheme") == scheme) & (pl.col("task") == task)).iter_rows(named=True):
+        for row in result.table.filter((pl.col("scheme") == scheme)
+                                       & (pl.col("task") == task)).iter_rows(named=True):
             assert row["accuracy"] == results[task][f"{row['metric']},none"]
             assert row["stderr"] == pytest.approx(results[task][f"{row['metric']}_stderr,none"], abs=1e-12)
 
@@ -119,7 +120,8 @@ def test_hooks_act_in_the_harness_passes_and_are_gone_after(tokenizer, zeroshot_
 
     zeroed = copy.deepcopy(model)
     with torch.no_grad():
-        for layer in (m for n, m in zeroed.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n):
+        for layer in (m for n, m in zeroed.named_modules()
+                      if isinstance(m, torch.nn.Linear) and ".layers." in n):
             layer.weight.zero_()
     results, samples = harness_direct(zeroed, tokenizer, zeroshot_tasks, num_fewshot=1)
     assert_same_as_harness(result, everything.name, results, samples)
@@ -156,11 +158,13 @@ def fake_quantize_by_hand(model, per: str):
 
 
 @needs_harness
-def test_w8a8_per_token_equals_the_harness_on_a_copy_quantized_by_hand(tokenizer, zeroshot_tasks, quick_harness):
+def test_w8a8_per_token_equals_the_harness_on_a_copy_quantized_by_hand(tokenizer, zeroshot_tasks,
+                                                                        quick_harness):
     """Every log-likelihood of W8A8 per-token, to the last bit, is the harness's on a copy whose
     weights and inputs were rounded by hand."""
     model = tiny_model("llama")
-    result = zeroshot(model, load_tasks(TASKS, zeroshot_tasks), [parse_scheme("w8a8-per-token")], tokenizer=tokenizer)
+    result = zeroshot(model, load_tasks(TASKS, zeroshot_tasks), [parse_scheme("w8a8-per-token")],
+                      tokenizer=tokenizer)
     results, samples = harness_direct(fake_quantize_by_hand(model, "token"), tokenizer, zeroshot_tasks)
     assert_same_as_harness(result, "w8a8-per-token", results, samples)
 
@@ -178,7 +182,7 @@ def test_per_token_schemes_do_not_depend_on_the_batch(tokenizer, zeroshot_tasks)
     assert set(one.table["num_fewshot"]) == {0}  # the tasks' own count again, not the earlier run's
     three = zeroshot(model, tasks, schemes, tokenizer=tokenizer, batch_size=3)
     assert one.items.height == three.items.height == 2 * (len(MC_ITEMS) + len(LAST_WORD_ITEMS))
-    for a, b in zip(one.items.iter_rows(named=True), three.items.iter_rows(named=True)):
+    for a, b in zip(one.items.iter_rows(named=True), three.items.iter_rows(named=True), strict=True):
         assert (a["scheme"], a["task"], a["doc_id"]) == (b["scheme"], b["task"], b["doc_id"])
         assert a["loglikelihoods"] == pytest.approx(b["loglikelihoods"], rel=1e-5, abs=1e-4)
     assert three.table["kernel_fraction"].is_null().all()  # a batch's padding would be counted
@@ -189,9 +193,9 @@ def test_per_token_schemes_do_not_depend_on_the_batch(tokenizer, zeroshot_tasks)
 def test_command_end_to_end(capsys, tmp_path, tiny_llama_dir, zeroshot_tasks):
     out, page = tmp_path / "zs", tmp_path / "zs.html"
     code, stdout, stderr = run_cli(
-        capsys, "zeroshot", str(tiny_llama_dir), "--tasks", ",".join(TASKS), "--include-path", str(zeroshot_tasks),
-        "--scheme", "fp", "--scheme", "w8a8-crossquant,remove-kernel-per-token", "--limit", "3", "--seed", "7",
-        "--output", str(out), "--report", str(page))
+        capsys, "zeroshot", str(tiny_llama_dir), "--tasks", ",".join(TASKS), "--include-path",
+        str(zeroshot_tasks), "--scheme", "fp", "--scheme", "w8a8-crossquant,remove-kernel-per-token",
+        "--limit", "3", "--seed", "7", "--output", str(out), "--report", str(page))
     assert code == 0, stderr
     flat = " ".join(stdout.replace("│", " ").split())
     assert "Zero-shot accuracy" in flat and "kernelscope zeroshot" in flat and "acc_norm" in flat
@@ -211,7 +215,8 @@ def test_command_end_to_end(capsys, tmp_path, tiny_llama_dir, zeroshot_tasks):
     assert table.height == len(rows) and items.height == 3 * (3 + 3)
     fp = {(r["task"], r["metric"]): r["accuracy"] for r in rows if r["scheme"] == "fp"}
     for r in rows:
-        values = items.filter((pl.col("scheme") == r["scheme"]) & (pl.col("task") == r["task"]))[r["metric"]].to_list()
+        values = items.filter((pl.col("scheme") == r["scheme"])
+                              & (pl.col("task") == r["task"]))[r["metric"]].to_list()
         mean = sum(values) / len(values)
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
         assert r["items"] == len(values) == 3 and r["accuracy"] == pytest.approx(mean, abs=1e-12)
@@ -223,8 +228,9 @@ def test_command_end_to_end(capsys, tmp_path, tiny_llama_dir, zeroshot_tasks):
     section = text[text.index("<h2>Zero-shot accuracy</h2>"):]
     assert "<th>remove-kernel-per-token</th>" in section and "<td>ks_lastword</td>" in section
 
-    code, stdout, stderr = run_cli(capsys, "zeroshot", str(tiny_llama_dir), "--tasks", "ks_mc", "--include-path",
-                                   str(zeroshot_tasks), "--scheme", "fp", "--limit", "2", "--json")
+    code, stdout, stderr = run_cli(capsys, "zeroshot", str(tiny_llama_dir), "--tasks", "ks_mc",
+                                   "--include-path", str(zeroshot_tasks), "--scheme", "fp", "--limit", "2",
+                                   "--json")
     assert code == 0, stderr
     body = json.loads(stdout)  # nothing but the summary on stdout
     assert [r["items"] for r in body["results"]] == [2, 2]
@@ -249,13 +255,15 @@ BAD = {
     "negative shots": (["--num-fewshot", "-1"], "--num-fewshot must be at least 0"),
     "seed beyond numpy's": (["--seed", str(2**32)], "--seed 4294967296 is out of range"),
     "unknown scheme": (["--scheme", "w8a8-nope"], "unknown scheme 'w8a8-nope'"),
-    "missing include path": (["--include-path", "/no/such/tasks"], "--include-path /no/such/tasks: no such folder"),
-    "generation task": (["--tasks", "ks_generate"], "task ks_generate (from --tasks ks_generate) is a generate_until task"),
+    "missing include path": (["--include-path", "/no/such/tasks"],
+                             "--include-path /no/such/tasks: no such folder"),
+    "generation task": (["--tasks", "ks_generate"],
+                        "task ks_generate (from --tasks ks_generate) is a generate_until task"),
     "shots on a zero-shot task": (["--tasks", "ks_zero", "--num-fewshot", "2"],
                                   "--num-fewshot 2 has no effect on task ks_zero: its definition fixes"),
     "hub data offline": (["--tasks", "ks_hub"], ("task ks_hub needs the dataset EleutherAI/lambada_openai "
-                                                 "(default) from the Hugging Face hub, which cannot be reached "
-                                                 "(offline mode is on")),
+                                                 "(default) from the Hugging Face hub, which cannot be "
+                                                 "reached (offline mode is on")),
 }
 
 
@@ -275,15 +283,18 @@ def test_harness_tasks_by_name_unknown_and_offline(capsys, tmp_path, tiny_llama_
     """A harness task without its data says what it needs and both ways to make it available; an
     unknown name is named, with the nearest ones."""
     line = refused(capsys, tmp_path, [str(tiny_llama_dir), "--tasks", "lambada_openai", "--include-path",
-                                      str(zeroshot_tasks)], "task lambada_openai needs the dataset EleutherAI/lambada_openai")
+                                      str(zeroshot_tasks)],
+                   "task lambada_openai needs the dataset EleutherAI/lambada_openai")
     assert "HF_DATASETS_OFFLINE=1" in line and "--include-path DIR" in line
-    line = refused(capsys, tmp_path, [str(tiny_llama_dir), "--tasks", "ks_mcq", "--include-path", str(zeroshot_tasks)],
+    line = refused(capsys, tmp_path, [str(tiny_llama_dir), "--tasks", "ks_mcq", "--include-path",
+                                      str(zeroshot_tasks)],
                    "unknown task 'ks_mcq' in --tasks; did you mean ks_mc")
     assert "none of the YAML files under --include-path" in line
 
 
 @needs_harness
-def test_hub_unreachable_is_refused_without_trying(capsys, tmp_path, tiny_llama_dir, zeroshot_tasks, monkeypatch):
+def test_hub_unreachable_is_refused_without_trying(capsys, tmp_path, tiny_llama_dir, zeroshot_tasks,
+                                                   monkeypatch):
     """Without offline mode the harness's hub client retries for half a minute; kernelscope asks the
     hub once (a few seconds at most) and refuses at once."""
     import datasets
@@ -292,12 +303,14 @@ def test_hub_unreachable_is_refused_without_trying(capsys, tmp_path, tiny_llama_
     import kernelscope.data.tasks as tasks_module
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(tasks_module, "hub_unreachable_reason", lambda: "https://huggingface.co is unreachable")
+    monkeypatch.setattr(tasks_module, "hub_unreachable_reason",
+                        lambda: "https://huggingface.co is unreachable")
     monkeypatch.setattr(TaskManager, "load", lambda self, names: pytest.fail("the harness was asked to load"))
     started = time.perf_counter()
-    line = refused(capsys, tmp_path, [str(tiny_llama_dir), "--tasks", "ks_hub", "--include-path", str(zeroshot_tasks)],
-                   "task ks_hub needs the dataset EleutherAI/lambada_openai (default) from the Hugging Face hub, "
-                   "which cannot be reached (https://huggingface.co is unreachable)")
+    line = refused(capsys, tmp_path, [str(tiny_llama_dir), "--tasks", "ks_hub", "--include-path",
+                                      str(zeroshot_tasks)],
+                   "task ks_hub needs the dataset EleutherAI/lambada_openai (default) from the Hugging Face "
+                   "hub, which cannot be reached (https://huggingface.co is unreachable)")
     assert time.perf_counter() - started < 5 and "HF_DATASETS_OFFLINE=1" in line
 
 

@@ -84,18 +84,20 @@ def run_advise(*, scheme, tolerance, budget, per_layer, kernel_groups, alpha, bi
         fail(f"{flag('--budget')} {budget:g} is out of range; give the share of Linear parameters allowed in "
              "full precision, in (0, 1] (0.05 is 5%)")
     kinds = _kernel_kinds(kernel_groups, per_layer)
-    removing = target.mode == "remove_kernel"
+    removing = target.mode.removes_kernel
     only_removal = "it applies to a remove-kernel-* --scheme only (a wXaY scheme names its own bit widths)"
     transforms = transform_options([transform] if transform else None, transform_seed)
     check_transforms_with_schemes([target], transforms)
     basis = next(iter(transforms))
     smoothing = target.transform.then(basis).needs_calibration
-    refuse_unused(given, **option_refusals(kw, seed_applies=smoothing), **transform_refusals(transforms, smoothing),
-                  alpha=None if target.activation.takes_alpha else "it is CrossQuant's exponent, and --scheme "
-                  "is not a *-crossquant scheme",
+    refuse_unused(given, **option_refusals(kw, seed_applies=smoothing),
+                  **transform_refusals(transforms, smoothing),
+                  alpha=None if target.activation.takes_alpha
+                  else "it is CrossQuant's exponent, and --scheme is not a *-crossquant scheme",
                   bits=None if removing and target.activation.format.grid.is_int else
                   "it applies to a remove-kernel-* --scheme of an INT quantizer only",
-                  weight_bits=None if removing else only_removal, group_size=None if removing else only_removal,
+                  weight_bits=None if removing else only_removal,
+                  group_size=None if removing else only_removal,
                   smooth_alpha=None if not target.transform.is_identity else "it applies to --scheme "
                   "w8a8-smoothquant only (give --transform smoothquant:α for the others)")
     check_weights(weight_bits, group_size)
@@ -111,7 +113,8 @@ def run_advise(*, scheme, tolerance, budget, per_layer, kernel_groups, alpha, bi
                         calibration_text=calib_text, batch_size=kw["batch_size"], progress=update)
     finish(result, kw["output"], kw["overwrite"], kw["as_json"], _show)
     if kw["output"] is None and not kw["as_json"]:
-        out.print("[dim]give -o DIR to write the plan (summary.json), its tables and the exports for llm-compressor and ModelOpt[/]")
+        out.print("[dim]give -o DIR to write the plan (summary.json), its tables and the exports for "
+                  "llm-compressor and ModelOpt[/]")
 
 
 def _change(r: dict, prefix: str = "", *, lines: bool = False) -> str:
@@ -138,19 +141,21 @@ def _share(share: float | None, low: float | None = None, high: float | None = N
 
 
 def _sensitivity_table(s: dict) -> Table:
-    table = Table(title=f"Sensitivity to {escape(s['scheme']['scheme'])}: only the group quantized, or only its "
-                        "kernel removed (paired 95% CI vs fp)", show_lines=True)
+    table = Table(title=f"Sensitivity to {escape(s['scheme']['scheme'])}: only the group quantized, or only "
+                        "its kernel removed (paired 95% CI vs fp)", show_lines=True)
     table.add_column("group (rank)", min_width=16, overflow="fold")  # a long group name folds
     for col in ("Δ perplexity\nquantized", "KL\n(nats)", "Δ perplexity\nkernel alone", "kernel's\nshare"):
         table.add_column(col, justify="right", no_wrap=True)
     for kind in ("module_type", "block", "layer"):
         rows = sorted((r for r in s["sensitivity"] if r["group_kind"] == kind), key=lambda r: r["rank"])
         for r in rows[:SHOWN_PER_KIND if kind != "module_type" else None]:
-            name = f"{escape(r['group'])} ({r['rank']})\n[dim]{r['layer_count']} layers, {pct(r['parameter_share'], 1)}[/]"
+            name = (f"{escape(r['group'])} ({r['rank']})\n"
+                    f"[dim]{r['layer_count']} layers, {pct(r['parameter_share'], 1)}[/]")
             table.add_row(name, _change(r, lines=True), f"{r['kl']:.1e}", _change(r, "kernel_", lines=True),
                           _share(r["kernel_share"], r["kernel_share_ci_low"], r["kernel_share_ci_high"]))
         if len(rows) > SHOWN_PER_KIND and kind != "module_type":
-            table.add_row(f"[dim]{len(rows) - SHOWN_PER_KIND} more {kind}s in the sensitivity table[/]", "", "", "", "")
+            table.add_row(f"[dim]{len(rows) - SHOWN_PER_KIND} more {kind}s in the sensitivity table[/]",
+                          "", "", "", "")
     return table
 
 
@@ -159,10 +164,12 @@ def _show(result) -> None:
     out.print(header(s, "kernelscope advise"))
     show_table(_sensitivity_table(s))
     fp, q, k, ke = s["fp"], s["quantized"], s["kernel"], s["kernel_explains"]
-    out.print(f"fp {with_ci(fp).replace(chr(10), ' ')}; {escape(q['scheme'])} {with_ci(q).replace(chr(10), ' ')} "
+    out.print(f"fp {with_ci(fp).replace(chr(10), ' ')}; "
+              f"{escape(q['scheme'])} {with_ci(q).replace(chr(10), ' ')} "
               f"{_change(q).replace(chr(10), ' ')}; its kernel alone {_change(k).replace(chr(10), ' ')}")
     if ke["share"] is not None:
-        out.print(f"the kernel explains [bold]{_share(ke['share'], ke['ci_low'], ke['ci_high']).replace(chr(10), ' ')}[/] "
+        out.print("the kernel explains "
+                  f"[bold]{_share(ke['share'], ke['ci_low'], ke['ci_high']).replace(chr(10), ' ')}[/] "
                   "of the scheme's loss (remove-kernel loss / full quantization loss, log perplexity)")
     else:
         out.print(f"the kernel's share of the loss is {escape(ke['note'])}")
@@ -173,14 +180,16 @@ def _show_plan(s: dict) -> None:
     p = s["plan"]
     bound = (f"within a budget of {100 * s['budget']:g}% of the parameters" if s["budget"] is not None
              else f"the fewest to stay within {100 * s['tolerance']:g}% of fp")
-    out.print(f"\n[bold]plan[/] ({bound}): keep [bold]{p['kept_layers']}[/] of {p['kept_layers'] + p['quantized_layers']} "
+    out.print(f"\n[bold]plan[/] ({bound}): keep [bold]{p['kept_layers']}[/] "
+              f"of {p['kept_layers'] + p['quantized_layers']} "
               f"Linear layers in full precision ({pct(p['parameter_share'])} of their parameters)")
     for cell in p["kept_cells"][:12]:
         out.print(f"  {escape(cell)}")
     if len(p["kept_cells"]) > 12:
         out.print(f"  ... and {len(p['kept_cells']) - 12} more cells (modules.txt)")
     verdict = "within" if p["within_tolerance"] else "[red]not within[/]"
-    out.print(f"plan perplexity [bold]{p['perplexity']:.4f}[/] {interval(p['perplexity_ci_low'], p['perplexity_ci_high'])}, "
+    out.print(f"plan perplexity [bold]{p['perplexity']:.4f}[/] "
+              f"{interval(p['perplexity_ci_low'], p['perplexity_ci_high'])}, "
               f"{_change(p).replace(chr(10), ' ')} vs fp: {verdict} the {100 * s['tolerance']:g}% tolerance "
               "(measured on its own pass over the same windows)")
     out.print(f"cost: {s['forward_passes']:.1f} forward passes (full-pass equivalents; {s['runs']} runs, "

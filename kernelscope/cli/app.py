@@ -132,10 +132,11 @@ def profile(
     seqlen: o.Seqlen = 2048,
     windows: o.WindowsSel = "first",
     seed: o.Seed = 0,
-    quantizer: Annotated[list[str] | None, typer.Option("--quantizer", "-q", metavar="NAME", help="Activation "
-        "quantizer, repeated or comma-separated: any format of `kernelscope formats`. INT ones (per_token, "
-        "crossquant, per_tensor, per_channel, per_group) at each --bits; float ones (fp8_per_token, mxfp8, "
-        "mxfp4, nvfp4, ...) once, at their own width. \\[default: per_token, crossquant]",
+    quantizer: Annotated[list[str] | None, typer.Option("--quantizer", "-q", metavar="NAME", help=(
+        "Activation quantizer, repeated or comma-separated: any format of `kernelscope formats`. INT ones "
+        "(per_token, crossquant, per_tensor, per_channel, per_group) at each --bits; float ones "
+        "(fp8_per_token, mxfp8, mxfp4, nvfp4, ...) once, at their own width. "
+        "\\[default: per_token, crossquant]"),
         show_default=False)] = None,
     bits: Annotated[list[str] | None, typer.Option("--bits", "-b", metavar="N", help="Bit width 2..8 of the "
         "INT quantizers, repeated or comma-separated. \\[default: 8, 4]", show_default=False)] = None,
@@ -261,7 +262,8 @@ def threshold(
     ctx: typer.Context,
     model: o.Model,
     dataset: o.Dataset = "wikitext2",
-    nsamples: Annotated[int, typer.Option("--nsamples", "-n", help="Windows per evaluation (at least 2).")] = 8,
+    nsamples: Annotated[int, typer.Option("--nsamples", "-n",
+                                          help="Windows per evaluation (at least 2).")] = 8,
     seqlen: o.Seqlen = 2048,
     windows: o.WindowsSel = "first",
     seed: o.Seed = 0,
@@ -312,12 +314,13 @@ def threshold(
 def sweep(
     ctx: typer.Context,
     model: o.Model,
-    quantizer: Annotated[list[str] | None, typer.Option("--quantizer", "-q", metavar="NAME", help="Activation "
-        "quantizers to compare, repeated or comma-separated, any of `kernelscope formats` (INT ones at each "
-        "--bits with INT weights at --weight-bits; float formats with their weights in that format). "
-        r"\[default: crossquant]", show_default=False)] = None,
-    alpha: Annotated[list[str] | None, typer.Option("--alpha", "-a", metavar="LIST", help="CrossQuant α values, "
-        r"comma-separated or repeated. \[default: 0.15,0.45,0.75,1]", show_default=False)] = None,
+    quantizer: Annotated[list[str] | None, typer.Option("--quantizer", "-q", metavar="NAME", help=(
+        "Activation quantizers to compare, repeated or comma-separated, any of `kernelscope formats` (INT "
+        "ones at each --bits with INT weights at --weight-bits; float formats with their weights in that "
+        r"format). \[default: crossquant]"), show_default=False)] = None,
+    alpha: Annotated[list[str] | None, typer.Option("--alpha", "-a", metavar="LIST", help=(
+        r"CrossQuant α values, comma-separated or repeated. \[default: 0.15,0.45,0.75,1]"),
+        show_default=False)] = None,
     dataset: o.Dataset = "wikitext2",
     nsamples: Annotated[int | None, typer.Option("--nsamples", "-n", help="Windows to evaluate; "
         "default: every window.", show_default=False)] = None,
@@ -371,8 +374,9 @@ def zeroshot(
         "tasks.", show_default=False)] = None,
     limit: Annotated[int | None, typer.Option("--limit", metavar="N", help="Score only the first N documents "
         "of each task. \\[default: all]", show_default=False)] = None,
-    num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", metavar="N", help="Few-shot examples per "
-        "prompt. \\[default: each task's own, 0 for most]", show_default=False)] = None,
+    num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", metavar="N", help=(
+        "Few-shot examples per prompt. \\[default: each task's own, 0 for most]"),
+        show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Requests per forward pass. Schemes whose scale spans a "
         "sequence (crossquant, per-tensor, per-channel, nvfp4) need 1: the harness pads a batch.")] = 1,
     seed: Annotated[int | None, typer.Option(help="The harness's four seeds (random, numpy, torch, "

@@ -88,8 +88,8 @@ def ignored_names(spec, model, layers: str | None, value: str) -> list[str]:
     selected = [layer.name for layer in select_linear_layers(model, layers)]
     names = [n for n in selected if re.search(spec, n)]
     if not names:
-        fail(f"{flag('--ignore')} {value!r} matches none of the {len(selected)} layers a scheme quantizes here "
-             "(see `kernelscope layers MODEL`)")
+        fail(f"{flag('--ignore')} {value!r} matches none of the {len(selected)} layers a scheme quantizes "
+             "here (see `kernelscope layers MODEL`)")
     return names
 
 
@@ -141,7 +141,8 @@ def check_transforms_with_schemes(schemes, transforms: dict) -> None:
                 s.transform.then(t)
             except ValueError as exc:
                 fail(f"{flag('--scheme')} {s.name} with {flag('--transform')} {transforms[t]}: {exc}; "
-                     f"give the scheme without its own transform (w8a8-per-token for w8a8-smoothquant) instead")
+                     f"give the scheme without its own transform (w8a8-per-token for w8a8-smoothquant) "
+                     f"instead")
 
 
 def transform_refusals(specs, calibrated: bool) -> dict[str, str | None]:

@@ -159,7 +159,8 @@ def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, wind
     chosen = make_windows(ids, seqlen, nsamples, selection=windows, seed=seed,
                           names=("text", flag("--nsamples"), flag("--seqlen")))
     if len(chosen) < min_windows:
-        fail(f"the text holds {len(chosen)} window(s) of {seqlen} tokens; this command needs at least {min_windows}")
+        fail(f"the text holds {len(chosen)} window(s) of {seqlen} tokens; this command needs at least "
+             f"{min_windows}")
     return Prepared(loaded, text, chosen, device)
 
 
@@ -193,7 +194,8 @@ def check_report_path(report: Path | None, overwrite: bool, output: Path | None 
     check_report_file(report, overwrite, flag("--report"))
 
 
-def finish(result, output: Path | None, overwrite: bool, as_json: bool, show, report: Path | None = None) -> None:
+def finish(result, output: Path | None, overwrite: bool, as_json: bool, show,
+           report: Path | None = None) -> None:
     """Save (if asked) and write the report (if asked), both or neither, then print JSON or the human view."""
     from kernelscope.results import to_json
 
@@ -206,8 +208,8 @@ def finish(result, output: Path | None, overwrite: bool, as_json: bool, show, re
         from kernelscope.results import RunFolder, json_safe
 
         tables = {result.TABLE: result.table} if hasattr(result, "TABLE") else {"layers": result.layers}
-        run = RunFolder(Path(result.summary.get("kind", "run")), json_safe({"schema_version": 1, **result.summary}),
-                        tables)
+        run = RunFolder(Path(result.summary.get("kind", "run")),
+                        json_safe({"schema_version": 1, **result.summary}), tables)
         write_report([run], report, overwrite=overwrite, option=flag("--report"))
     if as_json:
         print(to_json(result.summary, indent=2))
@@ -244,8 +246,8 @@ def header(summary: dict, title: str) -> Any:
 
     m = summary["model"]
     lines = [
-        f"[bold]model[/]   {escape(str(m.get('path', m.get('architecture'))))}  ({m.get('architecture')}, "
-        f"{m.get('parameters', 0) / 1e6:.0f}M parameters, {m.get('dtype')}, {m.get('device')})",
+        (f"[bold]model[/]   {escape(str(m.get('path', m.get('architecture'))))}  ({m.get('architecture')}, "
+         f"{m.get('parameters', 0) / 1e6:.0f}M parameters, {m.get('dtype')}, {m.get('device')})"),
         f"[bold]text[/]    {escape(summary['text']['description'])}  sha256 {summary['text']['sha256'][:12]}",
         f"[bold]windows[/] {escape(summary['windows']['description'])}",
     ]
@@ -288,7 +290,8 @@ def show_formats(as_json: bool) -> None:
 
         print(to_json(rows, indent=2))
         return
-    table = Table(title=f"{len(rows)} number formats: -q NAME, --weight-format NAME, --scheme remove-kernel-NAME")
+    table = Table(title=f"{len(rows)} number formats: -q NAME, --weight-format NAME, "
+                        "--scheme remove-kernel-NAME")
     for col in ("name", "elements", "τ"):  # kept whole; the wide ones wrap on a narrow terminal
         table.add_column(col, no_wrap=True, min_width=max(len(col), 5))
     for col in ("scale over each", "--scheme"):

@@ -143,7 +143,7 @@ def _whole(table: Table, width: int, least: list[int]) -> bool:
     cut to ``…`` (counted against the table laid out whole, in case a value holds one)."""
     console = _probe(width)
     widths = table._calculate_column_widths(console, console.options.update_width(width - table._extra_width))
-    if any(w < need for w, need in zip(widths, least)):
+    if any(w < need for w, need in zip(widths, least, strict=True)):
         return False
     lines = _rendered(table, width)
     cut = sum(line.count("…") for line in lines) > sum(line.count("…") for line in _rendered(table, _WIDE))
@@ -156,7 +156,7 @@ def _narrowed(table: Table, width: int, least: list[int], widest: list[int]) -> 
     spare = width - table._extra_width - sum(least)
     if spare < 0:
         return None
-    beyond = [w - n for n, w in zip(least, widest)]
+    beyond = [w - n for n, w in zip(least, widest, strict=True)]
     narrowed = copy.copy(table)
     narrowed.columns = []
     for index, column in enumerate(table.columns):
@@ -185,10 +185,10 @@ def _print_blocks(table: Table, console: Console) -> None:
     if table.title:
         console.print(_one_line(table.title, console), style=table.title_style or "table.title")
     headers = [_one_line(column.header, console).plain for column in table.columns]
-    for index, row in enumerate(zip(*(list(column.cells) for column in table.columns))):
+    for index, row in enumerate(zip(*(list(column.cells) for column in table.columns), strict=False)):
         if index:
             console.print()
-        for header, cell in zip(headers, row):
+        for header, cell in zip(headers, row, strict=True):
             value = _one_line(cell, console)
             if value.plain.strip():
                 console.print(Text.assemble((f"{header}: ", "bold"), value))
@@ -234,7 +234,8 @@ def versus_fp(r: dict) -> str:
     says so in words, so that it never reads as a loss."""
     if r.get("change_pct") is None:
         return ""
-    lines = [f"{r['change_pct']:+.2f}%", interval(r["change_pct_ci_low"], r["change_pct_ci_high"], _signed_pct)]
+    lines = [f"{r['change_pct']:+.2f}%",
+             interval(r["change_pct_ci_low"], r["change_pct_ci_high"], _signed_pct)]
     verdict = r.get("vs_fp") or ""
     if verdict.startswith("not separable"):
         lines.append("[yellow]not separable[/]")
@@ -243,4 +244,5 @@ def versus_fp(r: dict) -> str:
 
 def with_ci(r: dict) -> str:
     """A perplexity over its interval."""
-    return "\n".join(filter(None, [f"{r['perplexity']:.4f}", interval(r["perplexity_ci_low"], r["perplexity_ci_high"])]))
+    return "\n".join(filter(None, [f"{r['perplexity']:.4f}",
+                                   interval(r["perplexity_ci_low"], r["perplexity_ci_high"])]))

@@ -38,15 +38,17 @@ from kernelscope.cli.common import (
 from kernelscope.cli.console import fail, flag, interval, out, pct, show_table, versus_fp, with_ci
 from kernelscope.quant import DEFAULT_ALPHA, QuantizerConfig
 from kernelscope.quant.formats import FORMATS
+from kernelscope.quant.modes import Mode
+from kernelscope.quant.transforms import NONE
 
 
 def _details(r: dict) -> str:
     """What the scheme name does not already say."""
     parts = []
-    if r["mode"] == "remove_kernel":
+    if Mode(r["mode"]).removes_kernel:
         parts.append(f"kernel of {r['activation_format']}")
         parts.append("weights fp" if r["weight_bits"] is None else f"W{r['weight_bits']}")
-    if r["mode"] == "fake_quant" and r["weight_format"] is not None:
+    if Mode(r["mode"]) is Mode.FAKE_QUANT and r["weight_format"] is not None:
         parts.append(f"weights and activations {r['weight_format']}")
     if r["alpha"] is not None:
         parts.append(f"α={r['alpha']:g}")
@@ -59,7 +61,7 @@ def _details(r: dict) -> str:
 
 def _with_transforms(rows: list[dict]) -> bool:
     """True when some row ran in a transformed basis (the table then names each row's transform)."""
-    return any(r.get("transform", "none") != rows[0].get("transform", "none") or r.get("transform_layers")
+    return any(r.get("transform", NONE) != rows[0].get("transform", NONE) or r.get("transform_layers")
                for r in rows)
 
 
@@ -72,10 +74,11 @@ def _show_eval(result) -> None:
     if kept:
         title += f"; {len(kept)} layers kept in full precision ({escape(str(s['layers']['ignore']))})"
     elif s["layers"].get("ignore"):
-        out.print(f"[yellow]note:[/] {flag('--ignore')} {escape(str(s['layers']['ignore']))} keeps no layer in "
-                  "full precision: every layer a scheme quantizes is quantized")
+        out.print(f"[yellow]note:[/] {flag('--ignore')} {escape(str(s['layers']['ignore']))} keeps no layer "
+                  "in full precision: every layer a scheme quantizes is quantized")
     table = Table(title=title, show_lines=True)
-    table.add_column("scheme", min_width=min(28, max(len(r["scheme"]) for r in rows)))  # names whole; details wrap
+    # names whole; details wrap
+    table.add_column("scheme", min_width=min(28, max(len(r["scheme"]) for r in rows)))
     for col in ("perplexity\n95% CI", "vs fp, paired\n95% CI", "act.\nkernel", "s"):
         table.add_column(col, justify="right", no_wrap=True)
     for r in rows:
@@ -84,8 +87,8 @@ def _show_eval(result) -> None:
         table.add_row(name, with_ci(r), versus_fp(r), pct(r["kernel_fraction"]), f"{r['seconds']:.1f}")
     show_table(table)
     if any((r.get("vs_fp") or "").startswith("not separable") for r in rows):
-        out.print("[dim]not separable: the interval of the change contains 0, so these windows do not tell it "
-                  "from fp[/]")
+        out.print("[dim]not separable: the interval of the change contains 0, so these windows do not tell "
+                  "it from fp[/]")
     out.print(f"[dim]intervals: {escape(s['uncertainty'])}[/]")
     for r in rows:
         if not r.get("finite", True):
@@ -112,12 +115,13 @@ def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, tran
         fail(f"a {flag('--scheme')} is given twice")
     transforms = transform_options(transform, transform_seed)
     check_transforms_with_schemes(schemes, transforms)
-    removing = any(s.mode == "remove_kernel" for s in schemes)
-    removing_int = any(s.mode == "remove_kernel" and s.activation.format.grid.is_int for s in schemes)
+    removing = any(s.mode.removes_kernel for s in schemes)
+    removing_int = any(s.mode.removes_kernel and s.activation.format.grid.is_int for s in schemes)
     own = any(not s.transform.is_identity for s in schemes)  # wXaY-smoothquant
     calibrated = any(s.transform.then(t).needs_calibration for s in schemes for t in transforms)
     only_removal = "it applies to remove-kernel-* schemes only (a wXaY scheme names its own bit widths)"
-    refuse_unused(given, **option_refusals(kw, seed_applies=calibrated), **transform_refusals(transforms, calibrated),
+    refuse_unused(given, **option_refusals(kw, seed_applies=calibrated),
+                  **transform_refusals(transforms, calibrated),
                   alpha=None if any(s.activation and s.activation.takes_alpha for s in schemes)
                   else "it is CrossQuant's exponent, and no --scheme given is a *-crossquant scheme",
                   bits=None if removing_int
@@ -127,7 +131,7 @@ def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, tran
                   group_size=None if removing else only_removal,
                   smooth_alpha=None if own else "it applies to the w8a8-smoothquant scheme only "
                   "(give --transform smoothquant:α for the others)",
-                  ignore=None if any(s.mode != "fp" for s in schemes)
+                  ignore=None if any(s.mode.quantizes for s in schemes)
                   else "it keeps layers in full precision under a scheme, and fp quantizes none")
     check_weights(weight_bits, group_size)
     spec = read_ignore(ignore) if ignore is not None else None
@@ -145,7 +149,7 @@ def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, tran
 
 def _show_search(s: dict, search: dict) -> None:
     """One threshold search: its curve with intervals, its bracket, its uncertainty and verdicts."""
-    basis = "" if search["transform"] == "none" else f", in the {search['transform']} basis"
+    basis = "" if search["transform"] == NONE else f", in the {search['transform']} basis"
     table = Table(title=f"Remove-kernel perplexity along {s['family']['label']} zero bound x λ{basis} "
                         f"(fp {s['fp_perplexity']:.4f}, tolerance {100 * s['tolerance']:g}%)")
     for col in ("λ", "kernel", "perplexity", "95% CI", "vs fp", "within", "P(within)"):
@@ -205,8 +209,10 @@ def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, 
     grid = FORMATS[name].grid
     transforms = transform_options(transform, transform_seed)
     calibrated = any(t.needs_calibration for t in transforms)
-    refuse_unused(given, **option_refusals(kw, seed_applies=calibrated), **transform_refusals(transforms, calibrated),
-                  family_bits=None if grid is None else f"--family {family} carries its own {grid.bits}-bit elements")
+    refuse_unused(given, **option_refusals(kw, seed_applies=calibrated),
+                  **transform_refusals(transforms, calibrated),
+                  family_bits=None if grid is None
+                  else f"--family {family} carries its own {grid.bits}-bit elements")
     base = QuantizerConfig(name, family_bits if grid is None else grid.bits,
                            alpha if FORMATS[name].takes_alpha else None)
     if calibrated:
@@ -229,9 +235,12 @@ def _show_sweep(result) -> None:
     rows = s["results"]
     transformed = _with_transforms(rows)
     quantizers = s["quantizers"]
-    alphas_only = all(q["alpha"] is not None for q in quantizers) and len({q["bits"] for q in quantizers}) == 1
-    title = (f"CrossQuant α sweep, W{s['weight_bits']}A{quantizers[0]['bits']} (α = 1 is per-token)" if alphas_only
-             else f"Quantizers side by side (INT weights W{s['weight_bits']}, float formats' weights in their format)")
+    alphas_only = (all(q["alpha"] is not None for q in quantizers)
+                   and len({q["bits"] for q in quantizers}) == 1)
+    title = (f"CrossQuant α sweep, W{s['weight_bits']}A{quantizers[0]['bits']} (α = 1 is per-token)"
+             if alphas_only
+             else f"Quantizers side by side (INT weights W{s['weight_bits']}, float formats' weights in "
+             "their format)")
     table = Table(title=title, show_lines=True)
     for col in (*(["transform"] if transformed else []), "α" if alphas_only else "quantizer",
                 "kernel (fp activations)", "kernel (in quantized pass)", "perplexity\n95% CI",
@@ -257,11 +266,12 @@ def run_sweep(*, quantizer, alpha, bits, weight_bits, group_size, transform, tra
     calibrated = any(t.needs_calibration for t in transforms)
     some_int = any(c.format.grid.is_int for c in configs)
     float_only = "it sets the INT weights of INT quantizers, and the float formats given carry their own"
-    refuse_unused(given, **option_refusals(kw, seed_applies=calibrated), **transform_refusals(transforms, calibrated),
+    refuse_unused(given, **option_refusals(kw, seed_applies=calibrated),
+                  **transform_refusals(transforms, calibrated),
                   alpha=None if any(c.takes_alpha for c in configs)
                   else "it is CrossQuant's exponent, and no --quantizer given takes it (add -q crossquant)",
-                  bits=None if some_int else "it sets the width of INT quantizers, and the float formats given "
-                  "carry their own",
+                  bits=None if some_int
+                  else "it sets the width of INT quantizers, and the float formats given carry their own",
                   weight_bits=None if some_int else float_only, group_size=None if some_int else float_only)
     if calibrated:
         check_positive("--calib-nsamples", calib_nsamples)

@@ -42,7 +42,8 @@ Output = Annotated[Path | None, typer.Option(
     show_default=False)]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace an existing --output folder or "
                                          "--report file that kernelscope wrote (never anything else).")]
-AsJson = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout instead of tables.")]
+AsJson = Annotated[bool, typer.Option("--json",
+                                      help="Print the summary as JSON on stdout instead of tables.")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress display.")]
 WeightBits = Annotated[int | None, typer.Option(
     help="Quantize weights too (per output channel, or per --group-size inputs); default: full precision.",
@@ -59,8 +60,8 @@ Transform = Annotated[list[str] | None, typer.Option(
     "(x_j / s_j, weights W_:j · s_j, s_j = max|X_j|^α / max|W_j|^(1-α), α in [0, 1], default 0.5, "
     "calibrated on --calib-dataset); hadamard[:B] (x·H, weights W·H, H block-diagonal normalised "
     "Hadamard on blocks of B input channels, B a power of two dividing each layer's width, default the "
-    "largest such power of two up to 4096, per layer). Compose in order with + (smoothquant+hadamard). Quantizers act "
-    "in the new basis. Default: none.", show_default=False)]
+    "largest such power of two up to 4096, per layer). Compose in order with + (smoothquant+hadamard). "
+    "Quantizers act in the new basis. Default: none.", show_default=False)]
 TransformSeed = Annotated[int | None, typer.Option(
     "--transform-seed", metavar="S", help="Random ±1 signs per input channel before each hadamard "
     "transform (x·D·H, a randomised Hadamard transform), drawn from S and the layer's width; the same S "

@@ -27,6 +27,7 @@ from kernelscope.cli.common import (
 from kernelscope.cli.console import fail, flag, out, pct, show_table
 from kernelscope.errors import Interrupted, KernelscopeError
 from kernelscope.quant import MAX_BITS, MIN_BITS, QuantizerConfig
+from kernelscope.quant.transforms import NONE
 
 
 def _weight_formats(specs: list[str] | None, group_size: int | None):
@@ -77,7 +78,7 @@ def _show(result) -> None:
 
 
 def _basis(label: str) -> str:
-    return "" if label == "none" else f", in the {label} basis"
+    return "" if label == NONE else f", in the {label} basis"
 
 
 def _model_table(level: pl.DataFrame, label: str) -> Table:
@@ -85,7 +86,8 @@ def _model_table(level: pl.DataFrame, label: str) -> Table:
     extras = [(c, title) for c, title in (("subnormal_fraction", "on subnormals"),
                                            ("block_kernel_fraction", "whole blocks"))
               if level[c].is_not_null().any()]
-    table = Table(title=f"Model-level kernel (elements-weighted over all covered Linear inputs{escape(_basis(label))})")
+    table = Table(title="Model-level kernel (elements-weighted over all covered Linear inputs"
+                        f"{escape(_basis(label))})")
     for col, justify in (("quantizer", "left"), ("kernel", "right"), ("kernel elements", "right"),
                          ("of elements", "right"), *((title, "right") for _, title in extras)):
         table.add_column(col, justify=justify, no_wrap=col in ("quantizer", "kernel"))
@@ -115,9 +117,9 @@ def _side_by_side(level: pl.DataFrame, labels: list[str]) -> Table:
 
 
 def _weight_table(rows: list[dict], several: bool) -> Table:
-    table = Table(title="Weight kernel (parameter-weighted over the covered Linear weights, each in the basis "
-                        "it is deployed in)" if several else "Weight kernel (parameter-weighted over the covered "
-                        "Linear weights)")
+    table = Table(title="Weight kernel (parameter-weighted over the covered Linear weights, each in the "
+                        "basis it is deployed in)" if several
+                  else "Weight kernel (parameter-weighted over the covered Linear weights)")
     cols = ["weight quantizer", *(["transform"] if several else []), "kernel", "kernel weights", "of weights"]
     for col in cols:
         table.add_column(col, justify="left" if col in ("weight quantizer", "transform") else "right",
@@ -133,8 +135,10 @@ def _by_module_type(by_type: pl.DataFrame, several: bool = False) -> Table:
     if several:
         by_type = by_type.with_columns(pl.format("{} ({})", "config", "transform").alias("config"))
     wide = by_type.pivot(on="config", index="module_type", values="kernel_fraction", maintain_order=True)
-    c_rows = by_type.group_by("module_type", "transform", maintain_order=True).agg(pl.col("c_ge_t_fraction").first())
-    c_rows = c_rows.with_columns((pl.format("c >= t ({})", "transform") if several else pl.lit("c >= t")).alias("share"))
+    c_rows = (by_type.group_by("module_type", "transform", maintain_order=True)
+              .agg(pl.col("c_ge_t_fraction").first()))
+    c_rows = c_rows.with_columns((pl.format("c >= t ({})", "transform") if several
+                                  else pl.lit("c >= t")).alias("share"))
     c_by_type = c_rows.pivot(on="share", index="module_type", values="c_ge_t_fraction", maintain_order=True)
     wide = wide.join(c_by_type, on="module_type", how="left", maintain_order="left")
     if wide.width > 6:  # many configurations: configurations as rows, module types as columns
@@ -222,7 +226,8 @@ def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, b
             result = profile(prep.loaded, prep.windows, configs, text=prep.text, layers=layers,
                              include_lm_head=include_lm_head, batch_size=batch_size, top_k=top_k,
                              progress=step, checkpoint=checkpoint, resume=resume, weight_formats=weights,
-                             transforms=list(transforms), calibration=calibration, calibration_text=calib_text)
+                             transforms=list(transforms), calibration=calibration,
+                             calibration_text=calib_text)
         except KeyboardInterrupt:
             if checkpoint is not None and checkpoint.is_file():
                 raise Interrupted(f"stopped after {done[0]} of {len(prep.windows)} windows; a checkpoint "

@@ -66,8 +66,8 @@ def _check_numbers(*, alpha, bits, weight_bits, group_size, smooth_alpha, calib_
 
 def _refusals(schemes, transforms, given, *, output, report, batch_size, group_size, weight_bits) -> bool:
     """Refuse the options that do not apply; True when a transform needs calibration."""
-    removing = any(s.mode == "remove_kernel" for s in schemes)
-    removing_int = any(s.mode == "remove_kernel" and s.activation.format.grid.is_int for s in schemes)
+    removing = any(s.mode.removes_kernel for s in schemes)
+    removing_int = any(s.mode.removes_kernel and s.activation.format.grid.is_int for s in schemes)
     own = any(not s.transform.is_identity for s in schemes)  # wXaY-smoothquant
     calibrated = any(s.transform.then(t).needs_calibration for s in schemes for t in transforms)
     only_removal = "it applies to remove-kernel-* schemes only (a wXaY scheme names its own bit widths)"
@@ -110,9 +110,9 @@ def _calibration(loaded, text, nsamples: int, seqlen: int, seed: int | None):
 
 
 def run_zeroshot(*, model, scheme, tasks, include_path, limit, num_fewshot, batch_size, seed, alpha, bits,
-                 weight_bits, group_size, smooth_alpha, transform, transform_seed, calib_dataset, calib_nsamples,
-                 calib_seqlen, layers, dtype, device, trust_remote_code, output, overwrite, report, as_json, quiet,
-                 given) -> None:
+                 weight_bits, group_size, smooth_alpha, transform, transform_seed, calib_dataset,
+                 calib_nsamples, calib_seqlen, layers, dtype, device, trust_remote_code, output, overwrite,
+                 report, as_json, quiet, given) -> None:
     from kernelscope.data import load_text
     from kernelscope.data.tasks import load_tasks, require_harness
     from kernelscope.runs.zeroshot import zeroshot
@@ -120,8 +120,9 @@ def run_zeroshot(*, model, scheme, tasks, include_path, limit, num_fewshot, batc
     require_harness()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes on a model passed as an object
     alpha = _check_numbers(alpha=alpha, bits=bits, weight_bits=weight_bits, group_size=group_size,
-                           smooth_alpha=smooth_alpha, calib_nsamples=calib_nsamples, calib_seqlen=calib_seqlen,
-                           limit=limit, num_fewshot=num_fewshot, batch_size=batch_size, seed=seed)
+                           smooth_alpha=smooth_alpha, calib_nsamples=calib_nsamples,
+                           calib_seqlen=calib_seqlen, limit=limit, num_fewshot=num_fewshot,
+                           batch_size=batch_size, seed=seed)
     schemes = _schemes(scheme, alpha, bits, weight_bits, group_size, smooth_alpha)
     transforms = transform_options(transform, transform_seed)
     check_transforms_with_schemes(schemes, transforms)
@@ -129,10 +130,12 @@ def run_zeroshot(*, model, scheme, tasks, include_path, limit, num_fewshot, batc
                            group_size=group_size, weight_bits=weight_bits)
     device = check_paths_and_model(model, output, overwrite, report, dtype, device, layers)
     names = split_values(tasks, "--tasks", str, "a task name") if tasks else list(DEFAULT_TASKS)
-    harness_tasks = load_tasks(names, include_path, option=flag("--tasks"), path_option=flag("--include-path"))
+    harness_tasks = load_tasks(names, include_path, option=flag("--tasks"),
+                               path_option=flag("--include-path"))
     if num_fewshot not in (None, 0) and harness_tasks.fixed_zero_shot:
-        fail(f"{flag('--num-fewshot')} {num_fewshot} has no effect on task {harness_tasks.fixed_zero_shot[0]}: "
-             "its definition fixes the few-shot count at 0, which the harness keeps")
+        fail(f"{flag('--num-fewshot')} {num_fewshot} has no effect on task "
+             f"{harness_tasks.fixed_zero_shot[0]}: its definition fixes the few-shot count at 0, which the "
+             "harness keeps")
     calib_text = (load_text(calib_dataset, max_chars=20 * calib_nsamples * calib_seqlen,
                             option=flag("--calib-dataset")) if calibrated else None)
     silent = quiet or as_json
@@ -141,8 +144,8 @@ def run_zeroshot(*, model, scheme, tasks, include_path, limit, num_fewshot, batc
     calibration = _calibration(loaded, calib_text, calib_nsamples, calib_seqlen, seed) if calibrated else None
     with stage_progress(silent, unit="tasks") as update:
         result = zeroshot(loaded, harness_tasks, schemes, layers=layers, limit=limit, num_fewshot=num_fewshot,
-                          batch_size=batch_size, seed=seed, transforms=list(transforms), calibration=calibration,
-                          calibration_text=calib_text, progress=update)
+                          batch_size=batch_size, seed=seed, transforms=list(transforms),
+                          calibration=calibration, calibration_text=calib_text, progress=update)
     finish(result, output, overwrite, as_json, _show, report)
 
 

@@ -242,7 +242,8 @@ def _load_one(manager, name: str, option: str, path_option: str) -> dict[str, An
     except Exception as exc:  # the harness and datasets raise many types for a bad task file or data
         if _is_empty_split(exc):
             raise KernelscopeError(_no_documents_at_load(manager, name, exc, option)) from None
-        raise KernelscopeError(f"cannot load task {name!r}: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise KernelscopeError(
+            f"cannot load task {name!r}: {type(exc).__name__}: {_first_line(exc)}") from None
 
 
 def _is_empty_split(exc: Exception) -> bool:
@@ -319,10 +320,10 @@ def _datasets_offline() -> bool:
 
 def _unavailable(task: str, dataset: str, reason: str, path_option: str) -> str:
     return (f"task {task} needs {dataset} from the Hugging Face hub, which cannot be reached ({reason}); "
-            "make it available: run once where the hub is reachable (that fills the Hugging Face cache), then "
-            "offline with HF_DATASETS_OFFLINE=1 and the same HF_HOME; or define the task in a YAML of your "
-            f"own whose data are local files (dataset_path: json, with data_files) and pass its folder with "
-            f"{path_option} DIR")
+            "make it available: run once where the hub is reachable (that fills the Hugging Face cache), "
+            "then offline with HF_DATASETS_OFFLINE=1 and the same HF_HOME; or define the task in a YAML of "
+            f"your own whose data are local files (dataset_path: json, with data_files) and pass its folder "
+            f"with {path_option} DIR")
 
 
 def _hub_datasets(manager, name: str) -> Iterator[tuple[str, str]]:
@@ -376,7 +377,8 @@ def _facts(name: str, task, requested: str, option: str) -> dict[str, Any]:
     if not metrics:
         raise KernelscopeError(
             f"task {name} (from {option} {requested}) reports no accuracy (its metrics: "
-            f"{', '.join(task.aggregation()) or 'none'}); kernelscope zeroshot reports {', '.join(ACCURACY_METRICS)}")
+            f"{', '.join(task.aggregation()) or 'none'}); kernelscope zeroshot reports "
+            f"{', '.join(ACCURACY_METRICS)}")
     docs = list(task.eval_docs)
     config = task.config
     if not docs:

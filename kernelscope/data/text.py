@@ -196,7 +196,8 @@ def load_text(source: str, *, max_chars: int | None = None, option: str = "--dat
     if key in HUB_DATASETS:
         return _checked(key, HUB_DATASETS[key], _read_hub(key, max_chars, option))
     if key == "pydoc":
-        return _checked("pydoc", "Python's own documentation topics (pydoc_data.topics), offline", _read_pydoc())
+        return _checked("pydoc", "Python's own documentation topics (pydoc_data.topics), offline",
+                        _read_pydoc())
     path = Path(source).expanduser()
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
         try:

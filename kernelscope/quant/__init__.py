@@ -4,6 +4,7 @@ Nothing here touches an ``nn.Module`` or a file; every function is out-of-place.
 themselves (scale rules, element grids, zero thresholds) are :mod:`kernelscope.quant.formats`.
 """
 
+from kernelscope.quant.modes import Mode
 from kernelscope.quant.primitives import (
     MAX_BITS,
     MIN_BITS,
@@ -40,6 +41,7 @@ __all__ = [
     "STEP_FLOOR",
     "Activation",
     "ActivationRanges",
+    "Mode",
     "QuantizerConfig",
     "absmax_scale",
     "activation_ranges",

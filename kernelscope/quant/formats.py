@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 
@@ -144,10 +145,7 @@ class ElementGrid:
         a = v.abs().clamp_max_(2 * self.max_value)  # beyond 2·max every value saturates; keeps a/step finite
         step = _pow2(_exponent_field(a).clamp_min_(self.emin) - self.mantissa_bits)
         r = a.div_(step).round_().mul_(step)
-        if self.saturating:
-            r = r.clamp_max_(self.max_value)
-        else:
-            r = torch.where(r > self.max_value, torch.nan, r)
+        r = r.clamp_max_(self.max_value) if self.saturating else torch.where(r > self.max_value, torch.nan, r)
         return r.copysign_(v)
 
     @property
@@ -182,8 +180,40 @@ E2M3 = ElementGrid("e2m3", 6, 7.5, 0.125, exponent_bits=2, mantissa_bits=3)
 E3M2 = ElementGrid("e3m2", 6, 28.0, 0.0625, exponent_bits=3, mantissa_bits=2)
 """FP6 E3M2 (OCP MX): max 28, smallest subnormal 1/16, saturating."""
 
-UNITS = ("token", "tensor", "channel", "crossquant", "block")
-FORMS = ("absmax", "e8m0_floor", "e8m0_rceil", "nvfp4")
+class Unit(StrEnum):
+    """What one scale covers: the abs-max of a scale is taken over it."""
+
+    TOKEN = "token"  # a row (on a weight: an output channel)
+    TENSOR = "tensor"  # a whole sequence (a whole weight)
+    CHANNEL = "channel"  # a column over the sequence's tokens
+    CROSSQUANT = "crossquant"  # t^α·c^(1-α): a row's and a column's maxima together
+    BLOCK = "block"  # consecutive inputs of one row
+
+    @property
+    def spans_tokens(self) -> bool:
+        """True when one token's scale depends on the sequence's other tokens."""
+        return self in (Unit.TENSOR, Unit.CHANNEL, Unit.CROSSQUANT)
+
+
+class Form(StrEnum):
+    """How a scale is formed from its unit's abs-max."""
+
+    ABSMAX = "absmax"  # max(amax / max_value, floor)
+    E8M0_FLOOR = "e8m0_floor"  # 2^(⌊log2 amax⌋ − emax), OCP MX
+    E8M0_RCEIL = "e8m0_rceil"  # 2^⌈log2(amax / max_value)⌉, NVIDIA
+    NVFP4 = "nvfp4"  # an E4M3 block scale under a float32 tensor scale
+
+    @property
+    def e8m0(self) -> bool:
+        """True for a power-of-two (E8M0) scale."""
+        return self in (Form.E8M0_FLOOR, Form.E8M0_RCEIL)
+
+
+def _member(kind: type[StrEnum], value: str, what: str) -> StrEnum:
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"unknown scale {what} {value!r}; choose from {', '.join(kind)}") from None
 
 
 @dataclass(frozen=True)
@@ -196,18 +226,16 @@ class ScaleRule:
     MX); ``e8m0_rceil`` ``2^⌈log2(amax / max_value)⌉`` (NVIDIA); ``nvfp4`` the two-level E4M3 block scale.
     """
 
-    unit: str
-    form: str = "absmax"
+    unit: Unit
+    form: Form = Form.ABSMAX
     floor: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.unit not in UNITS:
-            raise ValueError(f"unknown scale unit {self.unit!r}; choose from {', '.join(UNITS)}")
-        if self.form not in FORMS:
-            raise ValueError(f"unknown scale form {self.form!r}; choose from {', '.join(FORMS)}")
-        if self.form != "absmax" and self.unit != "block":
+        object.__setattr__(self, "unit", _member(Unit, self.unit, "unit"))
+        object.__setattr__(self, "form", _member(Form, self.form, "form"))
+        if self.form is not Form.ABSMAX and self.unit is not Unit.BLOCK:
             raise ValueError(f"scale form {self.form!r} needs block units")
-        if self.unit == "crossquant" and self.floor != STEP_FLOOR:
+        if self.unit is Unit.CROSSQUANT and self.floor != STEP_FLOOR:
             raise ValueError("crossquant scales are INT steps floored at STEP_FLOOR")
         if not self.floor >= 0.0:
             raise ValueError(f"scale floor must be non-negative, got {self.floor!r}")
@@ -217,7 +245,7 @@ class ScaleRule:
         """True when a token's scale depends on the other tokens of its sequence: a per-sequence,
         per-channel or CrossQuant scale, or NVFP4's per-sequence tensor scale. Such a scale changes
         when padding is added to the sequence; a per-token or per-block scale does not."""
-        return self.unit in ("tensor", "channel", "crossquant") or self.form == "nvfp4"
+        return self.unit.spans_tokens or self.form is Form.NVFP4
 
 
 @dataclass(frozen=True)
@@ -231,21 +259,20 @@ class Format:
     alpha: float | None = None
 
     def __post_init__(self) -> None:
-        blocks = self.rule.unit == "block"
+        blocks = self.rule.unit is Unit.BLOCK
         if blocks != (self.block_size is not None):
             raise ValueError(f"format {self.name!r}: a block size goes with block units, and only with them")
         if blocks and (isinstance(self.block_size, bool) or not isinstance(self.block_size, int)
                        or self.block_size < 1):
             raise ValueError(f"format {self.name!r}: block size must be a positive integer")
-        if (self.rule.unit == "crossquant") != (self.alpha is not None):
+        if (self.rule.unit is Unit.CROSSQUANT) != (self.alpha is not None):
             raise ValueError(f"format {self.name!r}: alpha goes with crossquant, and only with it")
         if self.alpha is not None:
             object.__setattr__(self, "alpha", check_alpha(self.alpha))
-        if self.rule.unit == "crossquant" and not self.grid.is_int:
+        if self.rule.unit is Unit.CROSSQUANT and not self.grid.is_int:
             raise ValueError("crossquant is defined for integer grids")
-        if self.rule.form.startswith("e8m0") or self.rule.form == "nvfp4":
-            if self.grid.is_int:
-                raise ValueError(f"scale form {self.rule.form!r} needs a float grid")
+        if self.rule.form is not Form.ABSMAX and self.grid.is_int:
+            raise ValueError(f"scale form {self.rule.form!r} needs a float grid")
 
     @property
     def tau(self) -> float:
@@ -253,20 +280,20 @@ class Format:
 
     @property
     def is_block(self) -> bool:
-        return self.rule.unit == "block"
+        return self.rule.unit is Unit.BLOCK
 
     @property
     def per_token_comparable(self) -> bool:
         """True for an INT format other than per-token itself: its step can be compared, position by
         position, with the per-token step at the same width (where its zero bound is the smaller)."""
-        return self.grid.is_int and self.rule.unit != "token"
+        return self.grid.is_int and self.rule.unit is not Unit.TOKEN
 
     @property
-    def layout(self) -> str:
+    def layout(self) -> Unit:
         """The unit the scale is really taken over: the rule's, except that CrossQuant at α = 1 is
         exactly per-token and at α = 0 exactly per-channel (its step is then a broadcast vector)."""
-        if self.rule.unit == "crossquant" and self.alpha in (0.0, 1.0):
-            return "token" if self.alpha == 1.0 else "channel"
+        if self.rule.unit is Unit.CROSSQUANT and self.alpha in (0.0, 1.0):
+            return Unit.TOKEN if self.alpha == 1.0 else Unit.CHANNEL
         return self.rule.unit
 
 
@@ -285,34 +312,35 @@ class FormatEntry:
 
     @property
     def takes_alpha(self) -> bool:
-        return self.rule.unit == "crossquant"
+        return self.rule.unit is Unit.CROSSQUANT
 
 
 _INT_STEP = dict(floor=STEP_FLOOR)
 FORMATS: dict[str, FormatEntry] = {
-    "per_token": FormatEntry(ScaleRule("token", **_INT_STEP), None, None,
+    "per_token": FormatEntry(ScaleRule(Unit.TOKEN, **_INT_STEP), None, None,
                              "INT-N, one step per token (row); on a weight, per output channel"),
-    "per_tensor": FormatEntry(ScaleRule("tensor", **_INT_STEP), None, None, "INT-N, one step per sequence"),
-    "per_channel": FormatEntry(ScaleRule("channel", **_INT_STEP), None, None,
+    "per_tensor": FormatEntry(ScaleRule(Unit.TENSOR, **_INT_STEP), None, None,
+                              "INT-N, one step per sequence"),
+    "per_channel": FormatEntry(ScaleRule(Unit.CHANNEL, **_INT_STEP), None, None,
                                "INT-N, one step per input channel over the sequence's tokens"),
-    "crossquant": FormatEntry(ScaleRule("crossquant", **_INT_STEP), None, None,
+    "crossquant": FormatEntry(ScaleRule(Unit.CROSSQUANT, **_INT_STEP), None, None,
                               "INT-N, CrossQuant step t^a * c^(1-a) / qmax"),
-    "per_group": FormatEntry(ScaleRule("block", **_INT_STEP), None, 128,
+    "per_group": FormatEntry(ScaleRule(Unit.BLOCK, **_INT_STEP), None, 128,
                              "INT-N, one step per g consecutive input channels of a row"),
-    "fp8_per_token": FormatEntry(ScaleRule("token", floor=1.0 / (448.0 * 512.0)), E4M3, None,
+    "fp8_per_token": FormatEntry(ScaleRule(Unit.TOKEN, floor=1.0 / (448.0 * 512.0)), E4M3, None,
                                  "FP8 E4M3, per-token dynamic scale (vLLM)"),
-    "fp8_per_tensor": FormatEntry(ScaleRule("tensor"), E4M3, None, "FP8 E4M3, one scale per sequence"),
-    "mxfp8": FormatEntry(ScaleRule("block", "e8m0_floor"), E4M3, 32,
+    "fp8_per_tensor": FormatEntry(ScaleRule(Unit.TENSOR), E4M3, None, "FP8 E4M3, one scale per sequence"),
+    "mxfp8": FormatEntry(ScaleRule(Unit.BLOCK, Form.E8M0_FLOOR), E4M3, 32,
                          "OCP MXFP8: E4M3 elements, E8M0 block scale (FLOOR)"),
-    "mxfp6_e2m3": FormatEntry(ScaleRule("block", "e8m0_floor"), E2M3, 32,
+    "mxfp6_e2m3": FormatEntry(ScaleRule(Unit.BLOCK, Form.E8M0_FLOOR), E2M3, 32,
                               "OCP MXFP6: E2M3 elements, E8M0 block scale (FLOOR)"),
-    "mxfp6_e3m2": FormatEntry(ScaleRule("block", "e8m0_floor"), E3M2, 32,
+    "mxfp6_e3m2": FormatEntry(ScaleRule(Unit.BLOCK, Form.E8M0_FLOOR), E3M2, 32,
                               "OCP MXFP6: E3M2 elements, E8M0 block scale (FLOOR)"),
-    "mxfp4": FormatEntry(ScaleRule("block", "e8m0_floor"), E2M1, 32,
+    "mxfp4": FormatEntry(ScaleRule(Unit.BLOCK, Form.E8M0_FLOOR), E2M1, 32,
                          "OCP MXFP4: E2M1 elements, E8M0 block scale (FLOOR)"),
-    "mxfp4_rceil": FormatEntry(ScaleRule("block", "e8m0_rceil"), E2M1, 32,
+    "mxfp4_rceil": FormatEntry(ScaleRule(Unit.BLOCK, Form.E8M0_RCEIL), E2M1, 32,
                                "MXFP4 with the E8M0 scale rounded up (NVIDIA RCEIL)"),
-    "nvfp4": FormatEntry(ScaleRule("block", "nvfp4"), E2M1, 16,
+    "nvfp4": FormatEntry(ScaleRule(Unit.BLOCK, Form.NVFP4), E2M1, 16,
                          "NVFP4: E2M1 elements, E4M3 block scale under a per-sequence float32 scale"),
 }
 """name -> :class:`FormatEntry`; :func:`get_format` makes a concrete :class:`Format` of one."""
@@ -419,12 +447,12 @@ def unit_amax(x: torch.Tensor, fmt: Format) -> torch.Tensor:
     tensor, ``(..., 1, I)`` per channel, ``(..., T, ⌈I/g⌉)`` per block; float32. Not for CrossQuant,
     whose step combines two maxima (:func:`scale`)."""
     unit = fmt.rule.unit
-    if unit == "block":
+    if unit is Unit.BLOCK:
         return _block_amax(x, fmt.block_size)  # (..., T, nb)
-    if unit == "tensor":
+    if unit is Unit.TENSOR:
         return _sequence_amax(x)  # (..., 1, 1)
     ranges = activation_ranges(x)
-    return (ranges.token if unit == "token" else ranges.channel).float()  # (..., T, 1) | (..., 1, I)
+    return (ranges.token if unit is Unit.TOKEN else ranges.channel).float()  # (..., T, 1) | (..., 1, I)
 
 
 def scale_of(amax: torch.Tensor, fmt: Format, sequence_amax: torch.Tensor | None = None) -> torch.Tensor:
@@ -435,11 +463,11 @@ def scale_of(amax: torch.Tensor, fmt: Format, sequence_amax: torch.Tensor | None
     the same order.
     """
     rule, grid = fmt.rule, fmt.grid
-    if rule.form == "e8m0_floor":
+    if rule.form is Form.E8M0_FLOOR:
         return _e8m0_floor(amax, grid.emax)
-    if rule.form == "e8m0_rceil":
+    if rule.form is Form.E8M0_RCEIL:
         return _e8m0_rceil(amax, grid.max_value)
-    if rule.form == "nvfp4":
+    if rule.form is Form.NVFP4:
         if sequence_amax is None:
             raise ValueError("the NVFP4 scale needs each sequence's max|X|")
         return _nvfp4(amax, sequence_amax, grid)
@@ -462,9 +490,9 @@ def scale(x: torch.Tensor, fmt: Format) -> torch.Tensor:
     Block scales are one per block; :func:`expand_scale` spreads them over the inputs.
     """
     _check(x)
-    if fmt.rule.unit == "crossquant":
+    if fmt.rule.unit is Unit.CROSSQUANT:
         return crossquant_step(_f32(x), fmt.grid.bits, fmt.alpha)
-    sequence = _sequence_amax(x) if fmt.rule.form == "nvfp4" else None
+    sequence = _sequence_amax(x) if fmt.rule.form is Form.NVFP4 else None
     return scale_of(unit_amax(x, fmt), fmt, sequence)
 
 
@@ -473,11 +501,11 @@ def scale_from_ranges(ranges: ActivationRanges, fmt: Format) -> torch.Tensor:
     alone, as :func:`scale` gives it for the activation they were measured on (CrossQuant at α = 0
     and 1 too: see :attr:`Format.layout`)."""
     unit = fmt.layout
-    if unit == "token":
+    if unit is Unit.TOKEN:
         amax = ranges.token.float()  # (..., T, 1)
-    elif unit == "tensor":
+    elif unit is Unit.TENSOR:
         amax = ranges.token.float().amax(dim=-2, keepdim=True)  # (..., 1, 1)
-    elif unit == "channel":
+    elif unit is Unit.CHANNEL:
         amax = ranges.channel.float()  # (..., 1, I)
     else:
         raise ValueError(f"the scale of {fmt.name!r} does not follow from t and c alone")

@@ -200,7 +200,8 @@ def _pow_rounded(v: torch.Tensor, exponent: float) -> torch.Tensor:
     return padded.pow(exponent)[: flat.numel()].reshape(v.shape)
 
 
-def smoothing_factors(act_channel_max: torch.Tensor, weight_channel_max: torch.Tensor, alpha: float) -> torch.Tensor:
+def smoothing_factors(act_channel_max: torch.Tensor, weight_channel_max: torch.Tensor,
+                      alpha: float) -> torch.Tensor:
     """SmoothQuant's per-input-channel factors ``s_j = max|X_j|^α / max|W_j|^(1-α)``, floored at 1e-5.
 
     Xiao et al., "SmoothQuant", arXiv 2211.10438, eq. (4). Activations are divided by ``s`` and

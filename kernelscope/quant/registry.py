@@ -93,7 +93,7 @@ class QuantizerConfig:
     def separable(self) -> bool:
         """True when the step is a full (T, I) outer product of two vectors (CrossQuant, 0 < α < 1);
         at α = 0 and 1 it is exactly per-channel and per-token."""
-        return self.format.rule.unit == "crossquant" and 0.0 < self.alpha < 1.0
+        return self.format.rule.unit is formats.Unit.CROSSQUANT and 0.0 < self.alpha < 1.0
 
     def factors(self, x: Activation) -> tuple[torch.Tensor, torch.Tensor]:
         """``(row (..., T, 1), col (..., 1, I))`` whose ``separable_step`` is this quantizer's step
@@ -135,8 +135,8 @@ def expand_configs(
             if entry.grid is not None:  # a float format: once, at its own width (below)
                 continue
             block = group_size if entry.block_size is not None else None
-            for a in alphas if entry.takes_alpha else [None]:
-                configs.append(QuantizerConfig(name, b, a, block))
+            each_alpha = alphas if entry.takes_alpha else [None]
+            configs.extend(QuantizerConfig(name, b, a, block) for a in each_alpha)
     configs += [QuantizerConfig(n, formats.FORMATS[n].grid.bits) for n in names if formats.FORMATS[n].grid]
     if not configs:
         raise ValueError("no quantizer configuration: give at least one quantizer and one bit width")

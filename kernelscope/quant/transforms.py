@@ -354,7 +354,8 @@ def _parse_alpha(text: str) -> float:
 
 def _bind_smoothing(alpha: Value | None, width: int, seed: int | None, stats: ChannelMaxima | None) -> Step:
     if stats is None:
-        raise ValueError("smoothquant needs calibration statistics (activation channel and weight column maxima)")
+        raise ValueError("smoothquant needs calibration statistics (activation channel and weight column "
+                         "maxima)")
     if stats.activation.shape != (width,) or stats.weight.shape != (width,):
         raise ValueError(f"calibration statistics of shape {tuple(stats.activation.shape)} and "
                          f"{tuple(stats.weight.shape)} for width {width}")
@@ -462,7 +463,8 @@ class TransformSpec:
         """This transform for a layer of ``width`` input channels (no calibrated step; see
         :meth:`TransformStep.bind` for those)."""
         if self.needs_calibration:
-            raise ValueError(f"transform {self.label} needs calibration statistics; bind its steps one by one")
+            raise ValueError(f"transform {self.label} needs calibration statistics; bind its steps one by "
+                             "one")
         self.check(width)
         bound = LayerTransform(width)
         for step in self.steps:

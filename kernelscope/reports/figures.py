@@ -9,6 +9,8 @@ import plotly.graph_objects as go
 import polars as pl
 from plotly.subplots import make_subplots
 
+from kernelscope.quant.transforms import NONE
+
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 """The colours of quantizer configurations (one each, the same in every figure)."""
 MODULE_PALETTE = ("#333333", "#b8860b", "#708090", "#c71585", "#556b2f", "#4b0082")
@@ -26,13 +28,14 @@ def esc(text: object) -> str:
 def series_name(config: str, transform: str) -> str:
     """What one line of a figure draws: the configuration, and the transform where it is not the
     identity (``per_token int4 · hadamard``)."""
-    return config if transform == "none" else f"{config} · {transform}"
+    return config if transform == NONE else f"{config} · {transform}"
 
 
 def with_series(layers: pl.DataFrame) -> pl.DataFrame:
     """``layers`` with a ``series`` column, :func:`series_name` of each row."""
     pairs = layers.select("config", "transform").unique(maintain_order=True)
-    pairs = pairs.with_columns(pl.Series("series", [series_name(c, t) for c, t in pairs.iter_rows()], dtype=pl.String))
+    pairs = pairs.with_columns(pl.Series("series", [series_name(c, t) for c, t in pairs.iter_rows()],
+                                         dtype=pl.String))
     return layers.join(pairs, on=["config", "transform"], how="left", maintain_order="left")
 
 
@@ -53,7 +56,7 @@ def module_groups(profiles: list[tuple[str, pl.DataFrame]]) -> list[tuple[str, l
             if t not in types:
                 types.append(t)
             mine = in_blocks.filter(pl.col("module_type") == t).sort("series", "block")
-            values[t] = values.get(t, ()) + (tuple(mine["kernel_fraction"].to_list()),)
+            values[t] = (*values.get(t, ()), tuple(mine["kernel_fraction"].to_list()))
     groups: list[list[str]] = []
     for t in types:
         same = next((g for g in groups if values[g[0]] == values[t]), None)
@@ -118,9 +121,9 @@ def heatmap(run: str, layers: pl.DataFrame) -> go.Figure:
     colour bar."""
     eight = layers.filter(pl.col("bits") == 8)["series"].unique(maintain_order=True).to_list()[:2]
     configs = eight or layers["series"].unique(maintain_order=True).to_list()[:2]
-    other = layers.filter((pl.col("transform") != "none") & (pl.col("config") == layers["config"][0]))
+    other = layers.filter((pl.col("transform") != NONE) & (pl.col("config") == layers["config"][0]))
     configs += [c for c in other["series"].unique(maintain_order=True).to_list()[:1] if c not in configs]
-    four = [c for c in layers.filter((pl.col("bits") == 4) & (pl.col("transform") == "none"))["series"]
+    four = [c for c in layers.filter((pl.col("bits") == 4) & (pl.col("transform") == NONE))["series"]
             .unique(maintain_order=True).to_list()[:2] if c not in configs]
     panels = [(c, 1) for c in configs] + [(c, 2) for c in four]
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[esc(c) for c, _ in panels],
@@ -133,17 +136,21 @@ def heatmap(run: str, layers: pl.DataFrame) -> go.Figure:
         cell = {(r["module_type"], r["block"]): r["kernel_fraction"] for r in sub.iter_rows(named=True)}
         z = [[round(100 * cell[(types[0], b)], 3) if (types[0], b) in cell else None for b in blocks]
              for _, types in groups]
-        fig.add_trace(go.Heatmap(z=z, x=blocks, y=[esc(name) for name, _ in groups], coloraxis=_colour_axis(axis),
-                                 hovertemplate="block %{x}, %{y}: %{z:.2f}%<extra></extra>"), row=1, col=i + 1)
+        fig.add_trace(go.Heatmap(z=z, x=blocks, y=[esc(name) for name, _ in groups],
+                                 coloraxis=_colour_axis(axis),
+                                 hovertemplate="block %{x}, %{y}: %{z:.2f}%<extra></extra>"),
+                      row=1, col=i + 1)
     axes = {}
     for axis, width in ((1, "8-bit" if eight else "these"), (2, "4-bit")):
         mine = [c for c, a in panels if a == axis]
         if mine:
-            top = max(in_blocks.filter(pl.col("series").is_in(mine))["kernel_fraction"].max() or 0.0, 1e-9) * 100
+            top = max(in_blocks.filter(pl.col("series").is_in(mine))["kernel_fraction"].max() or 0.0,
+                      1e-9) * 100
             axes[_colour_axis(axis)] = {"colorscale": "Viridis", "cmin": 0, "cmax": top,
-                                        "colorbar": {"title": f"kernel %, {width} panels", "x": 1.0 + 0.1 * (axis - 1),
-                                                     "len": 0.9}}
-    fig.update_layout(**{**LAYOUT, "height": 170 + 32 * len(groups), "margin": {"l": 170, "r": 90, "t": 60, "b": 50}},
+                                        "colorbar": {"title": f"kernel %, {width} panels",
+                                                     "x": 1.0 + 0.1 * (axis - 1), "len": 0.9}}
+    fig.update_layout(**{**LAYOUT, "height": 170 + 32 * len(groups),
+                         "margin": {"l": 170, "r": 90, "t": 60, "b": 50}},
                       title=esc(f"{run}: kernel % by block and module type"), **axes)
     fig.update_xaxes(title_text="block")
     fig.update_yaxes(title_text="module type", row=1, col=1)
@@ -188,15 +195,18 @@ def c_ge_t(profiles: list[tuple[str, pl.DataFrame]]) -> go.Figure:
     fig = go.Figure()
     groups = module_groups(profiles)
     for r, (run, layers) in enumerate(profiles):
-        basis = "none" if (layers["transform"] == "none").any() else layers["transform"][0]
+        basis = NONE if (layers["transform"] == NONE).any() else layers["transform"][0]
         own = layers.filter((pl.col("transform") == basis) & pl.col("block").is_not_null())
         for g, (name, types) in enumerate(groups):
-            rows = own.filter(pl.col("module_type") == types[0]).unique(subset="layer", maintain_order=True).sort("block")
+            rows = (own.filter(pl.col("module_type") == types[0])
+                    .unique(subset="layer", maintain_order=True).sort("block"))
             fig.add_trace(go.Scatter(
-                x=rows["block"].to_list(), y=[round(100 * v, 4) for v in rows["c_ge_t_fraction"]], mode="lines+markers",
-                marker={"size": 4}, name=esc(f"{run}: {name}" + ("" if basis == "none" else f", {basis} basis")),
+                x=rows["block"].to_list(), y=[round(100 * v, 4) for v in rows["c_ge_t_fraction"]],
+                mode="lines+markers", marker={"size": 4},
+                name=esc(f"{run}: {name}" + ("" if basis == NONE else f", {basis} basis")),
                 hovertemplate="block %{x}<br>c ≥ t: %{y:.2f}%<extra>%{fullData.name}</extra>",
-                line={"color": MODULE_PALETTE[g % len(MODULE_PALETTE)], "dash": ("solid", "dot", "dash")[r % 3]}))
+                line={"color": MODULE_PALETTE[g % len(MODULE_PALETTE)],
+                      "dash": ("solid", "dot", "dash")[r % 3]}))
     fig.update_layout(**LAYOUT, title="Pairs with c_j ≥ t_i per block, by module type", xaxis_title="block",
                       yaxis_title="c ≥ t %")
     return fig
@@ -208,7 +218,7 @@ def searches_of(summary: dict) -> list[dict]:
 
 
 def _named(run: str, what: str, transform: str | None) -> str:
-    return f"{run}: {what}" if transform in (None, "none") else f"{run}: {what}, {transform}"
+    return f"{run}: {what}" if transform in (None, NONE) else f"{run}: {what}, {transform}"
 
 
 def threshold_curve(runs: list[tuple[str, dict]]) -> go.Figure:
@@ -220,7 +230,8 @@ def threshold_curve(runs: list[tuple[str, dict]]) -> go.Figure:
     trace = 0
     for run, summary in runs:
         fp = summary["fp_perplexity"]
-        fig.add_hline(y=100 * summary["tolerance"], line={"color": PALETTE[trace % len(PALETTE)], "dash": "dot"},
+        fig.add_hline(y=100 * summary["tolerance"],
+                      line={"color": PALETTE[trace % len(PALETTE)], "dash": "dot"},
                       annotation_text=esc(f"{run}: fp + {100 * summary['tolerance']:g}%"))
         for search in searches_of(summary):
             color = PALETTE[trace % len(PALETTE)]
@@ -231,18 +242,22 @@ def threshold_curve(runs: list[tuple[str, dict]]) -> go.Figure:
                 y=[round(100 * (p["perplexity"] / fp - 1), 4) for p in curve],
                 mode="lines+markers", name=esc(_named(run, "remove-kernel", search.get("transform"))),
                 error_y=_interval(curve, lambda v, fp=fp: 100 * (v / fp - 1)),
-                line={"color": color}, text=[f"λ={p['lambda']:.4g}, ppl {p['perplexity']:.4f}" for p in curve],
-                hovertemplate="%{text}<br>kernel %{x:.2f}%<br>%{y:+.2f}% from fp<extra>%{fullData.name}</extra>"))
+                line={"color": color},
+                text=[f"λ={p['lambda']:.4g}, ppl {p['perplexity']:.4f}" for p in curve],
+                hovertemplate="%{text}<br>kernel %{x:.2f}%<br>%{y:+.2f}% from fp"
+                              "<extra>%{fullData.name}</extra>"))
             within = (search.get("bracket") or {}).get("within")
             if within and search.get("status") == "crossing bracketed":
                 fig.add_vline(x=100 * within["kernel_fraction"], line={"color": color, "dash": "dash"},
                               annotation_text=esc(f"threshold {100 * within['kernel_fraction']:.2f}%"))
             spread = search.get("crossing_uncertainty") or {}
             if spread.get("kernel_fraction_ci_low") is not None:
-                fig.add_vrect(x0=100 * spread["kernel_fraction_ci_low"], x1=100 * spread["kernel_fraction_ci_high"],
+                fig.add_vrect(x0=100 * spread["kernel_fraction_ci_low"],
+                              x1=100 * spread["kernel_fraction_ci_high"],
                               fillcolor=color, opacity=0.08, line_width=0)
             for i, k in enumerate(search.get("actual_kernels") or []):  # where the model's own kernels sit
-                fig.add_vline(x=round(100 * k["kernel_fraction"], 4), line={"color": color, "dash": "dot", "width": 1},
+                fig.add_vline(x=round(100 * k["kernel_fraction"], 4),
+                              line={"color": color, "dash": "dot", "width": 1},
                               annotation_text=esc(f"{k['config']}: {100 * k['kernel_fraction']:.2f}%"),
                               annotation_position="top right" if i % 2 == 0 else "bottom right",
                               annotation_font_size=10)
@@ -294,8 +309,10 @@ def _interval(rows: list[dict], scale=lambda v: v) -> dict | None:
     ``scale``), or None when no row has them."""
     if not any(r.get("perplexity_ci_low") is not None for r in rows):
         return None
-    up = [None if r.get("perplexity_ci_high") is None else round(scale(r["perplexity_ci_high"]) - scale(r["perplexity"]), 4)
+    up = [None if r.get("perplexity_ci_high") is None
+          else round(scale(r["perplexity_ci_high"]) - scale(r["perplexity"]), 4)
           for r in rows]
-    down = [None if r.get("perplexity_ci_low") is None else round(scale(r["perplexity"]) - scale(r["perplexity_ci_low"]), 4)
+    down = [None if r.get("perplexity_ci_low") is None
+            else round(scale(r["perplexity"]) - scale(r["perplexity_ci_low"]), 4)
             for r in rows]
     return {"type": "data", "symmetric": False, "array": up, "arrayminus": down, "thickness": 1, "width": 3}

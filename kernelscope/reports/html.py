@@ -16,159 +16,36 @@ import plotly.io as pio
 import polars as pl
 
 from kernelscope.errors import KernelscopeError
+from kernelscope.quant.modes import Mode
+from kernelscope.quant.transforms import NONE
 from kernelscope.reports import figures as F
 from kernelscope.reports import packing
 from kernelscope.reports.figures import esc
+from kernelscope.reports.packing import asset
 from kernelscope.results import RunFolder, check_report_file, default_mode, read_run
-from kernelscope.results.run_dir import make_parents, remove_made
 from kernelscope.results.paths import REPORT_TAG
+from kernelscope.results.run_dir import make_parents, remove_made
 from kernelscope.version import __version__
 
 PROFILE_COMMAND = "kernelscope profile MODEL -o DIR"
-ZEROSHOT_COMMAND = "kernelscope zeroshot MODEL --scheme fp --scheme w8a8-per-token --tasks arc_easy,piqa -o DIR"
+ZEROSHOT_COMMAND = ("kernelscope zeroshot MODEL --scheme fp --scheme w8a8-per-token "
+                    "--tasks arc_easy,piqa -o DIR")
 REFERENCE_THRESHOLDS = {"OPT": 0.19, "LLaMA": 0.01}
 """Kernel proportions below which the CrossQuant paper finds perplexity near-lossless, per family."""
 FAMILIES = {"OPT": ("opt",), "LLaMA": ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma")}
 """Which model types (or architecture names' beginnings) each paper reference applies to."""
 
-TABLE_COLUMNS = ("run", "layer", "block", "module_type", "transform", "config", "kernel_fraction", "bound_p50",
-                 "bound_below_per_token_fraction", "c_ge_t_fraction", "abs_max")
+TABLE_COLUMNS = ("run", "layer", "block", "module_type", "transform", "config", "kernel_fraction",
+                 "bound_p50", "bound_below_per_token_fraction", "c_ge_t_fraction", "abs_max")
 
-STYLE = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0 auto;max-width:1200px;padding:1rem 2rem;color:#222}
-h1{font-size:1.6rem}h2{font-size:1.25rem;margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.3rem}
-table{border-collapse:collapse;font-size:.85rem;margin:.5rem 0}td,th{border:1px solid #ddd;padding:.25rem .5rem;text-align:left;vertical-align:top}
-th{background:#f5f5f5}th.sortable{cursor:pointer}th.sortable:after{content:" \\2195";color:#999}
-table.facts thead{display:none}table.facts td:first-child{font-weight:600;white-space:nowrap}
-td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}table.facts td.num{text-align:left}.missing{color:#777;font-style:italic}
-.below{color:#2ca02c}.above{color:#d62728}.warning{color:#a15c00;font-weight:600}
-#decision{border:1px solid #ccc;border-radius:6px;padding:.2rem 1rem;background:#fafafa}
-p.decision{font-size:1.05rem;line-height:1.5}code{background:#f3f3f3;padding:0 .25rem}
-#layer-filter{width:24rem;padding:.3rem;margin:.3rem 0}.scroll{max-height:32rem;overflow:auto}
-#layer-table thead tr:first-child th{position:sticky;top:0;z-index:2}
-#layer-table thead tr.filters td{position:sticky;top:1.6rem;background:#fafafa;z-index:2;padding:.1rem}
-#layer-table thead tr.filters input{width:100%;box-sizing:border-box;font-size:.75rem}
-"""
+STYLE = asset("report.css")
+"""The page's style sheet."""
 
-SCRIPT = """
-(function(){
-  var data = JSON.parse(KS.unpack('ks-data'));
-  function parse(id){return data[id];}
-  document.querySelectorAll('[data-figure]').forEach(function(div){
-    var fig = parse(div.getAttribute('data-figure'));
-    Plotly.newPlot(div, fig.data, fig.layout, {responsive:true, displaylogo:false});
-  });
-  var table = document.getElementById('layer-table');
-  if(!table){return;}
-  var longCols = parse('layer-cols'), body = table.tBodies[0];
-  var longRows = parse('layer-rows').map(function(r){
-    return r.map(function(v, i){return (longCols[i].values && v !== null) ? longCols[i].values[v] : v;});});
-  var cols = longCols, rows = longRows, wide = false;
-  var sortCol = -1, sortDir = 1, filter = '', colFilters = [];
-  function cell(v, c){
-    if(v === null || v === undefined){return '';}
-    if(c.pct){return (100*v).toFixed(2) + '%';}
-    if(typeof v === 'number' && !Number.isInteger(v)){return v.toPrecision(4);}
-    return String(v);
-  }
-  function matches(r){
-    var shown = r.map(function(v, i){return cell(v, cols[i]).toLowerCase();});
-    var terms = filter.split(/\\s+/).filter(Boolean);
-    if(!terms.every(function(t){return shown.some(function(s){return s.indexOf(t) >= 0;});})){return false;}
-    return colFilters.every(function(f, i){
-      if(!f){return true;}
-      var m = /^([<>]=?)\\s*(-?[0-9.]+)(%?)$/.exec(f);
-      if(m && typeof r[i] === 'number'){
-        var x = cols[i].pct ? 100 * r[i] : r[i], y = parseFloat(m[2]);
-        return m[1] === '<' ? x < y : m[1] === '<=' ? x <= y : m[1] === '>' ? x > y : x >= y;
-      }
-      return shown[i].indexOf(f) >= 0;
-    });
-  }
-  function compare(x, y){
-    if(x === y){return 0;} if(x === null || x === undefined){return 1;} if(y === null || y === undefined){return -1;}
-    if(typeof x === 'number' && typeof y === 'number'){return (x < y ? -1 : 1) * sortDir;}
-    return String(x).localeCompare(String(y), undefined, {numeric: true}) * sortDir;
-  }
-  function shownRows(){
-    var shown = rows.filter(matches);
-    if(sortCol >= 0){shown.sort(function(a, b){return compare(a[sortCol], b[sortCol]);});}
-    return shown;
-  }
-  function header(){
-    var head = table.tHead;
-    head.textContent = '';
-    var names = head.insertRow(), filters = head.insertRow();
-    filters.className = 'filters';
-    colFilters = cols.map(function(){return '';});
-    cols.forEach(function(c, i){
-      var th = document.createElement('th');
-      th.className = 'sortable'; th.textContent = c.title || c.name;
-      th.addEventListener('click', function(){sortDir = (sortCol === i) ? -sortDir : 1; sortCol = i; render();
-        table.setAttribute('data-sorted', c.name + (sortDir > 0 ? ' asc' : ' desc'));});
-      names.appendChild(th);
-      var td = document.createElement('td'), box = document.createElement('input');
-      box.type = 'search'; box.placeholder = c.pct || c.numeric ? '>1.5' : 'filter';
-      box.setAttribute('data-column', c.name);
-      box.addEventListener('input', function(e){colFilters[i] = e.target.value.trim().toLowerCase(); render();});
-      td.appendChild(box); filters.appendChild(td);
-    });
-  }
-  function render(){
-    var shown = shownRows();
-    body.textContent = '';
-    shown.forEach(function(r){
-      var tr = document.createElement('tr');
-      r.forEach(function(v, i){var td = document.createElement('td'); td.textContent = cell(v, cols[i]);
-        if(typeof v === 'number'){td.className = 'num';} tr.appendChild(td);});
-      body.appendChild(tr);});
-    document.getElementById('layer-count').textContent = shown.length + ' of ' + rows.length + ' rows';
-  }
-  function widen(){
-    var at = {}; longCols.forEach(function(c, i){at[c.name] = i;});
-    var keys = ['run', 'layer', 'block', 'module_type', 'transform'], series = [], index = {}, out = [];
-    longRows.forEach(function(r){
-      var config = r[at.config];
-      if(series.indexOf(config) < 0){series.push(config);}
-      var key = keys.map(function(k){return r[at[k]];}).join('\\u0000');
-      if(!(key in index)){index[key] = out.length; out.push(keys.map(function(k){return r[at[k]];}));}
-      out[index[key]][keys.length + series.indexOf(config)] = r[at.kernel_fraction];
-    });
-    cols = keys.map(function(k){return longCols[at[k]];}).concat(series.map(function(s){
-      return {name: s + ' kernel_fraction', title: s + ' kernel', pct: true};}));
-    rows = out.map(function(r){for(var i = 0; i < cols.length; i++){if(r[i] === undefined){r[i] = null;}} return r;});
-  }
-  document.getElementById('layer-wide').addEventListener('click', function(e){
-    wide = !wide;
-    if(wide){widen();} else{cols = longCols; rows = longRows;}
-    e.target.textContent = wide ? 'one row per quantizer' : 'wide view (quantizers side by side)';
-    sortCol = -1; header(); render();
-  });
-  document.getElementById('layer-csv').addEventListener('click', function(){
-    var quote = function(v){v = (v === null || v === undefined) ? '' : String(v);
-      return /[",\\n]/.test(v) ? '"' + v.replace(/"/g, '""') + '"' : v;};
-    var lines = [cols.map(function(c){return quote(c.name);}).join(',')].concat(
-      shownRows().map(function(r){return r.map(quote).join(',');}));
-    var link = document.createElement('a');
-    link.href = URL.createObjectURL(new Blob([lines.join('\\n') + '\\n'], {type: 'text/csv'}));
-    link.download = 'kernelscope-layers.csv';
-    document.body.appendChild(link); link.click(); link.remove();
-    table.setAttribute('data-csv-rows', String(lines.length - 1));
-  });
-  document.getElementById('layer-filter').addEventListener('input', function(e){
-    filter = e.target.value.toLowerCase(); render();});
-  header(); render();
-})();
-"""
+SCRIPT = asset("report.js")
+"""The page's own script: it draws the figures and the layer table from the packed data."""
 
 
-BOOT = """
-(function(){
-  var s = document.createElement('script');
-  s.text = KS.unpack('ks-plotly');
-  document.head.appendChild(s);
-})();
-"""
+BOOT = asset("boot.js")
 """Unpacks plotly.js and runs it, before the page's own script draws."""
 
 
@@ -204,7 +81,8 @@ class _Page:
         self.add(f'<div class="figure" data-figure="{fid}"></div>')
 
     def missing(self, what: str, command: str, fills: str = "this section") -> None:
-        self.add(f'<p class="missing">No {esc(what)} in these runs: <code>{esc(command)}</code> fills {esc(fills)}.</p>')
+        self.add(f'<p class="missing">No {esc(what)} in these runs: <code>{esc(command)}</code> '
+                 f"fills {esc(fills)}.</p>")
 
 
 def _section(page: _Page, title: str, figures: list) -> None:
@@ -222,7 +100,8 @@ def _label_runs(runs: Sequence[RunFolder]) -> list[str]:
     return labels
 
 
-NUMBER = re.compile(r"^(\[)?[+-]?[0-9][0-9,.]*(e[+-]?[0-9]+)?( ?%| pt)?(, [+-]?[0-9][0-9,.]*(e[+-]?[0-9]+)?%?\])?$")
+NUMBER = re.compile(r"^(\[)?[+-]?[0-9][0-9,.]*(e[+-]?[0-9]+)?( ?%| pt)?"
+                    r"(, [+-]?[0-9][0-9,.]*(e[+-]?[0-9]+)?%?\])?$")
 """A cell that is a number (``1,024``, ``+2.97%``, ``-8.80 pt``) or an interval (``[+1.2, +3.4%]``):
 right-aligned, on one line."""
 
@@ -247,13 +126,14 @@ def _measured(page: _Page, runs: list[tuple[str, RunFolder]]) -> None:
         s = run.summary
         m, t, w = s.get("model") or {}, s.get("text") or {}, s.get("windows") or {}
         what = ", ".join(q.get("label", "") for q in s.get("quantizers", [])) or ", ".join(dict.fromkeys(
-            r.get("scheme", "") for r in s.get("results", []) if isinstance(r, dict) and r.get("scheme"))) or (
+            r.get("scheme", "") for r in s.get("results", [])
+            if isinstance(r, dict) and r.get("scheme"))) or (
             (s.get("family") or {}).get("label", ""))
         tokens = s.get("tokens") or (w.get("windows", 0) * w.get("seqlen", 0))
         params = f", {m['parameters'] / 1e6:,.1f}M parameters" if m.get("parameters") else ""
         rows = [
-            ("model", f"{m.get('path', m.get('architecture', ''))} ({m.get('architecture', '')}{params}, "
-                      f"{m.get('dtype', '')}, {m.get('device', '')})"),
+            ("model", (f"{m.get('path', m.get('architecture', ''))} ({m.get('architecture', '')}{params}, "
+                       f"{m.get('dtype', '')}, {m.get('device', '')})")),
             ("text", t.get("description", "")), ("text sha256", t.get("sha256", "")),
             ("windows", w.get("description", "")), ("tokens", f"{tokens:,}" if tokens else ""),
             ("tasks", ", ".join(str(task.get("task", "")) for task in s.get("tasks") or [])),
@@ -282,14 +162,14 @@ def located_thresholds(thresholds) -> dict[str, float]:
     for _, summary in thresholds:
         for search in F.searches_of(summary):
             if search.get("status") == BRACKETED and search.get("threshold_kernel_fraction") is not None:
-                found.setdefault(search.get("transform", "none"), search["threshold_kernel_fraction"])
+                found.setdefault(search.get("transform", NONE), search["threshold_kernel_fraction"])
     return found
 
 
 def _deployable(row: dict) -> bool:
     """An evaluation row of a scheme one could deploy: fake quantization, not a diagnostic pass
     (remove-kernel) or a reference."""
-    return row.get("mode") == "fake_quant"
+    return row.get("mode") == Mode.FAKE_QUANT
 
 
 def _measured_on(summary: dict) -> tuple:
@@ -302,12 +182,14 @@ def _change(row: dict) -> str:
     """``+2.97% [2.50, 3.44]``: a row's perplexity change from fp with its paired interval."""
     if row.get("change_pct") is None:
         return ""
-    ci = "" if row.get("change_pct_ci_low") is None else f" [{row['change_pct_ci_low']:+.2f}, {row['change_pct_ci_high']:+.2f}]"
+    ci = "" if row.get("change_pct_ci_low") is None else (
+        f" [{row['change_pct_ci_low']:+.2f}, {row['change_pct_ci_high']:+.2f}]")
     return f"{row['change_pct']:+.2f}%{ci}"
 
 
 def _weights(row: dict) -> str:
-    """What a scheme does to the weights, in words: ``weights int4 g128``, ``weights mxfp4``, or empty for fp."""
+    ("What a scheme does to the weights, in words: ``weights int4 g128``, ``weights mxfp4``, "
+     "or empty for fp.")
     if row.get("weight_format"):
         return f"weights {row['weight_format']}"
     if row.get("weight_bits"):
@@ -326,26 +208,30 @@ def _recommendation(evals, sweeps, advices) -> list[str]:
     said = []
     for _, s in advices[:1]:
         plan, whole = s["plan"], s["quantized"]
-        basis = "" if s.get("transform", "none") == "none" else f" in the {s['transform']} basis"
+        basis = "" if s.get("transform", NONE) == NONE else f" in the {s['transform']} basis"
         said.append(f"Deploy <b>{esc((s.get('scheme') or {}).get('scheme', ''))}"
-                    f"</b>{esc(basis)} with {plan['kept_layers']} Linear layer{'s' * (plan['kept_layers'] != 1)} kept in full precision "
+                    f"</b>{esc(basis)} with {plan['kept_layers']} Linear "
+                    f"layer{'s' * (plan['kept_layers'] != 1)} kept in full precision "
                     f"({_pct(plan.get('parameter_share'))} of the covered parameters): perplexity "
                     f"{_fixed(plan.get('perplexity')) or 'not finite'}, {esc(_change(plan))} from fp"
                     f"{'' if plan.get('within_tolerance') else ', not within the tolerance'} (advise).")
         tolerance, high = s.get("tolerance"), plan.get("change_pct_ci_high")
-        if plan.get("within_tolerance") and tolerance is not None and high is not None and high > 100 * tolerance:
-            said.append(f"Its interval reaches {high:+.2f}%, beyond the {100 * tolerance:g}% tolerance: the plan is "
-                        "within it by its point estimate only; more windows (<code>-n</code>) narrow the interval.")
+        if (plan.get("within_tolerance") and tolerance is not None and high is not None
+                and high > 100 * tolerance):
+            said.append(f"Its interval reaches {high:+.2f}%, beyond the {100 * tolerance:g}% tolerance: "
+                        "the plan is within it by its point estimate only; more windows (<code>-n</code>) "
+                        "narrow the interval.")
         said.append(f"Quantizing every layer costs {esc(_change(whole))}.")
         share = s.get("kernel_explains") or {}
         if share.get("share") is not None:
-            ci = "" if share.get("ci_low") is None else f" [{_share(share['ci_low'])}, {_share(share['ci_high'])}]"
+            ci = "" if share.get("ci_low") is None else (
+                f" [{_share(share['ci_low'])}, {_share(share['ci_high'])}]")
             said.append(f"Removing only the kernel causes {_share(share['share'])}{ci} of that loss.")
     quantized = [r for _, s in evals for r in s["results"]
                  if r.get("change_pct") is not None and r.get("perplexity") is not None and _deployable(r)]
     if quantized:
         best = min(quantized, key=lambda r: r["perplexity"])
-        basis = "" if best.get("transform", "none") == "none" else f", {best['transform']}"
+        basis = "" if best.get("transform", NONE) == NONE else f", {best['transform']}"
         weights = f" ({_weights(best)})" if _weights(best) else ""
         said.append(f"Of the schemes evaluated{' with every layer quantized' if advices else ''}, "
                     f"<b>{esc(best['scheme'] + basis)}</b>{esc(weights)} is closest to fp: "
@@ -361,7 +247,7 @@ def _recommendation(evals, sweeps, advices) -> list[str]:
 def _smallest_int4(profiles, bases=None) -> dict | None:
     """The smallest model-level INT4 kernel of the profiles (counted in one of ``bases`` where given)."""
     rows = [r for _, run in profiles for r in run.summary.get("model_level") or []
-            if r.get("bits") == 4 and (bases is None or r.get("transform", "none") in bases)]
+            if r.get("bits") == 4 and (bases is None or r.get("transform", NONE) in bases)]
     return min(rows, key=lambda r: r["kernel_fraction"], default=None)
 
 
@@ -372,24 +258,26 @@ def _int4(evals, profiles, located, advices=()) -> list[str]:
             and r.get("change_pct") is not None and r.get("perplexity") is not None and _deployable(r)]
     for _, advice in advices:
         scheme = advice.get("scheme") or {}
-        if scheme.get("activation_bits") == 4 and (advice.get("quantized") or {}).get("perplexity") is not None:
-            rows.append({**advice["quantized"], "transform": advice.get("transform", "none")})
+        if (scheme.get("activation_bits") == 4
+                and (advice.get("quantized") or {}).get("perplexity") is not None):
+            rows.append({**advice["quantized"], "transform": advice.get("transform", NONE)})
     said = []
     if rows:
         best = min(rows, key=lambda r: r["perplexity"])
         weights = f", {_weights(best)}" if _weights(best) else ""
         said.append(f"4-bit activations: the best evaluated, {esc(best['scheme'])}"
-                    f"{'' if best.get('transform', 'none') == 'none' else ', ' + esc(best['transform'])}"
+                    f"{'' if best.get('transform', NONE) == NONE else ', ' + esc(best['transform'])}"
                     f"{esc(weights)}, costs {esc(_change(best))} with every layer quantized.")
     best = _smallest_int4(profiles, located)
     if best is None:
         return said
-    basis = best.get("transform", "none")
+    basis = best.get("transform", NONE)
     threshold = located[basis]
     verdict = "below" if best["kernel_fraction"] <= threshold else "above"
-    said.append(f"{'Its' if said else '4-bit activations: the'} smallest INT4 kernel measured, {esc(_series(best))} at "
-                f"{_pct(best['kernel_fraction'])}, is {verdict} the {_pct(threshold)} threshold located on this model"
-                + ("" if basis == "none" else f" in the {esc(basis)} basis") + ".")
+    said.append(f"{'Its' if said else '4-bit activations: the'} smallest INT4 kernel measured, "
+                f"{esc(_series(best))} at {_pct(best['kernel_fraction'])}, is {verdict} the "
+                f"{_pct(threshold)} threshold located on this model"
+                + ("" if basis == NONE else f" in the {esc(basis)} basis") + ".")
     return said
 
 
@@ -421,21 +309,25 @@ def _advice_sentences(profiles, thresholds, evals, sweeps, advices, family: str 
                 f"{esc(_series(r))} {_pct(r['kernel_fraction'])}" for r in level) + ".")
     if located and not any("threshold located" in x for x in said):
         said.append("The kernel threshold located on this model is " + ", ".join(
-            _pct(v) + ("" if basis == "none" else f" in the {esc(basis)} basis") for basis, v in located.items()) + ".")
+            _pct(v) + ("" if basis == NONE else f" in the {esc(basis)} basis")
+            for basis, v in located.items()) + ".")
     unbracketed = [search for _, t in thresholds for search in F.searches_of(t)
-                   if search.get("status") != BRACKETED and search.get("threshold_kernel_fraction") is not None]
+                   if search.get("status") != BRACKETED
+                   and search.get("threshold_kernel_fraction") is not None]
     for search in unbracketed[:1]:
-        said.append(f"The threshold search did not bracket a crossing ({esc(search.get('status', ''))}): every "
-                    f"kernel up to {_pct(search['threshold_kernel_fraction'])} stayed within the tolerance.")
+        said.append(f"The threshold search did not bracket a crossing ({esc(search.get('status', ''))}): "
+                    f"every kernel up to {_pct(search['threshold_kernel_fraction'])} "
+                    "stayed within the tolerance.")
     if family and not located:
         reference = REFERENCE_THRESHOLDS[family]
         said.append(f"The CrossQuant paper's reference for {family} models is {100 * reference:g}% "
-                    "(the paper's, not measured here: <code>kernelscope threshold</code> locates this model's).")
+                    "(the paper's, not measured here: <code>kernelscope threshold</code> "
+                    "locates this model's).")
         best = _smallest_int4(profiles[:1])
         if best is not None:
             side = "below" if best["kernel_fraction"] <= reference else "above"
-            said.append(f"The smallest INT4 kernel measured, {esc(_series(best))} at {_pct(best['kernel_fraction'])}, "
-                        f"is {side} it.")
+            said.append(f"The smallest INT4 kernel measured, {esc(_series(best))} at "
+                        f"{_pct(best['kernel_fraction'])}, is {side} it.")
     if not said:
         said.append("No evaluation in these runs: <code>kernelscope advise MODEL</code> or "
                     "<code>kernelscope eval MODEL</code> measures what a scheme costs.")
@@ -457,16 +349,19 @@ def _decision(page: _Page, labelled, profiles, thresholds, evals, sweeps, advice
         models = f"<b>Model</b> {esc(names[0])}"
     else:
         models = "<b>Models</b> " + "; ".join(
-            f"{esc(name)} ({esc(', '.join(label for label, _ in _of_model(labelled, name)))})" for name in names)
+            f"{esc(name)} ({esc(', '.join(label for label, _ in _of_model(labelled, name)))})"
+            for name in names)
     if len(texts) == 1 and len(next(iter(texts.values()))) == len(labelled):
         models += f". <b>Text</b> {esc(next(iter(texts)))}"
     elif texts:
-        models += ". <b>Texts</b> " + "; ".join(f"{esc(t)} ({esc(', '.join(labels))})" for t, labels in texts.items())
+        models += ". <b>Texts</b> " + "; ".join(f"{esc(t)} ({esc(', '.join(labels))})"
+                                                for t, labels in texts.items())
     page.add(f"<p>{models}.</p>")
     for name in names:
         model = next(run.summary.get("model") or {} for _, run in _of_model(labelled, name))
-        said = _advice_sentences(_of_model(profiles, name), _of_model(thresholds, name), _of_model(evals, name),
-                                 _of_model(sweeps, name), _of_model(advices, name), family_of(model))
+        said = _advice_sentences(_of_model(profiles, name), _of_model(thresholds, name),
+                                 _of_model(evals, name), _of_model(sweeps, name), _of_model(advices, name),
+                                 family_of(model))
         lead = "" if len(names) == 1 else f"<b>{esc(name)}</b>: "
         page.add(f'<p class="decision">{lead}{" ".join(said)}</p>')
     bases = {}
@@ -491,9 +386,10 @@ def _verdict(page: _Page, profiles, thresholds) -> None:
     if not profiles and not thresholds:
         page.missing("kernel measurement", PROFILE_COMMAND)
         return
-    located = {(label if search.get("transform", "none") == "none" else f"{label}, {search['transform']}"): (search, s)
-               for label, s in thresholds for search in F.searches_of(s)
-               if search.get("threshold_kernel_fraction") is not None and search.get("status") == BRACKETED}
+    located = {
+        (label if search.get("transform", NONE) == NONE else f"{label}, {search['transform']}"): (search, s)
+        for label, s in thresholds for search in F.searches_of(s)
+        if search.get("threshold_kernel_fraction") is not None and search.get("status") == BRACKETED}
     rows = []
     for label, run in profiles:
         for r in run.summary.get("model_level", []):
@@ -507,19 +403,21 @@ def _verdict(page: _Page, profiles, thresholds) -> None:
             for tl, (ts, where) in located.items():
                 t = ts["threshold_kernel_fraction"]
                 side = "below" if r["kernel_fraction"] <= t else "above"
-                other = "" if _measured_on(where) == _measured_on(run.summary) else ", located on other text or windows"
+                other = ("" if _measured_on(where) == _measured_on(run.summary)
+                         else ", located on other text or windows")
                 located_txt.append(f'<span class="{side}">{side} {_pct(t)} ({esc(tl + other)})</span>')
             cells.append("<br>".join(located_txt) or '<span class="missing">none located</span>')
             rows.append(cells)
     if rows:
         page.add("<p>Model-level kernel, elements-weighted over every covered Linear input, against any "
-                 "threshold located by <code>kernelscope threshold</code> and the CrossQuant paper's reference "
-                 "for the model's own family (perplexity near-lossless below about 19% on OPT, 1% on LLaMA).</p>")
+                 "threshold located by <code>kernelscope threshold</code> and the CrossQuant paper's "
+                 "reference for the model's own family (perplexity near-lossless below about 19% on OPT, "
+                 "1% on LLaMA).</p>")
         page.add(_table(["run", "quantizer", "kernel", "located threshold", "paper's reference"],
                         [[*row[:3], row[4], row[3]] for row in rows]))
     for label, s in thresholds:
         for search in F.searches_of(s):
-            basis = "" if search.get("transform", "none") == "none" else f", {search['transform']}"
+            basis = "" if search.get("transform", NONE) == NONE else f", {search['transform']}"
             page.add(f"<p><b>{esc(label + basis)}</b> ({esc(search.get('status', ''))}):</p><ul>"
                      + "".join(f"<li>{esc(v)}</li>" for v in search.get("verdicts", [])) + "</ul>")
     if not thresholds:
@@ -531,7 +429,7 @@ def _tokens(row: dict) -> str:
     position 0 is the window's first, where attention sinks put their outliers whatever the word."""
     where = row.get("top_token_window_positions") or [None] * len(row["top_tokens"])
     seen: dict[tuple[str, bool], list[float]] = {}
-    for token, pos, value in zip(row["top_tokens"], where, row["top_token_absmax"]):
+    for token, pos, value in zip(row["top_tokens"], where, row["top_token_absmax"], strict=False):
         seen.setdefault((token, pos == 0), []).append(value)
     parts = []
     for (token, sink), values in list(seen.items())[:5]:
@@ -555,7 +453,7 @@ def _outliers(page: _Page, profiles) -> None:
     channel_layers: dict[int, set[tuple[str, str]]] = {}
     for label, run in profiles:
         table = _with_transform(run.tables["layers"])
-        basis = "none" if (table["transform"] == "none").any() else table["transform"][0]
+        basis = NONE if (table["transform"] == NONE).any() else table["transform"][0]
         layers = table.filter(pl.col("transform") == basis).unique(subset="layer", maintain_order=True)
         inputs = _one_row_per_input(layers)  # q/k/v (gate/up) once: one input
         for r in inputs.iter_rows(named=True):
@@ -564,18 +462,20 @@ def _outliers(page: _Page, profiles) -> None:
         top = inputs.sort("abs_max", descending=True, maintain_order=True).head(12)
         rows, sinks = [], 0
         for r in top.iter_rows(named=True):
-            channels = ", ".join(f"{c} ({v:.3g})" for c, v in zip(r["top_channels"][:5], r["top_channel_absmax"][:5]))
+            channels = ", ".join(f"{c} ({v:.3g})" for c, v
+                                 in zip(r["top_channels"][:5], r["top_channel_absmax"][:5], strict=False))
             sinks += bool(r.get("top_token_window_positions")) and r["top_token_window_positions"][0] == 0
             rows.append([esc(r["layer"]), f"{r['abs_max']:.4g}", esc(channels), _tokens(r)])
         page.add(f"<p><b>{esc(label)}</b>"
-                 + ("" if basis == "none" else f" (in the {esc(basis)} basis: the profile did not count the input as it is)")
+                 + ("" if basis == NONE
+                    else f" (in the {esc(basis)} basis: the profile did not count the input as it is)")
                  + ": the 12 layers with the largest |x|, their largest channels (c_j) "
                  "and tokens (t_i, decoded, with how often each occurs and its largest |x|). "
                  f"In {sinks} of them the largest token is the first of its window: an attention sink, an "
                  "effect of the position rather than of the word.</p>")
         page.add(_table(["layer", "max |x|", "top channels (c_j)", "top tokens (t_i)"], rows))
-    persistent = sorted(((len(where), c, len({run for run, _ in where})) for c, where in channel_layers.items()
-                         if len(where) >= 3), reverse=True)[:8]
+    persistent = sorted(((len(where), c, len({run for run, _ in where}))
+                         for c, where in channel_layers.items() if len(where) >= 3), reverse=True)[:8]
     if persistent:
         page.add("<p>Channels among the five largest of many layers (the same outlier dimensions run through "
                  "the residual stream): " + ", ".join(
@@ -603,13 +503,13 @@ def _formats(page: _Page, profiles: list[tuple[str, RunFolder]]) -> None:
 
 def _series(row: dict) -> str:
     """A row's configuration, with its transform where that is not the identity."""
-    return F.series_name(row["config"], row.get("transform", "none"))
+    return F.series_name(row["config"], row.get("transform", NONE))
 
 
 def _transforms_side_by_side(page: _Page, level: list[dict]) -> None:
     """Each configuration's model-level kernel in every basis the profile counted, and the change
     from the first (nothing when it counted one)."""
-    bases = list(dict.fromkeys(r.get("transform", "none") for r in level))
+    bases = list(dict.fromkeys(r.get("transform", NONE) for r in level))
     if len(bases) < 2:
         return
     cell = {(r["transform"], r["config"]): r["kernel_fraction"] for r in level}
@@ -629,21 +529,22 @@ def _transforms_side_by_side(page: _Page, level: list[dict]) -> None:
 def _eval_table(page: _Page, evals) -> None:
     page.add("<h2>Perplexity under quantization</h2>")
     if not evals:
-        page.missing("evaluation", "kernelscope eval MODEL --scheme fp --scheme w8a8-per-token --scheme w8a8-crossquant -o DIR")
+        page.missing("evaluation", "kernelscope eval MODEL --scheme fp --scheme w8a8-per-token "
+                                   "--scheme w8a8-crossquant -o DIR")
         return
     for label, s in evals:
         reference = next((r for r in s["results"] if r["scheme"] == "fp"), None)
         fp = reference["perplexity"] if reference else None
         rows = [[esc(r["scheme"]), esc(_weights(r).removeprefix("weights ")) or "fp",
                  "" if r.get("alpha") is None else f"{r['alpha']:g}",
-                 esc(r.get("transform", "none")), f"{r['perplexity']:.4f}",
+                 esc(r.get("transform", NONE)), f"{r['perplexity']:.4f}",
                  _ci(r, "perplexity", "{:.4f}"),
                  "" if fp is None or r is reference else f"{100 * (r['perplexity'] / fp - 1):+.2f}%",
                  _ci(r, "change_pct", "{:+.2f}%"), esc(r.get("vs_fp") or ""),
                  _pct(r.get("kernel_fraction")), esc(r["tokens"])] for r in s["results"]]
         page.add(f"<p><b>{esc(label)}</b>: {esc(s.get('protocol', ''))}</p>")
-        page.add(_table(["scheme", "weights", "α", "transform", "perplexity", "95% CI", "vs fp", "95% CI (paired)", "verdict",
-                         "activation kernel", "tokens"], rows))
+        page.add(_table(["scheme", "weights", "α", "transform", "perplexity", "95% CI", "vs fp",
+                         "95% CI (paired)", "verdict", "activation kernel", "tokens"], rows))
         if s.get("uncertainty"):
             page.add(f"<p><small>{esc(s['uncertainty'])}</small></p>")
 
@@ -674,29 +575,37 @@ def _advice_section(page: _Page, advices) -> None:
     for label, s in advices:
         scheme, plan, whole = s.get("scheme") or {}, s.get("plan") or {}, s.get("quantized") or {}
         weights = _weights(scheme)
-        tolerance = "" if s.get("tolerance") is None else f", tolerance {100 * s['tolerance']:g}% above fp's perplexity"
-        page.add(f"<p><b>{esc(label)}</b>: {esc(scheme.get('scheme', ''))}" + (f" ({esc(weights)})" if weights else "")
+        tolerance = ("" if s.get("tolerance") is None
+                     else f", tolerance {100 * s['tolerance']:g}% above fp's perplexity")
+        page.add(f"<p><b>{esc(label)}</b>: {esc(scheme.get('scheme', ''))}"
+                 + (f" ({esc(weights)})" if weights else "")
                  + f"{tolerance}; {s.get('forward_passes') or 0:.1f} full-pass equivalents.</p>")
         kept = plan.get("kept_modules") or []
         rows = [["every layer quantized", _fixed(whole.get("perplexity")), _ci(whole, "perplexity", "{:.4f}"),
                  esc(_change(whole)), esc(whole.get("vs_fp") or ""), ""],
-                [f"the plan: {len(kept)} layer{'s' * (len(kept) != 1)} kept ({_pct(plan.get('parameter_share'))} of the "
-                 + "parameters)", _fixed(plan.get("perplexity")), _ci(plan, "perplexity", "{:.4f}"),
-                 esc(_change(plan)), esc(plan.get("vs_fp") or ""), "yes" if plan.get("within_tolerance") else "no"]]
+                [(f"the plan: {len(kept)} layer{'s' * (len(kept) != 1)} kept "
+                  f"({_pct(plan.get('parameter_share'))} of the parameters)"),
+                 _fixed(plan.get("perplexity")), _ci(plan, "perplexity", "{:.4f}"),
+                 esc(_change(plan)), esc(plan.get("vs_fp") or ""),
+                 "yes" if plan.get("within_tolerance") else "no"]]
         page.add(_table(["", "perplexity", "95% CI", "vs fp (paired)", "verdict", "within tolerance"], rows))
         groups = s.get("sensitivity") or []
         top = [r for k in dict.fromkeys(map(_group_kind, groups))
-               for r in sorted((g for g in groups if _group_kind(g) == k), key=lambda g: g.get("rank") or 0)[:5]]
+               for r in sorted((g for g in groups if _group_kind(g) == k),
+                               key=lambda g: g.get("rank") or 0)[:5]]
         if top:
             page.add("<p>The most sensitive groups of each kind, each quantized alone (the rest in full "
-                     "precision), and the share of that loss its kernel alone causes where it was measured:</p>")
+                     "precision), and the share of that loss its kernel alone causes where it was "
+                     "measured:</p>")
             page.add(_table(["kind", "group", "rank", "layers", "vs fp", "KL", "kernel's share"],
-                            [[esc(_group_kind(r)), esc(r.get("group", "")), esc(r.get("rank", "")), esc(r.get("layer_count", "")),
-                              esc(_change(r)), _fixed(r.get("kl"), "{:.4g}"),
-                              "" if r.get("kernel_share") is None else _share(r["kernel_share"])] for r in top]))
+                            [[esc(_group_kind(r)), esc(r.get("group", "")), esc(r.get("rank", "")),
+                              esc(r.get("layer_count", "")), esc(_change(r)), _fixed(r.get("kl"), "{:.4g}"),
+                              "" if r.get("kernel_share") is None else _share(r["kernel_share"])]
+                             for r in top]))
         if kept:
-            page.add(f"<details><summary>The {len(kept)} layer{'s' * (len(kept) != 1)} the plan keeps in full "
-                     "precision</summary><p>" + ", ".join(f"<code>{esc(m)}</code>" for m in kept) + "</p></details>")
+            page.add(f"<details><summary>The {len(kept)} layer{'s' * (len(kept) != 1)} the plan keeps in "
+                     "full precision</summary><p>" + ", ".join(f"<code>{esc(m)}</code>" for m in kept)
+                     + "</p></details>")
 
 
 def _zeroshot_table(page: _Page, zeroshots) -> None:
@@ -731,13 +640,13 @@ def _accuracy(r: dict | None) -> str:
 
 def _with_transform(layers: pl.DataFrame) -> pl.DataFrame:
     """A profile's rows with their ``transform`` (``none`` in a run written before profiles had one)."""
-    return layers if "transform" in layers.columns else layers.with_columns(pl.lit("none").alias("transform"))
+    return layers if "transform" in layers.columns else layers.with_columns(pl.lit(NONE).alias("transform"))
 
 
 def _layer_table(page: _Page, profiles) -> None:
     page.add("<h2>Layers</h2>")
-    frames = [_with_transform(run.tables["layers"]).with_columns(pl.lit(label).alias("run")).select(TABLE_COLUMNS)
-              for label, run in profiles]
+    frames = [_with_transform(run.tables["layers"]).with_columns(pl.lit(label).alias("run"))
+              .select(TABLE_COLUMNS) for label, run in profiles]
     table = pl.concat(frames, how="vertical_relaxed")
     cols = [{"name": c, "pct": c.endswith("fraction")} for c in TABLE_COLUMNS]
     # Repeated strings travel once: such a column holds indices into its "values".
@@ -747,16 +656,17 @@ def _layer_table(page: _Page, profiles) -> None:
             cols[i]["values"] = values
             table = table.with_columns(pl.col(c).replace_strict(values, list(range(len(values)))).alias(c))
     rows = [[float(f"{v:.5g}") if isinstance(v, float) else v for v in row] for row in table.iter_rows()]
-    names = {"kernel_fraction": "kernel", "bound_p50": "bound p50", "bound_below_per_token_fraction": "bound < per-token",
+    names = {"kernel_fraction": "kernel", "bound_p50": "bound p50",
+             "bound_below_per_token_fraction": "bound < per-token",
              "c_ge_t_fraction": "c ≥ t", "abs_max": "max |x|", "module_type": "module type"}
     for c in cols:
         c["title"] = names.get(c["name"], c["name"])
         c["numeric"] = table.schema[c["name"]].is_numeric() and "values" not in c
-    page.add('<p>Click a header to sort (layer names in natural order); type to filter: the box below matches '
-             'every word somewhere in a row, as shown (<code>down_proj int8</code>), the boxes under the headers '
-             'one column each (<code>&gt;5</code> or <code>&lt;0.1%</code> for numbers). The CSV holds the rows '
-             'shown under the column names of the results files, shares as fractions, to 5 significant digits '
-             '(the files hold them in full). '
+    page.add('<p>Click a header to sort (layer names in natural order); type to filter: the box below '
+             'matches every word somewhere in a row, as shown (<code>down_proj int8</code>), the boxes under '
+             'the headers one column each (<code>&gt;5</code> or <code>&lt;0.1%</code> for numbers). The CSV '
+             'holds the rows shown under the column names of the results files, shares as fractions, to 5 '
+             'significant digits (the files hold them in full). '
              '<span id="layer-count"></span></p>'
              '<input id="layer-filter" type="search" placeholder="filter, e.g. down_proj int8"> '
              '<button id="layer-wide" type="button">wide view (quantizers side by side)</button> '
@@ -769,7 +679,7 @@ def build_report(runs: Sequence[RunFolder], *, title: str | None = None) -> str:
     """The whole page as a string."""
     if not runs:
         raise KernelscopeError("a report needs at least one run folder")
-    labelled = list(zip(_label_runs(runs), runs))
+    labelled = list(zip(_label_runs(runs), runs, strict=True))
     by_kind = lambda kind: [(lab, run) for lab, run in labelled if run.summary.get("kind") == kind]  # noqa: E731
     profiles = [(lab, run) for lab, run in by_kind("profile") if "layers" in run.tables]
     thresholds = [(lab, run.summary) for lab, run in by_kind("threshold")]
@@ -788,7 +698,7 @@ def build_report(runs: Sequence[RunFolder], *, title: str | None = None) -> str:
     tables = [(lab, F.with_series(_with_transform(run.tables["layers"]))) for lab, run in profiles]
     colours = F.colour_of([name for _, layers in tables for name in layers["series"].to_list()])
     if tables:
-        _section(page, "Kernel along depth", [F.depth_kernel(tables, colours, located.get("none"))])
+        _section(page, "Kernel along depth", [F.depth_kernel(tables, colours, located.get(NONE))])
         _section(page, "Kernel by block and module type", [F.heatmap(lab, layers) for lab, layers in tables])
         _section(page, "Zero bounds", [F.zero_bounds(tables, colours)])
         _section(page, "Where CrossQuant cannot shrink the bound", [F.c_ge_t(tables)])
@@ -796,7 +706,8 @@ def build_report(runs: Sequence[RunFolder], *, title: str | None = None) -> str:
         _outliers(page, profiles)
     else:
         page.add("<h2>Per-layer kernel</h2>")
-        page.missing("profile", PROFILE_COMMAND, "the per-layer, heatmap, zero-bound, c ≥ t, outlier and layer sections")
+        page.missing("profile", PROFILE_COMMAND,
+                     "the per-layer, heatmap, zero-bound, c ≥ t, outlier and layer sections")
     page.add("<h2>Threshold</h2>")
     if thresholds:
         page.figure(F.threshold_curve(thresholds))
@@ -816,10 +727,11 @@ def build_report(runs: Sequence[RunFolder], *, title: str | None = None) -> str:
 
     data = json.dumps(page.data, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">" + REPORT_TAG +
-            f"<title>{esc(heading)}</title><style>{STYLE}</style>"
+            f"<title>{esc(heading)}</title><style>\n{STYLE}</style>"
             f"</head><body>" + "\n".join(page.parts)
-            + _packed_script("ks-plotly", packing.packed_plotly()) + _packed_script("ks-data", packing.pack(data.encode("utf-8")))
-            + f"<script>{packing.UNPACK_JS}{BOOT}</script><script>{SCRIPT}</script></body></html>\n")
+            + _packed_script("ks-plotly", packing.packed_plotly())
+            + _packed_script("ks-data", packing.pack(data.encode("utf-8")))
+            + f"<script>\n{packing.UNPACK_JS}\n{BOOT}</script><script>\n{SCRIPT}</script></body></html>\n")
 
 
 def write_report(run_dirs: Sequence[str | Path] | Sequence[RunFolder], output: str | Path, *,

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kernelscope.errors import KernelscopeError
-from kernelscope.quant.formats import FORMATS
+from kernelscope.quant.formats import FORMATS, Form, Unit
 from kernelscope.results.paths import EXPORT_NAMES, SUMMARY, summary_of
 
 if TYPE_CHECKING:  # the scheme is read through its fields only
@@ -58,19 +58,19 @@ class QuantArgs:
         return d
 
 
-STRATEGIES: dict[tuple[str, str, str], str] = {
-    ("token", "absmax", ACTIVATIONS): "token",
-    ("token", "absmax", WEIGHTS): "channel",  # a weight's "token" is its output channel
-    ("tensor", "absmax", ACTIVATIONS): "tensor",
-    ("tensor", "absmax", WEIGHTS): "tensor",
-    ("block", "absmax", ACTIVATIONS): "group",
-    ("block", "absmax", WEIGHTS): "group",
-    ("block", "e8m0_floor", ACTIVATIONS): "group",
-    ("block", "e8m0_floor", WEIGHTS): "group",
-    ("block", "e8m0_rceil", ACTIVATIONS): "group",
-    ("block", "e8m0_rceil", WEIGHTS): "group",
-    ("block", "nvfp4", ACTIVATIONS): "tensor_group",
-    ("block", "nvfp4", WEIGHTS): "tensor_group",
+STRATEGIES: dict[tuple[Unit, Form, str], str] = {
+    (Unit.TOKEN, Form.ABSMAX, ACTIVATIONS): "token",
+    (Unit.TOKEN, Form.ABSMAX, WEIGHTS): "channel",  # a weight's "token" is its output channel
+    (Unit.TENSOR, Form.ABSMAX, ACTIVATIONS): "tensor",
+    (Unit.TENSOR, Form.ABSMAX, WEIGHTS): "tensor",
+    (Unit.BLOCK, Form.ABSMAX, ACTIVATIONS): "group",
+    (Unit.BLOCK, Form.ABSMAX, WEIGHTS): "group",
+    (Unit.BLOCK, Form.E8M0_FLOOR, ACTIVATIONS): "group",
+    (Unit.BLOCK, Form.E8M0_FLOOR, WEIGHTS): "group",
+    (Unit.BLOCK, Form.E8M0_RCEIL, ACTIVATIONS): "group",
+    (Unit.BLOCK, Form.E8M0_RCEIL, WEIGHTS): "group",
+    (Unit.BLOCK, Form.NVFP4, ACTIVATIONS): "tensor_group",
+    (Unit.BLOCK, Form.NVFP4, WEIGHTS): "tensor_group",
 }
 """(scale unit, scale form, role) -> strategy. Absent: no deployed equivalent (CrossQuant's
 t^α·c^(1-α) step, an activation step per input channel over the tokens)."""
@@ -82,7 +82,8 @@ dynamic, its tensor scale calibrated."""
 FORM_NOTES: dict[str, str] = {
     "e8m0_rceil": "the MX scale's rounding (RCEIL here, FLOOR in OCP MX) is the deploying kernel's, not the "
                   "recipe's",
-    "nvfp4": "the activations' tensor scale is calibrated in the preset; kernelscope measured it per sequence",
+    "nvfp4": "the activations' tensor scale is calibrated in the preset; kernelscope measured it per "
+             "sequence",
 }
 
 
@@ -116,7 +117,8 @@ MODELOPT_CONFIGS: tuple[Preset, ...] = (
     Preset("FP8_PER_CHANNEL_PER_TOKEN_CFG", _float(8, "channel"), _float(8, "token", dynamic=True)),
     Preset("MXFP8_DEFAULT_CFG", _float(8, "group", 32), _float(8, "group", 32, dynamic=True)),
     Preset("MXFP4_DEFAULT_CFG", _float(4, "group", 32), _float(4, "group", 32, dynamic=True)),
-    Preset("NVFP4_DEFAULT_CFG", _float(4, "tensor_group", 16), _float(4, "tensor_group", 16, dynamic="local")),
+    Preset("NVFP4_DEFAULT_CFG", _float(4, "tensor_group", 16),
+           _float(4, "tensor_group", 16, dynamic="local")),
 )
 """ModelOpt's ``mtq`` configs that quantize as a kernelscope scheme does (its INT8 configs calibrate a
 static per-tensor activation scale, so a dynamic per-token scheme has none)."""
@@ -131,8 +133,9 @@ def quant_args(config: QuantizerConfig, role: str) -> QuantArgs | None:
         return None
     grid = entry.grid
     dynamic = DYNAMIC_ACTIVATIONS.get(entry.rule.form, True) if role == ACTIVATIONS else False
-    group = config.block_size if entry.rule.unit == "block" else None
-    return QuantArgs(config.bits, "int" if grid is None or grid.is_int else "float", strategy, group, True, dynamic)
+    group = config.block_size if entry.rule.unit is Unit.BLOCK else None
+    return QuantArgs(config.bits, "int" if grid is None or grid.is_int else "float", strategy, group, True,
+                     dynamic)
 
 
 @dataclass(frozen=True)
@@ -156,22 +159,22 @@ class Deployment:
 def _match(presets: Iterable[Preset], d: Deployment) -> str | None:
     if d.reason is not None:
         return None
-    return next((p.name for p in presets if (p.weights, p.input_activations) == (d.weights, d.input_activations)),
-                None)
+    return next((p.name for p in presets
+                 if (p.weights, p.input_activations) == (d.weights, d.input_activations)), None)
 
 
 def deployment(scheme, transform=None) -> Deployment:
     """The weight and activation arguments of ``scheme`` (a :class:`~kernelscope.runs.schemes.Scheme`)
     quantizing in the basis of ``transform`` (a :class:`~kernelscope.quant.transforms.TransformSpec`,
     its own transform included; None: the scheme's own alone)."""
-    if scheme.mode != "fake_quant":
+    if not scheme.mode.deployable:
         return Deployment(None, None, f"{scheme.name} is a measurement, not a quantizer a tool deploys")
     basis = scheme.transform if transform is None else transform
     if not basis.is_identity:
-        return Deployment(None, None, f"{scheme.name} quantizes in the {basis.label} basis, which kernelscope "
-                                      "fits to every Linear on its own; llm-compressor's SmoothQuant and rotation "
-                                      "modifiers transform norm-Linear pairs, a different scheme, so no recipe is "
-                                      "written")
+        return Deployment(None, None, f"{scheme.name} quantizes in the {basis.label} basis, which "
+                                      "kernelscope fits to every Linear on its own; llm-compressor's "
+                                      "SmoothQuant and rotation modifiers transform norm-Linear pairs, a "
+                                      "different scheme, so no recipe is written")
     act = quant_args(scheme.activation, ACTIVATIONS)
     if act is None:
         return Deployment(None, None, f"llm-compressor has no {scheme.activation.label} activation quantizer")
@@ -185,7 +188,8 @@ def deployment(scheme, transform=None) -> Deployment:
     if weights is None:
         return Deployment(None, None, f"{scheme.name} leaves the weights in full precision, which no "
                                       "activation-only llm-compressor scheme mirrors")
-    forms = {FORMATS[c.quantizer].rule.form for c in (scheme.activation, scheme.weight_format) if c is not None}
+    forms = {FORMATS[c.quantizer].rule.form
+             for c in (scheme.activation, scheme.weight_format) if c is not None}
     return Deployment(weights, act, notes=tuple(FORM_NOTES[f] for f in sorted(forms) if f in FORM_NOTES))
 
 
@@ -197,7 +201,8 @@ def recipe(d: Deployment, ignore: list[str]) -> dict[str, Any]:
     if d.preset is not None:
         modifier["scheme"] = d.preset
     else:
-        group = {"targets": ["Linear"], WEIGHTS: d.weights.as_dict(), ACTIVATIONS: d.input_activations.as_dict()}
+        group = {"targets": ["Linear"], WEIGHTS: d.weights.as_dict(),
+                 ACTIVATIONS: d.input_activations.as_dict()}
         modifier["config_groups"] = {"group_0": group}
     modifier["ignore"] = list(ignore)
     return {"quant_stage": {"quant_modifiers": {"QuantizationModifier": modifier}}}
@@ -264,8 +269,8 @@ class IgnoreSpec:
             elif name in classes:  # llm-compressor also ignores by module class
                 chosen |= {n for n, c in modules.items() if c == name}
             else:
-                raise KernelscopeError(f"{self.source} names {name!r}, which is no Linear layer of this model; "
-                                       "list them with `kernelscope layers MODEL --include-lm-head`")
+                raise KernelscopeError(f"{self.source} names {name!r}, which is no Linear layer of this "
+                                       "model; list them with `kernelscope layers MODEL --include-lm-head`")
         for rx in self.regexes:
             chosen |= {n for n in modules if re.match(rx, n)}
         for pattern in self.patterns:
@@ -336,7 +341,8 @@ def _from_json(text: str, shown: str) -> IgnoreSpec:
         return IgnoreSpec(shown, names=tuple(map(str, names)))
     cfg = body.get("quant_cfg") if isinstance(body, dict) else None
     if isinstance(cfg, dict):
-        off = [k for k, v in cfg.items() if isinstance(v, dict) and v.get("enable") is False and k != "default"]
+        off = [k for k, v in cfg.items()
+               if isinstance(v, dict) and v.get("enable") is False and k != "default"]
         return IgnoreSpec(shown, patterns=tuple(off))
     raise _not_advice(shown, "neither an advise summary (kind advise) nor a ModelOpt quant_cfg")
 

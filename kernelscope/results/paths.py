@@ -25,7 +25,8 @@ REPORT_TAG = '<meta name="generator" content="kernelscope">'
 """The tag at the head of every report; only a file that starts with it is replaced."""
 SUMMARY = "summary.json"
 """Every run folder's summary, whatever the run (its ``kind`` says which: profile, eval, threshold, ...)."""
-LEGACY_SUMMARIES = ("eval.json", "threshold.json", "sweep.json", "zeroshot.json", "advice.json", "sensitivity.json")
+LEGACY_SUMMARIES = ("eval.json", "threshold.json", "sweep.json", "zeroshot.json", "advice.json",
+                    "sensitivity.json")
 """Where folders of schema version 2 and before kept the summary of runs other than profiles; still read."""
 SUMMARY_NAMES = (SUMMARY, *LEGACY_SUMMARIES)
 LEGACY_ADVICE = "advice.json"
@@ -108,7 +109,8 @@ def _versioned(file: Path) -> bool:
         body = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(body, dict) and (isinstance(body.get("schema_version"), int) or file.name == LEGACY_ADVICE)
+    return isinstance(body, dict) and (isinstance(body.get("schema_version"), int)
+                                       or file.name == LEGACY_ADVICE)
 
 
 def summary_of(folder: Path) -> Path | None:

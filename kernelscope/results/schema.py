@@ -47,15 +47,18 @@ _I, _F, _S, _B = pl.Int64, pl.Float64, pl.String, pl.Boolean
 COLUMNS: dict[str, Column] = {
     # what a row is about
     "layer": Column(_S, "module name of the Linear layer"),
-    "block": Column(_I, "index of the decoder block the layer (or cell) belongs to; empty outside the blocks"),
+    "block": Column(_I, "index of the decoder block the layer (or cell) belongs to; empty outside the "
+                        "blocks"),
     "module_type": Column(_S, "the layer's role within a block (q_proj, down_proj, ...)"),
     "depth": Column(_I, "the layer's index in capture order along the model"),
     "in_features": Column(_I, "the layer's input width"),
     "out_features": Column(_I, "the layer's output width"),
-    "transform": Column(_S, "the basis a row was counted or quantized in (none, hadamard, smoothquant:0.5, as given)"),
+    "transform": Column(_S, "the basis a row was counted or quantized in (none, hadamard, smoothquant:0.5, "
+                            "as given)"),
     "transform_seed": Column(_I, "seed of the transform's random signs; empty where it has none"),
     "transform_layers": Column(_S, "the layers the transform was applied to, in words; empty for none"),
-    "config": Column(_S, "the quantizer configuration's label (per_token int8, crossquant a=0.15 int8, mxfp4, ...)"),
+    "config": Column(_S, "the quantizer configuration's label (per_token int8, crossquant a=0.15 int8, "
+                         "mxfp4, ...)"),
     "quantizer": Column(_S, "the quantizer's registry name (per_token, crossquant, mxfp4, ...)"),
     "bits": Column(_I, "element width of the quantizer's grid (8 for FP8 and MXFP8, 4 for MXFP4 and NVFP4)"),
     "alpha": Column(_F, "CrossQuant's α; empty for other quantizers"),
@@ -65,13 +68,14 @@ COLUMNS: dict[str, Column] = {
     "tokens": Column(_I, "tokens the row's pass saw (a profile: the layer's input rows)"),
     "elements": Column(_I, "finite elements counted"),
     "kernel_elements": Column(_I, "elements in the kernel: those the quantizer rounds to zero"),
-    "kernel_fraction": Column(_F, "kernel_elements / elements, in the row's own pass: the fp activations for a "
-                                  "profile, the quantized pass for eval, threshold (the kernel removed at that λ), "
-                                  "sweep, zeroshot and advise"),
-    "fp_kernel_fraction": Column(_F, "the same configuration's kernel on the full-precision activations, in the "
-                                     "row's basis"),
+    "kernel_fraction": Column(_F, "kernel_elements / elements, in the row's own pass: the fp activations for "
+                                  "a profile, the quantized pass for eval, threshold (the kernel removed at "
+                                  "that λ), sweep, zeroshot and advise"),
+    "fp_kernel_fraction": Column(_F, "the same configuration's kernel on the full-precision activations, in "
+                                     "the row's basis"),
     "nonfinite_elements": Column(_I, "NaN and ±Inf elements, left out of every count"),
-    "subnormal_elements": Column(_I, "elements that land on a non-zero subnormal code of a float grid; empty for INT"),
+    "subnormal_elements": Column(_I, "elements that land on a non-zero subnormal code of a float grid; empty "
+                                     "for INT"),
     "subnormal_fraction": Column(_F, "subnormal_elements / elements"),
     "blocks": Column(_I, "blocks of a block format (one scale each); empty for the others"),
     "kernel_blocks": Column(_I, "blocks whose every element is in the kernel"),
@@ -79,15 +83,18 @@ COLUMNS: dict[str, Column] = {
     "zero_weights": Column(_I, "weights that are exactly zero before quantization"),
     # the zero bound and the ranges
     "abs_max": Column(_F, "the largest finite |x| (a weight: |w|) the layer saw"),
-    "bound_mean": Column(_F, "mean zero bound over the positions: the |x| under which an element quantizes to zero"),
+    "bound_mean": Column(_F, "mean zero bound over the positions: the |x| under which an element quantizes "
+                             "to zero"),
     "bound_min": Column(_F, "smallest zero bound"),
     "bound_max": Column(_F, "largest zero bound"),
-    "bound_p50": Column(_F, "median zero bound, from a log histogram of 100 bins a decade (relative error < 2.33%)"),
+    "bound_p50": Column(_F, "median zero bound, from a log histogram of 100 bins a decade (relative error "
+                            "< 2.33%)"),
     "bound_p90": Column(_F, "90th percentile of the zero bound, likewise"),
     "bound_p99": Column(_F, "99th percentile of the zero bound, likewise"),
-    "bound_below_per_token_fraction": Column(_F, "share of positions whose step is below the per-token step of the "
-                                                 "same width; empty where no comparison applies"),
-    "c_ge_t_pairs": Column(_I, "pairs (i, j) of one sequence with c_j ≥ t_i: where CrossQuant cannot lower the bound"),
+    "bound_below_per_token_fraction": Column(_F, "share of positions whose step is below the per-token step "
+                                                 "of the same width; empty where no comparison applies"),
+    "c_ge_t_pairs": Column(_I, "pairs (i, j) of one sequence with c_j ≥ t_i: where CrossQuant cannot lower "
+                               "the bound"),
     "c_ge_t_fraction": Column(_F, "c_ge_t_pairs over the positions, non-finite ones included"),
     "top_channels": Column(pl.List(_I), "the input channels with the largest c_j, largest first"),
     "top_channel_absmax": Column(pl.List(_F), "their c_j"),
@@ -98,14 +105,17 @@ COLUMNS: dict[str, Column] = {
                                                        "(the attention sink)"),
     "top_token_absmax": Column(pl.List(_F), "their t_i"),
     # schemes
-    "scheme": Column(_S, "the evaluation scheme's name (fp, w8a8-per-token, mxfp4, remove-kernel-per-token, ...)"),
+    "scheme": Column(_S, "the evaluation scheme's name (fp, w8a8-per-token, mxfp4, remove-kernel-per-token, "
+                         "...)"),
     "mode": Column(_S, "what the scheme does: fp, fake_quant or remove_kernel"),
-    "activation_quantizer": Column(_S, "the registry name of the scheme's activation quantizer; empty for fp"),
+    "activation_quantizer": Column(_S, "the registry name of the scheme's activation quantizer; empty for "
+                                       "fp"),
     "activation_bits": Column(_I, "its element width"),
     "activation_format": Column(_S, "its configuration's label"),
     "weight_bits": Column(_I, "element width of the scheme's weight quantizer; empty where weights stay fp"),
-    "weight_format": Column(_S, "the weights' format where a scheme names one of the registry (fp8, mxfp4, nvfp4, "
-                                "...); empty for INT weights, which weight_bits and group_size describe"),
+    "weight_format": Column(_S, "the weights' format where a scheme names one of the registry (fp8, mxfp4, "
+                                "nvfp4, ...); empty for INT weights, which weight_bits and group_size "
+                                "describe"),
     "group_size": Column(_I, "inputs per weight scale (g128); empty for per-output-channel weights"),
     "kernel_scale": Column(_F, "remove-kernel's scale multiplier; empty for other modes"),
     "lambda": Column(_F, "remove-kernel's λ: kernel elements are those with |x| ≤ λ times the bound"),
@@ -167,11 +177,11 @@ COLUMNS: dict[str, Column] = {
 """Every column of every table, its type and its meaning."""
 
 KERNEL_REMOVED = ("perplexity", "perplexity_ci_low", "perplexity_ci_high", "nll", "window_nll", "delta_nll",
-                  "delta_nll_ci_low", "delta_nll_ci_high", "change_pct", "change_pct_ci_low", "change_pct_ci_high",
-                  "vs_fp", "kl", "kernel_fraction", "cost", "seconds")
+                  "delta_nll_ci_low", "delta_nll_ci_high", "change_pct", "change_pct_ci_low",
+                  "change_pct_ci_high", "vs_fp", "kl", "kernel_fraction", "cost", "seconds")
 """The sensitivity figures measured a second time with only the group's kernel removed (``kernel_<name>``)."""
-COLUMNS |= {f"kernel_{name}": Column(COLUMNS[name].dtype, f"(advise) {name} with only the group's kernel removed, "
-                                                          "its quantization otherwise left out")
+COLUMNS |= {f"kernel_{name}": Column(COLUMNS[name].dtype, f"(advise) {name} with only the group's kernel "
+                                                          "removed, its quantization otherwise left out")
             for name in KERNEL_REMOVED}
 
 
@@ -182,7 +192,8 @@ def conformed(frame: pl.DataFrame) -> pl.DataFrame:
     undeclared = [name for name in frame.columns if name not in COLUMNS]
     if undeclared:
         raise ValueError(f"columns {undeclared} are not declared in the results schema")
-    casts = {name: COLUMNS[name].dtype for name, dtype in frame.schema.items() if dtype != COLUMNS[name].dtype}
+    casts = {name: COLUMNS[name].dtype for name, dtype in frame.schema.items()
+             if dtype != COLUMNS[name].dtype}
     try:
         return frame.cast(casts, strict=True) if casts else frame
     except pl.exceptions.PolarsError as exc:
@@ -202,8 +213,8 @@ def _type_name(dtype: pl.DataType) -> str:
 
 def markdown() -> str:
     """The tables and the columns as the README lists them."""
-    lines = ["| table | rows |", "|---|---|", *(f"| `{t}.parquet` | {rows} |" for t, rows in TABLES.items()), "",
-             "| column | type | meaning |", "|---|---|---|"]
+    lines = ["| table | rows |", "|---|---|", *(f"| `{t}.parquet` | {rows} |" for t, rows in TABLES.items()),
+             "", "| column | type | meaning |", "|---|---|---|"]
     lines += [f"| `{name}` | {_type_name(col.dtype)} | {col.meaning} |" for name, col in COLUMNS.items()
               if not name.startswith("kernel_") or name.removeprefix("kernel_") not in KERNEL_REMOVED]
     lines.append(f"| `kernel_<figure>` | as `<figure>` | (advise) {', '.join(KERNEL_REMOVED)} with only the "

@@ -8,6 +8,6 @@ from kernelscope.runs.threshold import ThresholdResult, threshold_search
 from kernelscope.runs.zeroshot import ZeroshotResult, zeroshot
 
 __all__ = [
-    "EvalResult", "ProfileResult", "Scheme", "SweepResult", "ThresholdResult", "ZeroshotResult", "alpha_sweep",
-    "evaluate", "parse_scheme", "profile", "threshold_search", "zeroshot",
+    "EvalResult", "ProfileResult", "Scheme", "SweepResult", "ThresholdResult", "ZeroshotResult",
+    "alpha_sweep", "evaluate", "parse_scheme", "profile", "threshold_search", "zeroshot",
 ]

@@ -114,7 +114,8 @@ def estimate_losses(cells: list[Cell], rows: list[dict], field: str) -> list[flo
         return max(v, 0.0) if v is not None and math.isfinite(v) else 0.0
 
     layer = {r["group"]: pos(r[field]) for r in rows if r["group_kind"] == "layer"}
-    types = [(set(r["layers"]), pos(r[field]), r["parameters"]) for r in rows if r["group_kind"] == "module_type"]
+    types = [(set(r["layers"]), pos(r[field]), r["parameters"]) for r in rows
+             if r["group_kind"] == "module_type"]
     blocks = {r["group"]: (pos(r[field]), r["parameters"]) for r in rows if r["group_kind"] == "block"}
     total_types = sum(v for _, v, _ in types)
     out = []
@@ -151,7 +152,8 @@ def rank_cells(cells: list[Cell], rows: list[dict]) -> tuple[list[Cell], list[di
 class PlanSearch:
     """Measures prefixes of the ranked cells; keeps every measured candidate."""
 
-    def __init__(self, probe: Probe, scheme: Scheme, cells: list[Cell], whole: dict, tolerance: float) -> None:
+    def __init__(self, probe: Probe, scheme: Scheme, cells: list[Cell], whole: dict,
+                 tolerance: float) -> None:
         self.probe, self.scheme, self.cells, self.tolerance = probe, scheme, cells, tolerance
         self.target = probe.fp["perplexity"] * (1 + tolerance)
         self.rows: dict[int, dict] = {0: whole, len(cells): probe.fp}
@@ -173,7 +175,8 @@ class PlanSearch:
     def note(self, label: str, cells: Sequence[Cell], row: dict) -> None:
         self.log.append({"stage": label, "kept_cells": len(cells), "kept_layers": len(self.kept(cells)),
                          "parameters": sum(c.parameters for c in cells), "perplexity": row["perplexity"],
-                         "perplexity_ci_low": row["perplexity_ci_low"], "perplexity_ci_high": row["perplexity_ci_high"],
+                         "perplexity_ci_low": row["perplexity_ci_low"],
+                         "perplexity_ci_high": row["perplexity_ci_high"],
                          "change_pct": row.get("change_pct"), "within_tolerance": self.within(row),
                          "window_nll": row["window_nll"]})
 
@@ -281,8 +284,10 @@ def _exports(scheme: Scheme, transform: TransformSpec, plan: dict, fp: dict, win
     if d.reason is None:
         source = text.description if text is not None else "the evaluation text"
         measured = (f"measured perplexity {plan['perplexity']:.4f} (fp {fp['perplexity']:.4f}, "
-                    f"{plan['change_pct']:+.2f}%) on {len(windows)} windows of {windows.seqlen} tokens of {source}")
-        header = [f"kernelscope advise: {scheme.name} with {plan['kept_layers']} Linear layers kept in full precision",
+                    f"{plan['change_pct']:+.2f}%) on {len(windows)} windows of {windows.seqlen} tokens of "
+                    f"{source}")
+        header = [(f"kernelscope advise: {scheme.name} with {plan['kept_layers']} Linear layers kept in "
+                   "full precision"),
                   measured, "ignore: lm_head, the kept layers and any Linear the measurement did not cover",
                   *d.notes]
         files[exports.RECIPE] = exports.recipe_yaml(d, ignore, header)
@@ -356,7 +361,8 @@ def advise(
     block) and one per kernel-measured group, then the search's candidates.
     """
     if scheme.activation is None:
-        raise ValueError(f"scheme {scheme.name} quantizes nothing: there is nothing to keep in full precision")
+        raise ValueError(
+            f"scheme {scheme.name} quantizes nothing: there is nothing to keep in full precision")
     if not (tolerance > 0 and math.isfinite(tolerance)):
         raise ValueError(f"tolerance must be a positive number, got {tolerance}")
     if budget is not None and not 0 < budget <= 1:

@@ -39,8 +39,8 @@ def save_checkpoint(path: Path, fingerprint: dict[str, Any], done: int, state: d
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
-            raise KernelscopeError(f"cannot write the checkpoint {path} ({exc.strerror or exc}); the run stopped "
-                                   "and no result was written") from None
+            raise KernelscopeError(f"cannot write the checkpoint {path} ({exc.strerror or exc}); the run "
+                                   "stopped and no result was written") from None
         raise
 
 

@@ -48,7 +48,8 @@ def text_facts(text: TextSource | None) -> dict[str, Any] | None:
             "characters": len(text.text)}
 
 
-def run_context(model_info: dict, text: TextSource | None, windows: Windows | None, kind: str) -> dict[str, Any]:
+def run_context(model_info: dict, text: TextSource | None, windows: Windows | None,
+                kind: str) -> dict[str, Any]:
     """The part of every run summary that says what was measured on what (``windows`` None for a run
     that reads task documents rather than windows of a text)."""
     return {

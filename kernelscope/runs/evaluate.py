@@ -22,7 +22,8 @@ from torch import nn
 from kernelscope.data import TextSource, Windows
 from kernelscope.errors import KernelscopeError
 from kernelscope.models import LinearLayer, LoadedModel
-from kernelscope.quant.transforms import IDENTITY, TransformSpec
+from kernelscope.quant.modes import Mode
+from kernelscope.quant.transforms import IDENTITY, NONE, TransformSpec
 from kernelscope.runs.common import (
     StageProgress,
     TableResult,
@@ -160,12 +161,12 @@ def fp_references(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]] | Non
     of none (the model itself) where its transform has none; None without an fp row."""
     fp: dict[str, dict[str, Any]] = {}
     for r in rows:  # the first fp row of each transform
-        if r["mode"] == "fp":
-            fp.setdefault(r.get("transform", "none"), r)
+        if r["mode"] == Mode.FP:
+            fp.setdefault(r.get("transform", NONE), r)
     if not fp:
         return None
-    default = fp.get("none", next(iter(fp.values())))
-    return {r.get("transform", "none"): fp.get(r.get("transform", "none"), default) for r in rows}
+    default = fp.get(NONE, next(iter(fp.values())))
+    return {r.get("transform", NONE): fp.get(r.get("transform", NONE), default) for r in rows}
 
 
 def with_comparisons(rows: list[dict[str, Any]], reference: dict[str, Any] | dict[str, dict] | None,
@@ -178,7 +179,7 @@ def with_comparisons(rows: list[dict[str, Any]], reference: dict[str, Any] | dic
     def ref_of(row):
         if reference is None or "window_nll" in reference:
             return reference
-        return reference.get(row.get("transform", "none"))
+        return reference.get(row.get("transform", NONE))
 
     return [row | (compare(row, ref_of(row)) if ref_of(row) is not None and row is not ref_of(row) else empty)
             for row in rows]
@@ -197,8 +198,8 @@ def split_ignored(selected: list[LinearLayer], ignore: str | Sequence[str] | Non
             raise KernelscopeError(f"--ignore {ignore!r} is not a valid regular expression: {exc}") from None
         hit = {layer.name for layer in selected if regex.search(layer.name)}
         if not hit:
-            raise KernelscopeError(f"--ignore {ignore!r} matches none of the {len(selected)} selected layers; "
-                                   "list them with `kernelscope layers MODEL`")
+            raise KernelscopeError(f"--ignore {ignore!r} matches none of the {len(selected)} selected "
+                                   "layers; list them with `kernelscope layers MODEL`")
     else:
         hit = set(ignore)
     return [lay for lay in selected if lay.name not in hit], [lay for lay in selected if lay.name in hit]

@@ -83,13 +83,13 @@ class SchemeApplied:
         """``x`` quantized (or with its kernel zeroed) as the scheme says, and its kernel count."""
         scheme, act = self.scheme, self.scheme.activation
         seqs = as_sequences(x, self.seq_len)  # (B, T, I)
-        out, zeros = treat_activation(seqs, act.format, scheme.mode == "remove_kernel", scheme.kernel_scale)
+        out, zeros = treat_activation(seqs, act.format, scheme.mode.removes_kernel, scheme.kernel_scale)
         return out.reshape(x.shape), zeros
 
     def _transform(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         t = self.transforms.get(name)
         xt = x if t is None else t.activation(x)
-        out, zeros = (xt, None) if self.scheme.mode == "fp" else self._quantized(xt)
+        out, zeros = (xt, None) if not self.scheme.mode.quantizes else self._quantized(xt)
         if t is not None and not self.scheme.changes_weight:
             out = t.inverse(out)  # back to the layer's own basis and weight
         return out, zeros
@@ -124,7 +124,7 @@ class SchemeApplied:
 
     def _pre_hook(self, name: str):
         scheme = self.scheme
-        untouched = scheme.mode == "fp" and name not in self.transforms
+        untouched = not scheme.mode.quantizes and name not in self.transforms
 
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             if args:

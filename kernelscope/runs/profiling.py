@@ -66,7 +66,8 @@ class Observer:
 
     def __init__(self, names: list[str], transforms: list[ModelTransform], configs: list[QuantizerConfig],
                  top_k: int, seq_len: int, arena: Arena) -> None:
-        self.transforms, self.configs, self.top_k, self.seq_len, self.arena = transforms, configs, top_k, seq_len, arena
+        self.transforms, self.configs, self.top_k, self.seq_len, self.arena = (
+            transforms, configs, top_k, seq_len, arena)
         self.stats = {(name, t.label): KernelStats(configs, top_k) for t in transforms for name in names}
         self.follows: dict[Key, Key | None] = {}  # who shares with whom, as the first batch showed
         self.offset = 0  # global index of the batch's first token
@@ -86,15 +87,17 @@ class Observer:
             if self.follows.get(key) != leader:
                 raise RuntimeError(f"layer {name} shares its input differently from one batch to the next")
             if leader is None:
-                self._pending.append((key, measure(bound.activation(x), self.configs, token_offset=self.offset,
-                                                   seq_len=self.seq_len, arena=self.arena)))
+                self._pending.append((key, measure(bound.activation(x), self.configs,
+                                                   token_offset=self.offset, seq_len=self.seq_len,
+                                                   arena=self.arena)))
                 self._last[i] = (x, bound, key)
 
     def end_batch(self, completed: bool) -> None:
         """Add what the pass measured (when it ``completed``) and forget it."""
         try:
             if completed:
-                for members, stacked in summarise_groups([m for _, m in self._pending], self.configs, self.top_k):
+                for members, stacked in summarise_groups([m for _, m in self._pending], self.configs,
+                                                         self.top_k):
                     keys = tuple(self._pending[i][0] for i in members)
                     if keys not in self._groups:
                         self._groups[keys] = KernelStatsGroup([self.stats[key] for key in keys])
@@ -143,7 +146,8 @@ def _fingerprint(model: nn.Module, info: dict[str, Any], text: TextSource | None
         "model": str(info.get("path", info.get("architecture"))), "model_identity": info.get("identity"),
         "parameters": info.get("parameters"), "dtype": None if weight is None else str(weight.dtype),
         "device": model_device(model).type, "text": None if text is None else text.sha256,
-        "windows": windows.sha256, "seqlen": windows.seqlen, "quantizers": [[c.label, c.alpha, c.block_size] for c in configs],
+        "windows": windows.sha256, "seqlen": windows.seqlen,
+        "quantizers": [[c.label, c.alpha, c.block_size] for c in configs],
         "layers": [layer.name for layer in selected], "batch_size": batch_size, "top_k": top_k,
         "transforms": [[t.label, t.spec.seed] for t in transforms],
         "calibration": None if calibration is None else calibration.sha256,
@@ -237,7 +241,8 @@ def profile(
                                    for layer in selected), device)
     observer = Observer([layer.name for layer in selected], bound, configs, top_k, windows.seqlen, arena)
     calibration = calibration if calibrated else None
-    fingerprint = _fingerprint(model, info, text, windows, configs, selected, batch_size, top_k, bound, calibration)
+    fingerprint = _fingerprint(model, info, text, windows, configs, selected, batch_size, top_k, bound,
+                               calibration)
     start = 0
     if checkpoint is not None and resume:
         start, saved = load_checkpoint(Path(checkpoint), fingerprint)
@@ -253,9 +258,10 @@ def profile(
     elapsed = time.perf_counter() - started
 
     frame = _layer_table(selected, observer, configs, windows, tokenizer)
-    result = ProfileResult(frame, _rollup(frame, ROLLUP_KEYS), _rollup(frame, ["module_type", *ROLLUP_KEYS]), {})
-    result.summary = _summary(result, info, text, windows, configs, selected, layers, include_lm_head, batch_size,
-                              top_k, start, world, device, elapsed)
+    result = ProfileResult(frame, _rollup(frame, ROLLUP_KEYS), _rollup(frame, ["module_type", *ROLLUP_KEYS]),
+                           {})
+    result.summary = _summary(result, info, text, windows, configs, selected, layers, include_lm_head,
+                              batch_size, top_k, start, world, device, elapsed)
     result.summary["transforms"] = [t.describe() for t in bound]
     result.summary["calibration"] = None if calibration is None else {
         "text": text_facts(calibration_text), "windows": calibration.as_dict()}
@@ -289,15 +295,16 @@ def _rollup(layers: pl.DataFrame, by: list[str]) -> pl.DataFrame:
         )
         .with_columns(
             (pl.col("kernel_elements") / pl.col("elements")).alias("kernel_fraction"),
-            (pl.col("c_ge_t_pairs") / (pl.col("elements") + pl.col("nonfinite_elements"))).alias("c_ge_t_fraction"),
+            (pl.col("c_ge_t_pairs") / (pl.col("elements") + pl.col("nonfinite_elements")))
+            .alias("c_ge_t_fraction"),
             (pl.col("subnormal_elements") / pl.col("elements")).alias("subnormal_fraction"),
             (pl.col("kernel_blocks") / pl.col("blocks")).alias("block_kernel_fraction"),
         )
     )
 
 
-LEAD_COLUMNS = ["layer", "block", "module_type", "transform", "quantizer", "bits", "alpha", "config", "elements",
-                "kernel_elements", "kernel_fraction"]
+LEAD_COLUMNS = ["layer", "block", "module_type", "transform", "quantizer", "bits", "alpha", "config",
+                "elements", "kernel_elements", "kernel_fraction"]
 
 
 def _table(rows: list[dict[str, Any]]) -> pl.DataFrame:
@@ -344,8 +351,8 @@ def _layer_table(selected: list[LinearLayer], observer: Observer, configs: list[
             if t not in texts:
                 texts[t] = _token_text(tokenizer, t)
         base = {
-            "layer": layer.name, "block": layer.block, "module_type": layer.module_type, "transform": transform,
-            "depth": depth[layer.name],
+            "layer": layer.name, "block": layer.block, "module_type": layer.module_type,
+            "transform": transform, "depth": depth[layer.name],
             "in_features": layer.in_features, "tokens": lay["tokens"], "elements": lay["elements"],
             "nonfinite_elements": lay["nonfinite_elements"],
             "c_ge_t_pairs": lay["c_ge_t_pairs"], "c_ge_t_fraction": lay["c_ge_t_fraction"],
@@ -388,11 +395,13 @@ def _summary(result: ProfileResult, info: dict, text: TextSource | None, windows
 
 
 def measured_kernels(model: nn.Module, windows: Windows, configs: Sequence[QuantizerConfig],
-                     layers: Sequence[LinearLayer], transforms: Sequence[ModelTransform], *, tokenizer: Any = None,
-                     batch_size: int = 1, progress: ProgressFn | None = None) -> dict[str, list[dict[str, Any]]]:
+                     layers: Sequence[LinearLayer], transforms: Sequence[ModelTransform], *,
+                     tokenizer: Any = None, batch_size: int = 1,
+                     progress: ProgressFn | None = None) -> dict[str, list[dict[str, Any]]]:
     """The model-level kernel of each configuration on the full-precision inputs, in each transform's
     basis (by label): one profile, every basis in the same forward passes."""
     level = profile(model, windows, configs, tokenizer=tokenizer, layers=list(layers), batch_size=batch_size,
                     progress=progress, weight_formats=(), transforms=transforms).model_level
-    keep = ["transform", "config", "quantizer", "bits", "alpha", "kernel_elements", "elements", "kernel_fraction"]
+    keep = ["transform", "config", "quantizer", "bits", "alpha", "kernel_elements", "elements",
+            "kernel_fraction"]
     return {t.label: level.filter(pl.col("transform") == t.label).select(keep).to_dicts() for t in transforms}

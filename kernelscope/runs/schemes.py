@@ -21,6 +21,7 @@ from kernelscope.quant import (
     qmax_for_bits,
 )
 from kernelscope.quant.formats import FORMATS
+from kernelscope.quant.modes import Mode
 from kernelscope.quant.transforms import IDENTITY, SMOOTHQUANT_ALPHA, TRANSFORMS, TransformSpec, TransformStep
 
 _REMOVE = "remove-kernel-"
@@ -57,13 +58,16 @@ class Scheme:
     """
 
     name: str
-    mode: str
+    mode: Mode
     activation: QuantizerConfig | None = None
     weight_bits: int | None = None
     group_size: int | None = None
     transform: TransformSpec = IDENTITY
     kernel_scale: float = 1.0
     weight_format: QuantizerConfig | None = None  # a format of the registry for the weights instead
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", Mode(self.mode))  # a mode given by its table value reads the same
 
     @property
     def changes_weight(self) -> bool:
@@ -89,7 +93,7 @@ class Scheme:
             "alpha": act.alpha if act else None,
             "weight_bits": wf.bits if wf else self.weight_bits, "group_size": self.group_size,
             "weight_format": wf.label if wf else None,
-            "kernel_scale": self.kernel_scale if self.mode == "remove_kernel" else None,
+            "kernel_scale": self.kernel_scale if self.mode.removes_kernel else None,
         }
 
 
@@ -98,10 +102,11 @@ def scheme_of(config: QuantizerConfig, weight_bits: int | None, group_size: int 
     the same format (its scheme of :data:`FLOAT_SCHEMES`); an INT quantizer is ``wXaY[-gG]-QUANTIZER``
     with INT weights at ``weight_bits``, per output channel or per ``group_size`` inputs."""
     if not config.format.grid.is_int:
-        return Scheme(config.quantizer.replace("_", "-"), "fake_quant", config, weight_format=config)
+        return Scheme(config.quantizer.replace("_", "-"), Mode.FAKE_QUANT, config, weight_format=config)
     group = f"-g{group_size}" if group_size else ""
     word = config.quantizer.replace("_", "-") + (f"{config.block_size}" if config.format.is_block else "")
-    return Scheme(f"w{weight_bits}a{config.bits}{group}-{word}", "fake_quant", config, weight_bits, group_size)
+    return Scheme(f"w{weight_bits}a{config.bits}{group}-{word}", Mode.FAKE_QUANT, config, weight_bits,
+                  group_size)
 
 
 def parse_scheme(
@@ -120,7 +125,7 @@ def parse_scheme(
     name = text.strip().lower()
     try:
         if name == "fp":
-            return Scheme("fp", "fp")
+            return Scheme("fp", Mode.FP)
         if m := _FAKE.match(name):
             wbits, abits, group, kind = int(m[1]), int(m[2]), m[3], m[4]
             for part, letter, width in (("weights", "w", wbits), ("activations", "a", abits)):
@@ -138,10 +143,10 @@ def parse_scheme(
                 quantizer = QUANTIZER_WORDS[kind]
             takes_alpha = FORMATS[quantizer].takes_alpha
             act = QuantizerConfig(quantizer, abits, alpha if takes_alpha else None)
-            return Scheme(name, "fake_quant", act, wbits, int(group) if group else None, transform=own)
+            return Scheme(name, Mode.FAKE_QUANT, act, wbits, int(group) if group else None, transform=own)
         if name in FLOAT_SCHEMES:
             config = QuantizerConfig(FLOAT_SCHEMES[name], FORMATS[FLOAT_SCHEMES[name]].grid.bits)
-            return Scheme(name, "fake_quant", config, weight_format=config)
+            return Scheme(name, Mode.FAKE_QUANT, config, weight_format=config)
         if name.startswith(_REMOVE) and name.removeprefix(_REMOVE) in FORMAT_WORDS:
             quantizer = FORMAT_WORDS[name.removeprefix(_REMOVE)]
             entry = FORMATS[quantizer]
@@ -149,7 +154,7 @@ def parse_scheme(
                                   alpha if entry.takes_alpha else None)
             if weight_bits is not None:
                 qmax_for_bits(weight_bits)
-            return Scheme(name, "remove_kernel", act, weight_bits, group_size)
+            return Scheme(name, Mode.REMOVE_KERNEL, act, weight_bits, group_size)
     except ValueError as exc:
         raise KernelscopeError(f"--scheme {text.strip()}: {exc}") from None
     raise KernelscopeError(

@@ -41,6 +41,7 @@ from torch import nn
 from kernelscope.capture import LinearInputCapture, is_linear
 from kernelscope.data import TextSource, Windows
 from kernelscope.models import LinearLayer, LoadedModel, find_decoder_blocks
+from kernelscope.quant.modes import Mode
 from kernelscope.quant.transforms import IDENTITY, TransformSpec
 from kernelscope.runs.common import (
     StageProgress,
@@ -68,7 +69,7 @@ def kernel_scheme(scheme: Scheme) -> Scheme:
     since its kernel is the kernel of the transformed input."""
     if scheme.activation is None:
         raise ValueError(f"scheme {scheme.name} quantizes nothing, so it has no kernel")
-    return Scheme(f"remove-kernel of {scheme.name}", "remove_kernel", scheme.activation,
+    return Scheme(f"remove-kernel of {scheme.name}", Mode.REMOVE_KERNEL, scheme.activation,
                   transform=scheme.transform)
 
 
@@ -123,7 +124,8 @@ def make_groups(selected: list[LinearLayer], shared: list[list[str]], kinds: Seq
             groups.append(Group("module_type", "+".join(key), tuple(members)))
     if "block" in kinds:
         blocks = sorted({layer.block for layer in selected if layer.block is not None})
-        groups += [Group("block", f"block {b}", tuple(lay for lay in selected if lay.block == b)) for b in blocks]
+        groups += [Group("block", f"block {b}", tuple(lay for lay in selected if lay.block == b))
+                   for b in blocks]
     if "layer" in kinds:
         groups += [Group("layer", layer.name, (layer,)) for layer in selected]
     return groups
@@ -204,7 +206,8 @@ class Probe:
 
     def __init__(self, model: nn.Module, windows: Windows, selected: list[LinearLayer], *,
                  transform: ModelTransform | None = None, batch_size: int = 1,
-                 progress: StageProgress | None = None, prefix_limit_bytes: int = DEFAULT_LIMIT_BYTES) -> None:
+                 progress: StageProgress | None = None,
+                 prefix_limit_bytes: int = DEFAULT_LIMIT_BYTES) -> None:
         self.model = model
         self.windows = windows
         self.selected = selected
@@ -241,9 +244,9 @@ class Probe:
         started = time.perf_counter()
         capture = LinearInputCapture({layer.name: layer.module for layer in self.selected}, observer)
         with self.cache.recording(), capture:
-            row = run_scheme(self.model, self.windows, Scheme("fp", "fp"), self.selected,
-                             batch_size=self.batch_size, progress=stage_callback(self.progress, "fp (reference)"),
-                             on_logits=on_logits)
+            row = run_scheme(self.model, self.windows, Scheme("fp", Mode.FP), self.selected,
+                             batch_size=self.batch_size,
+                             progress=stage_callback(self.progress, "fp (reference)"), on_logits=on_logits)
         self._logprobs = keep.logprobs
         self.shared = shared_input_sets(order, same)
         row["kl"], row["window_kl"], row["stage"] = 0.0, [0.0] * len(self.windows), "fp (reference)"
@@ -305,7 +308,8 @@ def group_row(group: Group, quantized: dict, removed: dict | None, fp: dict, tot
            "parameter_share": group.parameters / total_parameters if total_parameters else None,
            "first_block": quantized["first_block"], **{k: quantized[k] for k in _KEEP}}
     row |= {f"kernel_{k}": (removed[k] if removed else None) for k in _KEEP}
-    share = ratio_interval(removed["window_nll"], quantized["window_nll"], fp["window_nll"]) if removed else None
+    share = (ratio_interval(removed["window_nll"], quantized["window_nll"], fp["window_nll"]) if removed
+             else None)
     row["kernel_share"] = share[0] if share else None
     row["kernel_share_ci_low"] = share[1][0] if share and share[1] else None
     row["kernel_share_ci_high"] = share[1][1] if share and share[1] else None
@@ -363,8 +367,8 @@ def summarize(row: dict) -> dict:
     """What a summary keeps of a measured pass (the per-window lists stay in the tables)."""
     return {k: row.get(k) for k in ("scheme", "perplexity", "perplexity_ci_low", "perplexity_ci_high", "nll",
                                      "delta_nll", "delta_nll_ci_low", "delta_nll_ci_high", "change_pct",
-                                     "change_pct_ci_low", "change_pct_ci_high", "vs_fp", "kl", "kernel_fraction",
-                                     "cost", "seconds")}
+                                     "change_pct_ci_low", "change_pct_ci_high", "vs_fp", "kl",
+                                     "kernel_fraction", "cost", "seconds")}
 
 
 class SensitivityResult(TableResult):
@@ -387,7 +391,8 @@ def prepare_probe(net: nn.Module, windows: Windows, scheme: Scheme, selected: li
     """A probe measuring in the basis of the scheme's own transform then ``transform``, bound to the
     selected layers (calibrated on ``calibration`` where a step needs it)."""
     spec = scheme_transform(scheme, transform)
-    bound = None if spec.is_identity else TransformBinder(net, selected, calibration, batch_size=batch_size).bind(spec)
+    bound = (None if spec.is_identity
+             else TransformBinder(net, selected, calibration, batch_size=batch_size).bind(spec))
     return Probe(net, windows, selected, transform=bound, batch_size=batch_size, progress=progress)
 
 
@@ -429,8 +434,8 @@ def sensitivity(
         "scheme": scheme.describe(),
         "fp": summarize(fp), "quantized": summarize(whole), "kernel": summarize(kernel),
         "kernel_explains": kernel_explains(whole, kernel, fp),
-        "groups": [{k: r[k] for k in ("group_kind", "group", "rank", "layer_count", "delta_nll", "change_pct", "vs_fp",
-                                       "kl", "kernel_delta_nll", "kernel_share")} for r in rows],
+        "groups": [{k: r[k] for k in ("group_kind", "group", "rank", "layer_count", "delta_nll", "change_pct",
+                                      "vs_fp", "kl", "kernel_delta_nll", "kernel_share")} for r in rows],
         "shared_inputs": [names for names in probe.shared if len(names) > 1],
         "forward_passes": probe.forward_passes, "runs": len(probe.passes), "passes": probe.passes,
         "seconds": round(time.perf_counter() - started, 3),

@@ -11,6 +11,7 @@ from torch import nn
 from kernelscope.data import TextSource, Windows
 from kernelscope.models import LinearLayer, LoadedModel
 from kernelscope.quant import QuantizerConfig, check_alpha
+from kernelscope.quant.modes import Mode
 from kernelscope.quant.transforms import IDENTITY, TransformSpec
 from kernelscope.runs.common import (
     StageProgress,
@@ -27,7 +28,8 @@ from kernelscope.runs.schemes import Scheme, scheme_of
 from kernelscope.runs.transforming import ModelTransform, TransformBinder
 from kernelscope.stats.uncertainty import METHOD
 
-_MEASURED = ("perplexity", "perplexity_ci_low", "perplexity_ci_high", "nll", "window_nll", "tokens", "seconds")
+_MEASURED = ("perplexity", "perplexity_ci_low", "perplexity_ci_high", "nll", "window_nll", "tokens",
+             "seconds")
 
 
 def _measured(row: dict) -> dict:
@@ -80,7 +82,7 @@ def sweep(
 
     kernels = measured_kernels(net, windows, configs, selected, bound, tokenizer=tokenizer,
                                batch_size=batch_size, progress=stage_callback(progress, "kernels"))
-    fp = run_scheme(net, windows, Scheme("fp", "fp"), selected, batch_size=batch_size,
+    fp = run_scheme(net, windows, Scheme("fp", Mode.FP), selected, batch_size=batch_size,
                     progress=stage_callback(progress, "fp"))
     rows = [{"quantizer": None, "alpha": None, "scheme": "fp", "transform": fp["transform"],
              "fp_kernel_fraction": None, **_measured(fp), "kernel_fraction": None}]
@@ -89,8 +91,9 @@ def sweep(
             scheme = scheme_of(cfg, weight_bits, group_size)
             row = run_scheme(net, windows, scheme, selected, transform=t, batch_size=batch_size,
                              progress=stage(cfg.label if cfg.alpha is None else f"α={cfg.alpha:g}", t))
-            rows.append({"quantizer": cfg.label, "alpha": cfg.alpha, "scheme": scheme.name, "transform": t.label,
-                         "fp_kernel_fraction": kernel["kernel_fraction"], **_measured(row),
+            rows.append({"quantizer": cfg.label, "alpha": cfg.alpha, "scheme": scheme.name,
+                         "transform": t.label, "fp_kernel_fraction": kernel["kernel_fraction"],
+                         **_measured(row),
                          "kernel_fraction": row["kernel_fraction"]} | compare(row, fp))
     rows[0] |= dict.fromkeys(k for k in rows[-1] if k not in rows[0])
     table = pl.DataFrame(rows, schema_overrides={"alpha": pl.Float64, "quantizer": pl.String},

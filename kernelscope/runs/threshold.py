@@ -24,6 +24,7 @@ from torch import nn
 from kernelscope.data import TextSource, Windows
 from kernelscope.models import LinearLayer, LoadedModel
 from kernelscope.quant import DEFAULT_ALPHA, QuantizerConfig
+from kernelscope.quant.modes import Mode
 from kernelscope.quant.transforms import IDENTITY, TransformSpec
 from kernelscope.runs.common import (
     StageProgress,
@@ -174,17 +175,19 @@ def threshold_search(
                       QuantizerConfig("per_token", 4), QuantizerConfig("crossquant", 4, alpha)]
     actual = measured_kernels(net, windows, actual_configs, selected, bound, tokenizer=tokenizer,
                               batch_size=batch_size, progress=stage_callback(progress, "kernels"))
-    fp = run_scheme(net, windows, Scheme("fp", "fp", weight_bits=None), selected,
+    fp = run_scheme(net, windows, Scheme("fp", Mode.FP, weight_bits=None), selected,
                     batch_size=batch_size, progress=stage_callback(progress, "fp"))
     target = fp["perplexity"] * (1 + tolerance)
     searches = [_search(net, windows, selected, family, t, actual[t.label], fp, target, tolerance, steps,
                         weight_bits, group_size, batch_size, lambda name, t=t: stage(name, t)) for t in bound]
-    curve = pl.DataFrame([row for search in searches for row in search.pop("points")], infer_schema_length=None)
+    curve = pl.DataFrame([row for search in searches for row in search.pop("points")],
+                         infer_schema_length=None)
     summary = {
         **run_context(info, text, windows, "threshold"),
         "protocol": protocol_text(windows),
         "family": {**family.as_dict(), "label": family.label,
-                   "definition": "kernel K_λ = {|x| <= λ·B}, B the family's zero bound; λ = 1 is its own kernel"},
+                   "definition": "kernel K_λ = {|x| <= λ·B}, B the family's zero bound; λ = 1 is its own "
+                                 "kernel"},
         "tolerance": tolerance,
         "fp_perplexity": fp["perplexity"],
         "fp_perplexity_ci": [fp["perplexity_ci_low"], fp["perplexity_ci_high"]],
@@ -202,8 +205,8 @@ def threshold_search(
 
 
 def _search(net: nn.Module, windows: Windows, selected: list[LinearLayer], family: QuantizerConfig,
-            transform: ModelTransform, actual: list[dict], fp: dict, target: float, tolerance: float, steps: int,
-            weight_bits: int | None, group_size: int | None, batch_size: int,
+            transform: ModelTransform, actual: list[dict], fp: dict, target: float, tolerance: float,
+            steps: int, weight_bits: int | None, group_size: int | None, batch_size: int,
             stage: Callable[[str], Any]) -> dict[str, Any]:
     """One bracketing search along λ with the kernel removed in ``transform``'s basis, each point with
     its interval and its paired difference from ``fp``, and the uncertainty of the crossing."""
@@ -211,7 +214,7 @@ def _search(net: nn.Module, windows: Windows, selected: list[LinearLayer], famil
 
     def at(lam: float) -> dict[str, Any]:
         if lam not in points:
-            scheme = Scheme(f"remove-kernel λ={lam:g}", "remove_kernel", family, weight_bits, group_size,
+            scheme = Scheme(f"remove-kernel λ={lam:g}", Mode.REMOVE_KERNEL, family, weight_bits, group_size,
                             kernel_scale=lam)
             row = run_scheme(net, windows, scheme, selected, transform=transform, batch_size=batch_size,
                              progress=stage(f"λ={lam:.4g}"))
@@ -232,7 +235,8 @@ def _search(net: nn.Module, windows: Windows, selected: list[LinearLayer], famil
         or (hi is not None and r["lambda"] > hi and r["within_tolerance"])
     ]
     label = "" if transform.is_identity else f" ({transform.label})"
-    verdicts = [_verdict(r["config"] + label, r["kernel_fraction"], lo_row, hi_row, tolerance) for r in actual]
+    verdicts = [_verdict(r["config"] + label, r["kernel_fraction"], lo_row, hi_row, tolerance)
+                for r in actual]
     if hi is None:
         status = "never crossed"
     elif lo is None:

@@ -91,8 +91,9 @@ class TransformBinder:
             offloaded = [layer.name for layer in self.layers if layer.module.weight.device.type == "meta"]
             if spec.needs_calibration and offloaded:
                 raise KernelscopeError(
-                    f"transform {spec.label} is calibrated on each layer's weight, but {len(offloaded)} layers "
-                    f"(first {offloaded[0]}) are offloaded to disk by the device map; give --max-memory more room")
+                    f"transform {spec.label} is calibrated on each layer's weight, but {len(offloaded)} "
+                    f"layers (first {offloaded[0]}) are offloaded to disk by the device map; give "
+                    "--max-memory more room")
             self._bound[key] = ModelTransform(spec, self._bind_layers(spec))
         return self._bound[key]
 
@@ -109,11 +110,13 @@ class TransformBinder:
                     step.bind(layer.in_features, spec.seed, stats.get(layer.name)))
         return bound
 
-    def _statistics(self, prefix: TransformSpec, bound: dict[str, LayerTransform]) -> dict[str, ChannelMaxima]:
+    def _statistics(self, prefix: TransformSpec,
+                    bound: dict[str, LayerTransform]) -> dict[str, ChannelMaxima]:
         """Channel maxima of each layer's input and weight in the basis after ``prefix`` (bound)."""
         key = (prefix.label, prefix.seed)
         if key not in self._maxima:
-            act = calibration_maxima(self.model, self.layers, self.calibration, bound, batch_size=self.batch_size)
+            act = calibration_maxima(self.model, self.layers, self.calibration, bound,
+                                     batch_size=self.batch_size)
             self._maxima[key] = {
                 layer.name: ChannelMaxima(act[layer.name], weight_column_maxima(
                     bound[layer.name].weight(weight_out_in(layer.module).detach())))
@@ -132,7 +135,8 @@ def calibration_maxima(model: nn.Module, layers: Sequence[LinearLayer], windows:
         act_max[name] = m if name not in act_max else torch.maximum(act_max[name], m)
 
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    every_position = head is not None and any(layer.module is head for layer in layers)  # as the profile runs it
+    # as the profile runs it
+    every_position = head is not None and any(layer.module is head for layer in layers)
     with eval_mode(model), LinearInputCapture({layer.name: layer.module for layer in layers}, observer):
         for first in range(0, len(windows), batch_size):
             forward_windows(model, windows.tokens[first : first + batch_size], all_logits=every_position)

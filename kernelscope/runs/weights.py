@@ -37,7 +37,8 @@ def _onloaded(module: nn.Module):
 
 def weight_kernels(model: nn.Module, configs: Sequence[QuantizerConfig],
                    layers: str | Sequence[LinearLayer] | None = None,
-                   include_lm_head: bool = False, *, transforms: Sequence[ModelTransform] = ()) -> pl.DataFrame:
+                   include_lm_head: bool = False, *,
+                   transforms: Sequence[ModelTransform] = ()) -> pl.DataFrame:
     """One row per transform × layer × weight quantizer: the kernel of the weight, its subnormal and
     whole-block shares, and its zero bound, with the same columns as a profile's rows where they apply.
     Each weight is counted as a profile counts an input, and the weights of one shape summarised together.
@@ -57,13 +58,15 @@ def weight_kernels(model: nn.Module, configs: Sequence[QuantizerConfig],
                 bases.append({"layer": layer.name, "block": layer.block, "module_type": layer.module_type,
                               "transform": label, "out_features": w.shape[0], "in_features": w.shape[1],
                               "zero_weights": w.numel() - int(torch.count_nonzero(w)),
-                              "abs_max": float(m.token.max()),  # the largest finite |w|, as a profile's abs_max
+                              # the largest finite |w|, as a profile's abs_max
+                              "abs_max": float(m.token.max()),
                               "elements": w.numel() - nonfinite})
                 measured.append(m)
     rows = [{**base, "config": cfg.label, **row}
             for base, per_config in zip(bases, measured_rows(measured, configs), strict=True)
             for cfg, row in zip(configs, per_config, strict=True)]
-    frame = pl.DataFrame(rows, schema_overrides={name: COLUMNS[name].dtype for name in rows[0] if name in COLUMNS},
+    frame = pl.DataFrame(rows,
+                         schema_overrides={name: COLUMNS[name].dtype for name in rows[0] if name in COLUMNS},
                          infer_schema_length=None)
     lead = ["layer", "block", "module_type", "transform", "quantizer", "bits", "alpha", "config", "elements",
             "kernel_elements", "kernel_fraction"]

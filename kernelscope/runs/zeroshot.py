@@ -36,6 +36,7 @@ from kernelscope.data import TextSource, Windows
 from kernelscope.data.tasks import HarnessTasks
 from kernelscope.errors import KernelscopeError
 from kernelscope.models import LinearLayer, LoadedModel
+from kernelscope.quant.modes import Mode
 from kernelscope.quant.transforms import IDENTITY, LayerTransform, TransformSpec
 from kernelscope.results import write_run
 from kernelscope.runs.common import (
@@ -198,15 +199,16 @@ def _run_scheme(lm, net: nn.Module, layers: list[LinearLayer], scheme: Scheme, t
             started, (kernel0, elements0) = time.perf_counter(), _kernel(applied)
             count = fewshot_count(tasks.fact(name)["config_num_fewshot"], num_fewshot)
             results, samples = _score(lm, name, task, shots=count, limit=limit, seeds=seeds)
-            kernel, elements = (a - b for a, b in zip(_kernel(applied), (kernel0, elements0)))
-            counted = scheme.mode != "fp" and batch_size == 1 and elements > 0  # a batch's padding would count
+            kernel, elements = (a - b for a, b in zip(_kernel(applied), (kernel0, elements0), strict=True))
+            # a batch's padding would count
+            counted = scheme.mode.quantizes and batch_size == 1 and elements > 0
             seconds = round(time.perf_counter() - started, 3)
-            for row in _rows(scheme, name, tasks.metrics(name), results, samples):
-                rows.append(row | transform.describe() | {
-                                   "num_fewshot": count, "kernel_elements": kernel if counted else None,
-                                   "elements": elements if counted else None,
-                                   "kernel_fraction": kernel / elements if counted else None,
-                                   "seconds": seconds})
+            rows.extend(row | transform.describe() | {
+                            "num_fewshot": count, "kernel_elements": kernel if counted else None,
+                            "elements": elements if counted else None,
+                            "kernel_fraction": kernel / elements if counted else None,
+                            "seconds": seconds}
+                        for row in _rows(scheme, name, tasks.metrics(name), results, samples))
             items.extend(item | {"transform": transform.label}
                          for item in _items(scheme, name, tasks.metrics(name), samples))
             if progress is not None:
@@ -218,9 +220,11 @@ def _with_change_from_fp(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each row's accuracy minus the fp row's of the same task, metric and filter (None without fp; the
     fp row without a transform where there is one)."""
     fp: dict[tuple, float] = {}
-    for r in sorted((r for r in rows if r["mode"] == "fp"), key=lambda r: r["transform"] != IDENTITY.label):
+    for r in sorted((r for r in rows if r["mode"] == Mode.FP),
+                    key=lambda r: r["transform"] != IDENTITY.label):
         fp.setdefault((r["task"], r["metric"], r["filter"]), r["accuracy"])
-    return [r | {"change_from_fp": None if r["mode"] == "fp" or (r["task"], r["metric"], r["filter"]) not in fp
+    return [r | {"change_from_fp": None
+                 if r["mode"] == Mode.FP or (r["task"], r["metric"], r["filter"]) not in fp
                  else r["accuracy"] - fp[(r["task"], r["metric"], r["filter"])]} for r in rows]
 
 
@@ -231,8 +235,8 @@ def protocol_text(tasks: HarnessTasks, limit: int | None, num_fewshot: int | Non
     return (f"lm-evaluation-harness {tasks.harness_version} (HFLM on the in-memory model, its tokenizer "
             f"passed): {docs} of each task, {count}, batch size {batch_size}, seeds "
             f"{','.join(str(v) for v in seeds.values())} (random, numpy, torch, few-shot); "
-            "acc = share of items whose right answer has the highest log-likelihood (acc_norm: per character of the answer), "
-            "± its standard error (sample standard deviation / sqrt(n))")
+            "acc = share of items whose right answer has the highest log-likelihood (acc_norm: per character "
+            "of the answer), ± its standard error (sample standard deviation / sqrt(n))")
 
 
 def zeroshot(

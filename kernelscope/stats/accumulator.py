@@ -31,7 +31,8 @@ class KernelStats:
         self.top_k = top_k
         self.state: Observation | None = None
         self.bound_sums = ExactSum(len(self.configs))
-        self._held: torch.Tensor | None = None  # (C, >= _FLUSH) float64: per-sequence bound sums not yet added
+        # (C, >= _FLUSH) float64: per-sequence bound sums not yet added
+        self._held: torch.Tensor | None = None
         self._filled = 0  # columns of _held in use
         self._group: KernelStatsGroup | None = None  # the group whose stacked state this state is a row of
 
@@ -109,7 +110,8 @@ class KernelStats:
         state["bound_sum"] = self.bound_sums.to_tensor()
         return state
 
-    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> KernelStats:
+    def load_state_dict(self, state: dict[str, torch.Tensor],
+                        device: torch.device | str = "cpu") -> KernelStats:
         """Restore what :meth:`state_dict` returned; the next update continues exactly from there."""
         self._detach()
         self._filled = 0
@@ -169,7 +171,8 @@ class KernelStatsGroup:
             raise ValueError(f"expected an observation of {layers} layers x {n} configurations, "
                              f"got {tuple(obs.kernel.shape)}")
         if not self._stacked():
-            if all(acc.state is None for acc in self.accumulators):  # the first batch: the state is the batch's
+            # the first batch: the state is the batch's
+            if all(acc.state is None for acc in self.accumulators):
                 state = {name: getattr(obs, name).clone() for name in STATE_FIELDS}  # (layers, ...) each
                 state["top_values"], state["top_index"] = top_k(obs.top_values, obs.top_index,
                                                                  self.accumulators[0].top_k)
@@ -206,7 +209,8 @@ class KernelStatsGroup:
         for acc in self.accumulators:
             acc._detach()
         self.flush()
-        self.state = Observation(**stacked, bound_sum=torch.empty(len(self.accumulators), 0, dtype=torch.float64))
+        self.state = Observation(**stacked,
+                                 bound_sum=torch.empty(len(self.accumulators), 0, dtype=torch.float64))
         for j, acc in enumerate(self.accumulators):
             acc.state = self.state.layer(j)
             acc._group = self

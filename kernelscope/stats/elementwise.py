@@ -122,10 +122,10 @@ def _scales(cfg: QuantizerConfig, ranges: ActivationRanges, x0: torch.Tensor | N
     """``(s, expanded)``: the configuration's scale as :mod:`~kernelscope.quant.formats` defines it
     and the same broadcastable to ``(B, T, I)``. ``x0``: ``|x|`` with non-finite elements as 0."""
     fmt = cfg.format
-    if fmt.layout == "crossquant":
+    if fmt.layout is F.Unit.CROSSQUANT:
         s = separable_step(*pair, cfg.qmax)  # (B, T, I)
         return s, s
-    if fmt.layout == "block":
+    if fmt.layout is F.Unit.BLOCK:
         s = F.scale_of(F.unit_amax(x0, fmt), fmt, ranges.token.amax(dim=-2, keepdim=True))  # (B, T, nb)
         return s, F.expand_scale(s, fmt, x0.shape[-1])
     s = F.scale_from_ranges(ranges, fmt)  # (B, T|1, 1|I)
@@ -161,7 +161,8 @@ def _count(x: torch.Tensor, ranges: ActivationRanges, plan: Plan,
             out.counts[i, 2] = torch.lt(wide, per_token_step(ranges, cfg.bits)).expand_as(ax).sum()
         if fmt.is_block:
             out.counts[i, 3] = F.whole_blocks(kernel, fmt).sum()
-            _block_bounds(out, plan.slots[i], F.bound_of(s, fmt), _coverage(s.shape[-1], fmt, width, x.device))
+            _block_bounds(out, plan.slots[i], F.bound_of(s, fmt),
+                          _coverage(s.shape[-1], fmt, width, x.device))
     out.nonfinite.copy_(torch.logical_not(finite).sum())
     return out
 

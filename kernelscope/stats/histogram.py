@@ -102,7 +102,8 @@ class LogHistogram:
         size = 1 << (n - 1).bit_length()
         # r_grid + k_grid <= true sum < r_grid + k_grid + 2: the middle, + 1, is the estimate.
         grid = torch.arange(n, device=row.device, dtype=torch.float64) + (r0 + k0 + 1)  # (n,)
-        bins = [torch.floor((grid + shift * unit) / fine).long().clamp_(first, self.bins - 1) for shift in shifts]
+        bins = [torch.floor((grid + shift * unit) / fine).long().clamp_(first, self.bins - 1)
+                for shift in shifts]
         # A few groups at a time, so that the spectra (size/2 + 1 complex numbers a sequence) stay small.
         per_group = seqs // groups
         step = max(1, _SPECTRUM_ELEMENTS // (per_group * size))
@@ -145,12 +146,13 @@ class LogHistogram:
 
 def _bincount_rows(index: torch.Tensor, width: int, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per row of ``index (G, n)`` (integers in ``[0, width)``), the counts (or summed ``weights
-    (G, n)``) of each integer: ``(G, width)``, from one bincount."""
+    (G, n)``) of each integer: ``(G, width)``. Added into a tensor of that size, not by ``bincount``,
+    whose output size depends on the data: on a GPU it would wait for the largest index to come back."""
     rows = index.shape[0]
-    flat = index + torch.arange(rows, device=index.device).unsqueeze(1) * width  # (G, n)
-    counts = torch.bincount(flat.reshape(-1), None if weights is None else weights.reshape(-1),
-                            minlength=rows * width)  # (G * width,)
-    return counts.view(rows, width)
+    flat = (index + torch.arange(rows, device=index.device).unsqueeze(1) * width).reshape(-1)  # (G * n,)
+    added = torch.ones_like(flat) if weights is None else weights.reshape(-1)  # (G * n,)
+    counts = torch.zeros(rows * width, dtype=added.dtype, device=index.device)  # (G * width,)
+    return counts.index_add_(0, flat, added).view(rows, width)
 
 
 HISTOGRAM = LogHistogram()

@@ -26,12 +26,13 @@ from pathlib import Path
 import torch
 
 from kernelscope.quant import STEP_FLOOR
-from kernelscope.quant.formats import NVFP4_BLOCK_GRID, Format, nvfp4_tensor_divisor
+from kernelscope.quant.formats import NVFP4_BLOCK_GRID, Form, Format, Unit, nvfp4_tensor_divisor
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-fno-strict-aliasing", "-fPIC", "-shared"]
+FLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-fno-strict-aliasing", "-fPIC",
+         "-shared"]
 """No -ffast-math, no contraction into fused multiply-adds: every float operation stays one IEEE
 operation, so the counts equal those of the torch code."""
 ARCH_FLAGS = (["-march=native"], [])
@@ -41,9 +42,9 @@ THREAD_FLAGS = (["-fopenmp"], ["-fopenmp-simd"], [])
 MAX_TERMS = 64  # KS_MAX_TERMS in native.c
 ABI_VERSION = 3  # KS_ABI_VERSION in native.c
 DTYPES = {torch.float32: 0, torch.bfloat16: 1}
-LAYOUTS = {"token": 0, "tensor": 1, "channel": 2, "crossquant": 3, "block": 4}
+LAYOUTS = {Unit.TOKEN: 0, Unit.TENSOR: 1, Unit.CHANNEL: 2, Unit.CROSSQUANT: 3, Unit.BLOCK: 4}
 """A format's :attr:`~kernelscope.quant.formats.Format.layout` as the C count names it (KS_TOKEN ...)."""
-FORMS = {"absmax": 0, "e8m0_floor": 1, "e8m0_rceil": 2, "nvfp4": 3}
+FORMS = {Form.ABSMAX: 0, Form.E8M0_FLOOR: 1, Form.E8M0_RCEIL: 2, Form.NVFP4: 3}
 """A scale rule's form as the C count names it (KS_ABSMAX ...)."""
 COUNTS = ("kernel", "subnormal", "below_per_token", "kernel_blocks")
 """The counts of each term, in the order of KS_KERNEL ... KS_KERNEL_BLOCKS."""
@@ -76,8 +77,8 @@ def check_abi(lib: ctypes.CDLL) -> None:
     n = lib.ks_abi(out, len(want) + 8)
     got = list(out[:n])
     if got != want:
-        raise RuntimeError(f"native statistics library does not match kernelscope.stats.native (ABI {got[:3]} "
-                           f"against {want[:3]}); rebuild it")
+        raise RuntimeError(f"native statistics library does not match kernelscope.stats.native "
+                           f"(ABI {got[:3]} against {want[:3]}); rebuild it")
 
 
 _lock = threading.Lock()
@@ -161,8 +162,8 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.ks_ranges_scratch.restype = ctypes.c_int64
     lib.ks_ranges_scratch.argtypes = [ctypes.c_int64, ctypes.c_int]
     lib.ks_count_scratch.restype = ctypes.c_int64
-    lib.ks_count_scratch.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
-                                      ctypes.POINTER(Term), ctypes.c_int, ctypes.c_int]
+    lib.ks_count_scratch.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                                      ctypes.c_int, ctypes.POINTER(Term), ctypes.c_int, ctypes.c_int]
     lib.ks_count.restype = ctypes.c_int
     lib.ks_count.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # x, dtype, S, T, I
@@ -173,15 +174,16 @@ def _load(path: Path) -> ctypes.CDLL:
         ctypes.c_int, ctypes.c_void_p,  # threads, scratch
     ]
     lib.ks_histogram.restype = None
-    lib.ks_histogram.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
-                                 ctypes.c_int64, ctypes.c_void_p]
+    lib.ks_histogram.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                                 ctypes.c_int, ctypes.c_int64, ctypes.c_void_p]
     lib.ks_quantize_scratch.restype = ctypes.c_int64
     lib.ks_quantize_scratch.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
     lib.ks_quantize.restype = ctypes.c_int
     lib.ks_quantize.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,  # x, dtype, S, T, I
         ctypes.POINTER(Term), ctypes.c_void_p, ctypes.c_void_p,  # term, rows, cols
-        ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int,  # mode, limit, emin, mbits, is_int
+        # mode, limit, emin, mbits, is_int
+        ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_int, ctypes.c_int,
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,  # out, zeros, threads, scratch
     ]
     return lib
@@ -283,8 +285,8 @@ def ranges(lib: ctypes.CDLL, x: torch.Tensor, out=None) -> tuple[torch.Tensor, t
     s, t_len, width = x.shape
     token, channel = _outputs(out, [(s, t_len, 1), (s, 1, width)], torch.float32)
     threads = torch.get_num_threads()
-    lib.ks_ranges(x.data_ptr(), DTYPES[x.dtype], s, t_len, width, token.data_ptr(), channel.data_ptr(), threads,
-                  _scratch_ptr(lib.ks_ranges_scratch(width, threads)))
+    lib.ks_ranges(x.data_ptr(), DTYPES[x.dtype], s, t_len, width, token.data_ptr(), channel.data_ptr(),
+                  threads, _scratch_ptr(lib.ks_ranges_scratch(width, threads)))
     return token, channel
 
 
@@ -315,7 +317,8 @@ class CountPlan:
     def __init__(self, fmts: list[Format], slots: list[int], edges: torch.Tensor) -> None:
         n = len(fmts)
         if n > MAX_TERMS:
-            raise ValueError(f"the native statistics take at most {MAX_TERMS} configurations at once, got {n}")
+            raise ValueError(
+                f"the native statistics take at most {MAX_TERMS} configurations at once, got {n}")
         self.size = n
         self.terms = (Term * n)(*(term_of(f, s) for f, s in zip(fmts, slots, strict=True)))
         self.edges = edges.to(torch.float64).contiguous()  # interior histogram edges
@@ -394,7 +397,8 @@ def _check_out(t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> N
 def _check_vector(v: torch.Tensor, size: int) -> None:
     """The C code reads a vector's memory whole: refuse anything but a full contiguous float32 one."""
     if v.dtype != torch.float32 or not v.is_contiguous() or v.numel() != size or v.device.type != "cpu":
-        raise ValueError(f"a vector for the native statistics must be contiguous CPU float32 of {size} elements")
+        raise ValueError(
+            f"a vector for the native statistics must be contiguous CPU float32 of {size} elements")
 
 
 QUANTIZE, REMOVE_KERNEL = 0, 1
@@ -411,7 +415,7 @@ def quantize(lib: ctypes.CDLL, x: torch.Tensor, fmt: Format, mode: int, limit: f
     s, t_len, width = x.shape
     term = term_of(fmt)
     rows = cols = None
-    if fmt.layout == "crossquant":
+    if fmt.layout is Unit.CROSSQUANT:
         rows, cols = factors[0].expand(s, t_len, 1).contiguous(), factors[1].expand(s, 1, width).contiguous()
         _check_vector(rows, s * t_len)
         _check_vector(cols, s * width)

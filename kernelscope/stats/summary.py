@@ -58,7 +58,8 @@ def _top_tokens(t: torch.Tensor, k: int) -> torch.Tensor:
     return 2**32 - 1 - (torch.topk(key, min(k, t.shape[-1]), dim=-1).values & (2**32 - 1))
 
 
-def summarise(measured: list[Measured], configs: Sequence[QuantizerConfig], top_k: int = 10) -> list[Observation]:
+def summarise(measured: list[Measured], configs: Sequence[QuantizerConfig],
+              top_k: int = 10) -> list[Observation]:
     """One :class:`Observation` per measurement, the work on t and c done for all of them together
     (see :func:`summarise_groups`)."""
     out: list[Observation | None] = [None] * len(measured)
@@ -128,8 +129,9 @@ class _Bounds:
             self.high[:, i] = self.per_layer(high).amax(dim=1).double()
         # log10 B = log10 row + log10 col - log10 qmax + log10 τ, floored: binned from two vectors.
         shifts = [-math.log10(configs[i].qmax) for i in members]
-        counts = HISTOGRAM.counts_of_sums(torch.log10(row.double()) + math.log10(tau), torch.log10(col.double()),
-                                          math.log10(tau * floor), shifts, groups=self.layers)  # (layers, M, bins)
+        counts = HISTOGRAM.counts_of_sums(torch.log10(row.double()) + math.log10(tau),
+                                          torch.log10(col.double()), math.log10(tau * floor), shifts,
+                                          groups=self.layers)  # (layers, M, bins)
         for j, i in enumerate(members):
             self.hist[:, i] = counts[:, j]
 

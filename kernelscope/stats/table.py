@@ -98,7 +98,8 @@ def _assemble(acc: KernelStats, s: Observation, quantiles: list[list[float]]) ->
     layer = _layer(s, acc.top_k)
     values = {name: getattr(s, name).tolist() for name in
               ("kernel", "subnormal", "below_per_token", "kernel_blocks", "blocks", "bound_min", "bound_max")}
-    rows = config_rows(acc.configs, values, acc.bound_sums.values(), quantiles, int(s.elements), layer["elements"])
+    rows = config_rows(acc.configs, values, acc.bound_sums.values(), quantiles, int(s.elements),
+                       layer["elements"])
     return {"layer": layer, "configs": rows}
 
 
@@ -123,7 +124,8 @@ def measured_rows(measured: list, configs) -> list[list[dict]]:
         blocks = [batch * seq * -(-width // c.block_size) if c.format.is_block else 0 for c in configs]
         for j, i in enumerate(members):
             values = {name: counts[j, :, k].tolist() for k, name in enumerate(COUNT_FIELDS)}
-            values |= {"blocks": blocks, "bound_min": bounds.low[j].tolist(), "bound_max": bounds.high[j].tolist()}
+            values |= {"blocks": blocks, "bound_min": bounds.low[j].tolist(),
+                       "bound_max": bounds.high[j].tolist()}
             positions = batch * seq * width
             elements = positions - int(group[j].counted.nonfinite)
             sums = bounds.sums[j].sum(dim=-1).tolist()  # (C,)

@@ -118,14 +118,16 @@ class Difference:
                  "change_pct_ci_high")
         values = (self.delta, self.delta_low, self.delta_high, self.change_pct, self.change_pct_low,
                   self.change_pct_high)
-        return {prefix + k: v for k, v in zip(names, values, strict=True)} | {prefix + "verdict": self.verdict}
+        return ({prefix + k: v for k, v in zip(names, values, strict=True)}
+                | {prefix + "verdict": self.verdict})
 
 
 def verdict(low: float | None, high: float | None, reference: str = "fp") -> str:
     """``worse than fp`` / ``better than fp`` when the interval lies wholly above / below 0, else
     ``not separable from fp`` (also with no interval, or a NaN one)."""
     if low is None or high is None or math.isnan(low) or math.isnan(high):
-        return f"not separable from {reference} (no interval)" if low is None else f"not separable from {reference}"
+        return (f"not separable from {reference} (no interval)" if low is None
+                else f"not separable from {reference}")
     if low > 0:
         return f"worse than {reference}"
     if high < 0:
@@ -170,7 +172,8 @@ def within_probability(window_nll, reference_nll, tolerance: float, *,
     return None if p is None else p[0]
 
 
-def _within(curve: torch.Tensor, reference: torch.Tensor, tolerance: float, idx: torch.Tensor) -> torch.Tensor:
+def _within(curve: torch.Tensor, reference: torch.Tensor, tolerance: float,
+            idx: torch.Tensor) -> torch.Tensor:
     """``(P, B)`` bool: point p within tolerance of the reference on resample b."""
     ppl = _exp(resampled_means(curve, idx))  # (P, B)
     ref = _exp(resampled_means(reference, idx))  # (B,)
@@ -212,7 +215,8 @@ class CrossingUncertainty:
 
 def crossing_interval(curve_nll, fractions, reference_nll, tolerance: float, *,
                       bracket: tuple[int | None, int | None] = (None, None),
-                      indices: torch.Tensor | None = None, level: float = LEVEL) -> CrossingUncertainty | None:
+                      indices: torch.Tensor | None = None,
+                      level: float = LEVEL) -> CrossingUncertainty | None:
     """Resampled threshold of a curve: ``curve_nll (P, W)`` per-window NLLs of P points sorted by
     kernel fraction ``fractions (P,)``; ``bracket`` the rows of the observed bracket (within,
     beyond; None where absent). None for one window or an empty curve."""
