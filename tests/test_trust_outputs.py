@@ -289,3 +289,80 @@ def test_an_empty_ignore_file_says_on_screen_that_it_keeps_nothing(capsys, tmp_p
     assert code == 0, stderr
     flat = " ".join(stdout.split())
     assert f"--ignore @{empty} keeps no layer in full precision" in flat
+
+
+# --- the second trial's inputs --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--report", "OUT.json"], "does not end in .html"),
+    (["--report", "pages/"], "--report pages does not end in .html"),  # the option's path type drops the /
+    (["-o", "run", "--report", "run/layers.parquet"], "--report run/layers.parquet does not end in .html"),
+    (["-o", "x" * 300], "longer than the 255 a file system allows"),
+    (["--scheme", "w8a8-per-token,,fp"], "has an empty item"),
+    (["-a", "0_1", "--scheme", "w8a8-crossquant"], "'0_1' is not a number"),
+    (["--dtype", "float8"], "--dtype: unknown dtype"),
+])
+def test_the_second_trial_is_refused_before_the_model_loads(args, message, capsys, tmp_path, monkeypatch,
+                                                             tiny_llama_dir, text_file):
+    import kernelscope.cli.common as common
+
+    def never(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(common, "load_with_status", never)
+    monkeypatch.chdir(tmp_path)
+    assert_refused(capsys, ["eval", *small(tiny_llama_dir, text_file, *args)], message, tmp_path)
+
+
+def test_an_empty_item_in_a_list_is_refused(capsys, tmp_path, tiny_llama_dir, text_file):
+    assert_refused(capsys, ["profile", *small(tiny_llama_dir, text_file, "-q", "per_token,,crossquant")],
+                   "-q 'per_token,,crossquant' has an empty item", tmp_path)
+    assert_refused(capsys, ["profile", *small(tiny_llama_dir, text_file, "-a", ",0.2")],
+                   "-a ',0.2' has an empty item", tmp_path)
+
+
+def test_report_refuses_a_name_another_reader_expects(capsys, tmp_path, profile_run):
+    assert_refused(capsys, ["report", str(profile_run), "-o", str(tmp_path / "x.json")],
+                   "does not end in .html", tmp_path)
+
+
+def test_threshold_steps_are_bounded(capsys, tmp_path, tiny_llama_dir, text_file):
+    assert_refused(capsys, ["threshold", *small(tiny_llama_dir, text_file, "--steps", "1000")],
+                   "--steps must be from 0 to 20, got 1000", tmp_path)
+
+
+@pytest.mark.parametrize(("name", "body"), [("records.json", '{"text": "a"}'), ("table.csv", "text\na\n")])
+def test_a_structured_file_is_not_read_as_raw_text(name, body, capsys, tmp_path, tiny_llama_dir):
+    (tmp_path / name).write_text(body)
+    assert_refused(capsys, ["profile", str(tiny_llama_dir), "-d", str(tmp_path / name)],
+                   "which would be read as its raw text", tmp_path)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path, text_file):
+    from kernelscope.data import load_text
+
+    marked = tmp_path / "marked.txt"
+    marked.write_bytes(b"\xef\xbb\xbf" + text_file.read_bytes())
+    assert load_text(str(marked)).text == load_text(str(text_file)).text
+
+
+def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, tiny_llama_dir, text_file):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    command = ["profile", str(tiny_llama_dir), "-d", str(text_file), "-s", "16", "-o", str(out), "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "kernelscope", *command], stderr=subprocess.PIPE,
+                            text=True)
+    checkpoint = tmp_path / ".run.checkpoint"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert not out.exists() and not list(tmp_path.glob("*.partial"))

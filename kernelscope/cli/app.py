@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -579,10 +581,20 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if os.environ.get("KERNELSCOPE_DEBUG"):
             raise
+        if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:  # a path typed for any option
+            err.print(f"[bold red]error:[/] {escape(str(exc.filename))} is longer than the file system "
+                      "allows (a name of at most 255 bytes); give a shorter path", soft_wrap=True)
+            sys.exit(EXIT_USAGE)
         err.print(f"[bold red]error:[/] internal error, {type(exc).__name__}: {escape(str(exc))} "
                   "(set KERNELSCOPE_DEBUG=1 for the traceback)", soft_wrap=True)
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _terminated(signum, frame) -> None:
+    """SIGTERM (a scheduler's stop, ``kill``) ends a run as Ctrl-C does: hooks removed, partial files
+    removed, one line saying so."""
+    raise KeyboardInterrupt
 
 
 def run() -> None:
@@ -592,6 +604,7 @@ def run() -> None:
     interpreter's teardown of torch and transformers (about two seconds on a small machine) is
     skipped: a finished or interrupted run returns the prompt at once.
     """
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         main()
         code = 0

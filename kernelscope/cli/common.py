@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kernelscope.cli.console import err, fail, flag, out, show_table
+from kernelscope.errors import KernelscopeError
 
 
 def load_with_status(model: str, dtype: str, device: str, trust_remote_code: bool, *, quiet: bool,
@@ -54,9 +55,14 @@ def split_values(values: list[str], option: str, convert: Callable[[str], Any], 
     parts = [p.strip() for v in values for p in v.split(",")]
     if not any(parts):
         fail(f"{flag(option)} needs at least one value")
+    if not all(parts):
+        typed = ",".join(values)
+        fail(f"{flag(option)} {typed!r} has an empty item; give the values separated by single commas")
     out_values = []
-    for part in filter(None, parts):
+    for part in parts:
         try:
+            if "_" in part and convert in (int, float):
+                raise ValueError("digits grouped with _")  # Python reads 0_1 as 1: a typo, not a number
             out_values.append(convert(part))
         except ValueError:
             fail(f"{flag(option)} {part!r} is not {what}; give values repeated ({flag(option)} A "
@@ -115,7 +121,10 @@ def check_paths_and_model(model: str, output: Path | None, overwrite: bool, repo
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    parse_dtype(dtype, parse_device(device))
+    try:
+        parse_dtype(dtype, parse_device(device))
+    except KernelscopeError as exc:
+        fail(f"{flag('--dtype') if 'dtype' in str(exc) else flag('--device')}: {exc}")
     if layers is not None:
         try:
             re.compile(layers)

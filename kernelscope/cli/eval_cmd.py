@@ -188,6 +188,10 @@ def _show_threshold(result) -> None:
         _show_search(s, search)
 
 
+MAX_STEPS = 20
+"""Bisection steps ``threshold`` takes at most after the bracket: 2^-20 of it is far below any interval."""
+
+
 def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, group_size, transform,
                   transform_seed, calib_dataset, calib_nsamples, given, **kw) -> None:
     from kernelscope.runs.schemes import FORMAT_WORDS
@@ -198,8 +202,9 @@ def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, 
     if tolerance > MAX_TOLERANCE:
         fail(f"{flag('--tolerance')} {tolerance:g} is beyond {MAX_TOLERANCE:g} (a {100 * MAX_TOLERANCE:g}% "
              "perplexity increase); it is a relative increase: 0.01 is 1%")
-    if steps < 0:
-        fail(f"{flag('--steps')} must be at least 0, got {steps}")
+    if not 0 <= steps <= MAX_STEPS:
+        fail(f"{flag('--steps')} must be from 0 to {MAX_STEPS}, got {steps}: each step halves the bracket, "
+             f"and {MAX_STEPS} steps narrow it below a millionth")
     alpha = one_alpha(alpha)
     check_bits([family_bits], "--family-bits")
     check_weights(weight_bits, group_size)

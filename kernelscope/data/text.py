@@ -24,6 +24,8 @@ HUB_DATASETS = {
     "pileval": "The Pile, validation (mit-han-lab/pile-val-backup)",
 }
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".parquet")
+STRUCTURED_SUFFIXES = {".json": "a JSON file", ".csv": "a CSV table", ".tsv": "a TSV table"}
+"""Files of records whose fields kernelscope does not read: refused, not read as one text."""
 SAMPLE_BYTES = 65536
 """How much of a file the checks for binary data and other encodings look at."""
 WIDE_ENCODINGS = (  # (encoding, byte order, byte-order mark, bytes a character, where ASCII has NULs)
@@ -109,7 +111,7 @@ def _read_txt(path: Path) -> str:
     if b"\x00" in data[:SAMPLE_BYTES]:
         raise KernelscopeError(f"{path} looks like a binary file, not text")
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is not part of the text
     except UnicodeDecodeError as exc:
         raise KernelscopeError(f"{path} is not UTF-8 text (byte {exc.start} cannot be decoded)") from None
 
@@ -217,6 +219,10 @@ def _read_local(source: str, path: Path) -> TextSource:
     if not path.is_file():
         raise KernelscopeError(f"{source} is not a file")
     suffix = path.suffix.lower()
+    if suffix in STRUCTURED_SUFFIXES:
+        raise KernelscopeError(f"{source} is {STRUCTURED_SUFFIXES[suffix]}, which would be read as its raw "
+                               "text, markup and all; give the documents as .jsonl (one {\"text\": ...} a "
+                               "line), .parquet (column text) or .txt")
     if suffix == ".jsonl":
         return _checked(source, f"local JSON lines file {path} (field 'text')", _read_jsonl(path))
     if suffix == ".parquet":

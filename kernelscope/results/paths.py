@@ -19,6 +19,8 @@ from pathlib import Path
 
 from kernelscope.errors import KernelscopeError
 
+NAME_MAX = 255
+"""The longest file or folder name, in bytes, that common file systems allow."""
 RUN_MARKER = ".kernelscope-run"
 """The file every run folder holds; its presence is what makes a folder replaceable."""
 REPORT_TAG = '<meta name="generator" content="kernelscope">'
@@ -182,6 +184,10 @@ def _checked_path(path: str | Path, option: str, what: str) -> Path:
     if not str(path).strip():
         raise KernelscopeError(f"{option} is empty; give a {what}")
     out = Path(path).expanduser()
+    long = next((part for part in out.parts if len(os.fsencode(part)) > NAME_MAX), None)
+    if long is not None:
+        raise KernelscopeError(f"{option} {path} has a name of {len(os.fsencode(long))} bytes, longer than "
+                               f"the {NAME_MAX} a file system allows; give a shorter name")
     if out.is_symlink():
         raise KernelscopeError(f"{option} {path} is a symbolic link, which kernelscope never writes "
                                "through or "
@@ -211,12 +217,21 @@ def check_output_dir(path: str | Path, overwrite: bool = False, option: str = "-
     return out
 
 
+REPORT_SUFFIXES = (".html", ".htm")
+"""What a report file's name ends with: a page, never a name another reader expects (a table, JSON)."""
+
+
 def check_report_file(path: str | Path, overwrite: bool = False, option: str = "--report") -> Path:
-    """Refuse early a report path that is a folder, exists (unless it is a kernelscope report and
-    ``overwrite`` is set), or cannot be created."""
+    """Refuse early a report path that names a folder (a trailing slash), does not end in .html, exists
+    (unless it is a kernelscope report and ``overwrite`` is set), or cannot be created."""
     out = _checked_path(path, option, "file name such as report.html")
+    if str(path).endswith(("/", "\\")):
+        raise KernelscopeError(f"{option} {path} names a folder; give a file name such as {path}report.html")
     if out.is_dir():
         raise KernelscopeError(f"{option} {path} is a folder; give a file name such as report.html")
+    if out.suffix.lower() not in REPORT_SUFFIXES:
+        raise KernelscopeError(f"{option} {path} does not end in .html; a report is an HTML page: give a "
+                               f"name such as {out.with_suffix('.html').name}")
     if out.exists() and not overwrite and is_kernelscope_report(out):
         raise KernelscopeError(f"{option} {path} already exists; pass --overwrite to replace it")
     if out.exists() and not is_kernelscope_report(out):
