@@ -108,3 +108,23 @@ def test_torchrun_two_processes_equal_one(tiny_llama_dir, text_file, tmp_path):
     assert summary["processes"] == 2 and summary["tokens"] == 5 * 32
     assert parallel.stdout.count("wrote ") == 1  # only the first process writes and prints
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]
+
+
+def test_a_failed_load_leaves_the_offload_folder_as_it_was(tmp_path, monkeypatch):
+    import kernelscope.models.loading as loading
+
+    def offloads_then_fails(spec, **kwargs):
+        folder = Path(kwargs["offload_folder"])
+        folder.mkdir(exist_ok=True)
+        (folder / "model.layers.0.weight.safetensors").write_bytes(b"w" * 64)
+        (folder / "index").mkdir()
+        raise loading.KernelscopeError("the model cannot be placed")
+
+    monkeypatch.setattr(loading, "_load_model", offloads_then_fails)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("a user's file")
+    for folder in (mine, tmp_path / "new"):
+        with pytest.raises(loading.KernelscopeError, match="cannot be placed"):
+            loading.load_model("demo", device_map="auto", offload_folder=folder)
+    assert sorted(p.name for p in mine.iterdir()) == ["keep.txt"] and not (tmp_path / "new").exists()

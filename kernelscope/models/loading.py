@@ -224,6 +224,35 @@ def load_model(
     pass, and so every statistic, is the same; only where the weights wait between layers changes.
     ``trust_remote_code`` stays off unless asked: a hub repository's own Python is never run silently.
     """
+    given = offload_folder is not None and device_map is not None
+    with _removed_on_failure(Path(offload_folder).expanduser() if given else None):
+        return _load_model(spec, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                           device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(folder: Path | None) -> Iterator[None]:
+    """What a failed load wrote into the user's ``--offload-folder`` is removed, and the folder itself
+    where the load made it; what was there before stays as it was."""
+    existed = folder is not None and folder.exists()
+    before = set(folder.iterdir()) if existed else set()
+    try:
+        yield
+    except BaseException:
+        if folder is not None and folder.is_dir():
+            if not existed:
+                shutil.rmtree(folder, ignore_errors=True)
+            for new in set(folder.iterdir()) - before if existed else ():
+                if new.is_dir():
+                    shutil.rmtree(new, ignore_errors=True)
+                else:
+                    new.unlink(missing_ok=True)
+        raise
+
+
+def _load_model(spec: str, *, dtype: str, device: str, trust_remote_code: bool, device_map: str | None,
+                max_memory: str | dict | None, offload_folder: str | Path | None) -> LoadedModel:
+    """:func:`load_model`'s work, without the clean-up of a failed load."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
