@@ -196,3 +196,30 @@ def quantizer_configs(quantizer: list[str], bits: list[str], alpha: list[str], g
         raise KernelscopeError(f"{flag('--quantizer')}: {exc}") from None
 
 
+
+
+def scheme_options(values: list[str] | None, **settings) -> list:
+    """``--scheme`` values (repeated or comma-separated; default :data:`DEFAULT_SCHEMES`) as schemes. Every
+    unknown name is named at once, and a scheme given twice (in any spelling) is named with both
+    spellings."""
+    from kernelscope.runs.schemes import parse_scheme
+
+    names = split_values(values, "--scheme", str, "a scheme") if values else list(DEFAULT_SCHEMES)
+    schemes, unknown, why = [], [], ""
+    for name in names:
+        try:
+            schemes.append((name, parse_scheme(name, **settings)))
+        except KernelscopeError as exc:
+            if not str(exc).startswith("unknown scheme"):
+                raise
+            unknown.append(name)
+            why = why or str(exc).split("; ", 1)[1]  # the choices, said once
+    if unknown:
+        fail(f"{flag('--scheme')}: unknown scheme{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}; "
+             f"{why}")
+    seen: dict[str, str] = {}
+    for typed, scheme in schemes:
+        if scheme.name in seen:
+            fail(f"{flag('--scheme')} {typed} is given twice (as {seen[scheme.name]}); give each scheme once")
+        seen[scheme.name] = typed
+    return [scheme for _, scheme in schemes]

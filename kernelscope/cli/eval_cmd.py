@@ -8,7 +8,6 @@ from rich.markup import escape
 from rich.table import Table
 
 from kernelscope.cli.checks import (
-    DEFAULT_SCHEMES,
     MAX_TOLERANCE,
     calibration_windows,
     check_transforms_with_schemes,
@@ -21,6 +20,7 @@ from kernelscope.cli.checks import (
     quantizer_configs,
     read_calibration_text,
     read_ignore,
+    scheme_options,
     transform_options,
     transform_refusals,
 )
@@ -32,7 +32,6 @@ from kernelscope.cli.common import (
     header,
     prepare,
     refuse_unused,
-    split_values,
     stage_progress,
 )
 from kernelscope.cli.console import fail, flag, interval, out, pct, show_table, versus_fp, with_ci
@@ -99,7 +98,6 @@ def _show_eval(result) -> None:
 def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, transform, transform_seed,
              calib_dataset, calib_nsamples, ignore, given, **kw) -> None:
     from kernelscope.runs.evaluate import evaluate
-    from kernelscope.runs.schemes import parse_scheme
 
     alpha = one_alpha(alpha)
     check_alphas([smooth_alpha], "--smooth-alpha", hint="")
@@ -107,12 +105,8 @@ def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, tran
     if weight_bits is not None:
         check_bits([weight_bits], "--weight-bits")
     check_positive("--calib-nsamples", calib_nsamples)
-    schemes = [parse_scheme(s, alpha=alpha, bits=bits, weight_bits=weight_bits, group_size=group_size,
-                            smooth_alpha=smooth_alpha)
-               for s in (split_values(scheme, "--scheme", str, "a scheme") if scheme else DEFAULT_SCHEMES)]
-    names = [s.name for s in schemes]
-    if len(set(names)) != len(names):
-        fail(f"a {flag('--scheme')} is given twice")
+    schemes = scheme_options(scheme, alpha=alpha, bits=bits, weight_bits=weight_bits, group_size=group_size,
+                             smooth_alpha=smooth_alpha)
     transforms = transform_options(transform, transform_seed)
     check_transforms_with_schemes(schemes, transforms)
     removing = any(s.mode.removes_kernel for s in schemes)

@@ -8,9 +8,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from kernelscope.cli.checks import (
-    DEFAULT_SCHEMES,
     check_transforms_with_schemes,
     check_widths,
+    scheme_options,
     transform_options,
     transform_refusals,
 )
@@ -34,14 +34,8 @@ MAX_SEED = 2**32 - 1  # numpy's generator takes seeds below 2^32
 
 
 def _schemes(scheme, alpha, bits, weight_bits, group_size, smooth_alpha):
-    from kernelscope.runs.schemes import parse_scheme
-
-    names = split_values(scheme, "--scheme", str, "a scheme") if scheme else DEFAULT_SCHEMES
-    schemes = [parse_scheme(s, alpha=alpha, bits=bits, weight_bits=weight_bits, group_size=group_size,
-                            smooth_alpha=smooth_alpha) for s in names]
-    if len({s.name for s in schemes}) != len(schemes):
-        fail(f"a {flag('--scheme')} is given twice")
-    return schemes
+    return scheme_options(scheme, alpha=alpha, bits=bits, weight_bits=weight_bits, group_size=group_size,
+                          smooth_alpha=smooth_alpha)
 
 
 def _check_numbers(*, alpha, bits, weight_bits, group_size, smooth_alpha, calib_nsamples, calib_seqlen,
