@@ -368,3 +368,9 @@ def test_sigterm_ends_a_run_as_ctrl_c_does(tmp_path, tiny_llama_dir, text_file):
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_kernel_groups_none_stands_alone(capsys, tmp_path, tiny_llama_dir, text_file):
+    assert_refused(capsys, ["advise", *small(tiny_llama_dir, text_file, "--scheme", "w8a8-per-token",
+                                             "--kernel-groups", "none,block")],
+                   "--kernel-groups none,block: none measures no kernel and stands alone", tmp_path)

@@ -44,6 +44,9 @@ def _kernel_kinds(values: list[str] | None, per_layer: bool) -> list[str]:
     words = [w.lower() for w in split_values(values, "--kernel-groups", str, "a kind of group")]
     if words == ["none"]:
         return []
+    if "none" in words:
+        fail(f"{flag('--kernel-groups')} {','.join(words)}: none measures no kernel and stands alone; give "
+             "it alone, or only kinds of group")
     for w in words:
         if w not in KERNEL_KINDS:
             fail(f"{flag('--kernel-groups')} {w!r} is not a kind of group; choose module-type, block, layer "
