@@ -302,6 +302,7 @@ def test_an_empty_ignore_file_says_on_screen_that_it_keeps_nothing(capsys, tmp_p
     (["--scheme", "w8a8-per-token,,fp"], "has an empty item"),
     (["-a", "0_1", "--scheme", "w8a8-crossquant"], "'0_1' is not a number"),
     (["--dtype", "float8"], "--dtype: unknown dtype"),
+    (["--device", "tpu"], "--device: unknown device"),
     (["--scheme", "bogus1,fp,bogus2"], "--scheme: unknown schemes 'bogus1', 'bogus2'; use fp,"),
     (["--scheme", "fp,FP"], "--scheme FP is given twice (as fp)"),
 ])

@@ -122,9 +122,13 @@ def check_paths_and_model(model: str, output: Path | None, overwrite: bool, repo
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        parse_dtype(dtype, parse_device(device))
+        torch_device = parse_device(device)
     except KernelscopeError as exc:
-        fail(f"{flag('--dtype') if 'dtype' in str(exc) else flag('--device')}: {exc}")
+        fail(f"{flag('--device')}: {exc}")
+    try:
+        parse_dtype(dtype, torch_device)
+    except KernelscopeError as exc:
+        fail(f"{flag('--dtype')}: {exc}")
     if layers is not None:
         try:
             re.compile(layers)

@@ -9,7 +9,7 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import plotly.io as pio
@@ -750,15 +750,16 @@ def write_report(run_dirs: Sequence[str | Path] | Sequence[RunFolder], output: s
 class StagedReport:
     """A complete report in a hidden file beside its final place."""
 
-    file: Path
     final: Path
-    made: list[Path]
+    file: Path | None = None  # None until the hidden file is made: nothing of the user's is ever removed
+    made: list[Path] = field(default_factory=list)
 
     def commit(self) -> None:
         os.replace(self.file, self.final)
 
     def discard(self) -> None:
-        self.file.unlink(missing_ok=True)
+        if self.file is not None:
+            self.file.unlink(missing_ok=True)
         remove_made(self.made)
 
 
@@ -781,7 +782,7 @@ def stage_report(run_dirs: Sequence[str | Path] | Sequence[RunFolder], output: s
         names = ", ".join(str(r.path) for r in runs)
         raise KernelscopeError(f"cannot build a report: a run folder among {names} is incomplete or damaged "
                                f"({type(exc).__name__}: {exc})") from None
-    staged = StagedReport(out.parent / f".{out.name}.partial", out, [])
+    staged = StagedReport(out)
     try:
         staged.made = make_parents(out)
         fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)

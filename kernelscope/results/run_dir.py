@@ -107,8 +107,8 @@ def write_run(path: str | Path, tables: dict[str, pl.DataFrame], summary: dict[s
 
     ``alongside`` stages other output from the complete folder (a report of it) before anything is put
     in place; it is committed right after the folder, or discarded with it (or, returning None, it wrote
-    into the folder itself). A place that cannot be
-    written is one error naming ``option``, with nothing left behind.
+    into the folder itself). A place that cannot be written is one error naming ``option``, with nothing
+    left behind.
     """
     out = check_output_dir(path, overwrite, option)
     staged, extra = None, None
