@@ -5,8 +5,9 @@ beside NaN and ±Inf, below float32's normal range, in bfloat16."""
 
 from __future__ import annotations
 
-import platform
+import logging
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -17,33 +18,109 @@ from kernelscope.stats import elementwise, native
 from kernelscope.stats.histogram import HISTOGRAM
 from kernelscope.stats.measure import measure
 
-pytestmark = pytest.mark.skipif(not any(shutil.which(c) for c in ("cc", "gcc", "clang")),
-                                reason="the native code needs a C compiler")
-
-BUILDS = {"this CPU": None, "portable": []}
-"""Every test runs on each build: this CPU's (AVX-512 code where it has it), and builds for CPUs
-without its vector instructions, whose loops are other code."""
-if platform.machine().lower() in ("x86_64", "amd64"):
-    BUILDS["AVX2"] = ["-march=x86-64-v3"]
+BUILDS = {path.name: path for path in native.candidates()}
+"""Every comparison runs on each library that setup.py built and this CPU runs: on x86-64 the
+AVX-512 and AVX2 builds and the baseline one, whose loops are different code."""
 
 
-@pytest.fixture(scope="module", params=list(BUILDS))
-def build(request, tmp_path_factory):
-    if BUILDS[request.param] is None:
-        return native.library()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KERNELSCOPE_CACHE", str(tmp_path_factory.mktemp("native")))
-        lib = native.build_for(BUILDS[request.param])
-    if lib is None:
-        pytest.skip(f"the {request.param} build does not compile here")
-    return lib
+@pytest.fixture(scope="module", params=list(BUILDS) or [None])
+def build(request):
+    if request.param is None:
+        pytest.skip(f"no native library is installed here ({native.failure or 'none was built'})")
+    return native.load(BUILDS[request.param])
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def with_build(build, monkeypatch):
     """The library every call below takes (the counts, the histogram, the fake quantization)."""
     monkeypatch.setattr(native, "_library", build)
     monkeypatch.setattr(native, "_tried", True)
+
+
+on_each_build = pytest.mark.usefixtures("with_build")
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """The loader as at start-up, and as it was again after the test."""
+    native.reset()
+    yield
+    monkeypatch.undo()
+    native.reset()
+
+
+def no_compiler(*args, **kwargs):
+    raise AssertionError(f"a compiler or another program was run: {args}")
+
+
+def test_the_installed_library_loads_without_running_a_compiler(monkeypatch, fresh):
+    """Where a C compiler is found, the package was built with one, so its library must be there;
+    loading it runs nothing (the build belongs to the install)."""
+    if not BUILDS:
+        assert not any(shutil.which(c) for c in ("cc", "gcc", "clang")), (
+            f"a C compiler is found here, yet no native library was built: {native.failure}")
+        pytest.skip("no C compiler, and no native library: the torch path is tested elsewhere")
+    for name in ("run", "Popen", "check_output", "call"):
+        monkeypatch.setattr(subprocess, name, no_compiler)
+    monkeypatch.setattr(shutil, "which", no_compiler)
+    lib = native.library()
+    assert lib is not None, native.failure
+    assert native.failure is None and lib._name == str(native.candidates()[0])
+    assert native.built_with and native.built_with == lib.ks_build_flags().decode()
+    assert elementwise.describe().startswith(f"native ({native.built_with}, ")
+
+
+def test_a_missing_library_gives_the_torch_path_and_says_why(monkeypatch, tmp_path, fresh, caplog):
+    x = base_input(4)
+    monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
+    want = counted(x, CONFIGS[:12])
+    monkeypatch.setenv("KERNELSCOPE_NATIVE", "1")
+    monkeypatch.setattr(native, "LIBRARY_DIR", tmp_path)  # nothing there
+    with caplog.at_level(logging.INFO, logger=native.__name__):
+        assert native.library() is None and native.library() is None
+    assert native.failure.startswith(f"no native library for this CPU in {tmp_path}")
+    assert [r.levelno for r in caplog.records] == [logging.INFO]  # once, and no warning
+    assert elementwise.describe() == f"torch (native build failed: {native.failure})"
+    assert elementwise.native_input(x) is None
+    assert_same(counted(x, CONFIGS[:12]), want)
+
+
+@pytest.mark.skipif(not BUILDS, reason="no native library is installed here")
+def test_a_library_of_another_source_or_that_cannot_load_is_refused(monkeypatch, tmp_path, fresh, caplog):
+    """A library built before native.c changed is refused with the advice to rebuild, as is a file
+    that is no library; either leaves the torch path, with a warning."""
+    edited = tmp_path / "native.c"
+    edited.write_bytes(native.SOURCE.read_bytes() + b"\n")
+    monkeypatch.setattr(native, "SOURCE", edited)
+    with caplog.at_level(logging.INFO, logger=native.__name__):
+        assert native.library() is None
+    assert "built from another native.c" in native.failure and "reinstall" in native.failure
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    native.reset()
+    monkeypatch.setattr(native, "LIBRARY_DIR", tmp_path)
+    (tmp_path / f"_native{native.SUFFIX}").write_text("not a shared library")
+    assert native.library() is None and native.failure.startswith(f"_native{native.SUFFIX} cannot be used")
+
+
+def test_the_highest_level_this_cpu_runs_comes_first(monkeypatch, tmp_path):
+    """The AVX-512 build only where the CPU has every AVX-512 feature x86-64-v4 uses, the AVX2 one
+    only with all of x86-64-v3's, the plain build always (last)."""
+    for name in ("_native.x86-64-v4", "_native.x86-64-v3", "_native"):
+        (tmp_path / f"{name}{native.SUFFIX}").write_bytes(b"")
+    monkeypatch.setattr(native, "LIBRARY_DIR", tmp_path)
+    v3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave", "cx16", "lahf_lm", "popcnt",
+          "pni", "sse4_1", "sse4_2", "ssse3"}
+    v4 = v3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+    cases = [(v4 | {"sha_ni"}, ["_native.x86-64-v4", "_native.x86-64-v3", "_native"]),
+             (v4 - {"avx512cd"}, ["_native.x86-64-v3", "_native"]),
+             (v3, ["_native.x86-64-v3", "_native"]),
+             (v3 - {"bmi2"}, ["_native"]),
+             (set(), ["_native"])]
+    for flags, want in cases:
+        monkeypatch.setattr(native, "_cpu_flags", lambda flags=flags: flags)
+        assert [p.name for p in native.candidates()] == [f"{n}{native.SUFFIX}" for n in want], sorted(flags)
+    (tmp_path / f"_native{native.SUFFIX}").unlink()
+    assert [p.name for p in native.candidates()] == []
 
 
 NAMES = list(F.FORMATS)
@@ -128,6 +205,7 @@ def reference_counts(x: torch.Tensor, cfg: QuantizerConfig) -> list[int]:
     return [kernel, sub, whole]
 
 
+@on_each_build
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_native_count_equals_the_torch_code_and_the_formats_at_their_thresholds(monkeypatch, dtype, seed):
@@ -145,6 +223,7 @@ def test_native_count_equals_the_torch_code_and_the_formats_at_their_thresholds(
         assert int(mine.nonfinite) == 3
 
 
+@on_each_build
 def test_all_configurations_in_one_count_equal_each_alone():
     """Terms grouped by block size, with block maxima shared between sizes that divide each other,
     count what each counts alone."""
@@ -160,6 +239,7 @@ def test_all_configurations_in_one_count_equal_each_alone():
             assert torch.equal(together.bounds[slot], alone.bounds[0])
 
 
+@on_each_build
 def test_wide_rows_with_block_maxima_on_powers_of_two_count_as_the_torch_code(monkeypatch):
     """Rows of many blocks (where the C code spreads a row's histogram over copies) whose block maxima
     sit exactly on a power of two, on 6 times one (where MXFP4's RCEIL scale changes exponent) and one
@@ -191,6 +271,7 @@ def test_wide_rows_with_block_maxima_on_powers_of_two_count_as_the_torch_code(mo
         assert mine.counts[i, 0] == reference_counts(x, cfg)[0], cfg.label
 
 
+@on_each_build
 @pytest.mark.parametrize("scale", [1e-38, 1e-42, 3e38])
 def test_scales_outside_the_normal_range_search_their_thresholds(monkeypatch, scale):
     """Where τ·s or the subnormal top times s is no normal float (float32 subnormal inputs, or
@@ -220,6 +301,7 @@ def test_the_bin_table_gives_the_bins_of_the_edges():
     assert torch.equal(got, HISTOGRAM.bin_of(values))
 
 
+@on_each_build
 def test_the_native_histogram_counts_what_the_torch_one_counts(monkeypatch):
     edges = HISTOGRAM.edges.float()
     g = torch.Generator().manual_seed(5)
@@ -236,6 +318,7 @@ def test_the_native_histogram_counts_what_the_torch_one_counts(monkeypatch):
         assert int(want.sum()) == weight * values.numel()
 
 
+@on_each_build
 def test_a_library_that_does_not_match_its_mirror_is_refused(monkeypatch):
     lib = native.library()
     native.check_abi(lib)
@@ -253,6 +336,7 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(((a.view(view) == b.view(view)) | (a.isnan() & b.isnan())).all())
 
 
+@on_each_build
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_fake_quantization_equals_the_formats_bit_for_bit(dtype):
     lib = native.library()

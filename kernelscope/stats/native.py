@@ -1,25 +1,23 @@
-"""The CPU build of the two per-element passes (``native.c``), compiled once per machine and cached.
+"""The CPU build of the two per-element passes (``native.c``), built when kernelscope is installed.
 
-The C source is built with the system's C compiler on first use into
-``$KERNELSCOPE_CACHE`` (default ``$XDG_CACHE_HOME/kernelscope``, i.e. ``~/.cache/kernelscope``),
-under a name that hashes the source, the compiler, the flags and the CPU's features, so a cache
-shared by different machines never hands one a library built for another. Building takes well
-under a second. Where no compiler works, :func:`library` returns None with the reason in
+``setup.py`` compiles the C source into shared libraries beside this module when the package is
+built or installed (``pip install .``, ``pip install -e .``, a wheel); nothing is compiled at run
+time. On x86-64 there is one library per instruction-set level (the compiler's baseline,
+``x86-64-v3``, ``x86-64-v4``: ``-march=native`` would not run on another machine than the one that
+built it), and :func:`library` loads the highest level this CPU runs. Where none was built (no C
+compiler at install time), or none loads, :func:`library` returns None with the reason in
 :data:`failure`, and the statistics run as torch code instead (the same integers, more slowly).
+Reinstalling kernelscope (``pip install -e .`` for a checkout) rebuilds the libraries; one built
+from another ``native.c`` than the one beside this module is refused.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
-import itertools
 import logging
 import math
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -31,13 +29,16 @@ from kernelscope.quant.formats import NVFP4_BLOCK_GRID, Form, Format, Unit, nvfp
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno", "-fno-strict-aliasing", "-fPIC",
-         "-shared"]
-"""No -ffast-math, no contraction into fused multiply-adds: every float operation stays one IEEE
-operation, so the counts equal those of the torch code."""
-ARCH_FLAGS = (["-march=native"], [])
-THREAD_FLAGS = (["-fopenmp"], ["-fopenmp-simd"], [])
-"""Tried in order: the fastest build first, then builds without what the compiler may lack."""
+LIBRARY_DIR = Path(__file__).parent
+"""Where setup.py puts the libraries: beside this module."""
+SUFFIX = ".dll" if os.name == "nt" else ".so"
+_V2 = {"cx16", "lahf_lm", "popcnt", "pni", "sse4_1", "sse4_2", "ssse3"}
+_V3 = _V2 | {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+LEVELS = {"x86-64-v4": _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}, "x86-64-v3": _V3}
+"""The instruction-set levels setup.py builds a library for, highest first, with the CPU features
+(as /proc/cpuinfo names them) that each ``-march`` level lets the compiler use."""
+_TORCH_LEVELS = {"AVX512": {"x86-64-v4", "x86-64-v3"}, "AVX2": {"x86-64-v3"}}
+"""Where /proc/cpuinfo is not to be read: the levels torch's own CPU dispatch vouches for."""
 
 MAX_TERMS = 64  # KS_MAX_TERMS in native.c
 ABI_VERSION = 3  # KS_ABI_VERSION in native.c
@@ -85,73 +86,55 @@ _lock = threading.Lock()
 _library: ctypes.CDLL | None = None
 _tried = False
 failure: str | None = None
-"""Why the native library is not in use, once a build was attempted and failed."""
+"""Why the native library is not in use, once loading it was attempted and failed."""
 built_with: str | None = None
 """The flags the library in use was built with."""
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("KERNELSCOPE_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kernelscope"
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return name
-    return None
-
-
-def _cpu_features() -> str:
-    """What -march=native depends on: the CPU's feature flags where Linux lists them."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    return platform.processor() or platform.machine()
-
-
-def _version(compiler: str) -> str:
+def _cpu_flags() -> set[str] | None:
+    """This CPU's feature flags as Linux lists them, or None where /proc/cpuinfo cannot be read."""
     try:
-        return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def _places() -> list[Path]:
-    """Where a build may live: the cache, then (if that cannot be written) a folder in the temp dir."""
-    user = os.getuid() if hasattr(os, "getuid") else "user"
-    return [cache_dir(), Path(tempfile.gettempdir()) / f"kernelscope-{user}"]
-
-
-def _build(compiler: str, flags: list[str], target: Path) -> str | None:
-    """Compile to ``target`` through a temporary file and a rename; the error's first line, or None."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.stem, suffix=".tmp")
-        os.close(fd)
-    except OSError as exc:
-        return f"cannot write {target.parent}: {exc.strerror or exc}"
-    try:
-        done = subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
-                              timeout=120)
-        if done.returncode != 0:
-            lines = (done.stderr or done.stdout).strip().splitlines()
-            error = next((line for line in lines if "error" in line.lower()), lines[0] if lines else "")
-            return error[:200] or f"{compiler} exited with {done.returncode}"
-        os.replace(tmp, target)
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
         return None
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"{type(exc).__name__}: {exc}"[:200]
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
 
 
-def _load(path: Path) -> ctypes.CDLL:
+def _runs(level: str) -> bool:
+    """Whether this CPU has every feature that code built for ``level`` may use."""
+    flags = _cpu_flags()
+    if flags is None:
+        return level in _TORCH_LEVELS.get(torch.backends.cpu.get_cpu_capability(), set())
+    return LEVELS[level] <= flags
+
+
+def candidates() -> list[Path]:
+    """The built libraries this CPU runs, the fastest first: those of the instruction-set levels it
+    has, then the plain one (the baseline, or a build for the ``KERNELSCOPE_NATIVE_ARCH`` target)."""
+    found = [LIBRARY_DIR / f"_native.{level}{SUFFIX}" for level in LEVELS]
+    found = [path for path, level in zip(found, LEVELS, strict=True) if path.is_file() and _runs(level)]
+    plain = LIBRARY_DIR / f"_native{SUFFIX}"
+    return [*found, plain] if plain.is_file() else found
+
+
+def _build_of(lib: ctypes.CDLL) -> str:
+    """The flags ``lib`` was built with, after checking that it was built from :data:`SOURCE` (where
+    the source is there to compare): a library older than its source would count by old rules."""
+    lib.ks_build_flags.restype = ctypes.c_char_p
+    lib.ks_build_source.restype = ctypes.c_char_p
+    if SOURCE.is_file():
+        digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()
+        if lib.ks_build_source().decode() != digest:
+            raise RuntimeError(f"it was built from another {SOURCE.name} than {SOURCE}; reinstall "
+                               "kernelscope to rebuild it")
+    return lib.ks_build_flags().decode()
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """The library at ``path`` with its functions typed, once its ABI matches this module's mirror."""
     lib = ctypes.CDLL(str(path))
     lib.ks_abi.restype = ctypes.c_int
     lib.ks_abi.argtypes = [ctypes.c_void_p, ctypes.c_int]
@@ -189,65 +172,41 @@ def _load(path: Path) -> ctypes.CDLL:
     return lib
 
 
-def _obtain(compiler: str, flags: list[str], fingerprint: bytes) -> tuple[ctypes.CDLL | None, str | None]:
-    """The library built with ``flags``, from the cache or freshly built: (library, None) or (None, why)."""
-    key = hashlib.sha256(fingerprint + b"\0" + " ".join(flags).encode()).hexdigest()[:16]
-    error = None
-    for place in _places():
-        target = place / f"native-{key}.so"
-        error = None if target.is_file() else _build(compiler, flags, target)
-        if error is None:
-            try:
-                return _load(target), None
-            except (OSError, AttributeError, RuntimeError) as exc:
-                return None, f"loading failed: {exc}"[:200]
-        if not error.startswith("cannot write"):
-            break
-    return None, error
-
-
-def _first_build(compiler: str, archs) -> tuple[ctypes.CDLL | None, str | None, str | None]:
-    """The first of the builds for ``archs`` (lists of flags) and THREAD_FLAGS that compiles and loads:
-    (library, its flags, None), or (None, None, why the first failed)."""
-    fingerprint = b"\0".join([SOURCE.read_bytes(), compiler.encode(), _version(compiler).encode(),
-                              _cpu_features().encode(), platform.machine().encode()])
-    reasons = []
-    for arch, threads in itertools.product(archs, THREAD_FLAGS):  # the fastest build first
-        lib, error = _obtain(compiler, [*FLAGS, *arch, *threads], fingerprint)
-        if lib is not None:
-            return lib, " ".join([*arch, *threads]) or "portable", None
-        reasons.append(error)
-    return None, None, f"{compiler}: {reasons[0]}"
-
-
-def build_for(arch: list[str]) -> ctypes.CDLL | None:
-    """The library built for the target ``arch`` flags name (``[]``: the compiler's baseline) instead
-    of this CPU, or None: the code paths a CPU without this one's vector instructions runs."""
-    compiler = _compiler()
-    return None if compiler is None else _first_build(compiler, [arch])[0]
+def _open() -> tuple[ctypes.CDLL | None, str | None, str | None]:
+    """The first of :func:`candidates` that loads: (library, its flags, None), or (None, None, why)."""
+    paths = candidates()
+    if not paths:
+        return None, None, (f"no native library for this CPU in {LIBRARY_DIR} (it is built when "
+                            "kernelscope is installed, where a C compiler is found)")
+    errors = []
+    for path in paths:
+        try:
+            lib = load(path)
+            return lib, _build_of(lib), None
+        except (OSError, AttributeError, RuntimeError) as exc:
+            errors.append(f"{path.name} cannot be used: {exc}"[:300])
+    return None, None, errors[0]
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded library, building it on first use; None where that is not possible."""
+    """The loaded library, opened on first use; None where there is none that this CPU can use."""
     global _library, _tried, failure, built_with
     if _tried:
         return _library
     with _lock:
         if _tried:
             return _library
-        compiler = _compiler()
-        if compiler is None:
-            failure = "no C compiler found (set CC)"
-        else:
-            _library, built_with, failure = _first_build(compiler, ARCH_FLAGS)
+        _library, built_with, failure = _open()
         if failure is not None:
-            log.warning("kernelscope: statistics run as torch code; the native build failed (%s)", failure)
+            absent = not candidates()
+            (log.info if absent else log.warning)(
+                "kernelscope: statistics run as torch code; the native library is not in use (%s)", failure)
         _tried = True
         return _library
 
 
 def reset() -> None:
-    """Forget the loaded library, so that the next :func:`library` call builds or loads it again."""
+    """Forget the loaded library, so that the next :func:`library` call opens it again."""
     global _library, _tried, failure, built_with
     with _lock:
         _library, _tried, failure, built_with = None, False, None, None
