@@ -119,7 +119,7 @@ def section_overhead(b: Bench, out: list[str]) -> None:
     a = b.args
     windows = b.windows(a.nsamples, a.seqlen)
     tokens = len(windows) * windows.seqlen
-    b.profile(windows, CONFIG_SETS[8])  # warm-up: build or load the native statistics before timing
+    b.profile(windows, CONFIG_SETS[8])  # warm-up: load the native statistics before timing
     runs = {"bare forward": lambda: b.bare(windows)}
     for n, configs in CONFIG_SETS.items():
         runs[f"profile, {n} configuration{'s' * (n > 1)}"] = lambda c=configs: b.profile(windows, c)

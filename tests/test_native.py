@@ -80,7 +80,7 @@ def test_a_missing_library_gives_the_torch_path_and_says_why(monkeypatch, tmp_pa
         assert native.library() is None and native.library() is None
     assert native.failure.startswith(f"no native library for this CPU in {tmp_path}")
     assert [r.levelno for r in caplog.records] == [logging.INFO]  # once, and no warning
-    assert elementwise.describe() == f"torch (native build failed: {native.failure})"
+    assert elementwise.describe() == f"torch (native library unavailable: {native.failure})"
     assert elementwise.native_input(x) is None
     assert_same(counted(x, CONFIGS[:12]), want)
 

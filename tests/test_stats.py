@@ -362,7 +362,7 @@ def test_without_the_native_library_the_torch_code_runs(monkeypatch, tmp_path):
     native.reset()
     try:
         assert native.library() is None
-        assert elementwise.describe() == f"torch (native build failed: {native.failure})"
+        assert elementwise.describe() == f"torch (native library unavailable: {native.failure})"
         assert native.failure.startswith("no native library for this CPU")
         assert result_of(KernelStats(EDGE_CONFIGS).update(observe(x, EDGE_CONFIGS))) == want
     finally:

@@ -6,8 +6,8 @@ vectors, comes from two functions: :func:`ranges` (t and c: one reading of ``x``
 the positions whose step is below the per-token step, the blocks that are kernel through and
 through, the non-finite elements, and for block formats the zero bound's extremes, sums and
 histogram). On CPU, for float32 and bfloat16 inputs, both run as small C loops
-(:mod:`kernelscope.stats.native`, built once per machine); elsewhere, or where no C compiler is
-found, the torch code below computes the same integers. The torch code is the definition: every
+(:mod:`kernelscope.stats.native`, built when the package is installed); elsewhere, or where no
+library was built, the torch code below computes the same integers. The torch code is the definition: every
 count is of ``|x / s|`` against the format's thresholds, with ``s`` from
 :func:`kernelscope.quant.formats.scale_of`; the C code evaluates the same float operations in the
 same order (a test checks it at ties).
@@ -203,7 +203,7 @@ def describe(device: torch.device | str = "cpu") -> str:
     if not _wanted():
         return "torch (KERNELSCOPE_NATIVE=0)"
     if native.library() is None:
-        return f"torch (native build failed: {native.failure})"
+        return f"torch (native library unavailable: {native.failure})"
     return f"native ({native.built_with}, {torch.get_num_threads()} threads)"
 
 
