@@ -32,8 +32,10 @@ LEGACY_SUMMARIES = ("eval.json", "threshold.json", "sweep.json", "zeroshot.json"
 """Where folders of schema version 2 and before kept the summary of runs other than profiles; still read."""
 SUMMARY_NAMES = (SUMMARY, *LEGACY_SUMMARIES)
 LEGACY_ADVICE = "advice.json"
-EXPORT_NAMES = ("recipe.yaml", "modelopt_quant_cfg.json", "modules.txt")
+EXPORT_NAMES = ("recipe.yaml", "modelopt_quant_cfg.yaml", "modules.txt")
 """The files an advice folder holds for the deploying tools (see :mod:`kernelscope.results.exports`)."""
+LEGACY_EXPORT_NAMES = ("modelopt_quant_cfg.json",)
+"""Exports older advice folders hold: the ModelOpt entries before they became a full YAML config."""
 
 
 def protected_paths() -> set[Path]:
@@ -99,7 +101,7 @@ def _ours_unlisted(file: Path, folder: Path) -> bool:
     of an advice folder."""
     if file.name in SUMMARY_NAMES:
         return _versioned(file)
-    if file.name in EXPORT_NAMES:
+    if file.name in (*EXPORT_NAMES, *LEGACY_EXPORT_NAMES):
         return is_advice_folder(folder)
     return is_kernelscope_table(file)
 
