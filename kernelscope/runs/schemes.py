@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from kernelscope.data.recipes import read_recipe
 from kernelscope.errors import KernelscopeError
 from kernelscope.quant import (
     DEFAULT_ALPHA,
@@ -22,6 +23,7 @@ from kernelscope.quant import (
 )
 from kernelscope.quant.formats import FORMATS
 from kernelscope.quant.modes import Mode
+from kernelscope.quant.targets import LLM_COMPRESSOR, TARGETS, Target, get_target
 from kernelscope.quant.transforms import IDENTITY, SMOOTHQUANT_ALPHA, TRANSFORMS, TransformSpec, TransformStep
 
 _REMOVE = "remove-kernel-"
@@ -55,6 +57,8 @@ class Scheme:
     zero bound). ``weight_bits`` None keeps weights in full precision; ``group_size`` None is
     per-output-channel. ``transform`` is the scheme's own change of basis before quantization
     (``smoothquant:α`` for ``wXaY-smoothquant``); a transform given for a run follows it.
+    ``target`` is a deploying library's scheme (``llm-compressor:W8A8``), computed with that library's
+    arithmetic instead of the paper's formats (:mod:`kernelscope.quant.targets`).
     """
 
     name: str
@@ -65,13 +69,28 @@ class Scheme:
     transform: TransformSpec = IDENTITY
     kernel_scale: float = 1.0
     weight_format: QuantizerConfig | None = None  # a format of the registry for the weights instead
+    target: Target | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode(self.mode))  # a mode given by its table value reads the same
 
     @property
     def changes_weight(self) -> bool:
+        if self.target is not None:  # removing a target's kernel leaves the weights alone
+            return self.target.weights is not None and not self.mode.removes_kernel
         return self.weight_quantizer is not None
+
+    @property
+    def changes_activation(self) -> bool:
+        """True when the scheme changes the activations it covers (a weight-only target does not)."""
+        if self.target is not None:
+            return self.target.quantizes_activations
+        return self.mode.quantizes
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when an activation scale is calibrated on calibration windows first (a static target)."""
+        return self.target is not None and self.target.needs_calibration
 
     @property
     def weight_quantizer(self) -> QuantizerConfig | None:
@@ -84,6 +103,8 @@ class Scheme:
         return QuantizerConfig("per_group", self.weight_bits, block_size=self.group_size)
 
     def describe(self) -> dict:
+        if self.target is not None:
+            return self._describe_target()
         act, wf = self.activation, self.weight_format
         return {
             "scheme": self.name, "mode": self.mode,
@@ -94,6 +115,33 @@ class Scheme:
             "weight_bits": wf.bits if wf else self.weight_bits, "group_size": self.group_size,
             "weight_format": wf.label if wf else None,
             "kernel_scale": self.kernel_scale if self.mode.removes_kernel else None,
+            "arithmetic": "kernelscope",
+        }
+
+    def check_widths(self, layers) -> None:
+        """Refuse a target whose groups do not divide a covered layer's inputs (the library refuses
+        it too), naming the first such layer."""
+        if self.target is None:
+            return
+        for args in (self.target.weights, self.target.input_activations):
+            group = args.group_size if args is not None else None
+            bad = [layer.name for layer in layers if group and layer.in_features % group]
+            if bad:
+                raise KernelscopeError(f"{self.name} quantizes groups of {group} inputs, which do not divide "
+                                       f"the {len(bad)} layers' inputs of {bad[0]}, ...; keep them in full "
+                                       "precision with --ignore" if len(bad) > 1 else
+                                       f"{self.name} quantizes groups of {group} inputs, which do not divide "
+                                       f"the inputs of {bad[0]}; keep it in full precision with --ignore")
+
+    def _describe_target(self) -> dict:
+        act, w = self.target.input_activations, self.target.weights
+        return {
+            "scheme": self.name, "mode": self.mode, "activation_quantizer": None,
+            "activation_bits": act.num_bits if act else None,
+            "activation_format": act.label if act else None, "alpha": None,
+            "weight_bits": w.num_bits if w else None, "group_size": w.group_size if w else None,
+            "weight_format": w.label if w else None, "kernel_scale": None,
+            "arithmetic": self.target.checked,
         }
 
 
@@ -107,6 +155,19 @@ def scheme_of(config: QuantizerConfig, weight_bits: int | None, group_size: int 
     word = config.quantizer.replace("_", "-") + (f"{config.block_size}" if config.format.is_block else "")
     return Scheme(f"w{weight_bits}a{config.bits}{group}-{word}", Mode.FAKE_QUANT, config, weight_bits,
                   group_size)
+
+
+def _target_scheme(text: str) -> Scheme:
+    """``LIBRARY:NAME`` (a library's preset, any case) or ``llm-compressor:@FILE`` (a user's recipe, its
+    path as typed)."""
+    if ":@" in text:
+        library, _, path = text.partition(":@")
+        if library.lower() != LLM_COMPRESSOR:
+            raise ValueError(f"a recipe file is read for {LLM_COMPRESSOR} only ({library}:@FILE given)")
+        target = read_recipe(path)
+    else:
+        target = get_target(text)
+    return Scheme(target.label, Mode.FAKE_QUANT, target=target)
 
 
 def parse_scheme(
@@ -124,6 +185,8 @@ def parse_scheme(
     that format."""
     name = text.strip().lower()
     try:
+        if ":" in name:
+            return _target_scheme(text.strip())
         if name == "fp":
             return Scheme("fp", Mode.FP)
         if m := _FAKE.match(name):
@@ -160,5 +223,6 @@ def parse_scheme(
     raise KernelscopeError(
         f"unknown scheme {text!r}; use fp, wXaY[-gG]-QUANTIZER (QUANTIZER: per-token, crossquant, "
         f"per-tensor, per-channel, smoothquant), a float format ({', '.join(FLOAT_SCHEMES)}) or "
-        "remove-kernel-QUANTIZER (any -q quantizer), e.g. " + ", ".join(EXAMPLES[1:4])
+        "remove-kernel-QUANTIZER (any -q quantizer), a deploying library's scheme (LIBRARY:NAME, e.g. "
+        f"llm-compressor:W8A8; {len(TARGETS)} known), e.g. " + ", ".join(EXAMPLES[1:4])
     )

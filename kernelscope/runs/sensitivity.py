@@ -41,6 +41,7 @@ from torch import nn
 from kernelscope.capture import LinearInputCapture, is_linear
 from kernelscope.data import TextSource, Windows
 from kernelscope.models import LinearLayer, LoadedModel, find_decoder_blocks
+from kernelscope.quant import targets
 from kernelscope.quant.modes import Mode
 from kernelscope.quant.transforms import IDENTITY, TransformSpec
 from kernelscope.runs.common import (
@@ -51,10 +52,10 @@ from kernelscope.runs.common import (
     stage_callback,
     unpack,
 )
-from kernelscope.runs.evaluate import compare, protocol_text, run_scheme, scheme_transform
+from kernelscope.runs.evaluate import calibrate_target, compare, protocol_text, run_scheme, scheme_transform
 from kernelscope.runs.prefix import DEFAULT_LIMIT_BYTES, BlockOutputs
 from kernelscope.runs.schemes import Scheme
-from kernelscope.runs.transforming import ModelTransform, TransformBinder
+from kernelscope.runs.transforming import ModelTransform, TransformBinder, identity_transform
 from kernelscope.stats.uncertainty import METHOD, ratio_interval
 
 GROUP_KINDS = ("module_type", "block", "layer")
@@ -67,8 +68,11 @@ def kernel_scheme(scheme: Scheme) -> Scheme:
     """The remove-kernel scheme of ``scheme``'s activation quantizer: only its kernel zeroed, every
     other element (and the weights) in full precision; the scheme's own transform (SmoothQuant's) kept,
     since its kernel is the kernel of the transformed input."""
+    if scheme.target is not None and scheme.target.quantizes_activations:
+        return Scheme(f"remove-kernel of {scheme.name}", Mode.REMOVE_KERNEL, target=scheme.target,
+                      transform=scheme.transform)
     if scheme.activation is None:
-        raise ValueError(f"scheme {scheme.name} quantizes nothing, so it has no kernel")
+        raise ValueError(f"scheme {scheme.name} quantizes no activation, so it has no kernel")
     return Scheme(f"remove-kernel of {scheme.name}", Mode.REMOVE_KERNEL, scheme.activation,
                   transform=scheme.transform)
 
@@ -207,8 +211,11 @@ class Probe:
     def __init__(self, model: nn.Module, windows: Windows, selected: list[LinearLayer], *,
                  transform: ModelTransform | None = None, batch_size: int = 1,
                  progress: StageProgress | None = None,
-                 prefix_limit_bytes: int = DEFAULT_LIMIT_BYTES) -> None:
+                 prefix_limit_bytes: int = DEFAULT_LIMIT_BYTES,
+                 calibration: dict[str, targets.Calibration] | None = None) -> None:
         self.model = model
+        self.calibration = calibration  # a target's static scales, for every layer
+        self.static_scales: dict[str, Any] | None = None  # what the summary records of them
         self.windows = windows
         self.selected = selected
         self.transform = transform  # the basis every measured scheme quantizes in (None: the model's own)
@@ -267,7 +274,7 @@ class Probe:
         with self.cache.starting_at(first) as start:
             row = run_scheme(self.model, self.windows, scheme, list(layers), transform=self.transform,
                              batch_size=self.batch_size, progress=stage_callback(self.progress, stage),
-                             on_logits=divergence)
+                             on_logits=divergence, calibration=self.calibration)
         positions = self.windows.seqlen - 1
         row["window_kl"] = divergence.per_window(positions)
         row["kl"] = float(divergence.sums.sum()) / (len(self.windows) * positions)
@@ -393,7 +400,12 @@ def prepare_probe(net: nn.Module, windows: Windows, scheme: Scheme, selected: li
     spec = scheme_transform(scheme, transform)
     bound = (None if spec.is_identity
              else TransformBinder(net, selected, calibration, batch_size=batch_size).bind(spec))
-    return Probe(net, windows, selected, transform=bound, batch_size=batch_size, progress=progress)
+    basis = bound or identity_transform(selected)
+    scales, facts = calibrate_target(net, scheme, selected, basis, calibration, batch_size=batch_size)
+    probe = Probe(net, windows, selected, transform=bound, batch_size=batch_size, progress=progress,
+                  calibration=scales)
+    probe.static_scales = facts or None
+    return probe
 
 
 def sensitivity(

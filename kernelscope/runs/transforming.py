@@ -143,6 +143,26 @@ def calibration_maxima(model: nn.Module, layers: Sequence[LinearLayer], windows:
     return act_max
 
 
+def calibration_ranges(model: nn.Module, layers: Sequence[LinearLayer], windows: Windows,
+                       bound: dict[str, LayerTransform], *, batch_size: int = 1
+                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``(min, max)`` of every element of each layer's input after its transform ``bound[name]``, over
+    ``windows``, the model in full precision: what a static min-max observer sees."""
+    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def observer(name: str, x: torch.Tensor) -> None:
+        t = bound.get(name)
+        lo, hi = torch.aminmax(x.detach() if t is None else t.activation(x.detach()))
+        if name in ranges:
+            lo, hi = torch.minimum(ranges[name][0], lo), torch.maximum(ranges[name][1], hi)
+        ranges[name] = (lo, hi)
+
+    with eval_mode(model), LinearInputCapture({layer.name: layer.module for layer in layers}, observer):
+        for first in range(0, len(windows), batch_size):
+            forward_windows(model, windows.tokens[first : first + batch_size])
+    return ranges
+
+
 def bind_transforms(model: nn.Module, layers: Sequence[LinearLayer],
                     transforms: Sequence[TransformSpec | ModelTransform], calibration: Windows | None = None,
                     *, batch_size: int = 1) -> tuple[list[ModelTransform], bool]:

@@ -1,0 +1,95 @@
+"""The deploying library as an oracle: a model quantized by compressed-tensors itself (its
+``apply_quantization_config`` and quantized forward), its scales set as llm-compressor's min-max observers
+compute them (written out here), and each window's NLL of such a model. Used by the tests and by
+``benchmarks/targets.py``."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from compressed_tensors import quantization as ct
+from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES
+from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+
+def plain(value) -> str:
+    return str(getattr(value, "value", value))
+
+
+def library_model(model, name: str, calibration, scheme=None, ignore=("lm_head",)):
+    """``model`` (a copy) quantized by compressed-tensors with llm-compressor's preset ``name`` (or with
+    ``scheme``, a QuantizationScheme), ``ignore`` left in full precision."""
+    model = copy.deepcopy(model)
+    if scheme is None:
+        scheme = ct.QuantizationScheme(targets=["Linear"], **copy.deepcopy(PRESET_SCHEMES[name]))
+    ct.apply_quantization_config(model, ct.QuantizationConfig(config_groups={"group_0": scheme},
+                                                              ignore=list(ignore)))
+    linears = {n: m for n, m in model.named_modules() if getattr(m, "quantization_scheme", None)}
+    act = scheme.input_activations
+    if act is not None and act.dynamic is not True:  # static_minmax over the calibration windows, fp model
+        seen = {}
+        hooks = [m.register_forward_pre_hook(
+            lambda mod, args, n=n: seen.__setitem__(n, [torch.minimum(seen[n][0], args[0].min()),
+                                                        torch.maximum(seen[n][1], args[0].max())]
+                                                    if n in seen else [args[0].min(), args[0].max()]))
+            for n, m in linears.items()]
+        for m in linears.values():
+            m.quantization_enabled = False
+        with torch.no_grad():
+            for w in calibration.tokens:
+                model(input_ids=w[None])
+        for h in hooks:
+            h.remove()
+        for n, m in linears.items():
+            m.quantization_enabled = True
+            lo, hi = seen[n]
+            if plain(act.strategy) == "tensor_group":
+                m.input_global_scale.data = generate_gparam(lo, hi)
+            else:
+                scale, zp = calculate_qparams(lo, hi, act)
+                m.input_scale.data, m.input_zero_point.data = scale.to(m.input_scale.dtype), zp.to(
+                    m.input_zero_point.dtype)
+    for m in linears.values():  # the weight observer: min and max over each scale's unit
+        wa, w = scheme.weights, m.weight.data
+        gs = generate_gparam(w.min(), w.max()) if plain(wa.strategy) == "tensor_group" else None
+        if gs is not None:
+            m.weight_global_scale.data = gs
+        if plain(wa.strategy) == "tensor":
+            lo, hi = w.min(), w.max()
+        elif plain(wa.strategy) == "channel":
+            lo, hi = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+        else:
+            groups = w.unflatten(-1, (-1, wa.group_size))  # (O, I/g, g)
+            lo, hi = groups.amin(-1), groups.amax(-1)
+        scale, zp = calculate_qparams(lo, hi, wa, global_scale=gs)
+        m.weight_scale.data = scale.to(m.weight_scale.dtype).reshape(m.weight_scale.shape)
+        m.weight_zero_point.data = zp.to(m.weight_zero_point.dtype).reshape(m.weight_zero_point.shape)
+    return model
+
+
+def modelopt_model(model, name: str, calibration):
+    """``model`` (a copy) quantized by ModelOpt's ``mtq.quantize`` with its config ``name``, max-calibrated
+    on the ``calibration`` windows."""
+    import modelopt.torch.quantization as mtq
+
+    model = copy.deepcopy(model)
+
+    def loop(m):
+        for w in calibration.tokens:
+            m(input_ids=w[None])
+
+    return mtq.quantize(model, copy.deepcopy(getattr(mtq, name)), forward_loop=loop)
+
+
+def window_nll(model, wins) -> list[float]:
+    """Each window's mean next-token NLL, as kernelscope's evaluation computes it (float32 token NLLs
+    summed in float64), one window a forward pass."""
+    out = []
+    with torch.no_grad():
+        for w in wins.tokens:
+            logits = model(input_ids=w[None], use_cache=False).logits
+            nll = F.cross_entropy(logits[0, :-1].float(), w[1:], reduction="none")
+            out.append(float(nll.double().sum()) / (wins.seqlen - 1))
+    return out

@@ -1,0 +1,91 @@
+"""ModelOpt targets against ModelOpt itself: its CPU fake-quantization functions, element by element, and
+the model ``mtq.quantize`` produces (max calibration on the same windows), window by window, to the bit."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from kernelscope.quant import targets as T
+from kernelscope.runs.evaluate import evaluate
+from kernelscope.runs.schemes import parse_scheme
+from tests.oracles import modelopt_model, window_nll
+from tests.test_targets import adversarial, same_bits
+from tests.test_targets_models import wide_llama, windows
+
+mtq = pytest.importorskip("modelopt.torch.quantization")
+from modelopt.torch.quantization import tensor_quant  # noqa: E402
+
+MODELOPT = [t for t in T.TARGETS.values() if t.library == T.MODELOPT]
+
+
+def reference(x: torch.Tensor, amax: torch.Tensor, args: T.Args) -> torch.Tensor:
+    if args.kind is T.Kind.FLOAT:
+        return tensor_quant._fp8_eager(x, amax)
+    return tensor_quant._tensor_quant(x, amax, num_bits=args.num_bits, unsigned=False, narrow_range=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("kind", "bits"), [(T.Kind.INT, 8), (T.Kind.INT, 4), (T.Kind.FLOAT, 8)])
+@pytest.mark.parametrize("strategy", [T.Strategy.TENSOR, T.Strategy.CHANNEL])
+def test_elements_bit_for_bit(kind, bits, strategy, dtype):
+    args = T.Args(bits, kind, strategy, arithmetic=T.Arithmetic.MODELOPT)
+    for seed, shape in ((0, (48, 256)), (1, (7, 96))):
+        w = adversarial(shape, dtype, seed)
+        w[5] = 1e-9  # an abs-max below 2^-24: ModelOpt's zero rule
+        mine, zero = T.quantize_weight(w, args)
+        amax = w.abs().amax() if strategy is T.Strategy.TENSOR else w.abs().amax(dim=-1, keepdim=True)
+        theirs = reference(w, amax, args)
+        assert same_bits(mine, theirs), (kind, bits, strategy, seed)
+        assert torch.equal(zero, theirs == 0) or kind is T.Kind.INT  # INT: 0 · (1/scale) stays 0
+        assert bool((theirs[zero] == 0).all())
+
+
+def test_a_static_scale_beyond_the_range_reaches_minus_2_to_the_n_minus_1():
+    args = T.Args(8, T.Kind.INT, T.Strategy.TENSOR, arithmetic=T.Arithmetic.MODELOPT)
+    calibration = T.calibrate(torch.tensor(-1.0), torch.tensor(1.0), args, torch.float32)
+    out, _ = T.quantize_activation(torch.tensor([[[-2.0, 2.0, 0.5]]]), args, calibration)
+    assert torch.equal(out, torch.tensor([[[-128.0, 127.0, 64.0]]]) / torch.tensor(127.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("target", MODELOPT, ids=lambda t: t.name)
+def test_perplexity_is_the_mtq_model_s(target, dtype):
+    model = wide_llama(dtype)
+    wins, calib = windows(1), windows(2, n=2)
+    theirs = window_nll(modelopt_model(model, target.name, calib), wins)
+    row = evaluate(model, wins, [parse_scheme(target.label)], calibration=calib).table.row(0, named=True)
+    assert row["window_nll"] == theirs
+    assert row["window_nll"] != window_nll(model, wins)
+
+
+def test_what_modelopt_cannot_be_checked_on_is_refused_with_the_reason():
+    for name, reason in (("W4A8_AWQ_BETA_CFG", "AWQ's search"), ("NVFP4_DEFAULT_CFG", "CUDA kernels only"),
+                         ("INT8_SMOOTHQUANT_CFG", "SmoothQuant calibration")):
+        with pytest.raises(ValueError, match=reason):
+            T.get_target(f"ModelOpt:{name}")
+
+
+@pytest.mark.parametrize("name", ["INT8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG"])
+def test_the_exported_config_applied_by_modelopt_is_the_plan_measured(name):
+    """advise's ModelOpt file, loaded as written and applied by ``mtq.quantize``, gives the model whose
+    perplexity kernelscope measured for the plan: window by window, to the bit."""
+    import yaml
+
+    from kernelscope.results import exports
+    from kernelscope.runs.advise import advise
+
+    model = wide_llama(torch.float32)
+    chosen, calib, check = windows(11, n=3), windows(12, n=2), windows(13, n=2)
+    scheme = parse_scheme(f"modelopt:{name}")
+    result = advise(model, chosen, scheme, tolerance=1e-4, kernel_groups=(), calibration=calib)
+    plan = result.summary["plan"]
+    assert plan["kept_layers"] > 0  # the tolerance is tight enough to keep something
+    config = yaml.safe_load(result.files[exports.MODELOPT])
+    quantized = mtq.quantize(copy.deepcopy(model), config,
+                             forward_loop=lambda m: [m(input_ids=w[None]) for w in calib.tokens])
+    theirs = window_nll(quantized, check)
+    ours = evaluate(model, check, [scheme], ignore=plan["kept_modules"], calibration=calib).table
+    assert ours["window_nll"][0].to_list() == theirs
