@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 
@@ -105,7 +104,9 @@ def test_the_search_ends_between_neighbours_and_counts_its_passes(advised_plante
     assert any(r["kept_cells"] == kept and r["within_tolerance"] for r in search)
     assert kept == 1 or any(r["kept_cells"] == kept - 1 and not r["within_tolerance"] for r in search)
     # reference, whole scheme, whole kernel, 6 groups, 4 module-type kernels, the candidates after k = 0
-    assert s["runs"] == len(s["passes"]) == 3 + 6 + 4 + len(search) - 1
+    # (the search table's last row is fp itself: every cell kept, the reference pass)
+    assert search[-1]["stage"] == "fp" and search[-1]["kept_cells"] == len(advised_planted.tables["cells"])
+    assert s["runs"] == len(s["passes"]) == 3 + 6 + 4 + len(search) - 2
     assert s["forward_passes"] == pytest.approx(sum(p["cost"] for p in s["passes"]), abs=1e-3)
     assert [p["first_block"] for p in s["passes"] if p["stage"].startswith("block 1:")] == [1]
 
@@ -238,38 +239,16 @@ def test_kernel_scheme_is_the_remove_kernel_of_the_same_quantizer():
 
 # -- exports ----------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("scheme", "preset", "modelopt"), [
-    ("w8a8-per-token", "W8A8", None), ("w4a8-g128-per-token", "W4A8", None),
-    ("fp8", "FP8_DYNAMIC", "FP8_PER_CHANNEL_PER_TOKEN_CFG"), ("mxfp8", "MXFP8", "MXFP8_DEFAULT_CFG"),
-    ("mxfp4", "MXFP4", "MXFP4_DEFAULT_CFG"),
-    ("mxfp4-rceil", "MXFP4", "MXFP4_DEFAULT_CFG"), ("nvfp4", "NVFP4", "NVFP4_DEFAULT_CFG"),
-    ("w4a4-per-token", None, None), ("w8a8-per-tensor", None, None), ("fp8-per-tensor", None, None)])
-def test_schemes_map_to_presets_by_what_they_quantize(scheme, preset, modelopt):
-    d = X.deployment(parse_scheme(scheme))
-    assert d.reason is None and (d.preset, d.modelopt) == (preset, modelopt)
-
-
 @pytest.mark.parametrize("scheme", ["w8a8-crossquant", "w8a8-per-channel", "w8a8-smoothquant",
                                     "remove-kernel-per-token"])
 def test_schemes_without_a_deployed_equivalent_say_why(scheme):
     d = X.deployment(parse_scheme(scheme))
-    assert d.reason and d.preset is None and d.weights is None
+    for export in (d.llmcompressor, d.modelopt):
+        assert not export.ok and scheme in export.reason and export.weights is None
 
 
-def test_preset_table_matches_the_installed_compressed_tensors():
-    ct = pytest.importorskip("compressed_tensors.quantization")
-    fields = ("num_bits", "type", "strategy", "group_size", "symmetric", "dynamic")
-    for preset in X.LLMCOMPRESSOR_PRESETS:
-        scheme = ct.preset_name_to_scheme(preset.name, ["Linear"])
-        for ours, theirs in ((preset.weights, scheme.weights),
-                             (preset.input_activations, scheme.input_activations)):
-            got = {f: getattr(theirs, f) for f in fields}
-            got = {f: v.value if hasattr(v, "value") else v for f, v in got.items()}  # enums or their values
-            assert got == {f: getattr(ours, f) for f in fields}, preset.name
-
-
-@pytest.mark.parametrize("scheme", ["w8a8-per-token", "w4a4-per-token", "fp8-per-tensor", "nvfp4",
-                                    "w8a8-per-tensor"])
+@pytest.mark.parametrize("scheme", ["fp8", "llm-compressor:W8A8", "llm-compressor:W4A8",
+                                    "llm-compressor:NVFP4", "llm-compressor:MXFP4"])
 def test_recipe_validates_against_compressed_tensors_and_ignores_exactly_the_kept_layers(scheme):
     ct = pytest.importorskip("compressed_tensors.quantization")
     from compressed_tensors.utils import match_named_modules
@@ -278,31 +257,25 @@ def test_recipe_validates_against_compressed_tensors_and_ignores_exactly_the_kep
     model = tiny_model("llama")
     kept = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
             "model.layers.0.self_attn.v_proj", PLANTED]
-    d = X.deployment(parse_scheme(scheme))
-    body = yaml.safe_load(X.recipe_yaml(d, [*kept, "lm_head"], ["a comment"]))
-    mod = body["quant_stage"]["quant_modifiers"]["QuantizationModifier"]
+    export = X.deployment(parse_scheme(scheme)).llmcompressor
+    text = X.recipe_yaml(export, [*kept, "lm_head"], ["a comment"])
+    assert text.startswith("# a comment\n") and "note" not in yaml.safe_load(text)
+    mod = yaml.safe_load(text)["quant_stage"]["quant_modifiers"]["QuantizationModifier"]
+    assert set(mod) == {"targets", "config_groups", "ignore"}
     assert mod["targets"] == ["Linear"] and mod["ignore"] == [*kept, "lm_head"]
-    if "scheme" in mod:  # as llm-compressor resolves a preset: the preset applied to the targets
-        groups = {"group_0": ct.preset_name_to_scheme(mod["scheme"], mod["targets"])}
-    else:
-        groups = {k: ct.QuantizationScheme.model_validate(v) for k, v in mod["config_groups"].items()}
+    groups = {k: ct.QuantizationScheme.model_validate(v) for k, v in mod["config_groups"].items()}
+    preset = ct.preset_name_to_scheme(export.preset, ["Linear"])  # the preset these arguments are
+    for role in ("weights", "input_activations"):
+        fields = set(mod["config_groups"]["group_0"].get(role) or ())
+        ours, theirs = getattr(groups["group_0"], role), getattr(preset, role)
+        assert (ours is None) == (theirs is None) and bool(fields) == (ours is not None), role
+        if ours is not None:  # every field that decides the arithmetic, as the preset has it
+            assert ours.model_dump(include=fields) == theirs.model_dump(include=fields), role
     config = ct.QuantizationConfig(config_groups=groups, ignore=mod["ignore"])
     targets = {t for g in config.config_groups.values() for t in g.targets}
     matched = {name for name, _ in match_named_modules(model, targets, config.ignore)}
     linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     assert matched == linear - set(kept) - {"lm_head"}
-
-
-def test_modelopt_patterns_disable_exactly_the_kept_layers_quantizers():
-    model = tiny_model("llama")
-    kept = ["model.layers.1.self_attn.k_proj", PLANTED, "lm_head"]
-    body = json.loads(X.json_text(X.modelopt_config(X.deployment(parse_scheme("nvfp4")), kept, "nvfp4")))
-    assert body["base_config"] == "NVFP4_DEFAULT_CFG"
-    quantizers = [f"{n}.{q}" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-                  for q in ("input_quantizer", "weight_quantizer")]
-    off = {q for q in quantizers if any(fnmatch.fnmatchcase(q, p) for p, v in body["quant_cfg"].items()
-                                        if v == {"enable": False})}
-    assert off == {f"{n}.{q}" for n in kept for q in ("input_quantizer", "weight_quantizer")}
 
 
 def test_ignore_files_read_back(tmp_path):
@@ -311,14 +284,24 @@ def test_ignore_files_read_back(tmp_path):
     (tmp_path / "m.txt").write_text("# kept\nmodel.layers.0.mlp.up_proj\n\n")
     (tmp_path / "r.yaml").write_text("s:\n  m:\n    QuantizationModifier:\n"
                                      "      ignore: [lm_head, 're:.*1\\.mlp']\n")
-    (tmp_path / "q.json").write_text(json.dumps({"quant_cfg": {"*layers.0.*": {"enable": False},
-                                                               "default": {"enable": False}}}))
+    (tmp_path / "q.json").write_text(json.dumps({"quant_cfg": {"*layers.0.*": {"enable": False}}}))
+    (tmp_path / "all.json").write_text(json.dumps({"quant_cfg": {"*layers.0.*": {"enable": False},
+                                                                 "default": {"enable": False}}}))
+    entries = [{"quantizer_name": "*", "enable": False},
+               {"quantizer_name": "model.layers.1.mlp.up_proj.*_quantizer", "cfg": {"num_bits": 8}},
+               {"quantizer_name": "*", "parent_class": "nn.Embedding", "enable": False}]
+    (tmp_path / "q.yaml").write_text(f"quant_cfg: {json.dumps(entries)}\nalgorithm: max\n")
     (tmp_path / "summary.json").write_text(json.dumps({"kind": "advise",
                                                        "plan": {"full_precision_modules": ["lm_head"]}}))
     assert X.read_ignore_file(tmp_path / "m.txt", "f").resolve(modules) == ["model.layers.0.mlp.up_proj"]
     assert X.read_ignore_file(tmp_path / "r.yaml", "f").resolve(modules) == ["lm_head",
                                                                             "model.layers.1.mlp.up_proj"]
+    # ModelOpt's quant_cfg, in its order: an older kernelscope file disables the kept layers after a base
+    # config that quantizes every Linear; "default" is every quantizer
     assert X.read_ignore_file(tmp_path / "q.json", "f").resolve(modules) == ["model.layers.0.mlp.up_proj"]
+    assert X.read_ignore_file(tmp_path / "all.json", "f").resolve(modules) == sorted(modules)
+    assert X.read_ignore_file(tmp_path / "q.yaml", "f").resolve(modules) == ["lm_head",
+                                                                            "model.layers.0.mlp.up_proj"]
     assert X.read_ignore_file(tmp_path, "f").resolve(modules) == ["lm_head"]  # the folder: its summary
     older = tmp_path / "older"  # an advice folder of schema version 2 named its summary advice.json
     older.mkdir()
@@ -329,6 +312,10 @@ def test_ignore_files_read_back(tmp_path):
         X.read_ignore_file(tmp_path / "m.txt", "f").resolve({"lm_head": "Linear"})
     (tmp_path / "empty.txt").write_text("")  # the modules.txt of a plan that keeps nothing
     assert X.read_ignore_file(tmp_path / "empty.txt", "f").resolve(modules) == []
+    (tmp_path / "half.json").write_text(json.dumps({"quant_cfg": [
+        {"quantizer_name": "lm_head.input_quantizer", "enable": False}]}))
+    with pytest.raises(KernelscopeError, match="only the weight quantizer of lm_head"):
+        X.read_ignore_file(tmp_path / "half.json", "f").resolve(modules)
 
 
 # -- the command line ----------------------------------------------------------------------------------
@@ -358,17 +345,21 @@ def advised(tmp_path_factory, tiny_llama_dir, text_file):
 
 def test_advise_writes_the_folder_and_exports(advised):
     out, body, stdout = advised
-    assert {p.name for p in out.iterdir()} >= {"summary.json", "recipe.yaml", "modelopt_quant_cfg.json",
-                                               "modules.txt", "sensitivity.parquet", "cells.parquet",
-                                               "search.parquet"}
+    assert {p.name for p in out.iterdir()} >= {"summary.json", "modelopt_quant_cfg.yaml", "modules.txt",
+                                               "sensitivity.parquet", "cells.parquet", "search.parquet"}
+    exports = body["exports"]  # compressed-tensors' INT8 scale is amax / 127.5: no recipe for w8a8-per-token
+    assert not (out / "recipe.yaml").exists() and exports["recipe"] is None
+    assert "127.5" in exports["recipe_note"]
+    assert exports["modelopt"] == "modelopt_quant_cfg.yaml" and exports["modelopt_algorithm"] == "max"
+    assert all(n.startswith("ModelOpt: per_token: ") for n in exports["notes"])
     assert (body["kind"] == "advise" and body["schema_version"] == SCHEMA_VERSION
             and body["plan"]["kept_layers"] > 0)
     assert (out / "modules.txt").read_text().split() == body["plan"]["kept_modules"]
-    assert "plan perplexity" in stdout and "forward passes" in stdout and "recipe.yaml" in stdout
+    assert "plan perplexity" in stdout and "forward passes" in stdout and "no recipe.yaml: " in stdout
+    assert "modelopt_quant_cfg.yaml" in stdout
 
 
-@pytest.mark.parametrize("which", ["recipe.yaml", "summary.json", "", "modules.txt",
-                                   "modelopt_quant_cfg.json"])
+@pytest.mark.parametrize("which", ["modelopt_quant_cfg.yaml", "summary.json", "", "modules.txt"])
 def test_eval_ignore_reproduces_the_plan_exactly(capsys, advised, tiny_llama_dir, text_file, which):
     out, body, _ = advised
     code, stdout, stderr = run_cli(capsys, "eval", str(tiny_llama_dir), "-d", str(text_file), "-n", "3",
@@ -425,8 +416,8 @@ def test_export_names_are_kernelscopes_only_beside_an_advice(tmp_path):
 
 BAD_ADVISE = [
     (["--scheme", "w8a8-bogus"], "unknown scheme"),
-    (["--scheme", "fp"], "quantizes nothing"),
-    (["--scheme", "w8a8-per-token,fp8"], "one value"),
+    (["--scheme", "fp"], "quantizes no activation"),
+    (["--scheme", "w8a8-per-token,W8A8-per-token"], "is given twice"),
     (["--scheme", "w8a8-per-token", "--budget", "0"], "--budget 0 is out of range"),
     (["--scheme", "w8a8-per-token", "--budget", "1.5"], "--budget 1.5 is out of range"),
     (["--scheme", "w8a8-per-token", "--budget", "nan"], "--budget nan is out of range"),

@@ -237,6 +237,10 @@ def test_threshold_search_end_to_end():
                 < s["bracket"]["beyond"]["perplexity"])
         assert s["threshold_kernel_fraction"] == s["bracket"]["within"]["kernel_fraction"]
     assert len(s["verdicts"]) == 4 and all("kernel" in v for v in s["verdicts"])
+    # a threshold judges only the kernel of its own family (per-token INT8 here), never CrossQuant's
+    judged = [v for v in s["verdicts"] if "not judged" not in v]
+    assert len(judged) == 1 and judged[0].startswith("per_token int8 kernel")
+    assert all("per_token int8 family's" in v for v in s["verdicts"] if v not in judged)
     assert no_hooks(model)
     with pytest.raises(ValueError, match="at least 2 windows"):
         threshold_search(model, windows_for(n=1))

@@ -8,6 +8,7 @@ without replacement by a generator seeded with ``seed``, kept in text order.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -29,9 +30,23 @@ class Windows:
     total_tokens: int
     selection: str
     seed: int
+    part: str | None = None  # "selection" or "held-out" after :meth:`split`
+    chosen: int | None = None  # how many windows were chosen before the split
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
+
+    def split(self, n: int) -> tuple[Windows, Windows]:
+        """The first ``n`` windows (in text order) to choose on, and the rest to check the choice on:
+        two disjoint sets of the same text."""
+        if not 0 < n < len(self):
+            raise ValueError(f"cannot split {len(self)} windows at {n}")
+
+        def part(name: str, rows: slice) -> Windows:
+            return dataclasses.replace(self, tokens=self.tokens[rows], starts=self.starts[rows], part=name,
+                                       chosen=len(self))
+
+        return part("selection", slice(0, n)), part("held-out", slice(n, None))
 
     @property
     def dropped_tokens(self) -> int:
@@ -49,6 +64,10 @@ class Windows:
             how = "all of them" if n == self.available else f"the first {n}, in text order"
         else:
             how = f"{n} drawn at random without replacement (seed {self.seed}), kept in text order"
+        if self.part is not None:
+            chosen = self.chosen or n
+            how = (f"the {self.part} part of the {'first' if self.selection == 'first' else 'random'} "
+                   f"{chosen} chosen: windows at token offsets {self.starts[0]:,} to {self.starts[-1]:,}")
         return (
             f"{n} of {self.available} non-overlapping {self.seqlen}-token windows ({how}); "
             f"text of {self.total_tokens:,} tokens, last {self.dropped_tokens:,} dropped"
@@ -58,7 +77,7 @@ class Windows:
         return {
             "windows": len(self), "seqlen": self.seqlen, "available_windows": self.available,
             "total_tokens": self.total_tokens, "dropped_tokens": self.dropped_tokens,
-            "selection": self.selection, "seed": self.seed, "starts": self.starts,
+            "selection": self.selection, "seed": self.seed, "part": self.part, "starts": self.starts,
             "tokens_sha256": self.sha256, "description": self.describe(),
         }
 

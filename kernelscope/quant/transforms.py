@@ -310,6 +310,7 @@ class TransformEntry:
     default: Value | None  # None: chosen per layer by ``check`` and ``bind``
     check: Callable[[Value | None, int], None]  # raises ValueError where the value cannot apply to a width
     bind: Callable[[Value | None, int, int | None, ChannelMaxima | None], Step]
+    deployed_by: str | None = None  # which deploying library applies such a transform, its own way
 
     def __repr__(self) -> str:
         return f"TransformEntry({self.name!r})"
@@ -372,14 +373,18 @@ TRANSFORMS: dict[str, TransformEntry] = {
         summary="divide channel j by s_j = max|X_j|^α / max|W_j|^(1-α) (weights W_:j · s_j)",
         takes="the migration strength in [0, 1]", default_text=f"{SMOOTHQUANT_ALPHA:g}",
         calibrated=True, seeded=False, parse_value=_parse_alpha, default=SMOOTHQUANT_ALPHA,
-        check=lambda alpha, width: None, bind=_bind_smoothing),
+        check=lambda alpha, width: None, bind=_bind_smoothing,
+        deployed_by="llm-compressor's SmoothQuantModifier and ModelOpt's INT8_SMOOTHQUANT_CFG smooth "
+                    "norm-Linear pairs, not each Linear: measure the deployed model again"),
     "hadamard": TransformEntry(
         name="hadamard", metavar="B",
         summary="rotate by a block-diagonal normalised Hadamard matrix (x·H, weights W·H)",
         takes="the block size, a power of two dividing each layer's width",
         default_text=f"the largest such power of two up to {MAX_DEFAULT_BLOCK}, per layer",
         calibrated=False, seeded=True, parse_value=_parse_block, default=None,
-        check=_check_block, bind=_bind_hadamard),
+        check=_check_block, bind=_bind_hadamard,
+        deployed_by="llm-compressor's QuIPModifier and SpinQuantModifier rotate Linear inputs by Hadamard "
+                    "matrices with their own signs and blocks: measure the deployed model again"),
 }
 """name -> entry. A new transform is one entry here (and its :class:`Step`)."""
 

@@ -37,6 +37,7 @@ from torch import nn
 from kernelscope.capture import is_linear
 from kernelscope.data import TextSource, Windows
 from kernelscope.models import LinearLayer, LoadedModel
+from kernelscope.quant.modes import Mode
 from kernelscope.quant.transforms import IDENTITY, TransformSpec
 from kernelscope.results import exports, write_run
 from kernelscope.runs.common import (
@@ -44,10 +45,11 @@ from kernelscope.runs.common import (
     TableResult,
     resolve_layers,
     run_context,
+    stage_callback,
     text_facts,
     unpack,
 )
-from kernelscope.runs.evaluate import protocol_text, scheme_transform
+from kernelscope.runs.evaluate import compare, protocol_text, run_scheme, scheme_layers, scheme_transform
 from kernelscope.runs.schemes import Scheme
 from kernelscope.runs.sensitivity import (
     Probe,
@@ -273,25 +275,58 @@ def _plan(search: PlanSearch, kept: list[Cell], row: dict, model: nn.Module, tol
     }
 
 
+def verify(probe: Probe, scheme: Scheme, plan: dict, holdout: Windows, tolerance: float) -> dict:
+    """The plan measured again on ``holdout``, windows it was not chosen on: fp, the scheme alone and the
+    plan, each its own pass, the plan's paired change from fp and whether it still holds the tolerance
+    (by its point estimate, and by the upper end of its interval)."""
+    kept = set(plan["kept_modules"])
+    layers = [lay for lay in probe.selected if lay.name not in kept]
+
+    def measured(stage: str, s: Scheme, on: list[LinearLayer]) -> dict:
+        return run_scheme(probe.model, holdout, s, on, transform=probe.transform,
+                          calibration=probe.calibration, batch_size=probe.batch_size,
+                          progress=stage_callback(probe.progress, stage))
+
+    fp = measured("held-out: fp", Scheme("fp", Mode.FP), probe.selected)
+    whole = measured(f"held-out: {scheme.name}", scheme, probe.selected)
+    row = measured("held-out: the plan", scheme, layers) if kept else whole
+    whole, row = whole | compare(whole, fp), row | compare(row, fp)
+    high = row.get("change_pct_ci_high")
+    return {
+        "windows": holdout.as_dict(),
+        "fp": summarize(fp), "quantized": summarize(whole), "plan": summarize(row),
+        "within_tolerance": math.isfinite(row["perplexity"])
+        and row["perplexity"] <= fp["perplexity"] * (1 + tolerance),
+        "within_tolerance_by_interval": high is not None and high <= 100 * tolerance,
+        "note": "the plan was chosen on the selection windows; these windows played no part in choosing it",
+    }
+
+
 def _exports(scheme: Scheme, transform: TransformSpec, plan: dict, fp: dict, windows: Windows,
-             text: TextSource | None) -> tuple[dict, dict]:
+             text: TextSource | None, linear: Sequence[str]) -> tuple[dict, dict]:
+    """The files for the deploying libraries (each only where its library quantizes as the scheme was
+    measured) and the summary's account of them: which were written, which not and why, the notes."""
     d = exports.deployment(scheme, scheme_transform(scheme, transform))
     ignore = plan["full_precision_modules"]
-    files = {exports.MODELOPT: exports.json_text(exports.modelopt_config(d, ignore, scheme.name)),
-             exports.MODULES: exports.modules_text(plan["kept_modules"])}
-    info = {"recipe": None, "recipe_scheme": d.preset, "recipe_note": d.reason, "notes": list(d.notes),
-            "modelopt": exports.MODELOPT, "modelopt_base_config": d.modelopt, "modules": exports.MODULES}
-    if d.reason is None:
-        source = text.description if text is not None else "the evaluation text"
-        measured = (f"measured perplexity {plan['perplexity']:.4f} (fp {fp['perplexity']:.4f}, "
-                    f"{plan['change_pct']:+.2f}%) on {len(windows)} windows of {windows.seqlen} tokens of "
-                    f"{source}")
-        header = [(f"kernelscope advise: {scheme.name} with {plan['kept_layers']} Linear layers kept in "
-                   "full precision"),
-                  measured, "ignore: lm_head, the kept layers and any Linear the measurement did not cover",
-                  *d.notes]
-        files[exports.RECIPE] = exports.recipe_yaml(d, ignore, header)
-        info["recipe"] = exports.RECIPE
+    quantized = [n for n in linear if n not in set(ignore)]
+    ct, mo = d.llmcompressor, exports.modelopt_for(d.modelopt, quantized)
+    files = {exports.MODULES: exports.modules_text(plan["kept_modules"])}
+    source = text.description if text is not None else "the evaluation text"
+    header = [(f"kernelscope advise: {scheme.name} with {plan['kept_layers']} Linear layers kept in full "
+               "precision"),
+              (f"measured perplexity {plan['perplexity']:.4f} (fp {fp['perplexity']:.4f}, "
+               f"{plan['change_pct']:+.2f}%) on {len(windows)} windows of {windows.seqlen} tokens of "
+               f"{source}")]
+    if ct.ok:
+        files[exports.RECIPE] = exports.recipe_yaml(ct, ignore, header)
+    if mo.ok:
+        files[exports.MODELOPT] = exports.modelopt_yaml(mo, quantized, ignore, header)
+    info = {"recipe": exports.RECIPE if ct.ok else None, "recipe_scheme": ct.preset,
+            "recipe_note": ct.reason,
+            "modelopt": exports.MODELOPT if mo.ok else None, "modelopt_base_config": mo.preset,
+            "modelopt_note": mo.reason, "modelopt_algorithm": mo.algorithm if mo.ok else None,
+            "modules": exports.MODULES,
+            "notes": [f"{e.library}: {n}" for e in (ct, mo) if e.ok for n in e.notes]}
     return files, info
 
 
@@ -330,54 +365,17 @@ def _measure(probe: Probe, scheme: Scheme, tolerance: float, budget: float | Non
         search.note(scheme.name, [], whole)
         kept = search.within_budget(budget, estimates)
         row = search.measure(kept, f"plan within budget: keep {len(kept)} cells") if kept else whole
+    search.note("fp", cells, fp | {"change_pct": 0.0})  # every cell kept: the reference pass, the curve's end
     replay = probe.cache.reason or "passes start at the first block they change"
     return _Outcome(fp, whole, kernel, group_list, rows, cell_rows, search, kept, row, replay)
 
 
-def advise(
-    model: nn.Module | LoadedModel,
-    windows: Windows,
-    scheme: Scheme,
-    *,
-    text: TextSource | None = None,
-    tolerance: float = 0.01,
-    budget: float | None = None,
-    layers: str | Sequence[LinearLayer] | None = None,
-    groups: Sequence[str] = ("module_type", "block"),
-    kernel_groups: Sequence[str] = ("module_type",),
-    transform: TransformSpec = IDENTITY,
-    calibration: Windows | None = None,
-    calibration_text: TextSource | None = None,
-    batch_size: int = 1,
-    progress: StageProgress | None = None,
-) -> AdviceResult:
-    """The plan (see the module docstring) for ``scheme`` on ``windows``, every figure measured on them.
-
-    ``groups``: kinds of sensitivity group (``module_type``, ``block``, ``layer``); ``kernel_groups``:
-    the kinds whose kernel's share is measured too (one more pass per group); ``transform``: the basis
-    the scheme quantizes in (after its own transform; calibrated steps need ``calibration``). Costs a
-    reference pass,
-    one pass of the whole scheme, one of its whole kernel, one per group (from the group's first
-    block) and one per kernel-measured group, then the search's candidates.
-    """
-    if scheme.activation is None:
-        raise ValueError(
-            f"scheme {scheme.name} quantizes nothing: there is nothing to keep in full precision")
-    if not (tolerance > 0 and math.isfinite(tolerance)):
-        raise ValueError(f"tolerance must be a positive number, got {tolerance}")
-    if budget is not None and not 0 < budget <= 1:
-        raise ValueError(f"budget must lie in (0, 1], got {budget}")
-    check_kinds(groups, kernel_groups)
-    net, info, _ = unpack(model)
-    started = time.perf_counter()
-    probe = prepare_probe(net, windows, scheme, resolve_layers(net, layers), transform=transform,
-                          calibration=calibration, batch_size=batch_size, progress=progress)
-    try:
-        o = _measure(probe, scheme, tolerance, budget, groups, kernel_groups)
-    finally:
-        probe.release()
-    plan = _plan(o.search, o.kept, o.row, net, tolerance)
-    files, export_info = _exports(scheme, transform, plan, o.fp, windows, text)
+def _summary(o: _Outcome, probe: Probe, scheme: Scheme, transform: TransformSpec, plan: dict,
+             export_info: dict, info: dict, text: TextSource | None, windows: Windows, tolerance: float,
+             budget: float | None, groups: Sequence[str], kernel_groups: Sequence[str],
+             calibration: Windows | None, calibration_text: TextSource | None, batch_size: int,
+             started: float) -> dict[str, Any]:
+    """What ``summary.json`` holds of one advice."""
     drop = ("window_nll", "kernel_window_nll")
     kinds = {k: sum(1 for g in o.groups if g.kind == k) for k in dict.fromkeys(g.kind for g in o.groups)}
     summary = {
@@ -404,11 +402,72 @@ def advise(
         "prefix_replay": o.replay,
         "seconds": round(time.perf_counter() - started, 3),
         "calibration": ({"text": text_facts(calibration_text), "windows": calibration.as_dict()}
-                        if calibration is not None and scheme_transform(scheme, transform).needs_calibration
-                        else None),
+                        if calibration is not None and (scheme_transform(scheme, transform).needs_calibration
+                                                        or scheme.needs_calibration) else None),
+        "static_scales": probe.static_scales,
         "settings": {"batch_size": batch_size, "groups": list(groups), "kernel_groups": list(kernel_groups)},
         "exports": export_info,
     }
+    return summary
+
+
+def _check_advice(scheme: Scheme, tolerance: float, budget: float | None, groups: Sequence[str],
+                  kernel_groups: Sequence[str]) -> None:
+    if not scheme.changes_activation:
+        raise ValueError(
+            f"scheme {scheme.name} quantizes no activation: it has no kernel for advise to weigh")
+    if not (tolerance > 0 and math.isfinite(tolerance)):
+        raise ValueError(f"tolerance must be a positive number, got {tolerance}")
+    if budget is not None and not 0 < budget <= 1:
+        raise ValueError(f"budget must lie in (0, 1], got {budget}")
+    check_kinds(groups, kernel_groups)
+
+
+def advise(
+    model: nn.Module | LoadedModel,
+    windows: Windows,
+    scheme: Scheme,
+    *,
+    text: TextSource | None = None,
+    tolerance: float = 0.01,
+    budget: float | None = None,
+    layers: str | Sequence[LinearLayer] | None = None,
+    groups: Sequence[str] = ("module_type", "block"),
+    kernel_groups: Sequence[str] = ("module_type",),
+    transform: TransformSpec = IDENTITY,
+    calibration: Windows | None = None,
+    calibration_text: TextSource | None = None,
+    holdout: Windows | None = None,
+    batch_size: int = 1,
+    progress: StageProgress | None = None,
+) -> AdviceResult:
+    """The plan (see the module docstring) for ``scheme`` on ``windows``, every figure measured on them.
+
+    ``groups``: kinds of sensitivity group (``module_type``, ``block``, ``layer``); ``kernel_groups``:
+    the kinds whose kernel's share is measured too (one more pass per group); ``transform``: the basis
+    the scheme quantizes in (after its own transform; calibrated steps need ``calibration``). Costs a
+    reference pass,
+    one pass of the whole scheme, one of its whole kernel, one per group (from the group's first
+    block) and one per kernel-measured group, then the search's candidates. With ``holdout`` (windows
+    disjoint from ``windows``), the chosen plan is measured again on them (:func:`verify`): three more
+    passes over those windows, whose figure the exports quote.
+    """
+    _check_advice(scheme, tolerance, budget, groups, kernel_groups)
+    net, info, _ = unpack(model)
+    started = time.perf_counter()
+    selected = scheme_layers(net, [scheme], resolve_layers(net, layers), [], [transform])[scheme.name]
+    probe = prepare_probe(net, windows, scheme, selected, transform=transform,
+                          calibration=calibration, batch_size=batch_size, progress=progress)
+    try:
+        o = _measure(probe, scheme, tolerance, budget, groups, kernel_groups)
+    finally:
+        probe.release()
+    plan = _plan(o.search, o.kept, o.row, net, tolerance)
+    if holdout is not None:
+        plan["holdout"] = verify(probe, scheme, plan, holdout, tolerance)
+    files, export_info = _exports(scheme, transform, plan, o.fp, windows, text, list(_linear_modules(net)))
+    summary = _summary(o, probe, scheme, transform, plan, export_info, info, text, windows, tolerance,
+                       budget, groups, kernel_groups, calibration, calibration_text, batch_size, started)
     tables = {"cells": pl.DataFrame(o.cell_rows, infer_schema_length=None),
               "search": pl.DataFrame(o.search.log, infer_schema_length=None)}
     return AdviceResult(pl.DataFrame(o.rows, infer_schema_length=None), summary, tables, files)

@@ -109,6 +109,22 @@ def _crossing_uncertainty(ordered: list[dict], fp: dict, tolerance: float, lo_ro
     return None if found is None else found.as_dict()
 
 
+def _judged(row: dict, family: QuantizerConfig, label: str, lo: dict | None, hi: dict | None,
+            tolerance: float, uncertainty: dict | None) -> str:
+    """The verdict on one measured kernel: a threshold judges only a kernel of its own family (the
+    quantizer whose zero bound it scales), in its own basis; any other kernel differs in kind."""
+    own = (family.quantizer, family.bits, family.alpha)
+    if (row["quantizer"], row["bits"], row["alpha"]) != own:
+        return (f"{row['config']}{label} kernel {100 * row['kernel_fraction']:.2f}%: not judged, this "
+                f"threshold is the {family.label} family's (search --family for its own)")
+    verdict = _verdict(row["config"] + label, row["kernel_fraction"], lo, hi, tolerance)
+    if uncertainty and uncertainty.get("kernel_fraction_ci_low") is not None:
+        verdict += (f" (the threshold's 95% interval over resampled windows: "
+                    f"{100 * uncertainty['kernel_fraction_ci_low']:.2f}%.."
+                    f"{100 * uncertainty['kernel_fraction_ci_high']:.2f}%)")
+    return verdict
+
+
 def _verdict(label: str, fraction: float, lo: dict | None, hi: dict | None, tolerance: float) -> str:
     pct = f"{100 * fraction:.2f}%"
     band = f"{100 * tolerance:g}%"
@@ -235,8 +251,7 @@ def _search(net: nn.Module, windows: Windows, selected: list[LinearLayer], famil
         or (hi is not None and r["lambda"] > hi and r["within_tolerance"])
     ]
     label = "" if transform.is_identity else f" ({transform.label})"
-    verdicts = [_verdict(r["config"] + label, r["kernel_fraction"], lo_row, hi_row, tolerance)
-                for r in actual]
+    verdicts = [_judged(r, family, label, lo_row, hi_row, tolerance, uncertainty) for r in actual]
     if hi is None:
         status = "never crossed"
     elif lo is None:
