@@ -85,21 +85,31 @@ def test_report_has_every_section_and_plotly_once(run_dirs, tmp_path):
                     "Perplexity under quantization", "Plan (advise)", "Zero-shot accuracy", "Layers"):
         assert f"<h2>{heading}</h2>" in text, heading
     assert "fills this section" not in text  # every section has data
-    assert "below the paper's LLaMA 1%" in text or "above the paper's LLaMA 1%" in text
+    # the paper's reference beside the kernels, never as a verdict on this model
+    assert "LLaMA 1% <small>(the paper's models)</small>" in text and "the paper's LLaMA 1%" not in text
     assert text.index("What was measured") < text.index("Verdict") < text.index("Kernel along depth")
+    # the decision first, then what it rests on (the plan, the evaluations), then the measurements
+    assert (text.index('<section id="decision">') < text.index("<h2>Plan (advise)</h2>")
+            < text.index("<h2>Perplexity under quantization</h2>") < text.index("<h2>Zero-shot accuracy</h2>")
+            < text.index("<h2>What was measured</h2>"))
     assert 'data-figure="fig-' in text
     assert "<script src" not in text and "<link" not in text  # nothing fetched: it opens offline
 
 
 def test_sections_without_data_say_which_command_fills_them(run_dirs):
+    # runs made through the Python API name no model and no text: MODEL stands for the one, and the
+    # windows' length and count are repeated (tests/test_newcomer.py runs a suggestion of a CLI run)
     text = build_report([read_run(run_dirs["llama"])])
-    assert "kernelscope threshold MODEL -o DIR</code> fills this section" in text
-    assert "kernelscope sweep MODEL" in text and "kernelscope eval MODEL" in text
-    assert "No zero-shot evaluation in these runs: <code>kernelscope zeroshot MODEL" in text
-    assert "No plan in these runs: <code>kernelscope advise MODEL --scheme w4a8-g128-per-token -o DIR" in text
+    assert "kernelscope threshold MODEL -s 32 -n 2 -o runs/threshold</code> fills this section" in text
+    assert "kernelscope sweep MODEL -s 32 -n 2 --alpha" in text
+    assert "kernelscope eval MODEL -s 32 -n 2" in text
+    assert ("No zero-shot evaluation in these runs: <code>kernelscope zeroshot MODEL --scheme "
+            "fp,w8a8-per-token --tasks arc_easy,piqa -o runs/zeroshot</code>") in text
+    assert ("No plan in these runs: <code>kernelscope advise MODEL -s 32 -n 2 --scheme w4a8-g128-per-token "
+            "-o runs/advice</code>") in text
     text = build_report([read_run(run_dirs["sweep"])])
-    assert "kernelscope profile MODEL -o DIR</code> fills the per-layer, heatmap" in text
-    assert text.count("kernelscope profile MODEL -o DIR") == 2  # verdict, and once for all layer sections
+    assert "kernelscope profile MODEL -s 32 -n 2 -o runs/profile</code> fills the per-layer, heatmap" in text
+    assert text.count("kernelscope profile MODEL -s 32 -n 2 -o runs/profile") == 2  # verdict, layer sections
 
 
 def test_markup_from_runs_is_escaped(run_dirs):
@@ -277,7 +287,7 @@ def test_the_first_screen_decides_from_the_runs(run_dirs):
             and family_of({"architecture": "OPTForCausalLM"}) == "OPT")
     assert family_of({"model_type": "gpt2"}) is None
     verdict = text[text.index("<h2>Verdict</h2>"):text.index("<h2>Kernel along depth</h2>")]
-    assert "the paper's LLaMA 1%" in verdict and "OPT 19%" not in verdict
+    assert "LLaMA 1% <small>(the paper's models)</small>" in verdict and "OPT 19%" not in verdict
     assert "different text, windows or lengths" not in first  # the same windows throughout
 
 
@@ -378,7 +388,9 @@ def test_the_decision_speaks_for_each_model_from_its_own_runs(run_dirs, tmp_path
     assert ("<b>w4a4-per-token</b> (weights int4 per output channel) is closest to fp" in opt_part
             and "w8a8" not in opt_part)
     assert "paper's reference for LLaMA" in llama and "paper's reference for OPT" in opt_part
-    assert "The smallest INT4 kernel measured, " in llama and "is above it." in llama
+    # another model's reference never judges this one's kernels: the page says what to run instead
+    assert "its kernels are not judged here" in llama and "is above it" not in llama
+    assert "The smallest INT4 kernel" not in llama
 
 
 def test_the_figures_read_truly(run_dirs):
@@ -396,26 +408,32 @@ def test_the_figures_read_truly(run_dirs):
         top = 100 * layers.filter((pl.col("bits") == bits)
                                   & pl.col("block").is_not_null())["kernel_fraction"].max()
         assert (fig.layout[name].cmax == pytest.approx(top)
-                and fig.layout[name].colorbar.title.text.startswith("kernel %"))
+                and fig.layout[name].colorbar.title.text == f"{bits}-bit kernel %")
     sweep = read_run(run_dirs["sweep"]).summary
-    fig = F.alpha_sweep([("sweep", sweep)])
-    assert [shape.y0 for shape in fig.layout.shapes] == [sweep["fp_perplexity"]]
+    fig = F.alpha_sweep([("sweep", sweep)], F.colour_of([F.swept(r) for r in sweep["results"]]))
+    assert [shape.y0 for shape in fig.layout.shapes] == [0]  # fp: no change
     assert fig.data[0].error_y.array is not None
-    threshold = read_run(run_dirs["threshold"]).summary
-    fig = F.threshold_curve([("t", threshold)])
+    run = read_run(run_dirs["threshold"])
+    threshold = run.summary
+    fig = F.threshold_curve([("t", threshold, run.tables["threshold"])],
+                            F.colour_of([threshold["family"]["label"]]))
     kernels = threshold["searches"][0]["actual_kernels"]
     marks = [a.text for a in fig.layout.annotations]
-    assert all(f"{k['config']}: {100 * k['kernel_fraction']:.2f}%" in marks for k in kernels)
+    # the model's own kernels of the searched family marked, no other family's
+    own = [k for k in kernels if F.same_family(threshold["family"], k)]
+    assert own and all(f"{k['config']}: {100 * k['kernel_fraction']:.2f}%" in marks for k in own)
+    assert not any(f"{k['config']}: " in " ".join(marks) for k in kernels if k not in own)
     assert fig.data[0].error_y.array is not None
 
 
 def test_the_plan_section_shows_the_plan_against_every_layer_quantized(run_dirs):
     run = read_run(run_dirs["advise"])
     text = build_report([run])
-    section = text[text.index("<h2>Plan (advise)</h2>"):text.index("<h2>Zero-shot accuracy</h2>")]
+    start = text.index("<h2>Plan (advise)</h2>")
+    section = text[start:text.index("<h2>", start + 4)]
     plan = run.summary["plan"]
-    assert (f"{plan['perplexity']:.4f}" in section
-            and f"{run.summary['quantized']['perplexity']:.4f}" in section)
+    assert (f"{plan['perplexity']:,.4f}" in section
+            and f"{run.summary['quantized']['perplexity']:,.4f}" in section)
     n = len(plan["kept_modules"])
     assert f"The {n} layer{'s' * (n != 1)} the plan keeps" in section
     assert all(f"<code>{m}</code>" in section for m in plan["kept_modules"])
@@ -431,7 +449,10 @@ def test_the_first_screen_warns_and_names_what_it_must(run_dirs, tmp_path):
     advice["plan"] |= {"within_tolerance": True, "change_pct_ci_high": 100 * advice["tolerance"] + 3.0}
     first = build_report(runs)
     first = first[first.index('<section id="decision">'):first.index("</section>")]
-    assert "beyond the 1% tolerance" in first and "by its point estimate only" in first
+    reach = f"{100 * advice['tolerance'] + 3.0:+.2f}%"
+    assert (f"within the 1% tolerance by its point estimate only: its interval reaches {reach}, "
+            "beyond it; more windows (<code>-n</code>) narrow the interval.") in first
+    assert "not checked on held-out windows" in first  # a run of an older version, or with --holdout 0
     # beside the plan, not instead of it
     assert "Of the schemes evaluated with every layer quantized" in first
     assert "a text of its own (llama); another text (eval)" in first  # which run read which text
@@ -449,5 +470,6 @@ def test_the_plan_section_reads_older_and_overflowed_advice(run_dirs):
     run.summary["plan"]["perplexity"] = None
     del run.summary["tolerance"]
     text = build_report([run])
-    section = text[text.index("<h2>Plan (advise)</h2>"):text.index("<h2>Zero-shot accuracy</h2>")]
+    start = text.index("<h2>Plan (advise)</h2>")
+    section = text[start:text.index("<h2>", start + 4)]
     assert "The most sensitive groups of each kind" in section and "every layer quantized" in section

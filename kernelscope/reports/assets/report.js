@@ -5,6 +5,70 @@
     var fig = parse(div.getAttribute('data-figure'));
     Plotly.newPlot(div, fig.data, fig.layout, {responsive:true, displaylogo:false});
   });
+  // Numbers as kernelscope/reports/numbers.py writes them, one rule per unit.
+  var SUP = {'-': '\u207b', '0': '\u2070', '1': '\u00b9', '2': '\u00b2', '3': '\u00b3', '4': '\u2074',
+             '5': '\u2075', '6': '\u2076', '7': '\u2077', '8': '\u2078', '9': '\u2079'};
+  var UNSUP = {};
+  Object.keys(SUP).forEach(function(k){UNSUP[SUP[k]] = k;});
+  function group(s){
+    var p = s.split('.'); p[0] = p[0].replace(/\B(?=(\d{3})+(?!\d))/g, ','); return p.join('.');
+  }
+  function digits(a){
+    if(a === 0){return '0.00';}
+    if(a >= 0.01){return group(a.toFixed(2));}
+    if(a < 1e-6){return '<0.000001';}
+    return a.toFixed(1 - Math.floor(Math.log10(a)));
+  }
+  function missing(x){return x === null || x === undefined || (typeof x === 'number' && isNaN(x));}
+  function share(x){
+    if(missing(x)){return '';}
+    var v = 100 * x;
+    return (v < 0 ? '-' : '') + digits(Math.abs(v)) + '%';
+  }
+  function magnitude(x){
+    if(missing(x)){return '';}
+    if(x === 0){return '0';}
+    var a = Math.abs(x);
+    if(a >= 1e-3 && a < 1e5){return group(x.toFixed(Math.max(0, 3 - Math.floor(Math.log10(a)))));}
+    var e = x.toExponential(3).split('e');
+    return e[0] + '\u00d710' + String(parseInt(e[1], 10)).replace(/[-0-9]/g, function(c){return SUP[c];});
+  }
+  window.KS_FORMAT = {share: share, magnitude: magnitude, count: function(n){return group(String(n));}};
+  // Every data table sorts by a click on a header: by the number a cell starts with where every
+  // non-empty cell of the column starts with one, else by its text in natural order.
+  function sortValue(text){
+    var m = /^\[?<?([+-]?[0-9][0-9,]*(?:\.[0-9]+)?)(?:\u00d710([\u207b\u2070\u00b9\u00b2\u00b3\u2074-\u2079]+))?/
+      .exec(text.trim());
+    if(!m){return null;}
+    var x = parseFloat(m[1].replace(/,/g, ''));
+    if(m[2]){x *= Math.pow(10, parseInt(m[2].replace(/./g, function(c){return UNSUP[c];}), 10));}
+    return x;
+  }
+  function sortable(t){
+    var body = t.tBodies[0];
+    Array.prototype.forEach.call(t.tHead.rows[0].cells, function(th, i){
+      th.classList.add('sortable');
+      th.addEventListener('click', function(){
+        var dir = (t.getAttribute('data-sort-col') === String(i) && t.getAttribute('data-sort-dir') === 'asc') ? -1 : 1;
+        var rows = Array.prototype.slice.call(body.rows);
+        var keys = rows.map(function(r){return r.cells[i] ? r.cells[i].textContent.trim() : '';});
+        var nums = keys.map(sortValue);
+        var numeric = keys.every(function(k, j){return k === '' || nums[j] !== null;});
+        var order = rows.map(function(r, j){return j;}).sort(function(a, b){
+          if(keys[a] === '' || keys[b] === ''){return (keys[a] === '') - (keys[b] === '') || a - b;}
+          var c = numeric ? nums[a] - nums[b] : keys[a].localeCompare(keys[b], undefined, {numeric: true});
+          return c * dir || a - b;
+        });
+        order.forEach(function(j){body.appendChild(rows[j]);});
+        t.setAttribute('data-sort-col', String(i));
+        t.setAttribute('data-sort-dir', dir > 0 ? 'asc' : 'desc');
+      });
+    });
+  }
+  document.querySelectorAll('table').forEach(function(t){
+    if(t.id !== 'layer-table' && !t.classList.contains('facts') && t.tHead && t.tHead.rows.length
+       && t.tBodies.length){sortable(t);}
+  });
   var table = document.getElementById('layer-table');
   if(!table){return;}
   var longCols = parse('layer-cols'), body = table.tBodies[0];
@@ -14,8 +78,8 @@
   var sortCol = -1, sortDir = 1, filter = '', colFilters = [];
   function cell(v, c){
     if(v === null || v === undefined){return '';}
-    if(c.pct){return (100*v).toFixed(2) + '%';}
-    if(typeof v === 'number' && !Number.isInteger(v)){return v.toPrecision(4);}
+    if(c.pct){return share(v);}
+    if(typeof v === 'number'){return c.float ? magnitude(v) : group(String(v));}
     return String(v);
   }
   function matches(r){
