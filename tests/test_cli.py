@@ -74,7 +74,9 @@ BAD = {
     "missing gguf": (["absent.gguf"], "GGUF file not found"),
     "nsamples zero": (["{model}", "--nsamples", "0"], "--nsamples must be at least 1"),
     "nsamples negative": (["{model}", "--nsamples", "-3"], "--nsamples must be at least 1"),
-    "nsamples not a number": (["{model}", "--nsamples", "many"], "Invalid value for '--nsamples'"),
+    "nsamples not a number": (["{model}", "--nsamples", "many"],
+                              "--nsamples 'many' is not a number of windows; give a whole number, or all"),
+    "nsamples grouped digits": (["{model}", "-n", "1_0"], "-n '1_0' is not a number of windows"),
     "seqlen zero": (["{model}", "--seqlen", "0"], "--seqlen must be at least 1"),
     "seqlen beyond context": (["{model}", "--seqlen", "512", "-n", "1"], "beyond the model's context of 256"),
     "alpha above one": (["{model}", "--alpha", "1.5"], "--alpha 1.5 is out of range"),
@@ -318,9 +320,10 @@ def test_interrupted_eval_stops_cleanly_and_writes_nothing(tmp_path, tiny_llama_
     import time
 
     out = tmp_path / "ev"
-    # pydoc's whole text (about 6,700 windows of 32 tokens) keeps it busy far longer than the wait
+    # pydoc's whole text (-n all: about 6,700 windows of 32 tokens) keeps it busy far longer than the wait
     proc = subprocess.Popen([sys.executable, "-m", "kernelscope", "eval", str(tiny_llama_dir), "-d", "pydoc",
-                             "-s", "32", "--scheme", "fp", "--scheme", "w8a8-crossquant", "-o", str(out)],
+                             "-n", "all", "-s", "32", "--scheme", "fp", "--scheme", "w8a8-crossquant",
+                             "-o", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(6)  # imports, model load, and part of the evaluation
     assert proc.poll() is None, "the evaluation ended before it could be interrupted"

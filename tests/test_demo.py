@@ -163,10 +163,10 @@ def test_demo_fp_perplexity_is_unchanged_by_the_hadamard_rotation(hf_model):
 
 
 def test_demo_advice_is_reproduced_by_eval_ignore_from_its_recipe(tmp_path, hf_model):
-    """The advise check on the last six blocks at a shorter window: advise writes the recipe, and
-    evaluating the scheme with the recipe's ignore list on the same windows gives the plan's
-    perplexity exactly, within tolerance of fp; block passes start late, from the replayed outputs;
-    the model is left as it was."""
+    """The advise check on the last six blocks at a shorter window: advise writes the ModelOpt config
+    (w8a8-per-token has no llm-compressor recipe), and evaluating the scheme with the layers it leaves
+    off on the same windows gives the plan's perplexity exactly, within tolerance of fp; block passes
+    start late, from the replayed outputs; the model is left as it was."""
     from kernelscope.data import make_windows
     from kernelscope.results.exports import read_ignore_file
     from kernelscope.runs.advise import advise
@@ -184,7 +184,7 @@ def test_demo_advice_is_reproduced_by_eval_ignore_from_its_recipe(tmp_path, hf_m
     assert all(p["cost"] < 0.5 for p in s["passes"] if p["stage"].startswith("block"))
     folder = result.save(tmp_path / "advice")
     modules = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    names = read_ignore_file(folder / "recipe.yaml", "recipe").resolve(modules)
+    names = read_ignore_file(folder / "modelopt_quant_cfg.yaml", "modelopt").resolve(modules)
     assert names == sorted(s["plan"]["full_precision_modules"])  # the kept layers, blocks 0-23, lm_head
     row = evaluate(model, windows, [scheme], ignore=names).summary["results"][0]
     assert row["perplexity"] == s["plan"]["perplexity"] <= s["fp"]["perplexity"] * 1.01

@@ -314,6 +314,41 @@ def test_hub_unreachable_is_refused_without_trying(capsys, tmp_path, tiny_llama_
     assert time.perf_counter() - started < 5 and "HF_DATASETS_OFFLINE=1" in line
 
 
+def two_hub_tasks(folder):
+    """A copy of the local tasks with a second task whose data are on the hub (``ks_hub2``)."""
+    import shutil
+
+    shutil.copytree(folder, folder.parent / "two-hub", dirs_exist_ok=True)
+    copy_of = folder.parent / "two-hub"
+    hub = (copy_of / "ks_hub.yaml").read_text(encoding="utf-8")
+    (copy_of / "ks_hub2.yaml").write_text(hub.replace("task: ks_hub", "task: ks_hub2").replace(
+        "EleutherAI/lambada_openai", "allenai/ai2_arc").replace("default", "ARC-Easy"), encoding="utf-8")
+    return copy_of
+
+
+@needs_harness
+@pytest.mark.parametrize("mode", ["offline mode", "hub unreachable"])
+def test_every_task_without_its_data_is_named_at_once(mode, capsys, tmp_path, tiny_llama_dir,
+                                                      zeroshot_tasks, monkeypatch):
+    """Offline, a run over several hub tasks names every one that lacks its data, not only the first:
+    when the hub cannot be reached (asked once), and in offline mode with a cache that lacks them."""
+    import datasets
+
+    import kernelscope.data.tasks as tasks_module
+
+    if mode == "hub unreachable":  # outside offline mode: the hub is asked once, before anything loads
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(tasks_module, "hub_unreachable_reason",
+                            lambda: "https://huggingface.co is unreachable")
+    folder = two_hub_tasks(zeroshot_tasks)
+    line = refused(capsys, tmp_path, [str(tiny_llama_dir), "--tasks", "ks_mc,ks_hub,ks_hub2",
+                                      "--include-path", str(folder)],
+                   "2 tasks need their data from the Hugging Face hub")
+    assert ("ks_hub needs EleutherAI/lambada_openai (default), ks_hub2 needs allenai/ai2_arc (ARC-Easy)"
+            in " ".join(line.split()))
+    assert "ks_mc" not in line and "HF_DATASETS_OFFLINE=1" in line and "--include-path DIR" in line
+
+
 def test_without_the_extra_it_says_how_to_install_it(capsys, tmp_path, tiny_llama_dir, monkeypatch):
     for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
         monkeypatch.delitem(sys.modules, name)

@@ -21,7 +21,16 @@ from rich.markup import escape
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from kernelscope.cli import options as o
-from kernelscope.cli.console import EXIT_USAGE, check_int64, err, flag, out, remember_options, show_table
+from kernelscope.cli.console import (
+    EXIT_USAGE,
+    check_int64,
+    err,
+    flag,
+    mark_started,
+    out,
+    remember_options,
+    show_table,
+)
 from kernelscope.errors import Interrupted, KernelscopeError
 from kernelscope.quiet import QUIET_LOGGERS
 
@@ -84,6 +93,19 @@ app = typer.Typer(
 
 _ARGS: list[str] = []  # the arguments of this invocation, as typed
 
+# How many windows a command reads unless -n says: one rule for every command, the first 8 (`-n all`
+# reads every window, the perplexity protocol). Eight is the fewest whose bootstrap intervals are worth
+# acting on (the report warns below it), and the same count everywhere means that runs of different
+# commands on the same --dataset and --seqlen measure the same windows, so their figures compare and
+# the report puts them side by side without a warning. Every window is not the default: threshold and
+# advise run a pass over the windows for each point or group, which on all of WikiText-2 takes hours
+# on a CPU.
+DEFAULT_WINDOWS = "8"
+Nsamples = Annotated[str, typer.Option(
+    "--nsamples", "-n", metavar="N|all", help="Windows to read: the first N of the text (see --windows), "
+    "or `all` for every window (the perplexity protocol). The same default in every command; threshold "
+    "and advise need at least 2.")]
+
 
 def _given(ctx: typer.Context) -> frozenset[str]:
     """The parameters the user gave (on the command line or through the environment), not defaults."""
@@ -130,7 +152,7 @@ def profile(
     ctx: typer.Context,
     model: o.Model,
     dataset: o.Dataset = "wikitext2",
-    nsamples: Annotated[int, typer.Option("--nsamples", "-n", help="Number of windows to run.")] = 16,
+    nsamples: Nsamples = DEFAULT_WINDOWS,
     seqlen: o.Seqlen = 2048,
     windows: o.WindowsSel = "first",
     seed: o.Seed = 0,
@@ -208,8 +230,7 @@ def evaluate(
         "remove-kernel-QUANTIZER for any -q quantizer (remove-kernel-per-token, remove-kernel-mxfp4, ...). "
         "\\[default: fp, w8a8-per-token, w8a8-crossquant]", show_default=False)] = None,
     dataset: o.Dataset = "wikitext2",
-    nsamples: Annotated[int | None, typer.Option("--nsamples", "-n", help="Windows to evaluate; "
-        "default: every window of the text (the protocol).", show_default=False)] = None,
+    nsamples: Nsamples = DEFAULT_WINDOWS,
     seqlen: o.Seqlen = 2048,
     windows: o.WindowsSel = "first",
     seed: o.Seed = 0,
@@ -228,8 +249,12 @@ def evaluate(
     layers: o.Layers = None,
     ignore: Annotated[str | None, typer.Option("--ignore", metavar="REGEX|@FILE", help="Keep these layers in "
         "full precision under every scheme: a regular expression over module names, or @FILE: an advice "
-        "folder or its summary.json, recipe.yaml, modelopt_quant_cfg.json or modules.txt (one name a line).",
+        "folder or its summary.json, recipe.yaml, modelopt_quant_cfg.yaml or modules.txt (one name a line).",
         show_default=False)] = None,
+    sqnr: Annotated[bool, typer.Option("--sqnr", help="Also measure, under every scheme but fp, each "
+        "covered Linear's output SQNR in dB (activations alone, weights alone, both) on the full-precision "
+        "model's inputs, beside its activation kernel: one more forward pass per scheme and transform; "
+        "sqnr.parquet with --output.")] = False,
     batch_size: o.BatchSize = 1,
     dtype: o.Dtype = "auto",
     device: o.Device = "auto",
@@ -251,7 +276,7 @@ def evaluate(
 
     Weights are per-channel unless the scheme says g128; lm_head stays in full precision.
     With --transform, every scheme runs under each transform, quantizing in its basis.
-    Writes summary.json and eval.parquet with --output.
+    Writes summary.json and eval.parquet (and sqnr.parquet with --sqnr) with --output.
     """
     options = dict(locals())
     from kernelscope.cli.eval_cmd import run_eval
@@ -264,8 +289,7 @@ def threshold(
     ctx: typer.Context,
     model: o.Model,
     dataset: o.Dataset = "wikitext2",
-    nsamples: Annotated[int, typer.Option("--nsamples", "-n",
-                                          help="Windows per evaluation (at least 2).")] = 8,
+    nsamples: Nsamples = DEFAULT_WINDOWS,
     seqlen: o.Seqlen = 2048,
     windows: o.WindowsSel = "first",
     seed: o.Seed = 0,
@@ -324,8 +348,7 @@ def sweep(
         r"CrossQuant α values, comma-separated or repeated. \[default: 0.15,0.45,0.75,1]"),
         show_default=False)] = None,
     dataset: o.Dataset = "wikitext2",
-    nsamples: Annotated[int | None, typer.Option("--nsamples", "-n", help="Windows to evaluate; "
-        "default: every window.", show_default=False)] = None,
+    nsamples: Nsamples = DEFAULT_WINDOWS,
     seqlen: o.Seqlen = 2048,
     windows: o.WindowsSel = "first",
     seed: o.Seed = 0,
@@ -424,8 +447,10 @@ def zeroshot(
 def advise(
     ctx: typer.Context,
     model: o.Model,
-    scheme: Annotated[str, typer.Option("--scheme", metavar="SCHEME", help="The scheme to deploy (one): "
-        "w8a8-per-token, w4a8-g128-per-token, fp8, mxfp4, nvfp4, ... (any `eval --scheme`).",
+    scheme: Annotated[str, typer.Option("--scheme", metavar="SCHEME[,SCHEME...]", help="The scheme to "
+        "deploy: w8a8-per-token, fp8, nvfp4, llm-compressor:W8A8, modelopt:FP8_DEFAULT_CFG, ... (any `eval "
+        "--scheme`). Several, comma-separated (and several --transform values), are deploy candidates: each "
+        "is planned, checked on the held-out windows and ranked; the first is the one to deploy.",
         show_default=False)],
     tolerance: Annotated[float, typer.Option(help="Relative perplexity increase over fp the plan must stay "
         "within (0.01 = 1%).")] = 0.01,
@@ -433,11 +458,14 @@ def advise(
         "tolerance, the best plan keeping at most this share of the Linear parameters in full precision, "
         "in (0, 1].", show_default=False)] = None,
     dataset: o.Dataset = "wikitext2",
-    nsamples: Annotated[int, typer.Option("--nsamples", "-n", help="Windows every pass runs over (at least "
-        "2).")] = 4,
+    nsamples: Nsamples = DEFAULT_WINDOWS,
     seqlen: o.Seqlen = 2048,
     windows: o.WindowsSel = "first",
     seed: o.Seed = 0,
+    holdout: Annotated[int | None, typer.Option("--holdout", metavar="N", help="Held-out windows the "
+        "chosen plan is measured again on: the next N windows of the text after the --nsamples it is chosen "
+        "on, disjoint from them; the held-out figure is the one reported and exported. 0: none. "
+        "\\[default: as many as --nsamples]", show_default=False)] = None,
     per_layer: Annotated[bool, typer.Option("--per-layer", help="Also measure each layer on its own (one "
         "pass per layer) and plan from those figures.")] = False,
     kernel_groups: Annotated[list[str] | None, typer.Option("--kernel-groups", metavar="KINDS", help="Groups "
@@ -451,10 +479,11 @@ def advise(
     group_size: o.GroupSize = None,
     smooth_alpha: Annotated[float, typer.Option(metavar="α", help="SmoothQuant migration strength "
         "(w8a8-smoothquant only).")] = 0.5,
-    transform: Annotated[str | None, typer.Option("--transform", metavar="T", help="The basis the scheme "
-        "quantizes in, one transform as `eval --transform` takes it (hadamard, smoothquant:0.5, "
-        "smoothquant+hadamard, ...; default none). The plan's recipe is then not written: llm-compressor "
-        "transforms norm-Linear pairs instead.", show_default=False)] = None,
+    transform: Annotated[str | None, typer.Option("--transform", metavar="T[,T...]", help="The basis the "
+        "scheme quantizes in, as `eval --transform` takes it (hadamard, smoothquant:0.5, "
+        "smoothquant+hadamard, ...; default none); several, comma-separated, are candidates. Under a "
+        "transform the plan's recipe and ModelOpt config are not written: those libraries transform in their "
+        "own way.", show_default=False)] = None,
     transform_seed: o.TransformSeed = None,
     calib_dataset: o.CalibDataset = "pileval",
     calib_nsamples: o.CalibNsamples = 64,
@@ -479,8 +508,10 @@ def advise(
     that plan's own measured perplexity and interval.
 
     --output writes summary.json (the plan), the sensitivity, cells and search tables,
-    recipe.yaml (llm-compressor), modelopt_quant_cfg.json and modules.txt;
-    `kernelscope eval --ignore @DIR/recipe.yaml` measures the plan again.
+    modules.txt, and recipe.yaml (llm-compressor) and modelopt_quant_cfg.yaml where that library
+    computes the scheme as measured (summary.json says why not);
+    `kernelscope eval MODEL -d TEXT -s N -n N --scheme fp,SCHEME --ignore @DIR`, on the same
+    text and windows, measures the plan again (the command is printed whole at the end).
     """
     options = dict(locals())
     from kernelscope.cli.advise_cmd import run_advise
@@ -492,14 +523,16 @@ def advise(
 def report(
     ctx: typer.Context,
     runs: Annotated[list[Path], typer.Argument(metavar="RUN", help="Run folders written with --output by "
-        "profile, eval, threshold or sweep; several overlay on the same axes.", show_default=False)],
+        "profile, eval, threshold, sweep, advise or zeroshot; several overlay on the same axes.",
+        show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE",
                                          help="The HTML file to write.")] = Path("report.html"),
     title: Annotated[str | None, typer.Option(metavar="TEXT", help="Page title.", show_default=False)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report file that "
                                                                 "kernelscope wrote.")] = False,
 ) -> None:
-    """Write one self-contained HTML report (plotly embedded, opens offline) from run folders."""
+    """Write one self-contained HTML report (plotly embedded, opens offline) from the run folders of any
+    command: profile, eval, threshold, sweep, advise and zeroshot."""
     from kernelscope.reports import write_report
 
     remember_options(ctx.command.params, _ARGS)
@@ -535,6 +568,40 @@ def list_layers(
     show_table(table)
 
 
+@app.command("targets", cls=_Command)
+def list_targets(
+    ctx: typer.Context,
+    as_json: o.AsJson = False,
+) -> None:
+    """List the deployment targets: a library's scheme computed with that library's own arithmetic
+    (--scheme llm-compressor:W8A8, modelopt:INT8_DEFAULT_CFG, llm-compressor:@recipe.yaml), each with the
+    version it was checked against bit for bit; and the schemes refused, with the reason."""
+    remember_options(ctx.command.params, _ARGS)
+    from rich.table import Table
+
+    from kernelscope.quant.targets import target_rows
+
+    rows = target_rows()
+    if as_json:
+        from kernelscope.results import to_json
+
+        print(to_json(rows, indent=2))
+        return
+    known = sum(r["refused"] is None for r in rows)
+    table = Table(title=f"{known} deployment targets (--scheme LIBRARY:NAME)")
+    for col in ("scheme", "weights", "input activations", "checked against"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        if r["refused"] is None:
+            acts = (r["input_activations"] or "fp") + (" (calibrated)" if r["calibrated"] else "")
+            weights = r["weights"] or "fp"
+            table.add_row(escape(r["scheme"]), escape(weights), escape(acts), escape(r["checked"]))
+    show_table(table)
+    for r in rows:
+        if r["refused"] is not None:
+            out.print(f"[dim]{escape(r['scheme'])} is refused: {escape(r['refused'])}[/]")
+
+
 @app.command("formats", cls=_Command)
 def list_formats(
     ctx: typer.Context,
@@ -562,6 +629,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")  # libraries' own bars; kernelscope shows rich ones
     for name in QUIET_LOGGERS:  # what libraries say on import is no concern of the command's user
         logging.getLogger(name).setLevel(logging.ERROR)
+    mark_started()
     command = typer.main.get_command(app)
     _ARGS[:] = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -581,6 +649,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:
         if os.environ.get("KERNELSCOPE_DEBUG"):
             raise
+        err.quiet = False  # an internal error is each process's own: under torchrun every one says it
         if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:  # a path typed for any option
             err.print(f"[bold red]error:[/] {escape(str(exc.filename))} is longer than the file system "
                       "allows (a name of at most 255 bytes); give a shorter path", soft_wrap=True)

@@ -151,7 +151,8 @@ def transform_refusals(specs, calibrated: bool) -> dict[str, str | None]:
 
     seeded = ", ".join(e.name for e in TRANSFORMS.values() if e.seeded)
     calibrated_names = ", ".join(e.name for e in TRANSFORMS.values() if e.calibrated)
-    no_calibration = f"it calibrates a transform ({calibrated_names}), and none given needs calibration"
+    no_calibration = (f"it calibrates a transform ({calibrated_names}) or a deployment target's static "
+                      "activation scales, and no --transform or --scheme given needs calibration")
     return {
         "transform_seed": None if any(s.seeded for s in specs)
         else f"it seeds the random signs of a {seeded} --transform, and none is given",
@@ -190,6 +191,11 @@ def quantizer_configs(quantizer: list[str], bits: list[str], alpha: list[str], g
     check_bits(widths)
     check_alphas(alphas)
     check_positive("--group-size", group_size)
+    target = next((n for n in names if ":" in n), None)
+    if target is not None:
+        fail(f"{flag('--quantizer')} {target} is a deployment target, and -q counts kernelscope's own "
+             f"formats; `kernelscope eval --scheme {target} --sqnr` measures that target's kernel, layer by "
+             "layer, in its library's arithmetic")
     try:
         return expand_configs(names, widths, alphas, group_size)
     except ValueError as exc:

@@ -6,28 +6,53 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, Task, TaskID, TextColumn
+from rich.table import Column
+from rich.text import Text
 
-from kernelscope.cli.console import err, fail, flag, out, show_table
+from kernelscope.cli.console import check_int64, err, fail, flag, out, show_table, since_started
 from kernelscope.errors import KernelscopeError
 
 
 def load_with_status(model: str, dtype: str, device: str, trust_remote_code: bool, *, quiet: bool,
-                     placement: dict | None = None):
-    """Load a model behind a spinner on stderr. ``placement``: device_map, max_memory, offload_folder."""
+                     placement: dict | None = None, display: Display | None = None):
+    """Load a model behind a spinner on stderr, or as a stage of ``display`` where the command shows one.
+    ``placement``: device_map, max_memory, offload_folder."""
     from kernelscope.models import load_model
 
     kwargs = dict(dtype=dtype, device=device, trust_remote_code=trust_remote_code, **(placement or {}))
+    if display is not None:
+        display.stage(f"loading model {model}")
+        return load_model(model, **kwargs)
     if quiet or not err.is_terminal:
         return load_model(model, **kwargs)
     with err.status(f"loading model {escape(model)} ..."):
         return load_model(model, **kwargs)
+
+
+def parse_nsamples(value: str | int | None) -> int | None:
+    """``--nsamples`` as typed: a whole number of windows, or ``all`` (None: every window)."""
+    if value is None or isinstance(value, int):
+        return value
+    typed = value.strip()
+    if typed.lower() == "all":
+        return None
+    try:
+        if "_" in typed:
+            raise ValueError("digits grouped with _")  # Python reads 1_0 as 10: a typo, not a number
+        number = int(typed)
+    except ValueError:
+        fail(f"{flag('--nsamples')} {value!r} is not a number of windows; give a whole number, or all for "
+             "every window of the text")
+    check_int64({"nsamples": number})
+    return number
 
 
 def check_positive(name: str, value: int | None, least: int = 1) -> None:
@@ -137,19 +162,22 @@ def check_paths_and_model(model: str, output: Path | None, overwrite: bool, repo
     return device
 
 
-def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, windows: str, seed: int,
+def prepare(*, model: str, dataset: str, nsamples: str | int | None, seqlen: int, windows: str, seed: int,
             layers: str | None, batch_size: int, dtype: str, device: str, trust_remote_code: bool,
             output: Path | None, overwrite: bool, quiet: bool, min_windows: int = 1, min_seqlen: int = 1,
             report: Path | None = None, device_map: str | None = None, max_memory: str | None = None,
-            offload_folder: Path | None = None) -> Prepared:
-    """Check everything that can be checked cheaply, then read text, load the model, cut windows.
+            offload_folder: Path | None = None, display: Display | None = None) -> Prepared:
+    """Check everything that can be checked cheaply, then read text, load the model, cut windows, each
+    announced as a stage of ``display`` where one is given.
 
     Nothing is written here; an existing ``output`` is refused before any work. ``min_seqlen`` 2 is
-    for perplexity, which predicts every token of a window but the first.
+    for perplexity, which predicts every token of a window but the first. ``nsamples``: a number, or
+    ``all`` (None) for every window.
     """
     from kernelscope.data import load_text, make_windows, tokenize
     from kernelscope.models.loading import check_placement
 
+    nsamples = parse_nsamples(nsamples)
     check_positive("--nsamples", nsamples)
     check_positive("--seqlen", seqlen, min_seqlen)
     check_positive("--batch-size", batch_size)
@@ -163,11 +191,16 @@ def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, wind
     check_placement(**placement)
 
     max_chars = 20 * nsamples * seqlen if nsamples is not None else None
+    if display is not None:
+        display.stage(f"reading the text ({flag('--dataset')} {dataset})")
     text = load_text(dataset, max_chars=max_chars, option=flag("--dataset"))
-    loaded = load_with_status(model, dtype, device, trust_remote_code, quiet=quiet, placement=placement)
+    loaded = load_with_status(model, dtype, device, trust_remote_code, quiet=quiet, placement=placement,
+                              display=display)
     limit = loaded.info.get("max_position_embeddings")
     if isinstance(limit, int) and seqlen > limit:
         fail(f"{flag('--seqlen')} {seqlen} is beyond the model's context of {limit} tokens")
+    if display is not None:
+        display.stage(f"tokenizing the text and choosing {seqlen}-token windows")
     ids = tokenize(loaded.tokenizer, text.text)
     chosen = make_windows(ids, seqlen, nsamples, selection=windows, seed=seed,
                           names=("text", flag("--nsamples"), flag("--seqlen")))
@@ -177,21 +210,137 @@ def prepare(*, model: str, dataset: str, nsamples: int | None, seqlen: int, wind
     return Prepared(loaded, text, chosen, device)
 
 
+def clock(seconds: float) -> str:
+    """A duration as a clock shows it: ``0:42``, ``12:05``, ``1:02:03``."""
+    minutes, secs = divmod(max(0, round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class _Count(ProgressColumn):
+    """How far a pass is (``3/8``), or the whole run (``37/120``, or ``pass 5`` where the number of
+    passes is not known); the first line says what they count."""
+
+    def __init__(self) -> None:
+        super().__init__(table_column=Column(no_wrap=True))
+
+    def render(self, task: Task) -> Text:
+        if task.total is not None:
+            return Text(f"{int(task.completed)}/{int(task.total)}", style="progress.download")
+        passes = task.fields.get("passes", 0)
+        return Text(f"pass {passes}" if passes else "", style="progress.download")
+
+
+class _Times(ProgressColumn):
+    """The first line: the time since the command started and, where the work is known, the time left
+    in all; a pass: its time left. Both estimated from the pace of the windows done so far."""
+
+    def __init__(self) -> None:
+        super().__init__(table_column=Column(no_wrap=True))
+
+    def render(self, task: Task) -> Text:
+        left = task.fields.get("left")
+        if task.fields.get("role") == "header":
+            shown = f"{clock(since_started())} elapsed"
+            return Text(shown if left is None else f"{shown}, ~{clock(left)} left", style="progress.elapsed")
+        if task.finished:
+            return Text("done", style="progress.elapsed")
+        return Text("" if left is None else f"~{clock(left)} left", style="progress.remaining")
+
+
+class Display:
+    """What a model-running command shows on stderr while it works, from its first second: the stage it
+    is in (reading the text, loading the model, choosing windows) on a first line that counts the time
+    since the command started; then, once :meth:`plan` has said how many forward passes follow, that
+    line counts them with the time left in all, and a bar below it follows the current pass. Nothing
+    is shown with ``--quiet``, with ``--json`` or where stderr is not a terminal (``progress`` None).
+    Called as ``display(stage, done, total)``, it is a run's ``progress`` callback."""
+
+    def __init__(self, progress: Progress | None, unit: str = "windows") -> None:
+        self.progress, self.unit = progress, unit
+        self.header: TaskID | None = None
+        self.passes: dict[str, TaskID] = {}
+        self.done: dict[str, int] = {}
+        self.expected: int | None = None  # the windows of every pass together, where known
+        # when the passes began (see plan), the current pass began, and the last window was done
+        self.started = self.pass_started = self.last = time.monotonic()
+
+    def stage(self, text: str) -> None:
+        """Announce what the command does now; shown at once."""
+        if self.progress is None:
+            return
+        if self.header is None:
+            self.header = self.progress.add_task(escape(text), total=None, role="header")
+        else:
+            self.progress.update(self.header, description=escape(text))
+        self.progress.refresh()
+
+    def plan(self, what: str, passes: int | None, per_pass: int, note: str = "") -> None:
+        """Say, before the work starts, what follows: ``passes`` forward passes (None where the run
+        decides how many; ``note`` says how) over ``per_pass`` windows (or tasks) each."""
+        self.started = self.pass_started = self.last = time.monotonic()
+        count = f"{passes} pass{'es' * (passes != 1)}" if passes is not None else "passes"
+        self.stage(f"{what}: {count} × {per_pass} {self.unit}" + (f" ({note})" if note else ""))
+        if self.progress is not None and passes is not None:
+            self.expected = passes * per_pass
+            self.progress.update(self.header, total=self.expected, completed=0)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        """One pass (``stage``) has done ``done`` of its ``total`` windows."""
+        if self.progress is None:
+            return
+        now = time.monotonic()
+        new = stage not in self.passes
+        if new:
+            for earlier in self.passes.values():  # the finished passes are counted on the first line
+                self.progress.update(earlier, visible=False)
+            self.pass_started = self.last  # a pass reports its first window once it is done: it began before
+            self.passes[stage] = self.progress.add_task(escape(stage), total=total, role="pass")
+        self.done[stage] = done
+        pace = (now - self.pass_started) / done if done else None
+        self.progress.update(self.passes[stage], completed=done,
+                             left=None if pace is None else pace * (total - done))
+        self._update_header(now)
+        self.last = now
+        if new:
+            self.progress.refresh()  # a new pass shows at once
+
+    def _update_header(self, now: float) -> None:
+        """The first line: passes begun, windows done, and the time left at the pace so far."""
+        if self.header is None:
+            self.header = self.progress.add_task("", total=None, role="header")
+        finished = sum(self.done.values())
+        left = None
+        if self.expected is not None and finished:
+            left = (now - self.started) / finished * max(self.expected - finished, 0)
+        self.progress.update(self.header, completed=finished, passes=len(self.passes), left=left)
+
+
 @contextlib.contextmanager
-def stage_progress(quiet: bool, unit: str = "windows") -> Iterator[Any]:
-    """A progress display with one bar per stage, counting ``unit``; yields ``update(stage, done, total)``."""
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn(unit), TimeElapsedColumn(), console=err,
-                        disable=quiet or not err.is_terminal, transient=True)
-    tasks: dict[str, Any] = {}
-
-    def update(stage: str, done: int, total: int) -> None:
-        if stage not in tasks:
-            tasks[stage] = progress.add_task(stage, total=total)
-        progress.update(tasks[stage], completed=done)
-
+def stage_progress(quiet: bool, unit: str = "windows") -> Iterator[Display]:
+    """The display of a model-running command (see :class:`Display`): start it before the command reads
+    its text or loads its model, so that it shows from the first second; it is gone once the block ends."""
+    shown = not quiet and err.is_terminal
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(bar_width=12),
+                        _Count(), _Times(), console=err, transient=True) if shown else None
+    display = Display(progress, unit)
+    if progress is None:
+        yield display
+        return
     with progress:
-        yield update
+        yield display
+
+
+def read_calibration(display: Display, needed: bool, calib_dataset: str, calib_nsamples: int, seqlen: int):
+    """SmoothQuant's calibration text where a transform ``needed`` it (else None), read before the model
+    loads (so that a missing one fails fast), as a stage of ``display``; read as far as the calibration
+    windows need, as ``prepare`` reads the text."""
+    from kernelscope.data import load_text
+
+    if not needed:
+        return None
+    display.stage(f"reading the calibration text ({flag('--calib-dataset')} {calib_dataset})")
+    return load_text(calib_dataset, max_chars=20 * calib_nsamples * seqlen, option=flag("--calib-dataset"))
 
 
 def check_report_path(report: Path | None, overwrite: bool, output: Path | None = None) -> None:

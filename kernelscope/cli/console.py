@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import io
 import math
+import os
+import time
 from collections.abc import Iterable, Sequence
 
 from rich.cells import cell_len
@@ -16,16 +18,45 @@ from rich.text import Text
 
 from kernelscope.errors import KernelscopeError
 
-err = Console(stderr=True, highlight=False)
+
+def _environ_int(name: str, default: int) -> int:
+    """A whole number torchrun sets in the environment (``WORLD_SIZE``, ``RANK``), ``default`` where unset."""
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() else default
+
+
+UNDER_TORCHRUN = _environ_int("WORLD_SIZE", 1) > 1
+"""Whether torchrun (or anything that sets ``WORLD_SIZE`` above 1) started this process; the same test
+as :func:`kernelscope.runs.distributed.launched`, without importing torch."""
+LATER_PROCESS = UNDER_TORCHRUN and _environ_int("RANK", 0) > 0
+"""A process torchrun started other than the first: every process refuses the same options, and
+only the first says so (its stderr console is quiet)."""
+err = Console(stderr=True, highlight=False, quiet=LATER_PROCESS)
 out = Console(highlight=False)
 EXIT_USAGE = 2
+"""The exit status of a refused run, in every process: a script must see that nothing ran. Under torchrun
+the launcher then adds its own report of the failed processes (its ChildFailedError), after
+kernelscope's one line from the first process; no kernelscope traceback."""
+
+_started = [time.monotonic()]  # when the running command started: see mark_started
+
+
+def mark_started() -> None:
+    """Note that a command starts now: the progress display counts its elapsed time from here."""
+    _started[0] = time.monotonic()
+
+
+def since_started() -> float:
+    """Seconds since the running command started."""
+    return time.monotonic() - _started[0]
+
 
 _typed: dict[str, str] = {}  # long option -> the spelling the user typed, for the running command
 _opts: dict[str, list[str]] = {}  # parameter name -> its option strings, for the running command
 
 
 def fail(message: str) -> None:
-    """Raise the one-line error the CLI prints before exiting with status 2."""
+    """Raise the one-line error the CLI prints before exiting with status :data:`EXIT_USAGE`."""
     raise KernelscopeError(message)
 
 

@@ -18,7 +18,6 @@ from kernelscope.cli.checks import (
     option_refusals,
     prepare_options,
     quantizer_configs,
-    read_calibration_text,
     read_ignore,
     scheme_options,
     transform_options,
@@ -31,6 +30,7 @@ from kernelscope.cli.common import (
     finish,
     header,
     prepare,
+    read_calibration,
     refuse_unused,
     stage_progress,
 )
@@ -47,7 +47,10 @@ def _details(r: dict) -> str:
     if Mode(r["mode"]).removes_kernel:
         parts.append(f"kernel of {r['activation_format']}")
         parts.append("weights fp" if r["weight_bits"] is None else f"W{r['weight_bits']}")
-    if Mode(r["mode"]) is Mode.FAKE_QUANT and r["weight_format"] is not None:
+    if r.get("arithmetic", "kernelscope") != "kernelscope":  # a deployment target: its own arithmetic
+        parts.append(f"weights {r['weight_format'] or 'fp'}, activations {r['activation_format'] or 'fp'} "
+                     f"({r['arithmetic']})")
+    elif Mode(r["mode"]) is Mode.FAKE_QUANT and r["weight_format"] is not None:
         parts.append(f"weights and activations {r['weight_format']}")
     if r["alpha"] is not None:
         parts.append(f"α={r['alpha']:g}")
@@ -93,10 +96,43 @@ def _show_eval(result) -> None:
         if not r.get("finite", True):
             out.print(f"[yellow]warning:[/] {escape(r['scheme'])} produced NaN or infinite logits; "
                       "its perplexity is not a measurement")
+    if s.get("sqnr"):
+        _show_sqnr(s["sqnr"])
+
+
+def _decibels(value: float | None, applies: bool) -> str:
+    """An SQNR cell: dB, ``exact`` for no error at all, ``—`` for a part the scheme leaves alone."""
+    if not applies:
+        return "—"
+    return "exact" if value is None else f"{value:.1f}"
+
+
+def _show_sqnr(sqnr: dict) -> None:
+    """Each quantizing scheme's output SQNR per module type (and over every layer), beside its kernel."""
+    several = len({p["transform"] for p in sqnr["results"]}) > 1
+    table = Table(title="Layer output SQNR, dB, on the full-precision model's inputs (each module type's "
+                        "layers pooled, weighted by output energy)")
+    table.add_column("scheme")
+    table.add_column("module")
+    for col in ("SQNR", "act.\nonly", "weights\nonly", "act.\nkernel"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for p in sqnr["results"]:
+        name = escape(p["scheme"]) + (f"\n[dim]{escape(p['transform'])}[/]" if several else "")
+        groups = [*p["by_module_type"], {**p, "module_type": f"all {p['layers']} layers"}]
+        for i, g in enumerate(groups):
+            table.add_row(name if i == 0 else "", escape(g["module_type"]),
+                          _decibels(g["sqnr_db"], True),
+                          _decibels(g["sqnr_activations_db"], p["activations"]),
+                          _decibels(g["sqnr_weights_db"], p["weights"]),
+                          pct(g["kernel_fraction"]) if p["activations"] else "—",
+                          end_section=i == len(groups) - 1)
+    show_table(table)
+    out.print("[dim]SQNR = 10·log10(Σ y² / Σ (y − ŷ)²) of each layer's output y = x·Wᵀ; per layer in "
+              "sqnr.parquet (--output)[/]")
 
 
 def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, transform, transform_seed,
-             calib_dataset, calib_nsamples, ignore, given, **kw) -> None:
+             calib_dataset, calib_nsamples, ignore, sqnr, given, **kw) -> None:
     from kernelscope.runs.evaluate import evaluate
 
     alpha = one_alpha(alpha)
@@ -109,10 +145,14 @@ def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, tran
                              smooth_alpha=smooth_alpha)
     transforms = transform_options(transform, transform_seed)
     check_transforms_with_schemes(schemes, transforms)
+    quantizing = sum(s.mode.quantizes for s in schemes)
+    if sqnr and not quantizing:
+        fail(f"{flag('--sqnr')} measures the error of a quantizing scheme; fp quantizes nothing")
     removing = any(s.mode.removes_kernel for s in schemes)
     removing_int = any(s.mode.removes_kernel and s.activation.format.grid.is_int for s in schemes)
     own = any(not s.transform.is_identity for s in schemes)  # wXaY-smoothquant
-    calibrated = any(s.transform.then(t).needs_calibration for s in schemes for t in transforms)
+    calibrated = (any(s.transform.then(t).needs_calibration for s in schemes for t in transforms)
+                  or any(s.needs_calibration for s in schemes))
     only_removal = "it applies to remove-kernel-* schemes only (a wXaY scheme names its own bit widths)"
     refuse_unused(given, **option_refusals(kw, seed_applies=calibrated),
                   **transform_refusals(transforms, calibrated),
@@ -129,15 +169,17 @@ def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, tran
                   else "it keeps layers in full precision under a scheme, and fp quantizes none")
     check_weights(weight_bits, group_size)
     spec = read_ignore(ignore) if ignore is not None else None
-    calib_text = read_calibration_text(calib_dataset, calib_nsamples, kw["seqlen"]) if calibrated else None
-    prep = prepare(**prepare_options(kw))
-    check_widths(transforms, prep.loaded.model, kw["layers"])
-    calibration = calibration_windows(prep, calib_text, calib_nsamples, kw) if calibrated else None
-    names = ignored_names(spec, prep.loaded.model, kw["layers"], ignore) if spec is not None else None
-    with stage_progress(kw["quiet"] or kw["as_json"]) as update:
+    with stage_progress(kw["quiet"] or kw["as_json"]) as display:
+        calib_text = read_calibration(display, calibrated, calib_dataset, calib_nsamples, kw["seqlen"])
+        prep = prepare(**prepare_options(kw), display=display)
+        check_widths(transforms, prep.loaded.model, kw["layers"])
+        calibration = calibration_windows(prep, calib_text, calib_nsamples, kw) if calibrated else None
+        names = ignored_names(spec, prep.loaded.model, kw["layers"], ignore) if spec is not None else None
+        display.plan("evaluating", (len(schemes) + sqnr * quantizing) * len(transforms), len(prep.windows))
         result = evaluate(prep.loaded, prep.windows, schemes, text=prep.text, layers=kw["layers"],
                           transforms=list(transforms), calibration=calibration, calibration_text=calib_text,
-                          ignore=names, ignore_source=ignore, batch_size=kw["batch_size"], progress=update)
+                          ignore=names, ignore_source=ignore, batch_size=kw["batch_size"], progress=display,
+                          sqnr=sqnr)
     finish(result, kw["output"], kw["overwrite"], kw["as_json"], _show_eval, kw["report"])
 
 
@@ -164,8 +206,7 @@ def _show_search(s: dict, search: dict) -> None:
         out.print(f"[bold]{search['status']}[/] ({search['evaluations']} evaluations)")
     u = search["crossing_uncertainty"]
     if u is not None:
-        held = "" if u["bracket_probability"] is None else (
-            f"; the observed bracket holds in {100 * u['bracket_probability']:.0f}% of resamples")
+        held = "" if u["bracket_probability"] is None else "; " + _bracket_held(b, u["bracket_probability"])
         out.print(f"resampling the windows, the threshold lies in [{pct(u['kernel_fraction_ci_low'])}, "
                   f"{pct(u['kernel_fraction_ci_high'])}] (95%, on the λ grid evaluated){held}")
     if search["non_monotone_lambdas"]:
@@ -173,6 +214,20 @@ def _show_search(s: dict, search: dict) -> None:
         out.print(f"[yellow]the curve is not monotone: λ = {lams} contradict the bracket[/]")
     for line in search["verdicts"]:
         out.print(f"- {escape(line)}")
+
+
+def _bracket_held(b: dict, probability: float) -> str:
+    """How often resampling the windows keeps the break where it was observed, in words."""
+    share = f"in {100 * probability:.0f}% of bootstrap resamples of the windows"
+    within, beyond = b.get("within"), b.get("beyond")
+    low = None if within is None else pct(within["kernel_fraction"])
+    high = None if beyond is None else pct(beyond["kernel_fraction"])
+    if low is not None and high is not None:
+        return (f"{share} the break falls between the same two measured points ({low} kernel within "
+                f"tolerance, {high} beyond)")
+    if low is not None:
+        return f"{share} the largest kernel measured, {low}, stays within tolerance"
+    return f"{share} the smallest kernel measured, {high}, stays beyond tolerance"
 
 
 def _show_threshold(result) -> None:
@@ -203,6 +258,10 @@ def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, 
     check_bits([family_bits], "--family-bits")
     check_weights(weight_bits, group_size)
     name = FORMAT_WORDS.get(family.strip().lower().replace("_", "-"))
+    if name is None and ":" in family:
+        fail(f"{flag('--family')} {family} is a deployment target; the threshold search scales the zero "
+             "bound of kernelscope's own formats (the target's kernel is measured, layer by layer, by "
+             f"`kernelscope eval --scheme {family.strip()} --sqnr`)")
     if name is None:
         fail(f"unknown {flag('--family')} {family!r}; choose {', '.join(FORMAT_WORDS)}")
     grid = FORMATS[name].grid
@@ -216,15 +275,16 @@ def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, 
                            alpha if FORMATS[name].takes_alpha else None)
     if calibrated:
         check_positive("--calib-nsamples", calib_nsamples)
-    calib_text = read_calibration_text(calib_dataset, calib_nsamples, kw["seqlen"]) if calibrated else None
-    prep = prepare(**prepare_options(kw), min_windows=MIN_WINDOWS)
-    check_widths(transforms, prep.loaded.model, kw["layers"])
-    calibration = calibration_windows(prep, calib_text, calib_nsamples, kw) if calibrated else None
-    with stage_progress(kw["quiet"] or kw["as_json"]) as update:
+    with stage_progress(kw["quiet"] or kw["as_json"]) as display:
+        calib_text = read_calibration(display, calibrated, calib_dataset, calib_nsamples, kw["seqlen"])
+        prep = prepare(**prepare_options(kw), min_windows=MIN_WINDOWS, display=display)
+        check_widths(transforms, prep.loaded.model, kw["layers"])
+        calibration = calibration_windows(prep, calib_text, calib_nsamples, kw) if calibrated else None
+        display.plan("searching", None, len(prep.windows), "as many as it needs")
         result = threshold_search(prep.loaded, prep.windows, text=prep.text, family=base, tolerance=tolerance,
                                   steps=steps, alpha=alpha, weight_bits=weight_bits, group_size=group_size,
                                   layers=kw["layers"], transforms=list(transforms), calibration=calibration,
-                                  calibration_text=calib_text, batch_size=kw["batch_size"], progress=update)
+                                  calibration_text=calib_text, batch_size=kw["batch_size"], progress=display)
     finish(result, kw["output"], kw["overwrite"], kw["as_json"], _show_threshold, kw["report"])
 
 
@@ -274,13 +334,14 @@ def run_sweep(*, quantizer, alpha, bits, weight_bits, group_size, transform, tra
                   weight_bits=None if some_int else float_only, group_size=None if some_int else float_only)
     if calibrated:
         check_positive("--calib-nsamples", calib_nsamples)
-    calib_text = read_calibration_text(calib_dataset, calib_nsamples, kw["seqlen"]) if calibrated else None
-    prep = prepare(**prepare_options(kw))
-    check_widths(transforms, prep.loaded.model, kw["layers"])
-    calibration = calibration_windows(prep, calib_text, calib_nsamples, kw) if calibrated else None
-    with stage_progress(kw["quiet"] or kw["as_json"]) as update:
+    with stage_progress(kw["quiet"] or kw["as_json"]) as display:
+        calib_text = read_calibration(display, calibrated, calib_dataset, calib_nsamples, kw["seqlen"])
+        prep = prepare(**prepare_options(kw), display=display)
+        check_widths(transforms, prep.loaded.model, kw["layers"])
+        calibration = calibration_windows(prep, calib_text, calib_nsamples, kw) if calibrated else None
+        display.plan("sweeping", 2 + len(configs) * len(transforms), len(prep.windows))
         result = sweep(prep.loaded, prep.windows, configs, text=prep.text, weight_bits=weight_bits,
                        group_size=group_size, layers=kw["layers"], transforms=list(transforms),
                        calibration=calibration, calibration_text=calib_text, batch_size=kw["batch_size"],
-                       progress=update)
+                       progress=display)
     finish(result, kw["output"], kw["overwrite"], kw["as_json"], _show_sweep, kw["report"])

@@ -10,7 +10,6 @@ from kernelscope.cli.checks import (
     calibration_windows,
     check_widths,
     profile_configs,
-    read_calibration_text,
     transform_options,
     transform_refusals,
 )
@@ -20,6 +19,7 @@ from kernelscope.cli.common import (
     finish,
     header,
     prepare,
+    read_calibration,
     refuse_unused,
     split_values,
     stage_progress,
@@ -159,12 +159,64 @@ def _by_module_type(by_type: pl.DataFrame, several: bool = False) -> Table:
     return table
 
 
+def _profile(prep, configs, display, *, checkpoint, **options):
+    """The profile's one pass over the windows, shown on ``display``; stopped (Ctrl-C), one line on the
+    checkpoint it keeps, where it keeps one."""
+    from kernelscope.runs import profile
+
+    done = [0]
+
+    def step(count: int, total: int) -> None:
+        done[0] = count
+        display("profiling", count, total)
+
+    try:
+        return profile(prep.loaded, prep.windows, configs, text=prep.text, progress=step,
+                       checkpoint=checkpoint, **options)
+    except KeyboardInterrupt:
+        if checkpoint is not None and checkpoint.is_file():
+            raise Interrupted(f"stopped after {done[0]} of {len(prep.windows)} windows; a checkpoint "
+                              f"is kept at {checkpoint}: rerun the same command with --resume") from None
+        raise
+
+
+def _checkpoint(output, resume: bool, parallel: bool):
+    """Where a run keeps its checkpoint (beside ``--output``; None without one, or under torchrun), checked
+    for ``--resume``, and refused where something of the user's lies there."""
+    from kernelscope.runs.checkpoint import checkpoint_path, is_checkpoint
+
+    if parallel and resume:
+        fail("--resume works in a single process only; rerun without torchrun to resume")
+    if resume and output is None:
+        fail("--resume needs --output: the checkpoint is kept beside the output folder")
+    checkpoint = checkpoint_path(output) if output is not None and not parallel else None
+    if resume and not checkpoint.is_file():
+        fail(f"nothing to resume: no checkpoint at {checkpoint}")
+    if not resume and checkpoint is not None and checkpoint.exists() and not is_checkpoint(checkpoint):
+        fail(f"{checkpoint}, where this run would keep its checkpoint, exists and was not written by "
+             f"kernelscope; move it or choose another {flag('--output')}")
+    return checkpoint
+
+
+def _world(device: str, device_map: str | None):
+    """Under torchrun: this process's device (one GPU each, ``cuda:LOCAL_RANK``; CPU processes share the
+    machine's cores) and its place among the processes, once it has joined them."""
+    import os
+
+    import torch
+
+    from kernelscope.runs import distributed
+
+    if device in ("auto", "cuda") and torch.cuda.is_available() and device_map is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device, distributed.start(torch.device("cuda" if device.startswith("cuda") else "cpu"))
+
+
 def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, bits, alpha, group_size,
                 weight_format, transform, transform_seed, calib_dataset, calib_nsamples, layers,
                 include_lm_head, batch_size, top_k, dtype, device, device_map, max_memory, offload_folder,
                 trust_remote_code, output, overwrite, report, resume, as_json, quiet, given) -> None:
-    from kernelscope.runs import distributed, profile
-    from kernelscope.runs.checkpoint import checkpoint_path, is_checkpoint
+    from kernelscope.runs import distributed
 
     configs = profile_configs(quantizer, bits, alpha, group_size)
     weights = _weight_formats(weight_format, group_size)
@@ -183,56 +235,27 @@ def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, b
                                          for c in [*configs, *weights])
                   else "it sets the block of per_group, which neither -q nor --weight-format gives")
     parallel = distributed.launched()
-    if parallel and resume:
-        fail("--resume works in a single process only; rerun without torchrun to resume")
-    if resume and output is None:
-        fail("--resume needs --output: the checkpoint is kept beside the output folder")
-    checkpoint = checkpoint_path(output) if output is not None and not parallel else None
-    if resume and not checkpoint.is_file():
-        fail(f"nothing to resume: no checkpoint at {checkpoint}")
-    if not resume and checkpoint is not None and checkpoint.exists() and not is_checkpoint(checkpoint):
-        fail(f"{checkpoint}, where this run would keep its checkpoint, exists and was not written by "
-             f"kernelscope; move it or choose another {flag('--output')}")
+    checkpoint = _checkpoint(output, resume, parallel)
     if top_k < 1:
         fail(f"{flag('--top-k')} must be at least 1, got {top_k}")
-    quiet = quiet or as_json
-    world = distributed.World()
-    if parallel:  # torchrun: one process per device (CPU processes share the machine's cores)
-        import os
-
-        import torch
-
-        if device in ("auto", "cuda") and torch.cuda.is_available() and device_map is None:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        world = distributed.start(torch.device("cuda" if device.startswith("cuda") else "cpu"))
-        quiet = quiet or not world.main
-    calib_text = read_calibration_text(calib_dataset, calib_nsamples, seqlen) if calibrated else None
-    prep = prepare(model=model, dataset=dataset, nsamples=nsamples, seqlen=seqlen, windows=windows,
-                   seed=seed, layers=layers, batch_size=batch_size, dtype=dtype, device=device,
-                   trust_remote_code=trust_remote_code, output=output, overwrite=overwrite, quiet=quiet,
-                   report=report, device_map=device_map, max_memory=max_memory,
-                   offload_folder=offload_folder)
-    check_widths(transforms, prep.loaded.model, layers)
-    calibration = (calibration_windows(prep, calib_text, calib_nsamples, {"seqlen": seqlen, "seed": seed})
-                   if calibrated else None)
-    done = [0]
-
-    def step(count: int, total: int) -> None:
-        done[0] = count
-        update("profiling", count, total)
-
-    with stage_progress(quiet) as update:
-        try:
-            result = profile(prep.loaded, prep.windows, configs, text=prep.text, layers=layers,
-                             include_lm_head=include_lm_head, batch_size=batch_size, top_k=top_k,
-                             progress=step, checkpoint=checkpoint, resume=resume, weight_formats=weights,
-                             transforms=list(transforms), calibration=calibration,
-                             calibration_text=calib_text)
-        except KeyboardInterrupt:
-            if checkpoint is not None and checkpoint.is_file():
-                raise Interrupted(f"stopped after {done[0]} of {len(prep.windows)} windows; a checkpoint "
-                                  f"is kept at {checkpoint}: rerun the same command with --resume") from None
-            raise
+    device, world = _world(device, device_map) if parallel else (device, distributed.World())
+    quiet = quiet or as_json or not world.main
+    with stage_progress(quiet) as display:
+        calib_text = read_calibration(display, calibrated, calib_dataset, calib_nsamples, seqlen)
+        prep = prepare(model=model, dataset=dataset, nsamples=nsamples, seqlen=seqlen, windows=windows,
+                       seed=seed, layers=layers, batch_size=batch_size, dtype=dtype, device=device,
+                       trust_remote_code=trust_remote_code, output=output, overwrite=overwrite, quiet=quiet,
+                       report=report, device_map=device_map, max_memory=max_memory,
+                       offload_folder=offload_folder, display=display)
+        check_widths(transforms, prep.loaded.model, layers)
+        calibration = (calibration_windows(prep, calib_text, calib_nsamples, {"seqlen": seqlen, "seed": seed})
+                       if calibrated else None)
+        share = len(world.windows(len(prep.windows)))
+        display.plan("profiling", 1, share)
+        result = _profile(prep, configs, display, checkpoint=checkpoint, resume=resume, layers=layers,
+                          include_lm_head=include_lm_head, batch_size=batch_size, top_k=top_k,
+                          weight_formats=weights, transforms=list(transforms), calibration=calibration,
+                          calibration_text=calib_text)
     distributed.stop()
     if not world.main:
         return  # only the first process writes and prints

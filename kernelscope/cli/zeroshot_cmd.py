@@ -22,6 +22,7 @@ from kernelscope.cli.common import (
     finish,
     load_with_status,
     one_value,
+    read_calibration,
     refuse_unused,
     split_values,
     stage_progress,
@@ -63,7 +64,8 @@ def _refusals(schemes, transforms, given, *, output, report, batch_size, group_s
     removing = any(s.mode.removes_kernel for s in schemes)
     removing_int = any(s.mode.removes_kernel and s.activation.format.grid.is_int for s in schemes)
     own = any(not s.transform.is_identity for s in schemes)  # wXaY-smoothquant
-    calibrated = any(s.transform.then(t).needs_calibration for s in schemes for t in transforms)
+    calibrated = (any(s.transform.then(t).needs_calibration for s in schemes for t in transforms)
+                  or any(s.needs_calibration for s in schemes))
     only_removal = "it applies to remove-kernel-* schemes only (a wXaY scheme names its own bit widths)"
     calibration = transform_refusals(transforms, calibrated)
     refuse_unused(
@@ -103,11 +105,19 @@ def _calibration(loaded, text, nsamples: int, seqlen: int, seed: int | None):
                                flag("--calib-seqlen")))
 
 
+def _check_fixed_shots(fixed: list[str], num_fewshot: int | None) -> None:
+    """Refuse a few-shot count for tasks whose definitions fix it at 0, naming every one of them."""
+    if num_fewshot in (None, 0) or not fixed:
+        return
+    whose = "their definitions fix" if len(fixed) > 1 else "its definition fixes"
+    fail(f"{flag('--num-fewshot')} {num_fewshot} has no effect on task{'s' * (len(fixed) > 1)} "
+         f"{', '.join(fixed)}: {whose} the few-shot count at 0, which the harness keeps")
+
+
 def run_zeroshot(*, model, scheme, tasks, include_path, limit, num_fewshot, batch_size, seed, alpha, bits,
                  weight_bits, group_size, smooth_alpha, transform, transform_seed, calib_dataset,
                  calib_nsamples, calib_seqlen, layers, dtype, device, trust_remote_code, output, overwrite,
                  report, as_json, quiet, given) -> None:
-    from kernelscope.data import load_text
     from kernelscope.data.tasks import load_tasks, require_harness
     from kernelscope.runs.zeroshot import zeroshot
 
@@ -124,22 +134,21 @@ def run_zeroshot(*, model, scheme, tasks, include_path, limit, num_fewshot, batc
                            group_size=group_size, weight_bits=weight_bits)
     device = check_paths_and_model(model, output, overwrite, report, dtype, device, layers)
     names = split_values(tasks, "--tasks", str, "a task name") if tasks else list(DEFAULT_TASKS)
-    harness_tasks = load_tasks(names, include_path, option=flag("--tasks"),
-                               path_option=flag("--include-path"))
-    if num_fewshot not in (None, 0) and harness_tasks.fixed_zero_shot:
-        fail(f"{flag('--num-fewshot')} {num_fewshot} has no effect on task "
-             f"{harness_tasks.fixed_zero_shot[0]}: its definition fixes the few-shot count at 0, which the "
-             "harness keeps")
-    calib_text = (load_text(calib_dataset, max_chars=20 * calib_nsamples * calib_seqlen,
-                            option=flag("--calib-dataset")) if calibrated else None)
     silent = quiet or as_json
-    loaded = load_with_status(model, dtype, device, trust_remote_code, quiet=silent)
-    check_widths(transforms, loaded.model, layers)
-    calibration = _calibration(loaded, calib_text, calib_nsamples, calib_seqlen, seed) if calibrated else None
-    with stage_progress(silent, unit="tasks") as update:
+    with stage_progress(silent, unit="tasks") as display:
+        display.stage(f"finding the tasks and reading their documents ({', '.join(names)})")
+        harness_tasks = load_tasks(names, include_path, option=flag("--tasks"),
+                                   path_option=flag("--include-path"))
+        _check_fixed_shots(harness_tasks.fixed_zero_shot, num_fewshot)
+        calib_text = read_calibration(display, calibrated, calib_dataset, calib_nsamples, calib_seqlen)
+        loaded = load_with_status(model, dtype, device, trust_remote_code, quiet=silent, display=display)
+        check_widths(transforms, loaded.model, layers)
+        calibration = (_calibration(loaded, calib_text, calib_nsamples, calib_seqlen, seed) if calibrated
+                       else None)
+        display.plan("scoring", len(schemes) * len(transforms), len(harness_tasks.tasks))
         result = zeroshot(loaded, harness_tasks, schemes, layers=layers, limit=limit, num_fewshot=num_fewshot,
                           batch_size=batch_size, seed=seed, transforms=list(transforms),
-                          calibration=calibration, calibration_text=calib_text, progress=update)
+                          calibration=calibration, calibration_text=calib_text, progress=display)
     finish(result, output, overwrite, as_json, _show, report)
 
 

@@ -98,13 +98,22 @@ def load_tasks(names: Sequence[str], include_path: str | Path | None = None, *,
     if folder is not None:
         _check_yaml_files(folder, str(include_path), path_option)
     manager = _manager(names, folder, option, path_option)
+    _check_hub_reachable(manager, names, path_option)
     tasks: dict[str, Any] = {}
     requested: dict[str, str] = {}
+    unavailable: list[tuple[str, str, str]] = []  # (task, dataset, why) of every task without its data
     with _datasets_quiet():
         for name in dict.fromkeys(names):
-            for task_name, task in _load_one(manager, name, option, path_option).items():
+            try:
+                loaded = _load_one(manager, name, option)
+            except _Unavailable as exc:
+                unavailable.append(exc.missing)
+                continue
+            for task_name, task in loaded.items():
                 tasks.setdefault(task_name, task)
                 requested.setdefault(task_name, name)
+        if unavailable:  # every task without its data named at once, not one a run
+            raise KernelscopeError(_unavailable(unavailable, path_option))
         facts = [_facts(task_name, task, requested[task_name], option) for task_name, task in tasks.items()]
     return HarnessTasks(list(dict.fromkeys(names)), tasks, facts, str(folder) if folder else None, version,
                         manager)
@@ -223,22 +232,38 @@ def _yaml_fingerprint(folder: Path | None) -> tuple:
     return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
 
 
-def _load_one(manager, name: str, option: str, path_option: str) -> dict[str, Any]:
-    """The tasks ``name`` stands for, loaded; a hub dataset that cannot be had is refused first, a
+class _Unavailable(Exception):
+    """A task whose data the hub holds and this machine cannot have: ``missing`` is (task, dataset, why)."""
+
+    def __init__(self, task: str, dataset: str, why: str) -> None:
+        super().__init__(task)
+        self.missing = (task, dataset, why)
+
+
+def _check_hub_reachable(manager, names: Sequence[str], path_option: str) -> None:
+    """Refuse at once, naming every one of them, the tasks whose data are on the hub where the hub cannot
+    be reached (outside offline mode the harness would retry for half a minute per task)."""
+    if _datasets_offline():
+        return
+    needed = list(dict.fromkeys(pair for name in dict.fromkeys(names)
+                                for pair in _hub_datasets(manager, name)))
+    reason = hub_unreachable_reason() if needed else None
+    if reason is not None:
+        missing = [(task, dataset, reason) for task, dataset in needed]
+        raise KernelscopeError(_unavailable(missing, path_option))
+
+
+def _load_one(manager, name: str, option: str) -> dict[str, Any]:
+    """The tasks ``name`` stands for, loaded; data that cannot be had raise :class:`_Unavailable`, a
     split without documents is named."""
     offline = _datasets_offline()
-    needed = next(_hub_datasets(manager, name), None)
-    if needed is not None and not offline:
-        reason = hub_unreachable_reason()  # the harness would retry for half a minute
-        if reason is not None:
-            raise KernelscopeError(_unavailable(*needed, reason, path_option))
     try:
         return manager.load([name])["tasks"]
     except ConnectionError as exc:
         reason = ("offline mode is on and the Hugging Face cache does not hold it" if offline
                   else _first_line(exc))
-        task, dataset = needed or (name, "its data")
-        raise KernelscopeError(_unavailable(task, dataset, reason, path_option)) from None
+        task, dataset = next(_hub_datasets(manager, name), None) or (name, "its data")
+        raise _Unavailable(task, dataset, reason) from None
     except Exception as exc:  # the harness and datasets raise many types for a bad task file or data
         if _is_empty_split(exc):
             raise KernelscopeError(_no_documents_at_load(manager, name, exc, option)) from None
@@ -318,12 +343,23 @@ def _datasets_offline() -> bool:
     return bool(datasets.config.HF_HUB_OFFLINE)
 
 
-def _unavailable(task: str, dataset: str, reason: str, path_option: str) -> str:
-    return (f"task {task} needs {dataset} from the Hugging Face hub, which cannot be reached ({reason}); "
-            "make it available: run once where the hub is reachable (that fills the Hugging Face cache), "
-            "then offline with HF_DATASETS_OFFLINE=1 and the same HF_HOME; or define the task in a YAML of "
-            f"your own whose data are local files (dataset_path: json, with data_files) and pass its folder "
-            f"with {path_option} DIR")
+def _unavailable(missing: Sequence[tuple[str, str, str]], path_option: str) -> str:
+    """The refusal of the tasks whose data cannot be had, ``(task, dataset, why)`` each: every one named,
+    with the two ways to make them available."""
+    if len(missing) == 1:
+        task, dataset, reason = missing[0]
+        return (f"task {task} needs {dataset} from the Hugging Face hub, which cannot be reached ({reason}); "
+                "make it available: run once where the hub is reachable (that fills the Hugging Face "
+                "cache), then offline with HF_DATASETS_OFFLINE=1 and the same HF_HOME; or define the task in "
+                "a YAML of your own whose data are local files (dataset_path: json, with data_files) and "
+                f"pass its folder with {path_option} DIR")
+    named = ", ".join(f"{task} needs {dataset.removeprefix('the dataset ')}" for task, dataset, _ in missing)
+    reasons = "; ".join(dict.fromkeys(reason for _, _, reason in missing))
+    return (f"{len(missing)} tasks need their data from the Hugging Face hub, which cannot be reached "
+            f"({reasons}): {named}; make them available: run once where the hub is reachable (that fills "
+            "the Hugging Face cache), then offline with HF_DATASETS_OFFLINE=1 and the same HF_HOME; or "
+            "define the tasks in YAML files of your own whose data are local files (dataset_path: json, "
+            f"with data_files) and pass their folder with {path_option} DIR")
 
 
 def _hub_datasets(manager, name: str) -> Iterator[tuple[str, str]]:

@@ -155,8 +155,9 @@ def _read_hub(name: str, max_chars: int | None, option: str) -> str:
     reason = hub_unreachable_reason()
     if reason is not None:
         raise KernelscopeError(
-            f"{option} {name} needs the Hugging Face hub, which cannot be reached: {reason}; "
-            "pass a local .txt/.jsonl/.parquet file or `pydoc` instead"
+            f"{option} {name} needs the Hugging Face hub, which cannot be reached: {reason}; to run "
+            f"offline, give {option} pydoc (Python's documentation) or {option} path/to/text.txt (a local "
+            ".txt, .jsonl or .parquet file)"
         )
     from datasets import load_dataset
 

@@ -32,6 +32,7 @@ TABLES: dict[str, str] = {
     "layers": "profile: one row per transform × Linear layer × quantizer configuration",
     "weights": "profile: one row per transform × Linear layer × weight quantizer",
     "eval": "eval: one row per scheme × transform",
+    "sqnr": "eval --sqnr: one row per quantizing scheme × transform × covered Linear layer",
     "threshold": "threshold: one row per λ evaluated × transform",
     "sweep": "sweep: one row per transform × quantizer × α, and the fp reference",
     "zeroshot": "zeroshot: one row per scheme × task × accuracy metric",
@@ -39,6 +40,8 @@ TABLES: dict[str, str] = {
     "sensitivity": "advise: one row per group of layers (a layer, a module type, a block)",
     "cells": "advise: one row per cell (the layers of one module type in one block), most sensitive first",
     "search": "advise: one row per plan measured during the search",
+    "candidates": "advise with several schemes or transforms: one row per scheme × transform, the one to "
+                  "deploy first",
 }
 """Every table a run writes (``<name>.parquet``), and what its rows are."""
 
@@ -65,12 +68,12 @@ COLUMNS: dict[str, Column] = {
     "format": Column(_S, "the number format of the quantizer's elements (int8, e4m3, e2m1, ...)"),
     "block_size": Column(_I, "channels per scale of a block format; empty for the others"),
     # counts
-    "tokens": Column(_I, "tokens the row's pass saw (a profile: the layer's input rows)"),
+    "tokens": Column(_I, "tokens the row's pass saw (a profile, sqnr: the layer's input rows)"),
     "elements": Column(_I, "finite elements counted"),
     "kernel_elements": Column(_I, "elements in the kernel: those the quantizer rounds to zero"),
     "kernel_fraction": Column(_F, "kernel_elements / elements, in the row's own pass: the fp activations for "
-                                  "a profile, the quantized pass for eval, threshold (the kernel removed at "
-                                  "that λ), sweep, zeroshot and advise"),
+                                  "a profile and for sqnr, the quantized pass for eval, threshold (the "
+                                  "kernel removed at that λ), sweep, zeroshot and advise"),
     "fp_kernel_fraction": Column(_F, "the same configuration's kernel on the full-precision activations, in "
                                      "the row's basis"),
     "nonfinite_elements": Column(_I, "NaN and ±Inf elements, left out of every count"),
@@ -117,6 +120,9 @@ COLUMNS: dict[str, Column] = {
                                 "nvfp4, ...); empty for INT weights, which weight_bits and group_size "
                                 "describe"),
     "group_size": Column(_I, "inputs per weight scale (g128); empty for per-output-channel weights"),
+    "arithmetic": Column(_S, "whose arithmetic the scheme computes: kernelscope (the paper's formats) or the "
+                             "deploying library and the version it was checked against, bit for bit "
+                             "(llm-compressor:NAME schemes)"),
     "kernel_scale": Column(_F, "remove-kernel's scale multiplier; empty for other modes"),
     "lambda": Column(_F, "remove-kernel's λ: kernel elements are those with |x| ≤ λ times the bound"),
     # perplexity and its comparison with fp
@@ -135,6 +141,15 @@ COLUMNS: dict[str, Column] = {
     "change_pct_ci_low": Column(_F, "lower end of its 95% interval"),
     "change_pct_ci_high": Column(_F, "upper end of its 95% interval"),
     "vs_fp": Column(_S, "worse than fp / better than fp / not separable from fp, from the interval"),
+    # a layer's output error (eval --sqnr)
+    "sqnr_db": Column(_F, "10·log10(Σ y² / Σ (y − ŷ)²) in dB of the layer's output y = x·Wᵀ (bias left out) "
+                          "on the full-precision model's inputs, ŷ with the scheme's activations and weights "
+                          "quantized (float64 sums over every window); empty where the output is exact "
+                          "(infinite SQNR, which JSON cannot hold)"),
+    "sqnr_activations_db": Column(_F, "the same with only the activations quantized; empty where the scheme "
+                                      "leaves them in full precision or the output is exact"),
+    "sqnr_weights_db": Column(_F, "the same with only the weights quantized; empty where the scheme leaves "
+                                  "them in full precision or the output is exact"),
     "within_tolerance": Column(_B, "whether the perplexity is within the tolerance asked for"),
     "within_probability": Column(_F, "how often it is, over resampled windows"),
     # zero-shot
@@ -162,7 +177,21 @@ COLUMNS: dict[str, Column] = {
     "first_block": Column(_I, "the first block the group's pass recomputed (the blocks before are cached)"),
     "kl": Column(_F, "mean KL divergence of the next-token distribution from fp's, nats a token"),
     "cost": Column(_F, "the pass's work in full forward passes (the share of the Linear work it recomputed)"),
-    "rank": Column(_I, "1 = most sensitive within its kind"),
+    "rank": Column(_I, "1 = most sensitive within its kind (sensitivity); 1 = the candidate to deploy "
+                       "(candidates)"),
+    "deployable": Column(_S, "exact (a library quantizes exactly as measured), approximate (a library "
+                             "applies the transform its own way: measure again after applying) or none "
+                             "(a diagnostic, never recommended)"),
+    "deploy_with": Column(_S, "which library and file deploys the candidate, or why none can"),
+    "parameter_share_kept": Column(_F, "share of the covered Linear parameters the plan keeps in full "
+                                       "precision"),
+    "bits_per_weight": Column(_F, "bits a covered weight parameter costs under the plan: kept layers at 16, "
+                                  "quantized ones at their element width plus their block scales' share"),
+    "selection_change_pct": Column(_F, "the plan's change from fp on the windows it was chosen on, %"),
+    "selection_within_tolerance": Column(_B, "whether the plan held the tolerance on the windows it was "
+                                             "chosen on"),
+    "held_out": Column(_B, "whether the figures of the row were measured on held-out windows (the plan was "
+                           "not chosen on them)"),
     "cell": Column(_S, "the cell's name: block and module types"),
     "module_types": Column(pl.List(_S), "the cell's module types"),
     "estimated_delta_nll": Column(_F, "the loss in delta_nll estimated for keeping the cell quantized"),

@@ -12,7 +12,9 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
 
 import polars as pl
 import torch
@@ -22,8 +24,10 @@ from torch import nn
 from kernelscope.data import TextSource, Windows
 from kernelscope.errors import KernelscopeError
 from kernelscope.models import LinearLayer, LoadedModel
+from kernelscope.quant import targets
 from kernelscope.quant.modes import Mode
 from kernelscope.quant.transforms import IDENTITY, NONE, TransformSpec
+from kernelscope.results import write_run
 from kernelscope.runs.common import (
     StageProgress,
     TableResult,
@@ -33,10 +37,16 @@ from kernelscope.runs.common import (
     text_facts,
     unpack,
 )
-from kernelscope.runs.fakequant import SchemeApplied
+from kernelscope.runs.fakequant import SchemeApplied, covered_layers
 from kernelscope.runs.forward import eval_mode, model_device
 from kernelscope.runs.schemes import Scheme
-from kernelscope.runs.transforming import ModelTransform, TransformBinder, identity_transform
+from kernelscope.runs.sqnr import SqnrMeasurements
+from kernelscope.runs.transforming import (
+    ModelTransform,
+    TransformBinder,
+    calibration_ranges,
+    identity_transform,
+)
 from kernelscope.stats.uncertainty import METHOD, paired_difference, perplexity_interval
 
 
@@ -107,16 +117,18 @@ def run_scheme(
     batch_size: int = 1,
     progress: Callable[[int, int], None] | None = None,
     on_logits: LogitsHook | None = None,
+    calibration: dict[str, targets.Calibration] | None = None,
 ) -> dict[str, Any]:
     """Perplexity of ``model`` under ``scheme`` on ``windows``, with the activation kernel it caused,
     the mean NLL of every window (``window_nll``) and the bootstrap interval of the perplexity.
 
     ``transform`` (bound to ``layers``; default none) changes the basis the scheme quantizes in; it
-    must include the scheme's own transform (see :func:`evaluate`).
+    must include the scheme's own transform (see :func:`evaluate`). ``calibration`` holds the static
+    scales of a target that has them (:func:`calibrate_target`).
     """
     started = time.perf_counter()
     transform = transform or identity_transform(layers)
-    applied = SchemeApplied(layers, scheme, transform.layers, seq_len=windows.seqlen)
+    applied = SchemeApplied(layers, scheme, transform.layers, seq_len=windows.seqlen, calibration=calibration)
     with eval_mode(model), applied:
         sums, per_window = nll_pass(model, windows, batch_size=batch_size, after_batch=applied.end_batch,
                                     progress=progress, on_logits=on_logits)
@@ -205,10 +217,17 @@ def split_ignored(selected: list[LinearLayer], ignore: str | Sequence[str] | Non
     return [lay for lay in selected if lay.name not in hit], [lay for lay in selected if lay.name in hit]
 
 
+@dataclass
 class EvalResult(TableResult):
-    """One row per scheme (``table``) and the JSON summary (``summary.json``)."""
+    """One row per scheme (``table``) and the JSON summary (``summary.json``); with ``sqnr``, one row per
+    quantizing scheme × transform × layer of the layers' output SQNR (``sqnr.parquet``)."""
 
-    TABLE = "eval"
+    TABLE: ClassVar[str] = "eval"
+    sqnr: pl.DataFrame | None = None
+
+    def save(self, path: str | Path, *, overwrite: bool = False, **writing: Any) -> Path:
+        tables = {self.TABLE: self.table} | ({} if self.sqnr is None else {"sqnr": self.sqnr})
+        return write_run(path, tables, self.summary, overwrite=overwrite, **writing)
 
 
 def scheme_transform(scheme: Scheme, transform: TransformSpec) -> TransformSpec:
@@ -218,6 +237,47 @@ def scheme_transform(scheme: Scheme, transform: TransformSpec) -> TransformSpec:
         return scheme.transform.then(transform)
     except ValueError as exc:
         raise KernelscopeError(f"scheme {scheme.name} with transform {transform.label}: {exc}") from None
+
+
+def calibrate_target(model: nn.Module, scheme: Scheme, layers: Sequence[LinearLayer],
+                     transform: ModelTransform, windows: Windows | None, *, batch_size: int = 1
+                     ) -> tuple[dict[str, targets.Calibration], dict[str, Any]]:
+    """The static scales of ``scheme``'s target on each layer, from the min and max of the layer's input
+    (in ``transform``'s basis) over the calibration ``windows``, the model in full precision; and what the
+    summary records of them. Nothing for a scheme without static scales."""
+    if not scheme.needs_calibration:
+        return {}, {}
+    if windows is None:
+        raise KernelscopeError(f"{scheme.name} calibrates static activation scales: it needs calibration "
+                               "windows (--calib-dataset, --calib-nsamples)")
+    args = scheme.target.input_activations
+    ranges = calibration_ranges(model, layers, windows, transform.layers, batch_size=batch_size)
+    dtypes = {layer.name: layer.module.weight.dtype for layer in layers}
+    scales = {name: targets.calibrate(lo, hi, args, dtypes[name]) for name, (lo, hi) in ranges.items()}
+    key = "amax" if args.arithmetic is targets.Arithmetic.MODELOPT else "scale"
+    facts = {name: {"min": float(lo), "max": float(hi),
+                    key: None if scales[name].scale is None else float(scales[name].scale.float().max()),
+                    "global_scale": None if scales[name].global_scale is None
+                    else float(scales[name].global_scale)}
+             for name, (lo, hi) in ranges.items()}
+    return scales, {"observer": args.observer or "minmax", "layers": facts}
+
+
+def scheme_layers(net: nn.Module, schemes: Sequence[Scheme], selected: list[LinearLayer],
+                  ignored: list[LinearLayer], transforms: Sequence[TransformSpec],
+                  ) -> dict[str, list[LinearLayer]]:
+    """The layers each scheme quantizes (a recipe's own, or the selected ones), less the ``ignored``;
+    each checked against the scheme (groups that must divide a layer's inputs) before any pass."""
+    ignored_names = {layer.name for layer in ignored}
+    covers = {scheme.name: [layer for layer in covered_layers(net, scheme, selected)
+                            if layer.name not in ignored_names] for scheme in schemes}
+    for scheme in schemes:
+        scheme.check_widths(covers[scheme.name])
+        recipe = scheme.target is not None and scheme.target.coverage is not None
+        if recipe and not all(t.is_identity for t in transforms):
+            raise KernelscopeError(f"{scheme.name} deploys in the model's own basis; give it without "
+                                   "--transform")
+    return covers
 
 
 def evaluate(
@@ -234,6 +294,7 @@ def evaluate(
     ignore_source: str | None = None,
     batch_size: int = 1,
     progress: StageProgress | None = None,
+    sqnr: bool = False,
 ) -> EvalResult:
     """Perplexity of ``model`` on ``windows`` under each scheme and each transform, scheme by scheme.
 
@@ -245,23 +306,24 @@ def evaluate(
     re-measured. Calibrated transforms need ``calibration`` windows (from text other than the
     evaluation text). Each row carries its per-window NLLs and a bootstrap interval; with an ``fp``
     scheme among them, every other row its paired difference from fp on the same windows (the fp
-    row of the same transform where there is one).
+    row of the same transform where there is one). ``sqnr``: each layer's output SQNR too (sqnr.py).
     """
     net, info, _ = unpack(model)
     if not schemes:
         raise ValueError("evaluate needs at least one scheme")
     if not transforms:
         raise ValueError("evaluate needs at least one transform (IDENTITY for none)")
+    if sqnr and not any(scheme.mode.quantizes for scheme in schemes):
+        raise ValueError("the SQNR measures the error of a quantizing scheme; fp quantizes nothing")
     selected, ignored = split_ignored(resolve_layers(net, layers), ignore)
+    covers = scheme_layers(net, schemes, selected, ignored, transforms)
     pairs = [(scheme, scheme_transform(scheme, t)) for scheme in schemes for t in transforms]
     binder = TransformBinder(net, selected, calibration, batch_size=batch_size)
     for _, spec in pairs:  # every width checked and every calibration done before the first evaluation
         binder.bind(spec)
-    rows = []
-    for scheme, spec in pairs:
-        stage = scheme.name if len(transforms) == 1 else f"{scheme.name}, {spec.label}"
-        rows.append(run_scheme(net, windows, scheme, selected, transform=binder.bind(spec),
-                               batch_size=batch_size, progress=stage_callback(progress, stage)))
+    errors = SqnrMeasurements() if sqnr else None
+    rows, scales = _evaluate_pairs(net, windows, pairs, covers, binder, calibration, errors,
+                                   labelled=len(transforms) > 1, batch_size=batch_size, progress=progress)
     rows = with_comparisons(rows, fp_references(rows))
     table = pl.DataFrame(rows, infer_schema_length=None)
     summary = {
@@ -275,11 +337,35 @@ def evaluate(
         "transforms": transforms_facts(transforms),
         "calibration": (
             {"text": text_facts(calibration_text), "windows": calibration.as_dict()}
-            if calibration is not None and binder.calibrated else None
+            if calibration is not None and (binder.calibrated or scales) else None
         ),
+        "static_scales": scales or None,
+        "sqnr": errors.summary() if errors is not None else None,
         "settings": {"batch_size": batch_size},
     }
-    return EvalResult(table, summary)
+    return EvalResult(table, summary, errors.table() if errors is not None else None)
+
+
+def _evaluate_pairs(net: nn.Module, windows: Windows, pairs: Sequence[tuple[Scheme, TransformSpec]],
+                    covers: dict[str, list[LinearLayer]], binder: TransformBinder,
+                    calibration: Windows | None, errors: SqnrMeasurements | None, *, labelled: bool,
+                    batch_size: int,
+                    progress: StageProgress | None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The row of each scheme under each transform (a target's static scales calibrated first), and the
+    scales by pass; with ``errors``, each quantizing scheme's layers' output SQNR measured there too."""
+    rows, scales = [], {}
+    for scheme, spec in pairs:
+        stage = f"{scheme.name}, {spec.label}" if labelled else scheme.name
+        bound, covered = binder.bind(spec), covers[scheme.name]
+        calibrated, facts = calibrate_target(net, scheme, covered, bound, calibration, batch_size=batch_size)
+        if facts:
+            scales[f"{scheme.name}, {spec.label}"] = facts
+        rows.append(run_scheme(net, windows, scheme, covered, transform=bound, calibration=calibrated,
+                               batch_size=batch_size, progress=stage_callback(progress, stage)))
+        if errors is not None and scheme.mode.quantizes:
+            errors.measure(net, windows, scheme, covered, transform=bound, calibration=calibrated,
+                           batch_size=batch_size, progress=stage_callback(progress, f"{stage}: output SQNR"))
+    return rows, scales
 
 
 def transforms_facts(transforms: Sequence[TransformSpec]) -> dict[str, Any]:

@@ -16,12 +16,34 @@ from torch import nn
 
 from kernelscope.capture.hooks import Conv1D
 from kernelscope.errors import KernelscopeError
-from kernelscope.models import LinearLayer
-from kernelscope.quant import as_sequences, crossquant_factors
+from kernelscope.models import LinearLayer, select_linear_layers
+from kernelscope.quant import as_sequences, crossquant_factors, targets
 from kernelscope.quant import formats as F
 from kernelscope.quant.transforms import LayerTransform
 from kernelscope.runs.schemes import Scheme
 from kernelscope.stats import elementwise, native
+
+
+def covered_layers(model: nn.Module, scheme: Scheme, selected: list[LinearLayer]) -> list[LinearLayer]:
+    """The layers ``scheme`` quantizes: those its recipe names among every Linear of the model (lm_head
+    included, as the library would), or else the ``selected`` ones. A recipe that names a module that
+    is not a Linear (an embedding, a norm) is refused: kernelscope quantizes Linear inputs only."""
+    coverage = scheme.target.coverage if scheme.target is not None else None
+    if coverage is None:
+        return selected
+    every = select_linear_layers(model, "", include_lm_head=True)
+    linear = {layer.name for layer in every}
+    for name, module in model.named_modules():
+        classes = tuple(c.__name__ for c in type(module).__mro__)
+        if name not in linear and coverage.covers(name, classes) and not list(module.children()):
+            raise KernelscopeError(f"{scheme.name} quantizes {name} ({type(module).__name__}), which is not "
+                                   "a Linear layer; kernelscope quantizes Linear layers only")
+    covered = [layer for layer in every
+               if coverage.covers(layer.name, tuple(c.__name__ for c in type(layer.module).__mro__))]
+    if not covered:
+        raise KernelscopeError(f"{scheme.name} matches none of the model's {len(every)} Linear layers "
+                               f"(targets {', '.join(coverage.targets)})")
+    return covered
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
@@ -63,12 +85,16 @@ class SchemeApplied:
     which is the same product up to rounding and holds no second copy of the weights.
     ``seq_len`` is the window length, for models that flatten tokens before a Linear.
     ``kernel`` and ``elements`` are int64 counters on the model's device, read once at the end.
+    A deployment target quantizes the input exactly as its library receives it (no reshaping into
+    sequences), with ``calibration`` holding each layer's calibrated scales where it has static ones.
     """
 
     def __init__(self, layers: list[LinearLayer], scheme: Scheme,
-                 transforms: Mapping[str, LayerTransform] | None = None, seq_len: int | None = None) -> None:
+                 transforms: Mapping[str, LayerTransform] | None = None, seq_len: int | None = None,
+                 calibration: Mapping[str, targets.Calibration] | None = None) -> None:
         self.layers = layers
         self.scheme = scheme
+        self.calibration = dict(calibration or {})
         self.transforms = {name: t for name, t in (transforms or {}).items() if not t.is_identity}
         self.seq_len = seq_len  # splits flattened (B·T, I) inputs back into sequences
         self.kernel: torch.Tensor | None = None
@@ -79,20 +105,36 @@ class SchemeApplied:
         self._last: tuple[torch.Tensor | None, Any, Any] = (None, None, None)
 
     # -- activation ---------------------------------------------------------------------------
-    def _quantized(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _quantized(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``x`` quantized (or with its kernel zeroed) as the scheme says, and its kernel count."""
         scheme, act = self.scheme, self.scheme.activation
+        if scheme.target is not None:
+            try:
+                out, zero = targets.quantize_activation(x, scheme.target.input_activations,
+                                                        self.calibration.get(name))
+            except ValueError as exc:
+                raise KernelscopeError(f"{scheme.name} on {name}: {exc}") from None
+            if scheme.mode.removes_kernel:
+                out = torch.where(zero, torch.zeros((), dtype=x.dtype, device=x.device), x)
+            return out, torch.count_nonzero(zero)
         seqs = as_sequences(x, self.seq_len)  # (B, T, I)
         out, zeros = treat_activation(seqs, act.format, scheme.mode.removes_kernel, scheme.kernel_scale)
         return out.reshape(x.shape), zeros
 
-    def _transform(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def input_operands(self, name: str, x: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Layer ``name``'s input ``x`` under the scheme, as ``(x_b, x_q, zeros)``: ``x`` in the basis of
+        the weight the layer computes with (``T(x)`` where the scheme quantizes weights in a transformed
+        basis, else ``x``); the input the layer receives (quantized or with its kernel zeroed in the
+        transformed basis, mapped back where the layer keeps its own weight); and how many elements the
+        quantizer rounded to zero (None where the scheme leaves activations alone). The forward pre-hook
+        feeds ``x_q``; the SQNR pass (:mod:`kernelscope.runs.sqnr`) compares it with ``x_b``."""
         t = self.transforms.get(name)
         xt = x if t is None else t.activation(x)
-        out, zeros = (xt, None) if not self.scheme.mode.quantizes else self._quantized(xt)
+        out, zeros = (xt, None) if not self.scheme.changes_activation else self._quantized(name, xt)
         if t is not None and not self.scheme.changes_weight:
-            out = t.inverse(out)  # back to the layer's own basis and weight
-        return out, zeros
+            return x, t.inverse(out), zeros  # back to the layer's own basis and weight
+        return xt, out, zeros
 
     def _activation(self, name: str, x: torch.Tensor) -> torch.Tensor:
         # Layers fed the same tensor (q/k/v, gate/up) share one transform unless their transforms differ.
@@ -100,7 +142,7 @@ class SchemeApplied:
         if self._last[0] is x and self._last[1] is t:
             xq, zeros = self._last[2]
         else:
-            xq, zeros = self._transform(name, x)
+            _, xq, zeros = self.input_operands(name, x)
             self._last = (x, t, (xq, zeros))
         if zeros is not None:
             if self.kernel is None:
@@ -111,20 +153,37 @@ class SchemeApplied:
         return xq
 
     # -- weight -------------------------------------------------------------------------------
+    def weight_operands(self, name: str, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``name``'s weight ``(O, I)`` as ``(w_b, w_q)``: in the basis of its input (``W·A⁻ᵀ`` where
+        the scheme quantizes weights in a transformed basis, else ``W``), and as the scheme has the layer
+        compute with it (``w_b`` quantized; ``w_b`` itself where weights stay in full precision)."""
+        w = weight_out_in(module).detach()  # (O, I)
+        if not self.scheme.changes_weight:
+            return w, w
+        if name in self.transforms:
+            w = self.transforms[name].weight(w)  # W·A⁻ᵀ, the weight in the input's new basis
+        return w, self._weight_of(name, w)
+
     def _quantized_weight(self, name: str, module: nn.Module) -> torch.Tensor:
         if name not in self._weights:
-            w = weight_out_in(module).detach()  # (O, I)
-            if name in self.transforms:
-                w = self.transforms[name].weight(w)  # W·A⁻ᵀ, the weight in the input's new basis
-            weight = self.scheme.weight_quantizer
-            if weight is not None:
-                w = F.fake_quantize(w, weight.format)  # (O, I): one sequence whose rows are the outputs
-            self._weights[name] = _as_module_layout(module, w)
+            self._weights[name] = _as_module_layout(module, self.weight_operands(name, module)[1])
         return self._weights[name]
+
+    def _weight_of(self, name: str, w: torch.Tensor) -> torch.Tensor:
+        """``w (O, I)`` as the scheme quantizes it: one sequence whose rows are the outputs."""
+        target = self.scheme.target
+        if target is not None:
+            try:
+                return targets.quantize_weight(w, target.weights)[0]
+            except ValueError as exc:
+                raise KernelscopeError(f"{self.scheme.name} cannot quantize the weight of {name}: {exc}; "
+                                       "keep it in full precision with --ignore") from None
+        weight = self.scheme.weight_quantizer
+        return w if weight is None else F.fake_quantize(w, weight.format)
 
     def _pre_hook(self, name: str):
         scheme = self.scheme
-        untouched = not scheme.mode.quantizes and name not in self.transforms
+        untouched = not scheme.changes_activation and name not in self.transforms
 
         def hook(module: nn.Module, args: tuple, kwargs: dict):
             if args:

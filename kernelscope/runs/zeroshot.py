@@ -36,6 +36,7 @@ from kernelscope.data import TextSource, Windows
 from kernelscope.data.tasks import HarnessTasks
 from kernelscope.errors import KernelscopeError
 from kernelscope.models import LinearLayer, LoadedModel
+from kernelscope.quant import targets
 from kernelscope.quant.modes import Mode
 from kernelscope.quant.transforms import IDENTITY, LayerTransform, TransformSpec
 from kernelscope.results import write_run
@@ -47,7 +48,7 @@ from kernelscope.runs.common import (
     text_facts,
     unpack,
 )
-from kernelscope.runs.evaluate import scheme_transform, transforms_facts
+from kernelscope.runs.evaluate import calibrate_target, scheme_layers, scheme_transform, transforms_facts
 from kernelscope.runs.fakequant import SchemeApplied
 from kernelscope.runs.forward import eval_mode
 from kernelscope.runs.schemes import Scheme
@@ -63,13 +64,18 @@ def harness_seeds(seed: int | None) -> dict[str, int]:
 
 
 def spans_tokens(scheme: Scheme) -> bool:
-    """True when the scheme's activation scale of a token depends on the rest of its sequence."""
+    """True when the scheme's activation scale of a token depends on the rest of its sequence (for a
+    target: a dynamic per-tensor scale, which spans the whole batch)."""
+    if scheme.target is not None:
+        act = scheme.target.input_activations
+        return act is not None and act.dynamic and act.strategy is targets.Strategy.TENSOR
     return scheme.activation is not None and scheme.activation.format.rule.spans_tokens
 
 
 @contextlib.contextmanager
 def applied_scheme(model: nn.Module, layers: list[LinearLayer], scheme: Scheme,
-                   transforms: dict[str, LayerTransform] | None = None) -> Iterator[SchemeApplied]:
+                   transforms: dict[str, LayerTransform] | None = None,
+                   calibration: dict[str, targets.Calibration] | None = None) -> Iterator[SchemeApplied]:
     """``scheme`` in force on ``layers`` for every forward pass of ``model`` inside the block; every
     hook gone and every weight restored after, error or not.
 
@@ -77,7 +83,7 @@ def applied_scheme(model: nn.Module, layers: list[LinearLayer], scheme: Scheme,
     Linear input is ``(B, T, I)``, and a flattened ``(T, I)`` one (OPT's fc1/fc2) is one sequence,
     exact at batch size 1 (the only size at which a sequence-wide scale is allowed).
     """
-    applied = SchemeApplied(layers, scheme, transforms, seq_len=None)
+    applied = SchemeApplied(layers, scheme, transforms, seq_len=None, calibration=calibration)
     with applied:
         handle = model.register_forward_hook(lambda module, args, output: applied.end_batch())
         try:
@@ -189,12 +195,12 @@ def _kernel(applied: SchemeApplied) -> tuple[int, int]:
 
 def _run_scheme(lm, net: nn.Module, layers: list[LinearLayer], scheme: Scheme, tasks: HarnessTasks, *,
                 transform: ModelTransform, stage: str, limit, num_fewshot, seeds, batch_size,
-                progress) -> tuple[list, list]:
+                progress, calibration=None) -> tuple[list, list]:
     rows, items = [], []
     total = len(tasks.tasks)
     if progress is not None:
         progress(stage, 0, total)
-    with applied_scheme(net, layers, scheme, transform.layers) as applied:
+    with applied_scheme(net, layers, scheme, transform.layers, calibration) as applied:
         for done, (name, task) in enumerate(tasks.tasks.items(), start=1):
             started, (kernel0, elements0) = time.perf_counter(), _kernel(applied)
             count = fewshot_count(tasks.fact(name)["config_num_fewshot"], num_fewshot)
@@ -274,15 +280,21 @@ def zeroshot(
     binder = TransformBinder(net, selected, calibration, batch_size=1)
     rows: list[dict[str, Any]] = []
     items: list[dict[str, Any]] = []
+    static_scales: dict[str, Any] = {}
+    covers = scheme_layers(net, schemes, selected, [], transforms)
     with eval_mode(net):
         # the harness may set a missing pad token on the tokenizer it is given: give it a copy
         lm = _harness_model(net, copy.deepcopy(tokenizer), batch_size)
         for scheme, spec in pairs:
             bound = identity_transform(selected) if spec.is_identity else binder.bind(spec)
             stage = scheme.name if len(transforms) == 1 else f"{scheme.name}, {spec.label}"
+            scales, facts = calibrate_target(net, scheme, covers[scheme.name], bound, calibration)
+            if facts:
+                static_scales[stage] = facts
             scheme_rows, scheme_items = _run_scheme(
-                lm, net, selected, scheme, tasks, transform=bound, stage=stage, limit=limit,
-                num_fewshot=num_fewshot, seeds=seeds, batch_size=batch_size, progress=progress)
+                lm, net, covers[scheme.name], scheme, tasks, transform=bound, stage=stage, limit=limit,
+                num_fewshot=num_fewshot, seeds=seeds, batch_size=batch_size, progress=progress,
+                calibration=scales)
             rows += scheme_rows
             items += scheme_items
     rows = _with_change_from_fp(rows)
@@ -295,7 +307,8 @@ def zeroshot(
                    "lm_head": "full precision"},
         "transforms": transforms_facts(transforms),
         "calibration": ({"text": text_facts(calibration_text), "windows": calibration.as_dict()}
-                        if calibration is not None and binder.calibrated else None),
+                        if calibration is not None and (binder.calibrated or static_scales) else None),
+        "static_scales": static_scales or None,
         "settings": {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size, "seeds": seeds,
                      "include_path": tasks.include_path, "harness": "lm-evaluation-harness",
                      "harness_version": tasks.harness_version},
@@ -317,8 +330,11 @@ def _check(schemes: Sequence[Scheme], tasks: HarnessTasks, tokenizer: Any, num_f
     if batch_size > 1 and wide:
         raise KernelscopeError(f"scheme {wide[0]} takes its scale over a whole sequence, and in a batch the "
                                "harness pads the shorter requests: it runs at batch size 1 only")
-    if num_fewshot not in (None, 0) and tasks.fixed_zero_shot:
-        raise KernelscopeError(f"task {tasks.fixed_zero_shot[0]} fixes its few-shot count at 0 in its "
-                               "definition, which the harness keeps over any other")
+    fixed = tasks.fixed_zero_shot
+    if num_fewshot not in (None, 0) and fixed:
+        raise KernelscopeError(f"task{'s' * (len(fixed) > 1)} {', '.join(fixed)} "
+                               f"fix{'es its' if len(fixed) == 1 else ' their'} few-shot count at 0 in "
+                               f"{'its definition' if len(fixed) == 1 else 'their definitions'}, which the "
+                               "harness keeps over any other")
     if any(spec.needs_calibration for spec in specs) and calibration is None:
         raise ValueError("calibrated transforms (SmoothQuant) need calibration windows")
