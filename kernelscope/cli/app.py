@@ -227,7 +227,9 @@ def evaluate(
         "w8a8-smoothquant (any "
         "wXaY[-gG]-QUANTIZER); fp8 (FP8 weights per channel, activations per token) or any float format of "
         "`kernelscope formats` (mxfp8, mxfp4, nvfp4, ...: weights and activations in that format); "
-        "remove-kernel-QUANTIZER for any -q quantizer (remove-kernel-per-token, remove-kernel-mxfp4, ...). "
+        "remove-kernel-QUANTIZER for any -q quantizer (remove-kernel-per-token, remove-kernel-mxfp4, ...); "
+        "a deploying library's own scheme in its own arithmetic, LIBRARY:NAME (llm-compressor:W8A8, "
+        "modelopt:FP8_DEFAULT_CFG, ...: `kernelscope targets`) or llm-compressor:@recipe.yaml. "
         "\\[default: fp, w8a8-per-token, w8a8-crossquant]", show_default=False)] = None,
     dataset: o.Dataset = "wikitext2",
     nsamples: Nsamples = DEFAULT_WINDOWS,
