@@ -26,12 +26,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "test.txt"
 OUT = ROOT / "docs" / "benchmarks"
 SECTIONS = {
+    "profile": ["profile", "demo", "--dataset", "pydoc", "--nsamples", "4", "--seqlen", "512"],
     "eval": ["eval", "demo", "-d", str(TEXT), "-n", "2", "-s", "1024", "--scheme",
              "fp,w8a8-per-token,w8a8-crossquant,remove-kernel-per-token,llm-compressor:W8A8"],
     "advise": ["advise", "demo", "-d", str(TEXT), "-n", "2", "-s", "1024", "--holdout", "2", "--scheme",
                "w8a8-per-token", "--tolerance", "0.01"],
 }
-"""Section -> the documented command (without -o), as docs/perplexity.md and docs/advise.md give it."""
+"""Section -> the documented command (without -o), as the README, docs/perplexity.md and docs/advise.md
+give it."""
 
 
 def run(args: list[str], folder: Path) -> tuple[dict, float]:
@@ -42,6 +44,14 @@ def run(args: list[str], folder: Path) -> tuple[dict, float]:
 
 def change(r: dict) -> str:
     return f"{r['change_pct']:+.2f}% [{r['change_pct_ci_low']:+.2f}, {r['change_pct_ci_high']:+.2f}]"
+
+
+def profile_lines(s: dict) -> list[str]:
+    rows = [f"| {r['config']} | {100 * r['kernel_fraction']:.2f}% | {r['kernel_elements']:,} | "
+            f"{r['elements']:,} |" for r in s["model_level"]]
+    pairs = s["model_level"][0].get("c_ge_t_fraction")
+    tail = [] if pairs is None else ["", f"pairs with c_j >= t_i: {100 * pairs:.2f}%"]
+    return ["| quantizer | kernel | kernel elements | of elements |", "|---|---|---|---|", *rows, *tail]
 
 
 def eval_lines(s: dict) -> list[str]:
@@ -79,7 +89,7 @@ def advise_lines(s: dict) -> list[str]:
     return lines
 
 
-SHOW = {"eval": eval_lines, "advise": advise_lines}
+SHOW = {"profile": profile_lines, "eval": eval_lines, "advise": advise_lines}
 
 
 def main() -> None:
