@@ -60,8 +60,9 @@ def main() -> None:
     schemes = [parse_scheme("fp"), *targets, *(parse_scheme(p) for p in PAPER)]
     result = evaluate(loaded, windows, schemes, calibration=calibration)
     rows = {r["scheme"]: r for r in result.table.iter_rows(named=True)}
-    setting = (f"model {args.model}, {args.nsamples} x {args.seqlen} windows of {args.dataset}; calibration "
-               f"{args.calib_nsamples} x {args.seqlen} random windows of {args.calib_dataset}")
+    where = [str(path).replace(str(ROOT.parent), "..") for path in (args.dataset, args.calib_dataset)]
+    setting = (f"model {args.model}, {args.nsamples} x {args.seqlen} windows of {where[0]}; calibration "
+               f"{args.calib_nsamples} x {args.seqlen} random windows of {where[1]}")
     machine = f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads"
     lines = [setting, machine, "",
              "| scheme | kernelscope | library-applied model | relative difference | vs fp (paired 95% CI) |",

@@ -169,8 +169,7 @@ def run_advise(*, scheme, tolerance, budget, per_layer, kernel_groups, alpha, bi
     kinds = _kernel_kinds(kernel_groups, per_layer)
     transforms = transform_options([transform] if transform else None, transform_seed)
     check_transforms_with_schemes(schemes, transforms)
-    calibrated = any(s.transform.then(t).needs_calibration or s.needs_calibration
-                     for s in schemes for t in transforms)
+    calibrated = any(s.calibrates(t) for s in schemes for t in transforms)
     refuse_unused(given, **_refusals(schemes, transforms, calibrated, kw))
     check_weights(weight_bits, group_size)
     groups = ["module_type", "block", *(["layer"] if per_layer else [])]

@@ -151,8 +151,7 @@ def run_eval(*, scheme, alpha, bits, weight_bits, group_size, smooth_alpha, tran
     removing = any(s.mode.removes_kernel for s in schemes)
     removing_int = any(s.mode.removes_kernel and s.activation.format.grid.is_int for s in schemes)
     own = any(not s.transform.is_identity for s in schemes)  # wXaY-smoothquant
-    calibrated = (any(s.transform.then(t).needs_calibration for s in schemes for t in transforms)
-                  or any(s.needs_calibration for s in schemes))
+    calibrated = any(s.calibrates(t) for s in schemes for t in transforms)
     only_removal = "it applies to remove-kernel-* schemes only (a wXaY scheme names its own bit widths)"
     refuse_unused(given, **option_refusals(kw, seed_applies=calibrated),
                   **transform_refusals(transforms, calibrated),

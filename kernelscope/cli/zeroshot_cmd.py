@@ -64,8 +64,7 @@ def _refusals(schemes, transforms, given, *, output, report, batch_size, group_s
     removing = any(s.mode.removes_kernel for s in schemes)
     removing_int = any(s.mode.removes_kernel and s.activation.format.grid.is_int for s in schemes)
     own = any(not s.transform.is_identity for s in schemes)  # wXaY-smoothquant
-    calibrated = (any(s.transform.then(t).needs_calibration for s in schemes for t in transforms)
-                  or any(s.needs_calibration for s in schemes))
+    calibrated = any(s.calibrates(t) for s in schemes for t in transforms)
     only_removal = "it applies to remove-kernel-* schemes only (a wXaY scheme names its own bit widths)"
     calibration = transform_refusals(transforms, calibrated)
     refuse_unused(

@@ -346,6 +346,16 @@ FORMATS: dict[str, FormatEntry] = {
 """name -> :class:`FormatEntry`; :func:`get_format` makes a concrete :class:`Format` of one."""
 
 
+FULL_PRECISION_BITS = 16
+"""Bits a weight kept in full precision costs (a bf16/fp16 deployment)."""
+
+
+def stored_bits(bits: int, block: int | None, scale_bits: float = FULL_PRECISION_BITS) -> float:
+    """Bits one weight parameter costs: its element width plus its block's scale shared among the block's
+    elements (a per-channel scale, one per thousands of elements, is not counted)."""
+    return bits + (scale_bits / block if block else 0.0)
+
+
 def get_format(name: str, *, bits: int | None = None, block_size: int | None = None,
                alpha: float | None = None) -> Format:
     """The registry's format ``name``; INT formats need ``bits``, CrossQuant ``alpha``.

@@ -34,7 +34,7 @@ from enum import StrEnum
 
 import torch
 
-from kernelscope.quant.formats import E2M1, E2M3
+from kernelscope.quant.formats import E2M1, E2M3, FULL_PRECISION_BITS, stored_bits
 
 
 class Kind(StrEnum):
@@ -413,6 +413,15 @@ class Target:
     @property
     def quantizes_activations(self) -> bool:
         return self.input_activations is not None
+
+    @property
+    def weight_bits(self) -> float:
+        """Bits a weight parameter costs under the target: 8-bit block scales where it names a scale
+        dtype (E4M3, E8M0), else 16-bit ones; full precision where it leaves weights alone."""
+        w = self.weights
+        if w is None:
+            return float(FULL_PRECISION_BITS)
+        return stored_bits(w.num_bits, w.group_size, 8 if w.scale_dtype is not None else FULL_PRECISION_BITS)
 
 
 LLM_COMPRESSOR = "llm-compressor"

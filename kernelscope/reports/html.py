@@ -17,8 +17,9 @@ import plotly.io as pio
 import polars as pl
 
 from kernelscope.errors import KernelscopeError
+from kernelscope.quant.formats import FULL_PRECISION_BITS, stored_bits
 from kernelscope.quant.modes import Mode
-from kernelscope.quant.targets import TARGETS, Target
+from kernelscope.quant.targets import TARGETS
 from kernelscope.quant.transforms import COMPOSE, NONE, TRANSFORMS
 from kernelscope.reports import figures as F
 from kernelscope.reports import numbers as N
@@ -340,8 +341,6 @@ def _kernel_share(share: float | None, low: float | None, high: float | None) ->
 
 # -- the deployment decision of an advise run ------------------------------------------------------
 
-FULL_PRECISION_BITS = 16
-"""Bits a weight kept in full precision costs, as advise counts a candidate's bits per weight."""
 SHOWN_RUNNERS_UP = 2
 """How many runners-up the first screen names, one line each (the candidates table holds them all)."""
 SHOWN_UNTRIED = 6
@@ -357,26 +356,15 @@ def _short(how: object) -> str:
     return str(how or "").split(": ", 1)[0]
 
 
-def _target_bits(target: Target) -> float:
-    """Bits a weight parameter costs under a deployment target, its block scales shared among the
-    block (8-bit scales where the target names a scale dtype, else 16-bit), as advise counts them."""
-    w = target.weights
-    if w is None:
-        return float(FULL_PRECISION_BITS)
-    scale = 8 if w.scale_dtype is not None else FULL_PRECISION_BITS
-    return w.num_bits + (scale / w.group_size if w.group_size else 0.0)
-
-
 def _scheme_bits(scheme: dict) -> float | None:
     """Bits a quantized weight parameter costs under a run's scheme: a deployment target's from its
     registry entry, an INT weight's width with its group's 16-bit scale; None where the summary does
     not say (a weight format of its own)."""
     target = TARGETS.get(str(scheme.get("scheme", "")).lower())
     if target is not None:
-        return _target_bits(target)
+        return target.weight_bits
     if scheme.get("weight_bits") and not scheme.get("weight_format"):
-        group = scheme.get("group_size")
-        return scheme["weight_bits"] + (FULL_PRECISION_BITS / group if group else 0.0)
+        return stored_bits(scheme["weight_bits"], scheme.get("group_size"))
     return None
 
 
@@ -629,11 +617,11 @@ def _fewer_bits(summary: dict, offers: list[dict], best: dict) -> str | None:
     tried = {str(o.get("scheme", "")).lower() for o in offers}
     seen = {(t.weights, t.input_activations) for key, t in TARGETS.items() if key in tried}
     found = []
-    for t in sorted(TARGETS.values(), key=lambda t: -_target_bits(t)):  # the nearest first
+    for t in sorted(TARGETS.values(), key=lambda t: -t.weight_bits):  # the nearest first
         arithmetic = (t.weights, t.input_activations)  # one name of two for the same scheme
-        if t.quantizes_activations and arithmetic not in seen and _target_bits(t) < mine - 1e-9:
+        if t.quantizes_activations and arithmetic not in seen and t.weight_bits < mine - 1e-9:
             seen.add(arithmetic)
-            found.append((_target_bits(t), t))
+            found.append((t.weight_bits, t))
     if not found:
         return None
     shown = ", ".join(f"{esc(t.label)} ({N.bits(bits)})" for bits, t in found[:SHOWN_UNTRIED])

@@ -402,8 +402,7 @@ def _summary(o: _Outcome, probe: Probe, scheme: Scheme, transform: TransformSpec
         "prefix_replay": o.replay,
         "seconds": round(time.perf_counter() - started, 3),
         "calibration": ({"text": text_facts(calibration_text), "windows": calibration.as_dict()}
-                        if calibration is not None and (scheme_transform(scheme, transform).needs_calibration
-                                                        or scheme.needs_calibration) else None),
+                        if calibration is not None and scheme.calibrates(transform) else None),
         "static_scales": probe.static_scales,
         "settings": {"batch_size": batch_size, "groups": list(groups), "kernel_groups": list(kernel_groups)},
         "exports": export_info,

@@ -24,32 +24,21 @@ from typing import Any
 
 import polars as pl
 
-from kernelscope.quant.formats import Form, Unit
+from kernelscope.quant.formats import FULL_PRECISION_BITS, Form, Unit, stored_bits
 from kernelscope.quant.transforms import IDENTITY, TransformSpec
 from kernelscope.results import exports
 from kernelscope.runs.advise import AdviceResult, advise
 from kernelscope.runs.evaluate import scheme_transform
 from kernelscope.runs.schemes import Scheme
 
-FULL_PRECISION_BITS = 16
-"""Bits of a weight left in full precision (bf16/fp16 deployment)."""
 EXACT, APPROXIMATE, NONE = "exact", "approximate", "none"
-
-
-def _block_bits(bits: int, block: int | None, scale_bits: float) -> float:
-    return bits + (scale_bits / block if block else 0.0)
 
 
 def weight_bits(scheme: Scheme) -> float:
     """Bits a quantized weight parameter costs under ``scheme``, its block scales shared among the
     block's elements (per-channel scales, one per thousands of elements, are not counted)."""
-    target = scheme.target
-    if target is not None:
-        w = target.weights
-        if w is None:
-            return FULL_PRECISION_BITS
-        scale = 8 if w.scale_dtype is not None else FULL_PRECISION_BITS
-        return _block_bits(w.num_bits, w.group_size, scale)
+    if scheme.target is not None:
+        return scheme.target.weight_bits
     config = scheme.weight_quantizer
     if config is None or not scheme.changes_weight:
         return FULL_PRECISION_BITS
@@ -57,7 +46,7 @@ def weight_bits(scheme: Scheme) -> float:
     if fmt.rule.unit is not Unit.BLOCK:
         return float(fmt.grid.bits)
     scale = 8 if fmt.rule.form in (Form.E8M0_FLOOR, Form.E8M0_RCEIL, Form.NVFP4) else FULL_PRECISION_BITS
-    return _block_bits(fmt.grid.bits, fmt.block_size, scale)
+    return stored_bits(fmt.grid.bits, fmt.block_size, scale)
 
 
 def deployability(scheme: Scheme, basis: TransformSpec) -> tuple[str, str]:

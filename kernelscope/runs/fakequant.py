@@ -24,6 +24,11 @@ from kernelscope.runs.schemes import Scheme
 from kernelscope.stats import elementwise, native
 
 
+def _class_names(module: nn.Module) -> tuple[str, ...]:
+    """The names of ``module``'s class and its base classes, which a recipe's targets may name."""
+    return tuple(c.__name__ for c in type(module).__mro__)
+
+
 def covered_layers(model: nn.Module, scheme: Scheme, selected: list[LinearLayer]) -> list[LinearLayer]:
     """The layers ``scheme`` quantizes: those its recipe names among every Linear of the model (lm_head
     included, as the library would), or else the ``selected`` ones. A recipe that names a module that
@@ -34,12 +39,10 @@ def covered_layers(model: nn.Module, scheme: Scheme, selected: list[LinearLayer]
     every = select_linear_layers(model, "", include_lm_head=True)
     linear = {layer.name for layer in every}
     for name, module in model.named_modules():
-        classes = tuple(c.__name__ for c in type(module).__mro__)
-        if name not in linear and coverage.covers(name, classes) and not list(module.children()):
+        if name not in linear and coverage.covers(name, _class_names(module)) and not list(module.children()):
             raise KernelscopeError(f"{scheme.name} quantizes {name} ({type(module).__name__}), which is not "
                                    "a Linear layer; kernelscope quantizes Linear layers only")
-    covered = [layer for layer in every
-               if coverage.covers(layer.name, tuple(c.__name__ for c in type(layer.module).__mro__))]
+    covered = [layer for layer in every if coverage.covers(layer.name, _class_names(layer.module))]
     if not covered:
         raise KernelscopeError(f"{scheme.name} matches none of the model's {len(every)} Linear layers "
                                f"(targets {', '.join(coverage.targets)})")

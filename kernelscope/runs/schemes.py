@@ -92,6 +92,11 @@ class Scheme:
         """True when an activation scale is calibrated on calibration windows first (a static target)."""
         return self.target is not None and self.target.needs_calibration
 
+    def calibrates(self, transform: TransformSpec) -> bool:
+        """True when the scheme under ``transform`` needs calibration windows: for a calibrated step of
+        its basis (SmoothQuant) or for its own static scales."""
+        return self.transform.then(transform).needs_calibration or self.needs_calibration
+
     @property
     def weight_quantizer(self) -> QuantizerConfig | None:
         """How weights are quantized: ``weight_format``, or INT at ``weight_bits`` per output channel
@@ -127,11 +132,10 @@ class Scheme:
             group = args.group_size if args is not None else None
             bad = [layer.name for layer in layers if group and layer.in_features % group]
             if bad:
+                which, them = ((f"the {len(bad)} layers' inputs of {bad[0]}, ...", "them") if len(bad) > 1
+                               else (f"the inputs of {bad[0]}", "it"))
                 raise KernelscopeError(f"{self.name} quantizes groups of {group} inputs, which do not divide "
-                                       f"the {len(bad)} layers' inputs of {bad[0]}, ...; keep them in full "
-                                       "precision with --ignore" if len(bad) > 1 else
-                                       f"{self.name} quantizes groups of {group} inputs, which do not divide "
-                                       f"the inputs of {bad[0]}; keep it in full precision with --ignore")
+                                       f"{which}; keep {them} in full precision with --ignore")
 
     def _describe_target(self) -> dict:
         act, w = self.target.input_activations, self.target.weights
