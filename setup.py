@@ -1,10 +1,11 @@
-"""Builds the CPU statistics library (``kernelscope/stats/native.c``) when kernelscope is built or
-installed (``pip install .``, ``pip install -e .``, a wheel); everything else is in pyproject.toml.
+"""Builds the CPU library of the per-element work (``kernelscope/element/native.c``: the statistics'
+two passes and fake quantization) when kernelscope is built or installed (``pip install .``,
+``pip install -e .``, a wheel), into ``kernelscope/element/``; everything else is in pyproject.toml.
 
-The library is a plain shared object that :mod:`kernelscope.stats.native` loads with ctypes: it has
+The library is a plain shared object that :mod:`kernelscope.element.native` loads with ctypes: it has
 no Python entry point, so no ``PyInit`` symbol is exported or needed. Its build is optional: where
-no C compiler works, the package installs without it and the statistics run as torch code (the same
-integers, more slowly); :data:`kernelscope.stats.native.failure` says why.
+no C compiler works, the package installs without it and the per-element work runs as torch code
+(the same integers and tensors, more slowly); :data:`kernelscope.element.native.failure` says why.
 
 Instruction sets. ``-march=native`` would tie the library to the CPU that built it, and a wheel (or
 a folder shared between machines) runs on others, where such a build stops with an illegal
@@ -36,8 +37,8 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.errors import CCompilerError, CompileError, LinkError
 
-SOURCE = "kernelscope/stats/native.c"
-PACKAGE = "kernelscope.stats"
+SOURCE = "kernelscope/element/native.c"
+PACKAGE = "kernelscope.element"
 FLAGS = ["-O3", "-g0", "-fno-fast-math", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno",
          "-fno-strict-aliasing", "-fno-wrapv"]
 THREADS = (["-fopenmp"], ["-fopenmp-simd"], [])
@@ -101,13 +102,13 @@ class BuildNative(build_ext):
     def build_extensions(self) -> None:
         """Decide the flags once for all libraries, then build each that the compiler can target."""
         if self.compiler.compiler_type == "msvc":
-            self.warn("the statistics library needs a GCC- or Clang-compatible compiler; it is not built, "
-                      "and the statistics run as torch code")
+            self.warn("the per-element library needs a GCC- or Clang-compatible compiler; it is not built, "
+                      "and the statistics and fake quantization run as torch code")
             self.extensions = []
             return
         if not self._compiles(PLAIN_PROBE, []):
-            self.warn("no working C compiler: the statistics library is not built, and the statistics run "
-                      "as torch code")
+            self.warn("no working C compiler: the per-element library is not built, and the statistics and "
+                      "fake quantization run as torch code")
             self.extensions = []
             return
         threads = next(flags for flags in THREADS if self._compiles(OPENMP_PROBE if flags == ["-fopenmp"]

@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 
 import kernelscope as ks
+from kernelscope import element as E
 from kernelscope.capture import LinearInputCapture
+from kernelscope.element import reference
 from kernelscope.models import select_linear_layers
 from kernelscope.runs.forward import eval_mode, forward_windows
-from kernelscope.stats import elementwise as E
+from kernelscope.stats import HISTOGRAM
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "test.txt"
 SETS = {
@@ -55,12 +57,13 @@ def counter(backend: str, plan):
     """A function counting one input with ``plan`` on ``backend``: native, eager or compiled."""
     if backend == "native":
         return lambda x, r, pairs: E.count(x, r, plan, pairs)
-    count = E._count if backend == "eager" else torch.compile(E._count, fullgraph=True, dynamic=False)
+    count = reference.count if backend == "eager" else torch.compile(reference.count, fullgraph=True,
+                                                                       dynamic=False)
     return lambda x, r, pairs: count(x, r, plan, pairs)
 
 
 def fields(counted) -> list[torch.Tensor]:
-    return [t.clone() for t in E._fields(counted)]
+    return [t.clone() for t in E.fields(counted)]
 
 
 def main() -> None:
@@ -77,7 +80,7 @@ def main() -> None:
     print(f"{len(inputs)} inputs of {args.seqlen} tokens, {torch.get_num_threads()} threads, "
           f"{E.describe()}, torch {torch.__version__}")
     for name, (quantizers, bits) in SETS.items():
-        plan = E.make_plan(ks.expand_configs(quantizers, bits, [ks.DEFAULT_ALPHA], 128))
+        plan = E.make_plan(ks.expand_configs(quantizers, bits, [ks.DEFAULT_ALPHA], 128), HISTOGRAM)
         prepared = [(x, E.ranges(x)) for x in inputs]
         prepared = [(x, r, E.factors(r, plan)) for x, r in prepared]
         backends = {b: counter(b, plan) for b in ("native", "eager", "compiled")}

@@ -48,13 +48,13 @@ from pathlib import Path
 import torch
 
 import kernelscope as ks
+from kernelscope import element
 from kernelscope.models import select_linear_layers
 from kernelscope.quant import expand_configs
 from kernelscope.quant.transforms import parse_transforms
 from kernelscope.runs.evaluate import run_scheme
 from kernelscope.runs.forward import eval_mode, forward_windows
 from kernelscope.runs.schemes import parse_scheme
-from kernelscope.stats import elementwise
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "test.txt"
 
@@ -356,7 +356,7 @@ def main() -> None:
                  if line.startswith("model name")]
         cpu = f"{names[0]} ({len(names)} cores visible)" if names else cpu
     out = [(f"machine: {cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-            f"statistics {elementwise.describe()}"),
+            f"statistics {element.describe()}"),
            f"model: {b.loaded.info['path']}, {b.loaded.info['dtype']}; text: {_shown(args.dataset)}"]
     for section in args.sections.split(","):
         {"overhead": section_overhead, "own": section_own, "scaling": section_scaling,

@@ -184,3 +184,23 @@ def test_bf16_model_profiles_in_float32_close_to_the_fp32_run():
     # the largest activation of every layer agrees within 5%
     rel = (bf16["abs_max"] / fp32["abs_max"] - 1).abs()
     assert rel.max() < 0.05
+
+
+def test_forward_hooks_act_inside_the_block_and_are_gone_after_it_error_or_not():
+    from kernelscope.capture import ForwardHooks
+
+    torch.manual_seed(0)
+    lin, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
+    expected = torch.nn.functional.linear(2 * x, lin.weight, lin.bias) + 1  # the hooks' effect, by hand
+    seen = []
+    with torch.no_grad(), ForwardHooks() as hooks:
+        hooks.pre(lin, lambda m, args, kwargs: ((2 * args[0],), kwargs), with_kwargs=True)
+        hooks.post(lin, lambda m, args, out: out + 1)
+        hooks.post(lin, lambda m, args, out: seen.append(args[0].clone()))
+        assert hooks.attached
+        assert torch.allclose(lin(x), expected)
+    assert torch.equal(seen[0], 2 * x) and not hooks.attached and no_hooks(lin)
+    with pytest.raises(RuntimeError, match="forward failed"), ForwardHooks() as hooks:
+        hooks.pre(lin, lambda m, args: None)
+        raise RuntimeError("forward failed")
+    assert no_hooks(lin) and torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))

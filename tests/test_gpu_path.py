@@ -7,8 +7,10 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import kernelscope as ks
+from kernelscope import element as E
 from kernelscope.capture import hooks
-from kernelscope.stats import elementwise as E
+from kernelscope.element import reference
+from kernelscope.stats import HISTOGRAM
 from tests.conftest import tiny_model
 
 WAITING = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "bincount",
@@ -77,12 +79,12 @@ def test_the_watch_sees_a_value_read_back(monkeypatch):
 def test_the_torch_count_compiles_into_one_graph_with_the_same_counts(monkeypatch):
     monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
     torch._dynamo.reset()
-    plan = E.make_plan(ks.expand_configs(["per_token", "nvfp4"], [8], [], None))
+    plan = E.make_plan(ks.expand_configs(["per_token", "nvfp4"], [8], [], None), HISTOGRAM)
     x = torch.randn(2, 16, 64) * torch.rand(1, 1, 64) * 4
     x[0, 3, 5] = float("nan")
     r = E.ranges(x)
     pairs = E.factors(r, plan)
-    eager = E._count(x, r, plan, pairs)
-    compiled = torch.compile(E._count, fullgraph=True, dynamic=False)(x, r, plan, pairs)
-    for a, b in zip(E._fields(eager), E._fields(compiled), strict=True):
+    eager = reference.count(x, r, plan, pairs)
+    compiled = torch.compile(reference.count, fullgraph=True, dynamic=False)(x, r, plan, pairs)
+    for a, b in zip(E.fields(eager), E.fields(compiled), strict=True):
         assert torch.equal(a, b)

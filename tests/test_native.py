@@ -6,15 +6,18 @@ beside NaN and ±Inf, below float32's normal range, in bfloat16."""
 from __future__ import annotations
 
 import logging
+import math
 import shutil
+import struct
 import subprocess
 
 import pytest
 import torch
 
+from kernelscope import element
+from kernelscope.element import native
 from kernelscope.quant import QuantizerConfig, crossquant_factors, expand_configs
 from kernelscope.quant import formats as F
-from kernelscope.stats import elementwise, native
 from kernelscope.stats.histogram import HISTOGRAM
 from kernelscope.stats.measure import measure
 
@@ -67,7 +70,7 @@ def test_the_installed_library_loads_without_running_a_compiler(monkeypatch, fre
     assert lib is not None, native.failure
     assert native.failure is None and lib._name == str(native.candidates()[0])
     assert native.built_with and native.built_with == lib.ks_build_flags().decode()
-    assert elementwise.describe().startswith(f"native ({native.built_with}, ")
+    assert element.describe().startswith(f"native ({native.built_with}, ")
 
 
 def test_a_missing_library_gives_the_torch_path_and_says_why(monkeypatch, tmp_path, fresh, caplog):
@@ -80,8 +83,8 @@ def test_a_missing_library_gives_the_torch_path_and_says_why(monkeypatch, tmp_pa
         assert native.library() is None and native.library() is None
     assert native.failure.startswith(f"no native library for this CPU in {tmp_path}")
     assert [r.levelno for r in caplog.records] == [logging.INFO]  # once, and no warning
-    assert elementwise.describe() == f"torch (native library unavailable: {native.failure})"
-    assert elementwise.native_input(x) is None
+    assert element.describe() == f"torch (native library unavailable: {native.failure})"
+    assert element._native_input(x) is None
     assert_same(counted(x, CONFIGS[:12]), want)
 
 
@@ -176,11 +179,11 @@ def base_input(seed: int, shape=(2, 9, 70)) -> torch.Tensor:
     return x
 
 
-def counted(x: torch.Tensor, configs) -> elementwise.Counted:
+def counted(x: torch.Tensor, configs) -> element.Counted:
     return measure(x, configs).counted
 
 
-def assert_same(a: elementwise.Counted, b: elementwise.Counted) -> None:
+def assert_same(a: element.Counted, b: element.Counted) -> None:
     assert torch.equal(a.counts, b.counts), (a.counts - b.counts).nonzero().tolist()
     assert torch.equal(a.nonfinite, b.nonfinite)
     assert torch.equal(a.hist, b.hist) and torch.equal(a.bounds[:, :2], b.bounds[:, :2])
@@ -229,7 +232,7 @@ def test_all_configurations_in_one_count_equal_each_alone():
     count what each counts alone."""
     x = base_input(5, (3, 17, 96))
     together = counted(x, CONFIGS)
-    plan = elementwise.make_plan(CONFIGS)
+    plan = element.make_plan(CONFIGS, HISTOGRAM)
     for i, cfg in enumerate(CONFIGS):
         alone = counted(x, [cfg])
         assert torch.equal(together.counts[i], alone.counts[0]), cfg.label
@@ -311,10 +314,10 @@ def test_the_native_histogram_counts_what_the_torch_one_counts(monkeypatch):
     values = values[: values.numel() // 3 * 3]  # three equal groups
     for weight, groups in ((1, 1), (7, 3)):
         monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
-        want = elementwise.histogram(values, weight, groups)
+        want = element.histogram(values, weight, groups, binning=HISTOGRAM)
         assert torch.equal(want, HISTOGRAM.counts(values, weight, groups=groups))
         monkeypatch.setenv("KERNELSCOPE_NATIVE", "1")
-        assert torch.equal(elementwise.histogram(values, weight, groups), want)
+        assert torch.equal(element.histogram(values, weight, groups, binning=HISTOGRAM), want)
         assert int(want.sum()) == weight * values.numel()
 
 
@@ -332,7 +335,7 @@ def test_a_library_that_does_not_match_its_mirror_is_refused(monkeypatch):
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    view = torch.int16 if a.dtype == torch.bfloat16 else torch.int32
+    view = torch.int16 if a.element_size() == 2 else torch.int32
     return bool(((a.view(view) == b.view(view)) | (a.isnan() & b.isnan())).all())
 
 
@@ -354,3 +357,75 @@ def test_native_fake_quantization_equals_the_formats_bit_for_bit(dtype):
             out, zeros = native.quantize(lib, x, fmt, native.REMOVE_KERNEL, lam * fmt.tau, factors)
             want, removed = F.remove_kernel(x, fmt, scale=lam)
             assert bits_equal(out, want) and int(zeros) == int(removed), (cfg.label, lam)
+
+
+def float32(v: float) -> float:
+    """``v`` rounded to the nearest float32, as a Python float."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+@pytest.mark.parametrize("name", ["per_token", "fp8_per_token", "mxfp4", "nvfp4"])
+def test_the_kernel_is_the_magnitude_of_the_quotient_against_scale_times_tau(name):
+    """:func:`~kernelscope.quant.formats.in_kernel`, element by element against plain Python: at the
+    bound, one float32 either side, negated, zero, NaN and ±Inf."""
+    fmt = F.get_format(name, bits=4 if name == "per_token" else None)
+    for scale in (1.0, 0.37, 3.0):
+        limit = float32(scale * fmt.tau)
+        at = torch.tensor([limit], dtype=torch.float32)
+        near = [at, torch.nextafter(at, torch.zeros(1)), torch.nextafter(at, torch.full((1,), 1e30))]
+        values = torch.cat([*near, *(-v for v in near), torch.tensor([0.0, -0.0, 1e-45, math.nan, math.inf,
+                                                                       -math.inf, 2.5, -1e30])])
+        got = F.in_kernel(values.reshape(2, 1, -1), fmt, scale).reshape(-1).tolist()
+        want = [not math.isnan(v) and abs(v) <= limit for v in values.tolist()]
+        assert got == want, (name, scale)
+        assert got[:6] == [True, True, False] * 2  # the tie is in the kernel, the float above is not
+
+
+def naive_removal(x: torch.Tensor, fmt: F.Format, lam: float) -> torch.Tensor:
+    """``x`` with the elements ``|x / s| <= λ·τ`` zeroed, one element at a time from the scales."""
+    s = F.expand_scale(F.scale(x, fmt), fmt, x.shape[-1]).expand(x.shape).float()  # (B, T, I)
+    limit = float32(lam * fmt.tau)
+    out = x.clone()
+    for i, (v, si) in enumerate(zip(x.float().reshape(-1).tolist(), s.reshape(-1).tolist(), strict=True)):
+        if abs(float32(v / (si if si != 0 else 1.0))) <= limit:
+            out.view(-1)[i] = 0.0
+    return out
+
+
+@on_each_build
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_interface_treats_activations_as_the_formats_do_on_either_backend(monkeypatch, dtype):
+    """:func:`kernelscope.element.fake_quantize` and :func:`~kernelscope.element.remove_kernel` run the
+    C code where it runs (float32 and bfloat16 on CPU) and the torch code elsewhere; either gives the
+    formats' tensors bit for bit, and the count of what went to zero."""
+    for cfg in CONFIGS[::3]:
+        fmt = cfg.format
+        x = at_the_thresholds(base_input(13, (2, 5, 40)).to(dtype), fmt, 4)
+        monkeypatch.setenv("KERNELSCOPE_NATIVE", "1")
+        assert (element._native_input(x) is not None) == (dtype != torch.float16)
+        out, zeros = element.fake_quantize(x, fmt)
+        q, s = F.quantize(x, fmt)
+        assert out.dtype == dtype and bits_equal(out, F.dequantize(q, s, fmt).to(dtype)), cfg.label
+        assert int(zeros) == int((q == 0).sum()), cfg.label
+        for lam in (1.0, 0.37):
+            removed, zeroed = element.remove_kernel(x, fmt, lam)
+            want = naive_removal(x, fmt, lam)
+            # every element outside the kernel is nonzero: the zeros of the result are the kernel
+            assert bits_equal(removed, want) and int(zeroed) == int((want == 0).sum()), (cfg.label, lam)
+            monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
+            again, zeroed_again = element.remove_kernel(x, fmt, lam)
+            assert bits_equal(again, removed) and int(zeroed_again) == int(zeroed), (cfg.label, lam)
+            monkeypatch.setenv("KERNELSCOPE_NATIVE", "1")
+
+
+def test_only_the_element_package_reaches_its_backends():
+    """Statistics and runs go through :mod:`kernelscope.element`, never to its C or torch side."""
+    from tests.test_architecture import graph
+
+    edges = graph()
+    inside = {m for m in edges if m.startswith("kernelscope.element.")}
+    assert {"kernelscope.element.native", "kernelscope.element.reference"} <= inside
+    crossing = [f"{m} -> {t}" for m, targets in edges.items()
+                if m != "kernelscope.element" and not m.startswith("kernelscope.element.")
+                for t in sorted(targets & inside)]
+    assert crossing == []

@@ -213,3 +213,4 @@ def test_a_later_process_says_nothing_and_alone_exit_2(tmp_path):
     assert later.returncode == 2 and later.stderr == "" and later.stdout == ""
     alone = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
     assert alone.returncode == 2 and len(alone.stderr.strip().splitlines()) == 1
+

@@ -8,6 +8,8 @@ import shutil
 import pytest
 import torch
 
+from kernelscope import element
+from kernelscope.element import reference
 from kernelscope.quant import (
     STEP_FLOOR,
     ActivationRanges,
@@ -20,7 +22,7 @@ from kernelscope.quant import (
     qmax_for_bits,
     separable_step,
 )
-from kernelscope.stats import KernelStats, LogHistogram, elementwise, observe
+from kernelscope.stats import HISTOGRAM, KernelStats, LogHistogram, observe
 from kernelscope.stats.accumulator import KernelStatsGroup
 from kernelscope.stats.exact import ExactSum
 from kernelscope.stats.measure import measure, plan_for
@@ -220,10 +222,10 @@ def edge_activations(nonfinite: bool = False) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_native_counts_equal_torch_and_reference_at_ties(monkeypatch, dtype):
     x = edge_activations(nonfinite=True).to(dtype)
-    assert elementwise.describe().startswith("native"), elementwise.describe()
+    assert element.describe().startswith("native"), element.describe()
     native = result_of(KernelStats(EDGE_CONFIGS).update(observe(x, EDGE_CONFIGS)))
     monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
-    assert elementwise.describe() == "torch (KERNELSCOPE_NATIVE=0)"
+    assert element.describe() == "torch (KERNELSCOPE_NATIVE=0)"
     torch_code = result_of(KernelStats(EDGE_CONFIGS).update(observe(x, EDGE_CONFIGS)))
     assert native == torch_code
     assert native["layer"]["nonfinite_elements"] == 3
@@ -272,13 +274,13 @@ def test_native_separable_counts_where_the_step_overflows(monkeypatch, pair):
     x[1, 2, :] = 0.5 * separable_step(row, col, 7)[1, 2, :]  # exactly half a step: in the kernel
     configs = ([QuantizerConfig("crossquant", 8, 0.15)]
                + ([QuantizerConfig("crossquant", 4, 0.15)] if pair else []))
-    plan = elementwise.make_plan(configs)
+    plan = element.make_plan(configs, HISTOGRAM)
     assert plan.native is not None
-    ranges = ActivationRanges(*elementwise._ranges(x))
+    ranges = ActivationRanges(*reference.ranges(x))
     pairs = [(row, col)] * len(configs)
-    got = elementwise.count(x, ranges, plan, pairs)
+    got = element.count(x, ranges, plan, pairs)
     monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
-    want = elementwise.count(x, ranges, plan, pairs)
+    want = element.count(x, ranges, plan, pairs)
     assert torch.equal(got.counts, want.counts) and torch.equal(got.nonfinite, want.nonfinite)
     assert got.nonfinite == int(x.isinf().sum()) >= 2
     finite = torch.where(x.isfinite(), x.abs(), math.nan)
@@ -295,13 +297,13 @@ ALL_FORMATS = expand_configs(["per_token", "crossquant", "per_tensor", "per_chan
                              [8, 4], [0.15, 0.0, 1.0], group_size=16)
 
 
-def count_of(x: torch.Tensor, configs) -> elementwise.Counted:
-    plan = elementwise.make_plan(configs)
-    ranges = elementwise.ranges(x)
-    return elementwise.count(x, ranges, plan, elementwise.factors(ranges, plan))
+def count_of(x: torch.Tensor, configs) -> element.Counted:
+    plan = element.make_plan(configs, HISTOGRAM)
+    ranges = element.ranges(x)
+    return element.count(x, ranges, plan, element.factors(ranges, plan))
 
 
-def assert_same_counts(a: elementwise.Counted, b: elementwise.Counted) -> None:
+def assert_same_counts(a: element.Counted, b: element.Counted) -> None:
     assert torch.equal(a.counts, b.counts) and torch.equal(a.nonfinite, b.nonfinite)
     assert torch.equal(a.hist, b.hist) and torch.equal(a.bounds[:, :2], b.bounds[:, :2])
     assert torch.allclose(a.bounds[:, 2:], b.bounds[:, 2:], rtol=1e-12, atol=0)  # sums, added in other orders
@@ -313,20 +315,20 @@ def test_native_passes_equal_torch_on_odd_shapes(monkeypatch, shape):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(shape, generator=g) * torch.logspace(-3, 1, shape[-1])
     x.view(-1)[::7] = float("nan")  # whole rows and channels may be NaN: measured as 0
-    got = elementwise.ranges(x), count_of(x, ALL_FORMATS)
+    got = element.ranges(x), count_of(x, ALL_FORMATS)
     monkeypatch.setenv("KERNELSCOPE_NATIVE", "0")
-    want = elementwise.ranges(x), count_of(x, ALL_FORMATS)
+    want = element.ranges(x), count_of(x, ALL_FORMATS)
     assert all(torch.equal(a, b) for a, b in zip(got[0], want[0], strict=True))
     assert_same_counts(got[1], want[1])
 
 
 def test_more_configurations_than_the_native_code_takes_run_as_torch_code():
-    from kernelscope.stats import native
+    from kernelscope.element import native
 
     x = activations(6, (2, 16, 24))
     repeat = native.MAX_TERMS // len(ALL_FORMATS) + 1
     many = ALL_FORMATS * repeat  # past the C code's limit
-    assert len(many) > native.MAX_TERMS and elementwise.make_plan(many).native is None
+    assert len(many) > native.MAX_TERMS and element.make_plan(many, HISTOGRAM).native is None
     got, want = count_of(x, many), count_of(x, ALL_FORMATS)  # within the limit: the C code
     assert (torch.equal(got.counts, want.counts.repeat(repeat, 1))
             and torch.equal(got.nonfinite, want.nonfinite))
@@ -345,16 +347,16 @@ def test_a_cached_plan_counts_every_batch_alike(dtype):
     again = measure(x[:1, :20], ALL_FORMATS)  # another shape, the cached plan
     assert_same_counts(again.counted, count_of(x[:1, :20], ALL_FORMATS))
     assert int(first.counted.nonfinite) == 3
-    plan = elementwise.make_plan(ALL_FORMATS)
-    ranges = elementwise.ranges(x)
-    pairs = elementwise.factors(ranges, plan)
+    plan = element.make_plan(ALL_FORMATS, HISTOGRAM)
+    ranges = element.ranges(x)
+    pairs = element.factors(ranges, plan)
     shared = [None if p is None else (p[0][:1], p[1]) for p in pairs]  # the first sequence's rows, broadcast
     full = [None if p is None else (p[0][:1].expand_as(p[0]), p[1]) for p in pairs]
-    assert_same_counts(elementwise.count(x, ranges, plan, shared), elementwise.count(x, ranges, plan, full))
+    assert_same_counts(element.count(x, ranges, plan, shared), element.count(x, ranges, plan, full))
 
 
 def test_without_the_native_library_the_torch_code_runs(monkeypatch, tmp_path):
-    from kernelscope.stats import native
+    from kernelscope.element import native
 
     x = edge_activations(nonfinite=True)
     want = result_of(KernelStats(EDGE_CONFIGS).update(observe(x, EDGE_CONFIGS)))
@@ -362,7 +364,7 @@ def test_without_the_native_library_the_torch_code_runs(monkeypatch, tmp_path):
     native.reset()
     try:
         assert native.library() is None
-        assert elementwise.describe() == f"torch (native library unavailable: {native.failure})"
+        assert element.describe() == f"torch (native library unavailable: {native.failure})"
         assert native.failure.startswith("no native library for this CPU")
         assert result_of(KernelStats(EDGE_CONFIGS).update(observe(x, EDGE_CONFIGS))) == want
     finally:

@@ -48,7 +48,8 @@ def test_a_dynamic_target_needs_no_calibration_and_refuses_its_options(capsys, t
     ("llm-compressor:w4a16_asym", "asymmetric zero point"),
     ("llm-compressor:W9A9", "unknown llm-compressor scheme 'llm-compressor:W9A9'"),
     ("vllm:W8A8", "unknown library 'vllm'"),
-    ("modelopt:@cfg.json", "a recipe file is read for llm-compressor only"),
+    ("modelopt:@cfg.json", "no ModelOpt config file 'cfg.json'"),
+    ("vllm:@cfg.yaml", "a file is read for llm-compressor and modelopt only"),
     ("llm-compressor:@missing.yaml", "no recipe file 'missing.yaml'"),
 ])
 def test_targets_that_cannot_be_computed_are_one_line(capsys, tmp_path, tiny_llama_dir, text_file, scheme,
@@ -93,10 +94,3 @@ def test_targets_lists_every_target_and_every_refusal(capsys):
     code, stdout, _ = run_cli(capsys, "targets")
     assert code == 0 and f"{len(T.TARGETS)} deployment targets" in stdout
     assert "modelopt:w4a8_awq_beta_cfg is refused: it runs AWQ's search" in " ".join(stdout.split())
-
-
-@pytest.mark.parametrize(("command", "option"), [("profile", "-q"), ("threshold", "--family")])
-def test_profile_and_threshold_say_where_a_target_s_kernel_is_measured(capsys, tmp_path, tiny_llama_dir,
-                                                                       text_file, command, option):
-    assert_refused(capsys, [command, *base(tiny_llama_dir, text_file), option, "llm-compressor:W8A8"],
-                   "`kernelscope eval --scheme llm-compressor:W8A8 --sqnr`", tmp_path)

@@ -133,6 +133,12 @@ def test_a_recipe_of_a_preset_is_the_preset(tmp_path):
     ("QuantizationModifier: {scheme: FP8, kv_cache_scheme: {num_bits: 8}}", "KV cache"),
     ("QuantizationModifier: {config_groups: {a: {input_activations: {num_bits: 8, strategy: channel}}}}",
      "static channel activation scales"),
+    ("QuantizationModifier: {config_groups: {a: {input_activations: {num_bits: 8, type: float}}}}",
+     "observer is not named"),
+    ("QuantizationModifier: {config_groups: {a: {input_activations: {num_bits: 8, observer: minmax}}}}",
+     "moving average"),
+    (("QuantizationModifier: {config_groups: {a: {input_activations: {num_bits: 8, observer: "
+      "memoryless_minmax}}}}"), "last calibration batch"),
     ("QuantizationModifier: {scheme: W8A8, targets: [Embedding]}", "not a Linear layer"),
     ("QuantizationModifier: {scheme: W8A8, targets: [Conv2d]}", "matches none"),
     ("[unclosed", "not a readable YAML recipe"),

@@ -367,11 +367,13 @@ def test_the_checkpoint_fingerprint_covers_what_changes_a_figure(tiny_llama_dir,
     text = ks.load_text(str(text_file))
     windows = ks.make_windows(ks.tokenize(loaded.tokenizer, text.text), 32, 2)
     layers = ks.select_linear_layers(loaded.model)
+    from kernelscope.runs.target_kernels import TargetKernels
     from kernelscope.runs.transforming import identity_transform
 
     print_ = _fingerprint(loaded.model, loaded.info, text, windows, ks.default_configs(), layers, 1, 10,
-                          [identity_transform(layers)], None)
+                          [identity_transform(layers)], None, TargetKernels([], {}))
     assert {
+        "targets",
         "transforms",
         "calibration",
         "model_identity",
@@ -550,7 +552,8 @@ def test_help_shows_the_defaults_written_in_the_text(capsys):
     import importlib
     import re
 
-    source = Path(importlib.import_module("kernelscope.cli.app").__file__).read_text(encoding="utf-8")
+    files = [Path(importlib.import_module(f"kernelscope.cli.{name}").__file__) for name in ("app", "options")]
+    source = "".join(f.read_text(encoding="utf-8") for f in files)  # options are declared in options.py
     written = re.findall(r"\\\\\[default: ([^\]]+)\]", source)  # the defaults the help text spells out itself
     assert len(written) >= 10
     shown = []

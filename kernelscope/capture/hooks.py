@@ -1,4 +1,7 @@
-"""A context manager that sees the input of selected Linear layers and always detaches."""
+"""Forward hooks that last for a ``with`` block only: :class:`ForwardHooks` for any pre- or post-forward
+hook on any module, :class:`LinearInputCapture` to see the input of selected Linear layers.
+
+Every hook the package attaches goes through here, so that each is removed on exit, error or not."""
 
 from __future__ import annotations
 
@@ -26,6 +29,43 @@ def linear_in_features(module: nn.Module) -> int:
     return int(module.weight.shape[0])  # Conv1D: (in, out)
 
 
+class ForwardHooks:
+    """Pre- and post-forward hooks on any modules, all removed together, error or not.
+
+    ``with ForwardHooks() as hooks: hooks.pre(module, fn); hooks.post(module, fn); model(x)``: each
+    hook runs as torch runs it (a pre-hook may return a new input, a post-hook a new output) until
+    the block ends. An object that is itself a context manager may hold one and call :meth:`remove`
+    on its own exit.
+    """
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def pre(self, module: nn.Module, hook: Callable[..., Any], *, with_kwargs: bool = False) -> None:
+        """Run ``hook(module, args[, kwargs])`` before each forward of ``module``."""
+        self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=with_kwargs))
+
+    def post(self, module: nn.Module, hook: Callable[..., Any], *, with_kwargs: bool = False) -> None:
+        """Run ``hook(module, args[, kwargs], output)`` after each forward of ``module``."""
+        self._handles.append(module.register_forward_hook(hook, with_kwargs=with_kwargs))
+
+    def remove(self) -> None:
+        """Detach every hook attached through this object, the last first (idempotent)."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    @property
+    def attached(self) -> bool:
+        """True while any hook attached through this object is in place."""
+        return bool(self._handles)
+
+    def __enter__(self) -> ForwardHooks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
 Observer = Callable[[str, torch.Tensor], None]
 """Called as ``observer(name, x)`` with the module's name and its input, before it runs."""
 
@@ -42,7 +82,7 @@ class LinearInputCapture:
                  observer: Observer) -> None:
         self.modules = dict(modules)
         self.observer = observer
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._hooks = ForwardHooks()
 
     def _make_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -53,13 +93,11 @@ class LinearInputCapture:
         return hook
 
     def __enter__(self) -> LinearInputCapture:
-        if self._handles:
+        if self._hooks.attached:
             raise RuntimeError("this capture is already attached")
         try:
             for name, module in self.modules.items():
-                self._handles.append(
-                    module.register_forward_pre_hook(self._make_hook(name), with_kwargs=True)
-                )
+                self._hooks.pre(module, self._make_hook(name), with_kwargs=True)
         except BaseException:
             self.remove()
             raise
@@ -67,12 +105,11 @@ class LinearInputCapture:
 
     def remove(self) -> None:
         """Detach every hook this capture attached (idempotent)."""
-        while self._handles:
-            self._handles.pop().remove()
+        self._hooks.remove()
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        return self._hooks.attached

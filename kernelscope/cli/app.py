@@ -31,6 +31,7 @@ from kernelscope.cli.console import (
     remember_options,
     show_table,
 )
+from kernelscope.cli.options import DEFAULT_WINDOWS
 from kernelscope.errors import Interrupted, KernelscopeError
 from kernelscope.quiet import QUIET_LOGGERS
 
@@ -93,19 +94,6 @@ app = typer.Typer(
 
 _ARGS: list[str] = []  # the arguments of this invocation, as typed
 
-# How many windows a command reads unless -n says: one rule for every command, the first 8 (`-n all`
-# reads every window, the perplexity protocol). Eight is the fewest whose bootstrap intervals are worth
-# acting on (the report warns below it), and the same count everywhere means that runs of different
-# commands on the same --dataset and --seqlen measure the same windows, so their figures compare and
-# the report puts them side by side without a warning. Every window is not the default: threshold and
-# advise run a pass over the windows for each point or group, which on all of WikiText-2 takes hours
-# on a CPU.
-DEFAULT_WINDOWS = "8"
-Nsamples = Annotated[str, typer.Option(
-    "--nsamples", "-n", metavar="N|all", help="Windows to read: the first N of the text (see --windows), "
-    "or `all` for every window (the perplexity protocol). The same default in every command; threshold "
-    "and advise need at least 2.")]
-
 
 def _given(ctx: typer.Context) -> frozenset[str]:
     """The parameters the user gave (on the command line or through the environment), not defaults."""
@@ -152,45 +140,23 @@ def profile(
     ctx: typer.Context,
     model: o.Model,
     dataset: o.Dataset = "wikitext2",
-    nsamples: Nsamples = DEFAULT_WINDOWS,
+    nsamples: o.Nsamples = DEFAULT_WINDOWS,
     seqlen: o.Seqlen = 2048,
     windows: o.WindowsSel = "first",
     seed: o.Seed = 0,
-    quantizer: Annotated[list[str] | None, typer.Option("--quantizer", "-q", metavar="NAME", help=(
-        "Activation quantizer, repeated or comma-separated: any format of `kernelscope formats`. INT ones "
-        "(per_token, crossquant, per_tensor, per_channel, per_group) at each --bits; float ones "
-        "(fp8_per_token, mxfp8, mxfp4, nvfp4, ...) once, at their own width. "
-        "\\[default: per_token, crossquant]"),
-        show_default=False)] = None,
-    bits: Annotated[list[str] | None, typer.Option("--bits", "-b", metavar="N", help="Bit width 2..8 of the "
-        "INT quantizers, repeated or comma-separated. \\[default: 8, 4]", show_default=False)] = None,
-    alpha: Annotated[list[str] | None, typer.Option("--alpha", "-a", metavar="α", help="CrossQuant exponent "
-        "in [0, 1], repeated or comma-separated; 1 is per-token. Needs a crossquant --quantizer. "
-        "\\[default: 0.15]", show_default=False)] = None,
-    group_size: Annotated[int | None, typer.Option("--group-size", metavar="G", help="Input channels per "
-        "block of per_group (its INT scale per G consecutive channels of a token, or of a weight's row). "
-        "\\[default: 128]", show_default=False)] = None,
-    weight_format: Annotated[list[str] | None, typer.Option("--weight-format", metavar="NAME[:BITS]",
-        help="Weight quantizer whose kernel each layer's weight is measured under (weights.parquet), "
-        "repeated or comma-separated: an INT format with its bits, per_token:BITS (per output channel), "
-        "per_group:BITS (--group-size inputs), per_tensor:BITS, or a float format (fp8_per_token, mxfp4, "
-        "nvfp4, ...; see `kernelscope formats`). \\[default: per_token:8]",
-        show_default=False)] = None,
-    transform: Annotated[list[str] | None, typer.Option(
-        "--transform", metavar="T", help="Basis each covered Linear's input is counted in (and its weight, "
-        "as deployed with it), repeated or comma-separated; every quantizer is measured under each, in the "
-        "same forward passes: none (the identity); hadamard[:B] (x·H, H block-diagonal normalised "
-        "Sylvester-Hadamard blocks of B channels, default the largest power of two dividing the width, at "
-        "most 4096); smoothquant[:α] (x_j / s_j, calibrated on --calib-dataset); composed in order with +, "
-        "e.g. smoothquant+hadamard. \\[default: none]", show_default=False)] = None,
+    quantizer: o.ProfileQuantizers = None,
+    bits: o.ProfileBits = None,
+    alpha: o.ProfileAlphas = None,
+    group_size: o.PerGroupSize = None,
+    weight_format: o.WeightFormats = None,
+    transform: o.ProfileTransform = None,
     transform_seed: o.TransformSeed = None,
     calib_dataset: o.CalibDataset = "pileval",
     calib_nsamples: o.CalibNsamples = 64,
     layers: o.Layers = None,
-    include_lm_head: Annotated[bool, typer.Option("--include-lm-head",
-                                                  help="Also measure the output projection.")] = False,
+    include_lm_head: o.IncludeLmHead = False,
     batch_size: o.BatchSize = 1,
-    top_k: Annotated[int, typer.Option(help="Outlier channels and tokens kept per layer.")] = 10,
+    top_k: o.TopK = 10,
     dtype: o.Dtype = "auto",
     device: o.Device = "auto",
     device_map: o.DeviceMap = None,
@@ -200,8 +166,7 @@ def profile(
     output: o.Output = None,
     overwrite: o.Overwrite = False,
     report: o.Report = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run with the same "
-        "options from its last completed window (needs --output; a checkpoint is kept beside it).")] = False,
+    resume: o.Resume = False,
     as_json: o.AsJson = False,
     quiet: o.Quiet = False,
 ) -> None:
@@ -222,41 +187,24 @@ def profile(
 def evaluate(
     ctx: typer.Context,
     model: o.Model,
-    scheme: Annotated[list[str] | None, typer.Option("--scheme", metavar="SCHEME", help="Repeated or "
-        "comma-separated: fp, w8a8-per-token, w8a8-crossquant, w4a8-g128-per-token, w4a4-crossquant, "
-        "w8a8-smoothquant (any "
-        "wXaY[-gG]-QUANTIZER); fp8 (FP8 weights per channel, activations per token) or any float format of "
-        "`kernelscope formats` (mxfp8, mxfp4, nvfp4, ...: weights and activations in that format); "
-        "remove-kernel-QUANTIZER for any -q quantizer (remove-kernel-per-token, remove-kernel-mxfp4, ...); "
-        "a deploying library's own scheme in its own arithmetic, LIBRARY:NAME (llm-compressor:W8A8, "
-        "modelopt:FP8_DEFAULT_CFG, ...: `kernelscope targets`) or llm-compressor:@recipe.yaml. "
-        "\\[default: fp, w8a8-per-token, w8a8-crossquant]", show_default=False)] = None,
+    scheme: o.EvalSchemes = None,
     dataset: o.Dataset = "wikitext2",
-    nsamples: Nsamples = DEFAULT_WINDOWS,
+    nsamples: o.Nsamples = DEFAULT_WINDOWS,
     seqlen: o.Seqlen = 2048,
     windows: o.WindowsSel = "first",
     seed: o.Seed = 0,
-    alpha: Annotated[str, typer.Option("--alpha", "-a", metavar="α", help="CrossQuant exponent in [0, 1] "
-        "for *-crossquant schemes (one value; `kernelscope sweep` compares several).")] = "0.15",
-    bits: Annotated[int, typer.Option("--bits", "-b", metavar="N", help="Activation bits whose kernel "
-        "remove-kernel-* schemes remove (their names carry no widths).")] = 8,
+    alpha: o.EvalAlpha = "0.15",
+    bits: o.RemoveKernelBits = 8,
     weight_bits: o.WeightBits = None,
     group_size: o.GroupSize = None,
-    smooth_alpha: Annotated[float, typer.Option(metavar="α", help="SmoothQuant migration strength in "
-        "[0, 1] of the w8a8-smoothquant scheme (other schemes: --transform smoothquant:α).")] = 0.5,
+    smooth_alpha: o.EvalSmoothAlpha = 0.5,
     transform: o.Transform = None,
     transform_seed: o.TransformSeed = None,
     calib_dataset: o.CalibDataset = "pileval",
     calib_nsamples: o.CalibNsamples = 64,
     layers: o.Layers = None,
-    ignore: Annotated[str | None, typer.Option("--ignore", metavar="REGEX|@FILE", help="Keep these layers in "
-        "full precision under every scheme: a regular expression over module names, or @FILE: an advice "
-        "folder or its summary.json, recipe.yaml, modelopt_quant_cfg.yaml or modules.txt (one name a line).",
-        show_default=False)] = None,
-    sqnr: Annotated[bool, typer.Option("--sqnr", help="Also measure, under every scheme but fp, each "
-        "covered Linear's output SQNR in dB (activations alone, weights alone, both) on the full-precision "
-        "model's inputs, beside its activation kernel: one more forward pass per scheme and transform; "
-        "sqnr.parquet with --output.")] = False,
+    ignore: o.Ignore = None,
+    sqnr: o.Sqnr = False,
     batch_size: o.BatchSize = 1,
     dtype: o.Dtype = "auto",
     device: o.Device = "auto",
@@ -291,20 +239,15 @@ def threshold(
     ctx: typer.Context,
     model: o.Model,
     dataset: o.Dataset = "wikitext2",
-    nsamples: Nsamples = DEFAULT_WINDOWS,
+    nsamples: o.Nsamples = DEFAULT_WINDOWS,
     seqlen: o.Seqlen = 2048,
     windows: o.WindowsSel = "first",
     seed: o.Seed = 0,
-    tolerance: Annotated[float, typer.Option(help="Relative perplexity increase still counted as "
-        "lossless (0.01 = 1%).")] = 0.01,
-    steps: Annotated[int, typer.Option(help="Bisection steps after the crossing is bracketed.")] = 6,
-    family: Annotated[str, typer.Option(metavar="NAME", help="Quantizer whose zero bound B is scaled by λ: "
-        "any -q quantizer (per-token, crossquant, per-group, fp8-per-token, mxfp4, nvfp4, ...).")
-    ] = "per-token",
-    family_bits: Annotated[int, typer.Option(metavar="N", help="Bit width of an INT --family quantizer "
-        "(a float format carries its own).")] = 8,
-    alpha: Annotated[str, typer.Option("--alpha", "-a", metavar="α", help="CrossQuant α of the kernels "
-        "placed against the threshold (and of --family crossquant); one value.")] = "0.15",
+    tolerance: o.ThresholdTolerance = 0.01,
+    steps: o.Steps = 6,
+    family: o.Family = "per-token",
+    family_bits: o.FamilyBits = 8,
+    alpha: o.ThresholdAlpha = "0.15",
     weight_bits: o.WeightBits = None,
     group_size: o.GroupSize = None,
     transform: o.Transform = None,
@@ -342,21 +285,15 @@ def threshold(
 def sweep(
     ctx: typer.Context,
     model: o.Model,
-    quantizer: Annotated[list[str] | None, typer.Option("--quantizer", "-q", metavar="NAME", help=(
-        "Activation quantizers to compare, repeated or comma-separated, any of `kernelscope formats` (INT "
-        "ones at each --bits with INT weights at --weight-bits; float formats with their weights in that "
-        r"format). \[default: crossquant]"), show_default=False)] = None,
-    alpha: Annotated[list[str] | None, typer.Option("--alpha", "-a", metavar="LIST", help=(
-        r"CrossQuant α values, comma-separated or repeated. \[default: 0.15,0.45,0.75,1]"),
-        show_default=False)] = None,
+    quantizer: o.SweepQuantizers = None,
+    alpha: o.SweepAlphas = None,
     dataset: o.Dataset = "wikitext2",
-    nsamples: Nsamples = DEFAULT_WINDOWS,
+    nsamples: o.Nsamples = DEFAULT_WINDOWS,
     seqlen: o.Seqlen = 2048,
     windows: o.WindowsSel = "first",
     seed: o.Seed = 0,
-    bits: Annotated[list[str] | None, typer.Option("--bits", "-b", metavar="N", help="Activation bits of the "
-        r"INT quantizers, repeated or comma-separated. \[default: 8]", show_default=False)] = None,
-    weight_bits: Annotated[int, typer.Option(help="Weight bits of the INT quantizers' schemes.")] = 8,
+    bits: o.SweepBits = None,
+    weight_bits: o.SweepWeightBits = 8,
     group_size: o.GroupSize = None,
     transform: o.Transform = None,
     transform_seed: o.TransformSeed = None,
@@ -388,40 +325,23 @@ def sweep(
 def zeroshot(
     ctx: typer.Context,
     model: o.Model,
-    scheme: Annotated[list[str] | None, typer.Option("--scheme", metavar="SCHEME", help="Repeated or "
-        "comma-separated: any scheme of `kernelscope eval` (fp, w8a8-per-token, w8a8-crossquant, "
-        "w4a8-g128-crossquant, w4a4-per-token, w8a8-smoothquant, fp8, mxfp4, nvfp4, remove-kernel-QUANTIZER, "
-        "...). \\[default: fp, w8a8-per-token, w8a8-crossquant]", show_default=False)] = None,
-    tasks: Annotated[list[str] | None, typer.Option("--tasks", "-t", metavar="LIST", help="Harness tasks, "
-        "groups or tags, repeated or comma-separated; multiple-choice and last-word (loglikelihood) tasks. "
-        "Hub tasks need their data: a filled Hugging Face cache read with HF_DATASETS_OFFLINE=1 offline. "
-        "\\[default: lambada_openai, arc_easy, piqa, hellaswag, boolq]", show_default=False)] = None,
-    include_path: Annotated[Path | None, typer.Option("--include-path", metavar="DIR", help="Folder of task "
-        "YAML files of your own (e.g. dataset_path: json with data_files), searched before the harness's "
-        "tasks.", show_default=False)] = None,
-    limit: Annotated[int | None, typer.Option("--limit", metavar="N", help="Score only the first N documents "
-        "of each task. \\[default: all]", show_default=False)] = None,
-    num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", metavar="N", help=(
-        "Few-shot examples per prompt. \\[default: each task's own, 0 for most]"),
-        show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option(help="Requests per forward pass. Schemes whose scale spans a "
-        "sequence (crossquant, per-tensor, per-channel, nvfp4) need 1: the harness pads a batch.")] = 1,
-    seed: Annotated[int | None, typer.Option(help="The harness's four seeds (random, numpy, torch, "
-        "few-shot) all set to N. \\[default: 0,1234,1234,1234, the harness's]", show_default=False)] = None,
-    alpha: Annotated[str, typer.Option("--alpha", "-a", metavar="α", help="CrossQuant exponent in [0, 1] "
-        "for *-crossquant schemes (one value).")] = "0.15",
-    bits: Annotated[int, typer.Option("--bits", "-b", metavar="N", help="Activation bits whose kernel "
-        "remove-kernel-* schemes remove (their names carry no widths).")] = 8,
+    scheme: o.ZeroshotSchemes = None,
+    tasks: o.Tasks = None,
+    include_path: o.IncludePath = None,
+    limit: o.Limit = None,
+    num_fewshot: o.NumFewshot = None,
+    batch_size: o.ZeroshotBatchSize = 1,
+    seed: o.HarnessSeed = None,
+    alpha: o.ZeroshotAlpha = "0.15",
+    bits: o.RemoveKernelBits = 8,
     weight_bits: o.WeightBits = None,
     group_size: o.GroupSize = None,
-    smooth_alpha: Annotated[float, typer.Option(metavar="α", help="SmoothQuant migration strength in "
-        "[0, 1] (w8a8-smoothquant only).")] = 0.5,
+    smooth_alpha: o.ZeroshotSmoothAlpha = 0.5,
     transform: o.Transform = None,
     transform_seed: o.TransformSeed = None,
     calib_dataset: o.CalibDataset = "pileval",
     calib_nsamples: o.CalibNsamples = 64,
-    calib_seqlen: Annotated[int, typer.Option(metavar="N", help="Tokens per calibration window "
-        "(calibrated transforms only).")] = 512,
+    calib_seqlen: o.CalibSeqlen = 512,
     layers: o.Layers = None,
     dtype: o.Dtype = "auto",
     device: o.Device = "auto",
@@ -449,43 +369,23 @@ def zeroshot(
 def advise(
     ctx: typer.Context,
     model: o.Model,
-    scheme: Annotated[str, typer.Option("--scheme", metavar="SCHEME[,SCHEME...]", help="The scheme to "
-        "deploy: w8a8-per-token, fp8, nvfp4, llm-compressor:W8A8, modelopt:FP8_DEFAULT_CFG, ... (any `eval "
-        "--scheme`). Several, comma-separated (and several --transform values), are deploy candidates: each "
-        "is planned, checked on the held-out windows and ranked; the first is the one to deploy.",
-        show_default=False)],
-    tolerance: Annotated[float, typer.Option(help="Relative perplexity increase over fp the plan must stay "
-        "within (0.01 = 1%).")] = 0.01,
-    budget: Annotated[float | None, typer.Option(metavar="SHARE", help="Instead of the fewest layers within "
-        "tolerance, the best plan keeping at most this share of the Linear parameters in full precision, "
-        "in (0, 1].", show_default=False)] = None,
+    scheme: o.AdviseSchemes,
+    tolerance: o.AdviseTolerance = 0.01,
+    budget: o.Budget = None,
     dataset: o.Dataset = "wikitext2",
-    nsamples: Nsamples = DEFAULT_WINDOWS,
+    nsamples: o.Nsamples = DEFAULT_WINDOWS,
     seqlen: o.Seqlen = 2048,
     windows: o.WindowsSel = "first",
     seed: o.Seed = 0,
-    holdout: Annotated[int | None, typer.Option("--holdout", metavar="N", help="Held-out windows the "
-        "chosen plan is measured again on: the next N windows of the text after the --nsamples it is chosen "
-        "on, disjoint from them; the held-out figure is the one reported and exported. 0: none. "
-        "\\[default: as many as --nsamples]", show_default=False)] = None,
-    per_layer: Annotated[bool, typer.Option("--per-layer", help="Also measure each layer on its own (one "
-        "pass per layer) and plan from those figures.")] = False,
-    kernel_groups: Annotated[list[str] | None, typer.Option("--kernel-groups", metavar="KINDS", help="Groups "
-        "whose kernel is also removed on its own (one more pass each): module-type, block, layer, "
-        "comma-separated, or none. \\[default: module-type]", show_default=False)] = None,
-    alpha: Annotated[str, typer.Option("--alpha", "-a", metavar="α", help="CrossQuant exponent of a "
-        "*-crossquant scheme.")] = "0.15",
-    bits: Annotated[int, typer.Option("--bits", "-b", metavar="N", help="Activation bits of a "
-        "remove-kernel-* scheme of an INT quantizer.")] = 8,
+    holdout: o.Holdout = None,
+    per_layer: o.PerLayer = False,
+    kernel_groups: o.KernelGroups = None,
+    alpha: o.AdviseAlpha = "0.15",
+    bits: o.AdviseBits = 8,
     weight_bits: o.WeightBits = None,
     group_size: o.GroupSize = None,
-    smooth_alpha: Annotated[float, typer.Option(metavar="α", help="SmoothQuant migration strength "
-        "(w8a8-smoothquant only).")] = 0.5,
-    transform: Annotated[str | None, typer.Option("--transform", metavar="T[,T...]", help="The basis the "
-        "scheme quantizes in, as `eval --transform` takes it (hadamard, smoothquant:0.5, "
-        "smoothquant+hadamard, ...; default none); several, comma-separated, are candidates. Under a "
-        "transform the plan's recipe and ModelOpt config are not written: those libraries transform in their "
-        "own way.", show_default=False)] = None,
+    smooth_alpha: o.AdviseSmoothAlpha = 0.5,
+    transform: o.AdviseTransform = None,
     transform_seed: o.TransformSeed = None,
     calib_dataset: o.CalibDataset = "pileval",
     calib_nsamples: o.CalibNsamples = 64,
@@ -524,14 +424,10 @@ def advise(
 @app.command(cls=_Command)
 def report(
     ctx: typer.Context,
-    runs: Annotated[list[Path], typer.Argument(metavar="RUN", help="Run folders written with --output by "
-        "profile, eval, threshold, sweep, advise or zeroshot; several overlay on the same axes.",
-        show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", metavar="FILE",
-                                         help="The HTML file to write.")] = Path("report.html"),
-    title: Annotated[str | None, typer.Option(metavar="TEXT", help="Page title.", show_default=False)] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing report file that "
-                                                                "kernelscope wrote.")] = False,
+    runs: o.ReportRuns,
+    output: o.ReportOutput = Path("report.html"),
+    title: o.ReportTitle = None,
+    overwrite: o.ReportOverwrite = False,
 ) -> None:
     """Write one self-contained HTML report (plotly embedded, opens offline) from the run folders of any
     command: profile, eval, threshold, sweep, advise and zeroshot."""
@@ -546,10 +442,8 @@ def report(
 def list_layers(
     ctx: typer.Context,
     model: o.Model,
-    layers: Annotated[str | None, typer.Option(metavar="REGEX", help="Regular expression over module names "
-        "(re.search); default: every Linear in the decoder blocks.")] = None,
-    include_lm_head: Annotated[bool, typer.Option("--include-lm-head",
-                                                  help="Also list the output projection.")] = False,
+    layers: o.LayersRegex = None,
+    include_lm_head: o.ListLmHead = False,
     trust_remote_code: o.TrustRemoteCode = False,
 ) -> None:
     """List the Linear layers a profile would capture, with block and module type."""
@@ -576,8 +470,9 @@ def list_targets(
     as_json: o.AsJson = False,
 ) -> None:
     """List the deployment targets: a library's scheme computed with that library's own arithmetic
-    (--scheme llm-compressor:W8A8, modelopt:INT8_DEFAULT_CFG, llm-compressor:@recipe.yaml), each with the
-    version it was checked against bit for bit; and the schemes refused, with the reason."""
+    (--scheme llm-compressor:W8A8, modelopt:INT8_DEFAULT_CFG; a file of yours: llm-compressor:@recipe.yaml,
+    modelopt:@quant_cfg.yaml), each with the version it was checked against bit for bit; and the schemes
+    refused, with the reason."""
     remember_options(ctx.command.params, _ARGS)
     from rich.table import Table
 

@@ -177,9 +177,22 @@ def check_widths(specs: dict, model, layers: str | None) -> None:
 
 def profile_configs(quantizer: list[str] | None, bits: list[str] | None, alpha: list[str] | None,
                     group_size: int | None):
-    """``profile``'s configurations: per-token and CrossQuant at INT8 and INT4 unless given."""
-    return quantizer_configs(quantizer or ["per_token", "crossquant"], bits or ["8", "4"],
-                             alpha or [str(DEFAULT_ALPHA)], group_size)
+    """``profile``'s configurations (per-token and CrossQuant at INT8 and INT4 unless given) and the
+    deployment targets among ``-q`` (``LIBRARY:NAME``, ``LIBRARY:@FILE``), as schemes."""
+    from kernelscope.runs.schemes import parse_scheme
+
+    names = split_values(quantizer, "--quantizer", str, "a quantizer") if quantizer else []
+    targets = [parse_scheme(n) for n in names if ":" in n]
+    for scheme in targets:
+        if not scheme.target.quantizes_activations:
+            fail(f"{flag('--quantizer')} {scheme.name} leaves activations in full precision: it has no "
+                 "activation kernel to profile")
+    own = [n for n in names if ":" not in n]
+    if targets and not own:
+        return [], targets
+    configs = quantizer_configs(own or ["per_token", "crossquant"], bits or ["8", "4"],
+                                alpha or [str(DEFAULT_ALPHA)], group_size)
+    return configs, targets
 
 
 def quantizer_configs(quantizer: list[str], bits: list[str], alpha: list[str], group_size: int | None):
@@ -193,8 +206,8 @@ def quantizer_configs(quantizer: list[str], bits: list[str], alpha: list[str], g
     check_positive("--group-size", group_size)
     target = next((n for n in names if ":" in n), None)
     if target is not None:
-        fail(f"{flag('--quantizer')} {target} is a deployment target, and -q counts kernelscope's own "
-             f"formats; `kernelscope eval --scheme {target} --sqnr` measures that target's kernel, layer by "
+        fail(f"{flag('--quantizer')} {target} is a deployment target, and this command runs kernelscope's "
+             f"own formats; `kernelscope profile MODEL -q {target}` counts that target's kernel, layer by "
              "layer, in its library's arithmetic")
     try:
         return expand_configs(names, widths, alphas, group_size)

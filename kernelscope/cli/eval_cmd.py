@@ -259,8 +259,8 @@ def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, 
     name = FORMAT_WORDS.get(family.strip().lower().replace("_", "-"))
     if name is None and ":" in family:
         fail(f"{flag('--family')} {family} is a deployment target; the threshold search scales the zero "
-             "bound of kernelscope's own formats (the target's kernel is measured, layer by layer, by "
-             f"`kernelscope eval --scheme {family.strip()} --sqnr`)")
+             "bound of kernelscope's own formats (the target's kernel is counted, layer by layer, by "
+             f"`kernelscope profile MODEL -q {family.strip()}`)")
     if name is None:
         fail(f"unknown {flag('--family')} {family!r}; choose {', '.join(FORMAT_WORDS)}")
     grid = FORMATS[name].grid

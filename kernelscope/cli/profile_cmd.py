@@ -218,10 +218,13 @@ def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, b
                 trust_remote_code, output, overwrite, report, resume, as_json, quiet, given) -> None:
     from kernelscope.runs import distributed
 
-    configs = profile_configs(quantizer, bits, alpha, group_size)
+    configs, targets = profile_configs(quantizer, bits, alpha, group_size)
     weights = _weight_formats(weight_format, group_size)
     transforms = transform_options(transform, transform_seed)
-    calibrated = any(t.needs_calibration for t in transforms)
+    if targets and not all(t.is_identity for t in transforms):
+        fail(f"{flag('--quantizer')} {targets[0].name} deploys in the model's own basis; profile it without "
+             f"{flag('--transform')}")
+    calibrated = any(t.needs_calibration for t in [*transforms, *targets])
     check_positive("--calib-nsamples", calib_nsamples)
     refuse_unused(given,
                   **common_refusals(windows=windows, output=output, report=report, device_map=device_map,
@@ -230,7 +233,8 @@ def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, b
                   alpha=None if any(c.takes_alpha for c in configs)
                   else "it is CrossQuant's exponent, and no --quantizer given takes it (add -q crossquant)",
                   bits=None if any(c.format.grid.is_int for c in configs)
-                  else "it sets the width of INT quantizers, and the float formats given carry their own",
+                  else "it sets the width of kernelscope's INT quantizers, and the formats and targets given "
+                       "carry their own",
                   group_size=None if any(c.format.is_block and c.format.grid.is_int
                                          for c in [*configs, *weights])
                   else "it sets the block of per_group, which neither -q nor --weight-format gives")
@@ -255,7 +259,7 @@ def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, b
         result = _profile(prep, configs, display, checkpoint=checkpoint, resume=resume, layers=layers,
                           include_lm_head=include_lm_head, batch_size=batch_size, top_k=top_k,
                           weight_formats=weights, transforms=list(transforms), calibration=calibration,
-                          calibration_text=calib_text)
+                          calibration_text=calib_text, targets=targets)
     distributed.stop()
     if not world.main:
         return  # only the first process writes and prints

@@ -1,10 +1,14 @@
-"""A user's own llm-compressor recipe, read as the deployment target it describes.
+"""A user's own llm-compressor recipe or ModelOpt config, read as the deployment target it describes.
 
 ``--scheme llm-compressor:@recipe.yaml`` evaluates exactly what that file would deploy: its
 ``QuantizationModifier``'s preset ``scheme`` or its one ``config_groups`` entry, its ``targets`` and its
 ``ignore``. Anything that is not round-to-nearest quantization with min-max scales (GPTQ, AWQ,
 SmoothQuant and other modifiers, activation ordering, an MSE observer, a KV-cache scheme) is refused
 with the reason, never approximated.
+
+``--scheme modelopt:@quant_cfg.yaml`` does the same for a ModelOpt ``QuantizeConfig`` (YAML or JSON, as
+``mtq.quantize`` takes it): its ``quant_cfg`` entries applied in order to each Linear's weight and input
+quantizers (:mod:`kernelscope.quant.modelopt_config`), and max calibration.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kernelscope.quant import modelopt_config
 from kernelscope.quant import targets as T
 
 QUANTIZATION_MODIFIER = "QuantizationModifier"
@@ -104,15 +109,26 @@ def target_from_recipe(recipe: Any, name: str) -> T.Target:
     return T.Target(T.LLM_COMPRESSOR, name, T.CHECKED, weights, acts, coverage)
 
 
-def read_recipe(path: str) -> T.Target:
-    """The target of the recipe at ``path``; ValueError with the reason when it cannot be evaluated."""
+def _read_yaml(path: str, what: str) -> Any:
+    """The parsed YAML (or JSON) file at ``path``; ValueError naming it as ``what`` when it is missing
+    or does not parse."""
     import yaml
 
     file = Path(path).expanduser()
     if not file.is_file():
-        raise ValueError(f"no recipe file {path!r}")
+        raise ValueError(f"no {what} file {path!r}")
     try:
-        recipe = yaml.safe_load(file.read_text(encoding="utf-8"))
+        return yaml.safe_load(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path} is not a readable YAML recipe ({exc.__class__.__name__})") from None
-    return target_from_recipe(recipe, f"@{path}")
+        raise ValueError(f"{path} is not a readable YAML {what} ({exc.__class__.__name__})") from None
+
+
+def read_recipe(path: str) -> T.Target:
+    """The target of the recipe at ``path``; ValueError with the reason when it cannot be evaluated."""
+    return target_from_recipe(_read_yaml(path, "recipe"), f"@{path}")
+
+
+def read_modelopt_config(path: str) -> T.Target:
+    """The target of the ModelOpt config at ``path``; ValueError with the reason when it cannot be
+    evaluated exactly."""
+    return modelopt_config.target_of(_read_yaml(path, "ModelOpt config"), f"@{path}")

@@ -253,9 +253,6 @@ def _removed_on_failure(folder: Path | None) -> Iterator[None]:
 def _load_model(spec: str, *, dtype: str, device: str, trust_remote_code: bool, device_map: str | None,
                 max_memory: str | dict | None, offload_folder: str | Path | None) -> LoadedModel:
     """:func:`load_model`'s work, without the clean-up of a failed load."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
     torch_device = parse_device(device)
     device_map = device_map.strip().lower() if device_map is not None else None
     memory = check_placement(device_map, max_memory, offload_folder)
@@ -264,58 +261,13 @@ def _load_model(spec: str, *, dtype: str, device: str, trust_remote_code: bool, 
     torch_dtype = parse_dtype(dtype, torch_device)
     source = resolve_model_source(spec)
     common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    placement: dict[str, Any] = {}
-    if device_map is not None:
-        if offload_folder is None:
-            offload_folder = tempfile.mkdtemp(prefix="kernelscope-offload-")
-            atexit.register(shutil.rmtree, offload_folder, ignore_errors=True)
-        placement = {"device_map": device_map, "max_memory": memory, "offload_folder": str(offload_folder)}
+    placement = _placement(device_map, memory, offload_folder)
     if source.gguf_file:
         common["gguf_file"] = source.gguf_file
     if source.kind == "hub":
-        try:
-            AutoTokenizer.from_pretrained(source.location, local_files_only=True, **common)
-            common["local_files_only"] = True
-        except Exception:
-            reason = hub_unreachable_reason()
-            if reason is not None:
-                raise KernelscopeError(
-                    f"cannot load {spec!r}: it is not a local path nor in the Hugging Face cache, "
-                    f"and the hub cannot be reached: {reason}"
-                ) from None
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    quieted = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
-    for name in quieted:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    hf_logging.disable_progress_bar()
-    try:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source.location, **common)
-        except Exception as exc:
-            raise KernelscopeError(
-                f"cannot load a tokenizer for {source.display}: {_first_line(exc)}"
-            ) from None
-        if source.gguf_file is None:  # a GGUF's configuration costs as much to read as its weights
-            check_causal_decoder(_config(source, common), source)
-        try:
-            with _quiet_gguf_progress():
-                model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **common,
-                                                             **placement)
-        except ValueError as exc:
-            if "Unrecognized configuration class" in str(exc) or "does not support" in str(exc):
-                raise KernelscopeError(
-                    f"{source.display} is not a causal language model: {_first_line(exc)}"
-                ) from None
-            raise KernelscopeError(f"cannot load model {source.display}: {_first_line(exc)}") from None
-        except Exception as exc:
-            raise KernelscopeError(f"cannot load model {source.display}: {_first_line(exc)}") from None
-    finally:
-        for name, level in quieted.items():
-            logging.getLogger(name).setLevel(level)
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        _prefer_cache(spec, source, common)
+    with _quiet_loading():
+        tokenizer, model = _from_pretrained(source, common, placement, torch_dtype)
 
     check_causal_decoder(model.config, source)
     hf_map = getattr(model, "hf_device_map", None) if device_map is not None else None
@@ -327,8 +279,95 @@ def _load_model(spec: str, *, dtype: str, device: str, trust_remote_code: bool, 
     if hf_map is None:
         model.to(torch_device)
     model.eval()
+    info = _model_info(spec, source, model, torch_dtype, torch_device, device_map, hf_map)
+    return LoadedModel(model, tokenizer, source, info)
+
+
+def _placement(device_map: str | None, memory: Any, offload_folder: str | Path | None) -> dict[str, Any]:
+    """The device-map arguments of ``from_pretrained`` (none without a map); without an offload folder
+    a temporary one is made, and removed at exit."""
+    if device_map is None:
+        return {}
+    if offload_folder is None:
+        offload_folder = tempfile.mkdtemp(prefix="kernelscope-offload-")
+        atexit.register(shutil.rmtree, offload_folder, ignore_errors=True)
+    return {"device_map": device_map, "max_memory": memory, "offload_folder": str(offload_folder)}
+
+
+def _prefer_cache(spec: str, source: ModelSource, common: dict[str, Any]) -> None:
+    """A hub model already in the Hugging Face cache is read from it alone (``local_files_only`` set in
+    ``common``), so a cached model loads offline; one that is not cached needs the hub, and a hub that
+    cannot be reached is refused in one line."""
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(source.location, local_files_only=True, **common)
+        common["local_files_only"] = True
+    except Exception:
+        reason = hub_unreachable_reason()
+        if reason is not None:
+            raise KernelscopeError(
+                f"cannot load {spec!r}: it is not a local path nor in the Hugging Face cache, "
+                f"and the hub cannot be reached: {reason}"
+            ) from None
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """transformers' and the noisy libraries' notes and progress bars off while a model loads (what they
+    say is no concern of the command's user); their levels set back after, error or not."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    quieted = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    for name in quieted:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for name, level in quieted.items():
+            logging.getLogger(name).setLevel(level)
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+
+
+def _from_pretrained(source: ModelSource, common: dict[str, Any], placement: dict[str, Any],
+                     torch_dtype: torch.dtype) -> tuple[Any, Any]:
+    """The tokenizer and the model of ``source``; whatever fails becomes one line naming the model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, **common)
+    except Exception as exc:
+        raise KernelscopeError(
+            f"cannot load a tokenizer for {source.display}: {_first_line(exc)}"
+        ) from None
+    if source.gguf_file is None:  # a GGUF's configuration costs as much to read as its weights
+        check_causal_decoder(_config(source, common), source)
+    try:
+        with _quiet_gguf_progress():
+            model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype, **common,
+                                                         **placement)
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc) or "does not support" in str(exc):
+            raise KernelscopeError(
+                f"{source.display} is not a causal language model: {_first_line(exc)}"
+            ) from None
+        raise KernelscopeError(f"cannot load model {source.display}: {_first_line(exc)}") from None
+    except Exception as exc:
+        raise KernelscopeError(f"cannot load model {source.display}: {_first_line(exc)}") from None
+    return tokenizer, model
+
+
+def _model_info(spec: str, source: ModelSource, model: Any, torch_dtype: torch.dtype,
+                torch_device: torch.device, device_map: str | None,
+                hf_map: dict[str, Any] | None) -> dict[str, Any]:
+    """What a run records about the model it loaded: where from (as typed: no machine's paths), its
+    architecture and size, an identity of its files, and where it was placed."""
     config = model.config
-    info = {
+    return {
         "model": spec,
         "source": source.kind,
         # as typed: no machine's paths
@@ -343,7 +382,6 @@ def _load_model(spec: str, *, dtype: str, device: str, trust_remote_code: bool, 
         "max_position_embeddings": getattr(config, "max_position_embeddings", None)
         or getattr(config, "n_positions", None),
     }
-    return LoadedModel(model, tokenizer, source, info)
 
 
 def model_identity(source: ModelSource, config: Any) -> str:

@@ -576,14 +576,26 @@ def fake_quantize(x: torch.Tensor, fmt: Format) -> torch.Tensor:
     return dequantize(q, s, fmt).to(x.dtype)
 
 
-def kernel_mask(x: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """The quantization kernel: True exactly where ``fmt`` quantizes ``x`` to zero.
+def kernel_limit(fmt: Format, scale: float = 1.0) -> float:
+    """``scale · τ``: the largest ``|x / s|`` in the kernel of ``fmt`` at ``scale`` times its zero bound."""
+    return scale * fmt.tau
 
-    Written as ``|x / s| <= τ``: the grid rounds to nearest with ties to even, so the tie at exactly τ
-    goes to zero (whose code is even) and anything larger goes to the smallest non-zero code. NaN is
-    never in the kernel.
+
+def in_kernel(q: torch.Tensor, fmt: Format, scale: float = 1.0) -> torch.Tensor:
+    """The definition of the kernel, on quotients ``q = x / s``: True where ``|q| <= scale · τ``.
+
+    With ``scale`` 1 this is exactly where ``fmt`` quantizes to zero: the grid rounds to nearest with
+    ties to even, so the tie at exactly τ goes to zero (whose code is even) and anything larger goes
+    to the smallest non-zero code. NaN is never in the kernel. Every kernel in kernelscope (the mask,
+    its removal, the statistics' count) is this comparison; the C code makes the same one.
     """
-    return quotient(x, fmt).abs_().le(fmt.tau)
+    return q.abs().le(kernel_limit(fmt, scale))
+
+
+def kernel_mask(x: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """The quantization kernel: True exactly where ``fmt`` quantizes ``x`` to zero (:func:`in_kernel`
+    of ``x``'s quotients)."""
+    return in_kernel(quotient(x, fmt), fmt)
 
 
 def zero_bound(x: torch.Tensor, fmt: Format) -> torch.Tensor:
@@ -618,5 +630,5 @@ def whole_blocks(mask: torch.Tensor, fmt: Format) -> torch.Tensor:
 def remove_kernel(x: torch.Tensor, fmt: Format, *, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` with the elements ``|x / s| <= scale · τ`` set to zero (``scale`` 1: exactly ``fmt``'s
     kernel) and every other element left as it was; and how many were zeroed. ``x`` is not changed."""
-    mask = quotient(x, fmt).abs_().le(scale * fmt.tau)  # (..., T, I)
+    mask = in_kernel(quotient(x, fmt), fmt, scale)  # (..., T, I)
     return torch.where(mask, 0.0, x), torch.count_nonzero(mask)

@@ -179,7 +179,7 @@ def separable_step(row: torch.Tensor, col: torch.Tensor, qmax: int | torch.Tenso
     """Δ_ij = max(row_i · col_j / qmax, STEP_FLOOR), in that order of rounding.
 
     The one definition of a step that is an outer product: :func:`crossquant_step` and the fused
-    kernel counter (:mod:`kernelscope.stats.elementwise`) both evaluate it, so they agree bit for bit.
+    kernel counter (:mod:`kernelscope.element`) both evaluate it, so they agree bit for bit.
     """
     return torch.clamp_min(row * col / qmax, STEP_FLOOR)
 

@@ -31,9 +31,11 @@ import math
 import re
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
 
 import torch
 
+from kernelscope.quant import quant_cfg
 from kernelscope.quant.formats import E2M1, E2M3, FULL_PRECISION_BITS, stored_bits
 
 
@@ -68,6 +70,7 @@ class Scaling(StrEnum):
 
 
 FLOAT_MAX = {8: 448.0, 6: 7.5, 4: 6.0}
+_ELEMENT_NAMES = {8: "e4m3", 6: "e2m3", 4: "e2m1"}
 """A float element's largest value by width: E4M3, E2M3, E2M1 (the only float elements it has)."""
 MX_ROUNDING_MANTISSA = {8: 1, 6: 3, 4: 1}
 """How many mantissa bits of the block maximum the MX scale keeps before rounding to a power of two:
@@ -75,7 +78,16 @@ the library uses E2M3's three for FP6 and E2M1's one otherwise (MXFP8 included).
 SCALE_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "uint8": torch.uint8}
 """``scale_dtype`` values: E4M3 block scales (NVFP4), E8M0 exponents as uint8 (MX)."""
 OBSERVERS = ("minmax", "static_minmax", "memoryless_minmax", "max")
-"""Observers whose result is the min and max of what they saw: the only calibration a target runs."""
+"""Observers whose result, on one tensor, is its min and max (a weight's scales); of a sequence of
+calibration batches only ``static_minmax`` (and ModelOpt's ``max``) keep the min and max of them all."""
+STATIC_MINMAX = "static_minmax"
+_OBSERVED = {
+    None: "its observer is not named, and llm-compressor picks one by version",
+    "minmax": "llm-compressor's minmax observer keeps a moving average of each batch's min and max "
+              "(constant 0.01), which depends on the batches' order and size (oneshot shuffles them)",
+    "memoryless_minmax": "memoryless_minmax keeps the last calibration batch's min and max only",
+}
+"""Why a static activation observer other than ``static_minmax`` is refused."""
 
 
 @dataclass(frozen=True)
@@ -90,10 +102,13 @@ class Args:
     scale_dtype: str | None = None
     observer: str | None = None
     arithmetic: Arithmetic = Arithmetic.COMPRESSED_TENSORS
+    narrow_range: bool = False  # ModelOpt INT: levels ±(2^(N-1) - 1) instead of [-2^(N-1), 2^(N-1) - 1]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", Kind(self.kind))
         object.__setattr__(self, "arithmetic", Arithmetic(self.arithmetic))
+        if self.narrow_range and (self.arithmetic is not Arithmetic.MODELOPT or self.kind is not Kind.INT):
+            raise ValueError("a narrow range is modelled for ModelOpt's INT quantizers only")
         if self.arithmetic is Arithmetic.MODELOPT and (self.group_size is not None or self.scale_dtype
                                                        or (self.kind is Kind.FLOAT and self.num_bits != 8)):
             raise ValueError("ModelOpt's arithmetic is modelled for INT and FP8 E4M3 per tensor, channel "
@@ -129,6 +144,11 @@ class Args:
         return -FLOAT_MAX[self.num_bits], FLOAT_MAX[self.num_bits]
 
     @property
+    def element(self) -> str:
+        """The element grid by kernelscope's name of it: int8, e4m3, e2m3, e2m1."""
+        return f"int{self.num_bits}" if self.kind is Kind.INT else _ELEMENT_NAMES[self.num_bits]
+
+    @property
     def is_mx(self) -> bool:
         """An MX format: float elements in groups of 32 under E8M0 exponents."""
         return self.kind is Kind.FLOAT and self.group_size == 32 and self.scale_dtype == "uint8"
@@ -136,7 +156,8 @@ class Args:
     @property
     def label(self) -> str:
         group = f" g{self.group_size}" if self.group_size else ""
-        return f"{self.kind}{self.num_bits} {self.strategy}{group} {self.scaling}"
+        narrow = " narrow" if self.narrow_range else ""
+        return f"{self.kind}{self.num_bits}{narrow} {self.strategy}{group} {self.scaling}"
 
     def as_dict(self) -> dict:
         """The compressed-tensors ``QuantizationArgs`` fields, as a recipe writes them."""
@@ -252,7 +273,8 @@ _TINY_AMAX = 1.0 / (1 << 24)
 
 def _modelopt(x: torch.Tensor, amax: torch.Tensor, args: Args) -> tuple[torch.Tensor, torch.Tensor]:
     """ModelOpt's fake quantization on CPU, in float32: INT as ``round(x · qmax/amax)`` clamped to
-    ``[-2^(N-1), qmax]`` and divided by the multiplier (an abs-max ≤ 2⁻²⁴ quantizes to 0); FP8 as
+    ``[-2^(N-1), qmax]`` (``[-qmax, qmax]`` with a narrow range) and divided by the multiplier
+    (an abs-max ≤ 2⁻²⁴ quantizes to 0); FP8 as
     ``e4m3(clamp(x · 448/amax, ±448)) · fl(1 / (448/amax))`` (such an abs-max taken as 1)."""
     dtype, xf, a = x.dtype, x.float(), amax.float()
     tiny = a <= _TINY_AMAX
@@ -263,7 +285,7 @@ def _modelopt(x: torch.Tensor, amax: torch.Tensor, args: Args) -> tuple[torch.Te
     top = torch.tensor(2.0 ** (args.num_bits - 1) - 1.0)
     scale = top / a
     scale = torch.where(tiny, torch.zeros_like(scale), scale)
-    q = torch.clamp((xf * scale).round_(), -top - 1, top)
+    q = torch.clamp((xf * scale).round_(), -top if args.narrow_range else -top - 1, top)
     return (q / torch.where(tiny, torch.ones_like(scale), scale)).to(dtype), q == 0
 
 
@@ -386,19 +408,37 @@ class Coverage:
         return (any(self._hit(t, name, classes) for t in self.targets)
                 and not any(self._hit(i, name, classes) for i in self.ignore))
 
+    def describe(self) -> str:
+        return f"targets {', '.join(self.targets)}"
+
+
+class Covers(Protocol):
+    """Which modules a user's file quantizes (a recipe's targets and ignore, a ModelOpt quant_cfg)."""
+
+    def covers(self, name: str, classes: tuple[str, ...]) -> bool:
+        """True for the module ``name`` whose class and base classes are named ``classes``."""
+        ...
+
+    def describe(self) -> str:
+        """What the file names, for a message that it matched nothing."""
+        ...
+
 
 @dataclass(frozen=True)
 class Target:
     """A deployed scheme: its library, its name there, the arithmetic version it was checked against,
     and its weight and input-activation quantizers (None: left in full precision). ``coverage`` is the
-    modules a user's recipe names; None for a preset, which covers the run's selected layers."""
+    modules a user's file names; None for a preset, which covers the run's selected layers. ``shipped``
+    is every module the preset quantizes as its library ships it, where that reaches beyond Linear
+    layers (ModelOpt's turns on LayerNorm inputs): a model with such a module is refused."""
 
     library: str
     name: str
     checked: str
     weights: Args | None
     input_activations: Args | None
-    coverage: Coverage | None = None
+    coverage: Covers | None = None
+    shipped: Covers | None = None
 
     @property
     def label(self) -> str:
@@ -504,7 +544,8 @@ UNSUPPORTED = {
 TARGETS: dict[str, Target] = {
     **{f"{LLM_COMPRESSOR}:{name}".lower(): Target(LLM_COMPRESSOR, name, CHECKED, w, a)
        for name, (w, a) in _PRESETS.items()},
-    **{f"{MODELOPT}:{name}".lower(): Target(MODELOPT, name, MODELOPT_CHECKED, w, a)
+    **{f"{MODELOPT}:{name}".lower(): Target(MODELOPT, name, MODELOPT_CHECKED, w, a,
+                                            shipped=quant_cfg.shipped(w is not None, a is not None))
        for name, (w, a) in _MODELOPT_CONFIGS.items()},
 }
 """``library:NAME`` in lower case -> :class:`Target`."""
@@ -573,6 +614,10 @@ def args_from_dict(fields: dict, role: str) -> Args:
     if role == "input_activations" and static and args.strategy is not Strategy.TENSOR:
         raise ValueError(f"{role}: static {args.strategy} activation scales are not modelled (static "
                          "activations: per tensor)")
+    if role == "input_activations" and args.scaling is not Scaling.DYNAMIC and args.observer != STATIC_MINMAX:
+        raise ValueError(f"{role}: {_OBSERVED.get(args.observer, f'observer {args.observer!r}')}, which "
+                         f"kernelscope does not reproduce; it calibrates with observer: {STATIC_MINMAX} (the "
+                         "min and max over every calibration batch)")
     return args
 
 

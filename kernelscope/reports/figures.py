@@ -321,7 +321,8 @@ def zero_bounds(profiles: list[tuple[str, pl.DataFrame]], colours: dict[str, str
     runs = len(profiles)
     shown: set[str] = set()
     of_trace = []
-    for run, col, module_type, config, transform, rows in _panel_lines(profiles, groups, pl.col("bits") == 8):
+    with_bounds = (pl.col("bits") == 8) & pl.col("bound_p50").is_not_null()  # a target's rows have none
+    for run, col, module_type, config, transform, rows in _panel_lines(profiles, groups, with_bounds):
         v = variants.index((run, transform))
         for s, stat in enumerate(("bound_p50", "bound_p99")):
             name = f"{series_name(config, transform)} {stat[6:]}"

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from kernelscope.errors import KernelscopeError
+from kernelscope.quant import quant_cfg
 from kernelscope.quant.formats import Form, Format, Unit
 from kernelscope.results.paths import EXPORT_NAMES, SUMMARY, summary_of
 
@@ -248,23 +249,7 @@ def modelopt_cfg(fmt: Format, role: str) -> tuple[dict[str, Any], tuple[str, ...
     return cfg, (how, *_floor_note(fmt, MODEL_OPT, theirs))
 
 
-MODELOPT_EXCLUDED = (*(f"*{p}*" for p in ("block_sparse_moe.gate", "linear_attn.conv1d",
-                                           "self_attention.conv1d", "linear_attn.in_proj_a",
-                                           "linear_attn.in_proj_b", "lm_head", "mixer.conv1d", "mlp.gate.",
-                                           "mlp.shared_expert_gate.", "output_layer", "proj_out.", "router")),
-                     "mtp.*", "output.*",
-                     *(f"*{p}*" for p in ("embed_vision", "vision_tower", "visual", "vision_model",
-                                          "multi_modal_projector")))
-MODELOPT_EXCLUDED_CLASSES = ("nn.BatchNorm1d", "nn.BatchNorm2d", "nn.BatchNorm3d", "nn.LeakyReLU",
-                             "nn.Embedding")
-"""ModelOpt's default exclusions (``_default_disabled_quantizer_cfg``, the tail of every model preset):
-quantizer name patterns, then module classes whose every quantizer is off."""
-
-
-def modelopt_exclusions() -> list[dict[str, Any]]:
-    """ModelOpt's default exclusions as ``quant_cfg`` entries, in its order."""
-    return [*({"quantizer_name": p, "enable": False} for p in MODELOPT_EXCLUDED),
-            *({"quantizer_name": "*", "parent_class": c, "enable": False} for c in MODELOPT_EXCLUDED_CLASSES)]
+modelopt_exclusions = quant_cfg.exclusions
 
 
 @dataclass(frozen=True)
@@ -442,8 +427,9 @@ def modelopt_for(export: Export, quantized: Iterable[str]) -> Export:
     Linear the plan quantizes (an ``lm_head`` the measurement covered, a router)."""
     if not export.ok:
         return export
+    patterns = quant_cfg.DEFAULT_EXCLUDED
     hit = [n for n in quantized
-           if any(fnmatch.fnmatchcase(f"{n}.{q}", p) for p in MODELOPT_EXCLUDED for q in _QUANTIZERS)]
+           if any(fnmatch.fnmatchcase(f"{n}.{q}", p) for p in patterns for q in _QUANTIZERS)]
     if not hit:
         return export
     return replace(export, reason=f"ModelOpt's default exclusions, which its config keeps, turn off "
@@ -536,21 +522,6 @@ _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 @dataclass(frozen=True)
-class Switch:
-    """One ModelOpt ``quant_cfg`` entry as far as on and off go: the quantizers it matches (a name
-    pattern, and the class of their module where it names one) and whether it turns them on."""
-
-    pattern: str
-    parent_class: str | None
-    enable: bool
-
-    def matches(self, quantizer: str, module_class: str) -> bool:
-        if self.parent_class is not None and self.parent_class.rsplit(".", 1)[-1] != module_class:
-            return False
-        return fnmatch.fnmatchcase(quantizer, self.pattern)
-
-
-@dataclass(frozen=True)
 class IgnoreSpec:
     """Module names to leave in full precision, as a file gave them: exact names, ``re:`` regular
     expressions (llm-compressor's spelling, matched from the start of the name), and ModelOpt
@@ -559,7 +530,7 @@ class IgnoreSpec:
     source: str
     names: tuple[str, ...] = ()
     regexes: tuple[str, ...] = ()
-    switches: tuple[Switch, ...] = ()
+    entries: tuple[quant_cfg.Entry, ...] = ()
 
     def resolve(self, modules: dict[str, str]) -> list[str]:
         """The module names (of ``modules``: name -> class name) this spec selects; a name or class
@@ -576,20 +547,15 @@ class IgnoreSpec:
                                        "model; list them with `kernelscope layers MODEL --include-lm-head`")
         for rx in self.regexes:
             chosen |= {n for n in modules if re.match(rx, n)}
-        if self.switches:
+        if self.entries:
             chosen |= {n for n, c in modules.items() if not self._quantized(n, c)}
         return sorted(chosen)
 
     def _quantized(self, name: str, module_class: str) -> bool:
         """Whether ModelOpt, applying the entries in order to a Linear's quantizers (on by default),
         leaves them on; a Linear with one on and one off is refused (a layer is kept or not)."""
-        states = []
-        for quantizer in _QUANTIZERS:
-            on = True
-            for switch in self.switches:
-                if switch.matches(f"{name}.{quantizer}", module_class):
-                    on = switch.enable
-            states.append(on)
+        states = [quant_cfg.state(self.entries, f"{name}.{quantizer}", (module_class,), True)[0]
+                  for quantizer in _QUANTIZERS]
         if states[0] != states[1]:
             raise KernelscopeError(f"{self.source} turns {'on' if states[0] else 'off'} only the weight "
                                    f"quantizer of {name}; kernelscope keeps whole layers in full precision")
@@ -666,40 +632,11 @@ def _from_json(text: str, shown: str) -> IgnoreSpec:
 
 
 def _from_quant_cfg(cfg: Any, shown: str) -> IgnoreSpec:
-    """A ModelOpt ``quant_cfg``: its list of entries, or its older form, a mapping of name patterns
-    (``default`` for every quantizer, ``nn.Class`` for the quantizers of one class of module)."""
-    if isinstance(cfg, dict):
-        cfg = [{key: value} for key, value in cfg.items()]
-    if not isinstance(cfg, list):
-        raise _not_advice(shown, "its quant_cfg is neither a list of entries nor a mapping")
-    switches: list[Switch] = []
-    for entry in cfg:
-        if not isinstance(entry, dict):
-            raise _not_advice(shown, f"quant_cfg entry {str(entry)[:60]!r} is not a mapping")
-        if "quantizer_name" in entry:
-            switches += _switch(entry["quantizer_name"], entry, entry.get("parent_class"))
-            continue
-        for key, value in entry.items():
-            if str(key).startswith("nn.") and isinstance(value, dict):
-                switches += [s for name, sub in value.items() for s in _switch(name, sub, key)]
-            else:
-                switches += _switch("*" if key == "default" else key, value, None)
-    return IgnoreSpec(shown, switches=tuple(switches))
-
-
-def _switch(pattern: Any, entry: Any, parent_class: Any) -> list[Switch]:
-    """The on/off instruction of one entry (``enable``; a ``cfg`` alone turns on); none where it gives
-    neither."""
-    if not isinstance(entry, dict):
-        return [Switch(str(pattern), parent_class, True)] if entry is not None else []
-    if "enable" in entry:
-        on = entry["enable"] is not False
-    elif "cfg" in entry or "quantizer_name" not in entry:
-        cfg = entry.get("cfg", entry)
-        on = not (isinstance(cfg, dict) and cfg.get("enable") is False)
-    else:
-        return []
-    return [Switch(str(pattern), None if parent_class is None else str(parent_class), on)]
+    """A ModelOpt ``quant_cfg``, in either of its forms (:func:`kernelscope.quant.quant_cfg.entries`)."""
+    try:
+        return IgnoreSpec(shown, entries=quant_cfg.entries(cfg))
+    except ValueError as exc:
+        raise _not_advice(shown, str(exc)) from None
 
 
 def _from_list(text: str, shown: str) -> IgnoreSpec:

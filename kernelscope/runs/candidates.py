@@ -18,7 +18,6 @@ held-out change from fp.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,11 +26,12 @@ import polars as pl
 from kernelscope.quant.formats import FULL_PRECISION_BITS, Form, Unit, stored_bits
 from kernelscope.quant.transforms import IDENTITY, TransformSpec
 from kernelscope.results import exports
+from kernelscope.results.decision_rules import APPROXIMATE as APPROXIMATE  # the statuses, named here too
+from kernelscope.results.decision_rules import BELOW_THE_FORMAT, EXACT, NONE, rank_key
+from kernelscope.results.decision_rules import deployability as status_of
 from kernelscope.runs.advise import AdviceResult, advise
 from kernelscope.runs.evaluate import scheme_transform
 from kernelscope.runs.schemes import Scheme
-
-EXACT, APPROXIMATE, NONE = "exact", "approximate", "none"
 
 
 def weight_bits(scheme: Scheme) -> float:
@@ -50,21 +50,23 @@ def weight_bits(scheme: Scheme) -> float:
 
 
 def deployability(scheme: Scheme, basis: TransformSpec) -> tuple[str, str]:
-    """``(status, how)``: whether a library can deploy the candidate, and which (or why none)."""
+    """``(status, how)``: whether a library can deploy the candidate, and which (or why none); the
+    status in the words of :mod:`~kernelscope.results.decision_rules`."""
     d = exports.deployment(scheme, IDENTITY)  # the scheme itself, in the model's own basis
     able = [e for e in (d.llmcompressor, d.modelopt) if e.ok]
-    if not able:
-        return NONE, d.llmcompressor.reason or d.modelopt.reason or "no library expresses it"
     exact = [e for e in able if not e.notes]
+    ways = [step.entry.deployed_by for step in basis.steps]
+    status = status_of(bool(able) and all(ways), bool(exact) and basis.is_identity)
+    if not able:
+        return status, d.llmcompressor.reason or d.modelopt.reason or "no library expresses it"
+    if status == NONE:
+        return status, f"no library applies the {basis.label} transform"
     libraries = " or ".join(e.library for e in (exact or able))
+    if status == EXACT:
+        return status, libraries
     if not basis.is_identity:
-        ways = [step.entry.deployed_by for step in basis.steps]
-        if not all(ways):
-            return NONE, f"no library applies the {basis.label} transform"
-        return APPROXIMATE, f"{libraries}, after the transform: " + "; ".join(ways)
-    if exact:
-        return EXACT, libraries
-    return APPROXIMATE, f"{libraries}, whose arithmetic differs below the format: " + "; ".join(able[0].notes)
+        return status, f"{libraries}, after the transform: " + "; ".join(ways)
+    return status, f"{libraries}, {BELOW_THE_FORMAT}: " + "; ".join(able[0].notes)
 
 
 def _held_out(plan: dict) -> dict:
@@ -93,15 +95,10 @@ def candidate_row(result: AdviceResult, scheme: Scheme, basis: TransformSpec) ->
     }
 
 
-def _key(row: dict) -> tuple:
-    change = row["change_pct"]
-    return (row["deployable"] == NONE, not row["within_tolerance"], round(row["bits_per_weight"], 6),
-            row["deployable"] != EXACT, change if change is not None and math.isfinite(change) else math.inf)
-
-
 def rank(rows: list[dict]) -> list[dict]:
-    """``rows`` in the order of the module docstring, each with its ``rank`` (1 = deploy this)."""
-    ordered = sorted(rows, key=_key)
+    """``rows`` in the order of the module docstring (the rules of
+    :data:`~kernelscope.results.decision_rules.RANKING`), each with its ``rank`` (1 = deploy this)."""
+    ordered = sorted(rows, key=rank_key)
     return [r | {"rank": i} for i, r in enumerate(ordered, start=1)]
 
 

@@ -89,6 +89,17 @@ def merge_stats(accumulators: Iterable[KernelStats], device: torch.device) -> No
         acc.bound_sums = _gathered_sum(acc.bound_sums, world.size)
 
 
+def merge_counts(counts: dict, device: torch.device) -> None:
+    """Make each count the sum of all processes' (in place; every rank holds the same keys)."""
+    world = current()
+    if world.size == 1 or not counts:
+        return
+    keys = sorted(counts)
+    stacked = torch.stack([counts[k].to(device) for k in keys])  # (K,)
+    dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+    counts.update(zip(keys, stacked, strict=True))
+
+
 def _reduced(acc: KernelStats, reductions: dict[str, dist.ReduceOp], device: torch.device):
     """``acc``'s state with each field named in ``reductions`` reduced over all processes, in place."""
     state = acc.state

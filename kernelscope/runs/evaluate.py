@@ -309,12 +309,7 @@ def evaluate(
     row of the same transform where there is one). ``sqnr``: each layer's output SQNR too (sqnr.py).
     """
     net, info, _ = unpack(model)
-    if not schemes:
-        raise ValueError("evaluate needs at least one scheme")
-    if not transforms:
-        raise ValueError("evaluate needs at least one transform (IDENTITY for none)")
-    if sqnr and not any(scheme.mode.quantizes for scheme in schemes):
-        raise ValueError("the SQNR measures the error of a quantizing scheme; fp quantizes nothing")
+    _check_evaluate(schemes, transforms, sqnr)
     selected, ignored = split_ignored(resolve_layers(net, layers), ignore)
     covers = scheme_layers(net, schemes, selected, ignored, transforms)
     pairs = [(scheme, scheme_transform(scheme, t)) for scheme in schemes for t in transforms]
@@ -335,15 +330,22 @@ def evaluate(
                    "lm_head": "full precision", "full_precision": [layer.name for layer in ignored],
                    "ignore": ignore_source or (ignore if isinstance(ignore, str) else None)},
         "transforms": transforms_facts(transforms),
-        "calibration": (
-            {"text": text_facts(calibration_text), "windows": calibration.as_dict()}
-            if calibration is not None and (binder.calibrated or scales) else None
-        ),
+        "calibration": calibration_facts(calibration, calibration_text, binder.calibrated or bool(scales)),
         "static_scales": scales or None,
         "sqnr": errors.summary() if errors is not None else None,
         "settings": {"batch_size": batch_size},
     }
     return EvalResult(table, summary, errors.table() if errors is not None else None)
+
+
+def _check_evaluate(schemes: Sequence[Scheme], transforms: Sequence[TransformSpec], sqnr: bool) -> None:
+    """Refuse a run with nothing to evaluate, or an SQNR with no quantizing scheme to measure it under."""
+    if not schemes:
+        raise ValueError("evaluate needs at least one scheme")
+    if not transforms:
+        raise ValueError("evaluate needs at least one transform (IDENTITY for none)")
+    if sqnr and not any(scheme.mode.quantizes for scheme in schemes):
+        raise ValueError("the SQNR measures the error of a quantizing scheme; fp quantizes nothing")
 
 
 def _evaluate_pairs(net: nn.Module, windows: Windows, pairs: Sequence[tuple[Scheme, TransformSpec]],
@@ -366,6 +368,15 @@ def _evaluate_pairs(net: nn.Module, windows: Windows, pairs: Sequence[tuple[Sche
             errors.measure(net, windows, scheme, covered, transform=bound, calibration=calibrated,
                            batch_size=batch_size, progress=stage_callback(progress, f"{stage}: output SQNR"))
     return rows, scales
+
+
+def calibration_facts(calibration: Windows | None, calibration_text: TextSource | None,
+                      used: bool) -> dict[str, Any] | None:
+    """What a summary says about the calibration windows: their text and selection, or None when there
+    were none or nothing in the run was calibrated on them (``used`` false)."""
+    if calibration is None or not used:
+        return None
+    return {"text": text_facts(calibration_text), "windows": calibration.as_dict()}
 
 
 def transforms_facts(transforms: Sequence[TransformSpec]) -> dict[str, Any]:

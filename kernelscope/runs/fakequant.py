@@ -14,14 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from kernelscope.capture.hooks import Conv1D
+from kernelscope import element
+from kernelscope.capture.hooks import Conv1D, ForwardHooks
 from kernelscope.errors import KernelscopeError
 from kernelscope.models import LinearLayer, select_linear_layers
-from kernelscope.quant import as_sequences, crossquant_factors, targets
+from kernelscope.quant import as_sequences, targets
 from kernelscope.quant import formats as F
 from kernelscope.quant.transforms import LayerTransform
 from kernelscope.runs.schemes import Scheme
-from kernelscope.stats import elementwise, native
 
 
 def _class_names(module: nn.Module) -> tuple[str, ...]:
@@ -30,22 +30,30 @@ def _class_names(module: nn.Module) -> tuple[str, ...]:
 
 
 def covered_layers(model: nn.Module, scheme: Scheme, selected: list[LinearLayer]) -> list[LinearLayer]:
-    """The layers ``scheme`` quantizes: those its recipe names among every Linear of the model (lm_head
-    included, as the library would), or else the ``selected`` ones. A recipe that names a module that
-    is not a Linear (an embedding, a norm) is refused: kernelscope quantizes Linear inputs only."""
-    coverage = scheme.target.coverage if scheme.target is not None else None
-    if coverage is None:
+    """The layers ``scheme`` quantizes: those its file names among every Linear of the model (lm_head
+    included, as the library would), or else the ``selected`` ones. A file, or a preset as its library
+    ships it, that quantizes a module that is not a Linear (an embedding, a norm) is refused:
+    kernelscope quantizes Linear inputs only."""
+    target = scheme.target
+    reach = None if target is None else target.coverage or target.shipped
+    if reach is None:
         return selected
     every = select_linear_layers(model, "", include_lm_head=True)
     linear = {layer.name for layer in every}
-    for name, module in model.named_modules():
-        if name not in linear and coverage.covers(name, _class_names(module)) and not list(module.children()):
-            raise KernelscopeError(f"{scheme.name} quantizes {name} ({type(module).__name__}), which is not "
-                                   "a Linear layer; kernelscope quantizes Linear layers only")
-    covered = [layer for layer in every if coverage.covers(layer.name, _class_names(layer.module))]
+    try:
+        for name, module in model.named_modules():
+            leaf = not list(module.children())
+            if name not in linear and leaf and reach.covers(name, _class_names(module)):
+                raise KernelscopeError(f"{scheme.name} quantizes {name} ({type(module).__name__}), which is "
+                                       "not a Linear layer; kernelscope quantizes Linear layers only")
+        if target.coverage is None:
+            return selected
+        covered = [layer for layer in every if reach.covers(layer.name, _class_names(layer.module))]
+    except ValueError as exc:
+        raise KernelscopeError(f"{scheme.name}: {exc}") from None
     if not covered:
         raise KernelscopeError(f"{scheme.name} matches none of the model's {len(every)} Linear layers "
-                               f"(targets {', '.join(coverage.targets)})")
+                               f"({reach.describe()})")
     return covered
 
 
@@ -57,24 +65,6 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
 
 def _as_module_layout(module: nn.Module, w_out_in: torch.Tensor) -> torch.Tensor:
     return w_out_in.t().contiguous() if bool(Conv1D) and isinstance(module, Conv1D) else w_out_in
-
-
-def treat_activation(x: torch.Tensor, fmt: F.Format, remove: bool, kernel_scale: float = 1.0
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x (B, T, I)`` fake-quantized by ``fmt`` or, with ``remove``, with only its kernel at
-    ``kernel_scale`` times the zero bound set to zero; and how many elements went to zero. Both as
-    :mod:`kernelscope.quant.formats` defines them: on the CPU by the native code, which gives the same
-    tensor bit for bit, elsewhere by that module itself."""
-    native_x = elementwise.native_input(x)
-    if native_x is not None:
-        factors = crossquant_factors(native_x.float(), fmt.alpha) if fmt.layout == "crossquant" else None
-        mode = native.REMOVE_KERNEL if remove else native.QUANTIZE
-        return native.quantize(native.library(), native_x, fmt, mode, kernel_scale * fmt.tau, factors)
-    if remove:
-        return F.remove_kernel(x, fmt, scale=kernel_scale)
-    q, s = F.quantize(x, fmt)
-    zeros = q.numel() - torch.count_nonzero(q)  # the kernel: what rounds to zero
-    return F.dequantize(q, s, fmt).to(x.dtype), zeros
 
 
 class SchemeApplied:
@@ -102,7 +92,7 @@ class SchemeApplied:
         self.seq_len = seq_len  # splits flattened (B·T, I) inputs back into sequences
         self.kernel: torch.Tensor | None = None
         self.elements: torch.Tensor | None = None
-        self._handles: list[Any] = []
+        self._hooks = ForwardHooks()
         self._weights: dict[str, torch.Tensor] = {}
         self._swapped: dict[str, tuple[nn.Module, torch.Tensor]] = {}
         self._last: tuple[torch.Tensor | None, Any, Any] = (None, None, None)
@@ -121,7 +111,10 @@ class SchemeApplied:
                 out = torch.where(zero, torch.zeros((), dtype=x.dtype, device=x.device), x)
             return out, torch.count_nonzero(zero)
         seqs = as_sequences(x, self.seq_len)  # (B, T, I)
-        out, zeros = treat_activation(seqs, act.format, scheme.mode.removes_kernel, scheme.kernel_scale)
+        if scheme.mode.removes_kernel:
+            out, zeros = element.remove_kernel(seqs, act.format, scheme.kernel_scale)
+        else:
+            out, zeros = element.fake_quantize(seqs, act.format)
         return out.reshape(x.shape), zeros
 
     def input_operands(self, name: str, x: torch.Tensor
@@ -222,17 +215,15 @@ class SchemeApplied:
             )
         try:
             for layer in self.layers:
-                self._handles.append(layer.module.register_forward_pre_hook(
-                    self._pre_hook(layer.name), with_kwargs=True))
-                self._handles.append(layer.module.register_forward_hook(self._post_hook(layer.name)))
+                self._hooks.pre(layer.module, self._pre_hook(layer.name), with_kwargs=True)
+                self._hooks.post(layer.module, self._post_hook(layer.name))
         except BaseException:
             self.__exit__()
             raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        while self._handles:
-            self._handles.pop().remove()
+        self._hooks.remove()
         for name in list(self._swapped):
             self._restore(name)
         self._weights.clear()

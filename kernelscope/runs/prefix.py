@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kernelscope.capture import ForwardHooks
 from kernelscope.models import find_decoder_blocks
 
 DEFAULT_LIMIT_BYTES = 2 * 2**30
@@ -82,7 +83,6 @@ class BlockOutputs:
         if self.reason is not None:
             yield self
             return
-        handles = []
 
         def hook_for(i: int):
             def hook(module: nn.Module, args: Any, output: Any) -> None:
@@ -100,14 +100,11 @@ class BlockOutputs:
 
             return hook
 
-        try:
+        with ForwardHooks() as hooks:
             for i, block in enumerate(self.blocks):
-                handles.append(block.register_forward_hook(hook_for(i)))
+                hooks.post(block, hook_for(i))
             yield self
             self._recorded = True
-        finally:
-            for handle in handles:
-                handle.remove()
 
     @contextlib.contextmanager
     def starting_at(self, first: int) -> Iterator[int]:

@@ -12,6 +12,7 @@ import polars as pl
 import torch
 from torch import nn
 
+from kernelscope import element
 from kernelscope.capture import LinearInputCapture
 from kernelscope.data import TextSource, Windows
 from kernelscope.errors import KernelscopeError
@@ -24,9 +25,16 @@ from kernelscope.runs import distributed
 from kernelscope.runs.checkpoint import load_checkpoint, save_checkpoint
 from kernelscope.runs.common import resolve_layers, run_context, text_facts, unpack, versions
 from kernelscope.runs.forward import eval_mode, forward_windows, model_device
+from kernelscope.runs.schemes import Scheme
+from kernelscope.runs.target_kernels import (
+    STATE_KEY,
+    TargetKernels,
+    calibrate_targets,
+    check_targets,
+)
 from kernelscope.runs.transforming import ModelTransform, bind_transforms
 from kernelscope.runs.weights import DEFAULT_WEIGHT_FORMAT, weight_kernels, weight_rollup
-from kernelscope.stats import KernelStats, elementwise
+from kernelscope.stats import KernelStats
 from kernelscope.stats.accumulator import KernelStatsGroup
 from kernelscope.stats.arena import Arena
 from kernelscope.stats.histogram import HISTOGRAM
@@ -65,9 +73,10 @@ class Observer:
     is over, add what was measured to the accumulators of the inputs of one shape together."""
 
     def __init__(self, names: list[str], transforms: list[ModelTransform], configs: list[QuantizerConfig],
-                 top_k: int, seq_len: int, arena: Arena) -> None:
+                 top_k: int, seq_len: int, arena: Arena, targets: TargetKernels | None = None) -> None:
         self.transforms, self.configs, self.top_k, self.seq_len, self.arena = (
             transforms, configs, top_k, seq_len, arena)
+        self.targets = targets or TargetKernels([], {})
         self.stats = {(name, t.label): KernelStats(configs, top_k) for t in transforms for name in names}
         self.follows: dict[Key, Key | None] = {}  # who shares with whom, as the first batch showed
         self.offset = 0  # global index of the batch's first token
@@ -78,6 +87,7 @@ class Observer:
         self._forget()
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
+        self.targets(name, x)
         for i, transform in enumerate(self.transforms):
             bound, key = transform.layers[name], (name, transform.label)
             last_x, last_bound, last_key = self._last[i]
@@ -94,6 +104,7 @@ class Observer:
 
     def end_batch(self, completed: bool) -> None:
         """Add what the pass measured (when it ``completed``) and forget it."""
+        self.targets.end_batch(completed)
         try:
             if completed:
                 for members, stacked in summarise_groups([m for _, m in self._pending], self.configs,
@@ -115,6 +126,11 @@ class Observer:
         """The key whose accumulator ``key`` reads (itself, or the first layer sharing its input)."""
         return self.follows.get(key) or key
 
+    def merge(self, device: torch.device) -> None:
+        """Make every process's statistics and target counts the merge of all processes'."""
+        distributed.merge_stats(self.leaders(), device)
+        distributed.merge_counts(self.targets.kernel, device)
+
     def leaders(self) -> list[KernelStats]:
         self.release()
         return [acc for key, acc in self.stats.items() if self.follows.get(key) is None]
@@ -124,12 +140,14 @@ class Observer:
             group.release()
 
     def state(self) -> dict[Key, dict]:
-        """Every accumulator's state as a checkpoint keeps it (tensors only)."""
-        return {key: self.stats[self.owner(key)].state_dict() for key in self.stats}
+        """Every accumulator's state as a checkpoint keeps it (tensors only), and the targets' counts."""
+        return ({key: self.stats[self.owner(key)].state_dict() for key in self.stats}
+                | {STATE_KEY: self.targets.state()})
 
     def load(self, state: dict[Key, dict], device: torch.device) -> None:
         for key, acc in self.stats.items():
             acc.load_state_dict(state.get(key, {}), device)
+        self.targets.load(state.get(STATE_KEY, {}), device)
 
 
 def _same_basis(a: LayerTransform, b: LayerTransform | None) -> bool:
@@ -139,7 +157,8 @@ def _same_basis(a: LayerTransform, b: LayerTransform | None) -> bool:
 
 def _fingerprint(model: nn.Module, info: dict[str, Any], text: TextSource | None, windows: Windows,
                  configs: list[QuantizerConfig], selected: list[LinearLayer], batch_size: int,
-                 top_k: int, transforms: list[ModelTransform], calibration: Windows | None) -> dict[str, Any]:
+                 top_k: int, transforms: list[ModelTransform], calibration: Windows | None,
+                 targets: TargetKernels) -> dict[str, Any]:
     """Everything that can change a figure of a profile; a checkpoint resumes only the same run."""
     weight = next(model.parameters(), None)
     return {
@@ -148,6 +167,7 @@ def _fingerprint(model: nn.Module, info: dict[str, Any], text: TextSource | None
         "device": model_device(model).type, "text": None if text is None else text.sha256,
         "windows": windows.sha256, "seqlen": windows.seqlen,
         "quantizers": [[c.label, c.alpha, c.block_size] for c in configs],
+        "targets": [s.name for s in targets.schemes],
         "layers": [layer.name for layer in selected], "batch_size": batch_size, "top_k": top_k,
         "transforms": [[t.label, t.spec.seed] for t in transforms],
         "calibration": None if calibration is None else calibration.sha256,
@@ -176,23 +196,14 @@ def _run_batches(model: nn.Module, windows: Windows, observer: Observer, selecte
 
 
 def profile(
-    model: nn.Module | LoadedModel,
-    windows: Windows,
-    configs: Sequence[QuantizerConfig],
-    *,
-    tokenizer=None,
-    text: TextSource | None = None,
-    layers: str | Sequence[LinearLayer] | None = None,
-    include_lm_head: bool = False,
-    batch_size: int = 1,
-    top_k: int = 10,
-    progress: ProgressFn | None = None,
-    checkpoint: str | Path | None = None,
-    resume: bool = False,
+    model: nn.Module | LoadedModel, windows: Windows, configs: Sequence[QuantizerConfig], *,
+    tokenizer=None, text: TextSource | None = None, layers: str | Sequence[LinearLayer] | None = None,
+    include_lm_head: bool = False, batch_size: int = 1, top_k: int = 10, progress: ProgressFn | None = None,
+    checkpoint: str | Path | None = None, resume: bool = False,
     weight_formats: Sequence[QuantizerConfig] = (DEFAULT_WEIGHT_FORMAT,),
     transforms: Sequence[TransformSpec | ModelTransform] = (IDENTITY,),
-    calibration: Windows | None = None,
-    calibration_text: TextSource | None = None,
+    calibration: Windows | None = None, calibration_text: TextSource | None = None,
+    targets: Sequence[Scheme] = (),
 ) -> ProfileResult:
     """Run ``windows`` through ``model`` and measure the kernel of every selected Linear input.
 
@@ -202,13 +213,15 @@ def profile(
     tensor (q/k/v, gate/up) share one computation. Hooks are removed and the model's training flag
     restored whether the run succeeds or not.
 
-    ``weight_formats`` are the weight quantizers whose kernel each selected layer's weight is measured
-    under, from the weights alone (``weights``; none when empty).
+    ``weight_formats``: the quantizers each selected layer's weight kernel is measured under (or none).
 
     ``transforms`` are the bases every configuration is measured in, in the same forward passes: each
     input ``x`` is counted as ``T(x)`` and each weight as its transformed counterpart (every row names its
     ``transform``). Calibrated ones (SmoothQuant) are calibrated on ``calibration`` first (windows of
     ``calibration_text``, which the summary records).
+
+    ``targets`` (schemes ``LIBRARY:NAME``): each input's kernel in that library's arithmetic too (static
+    scales calibrated on ``calibration`` first), in rows of their own with the kernel only.
 
     With ``checkpoint`` (a file path) the state is saved after every batch; ``resume`` continues
     from it, giving the same statistics as an uninterrupted run. The caller removes the file once
@@ -220,29 +233,84 @@ def profile(
     """
     model, info, own_tokenizer = unpack(model)
     tokenizer = tokenizer if tokenizer is not None else own_tokenizer
+    configs, batch_size = _checked(configs, targets, batch_size, len(windows))
+    selected = resolve_layers(model, layers, include_lm_head)
+    world, mine = _share(len(windows), checkpoint is not None or resume)
+    device = model_device(model)
+    bound, calibrated = bind_transforms(model, selected, transforms, calibration, batch_size=batch_size)
+    counter = _target_kernels(model, targets, selected, bound, calibration, batch_size)
+    observer = _observer(selected, bound, configs, top_k, windows.seqlen, batch_size, device, counter)
+    calibration = calibration if calibrated or counter.static else None
+    fingerprint = _fingerprint(model, info, text, windows, configs, selected, batch_size, top_k, bound,
+                               calibration, counter)
+    start, save = _checkpointing(checkpoint, resume, fingerprint, observer, device, len(windows))
+    started = time.perf_counter()
+    _run_batches(model, windows, observer, selected, mine, start, batch_size, include_lm_head, save, progress)
+    observer.merge(device)
+    elapsed = time.perf_counter() - started
+    result = _rolled_up(_layer_table(selected, observer, configs, windows, tokenizer))
+    result.summary = _summary(result, info, text, windows, configs, selected, layers, include_lm_head,
+                              batch_size, top_k, start, world, device, elapsed)
+    _add_transforms_and_weights(result, model, selected, bound, calibration, calibration_text, weight_formats)
+    result.summary |= counter.summary()
+    return result
+
+
+def _rolled_up(frame: pl.DataFrame) -> ProfileResult:
+    """A result of the layer table ``frame`` and its roll-ups (the model, each module type)."""
+    by_type = _rollup(frame, ["module_type", *ROLLUP_KEYS])
+    return ProfileResult(frame, _rollup(frame, ROLLUP_KEYS), by_type, {})
+
+
+def _checked(configs: Sequence[QuantizerConfig], targets: Sequence[Scheme], batch_size: int,
+             n: int) -> tuple[list[QuantizerConfig], int]:
+    """The configurations as a list and the batch size, refused when there is nothing to measure or no
+    window to a batch; a batch is never made larger than the ``n`` windows there are (room is made for
+    one batch)."""
     configs = list(configs)
-    if not configs:
+    if not configs and not targets:
         raise ValueError("profile needs at least one quantizer configuration")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    batch_size = min(batch_size, len(windows))  # room is made for one batch: never more than there is
-    selected = resolve_layers(model, layers, include_lm_head)
-    n = len(windows)
+    return configs, min(batch_size, n)
+
+
+def _share(n: int, checkpointing: bool) -> tuple[distributed.World, range]:
+    """The process group and this process's contiguous share of the ``n`` windows (every window when
+    alone); checkpoints are refused in a group, and a group larger than the windows."""
     world = distributed.current()
     mine = world.windows(n)  # every window when alone
-    if world.size > 1 and (checkpoint is not None or resume):
+    if world.size > 1 and checkpointing:
         raise KernelscopeError("checkpoints and --resume work in a single process only")
     if world.size > n:
         raise KernelscopeError(f"{world.size} processes need at least as many windows; got {n}")
-    device = model_device(model)
-    bound, calibrated = bind_transforms(model, selected, transforms, calibration, batch_size=batch_size)
-    # Room for what the hooks keep until a forward pass ends (every layer a leader in every basis).
-    arena = Arena(len(bound) * sum(measured_nbytes(batch_size, windows.seqlen, layer.in_features, configs)
+    return world, mine
+
+
+def _target_kernels(model: nn.Module, targets: Sequence[Scheme], selected: list[LinearLayer],
+                    bound: list[ModelTransform], calibration: Windows | None,
+                    batch_size: int) -> TargetKernels:
+    """The counter of the targets' kernels, their static scales calibrated first."""
+    check_targets(targets, bound)
+    scales, static = calibrate_targets(model, targets, selected, calibration, batch_size=batch_size)
+    return TargetKernels(targets, scales, static)
+
+
+def _observer(selected: list[LinearLayer], bound: list[ModelTransform], configs: list[QuantizerConfig],
+              top_k: int, seqlen: int, batch_size: int, device: torch.device,
+              targets: TargetKernels) -> Observer:
+    """The observer of a profile's passes, with room for what the hooks keep until a forward pass ends
+    (every layer a leader in every basis)."""
+    arena = Arena(len(bound) * sum(measured_nbytes(batch_size, seqlen, layer.in_features, configs)
                                    for layer in selected), device)
-    observer = Observer([layer.name for layer in selected], bound, configs, top_k, windows.seqlen, arena)
-    calibration = calibration if calibrated else None
-    fingerprint = _fingerprint(model, info, text, windows, configs, selected, batch_size, top_k, bound,
-                               calibration)
+    return Observer([layer.name for layer in selected], bound, configs, top_k, seqlen, arena, targets)
+
+
+def _checkpointing(checkpoint: str | Path | None, resume: bool, fingerprint: dict[str, Any],
+                   observer: Observer, device: torch.device, n: int) -> tuple[int, Callable[[int], None]]:
+    """The window to start from (0, or where the checkpoint left off with ``resume``, its state loaded
+    into ``observer``) and what saves the state after each batch (nothing without a checkpoint, or once
+    all ``n`` windows are done)."""
     start = 0
     if checkpoint is not None and resume:
         start, saved = load_checkpoint(Path(checkpoint), fingerprint)
@@ -252,16 +320,15 @@ def profile(
         if checkpoint is not None and done < n:
             save_checkpoint(Path(checkpoint), fingerprint, done, observer.state())
 
-    started = time.perf_counter()
-    _run_batches(model, windows, observer, selected, mine, start, batch_size, include_lm_head, save, progress)
-    distributed.merge_stats(observer.leaders(), device)
-    elapsed = time.perf_counter() - started
+    return start, save
 
-    frame = _layer_table(selected, observer, configs, windows, tokenizer)
-    result = ProfileResult(frame, _rollup(frame, ROLLUP_KEYS), _rollup(frame, ["module_type", *ROLLUP_KEYS]),
-                           {})
-    result.summary = _summary(result, info, text, windows, configs, selected, layers, include_lm_head,
-                              batch_size, top_k, start, world, device, elapsed)
+
+def _add_transforms_and_weights(result: ProfileResult, model: nn.Module, selected: list[LinearLayer],
+                                bound: list[ModelTransform], calibration: Windows | None,
+                                calibration_text: TextSource | None,
+                                weight_formats: Sequence[QuantizerConfig]) -> None:
+    """Complete ``result``: its transforms and calibration in the summary, and, for each of
+    ``weight_formats``, the kernel of each selected layer's weight (table and model-level roll-up)."""
     result.summary["transforms"] = [t.describe() for t in bound]
     result.summary["calibration"] = None if calibration is None else {
         "text": text_facts(calibration_text), "windows": calibration.as_dict()}
@@ -269,7 +336,6 @@ def profile(
         result.weights = weight_kernels(model, weight_formats, selected, transforms=bound)
         result.summary["weight_formats"] = [c.as_dict() | {"label": c.label} for c in weight_formats]
         result.summary["weights_model_level"] = weight_rollup(result.weights).to_dicts()
-    return result
 
 
 def _sum_or_null(column: str) -> pl.Expr:
@@ -342,6 +408,7 @@ def _layer_table(selected: list[LinearLayer], observer: Observer, configs: list[
     distinct = list(dict.fromkeys(owners))
     computed = dict(zip(distinct, results([observer.stats[owner] for owner in distinct]), strict=True))
     texts: dict[int, str] = {}
+    counts = observer.targets.counts()
     rows = []
     for (layer, (_, transform)), owner in zip(keys, owners, strict=True):
         lay = computed[owner]["layer"]
@@ -366,6 +433,7 @@ def _layer_table(selected: list[LinearLayer], observer: Observer, configs: list[
         }
         rows.extend({**base, "config": cfg.label, **row}
                     for cfg, row in zip(configs, computed[owner]["configs"], strict=True))
+        rows.extend({**base, **row} for row in observer.targets.rows(layer.name, lay["elements"], counts))
     frame = _table(rows)
     return frame.select(LEAD_COLUMNS + [c for c in frame.columns if c not in LEAD_COLUMNS])
 
@@ -388,7 +456,7 @@ def _summary(result: ProfileResult, info: dict, text: TextSource | None, windows
         "tokens": n * windows.seqlen,
         "resumed_from_window": start or None,
         "processes": world.size,
-        "statistics_backend": elementwise.describe(device),
+        "statistics_backend": element.describe(device),
         "seconds": round(elapsed, 3),
         "tokens_per_second": round((n - start) * windows.seqlen / elapsed, 1) if elapsed > 0 else None,
     }

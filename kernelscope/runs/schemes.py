@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kernelscope.data.recipes import read_recipe
+from kernelscope.data.recipes import read_modelopt_config, read_recipe
 from kernelscope.errors import KernelscopeError
 from kernelscope.quant import (
     DEFAULT_ALPHA,
@@ -23,7 +23,7 @@ from kernelscope.quant import (
 )
 from kernelscope.quant.formats import FORMATS
 from kernelscope.quant.modes import Mode
-from kernelscope.quant.targets import LLM_COMPRESSOR, TARGETS, Target, get_target
+from kernelscope.quant.targets import LLM_COMPRESSOR, MODELOPT, TARGETS, Target, get_target
 from kernelscope.quant.transforms import IDENTITY, SMOOTHQUANT_ALPHA, TRANSFORMS, TransformSpec, TransformStep
 
 _REMOVE = "remove-kernel-"
@@ -162,13 +162,14 @@ def scheme_of(config: QuantizerConfig, weight_bits: int | None, group_size: int 
 
 
 def _target_scheme(text: str) -> Scheme:
-    """``LIBRARY:NAME`` (a library's preset, any case) or ``llm-compressor:@FILE`` (a user's recipe, its
-    path as typed)."""
+    """``LIBRARY:NAME`` (a library's preset, any case), ``llm-compressor:@FILE`` (a user's recipe) or
+    ``modelopt:@FILE`` (a user's ModelOpt config), the path as typed."""
     if ":@" in text:
         library, _, path = text.partition(":@")
-        if library.lower() != LLM_COMPRESSOR:
-            raise ValueError(f"a recipe file is read for {LLM_COMPRESSOR} only ({library}:@FILE given)")
-        target = read_recipe(path)
+        readers = {LLM_COMPRESSOR: read_recipe, MODELOPT: read_modelopt_config}
+        if library.lower() not in readers:
+            raise ValueError(f"a file is read for {' and '.join(readers)} only ({library}:@FILE given)")
+        target = readers[library.lower()](path)
     else:
         target = get_target(text)
     return Scheme(target.label, Mode.FAKE_QUANT, target=target)

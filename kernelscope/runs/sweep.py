@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import polars as pl
 from torch import nn
@@ -19,10 +19,9 @@ from kernelscope.runs.common import (
     resolve_layers,
     run_context,
     stage_callback,
-    text_facts,
     unpack,
 )
-from kernelscope.runs.evaluate import compare, protocol_text, run_scheme, transforms_facts
+from kernelscope.runs.evaluate import calibration_facts, compare, protocol_text, run_scheme, transforms_facts
 from kernelscope.runs.profiling import measured_kernels
 from kernelscope.runs.schemes import Scheme, scheme_of
 from kernelscope.runs.transforming import ModelTransform, TransformBinder
@@ -75,26 +74,14 @@ def sweep(
     selected = resolve_layers(net, layers)
     binder = TransformBinder(net, selected, calibration, batch_size=batch_size)
     bound = [binder.bind(t) for t in transforms]
-    several = len(bound) > 1
-
-    def stage(name: str, t: ModelTransform) -> Callable[[int, int], None] | None:
-        return stage_callback(progress, f"{name}, {t.label}" if several else name)
-
     kernels = measured_kernels(net, windows, configs, selected, bound, tokenizer=tokenizer,
                                batch_size=batch_size, progress=stage_callback(progress, "kernels"))
     fp = run_scheme(net, windows, Scheme("fp", Mode.FP), selected, batch_size=batch_size,
                     progress=stage_callback(progress, "fp"))
     rows = [{"quantizer": None, "alpha": None, "scheme": "fp", "transform": fp["transform"],
              "fp_kernel_fraction": None, **_measured(fp), "kernel_fraction": None}]
-    for t in bound:
-        for cfg, kernel in zip(configs, kernels[t.label], strict=True):
-            scheme = scheme_of(cfg, weight_bits, group_size)
-            row = run_scheme(net, windows, scheme, selected, transform=t, batch_size=batch_size,
-                             progress=stage(cfg.label if cfg.alpha is None else f"α={cfg.alpha:g}", t))
-            rows.append({"quantizer": cfg.label, "alpha": cfg.alpha, "scheme": scheme.name,
-                         "transform": t.label, "fp_kernel_fraction": kernel["kernel_fraction"],
-                         **_measured(row),
-                         "kernel_fraction": row["kernel_fraction"]} | compare(row, fp))
+    rows += _quantized_rows(net, windows, configs, selected, bound, kernels, fp, weight_bits=weight_bits,
+                            group_size=group_size, batch_size=batch_size, progress=progress)
     rows[0] |= dict.fromkeys(k for k in rows[-1] if k not in rows[0])
     table = pl.DataFrame(rows, schema_overrides={"alpha": pl.Float64, "quantizer": pl.String},
                          infer_schema_length=None)
@@ -106,13 +93,34 @@ def sweep(
         "fp_perplexity": fp["perplexity"],
         "uncertainty": METHOD,
         "transforms": transforms_facts(transforms),
-        "calibration": ({"text": text_facts(calibration_text), "windows": calibration.as_dict()}
-                        if calibration is not None and binder.calibrated else None),
+        "calibration": calibration_facts(calibration, calibration_text, binder.calibrated),
         "results": rows,
         "note": "alpha = 1 is per-token; fp_kernel_fraction is measured on full-precision activations, "
                 "kernel_fraction inside the quantized pass (both in the transform's basis)",
     }
     return SweepResult(table, summary)
+
+
+def _quantized_rows(net: nn.Module, windows: Windows, configs: list[QuantizerConfig],
+                    selected: list[LinearLayer], bound: list[ModelTransform], kernels: dict[str, list[dict]],
+                    fp: dict, *, weight_bits: int, group_size: int | None, batch_size: int,
+                    progress: StageProgress | None) -> list[dict]:
+    """The row of each configuration's scheme under each transform, in that order: its perplexity,
+    the kernel inside its own pass and on the full-precision activations, and its difference from
+    ``fp``."""
+    several = len(bound) > 1
+    rows = []
+    for t in bound:
+        for cfg, kernel in zip(configs, kernels[t.label], strict=True):
+            scheme = scheme_of(cfg, weight_bits, group_size)
+            name = cfg.label if cfg.alpha is None else f"α={cfg.alpha:g}"
+            row = run_scheme(net, windows, scheme, selected, transform=t, batch_size=batch_size,
+                             progress=stage_callback(progress, f"{name}, {t.label}" if several else name))
+            rows.append({"quantizer": cfg.label, "alpha": cfg.alpha, "scheme": scheme.name,
+                         "transform": t.label, "fp_kernel_fraction": kernel["kernel_fraction"],
+                         **_measured(row),
+                         "kernel_fraction": row["kernel_fraction"]} | compare(row, fp))
+    return rows
 
 
 def alpha_sweep(model: nn.Module | LoadedModel, windows: Windows, alphas: Sequence[float], *, bits: int = 8,

@@ -32,10 +32,15 @@ from kernelscope.runs.common import (
     resolve_layers,
     run_context,
     stage_callback,
-    text_facts,
     unpack,
 )
-from kernelscope.runs.evaluate import protocol_text, run_scheme, transforms_facts, with_comparisons
+from kernelscope.runs.evaluate import (
+    calibration_facts,
+    protocol_text,
+    run_scheme,
+    transforms_facts,
+    with_comparisons,
+)
 from kernelscope.runs.profiling import measured_kernels
 from kernelscope.runs.schemes import Scheme
 from kernelscope.runs.transforming import ModelTransform, TransformBinder
@@ -43,6 +48,7 @@ from kernelscope.stats.uncertainty import METHOD, crossing_interval, within_prob
 
 MIN_WINDOWS = 2
 LAMBDA_MIN = 2.0**-12
+FAMILY_DEFINITION = "kernel K_λ = {|x| <= λ·B}, B the family's zero bound; λ = 1 is its own kernel"
 
 class ThresholdResult(TableResult):
     """The remove-kernel curve (``table``: one row per evaluated λ and transform, by kernel
@@ -169,6 +175,52 @@ def threshold_search(
     each one's basis (the kernel removed there, the measured kernels counted there), against the one
     full-precision perplexity; calibrated transforms need ``calibration`` windows.
     """
+    _check_search(tolerance, steps, windows, transforms)
+    family = family or QuantizerConfig("per_token", 8)
+    net, info, tokenizer = unpack(model)
+    selected = resolve_layers(net, layers)
+    binder = TransformBinder(net, selected, calibration, batch_size=batch_size)
+    bound = [binder.bind(t) for t in transforms]
+    actual = measured_kernels(net, windows, _actual_configs(alpha), selected, bound, tokenizer=tokenizer,
+                              batch_size=batch_size, progress=stage_callback(progress, "kernels"))
+    fp = run_scheme(net, windows, Scheme("fp", Mode.FP, weight_bits=None), selected,
+                    batch_size=batch_size, progress=stage_callback(progress, "fp"))
+    target = fp["perplexity"] * (1 + tolerance)
+    searches = _searches(net, windows, selected, family, bound, actual, fp, target, tolerance=tolerance,
+                         steps=steps, weight_bits=weight_bits, group_size=group_size, batch_size=batch_size,
+                         progress=progress)
+    curve = pl.DataFrame([row for search in searches for row in search.pop("points")],
+                         infer_schema_length=None)
+    summary = {
+        **run_context(info, text, windows, "threshold"),
+        "protocol": protocol_text(windows),
+        "family": {**family.as_dict(), "label": family.label, "definition": FAMILY_DEFINITION},
+        "tolerance": tolerance,
+        "fp_perplexity": fp["perplexity"],
+        "fp_perplexity_ci": [fp["perplexity_ci_low"], fp["perplexity_ci_high"]],
+        "fp_window_nll": fp["window_nll"],
+        "target_perplexity": target,
+        "uncertainty": METHOD,
+        "transforms": transforms_facts(transforms),
+        "calibration": calibration_facts(calibration, calibration_text, binder.calibrated),
+        "searches": searches,
+        "settings": {"steps": steps, "weight_bits": weight_bits, "group_size": group_size,
+                     "alpha": alpha, "batch_size": batch_size},
+    }
+    return ThresholdResult(curve, summary)
+
+
+def _actual_configs(alpha: float) -> list[QuantizerConfig]:
+    """The quantizers whose kernels on the model are placed against the threshold: per-token and
+    CrossQuant at ``alpha``, at INT8 and INT4."""
+    return [QuantizerConfig("per_token", 8), QuantizerConfig("crossquant", 8, alpha),
+            QuantizerConfig("per_token", 4), QuantizerConfig("crossquant", 4, alpha)]
+
+
+def _check_search(tolerance: float, steps: int, windows: Windows,
+                  transforms: Sequence[TransformSpec]) -> None:
+    """Refuse a search that cannot be run: a tolerance that is not a positive number, negative steps,
+    too few windows for an interval, or no transform."""
     if not tolerance > 0 or not math.isfinite(tolerance):
         raise ValueError(f"tolerance must be a positive number, got {tolerance}")
     if steps < 0:
@@ -177,47 +229,22 @@ def threshold_search(
         raise ValueError(f"a threshold search needs at least {MIN_WINDOWS} windows, got {len(windows)}")
     if not transforms:
         raise ValueError("threshold_search needs at least one transform (IDENTITY for none)")
-    family = family or QuantizerConfig("per_token", 8)
-    net, info, tokenizer = unpack(model)
-    selected = resolve_layers(net, layers)
-    binder = TransformBinder(net, selected, calibration, batch_size=batch_size)
-    bound = [binder.bind(t) for t in transforms]
+
+
+def _searches(net: nn.Module, windows: Windows, selected: list[LinearLayer], family: QuantizerConfig,
+              bound: list[ModelTransform], actual: dict[str, list[dict]], fp: dict, target: float, *,
+              tolerance: float, steps: int, weight_bits: int | None, group_size: int | None,
+              batch_size: int, progress: StageProgress | None) -> list[dict[str, Any]]:
+    """One :func:`_search` per transform, in order; with several, each stage names its transform."""
     several = len(bound) > 1
+    searches = []
+    for t in bound:
+        def stage(name: str, t: ModelTransform = t) -> Callable[[int, int], None] | None:
+            return stage_callback(progress, f"{name}, {t.label}" if several else name)
 
-    def stage(name: str, t: ModelTransform) -> Callable[[int, int], None] | None:
-        return stage_callback(progress, f"{name}, {t.label}" if several else name)
-
-    actual_configs = [QuantizerConfig("per_token", 8), QuantizerConfig("crossquant", 8, alpha),
-                      QuantizerConfig("per_token", 4), QuantizerConfig("crossquant", 4, alpha)]
-    actual = measured_kernels(net, windows, actual_configs, selected, bound, tokenizer=tokenizer,
-                              batch_size=batch_size, progress=stage_callback(progress, "kernels"))
-    fp = run_scheme(net, windows, Scheme("fp", Mode.FP, weight_bits=None), selected,
-                    batch_size=batch_size, progress=stage_callback(progress, "fp"))
-    target = fp["perplexity"] * (1 + tolerance)
-    searches = [_search(net, windows, selected, family, t, actual[t.label], fp, target, tolerance, steps,
-                        weight_bits, group_size, batch_size, lambda name, t=t: stage(name, t)) for t in bound]
-    curve = pl.DataFrame([row for search in searches for row in search.pop("points")],
-                         infer_schema_length=None)
-    summary = {
-        **run_context(info, text, windows, "threshold"),
-        "protocol": protocol_text(windows),
-        "family": {**family.as_dict(), "label": family.label,
-                   "definition": "kernel K_λ = {|x| <= λ·B}, B the family's zero bound; λ = 1 is its own "
-                                 "kernel"},
-        "tolerance": tolerance,
-        "fp_perplexity": fp["perplexity"],
-        "fp_perplexity_ci": [fp["perplexity_ci_low"], fp["perplexity_ci_high"]],
-        "fp_window_nll": fp["window_nll"],
-        "target_perplexity": target,
-        "uncertainty": METHOD,
-        "transforms": transforms_facts(transforms),
-        "calibration": ({"text": text_facts(calibration_text), "windows": calibration.as_dict()}
-                        if calibration is not None and binder.calibrated else None),
-        "searches": searches,
-        "settings": {"steps": steps, "weight_bits": weight_bits, "group_size": group_size,
-                     "alpha": alpha, "batch_size": batch_size},
-    }
-    return ThresholdResult(curve, summary)
+        searches.append(_search(net, windows, selected, family, t, actual[t.label], fp, target, tolerance,
+                                steps, weight_bits, group_size, batch_size, stage))
+    return searches
 
 
 def _search(net: nn.Module, windows: Windows, selected: list[LinearLayer], family: QuantizerConfig,

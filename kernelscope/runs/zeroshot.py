@@ -32,6 +32,7 @@ import polars as pl
 import torch
 from torch import nn
 
+from kernelscope.capture import ForwardHooks
 from kernelscope.data import TextSource, Windows
 from kernelscope.data.tasks import HarnessTasks
 from kernelscope.errors import KernelscopeError
@@ -45,10 +46,15 @@ from kernelscope.runs.common import (
     TableResult,
     resolve_layers,
     run_context,
-    text_facts,
     unpack,
 )
-from kernelscope.runs.evaluate import calibrate_target, scheme_layers, scheme_transform, transforms_facts
+from kernelscope.runs.evaluate import (
+    calibrate_target,
+    calibration_facts,
+    scheme_layers,
+    scheme_transform,
+    transforms_facts,
+)
 from kernelscope.runs.fakequant import SchemeApplied
 from kernelscope.runs.forward import eval_mode
 from kernelscope.runs.schemes import Scheme
@@ -84,12 +90,9 @@ def applied_scheme(model: nn.Module, layers: list[LinearLayer], scheme: Scheme,
     exact at batch size 1 (the only size at which a sequence-wide scale is allowed).
     """
     applied = SchemeApplied(layers, scheme, transforms, seq_len=None, calibration=calibration)
-    with applied:
-        handle = model.register_forward_hook(lambda module, args, output: applied.end_batch())
-        try:
-            yield applied
-        finally:
-            handle.remove()
+    with applied, ForwardHooks() as hooks:
+        hooks.post(model, lambda module, args, output: applied.end_batch())
+        yield applied
 
 
 @dataclass
@@ -222,6 +225,31 @@ def _run_scheme(lm, net: nn.Module, layers: list[LinearLayer], scheme: Scheme, t
     return rows, items
 
 
+def _run_pairs(lm, net: nn.Module, tasks: HarnessTasks, pairs: Sequence[tuple[Scheme, TransformSpec]],
+               covers: dict[str, list[LinearLayer]], binder: TransformBinder, selected: list[LinearLayer],
+               calibration: Windows | None, *, labelled: bool, limit: int | None, num_fewshot: int | None,
+               seeds: dict[str, int], batch_size: int, progress: StageProgress | None,
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, Any]]:
+    """Every task scored under each (scheme, transform) in order, a target's static scales calibrated
+    first: the rows, the items, and the static scales by stage."""
+    rows: list[dict[str, Any]] = []
+    items: list[dict[str, Any]] = []
+    static_scales: dict[str, Any] = {}
+    for scheme, spec in pairs:
+        bound = identity_transform(selected) if spec.is_identity else binder.bind(spec)
+        stage = f"{scheme.name}, {spec.label}" if labelled else scheme.name
+        scales, facts = calibrate_target(net, scheme, covers[scheme.name], bound, calibration)
+        if facts:
+            static_scales[stage] = facts
+        scheme_rows, scheme_items = _run_scheme(
+            lm, net, covers[scheme.name], scheme, tasks, transform=bound, stage=stage, limit=limit,
+            num_fewshot=num_fewshot, seeds=seeds, batch_size=batch_size, progress=progress,
+            calibration=scales)
+        rows += scheme_rows
+        items += scheme_items
+    return rows, items, static_scales
+
+
 def _with_change_from_fp(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each row's accuracy minus the fp row's of the same task, metric and filter (None without fp; the
     fp row without a transform where there is one)."""
@@ -278,25 +306,13 @@ def zeroshot(
     selected = resolve_layers(net, layers)
     seeds = harness_seeds(seed)
     binder = TransformBinder(net, selected, calibration, batch_size=1)
-    rows: list[dict[str, Any]] = []
-    items: list[dict[str, Any]] = []
-    static_scales: dict[str, Any] = {}
     covers = scheme_layers(net, schemes, selected, [], transforms)
     with eval_mode(net):
         # the harness may set a missing pad token on the tokenizer it is given: give it a copy
         lm = _harness_model(net, copy.deepcopy(tokenizer), batch_size)
-        for scheme, spec in pairs:
-            bound = identity_transform(selected) if spec.is_identity else binder.bind(spec)
-            stage = scheme.name if len(transforms) == 1 else f"{scheme.name}, {spec.label}"
-            scales, facts = calibrate_target(net, scheme, covers[scheme.name], bound, calibration)
-            if facts:
-                static_scales[stage] = facts
-            scheme_rows, scheme_items = _run_scheme(
-                lm, net, covers[scheme.name], scheme, tasks, transform=bound, stage=stage, limit=limit,
-                num_fewshot=num_fewshot, seeds=seeds, batch_size=batch_size, progress=progress,
-                calibration=scales)
-            rows += scheme_rows
-            items += scheme_items
+        rows, items, static_scales = _run_pairs(
+            lm, net, tasks, pairs, covers, binder, selected, calibration, labelled=len(transforms) > 1,
+            limit=limit, num_fewshot=num_fewshot, seeds=seeds, batch_size=batch_size, progress=progress)
     rows = _with_change_from_fp(rows)
     summary = {
         **run_context(info, None, None, "zeroshot"),
@@ -306,8 +322,8 @@ def zeroshot(
         "layers": {"count": len(selected), "pattern": layers if isinstance(layers, str) else None,
                    "lm_head": "full precision"},
         "transforms": transforms_facts(transforms),
-        "calibration": ({"text": text_facts(calibration_text), "windows": calibration.as_dict()}
-                        if calibration is not None and (binder.calibrated or static_scales) else None),
+        "calibration": calibration_facts(calibration, calibration_text,
+                                         binder.calibrated or bool(static_scales)),
         "static_scales": static_scales or None,
         "settings": {"limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size, "seeds": seeds,
                      "include_path": tasks.include_path, "harness": "lm-evaluation-harness",

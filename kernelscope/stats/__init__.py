@@ -3,10 +3,12 @@
 
 Memory per layer is O(channels + histogram bins + top-k), never O(tokens).
 
+The per-element passes over an activation (C on CPU, torch elsewhere) are
+:mod:`kernelscope.element`'s; this package reduces what they read.
+
 ==================  ===========================================================================
 module              its one job
 ==================  ===========================================================================
-``elementwise``     the per-element passes over an activation (C on CPU, torch elsewhere)
 ``measure``         what the hooks read off each Linear input while it exists
 ``summary``         everything else, from t and c, for the inputs of one shape at once
 ``observation``     the reduced state and how two states add up

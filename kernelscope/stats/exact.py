@@ -54,6 +54,8 @@ class ExactSum:
 
     def to_tensor(self) -> torch.Tensor:
         """``(n, NBYTES)`` uint8: the sums as bytes, for checkpoints that hold only tensors."""
+        if not self.totals:  # no configuration (a profile of deployment targets alone)
+            return torch.zeros((0, NBYTES), dtype=torch.uint8)
         raw = b"".join(total.to_bytes(NBYTES, "little", signed=True) for total in self.totals)
         return torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(len(self.totals), NBYTES)
 

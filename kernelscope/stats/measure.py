@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
+from kernelscope import element
+from kernelscope.element import Counted, Plan
 from kernelscope.quant import QuantizerConfig, as_sequences
-from kernelscope.stats import elementwise
 from kernelscope.stats.arena import Arena
-from kernelscope.stats.elementwise import Counted, Plan
 from kernelscope.stats.histogram import HISTOGRAM
 
 
@@ -33,12 +33,13 @@ hundred times a forward pass."""
 
 
 def plan_for(configs: Sequence[QuantizerConfig]) -> Plan:
-    """The (cached) :class:`~kernelscope.stats.elementwise.Plan` of ``configs``."""
+    """The (cached) :class:`~kernelscope.element.Plan` of ``configs``, its block formats' zero bounds
+    binned by :data:`~kernelscope.stats.histogram.HISTOGRAM`."""
     key = tuple(configs)
     if key not in _PLANS:
         if len(_PLANS) >= 64:
             _PLANS.clear()
-        _PLANS[key] = elementwise.make_plan(key)
+        _PLANS[key] = element.make_plan(key, HISTOGRAM)
     return _PLANS[key]
 
 
@@ -52,19 +53,19 @@ def measure(
     ``(B·T, I)`` input into its sequences. NaN and ±Inf are counted, measured as zeros for t, c and
     block maxima, and left out of every count. With an ``arena`` the returned tensors live in its block.
     """
-    x = elementwise.prepare(as_sequences(x, seq_len))  # (B, T, I)
+    x = element.prepare(as_sequences(x, seq_len))  # (B, T, I)
     batch, seq, width = x.shape
     if batch * seq >= 2**31:
         raise ValueError("one batch holds too many tokens; use a smaller batch size")
     plan = plan_for(configs)
     if arena is None:
-        ranges = elementwise.ranges(x)
+        ranges = element.ranges(x)
         out = None
     else:
-        ranges = elementwise.ranges(x, (arena.empty((batch, seq, 1), torch.float32),
-                                        arena.empty((batch, 1, width), torch.float32)))
-        out = elementwise.empty_counted(plan, batch, alloc=arena.empty)
-    counted = elementwise.count(x, ranges, plan, elementwise.factors(ranges, plan), out)
+        ranges = element.ranges(x, (arena.empty((batch, seq, 1), torch.float32),
+                                    arena.empty((batch, 1, width), torch.float32)))
+        out = element.empty_counted(plan, batch, alloc=arena.empty)
+    counted = element.count(x, ranges, plan, element.factors(ranges, plan), out)
     return Measured(ranges.token, ranges.channel, counted, token_offset)
 
 
@@ -72,5 +73,5 @@ def measured_nbytes(batch: int, seq: int, width: int, configs: Sequence[Quantize
     """An upper bound of the bytes :func:`measure` keeps in its arena for an input ``(batch, seq,
     width)`` (t, c and the counts, each aligned), for sizing an :class:`~kernelscope.stats.arena.Arena`."""
     blocks = sum(c.format.is_block for c in configs)
-    counts = (len(configs) * len(elementwise.COUNTS) + 1) * 8
+    counts = (len(configs) * len(element.COUNTS) + 1) * 8
     return (batch * (seq + width) * 4 + counts + blocks * ((2 + batch) + HISTOGRAM.bins) * 8 + 6 * 64)

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
+from kernelscope import element
 from kernelscope.quant import ActivationRanges, QuantizerConfig, separable_step
 from kernelscope.quant import formats as F
-from kernelscope.stats import elementwise
 from kernelscope.stats.histogram import HISTOGRAM
 from kernelscope.stats.measure import Measured, measure, plan_for
 from kernelscope.stats.observation import Observation
@@ -102,7 +102,7 @@ class _Bounds:
         self.sums[:, i] = self.per_layer(bound.sum(dim=(-2, -1), dtype=torch.float64) * weight)
         self.low[:, i] = self.per_layer(bound.amin(dim=(-2, -1))).amin(dim=1).double()
         self.high[:, i] = self.per_layer(bound.amax(dim=(-2, -1))).amax(dim=1).double()
-        self.hist[:, i] = elementwise.histogram(bound, weight, self.layers)
+        self.hist[:, i] = element.histogram(bound, weight, self.layers, binning=HISTOGRAM)
 
     def from_counts(self, i: int, slot: int, group: list[Measured]) -> None:
         """Configuration ``i``, a block format, from the figures counted with its elements."""

@@ -61,6 +61,12 @@ def _share(count: int, of: int) -> float | None:
     return count / of if of else None
 
 
+FIGURES = ("kernel_elements", "kernel_fraction", "bound_mean", "bound_min", "bound_max",
+           "bound_below_per_token_fraction", "subnormal_elements", "subnormal_fraction", "blocks",
+           "kernel_blocks", "block_kernel_fraction", *(f"bound_p{round(q * 100)}" for q in QUANTILES))
+"""The columns of a configuration's row beyond the configuration itself, in :func:`config_rows`' order."""
+
+
 def config_rows(configs, values: dict[str, list], sums: list[float], quantiles: list[list[float]],
                 positions: int, elements: int) -> list[dict]:
     """One result row per configuration from its counts and bound figures (``values``: per field a
@@ -135,4 +141,4 @@ def measured_rows(measured: list, configs) -> list[list[dict]]:
 
 
 COUNT_FIELDS = ("kernel", "subnormal", "below_per_token", "kernel_blocks")
-"""The four counts of :attr:`kernelscope.stats.elementwise.Counted.counts`, by column."""
+"""The four counts of :attr:`kernelscope.element.Counted.counts`, by column."""

@@ -1,5 +1,4 @@
-(function(){
-  var data = JSON.parse(KS.unpack('ks-data'));
+KS.ready.then(function(data){
   function parse(id){return data[id];}
   document.querySelectorAll('[data-figure]').forEach(function(div){
     var fig = parse(div.getAttribute('data-figure'));
@@ -169,4 +168,4 @@
   document.getElementById('layer-filter').addEventListener('input', function(e){
     filter = e.target.value.toLowerCase(); render();});
   header(); render();
-})();
+});

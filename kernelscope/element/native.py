@@ -1,4 +1,5 @@
-"""The CPU build of the two per-element passes (``native.c``), built when kernelscope is installed.
+"""The CPU build of the per-element work (``native.c``: the two passes of a profile and fake
+quantization), built when kernelscope is installed; :mod:`kernelscope.element` decides when it runs.
 
 ``setup.py`` compiles the C source into shared libraries beside this module when the package is
 built or installed (``pip install .``, ``pip install -e .``, a wheel); nothing is compiled at run
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from kernelscope.element.plan import COUNTS
 from kernelscope.quant import STEP_FLOOR
 from kernelscope.quant.formats import NVFP4_BLOCK_GRID, Form, Format, Unit, nvfp4_tensor_divisor
 
@@ -47,8 +49,6 @@ LAYOUTS = {Unit.TOKEN: 0, Unit.TENSOR: 1, Unit.CHANNEL: 2, Unit.CROSSQUANT: 3, U
 """A format's :attr:`~kernelscope.quant.formats.Format.layout` as the C count names it (KS_TOKEN ...)."""
 FORMS = {Form.ABSMAX: 0, Form.E8M0_FLOOR: 1, Form.E8M0_RCEIL: 2, Form.NVFP4: 3}
 """A scale rule's form as the C count names it (KS_ABSMAX ...)."""
-COUNTS = ("kernel", "subnormal", "below_per_token", "kernel_blocks")
-"""The counts of each term, in the order of KS_KERNEL ... KS_KERNEL_BLOCKS."""
 
 
 class Term(ctypes.Structure):
@@ -78,7 +78,7 @@ def check_abi(lib: ctypes.CDLL) -> None:
     n = lib.ks_abi(out, len(want) + 8)
     got = list(out[:n])
     if got != want:
-        raise RuntimeError(f"native statistics library does not match kernelscope.stats.native "
+        raise RuntimeError(f"native statistics library does not match kernelscope.element.native "
                            f"(ABI {got[:3]} against {want[:3]}); rebuild it")
 
 

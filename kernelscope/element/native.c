@@ -1,6 +1,6 @@
 /*
- * The two per-element passes of a profile, for CPU (see elementwise.py, which defines what they
- * compute and holds the equivalent torch code used everywhere else).
+ * The per-element work of kernelscope, for CPU (see reference.py, the torch code that defines what
+ * it computes and runs everywhere else): the two passes of a profile and fake quantization.
  *
  *   ks_ranges: t_i = max_j |x_ij| and c_j = max_i |x_ij| per sequence, NaN and ±Inf measured as 0,
  *              in one reading of x.
@@ -9,6 +9,8 @@
  *              kernel), those on a subnormal code, the positions whose step is below the per-token
  *              step, the blocks that are kernel through and through, the non-finite elements, and
  *              for block scales the zero bound's extremes, sums and histogram, in one more reading.
+ *   ks_quantize: one quantizer's fake quantization of x, or x with only its kernel |x / s| <= limit
+ *              set to zero, with how many elements went to zero.
  *
  * Built with -ffp-contract=off and without -ffast-math: every float operation here is one IEEE
  * operation in the same order as the torch code (a divide, a multiply, a comparison), so the counts
@@ -46,7 +48,7 @@ enum { KS_TOKEN = 0, KS_TENSOR = 1, KS_CHANNEL = 2, KS_SEP = 3, KS_BLOCK = 4 }; 
 enum { KS_ABSMAX = 0, KS_E8M0_FLOOR = 1, KS_E8M0_RCEIL = 2, KS_NVFP4 = 3 };    /* scale forms */
 enum { KS_KERNEL = 0, KS_SUBNORMAL = 1, KS_BELOW = 2, KS_KERNEL_BLOCKS = 3, KS_NCOUNTS = 4 };
 
-/* One quantizer as the count takes it (kernelscope.stats.native.Term mirrors it field by field). */
+/* One quantizer as the count takes it (kernelscope.element.native.Term mirrors it field by field). */
 typedef struct {
     int32_t layout;      /* KS_TOKEN (one scale per row, from t), KS_TENSOR (per sequence, from max t),
                             KS_CHANNEL (per column, from c), KS_SEP (max(row·col / divisor, floor)),
