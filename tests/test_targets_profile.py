@@ -134,11 +134,6 @@ def test_profile_refuses_a_target_where_it_cannot_count_it(capsys, tmp_path, tin
     assert_refused(capsys, ["profile", *base(tiny_llama_dir, text_file), *extra], message, tmp_path)
 
 
-def test_threshold_points_a_target_to_profile(capsys, tmp_path, tiny_llama_dir, text_file):
-    assert_refused(capsys, ["threshold", *base(tiny_llama_dir, text_file), "--family", "llm-compressor:W8A8"],
-                   "kernelscope profile MODEL -q llm-compressor:W8A8", tmp_path)
-
-
 def test_sweep_points_a_target_to_profile(capsys, tmp_path, tiny_llama_dir, text_file):
     assert_refused(capsys, ["sweep", *base(tiny_llama_dir, text_file), "-q", "llm-compressor:W8A8"],
                    "kernelscope profile MODEL -q llm-compressor:W8A8", tmp_path)

@@ -33,6 +33,7 @@ from kernelscope.cli.common import (
     stage_progress,
 )
 from kernelscope.cli.console import fail, flag, interval, out, pct, show_table, with_ci
+from kernelscope.results.decision_rules import NONE as NOT_DEPLOYABLE
 
 KERNEL_KINDS = {"module-type": "module_type", "block": "block", "layer": "layer"}
 SHOWN_PER_KIND = 10
@@ -275,7 +276,7 @@ def _show_candidates(s: dict) -> None:
                       kept, f"{r['bits_per_weight']:.2f}", _change(r, lines=True) + within)
     show_table(table)
     best = rows[0]
-    if best["deployable"] == "none":
+    if best["deployable"] == NOT_DEPLOYABLE:
         out.print("[yellow]no candidate can be deployed as measured[/]: every one is a diagnostic")
     else:
         out.print(f"deploy [bold]{escape(best['scheme'])}[/] ({escape(best['transform'])}): "

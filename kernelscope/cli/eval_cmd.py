@@ -240,9 +240,30 @@ MAX_STEPS = 20
 """Bisection steps ``threshold`` takes at most after the bracket: 2^-20 of it is far below any interval."""
 
 
+def _threshold_family(family: str, family_bits: int, alpha: float):
+    """``--family`` as typed -> the family searched (a format at its width, or a deployment target's
+    scheme) and why ``--family-bits`` does not apply to it (None where it does)."""
+    from kernelscope.runs.schemes import FORMAT_WORDS, parse_scheme
+
+    if ":" in family:
+        scheme = parse_scheme(family.strip())
+        if not scheme.target.quantizes_activations:
+            fail(f"{flag('--family')} {family} leaves activations in full precision: it has no activation "
+                 "kernel to search")
+        bits = scheme.target.input_activations.num_bits
+        return scheme, f"--family {family} carries its own {bits}-bit elements"
+    name = FORMAT_WORDS.get(family.strip().lower().replace("_", "-"))
+    if name is None:
+        fail(f"unknown {flag('--family')} {family!r}; choose {', '.join(FORMAT_WORDS)} or a deployment "
+             "target (`kernelscope targets`)")
+    grid = FORMATS[name].grid
+    base = QuantizerConfig(name, family_bits if grid is None else grid.bits,
+                           alpha if FORMATS[name].takes_alpha else None)
+    return base, None if grid is None else f"--family {family} carries its own {grid.bits}-bit elements"
+
+
 def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, group_size, transform,
                   transform_seed, calib_dataset, calib_nsamples, given, **kw) -> None:
-    from kernelscope.runs.schemes import FORMAT_WORDS
     from kernelscope.runs.threshold import MIN_WINDOWS, threshold_search
 
     if not (tolerance > 0 and math.isfinite(tolerance)):
@@ -256,22 +277,18 @@ def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, 
     alpha = one_alpha(alpha)
     check_bits([family_bits], "--family-bits")
     check_weights(weight_bits, group_size)
-    name = FORMAT_WORDS.get(family.strip().lower().replace("_", "-"))
-    if name is None and ":" in family:
-        fail(f"{flag('--family')} {family} is a deployment target; the threshold search scales the zero "
-             "bound of kernelscope's own formats (the target's kernel is counted, layer by layer, by "
-             f"`kernelscope profile MODEL -q {family.strip()}`)")
-    if name is None:
-        fail(f"unknown {flag('--family')} {family!r}; choose {', '.join(FORMAT_WORDS)}")
-    grid = FORMATS[name].grid
+    base, own_bits = _threshold_family(family, family_bits, alpha)
+    target = None if isinstance(base, QuantizerConfig) else base
     transforms = transform_options(transform, transform_seed)
-    calibrated = any(t.needs_calibration for t in transforms)
+    if target is not None and not all(t.is_identity for t in transforms):
+        fail(f"{flag('--family')} {target.name} deploys in the model's own basis; search it without "
+             f"{flag('--transform')}")
+    calibrated = any(t.needs_calibration for t in [*transforms, *([target] if target else [])])
+    weights_kept = (f"--family {family} removes the target's activation kernel only; the weights stay in "
+                    "full precision") if target else None
     refuse_unused(given, **option_refusals(kw, seed_applies=calibrated),
-                  **transform_refusals(transforms, calibrated),
-                  family_bits=None if grid is None
-                  else f"--family {family} carries its own {grid.bits}-bit elements")
-    base = QuantizerConfig(name, family_bits if grid is None else grid.bits,
-                           alpha if FORMATS[name].takes_alpha else None)
+                  **transform_refusals(transforms, calibrated), family_bits=own_bits,
+                  weight_bits=weights_kept, group_size=weights_kept)
     if calibrated:
         check_positive("--calib-nsamples", calib_nsamples)
     with stage_progress(kw["quiet"] or kw["as_json"]) as display:

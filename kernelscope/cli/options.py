@@ -168,7 +168,10 @@ ThresholdTolerance = Annotated[float, typer.Option(
 Steps = Annotated[int, typer.Option(help="Bisection steps after the crossing is bracketed.")]
 Family = Annotated[str, typer.Option(
     metavar="NAME", help="Quantizer whose zero bound B is scaled by λ: "
-    "any -q quantizer (per-token, crossquant, per-group, fp8-per-token, mxfp4, nvfp4, ...).")]
+    "any -q quantizer (per-token, crossquant, per-group, fp8-per-token, mxfp4, nvfp4, ...); or a deployment "
+    "target (llm-compressor:W8A8, modelopt:FP8_DEFAULT_CFG, LIBRARY:@FILE: `kernelscope targets`), whose "
+    "quotient x / s, as its library computes it, is compared with λ times its element's zero threshold "
+    "(static scales calibrated on --calib-dataset).")]
 FamilyBits = Annotated[int, typer.Option(
     metavar="N", help="Bit width of an INT --family quantizer (a float format carries its own).")]
 ThresholdAlpha = Annotated[str, typer.Option(

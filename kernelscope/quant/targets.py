@@ -36,7 +36,7 @@ from typing import Protocol
 import torch
 
 from kernelscope.quant import quant_cfg
-from kernelscope.quant.formats import E2M1, E2M3, FULL_PRECISION_BITS, stored_bits
+from kernelscope.quant.formats import E2M1, E2M3, E4M3, FULL_PRECISION_BITS, stored_bits
 
 
 class Kind(StrEnum):
@@ -149,6 +149,16 @@ class Args:
         return f"int{self.num_bits}" if self.kind is Kind.INT else _ELEMENT_NAMES[self.num_bits]
 
     @property
+    def tau(self) -> float:
+        """The element grid's zero threshold: ``|x / s| <= τ`` rounds to zero (ties go to the even zero)."""
+        return 0.5 if self.kind is Kind.INT else {8: E4M3, 6: E2M3, 4: E2M1}[self.num_bits].tau
+
+    @property
+    def saturation_scale(self) -> float:
+        """The λ from which ``|x / s| <= λ·τ`` holds for every element a dynamic scale leaves in range."""
+        return max(abs(v) for v in self.qrange) / self.tau
+
+    @property
     def is_mx(self) -> bool:
         """An MX format: float elements in groups of 32 under E8M0 exponents."""
         return self.kind is Kind.FLOAT and self.group_size == 32 and self.scale_dtype == "uint8"
@@ -253,10 +263,17 @@ def _round(t: torch.Tensor, args: Args) -> torch.Tensor:
     return grid.round(t.float()).to(t.dtype)
 
 
-def _quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, args: Args,
-                         global_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dequantized, zero)``: ``x`` through the grid at ``scale`` (broadcast), and where it rounded to
-    zero. A zero point of zero is added and taken away as the library does (it turns -0 into +0)."""
+def in_kernel(scaled: torch.Tensor, args: Args, kernel_scale: float = 1.0) -> torch.Tensor:
+    """Where the library's quotient ``x / s`` (as it computes it) is at most ``kernel_scale·τ`` in
+    magnitude: at 1, exactly where the element rounds to zero; NaN never."""
+    return scaled.float().abs() <= kernel_scale * args.tau
+
+
+def _quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, args: Args, global_scale: torch.Tensor | None,
+                         kernel_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dequantized, kernel)``: ``x`` through the grid at ``scale`` (broadcast), and its kernel at
+    ``kernel_scale`` (at 1, where it rounded to zero). A zero point of zero is added and taken away as
+    the library does (it turns -0 into +0)."""
     if global_scale is not None:
         scale = scale / global_scale
     scaled = x / scale
@@ -264,14 +281,15 @@ def _quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, args: Args,
     qmin, qmax = (torch.tensor(v) for v in args.qrange)
     q = _round(torch.clamp(scaled, qmin, qmax), args)
     out = (q.to(scale.dtype) - torch.zeros((), dtype=scale.dtype)) * scale
-    return out, q == 0
+    return out, in_kernel(scaled, args, kernel_scale)
 
 
 _TINY_AMAX = 1.0 / (1 << 24)
 """ModelOpt treats an abs-max at or below 2⁻²⁴ as zero."""
 
 
-def _modelopt(x: torch.Tensor, amax: torch.Tensor, args: Args) -> tuple[torch.Tensor, torch.Tensor]:
+def _modelopt(x: torch.Tensor, amax: torch.Tensor, args: Args,
+              kernel_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """ModelOpt's fake quantization on CPU, in float32: INT as ``round(x · qmax/amax)`` clamped to
     ``[-2^(N-1), qmax]`` (``[-qmax, qmax]`` with a narrow range) and divided by the multiplier
     (an abs-max ≤ 2⁻²⁴ quantizes to 0); FP8 as
@@ -280,13 +298,16 @@ def _modelopt(x: torch.Tensor, amax: torch.Tensor, args: Args) -> tuple[torch.Te
     tiny = a <= _TINY_AMAX
     if args.kind is Kind.FLOAT:
         scale = 448.0 / torch.where(tiny, torch.ones_like(a), a)
-        q = (xf * scale).clamp(min=-448.0, max=448.0).to(torch.float8_e4m3fn)
-        return (q.to(torch.float32) * (1 / scale)).to(dtype), q == 0
+        scaled = (xf * scale).clamp(min=-448.0, max=448.0)
+        q = scaled.to(torch.float8_e4m3fn)
+        return (q.to(torch.float32) * (1 / scale)).to(dtype), in_kernel(scaled, args, kernel_scale)
     top = torch.tensor(2.0 ** (args.num_bits - 1) - 1.0)
     scale = top / a
     scale = torch.where(tiny, torch.zeros_like(scale), scale)
-    q = torch.clamp((xf * scale).round_(), -top if args.narrow_range else -top - 1, top)
-    return (q / torch.where(tiny, torch.ones_like(scale), scale)).to(dtype), q == 0
+    scaled = xf * scale
+    q = torch.clamp(torch.round(scaled), -top if args.narrow_range else -top - 1, top)
+    out = q / torch.where(tiny, torch.ones_like(scale), scale)
+    return out.to(dtype), in_kernel(scaled, args, kernel_scale)
 
 
 def _abs_max(x: torch.Tensor, args: Args) -> torch.Tensor:
@@ -297,22 +318,22 @@ def _abs_max(x: torch.Tensor, args: Args) -> torch.Tensor:
     return x.abs().amax(dim=-1, keepdim=True)  # (O, 1) | (..., T, 1)
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, args: Args,
-                  global_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x fake-quantized, its kernel mask)``, ``x (..., I)`` and its scales as the strategy lays them
-    out: ``(..., I / g)`` per group, else broadcastable to ``x``. Output in ``x``'s dtype. Under ModelOpt's
-    arithmetic ``scale`` is the unit's abs-max."""
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, args: Args, global_scale: torch.Tensor | None = None,
+                  kernel_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x fake-quantized, its kernel mask at kernel_scale)``, ``x (..., I)`` and its scales as the
+    strategy lays them out: ``(..., I / g)`` per group, else broadcastable to ``x``. Output in ``x``'s
+    dtype. Under ModelOpt's arithmetic ``scale`` is the unit's abs-max."""
     if args.arithmetic is Arithmetic.MODELOPT:
-        return _modelopt(x, scale, args)
+        return _modelopt(x, scale, args, kernel_scale)
     if args.group_size is None:
-        out, zero = _quantize_dequantize(x, scale, args, global_scale)
+        out, zero = _quantize_dequantize(x, scale, args, global_scale, kernel_scale)
         return out.to(x.dtype), zero
     while scale.ndim < 2:
         scale = scale.unsqueeze(1)
     if x.shape[-1] % args.group_size:
         raise ValueError(f"{x.shape[-1]} inputs do not split into groups of {args.group_size}")
     groups = x.unflatten(-1, (x.shape[-1] // args.group_size, args.group_size))  # (..., I/g, g)
-    out, zero = _quantize_dequantize(groups, scale.unsqueeze(-1), args, global_scale)
+    out, zero = _quantize_dequantize(groups, scale.unsqueeze(-1), args, global_scale, kernel_scale)
     return out.flatten(-2).to(x.dtype), zero.flatten(-2)  # (..., I)
 
 
@@ -371,19 +392,20 @@ def quantize_weight(w: torch.Tensor, args: Args) -> tuple[torch.Tensor, torch.Te
     return fake_quantize(w, scale, args, global_scale)
 
 
-def quantize_activation(x: torch.Tensor, args: Args, calibration: Calibration | None
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """An input activation, exactly as the module receives it, fake-quantized; and its kernel mask."""
+def quantize_activation(x: torch.Tensor, args: Args, calibration: Calibration | None,
+                        kernel_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """An input activation, exactly as the module receives it, fake-quantized; and its kernel mask
+    (``|x / s| <= kernel_scale·τ``, at 1 where it rounded to zero)."""
     if args.scaling is Scaling.STATIC:
         if calibration is None or calibration.scale is None:
             raise ValueError(f"the static {args.label} activation quantizer is not calibrated")
-        return fake_quantize(x, calibration.scale, args)
+        return fake_quantize(x, calibration.scale, args, kernel_scale=kernel_scale)
     global_scale = None
     if args.scaling is Scaling.LOCAL:
         if calibration is None or calibration.global_scale is None:
             raise ValueError(f"the {args.label} activation quantizer's global scale is not calibrated")
         global_scale = calibration.global_scale
-    return fake_quantize(x, dynamic_scale(x, args, global_scale), args, global_scale)
+    return fake_quantize(x, dynamic_scale(x, args, global_scale), args, global_scale, kernel_scale)
 
 
 # -- the registry -----------------------------------------------------------------------------------

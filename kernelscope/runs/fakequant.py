@@ -104,7 +104,7 @@ class SchemeApplied:
         if scheme.target is not None:
             try:
                 out, zero = targets.quantize_activation(x, scheme.target.input_activations,
-                                                        self.calibration.get(name))
+                                                        self.calibration.get(name), scheme.kernel_scale)
             except ValueError as exc:
                 raise KernelscopeError(f"{scheme.name} on {name}: {exc}") from None
             if scheme.mode.removes_kernel:

@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
 from torch import nn
 
 from kernelscope.data import TextSource, Windows
+from kernelscope.errors import KernelscopeError
 from kernelscope.models import LinearLayer, LoadedModel
 from kernelscope.quant import DEFAULT_ALPHA, QuantizerConfig
 from kernelscope.quant.modes import Mode
-from kernelscope.quant.transforms import IDENTITY, TransformSpec
+from kernelscope.quant.transforms import IDENTITY, NONE, TransformSpec
 from kernelscope.runs.common import (
     StageProgress,
     TableResult,
@@ -35,6 +37,7 @@ from kernelscope.runs.common import (
     unpack,
 )
 from kernelscope.runs.evaluate import (
+    calibrate_target,
     calibration_facts,
     protocol_text,
     run_scheme,
@@ -43,12 +46,53 @@ from kernelscope.runs.evaluate import (
 )
 from kernelscope.runs.profiling import measured_kernels
 from kernelscope.runs.schemes import Scheme
-from kernelscope.runs.transforming import ModelTransform, TransformBinder
+from kernelscope.runs.transforming import ModelTransform, TransformBinder, identity_transform
 from kernelscope.stats.uncertainty import METHOD, crossing_interval, within_probabilities
 
 MIN_WINDOWS = 2
 LAMBDA_MIN = 2.0**-12
 FAMILY_DEFINITION = "kernel K_λ = {|x| <= λ·B}, B the family's zero bound; λ = 1 is its own kernel"
+TARGET_DEFINITION = ("kernel K_λ = {|x / s| <= λ·τ}, x / s as the target's library computes it and τ its "
+                     "element's zero threshold; λ = 1 is the kernel the library rounds to zero")
+
+
+@dataclass(frozen=True)
+class Family:
+    """The kernels a search scales: a quantizer of kernelscope's formats (its zero bound ``B``) or a
+    deployment target (``scheme``: its library's quotient against its element's zero threshold)."""
+
+    config: QuantizerConfig | None = None
+    scheme: Scheme | None = None
+
+    @property
+    def label(self) -> str:
+        return self.scheme.name if self.scheme else self.config.label
+
+    @property
+    def own(self) -> tuple:
+        """How a measured kernel of this family is named: (quantizer, bits, alpha)."""
+        if self.scheme:
+            return self.scheme.name, self.scheme.target.input_activations.num_bits, None
+        return self.config.quantizer, self.config.bits, self.config.alpha
+
+    @property
+    def saturation_scale(self) -> float:
+        return (self.scheme.target.input_activations if self.scheme else self.config).saturation_scale
+
+    def describe(self) -> dict[str, Any]:
+        if self.scheme is None:
+            return {**self.config.as_dict(), "label": self.label, "definition": FAMILY_DEFINITION}
+        args = self.scheme.target.input_activations
+        return {"quantizer": self.label, "bits": args.num_bits, "alpha": None, "format": args.element,
+                "block_size": args.group_size, "label": self.label, "arithmetic": self.scheme.target.checked,
+                "definition": TARGET_DEFINITION}
+
+    def at(self, lam: float, weight_bits: int | None, group_size: int | None) -> Scheme:
+        """The scheme that removes this family's kernel at ``lam``."""
+        name = f"remove-kernel λ={lam:g}"
+        if self.scheme:
+            return Scheme(name, Mode.REMOVE_KERNEL, target=self.scheme.target, kernel_scale=lam)
+        return Scheme(name, Mode.REMOVE_KERNEL, self.config, weight_bits, group_size, kernel_scale=lam)
 
 class ThresholdResult(TableResult):
     """The remove-kernel curve (``table``: one row per evaluated λ and transform, by kernel
@@ -115,12 +159,11 @@ def _crossing_uncertainty(ordered: list[dict], fp: dict, tolerance: float, lo_ro
     return None if found is None else found.as_dict()
 
 
-def _judged(row: dict, family: QuantizerConfig, label: str, lo: dict | None, hi: dict | None,
+def _judged(row: dict, family: Family, label: str, lo: dict | None, hi: dict | None,
             tolerance: float, uncertainty: dict | None) -> str:
     """The verdict on one measured kernel: a threshold judges only a kernel of its own family (the
     quantizer whose zero bound it scales), in its own basis; any other kernel differs in kind."""
-    own = (family.quantizer, family.bits, family.alpha)
-    if (row["quantizer"], row["bits"], row["alpha"]) != own:
+    if (row["quantizer"], row["bits"], row["alpha"]) != family.own:
         return (f"{row['config']}{label} kernel {100 * row['kernel_fraction']:.2f}%: not judged, this "
                 f"threshold is the {family.label} family's (search --family for its own)")
     verdict = _verdict(row["config"] + label, row["kernel_fraction"], lo, hi, tolerance)
@@ -154,7 +197,7 @@ def threshold_search(
     windows: Windows,
     *,
     text: TextSource | None = None,
-    family: QuantizerConfig | None = None,
+    family: QuantizerConfig | Scheme | None = None,
     tolerance: float = 0.01,
     steps: int = 6,
     alpha: float = DEFAULT_ALPHA,
@@ -169,18 +212,18 @@ def threshold_search(
 ) -> ThresholdResult:
     """Locate the largest kernel proportion whose remove-kernel perplexity stays within tolerance.
 
-    ``family`` is the quantizer whose zero bound is scaled (default per-token INT8). The model's
-    actual per-token and CrossQuant (``alpha``) kernels at INT8 and INT4 are measured on the same
-    windows and placed against the threshold. With several ``transforms`` the search runs once in
-    each one's basis (the kernel removed there, the measured kernels counted there), against the one
-    full-precision perplexity; calibrated transforms need ``calibration`` windows.
-    """
+    ``family``: the quantizer whose zero bound is scaled (default per-token INT8), or a deployment
+    target's scheme (its library's quotient against its element's zero threshold; static scales
+    calibrated on ``calibration``). The model's per-token and CrossQuant (``alpha``) kernels at INT8
+    and INT4 are measured on the same windows and placed against the threshold. With several
+    ``transforms`` the search runs in each one's basis, against the one full-precision perplexity."""
     _check_search(tolerance, steps, windows, transforms)
-    family = family or QuantizerConfig("per_token", 8)
+    family = _family(family, transforms)
     net, info, tokenizer = unpack(model)
     selected = resolve_layers(net, layers)
     binder = TransformBinder(net, selected, calibration, batch_size=batch_size)
     bound = [binder.bind(t) for t in transforms]
+    scales, static = _target_scales(net, family, selected, calibration, batch_size)
     actual = measured_kernels(net, windows, _actual_configs(alpha), selected, bound, tokenizer=tokenizer,
                               batch_size=batch_size, progress=stage_callback(progress, "kernels"))
     fp = run_scheme(net, windows, Scheme("fp", Mode.FP, weight_bits=None), selected,
@@ -188,13 +231,13 @@ def threshold_search(
     target = fp["perplexity"] * (1 + tolerance)
     searches = _searches(net, windows, selected, family, bound, actual, fp, target, tolerance=tolerance,
                          steps=steps, weight_bits=weight_bits, group_size=group_size, batch_size=batch_size,
-                         progress=progress)
+                         progress=progress, scales=scales)
     curve = pl.DataFrame([row for search in searches for row in search.pop("points")],
                          infer_schema_length=None)
     summary = {
         **run_context(info, text, windows, "threshold"),
         "protocol": protocol_text(windows),
-        "family": {**family.as_dict(), "label": family.label, "definition": FAMILY_DEFINITION},
+        "family": family.describe(),
         "tolerance": tolerance,
         "fp_perplexity": fp["perplexity"],
         "fp_perplexity_ci": [fp["perplexity_ci_low"], fp["perplexity_ci_high"]],
@@ -202,7 +245,8 @@ def threshold_search(
         "target_perplexity": target,
         "uncertainty": METHOD,
         "transforms": transforms_facts(transforms),
-        "calibration": calibration_facts(calibration, calibration_text, binder.calibrated),
+        "calibration": calibration_facts(calibration, calibration_text, binder.calibrated or bool(static)),
+        **({"static_scales": static} if static else {}),
         "searches": searches,
         "settings": {"steps": steps, "weight_bits": weight_bits, "group_size": group_size,
                      "alpha": alpha, "batch_size": batch_size},
@@ -231,10 +275,11 @@ def _check_search(tolerance: float, steps: int, windows: Windows,
         raise ValueError("threshold_search needs at least one transform (IDENTITY for none)")
 
 
-def _searches(net: nn.Module, windows: Windows, selected: list[LinearLayer], family: QuantizerConfig,
+def _searches(net: nn.Module, windows: Windows, selected: list[LinearLayer], family: Family,
               bound: list[ModelTransform], actual: dict[str, list[dict]], fp: dict, target: float, *,
               tolerance: float, steps: int, weight_bits: int | None, group_size: int | None,
-              batch_size: int, progress: StageProgress | None) -> list[dict[str, Any]]:
+              batch_size: int, progress: StageProgress | None, scales: dict | None = None
+              ) -> list[dict[str, Any]]:
     """One :func:`_search` per transform, in order; with several, each stage names its transform."""
     several = len(bound) > 1
     searches = []
@@ -243,24 +288,23 @@ def _searches(net: nn.Module, windows: Windows, selected: list[LinearLayer], fam
             return stage_callback(progress, f"{name}, {t.label}" if several else name)
 
         searches.append(_search(net, windows, selected, family, t, actual[t.label], fp, target, tolerance,
-                                steps, weight_bits, group_size, batch_size, stage))
+                                steps, weight_bits, group_size, batch_size, stage, scales))
     return searches
 
 
-def _search(net: nn.Module, windows: Windows, selected: list[LinearLayer], family: QuantizerConfig,
+def _search(net: nn.Module, windows: Windows, selected: list[LinearLayer], family: Family,
             transform: ModelTransform, actual: list[dict], fp: dict, target: float, tolerance: float,
             steps: int, weight_bits: int | None, group_size: int | None, batch_size: int,
-            stage: Callable[[str], Any]) -> dict[str, Any]:
+            stage: Callable[[str], Any], scales: dict | None = None) -> dict[str, Any]:
     """One bracketing search along λ with the kernel removed in ``transform``'s basis, each point with
     its interval and its paired difference from ``fp``, and the uncertainty of the crossing."""
     points: dict[float, dict[str, Any]] = {}
 
     def at(lam: float) -> dict[str, Any]:
         if lam not in points:
-            scheme = Scheme(f"remove-kernel λ={lam:g}", Mode.REMOVE_KERNEL, family, weight_bits, group_size,
-                            kernel_scale=lam)
-            row = run_scheme(net, windows, scheme, selected, transform=transform, batch_size=batch_size,
-                             progress=stage(f"λ={lam:.4g}"))
+            row = run_scheme(net, windows, family.at(lam, weight_bits, group_size), selected,
+                             transform=transform, batch_size=batch_size, progress=stage(f"λ={lam:.4g}"),
+                             calibration=scales)
             row["lambda"] = lam
             row["within_tolerance"] = row["perplexity"] <= target
             points[lam] = row
@@ -278,6 +322,7 @@ def _search(net: nn.Module, windows: Windows, selected: list[LinearLayer], famil
         or (hi is not None and r["lambda"] > hi and r["within_tolerance"])
     ]
     label = "" if transform.is_identity else f" ({transform.label})"
+    actual = actual + _own_kernel(family, points)
     verdicts = [_judged(r, family, label, lo_row, hi_row, tolerance, uncertainty) for r in actual]
     if hi is None:
         status = "never crossed"
@@ -303,3 +348,36 @@ def _search(net: nn.Module, windows: Windows, selected: list[LinearLayer], famil
                   for r in ordered],
         "points": ordered,
     }
+
+
+def _family(family: QuantizerConfig | Scheme | None, transforms: Sequence[TransformSpec]) -> Family:
+    """The family searched (per-token INT8 by default); a target's only in the model's own basis."""
+    if isinstance(family, Scheme):
+        if not family.target.quantizes_activations:
+            raise KernelscopeError(f"{family.name} leaves activations in full precision: it has no "
+                                   "activation kernel to search")
+        if not all(t.is_identity for t in transforms):
+            raise KernelscopeError(f"{family.name} deploys in the model's own basis; search it without "
+                                   "--transform")
+        return Family(scheme=family)
+    return Family(config=family or QuantizerConfig("per_token", 8))
+
+
+def _target_scales(net: nn.Module, family: Family, selected: list[LinearLayer], calibration: Windows | None,
+                   batch_size: int) -> tuple[dict, dict]:
+    """A target family's static scales, calibrated as ``eval`` calibrates them, and their record."""
+    if family.scheme is None:
+        return {}, {}
+    return calibrate_target(net, family.scheme, selected, identity_transform(selected), calibration,
+                            batch_size=batch_size)
+
+
+def _own_kernel(family: Family, points: dict[float, dict[str, Any]]) -> list[dict[str, Any]]:
+    """A target family's own kernel (λ = 1, measured in the search's pass), to be judged beside the
+    model's per-token and CrossQuant kernels; nothing for a format family, whose kernels those are."""
+    if family.scheme is None or 1.0 not in points:
+        return []
+    quantizer, bits, alpha = family.own
+    own = points[1.0]
+    return [{"transform": NONE, "config": family.label, "quantizer": quantizer, "bits": bits, "alpha": alpha,
+             **{k: own[k] for k in ("kernel_elements", "elements", "kernel_fraction")}}]
