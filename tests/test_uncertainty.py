@@ -103,7 +103,7 @@ def test_one_window_has_no_interval():
     assert U.perplexity_interval([3.0]) is None
     d = U.paired_difference([3.1], [3.0])
     assert d.delta == pytest.approx(0.1) and d.delta_low is None and "no interval" in d.verdict
-    assert U.within_probability([3.0], [3.0], 0.01) is None
+    assert U.within_probabilities([[3.0]], [3.0], 0.01) is None
     assert U.crossing_interval([[3.0]], [0.1], [3.0], 0.01) is None
 
 

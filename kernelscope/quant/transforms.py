@@ -481,15 +481,6 @@ IDENTITY = TransformSpec()
 """``none``."""
 
 
-def transform_usage() -> str:
-    """What ``--transform`` accepts, from the registry (for help and error messages)."""
-    entries = "; ".join(f"{e.usage}: {e.summary}, {e.metavar} {e.takes} (default {e.default_text})"
-                        for e in TRANSFORMS.values())
-    example = COMPOSE.join(TRANSFORMS)
-    return (f"{NONE} (the identity); {entries}. Steps compose in order with {COMPOSE!r} "
-            f"({example}: each step's input is the previous step's output)")
-
-
 def parse_transform(text: str) -> TransformSpec:
     """``none``, ``hadamard``, ``hadamard:64``, ``smoothquant:0.6+hadamard`` (case-insensitive)."""
     raw = text.strip().lower()

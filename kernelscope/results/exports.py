@@ -411,9 +411,8 @@ def deployment(scheme, transform=None) -> Deployment:
                            "every Linear on its own; llm-compressor's SmoothQuant and rotation modifiers "
                            "and ModelOpt's smoothquant algorithm transform differently, so no file is "
                            "written")
-    target = getattr(scheme, "target", None)
-    if target is not None:
-        return _target_deployment(scheme, target)
+    if scheme.target is not None:
+        return _target_deployment(scheme, scheme.target)
     weights = scheme.weight_quantizer
     if weights is None:
         return _everywhere(f"{scheme.name} leaves the weights in full precision, which no "

@@ -163,15 +163,6 @@ def paired_difference(window_nll_a, window_nll_b, *, indices: torch.Tensor | Non
     return Difference(point, lo, hi, _pct(point), plo, phi, verdict(lo, hi, reference))
 
 
-def within_probability(window_nll, reference_nll, tolerance: float, *,
-                       indices: torch.Tensor | None = None) -> float | None:
-    """Share of resamples in which ``exp(mean NLL) <= (1 + tolerance) · exp(mean reference NLL)``,
-    both on the same resampled windows: how often the within-tolerance decision comes out the same
-    way as it may on other windows of the same text. None for one window."""
-    p = within_probabilities(_as_tensor(window_nll)[None], reference_nll, tolerance, indices=indices)
-    return None if p is None else p[0]
-
-
 def _within(curve: torch.Tensor, reference: torch.Tensor, tolerance: float,
             idx: torch.Tensor) -> torch.Tensor:
     """``(P, B)`` bool: point p within tolerance of the reference on resample b."""
@@ -182,7 +173,10 @@ def _within(curve: torch.Tensor, reference: torch.Tensor, tolerance: float,
 
 def within_probabilities(curve_nll, reference_nll, tolerance: float, *,
                          indices: torch.Tensor | None = None) -> list[float] | None:
-    """:func:`within_probability` for each row of ``curve_nll (P, W)``."""
+    """For each row of ``curve_nll (P, W)``, the share of resamples in which ``exp(mean NLL) <= (1 +
+    tolerance) · exp(mean reference NLL)``, both on the same resampled windows: how often the
+    within-tolerance decision comes out the same way as it may on other windows of the same text.
+    None for one window."""
     curve = torch.as_tensor(curve_nll, dtype=torch.float64)
     ref = _as_tensor(reference_nll)
     idx = _indices(ref.numel(), indices)
