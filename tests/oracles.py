@@ -18,6 +18,29 @@ def plain(value) -> str:
     return str(getattr(value, "value", value))
 
 
+FUSED_LAYER_NAMES = [("gate_proj", "up_proj"), ("q_proj", "k_proj", "v_proj"),
+                     ("q_a_proj", "kv_a_proj_with_mqa"), ("w1", "w3")]
+"""llm-compressor 0.14's fused layers (``fuse_weight_observers``): a module holding all of one group has
+their tensor-group weights share one global scale, from the min and max of all of them."""
+
+
+def fused_ranges(model, linears: dict) -> dict:
+    """Each quantized Linear of a fused group -> the group's weight min and max, found as llm-compressor
+    finds them: by the attributes of every module."""
+    quantized = {id(m) for m in linears.values()}
+    names = {id(m): n for n, m in linears.items()}
+    out = {}
+    for parent in model.modules():
+        for group in FUSED_LAYER_NAMES:
+            members = [getattr(parent, a, None) for a in group]
+            if any(m is None for m in members) or not all(id(m) in quantized for m in members):
+                continue
+            lo = torch.stack([m.weight.data.min() for m in members]).min()
+            hi = torch.stack([m.weight.data.max() for m in members]).max()
+            out.update({names[id(m)]: (lo, hi) for m in members})
+    return out
+
+
 def library_model(model, name: str, calibration, scheme=None, ignore=("lm_head",)):
     """``model`` (a copy) quantized by compressed-tensors with llm-compressor's preset ``name`` (or with
     ``scheme``, a QuantizationScheme), ``ignore`` left in full precision."""
@@ -37,9 +60,11 @@ def library_model(model, name: str, calibration, scheme=None, ignore=("lm_head",
             for n, m in linears.items()]
         for m in linears.values():
             m.quantization_enabled = False
-        with torch.no_grad():
+        own, model.config._attn_implementation = model.config._attn_implementation, "eager"
+        with torch.no_grad():  # llm-compressor's calibration_forward_context forces eager attention
             for w in calibration.tokens:
                 model(input_ids=w[None])
+        model.config._attn_implementation = own
         for h in hooks:
             h.remove()
         for n, m in linears.items():
@@ -51,9 +76,11 @@ def library_model(model, name: str, calibration, scheme=None, ignore=("lm_head",
                 scale, zp = calculate_qparams(lo, hi, act)
                 m.input_scale.data, m.input_zero_point.data = scale.to(m.input_scale.dtype), zp.to(
                     m.input_zero_point.dtype)
-    for m in linears.values():  # the weight observer: min and max over each scale's unit
+    joint = fused_ranges(model, linears)
+    for n, m in linears.items():  # the weight observer: min and max over each scale's unit
         wa, w = scheme.weights, m.weight.data
-        gs = generate_gparam(w.min(), w.max()) if plain(wa.strategy) == "tensor_group" else None
+        lo, hi = joint.get(n, (w.min(), w.max()))  # a tensor group's global scale: its fused group's
+        gs = generate_gparam(lo, hi) if plain(wa.strategy) == "tensor_group" else None
         if gs is not None:
             m.weight_global_scale.data = gs
         if plain(wa.strategy) == "tensor":

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -59,6 +60,13 @@ class Arithmetic(StrEnum):
 
     COMPRESSED_TENSORS = "compressed-tensors"  # x / s in the tensor's dtype, s = amax / (span / 2)
     MODELOPT = "modelopt"  # float32: x · (qmax / amax), rounded, clamped, divided by the same multiplier
+
+    @property
+    def calibration_attention(self) -> str | None:
+        """How the library's calibration passes compute attention: llm-compressor forces eager attention
+        (``calibration_forward_context``), which moves activation maxima by a few ulps against sdpa;
+        ModelOpt runs the model as it is (None)."""
+        return "eager" if self is Arithmetic.COMPRESSED_TENSORS else None
 
 
 class Scaling(StrEnum):
@@ -381,13 +389,35 @@ def calibrate(amin: torch.Tensor, amax: torch.Tensor, args: Args, dtype: torch.d
     return Calibration(scale_of(amin, amax, args).to(dtype))
 
 
-def quantize_weight(w: torch.Tensor, args: Args) -> tuple[torch.Tensor, torch.Tensor]:
-    """A weight ``(O, I)`` fake-quantized with scales from its own min and max, and its kernel mask."""
+FUSED = (("gate_proj", "up_proj"), ("q_proj", "k_proj", "v_proj"), ("q_a_proj", "kv_a_proj_with_mqa"),
+         ("w1", "w3"))
+"""Layers of one module that vLLM runs as one matrix, so that llm-compressor (0.14,
+``fuse_weight_observers``) gives their tensor-group (NVFP4) weights one global scale, from the min and
+max of all of them."""
+
+
+def fused_groups(names: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """Each of ``names`` (module names) that belongs to a whole fused group among them -> that group."""
+    present = set(names)
+    groups: dict[str, tuple[str, ...]] = {}
+    for name in present:
+        parent, _, own = name.rpartition(".")
+        for fused in FUSED:
+            members = tuple(f"{parent}.{n}" if parent else n for n in fused)
+            if own in fused and all(m in present for m in members):
+                groups[name] = members
+    return groups
+
+
+def quantize_weight(w: torch.Tensor, args: Args, joint: tuple[torch.Tensor, torch.Tensor] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight ``(O, I)`` fake-quantized with scales from its own min and max (a tensor-group global
+    scale from ``joint``, the min and max of its fused group, where it has one), and its kernel mask."""
     if args.arithmetic is Arithmetic.MODELOPT:
         return _modelopt(w, _abs_max(w, args), args)
     global_scale = None
     if args.strategy is Strategy.TENSOR_GROUP:
-        global_scale = global_scale_of(*torch.aminmax(w))
+        global_scale = global_scale_of(*(joint if joint is not None else torch.aminmax(w)))
     scale = scale_of(*observe(w, args), args, global_scale).to(w.dtype)
     return fake_quantize(w, scale, args, global_scale)
 

@@ -38,7 +38,7 @@ from kernelscope.runs.common import (
     unpack,
 )
 from kernelscope.runs.fakequant import SchemeApplied, covered_layers
-from kernelscope.runs.forward import eval_mode, model_device
+from kernelscope.runs.forward import attention, eval_mode, model_device
 from kernelscope.runs.schemes import Scheme
 from kernelscope.runs.sqnr import SqnrMeasurements
 from kernelscope.runs.transforming import (
@@ -251,7 +251,8 @@ def calibrate_target(model: nn.Module, scheme: Scheme, layers: Sequence[LinearLa
         raise KernelscopeError(f"{scheme.name} calibrates static activation scales: it needs calibration "
                                "windows (--calib-dataset, --calib-nsamples)")
     args = scheme.target.input_activations
-    ranges = calibration_ranges(model, layers, windows, transform.layers, batch_size=batch_size)
+    with attention(model, args.arithmetic.calibration_attention):
+        ranges = calibration_ranges(model, layers, windows, transform.layers, batch_size=batch_size)
     dtypes = {layer.name: layer.module.weight.dtype for layer in layers}
     scales = {name: targets.calibrate(lo, hi, args, dtypes[name]) for name, (lo, hi) in ranges.items()}
     key = "amax" if args.arithmetic is targets.Arithmetic.MODELOPT else "scale"

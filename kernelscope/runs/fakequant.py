@@ -89,6 +89,8 @@ class SchemeApplied:
         self.scheme = scheme
         self.calibration = dict(calibration or {})
         self.transforms = {name: t for name, t in (transforms or {}).items() if not t.is_identity}
+        self._fused = targets.fused_groups(layer.name for layer in layers)  # one global scale (NVFP4)
+        self._modules = {layer.name: layer.module for layer in layers}
         self.seq_len = seq_len  # splits flattened (B·T, I) inputs back into sequences
         self.kernel: torch.Tensor | None = None
         self.elements: torch.Tensor | None = None
@@ -153,12 +155,24 @@ class SchemeApplied:
         """Layer ``name``'s weight ``(O, I)`` as ``(w_b, w_q)``: in the basis of its input (``W·A⁻ᵀ`` where
         the scheme quantizes weights in a transformed basis, else ``W``), and as the scheme has the layer
         compute with it (``w_b`` quantized; ``w_b`` itself where weights stay in full precision)."""
-        w = weight_out_in(module).detach()  # (O, I)
         if not self.scheme.changes_weight:
+            w = weight_out_in(module).detach()  # (O, I)
             return w, w
-        if name in self.transforms:
-            w = self.transforms[name].weight(w)  # W·A⁻ᵀ, the weight in the input's new basis
+        w = self._in_basis(name, module)
         return w, self._weight_of(name, w)
+
+    def _in_basis(self, name: str, module: nn.Module) -> torch.Tensor:
+        """The weight ``(O, I)`` in the basis of the layer's input (``W·A⁻ᵀ`` under a transform)."""
+        w = weight_out_in(module).detach()  # (O, I)
+        return self.transforms[name].weight(w) if name in self.transforms else w
+
+    def _joint(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The min and max over the weights of ``name``'s fused group, for a tensor-group target."""
+        args = self.scheme.target.weights
+        if args.strategy is not targets.Strategy.TENSOR_GROUP or name not in self._fused:
+            return None
+        ranges = [torch.aminmax(self._in_basis(m, self._modules[m])) for m in self._fused[name]]
+        return torch.stack([r[0] for r in ranges]).amin(), torch.stack([r[1] for r in ranges]).amax()
 
     def _quantized_weight(self, name: str, module: nn.Module) -> torch.Tensor:
         if name not in self._weights:
@@ -170,7 +184,7 @@ class SchemeApplied:
         target = self.scheme.target
         if target is not None:
             try:
-                return targets.quantize_weight(w, target.weights)[0]
+                return targets.quantize_weight(w, target.weights, self._joint(name))[0]
             except ValueError as exc:
                 raise KernelscopeError(f"{self.scheme.name} cannot quantize the weight of {name}: {exc}; "
                                        "keep it in full precision with --ignore") from None

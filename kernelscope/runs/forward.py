@@ -37,6 +37,22 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def attention(model: nn.Module, implementation: str | None) -> Iterator[nn.Module]:
+    """The model's attention computed by ``implementation`` (``eager``, ``sdpa``; None: its own) for the
+    block, as a deploying library's calibration runs it; the model's own choice restored after."""
+    config = getattr(model, "config", None)
+    if implementation is None or config is None or not hasattr(config, "_attn_implementation"):
+        yield model
+        return
+    own = config._attn_implementation
+    config._attn_implementation = implementation
+    try:
+        yield model
+    finally:
+        config._attn_implementation = own
+
+
 def forward_windows(model: nn.Module, tokens: torch.Tensor, *, all_logits: bool = False):
     """One forward pass over ``tokens (B, T)``; without ``all_logits`` only the last position's
     logits are computed where the model allows it, which saves a (B, T, vocab) tensor."""
