@@ -197,8 +197,23 @@ def test_a_weight_only_target_has_no_activation_sqnr():
     windows = windows_for()
     scheme = parse_scheme("llm-compressor:NVFP4A16")
     layers = select_linear_layers(model)
-    sums = reference(model, windows, layers, None,
-                     lambda w: targets.quantize_weight(w, scheme.target.weights)[0])
+    weights = {layer.name: layer.module.weight.detach() for layer in layers}
+
+    def joint(name):  # q/k/v and gate/up share one global scale, as llm-compressor gives them
+        parent, _, own = name.rpartition(".")
+        for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            members = [weights.get(f"{parent}.{m}") for m in group]
+            if own in group and all(w is not None for w in members):
+                return min(float(w.min()) for w in members), max(float(w.max()) for w in members)
+        return None
+
+    quantized = {}
+    for name, w in weights.items():
+        lo_hi = joint(name)
+        lo_hi = None if lo_hi is None else (torch.tensor(lo_hi[0]), torch.tensor(lo_hi[1]))
+        quantized[w.data_ptr()] = targets.quantize_weight(w, scheme.target.weights, lo_hi)[0]
+    assert any(joint(n) for n in weights)
+    sums = reference(model, windows, layers, None, lambda w: quantized[w.data_ptr()])
     res, rows = measured(model, windows, scheme)
     assert_matches(rows, sums, activations=False)
     assert all(r["sqnr_db"] == r["sqnr_weights_db"] for r in rows.values())
