@@ -20,7 +20,10 @@ from kernelscope.reports import numbers as N
 from kernelscope.reports.html import page_data
 from kernelscope.results import read_run
 from tests.test_cli import run_cli
-from tests.test_report import browser  # noqa: F401  (the headless Chromium fixture)
+from tests.test_report import (
+    browser,  # noqa: F401  (the headless Chromium fixture)
+    open_page,
+)
 from tests.test_report_figures import rows_of
 
 SCHEMES = "w8a8-per-token,llm-compressor:W8A8,w8a8-crossquant"
@@ -333,7 +336,7 @@ def test_the_first_screen_in_a_browser(browser, plans, tmp_path):  # noqa: F811
     from selenium.webdriver.common.by import By
 
     page = write_report([plans["candidates"], plans["tight"]], tmp_path / "decision.html")
-    browser.get(page.resolve().as_uri())
+    open_page(browser, page)  # the payloads unpack asynchronously: wait until the page has drawn
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
     drawn = browser.execute_script("return Array.from(document.querySelectorAll('[data-figure]'))"
                                    ".filter(d => d.querySelector('.main-svg')).length")

@@ -351,8 +351,10 @@ return [boxes.length, hits];
 def test_the_page_in_a_browser_draws_apart_sorts_and_formats_alike(browser, five_runs, tmp_path):
     from selenium.webdriver.common.by import By
 
+    from tests.test_report import open_page
+
     out = write_report([five_runs[k] for k in KINDS], tmp_path / "five.html")
-    browser.get(out.resolve().as_uri())
+    open_page(browser, out)  # the payloads unpack asynchronously: wait until the page has drawn
     assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []
     divs = {d.find_element(By.CSS_SELECTOR, ".gtitle").text: d
             for d in browser.find_elements(By.CSS_SELECTOR, "[data-figure]")}
