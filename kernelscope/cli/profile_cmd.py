@@ -9,13 +9,14 @@ from rich.table import Table
 from kernelscope.cli.checks import (
     calibration_windows,
     check_widths,
+    option_refusals,
+    prepare_options,
     profile_configs,
     transform_options,
     transform_refusals,
 )
 from kernelscope.cli.common import (
     check_positive,
-    common_refusals,
     finish,
     header,
     prepare,
@@ -212,12 +213,10 @@ def _world(device: str, device_map: str | None):
     return device, distributed.start(torch.device("cuda" if device.startswith("cuda") else "cpu"))
 
 
-def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, bits, alpha, group_size,
-                weight_format, transform, transform_seed, calib_dataset, calib_nsamples, layers,
-                include_lm_head, batch_size, top_k, dtype, device, device_map, max_memory, offload_folder,
-                trust_remote_code, output, overwrite, report, resume, as_json, quiet, given) -> None:
-    from kernelscope.runs import distributed
-
+def _quantizers(given, *, quantizer, bits, alpha, group_size, weight_format, transform, transform_seed,
+                calib_nsamples, **kw):
+    """``-q``/``-b``/``-a``, the weight formats and the transforms as typed -> what the profile counts,
+    refused where an option given has no effect; and whether a calibration pass is needed."""
     configs, targets = profile_configs(quantizer, bits, alpha, group_size)
     weights = _weight_formats(weight_format, group_size)
     transforms = transform_options(transform, transform_seed)
@@ -226,9 +225,7 @@ def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, b
              f"{flag('--transform')}")
     calibrated = any(t.needs_calibration for t in [*transforms, *targets])
     check_positive("--calib-nsamples", calib_nsamples)
-    refuse_unused(given,
-                  **common_refusals(windows=windows, output=output, report=report, device_map=device_map,
-                                    seed_applies=calibrated),
+    refuse_unused(given, **option_refusals(kw, seed_applies=calibrated),
                   **transform_refusals(transforms, calibrated),
                   alpha=None if any(c.takes_alpha for c in configs)
                   else "it is CrossQuant's exponent, and no --quantizer given takes it (add -q crossquant)",
@@ -238,33 +235,41 @@ def run_profile(*, model, dataset, nsamples, seqlen, windows, seed, quantizer, b
                   group_size=None if any(c.format.is_block and c.format.grid.is_int
                                          for c in [*configs, *weights])
                   else "it sets the block of per_group, which neither -q nor --weight-format gives")
+    return configs, targets, weights, transforms, calibrated
+
+
+def run_profile(*, include_lm_head, top_k, resume, calib_dataset, calib_nsamples, given, **kw) -> None:
+    from kernelscope.runs import distributed
+
+    configs, targets, weights, transforms, calibrated = _quantizers(given, calib_nsamples=calib_nsamples,
+                                                                    **kw)
     parallel = distributed.launched()
-    checkpoint = _checkpoint(output, resume, parallel)
+    checkpoint = _checkpoint(kw["output"], resume, parallel)
     if top_k < 1:
         fail(f"{flag('--top-k')} must be at least 1, got {top_k}")
-    device, world = _world(device, device_map) if parallel else (device, distributed.World())
-    quiet = quiet or as_json or not world.main
+    kw["device"], world = (_world(kw["device"], kw["device_map"]) if parallel
+                           else (kw["device"], distributed.World()))
+    quiet = kw["quiet"] or kw["as_json"] or not world.main
     with stage_progress(quiet) as display:
-        calib_text = read_calibration(display, calibrated, calib_dataset, calib_nsamples, seqlen)
-        prep = prepare(model=model, dataset=dataset, nsamples=nsamples, seqlen=seqlen, windows=windows,
-                       seed=seed, layers=layers, batch_size=batch_size, dtype=dtype, device=device,
-                       trust_remote_code=trust_remote_code, output=output, overwrite=overwrite, quiet=quiet,
-                       report=report, device_map=device_map, max_memory=max_memory,
-                       offload_folder=offload_folder, display=display)
-        check_widths(transforms, prep.loaded.model, layers)
-        calibration = (calibration_windows(prep, calib_text, calib_nsamples, {"seqlen": seqlen, "seed": seed})
-                       if calibrated else None)
-        share = len(world.windows(len(prep.windows)))
-        display.plan("profiling", 1, share)
-        result = _profile(prep, configs, display, checkpoint=checkpoint, resume=resume, layers=layers,
-                          include_lm_head=include_lm_head, batch_size=batch_size, top_k=top_k,
+        calib_text = read_calibration(display, calibrated, calib_dataset, calib_nsamples, kw["seqlen"])
+        prep = prepare(**prepare_options(kw, quiet=quiet, min_seqlen=1), display=display)
+        check_widths(transforms, prep.loaded.model, kw["layers"])
+        calibration = calibration_windows(prep, calib_text, calib_nsamples, kw) if calibrated else None
+        display.plan("profiling", 1, len(world.windows(len(prep.windows))))
+        result = _profile(prep, configs, display, checkpoint=checkpoint, resume=resume, layers=kw["layers"],
+                          include_lm_head=include_lm_head, batch_size=kw["batch_size"], top_k=top_k,
                           weight_formats=weights, transforms=list(transforms), calibration=calibration,
                           calibration_text=calib_text, targets=targets)
     distributed.stop()
-    if not world.main:
-        return  # only the first process writes and prints
+    if world.main:  # only the first process writes and prints
+        _write(result, checkpoint, kw)
+
+
+def _write(result, checkpoint, kw) -> None:
+    """Write and show the result; on a failure to write, say that the statistics are kept in the
+    checkpoint, from which --resume writes them without profiling again."""
     try:
-        finish(result, output, overwrite, as_json, _show, report)
+        finish(result, kw["output"], kw["overwrite"], kw["as_json"], _show, kw["report"])
     except KernelscopeError as exc:
         if checkpoint is None or not checkpoint.is_file():
             raise
