@@ -113,42 +113,43 @@ def _check_fixed_shots(fixed: list[str], num_fewshot: int | None) -> None:
          f"{', '.join(fixed)}: {whose} the few-shot count at 0, which the harness keeps")
 
 
-def run_zeroshot(*, model, scheme, tasks, include_path, limit, num_fewshot, batch_size, seed, alpha, bits,
-                 weight_bits, group_size, smooth_alpha, transform, transform_seed, calib_dataset,
-                 calib_nsamples, calib_seqlen, layers, dtype, device, trust_remote_code, output, overwrite,
-                 report, as_json, quiet, given) -> None:
+def run_zeroshot(*, scheme, tasks, include_path, limit, num_fewshot, batch_size, seed, calib_dataset,
+                 calib_nsamples, calib_seqlen, given, **kw) -> None:
     from kernelscope.data.tasks import load_tasks, require_harness
     from kernelscope.runs.zeroshot import zeroshot
 
     require_harness()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its notes on a model passed as an object
-    alpha = _check_numbers(alpha=alpha, bits=bits, weight_bits=weight_bits, group_size=group_size,
-                           smooth_alpha=smooth_alpha, calib_nsamples=calib_nsamples,
-                           calib_seqlen=calib_seqlen, limit=limit, num_fewshot=num_fewshot,
-                           batch_size=batch_size, seed=seed)
-    schemes = _schemes(scheme, alpha, bits, weight_bits, group_size, smooth_alpha)
-    transforms = transform_options(transform, transform_seed)
+    alpha = _check_numbers(alpha=kw["alpha"], bits=kw["bits"], weight_bits=kw["weight_bits"],
+                           group_size=kw["group_size"], smooth_alpha=kw["smooth_alpha"],
+                           calib_nsamples=calib_nsamples, calib_seqlen=calib_seqlen, limit=limit,
+                           num_fewshot=num_fewshot, batch_size=batch_size, seed=seed)
+    schemes = _schemes(scheme, alpha, kw["bits"], kw["weight_bits"], kw["group_size"], kw["smooth_alpha"])
+    transforms = transform_options(kw["transform"], kw["transform_seed"])
     check_transforms_with_schemes(schemes, transforms)
-    calibrated = _refusals(schemes, transforms, given, output=output, report=report, batch_size=batch_size,
-                           group_size=group_size, weight_bits=weight_bits)
-    device = check_paths_and_model(model, output, overwrite, report, dtype, device, layers)
+    calibrated = _refusals(schemes, transforms, given, output=kw["output"], report=kw["report"],
+                           batch_size=batch_size, group_size=kw["group_size"], weight_bits=kw["weight_bits"])
+    device = check_paths_and_model(kw["model"], kw["output"], kw["overwrite"], kw["report"], kw["dtype"],
+                                   kw["device"], kw["layers"])
     names = split_values(tasks, "--tasks", str, "a task name") if tasks else list(DEFAULT_TASKS)
-    silent = quiet or as_json
+    silent = kw["quiet"] or kw["as_json"]
     with stage_progress(silent, unit="tasks") as display:
         display.stage(f"finding the tasks and reading their documents ({', '.join(names)})")
         harness_tasks = load_tasks(names, include_path, option=flag("--tasks"),
                                    path_option=flag("--include-path"))
         _check_fixed_shots(harness_tasks.fixed_zero_shot, num_fewshot)
         calib_text = read_calibration(display, calibrated, calib_dataset, calib_nsamples, calib_seqlen)
-        loaded = load_with_status(model, dtype, device, trust_remote_code, quiet=silent, display=display)
-        check_widths(transforms, loaded.model, layers)
+        loaded = load_with_status(kw["model"], kw["dtype"], device, kw["trust_remote_code"], quiet=silent,
+                                  display=display)
+        check_widths(transforms, loaded.model, kw["layers"])
         calibration = (_calibration(loaded, calib_text, calib_nsamples, calib_seqlen, seed) if calibrated
                        else None)
         display.plan("scoring", len(schemes) * len(transforms), len(harness_tasks.tasks))
-        result = zeroshot(loaded, harness_tasks, schemes, layers=layers, limit=limit, num_fewshot=num_fewshot,
-                          batch_size=batch_size, seed=seed, transforms=list(transforms),
-                          calibration=calibration, calibration_text=calib_text, progress=display)
-    finish(result, output, overwrite, as_json, _show, report)
+        result = zeroshot(loaded, harness_tasks, schemes, layers=kw["layers"], limit=limit,
+                          num_fewshot=num_fewshot, batch_size=batch_size, seed=seed,
+                          transforms=list(transforms), calibration=calibration, calibration_text=calib_text,
+                          progress=display)
+    finish(result, kw["output"], kw["overwrite"], kw["as_json"], _show, kw["report"])
 
 
 def _header(summary: dict):
