@@ -247,9 +247,9 @@ def _threshold_family(family: str, family_bits: int, alpha: float):
 
     if ":" in family:
         scheme = parse_scheme(family.strip())
-        if not scheme.target.quantizes_activations:
-            fail(f"{flag('--family')} {family} leaves activations in full precision: it has no activation "
-                 "kernel to search")
+        why = scheme.kernel_refusal((), "search", shown=family)  # the basis is checked with --transform
+        if why is not None:
+            fail(f"{flag('--family')} {why}")
         bits = scheme.target.input_activations.num_bits
         return scheme, f"--family {family} carries its own {bits}-bit elements"
     name = FORMAT_WORDS.get(family.strip().lower().replace("_", "-"))
@@ -280,9 +280,9 @@ def run_threshold(*, tolerance, steps, family, family_bits, alpha, weight_bits, 
     base, own_bits = _threshold_family(family, family_bits, alpha)
     target = None if isinstance(base, QuantizerConfig) else base
     transforms = transform_options(transform, transform_seed)
-    if target is not None and not all(t.is_identity for t in transforms):
-        fail(f"{flag('--family')} {target.name} deploys in the model's own basis; search it without "
-             f"{flag('--transform')}")
+    why = target.kernel_refusal(transforms, "search") if target is not None else None
+    if why is not None:
+        fail(f"{flag('--family')} {why}")
     calibrated = any(t.needs_calibration for t in [*transforms, *([target] if target else [])])
     weights_kept = (f"--family {family} removes the target's activation kernel only; the weights stay in "
                     "full precision") if target else None

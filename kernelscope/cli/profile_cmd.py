@@ -220,9 +220,9 @@ def _quantizers(given, *, quantizer, bits, alpha, group_size, weight_format, tra
     configs, targets = profile_configs(quantizer, bits, alpha, group_size)
     weights = _weight_formats(weight_format, group_size)
     transforms = transform_options(transform, transform_seed)
-    if targets and not all(t.is_identity for t in transforms):
-        fail(f"{flag('--quantizer')} {targets[0].name} deploys in the model's own basis; profile it without "
-             f"{flag('--transform')}")
+    why = next(filter(None, (t.kernel_refusal(transforms, "profile") for t in targets)), None)
+    if why is not None:
+        fail(f"{flag('--quantizer')} {why}")
     calibrated = any(t.needs_calibration for t in [*transforms, *targets])
     check_positive("--calib-nsamples", calib_nsamples)
     refuse_unused(given, **option_refusals(kw, seed_applies=calibrated),

@@ -100,8 +100,9 @@ class ModelOptCoverage(Reach):
     def covers(self, name: str, classes: tuple[str, ...]) -> bool:
         """True for a module some of whose quantizers end on; ValueError for a Linear the config
         quantizes otherwise than the rest."""
-        if not super().covers(name, classes) or not any(c in classes for c in LINEAR_CLASSES):
-            return super().covers(name, classes)
+        reached = super().covers(name, classes)
+        if not reached or not any(c in classes for c in LINEAR_CLASSES):
+            return reached
         for role, expected in ((WEIGHT, self.weights), (INPUT, self.inputs)):
             on, cfg = state(self.entries, f"{name}.{role}", classes, True)
             if (args_of(cfg, role) if on else None) != expected:

@@ -123,6 +123,19 @@ class Scheme:
             "arithmetic": "kernelscope",
         }
 
+    def kernel_refusal(self, transforms, command: str, shown: str | None = None) -> str | None:
+        """Why ``command`` (``profile``, ``search``) cannot take this deployment target's activation kernel
+        under ``transforms``: it quantizes no activation, or it deploys in the model's own basis; None
+        where it can (and for a scheme that is no target). ``shown``: the name as the user typed it."""
+        if self.target is None:
+            return None
+        name = shown or self.name
+        if not self.target.quantizes_activations:
+            return f"{name} leaves activations in full precision: it has no activation kernel to {command}"
+        if not all(t.is_identity for t in transforms):
+            return f"{name} deploys in the model's own basis; {command} it without --transform"
+        return None
+
     def check_widths(self, layers) -> None:
         """Refuse a target whose groups do not divide a covered layer's inputs (the library refuses
         it too), naming the first such layer."""

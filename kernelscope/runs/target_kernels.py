@@ -25,13 +25,9 @@ STATE_KEY = ("", "deployment targets")
 
 def check_targets(schemes: Sequence[Scheme], transforms: Sequence[Any]) -> None:
     """Refuse what a profile cannot count for a target: no activation quantizer, or another basis."""
-    for scheme in schemes:
-        if not scheme.target.quantizes_activations:
-            raise KernelscopeError(f"{scheme.name} leaves activations in full precision: it has no "
-                                   "activation kernel to profile")
-    if schemes and not all(t.is_identity for t in transforms):
-        raise KernelscopeError(f"{schemes[0].name} deploys in the model's own basis; profile it without "
-                               "--transform")
+    why = next(filter(None, (s.kernel_refusal(transforms, "profile") for s in schemes)), None)
+    if why is not None:
+        raise KernelscopeError(why)
 
 
 class TargetKernels:
@@ -46,19 +42,25 @@ class TargetKernels:
         self.static = dict(static or {})  # what the summary records of the calibrated scales
         self.kernel: dict[tuple[str, str], torch.Tensor] = {}  # (scheme, layer) -> int64 count
         self._pending: dict[tuple[str, str], torch.Tensor] = {}
+        self._last: tuple[torch.Tensor | None, dict] = (None, {})  # the last input and its counts
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
+        if self._last[0] is not x:  # layers fed one tensor (q/k/v, gate/up) share a dynamic count
+            self._last = (x, {})
         for scheme in self.schemes:
             calibration = self.calibration.get(scheme.name, {}).get(name)
-            try:
-                _, zero = targets.quantize_activation(x, scheme.target.input_activations, calibration)
-            except ValueError as exc:
-                raise KernelscopeError(f"{scheme.name} on {name}: {exc}") from None
-            key = (scheme.name, name)
-            count = torch.count_nonzero(zero)
+            shared = (scheme.name, None if calibration is None else id(calibration))
+            if shared not in self._last[1]:
+                try:
+                    _, zero = targets.quantize_activation(x, scheme.target.input_activations, calibration)
+                except ValueError as exc:
+                    raise KernelscopeError(f"{scheme.name} on {name}: {exc}") from None
+                self._last[1][shared] = torch.count_nonzero(zero)
+            key, count = (scheme.name, name), self._last[1][shared]
             self._pending[key] = count if key not in self._pending else self._pending[key] + count
 
     def end_batch(self, completed: bool) -> None:
+        self._last = (None, {})  # no reference to the pass's inputs is kept past it
         if completed:
             for key, count in self._pending.items():
                 self.kernel[key] = count if key not in self.kernel else self.kernel[key] + count

@@ -353,12 +353,9 @@ def _search(net: nn.Module, windows: Windows, selected: list[LinearLayer], famil
 def _family(family: QuantizerConfig | Scheme | None, transforms: Sequence[TransformSpec]) -> Family:
     """The family searched (per-token INT8 by default); a target's only in the model's own basis."""
     if isinstance(family, Scheme):
-        if not family.target.quantizes_activations:
-            raise KernelscopeError(f"{family.name} leaves activations in full precision: it has no "
-                                   "activation kernel to search")
-        if not all(t.is_identity for t in transforms):
-            raise KernelscopeError(f"{family.name} deploys in the model's own basis; search it without "
-                                   "--transform")
+        why = family.kernel_refusal(transforms, "search")
+        if why is not None:
+            raise KernelscopeError(why)
         return Family(scheme=family)
     return Family(config=family or QuantizerConfig("per_token", 8))
 
