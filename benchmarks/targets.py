@@ -8,7 +8,10 @@ the same model quantized by the library itself on the same windows, with their r
 compressed-tensors' ``apply_quantization_config`` and quantized forward for llm-compressor (weight scales
 and static activation scales set from min-max observers, the activation ones on the calibration windows
 with the model in full precision, as kernelscope calibrates them), ``mtq.quantize`` with max calibration
-on the same calibration windows for ModelOpt. Beside them, the
+on the same calibration windows for ModelOpt, the linears that share an input then given one amax as its
+checkpoint export gives them (``requantize_resmooth_fused_llm_layers``), and its NVFP4 and MXFP4 blocks,
+which it fake-quantizes only in CUDA kernels, through its own pure-torch quantizers
+(``tests.oracles.modelopt_on_cpu``). Beside them, the
 paper's own formats (kernelscope's arithmetic) for comparison. Writes a markdown table, the README's.
 """
 
@@ -27,11 +30,12 @@ sys.path.insert(0, str(ROOT))  # the oracle lives with the tests
 import kernelscope as ks  # noqa: E402
 from kernelscope.runs.evaluate import evaluate  # noqa: E402
 from kernelscope.runs.schemes import parse_scheme  # noqa: E402
-from tests.oracles import library_model, modelopt_model, window_nll  # noqa: E402
+from tests.oracles import library_model, modelopt_model, modelopt_on_cpu, window_nll  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 LLM_COMPRESSOR = ("W8A8", "FP8_DYNAMIC", "FP8", "NVFP4A16", "NVFP4", "MXFP4", "MXFP8")
-MODELOPT = ("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG")
+MODELOPT = ("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG", "NVFP4_DEFAULT_CFG",
+            "MXFP4_DEFAULT_CFG")
 TARGETS = ",".join([*(f"llm-compressor:{n}" for n in LLM_COMPRESSOR), *(f"modelopt:{n}" for n in MODELOPT)])
 """The demo's widths (576, 1536) are not multiples of 128, so the W4A16/W4A8 presets do not apply to it."""
 PAPER = ("w8a8-per-token", "fp8", "nvfp4", "mxfp4", "mxfp4-rceil")
@@ -72,7 +76,8 @@ def main() -> None:
     for scheme in targets:
         row, target = rows[scheme.name], scheme.target
         build = modelopt_model if target.library == "modelopt" else library_model
-        theirs = ks_perplexity(window_nll(build(loaded.model, target.name, calibration), windows))
+        with modelopt_on_cpu():
+            theirs = ks_perplexity(window_nll(build(loaded.model, target.name, calibration), windows))
         rel = abs(row["perplexity"] - theirs) / theirs
         figures = f"{row['perplexity']:.4f} | {theirs:.4f} | {rel:.1e}"
         lines.append(f"| {scheme.name} | {figures} | {change(row)} |")

@@ -5,6 +5,7 @@ compute them (written out here), and each window's NLL of such a model. Used by 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -96,10 +97,42 @@ def library_model(model, name: str, calibration, scheme=None, ignore=("lm_head",
     return model
 
 
-def modelopt_model(model, name: str, calibration):
-    """``model`` (a copy) quantized by ModelOpt's ``mtq.quantize`` with its config ``name``, max-calibrated
-    on the ``calibration`` windows."""
+def modelopt_block_op(inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits, scale_exponent_bits):
+    """ModelOpt's dynamic block fake quantization (``tensor_quant.dynamic_block_quantize_op``, CUDA kernels
+    only) through its own pure-torch quantizers instead: ``MXFP4QTensor`` for E8M0 scales, ``NVFP4QTensor``
+    under the quantizer's amax (its export's ``amax / (6 · 448)``) for E4M3 ones; quantize, then
+    dequantize to the input's dtype."""
+    from modelopt.torch.quantization.qtensor.mxfp4_tensor import MXFP4QTensor
+    from modelopt.torch.quantization.qtensor.nvfp4_tensor import NVFP4QTensor
+
+    assert (num_bits, exponent_bits) == (4, 2), "E2M1 elements only"
+    if scale_exponent_bits == 8:
+        q, e8m0 = MXFP4QTensor.quantize(inputs, block_size)
+        return q.dequantize(inputs.dtype, scale=e8m0, block_sizes={-1: block_size})
+    q, scale, second = NVFP4QTensor.quantize(inputs, block_size,
+                                             weights_scaling_factor_2=amax.float() / (6.0 * 448.0))
+    return q.dequantize(inputs.dtype, scale=scale, double_scale=second, block_sizes={-1: block_size})
+
+
+@contextlib.contextmanager
+def modelopt_on_cpu():
+    """ModelOpt with :func:`modelopt_block_op` in place of its CUDA-only block quantization."""
+    from modelopt.torch.quantization import tensor_quant
+
+    own, tensor_quant.dynamic_block_quantize_op = tensor_quant.dynamic_block_quantize_op, modelopt_block_op
+    try:
+        yield
+    finally:
+        tensor_quant.dynamic_block_quantize_op = own
+
+
+def modelopt_model(model, name: str, calibration, config=None):
+    """``model`` (a copy) quantized by ModelOpt's ``mtq.quantize`` with its config ``name`` (or
+    ``config``), max-calibrated on the ``calibration`` windows; then, as its checkpoint export does
+    (``requantize_resmooth_fused_llm_layers``), the linears that share an input given one weight and one
+    input amax. Call it, and run the model, under :func:`modelopt_on_cpu` for FP4 block configs."""
     import modelopt.torch.quantization as mtq
+    from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
 
     model = copy.deepcopy(model)
 
@@ -107,7 +140,12 @@ def modelopt_model(model, name: str, calibration):
         for w in calibration.tokens:
             m(input_ids=w[None])
 
-    return mtq.quantize(model, copy.deepcopy(getattr(mtq, name)), forward_loop=loop)
+    model = mtq.quantize(model, copy.deepcopy(config or getattr(mtq, name)), forward_loop=loop)
+    if not model.config.architectures:  # the export's dummy forward reads it
+        model.config.architectures = [type(model).__name__]
+    with torch.no_grad():
+        requantize_resmooth_fused_llm_layers(model)
+    return model
 
 
 def window_nll(model, wins) -> list[float]:

@@ -462,3 +462,18 @@ def test_bad_ignore_input_is_one_line_and_exit_2(capsys, tmp_path, tiny_llama_di
     code, _, stderr = run_cli(capsys, "eval", str(tiny_llama_dir), "-d", str(text_file), "--scheme", "fp",
                               "--ignore", "q_proj")
     assert code == 2 and "--ignore has no effect here" in stderr
+
+
+def test_a_cell_s_loss_from_its_module_type_alone_is_its_share_of_the_type_s_parameters():
+    """Without block groups a cell's estimate is its module type's loss times its share of that type's
+    parameters (a type's loss spread over the layers of that type by size)."""
+    from torch import nn
+
+    from kernelscope.models.layers import LinearLayer
+    from kernelscope.runs.advise import estimate_losses, make_cells
+
+    small, large = nn.Linear(4, 2, bias=False), nn.Linear(4, 6, bias=False)  # 8 and 24 parameters
+    layers = [LinearLayer("a.q_proj", small, 0, "q_proj", 4), LinearLayer("b.q_proj", large, 1, "q_proj", 4)]
+    rows = [{"group": "q_proj", "group_kind": "module_type", "layers": ["a.q_proj", "b.q_proj"],
+             "parameters": 32, "delta_nll": 0.4}]
+    assert estimate_losses(make_cells(layers, []), rows, "delta_nll") == [0.4 * 8 / 32, 0.4 * 24 / 32]

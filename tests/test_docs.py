@@ -50,3 +50,16 @@ def test_the_readme_stays_short_and_starts_with_the_two_commands():
     assert first.startswith("python -m pip install") and "kernelscope profile demo" in first
     assert second.endswith("python -m pytest")
     assert (ROOT / ".ci" / "run").read_text().strip().endswith(second.split(">/dev/null && ", 1)[1])
+
+
+def test_the_readme_s_target_figures_are_the_benchmark_s():
+    """Each deployment target's row of the README's table is a row of benchmarks/targets.py's latest
+    output (docs/benchmarks/targets-demo.txt): the same kernelscope and library-applied figures and CI."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `([a-z-]+:[A-Z0-9_]+)`[^|]*\| ([\d.]+) \| ([\d.]+) \| (.+?) \|$", readme, re.M)
+    assert len(rows) >= 5
+    bench = (ROOT / "docs" / "benchmarks" / "targets-demo.txt").read_text(encoding="utf-8")
+    for scheme, ours, theirs, ci in rows:
+        assert f"| {scheme} | {ours} | {theirs} | " in bench, scheme
+        line = next(line for line in bench.splitlines() if line.startswith(f"| {scheme} |"))
+        assert line.endswith(f"| {ci} |"), scheme

@@ -11,7 +11,7 @@ import torch
 from kernelscope.quant import targets as T
 from kernelscope.runs.evaluate import evaluate
 from kernelscope.runs.schemes import parse_scheme
-from tests.oracles import modelopt_model, window_nll
+from tests.oracles import modelopt_model, modelopt_on_cpu, window_nll
 from tests.test_targets import adversarial, same_bits
 from tests.test_targets_models import wide_llama, windows
 
@@ -53,19 +53,24 @@ def test_a_static_scale_beyond_the_range_reaches_minus_2_to_the_n_minus_1():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("target", MODELOPT, ids=lambda t: t.name)
 def test_perplexity_is_the_mtq_model_s(target, dtype):
+    """FP4 blocks through ModelOpt's pure-torch quantizers (:func:`modelopt_on_cpu`), fused layers' amax
+    unified as its export does; INT and FP8 never reach the block op that replaces."""
     model = wide_llama(dtype)
     wins, calib = windows(1), windows(2, n=2)
-    theirs = window_nll(modelopt_model(model, target.name, calib), wins)
+    with modelopt_on_cpu():
+        theirs = window_nll(modelopt_model(model, target.name, calib), wins)
     row = evaluate(model, wins, [parse_scheme(target.label)], calibration=calib).table.row(0, named=True)
     assert row["window_nll"] == theirs
     assert row["window_nll"] != window_nll(model, wins)
 
 
 def test_what_modelopt_cannot_be_checked_on_is_refused_with_the_reason():
-    for name, reason in (("W4A8_AWQ_BETA_CFG", "AWQ's search"), ("NVFP4_DEFAULT_CFG", "CUDA kernels only"),
+    for name, reason in (("W4A8_AWQ_BETA_CFG", "AWQ's search"), ("MXFP8_DEFAULT_CFG", "CUDA kernels only"),
                          ("INT8_SMOOTHQUANT_CFG", "SmoothQuant calibration")):
         with pytest.raises(ValueError, match=reason):
             T.get_target(f"ModelOpt:{name}")
+    for name in ("NVFP4_DEFAULT_CFG", "MXFP4_DEFAULT_CFG"):  # their pure-torch arithmetic is computed
+        assert T.get_target(f"ModelOpt:{name}").label == f"modelopt:{name}"
 
 
 @pytest.mark.parametrize("name", ["INT8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG"])

@@ -20,7 +20,7 @@ from kernelscope.runs.evaluate import evaluate
 from kernelscope.runs.fakequant import covered_layers
 from kernelscope.runs.schemes import parse_scheme
 from tests.conftest import tiny_model
-from tests.oracles import window_nll
+from tests.oracles import modelopt_model, modelopt_on_cpu, window_nll
 from tests.test_cli import run_cli
 from tests.test_exports import modelopt_file
 from tests.test_targets import adversarial, same_bits
@@ -31,7 +31,8 @@ from tests.test_trust import assert_refused
 mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.quantization import tensor_quant  # noqa: E402
 
-PRESETS = ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG"]
+PRESETS = ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG", "NVFP4_DEFAULT_CFG",
+           "MXFP4_DEFAULT_CFG"]
 
 
 def plain(value):
@@ -54,9 +55,10 @@ def write(tmp_path, body, name="cfg.yaml") -> str:
 
 
 def mtq_nll(model, body, calib, wins) -> list[float]:
-    quantized = mtq.quantize(copy.deepcopy(model), copy.deepcopy(body),
-                             forward_loop=lambda m: [m(input_ids=w[None]) for w in calib.tokens])
-    return window_nll(quantized, wins)
+    """Each window's NLL of the model ``mtq.quantize`` makes of ``body`` (FP4 blocks through ModelOpt's
+    pure-torch quantizers, fused layers as its export gives them)."""
+    with modelopt_on_cpu():
+        return window_nll(modelopt_model(model, None, calib, config=body), wins)
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -136,13 +138,18 @@ def _with(name: str, index: int, entry: dict | None = None, **top) -> dict:
     return body | top
 
 
-NVFP4 = {"quantizer_name": "*weight_quantizer",
-         "cfg": {"num_bits": [2, 1], "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": [4, 3]}}}
+NVFP4_32 = {"quantizer_name": "*weight_quantizer",
+            "cfg": {"num_bits": [2, 1], "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": [4, 3]}}}
+MXFP4_STATIC = {"quantizer_name": "*weight_quantizer",
+                "cfg": {"num_bits": [2, 1], "block_sizes": {-1: 32, "type": "static", "scale_bits": [8, 0]}}}
 REFUSED = {
     "no leading off": (_with("INT8_DEFAULT_CFG", 0), "does not begin by turning every quantizer off"),
     "smoothquant": (preset("INT8_DEFAULT_CFG") | {"algorithm": "smoothquant"}, "algorithm 'smoothquant'"),
     "awq": (preset("INT8_DEFAULT_CFG") | {"algorithm": {"method": "awq_lite"}}, "algorithm 'awq_lite'"),
-    "nvfp4": (_with("INT8_DEFAULT_CFG", 1, NVFP4), "CUDA kernels only"),
+    "nvfp4": (_with("INT8_DEFAULT_CFG", 1, NVFP4_32), "E2M1 blocks as NVFP4"),
+    "static mx": (_with("INT8_DEFAULT_CFG", 1, MXFP4_STATIC), "E2M1 blocks as NVFP4"),
+    "fp4 per tensor": (_with("INT8_DEFAULT_CFG", 1, {"quantizer_name": "*weight_quantizer",
+                                                     "cfg": {"num_bits": [2, 1]}}), "E2M1 elements in"),
     "unknown key": (preset("FP8_DEFAULT_CFG") | {"note": "x"}, "unknown key 'note'"),
     "output on": (_with("FP8_DEFAULT_CFG", 1, {"quantizer_name": "*output_quantizer",
                                                "cfg": {"num_bits": 8}}),
@@ -243,3 +250,36 @@ def test_a_modelopt_preset_on_a_model_with_layernorm_is_refused_as_modelopt_quan
         with pytest.raises(KernelscopeError, match=rf"quantizes {re.escape(first)} \(LayerNorm\)"):
             covered_layers(model, parse_scheme(f"modelopt:{name}"), [])
     assert covered_layers(tiny_model("llama"), parse_scheme("modelopt:INT8_DEFAULT_CFG"), ["x"]) == ["x"]
+
+
+def test_a_fused_group_quantized_in_part_shares_its_nvfp4_amax_among_the_quantized_as_modelopt_s_export(
+        tmp_path):
+    """ModelOpt's export gives the quantized linears that share an input one amax, whichever they are:
+    with v_proj of one block left off, that block's q_proj and k_proj share theirs."""
+    model = wide_llama(torch.float32)
+    wins, calib = windows(5), windows(6, n=2)
+    body = preset("NVFP4_DEFAULT_CFG")
+    off = "model.layers.0.self_attn.v_proj"
+    body["quant_cfg"].append({"quantizer_name": f"{off}.*", "enable": False})
+    scheme = parse_scheme(f"modelopt:@{write(tmp_path, body)}")
+    assert off not in {layer.name for layer in covered_layers(model, scheme, [])}
+    ours = evaluate(model, wins, [scheme], calibration=calib).table.row(0, named=True)["window_nll"]
+    assert ours == mtq_nll(model, body, calib, wins)
+    named = evaluate(model, wins, [parse_scheme("modelopt:NVFP4_DEFAULT_CFG")], calibration=calib,
+                     ignore=[off]).table.row(0, named=True)["window_nll"]
+    assert named == ours
+    q, k = (model.get_submodule(f"model.layers.0.self_attn.{n}").weight for n in ("q_proj", "k_proj"))
+    assert q.abs().max() != k.abs().max()  # so sharing the amax changes one of them
+
+
+def test_llm_compressor_s_nvfp4_on_part_of_a_fused_group_is_refused():
+    """llm-compressor 0.14 asserts when a fused group's NVFP4 weights are quantized only in part."""
+    model = wide_llama(torch.float32)
+    for name in ("llm-compressor:NVFP4", "llm-compressor:NVFP4A16"):
+        with pytest.raises(KernelscopeError, match=r"model\.layers\.1\.mlp\.gate_proj, model\.layers\.1\."
+                                                   r"mlp\.up_proj one NVFP4 weight scale.*--ignore the whole "
+                                                   "group"):
+            evaluate(model, windows(5), [parse_scheme(name)], calibration=windows(6, n=2),
+                     ignore=["model.layers.1.mlp.up_proj"])
+    evaluate(model, windows(5), [parse_scheme("llm-compressor:NVFP4A16")],
+             ignore=["model.layers.1.mlp.up_proj", "model.layers.1.mlp.gate_proj"])

@@ -33,15 +33,41 @@ _FP8 = (4, 3)
 _PER_ROW = {-1: None}
 
 
+_E2M1 = (2, 1)
+_SCALE_DTYPES = {(4, 3): "float8_e4m3fn", (8, 0): "uint8"}
+_FP4_BLOCKS = ("NVFP4 ({-1: 16, type: dynamic, scale_bits: [4, 3]}) and MXFP4 ({-1: 32, type: dynamic, "
+               "scale_bits: [8, 0]})")
+
+
+def _fp4(cfg: Mapping[str, Any], role: str) -> T.Args | None:
+    """ModelOpt's NVFP4 or MXFP4 quantizer (E2M1 elements in dynamic blocks) that ``cfg`` gives, or None
+    for a quantizer of other elements; ValueError for E2M1 in any other blocks."""
+    bits = cfg.get("num_bits")
+    if not isinstance(bits, (list, tuple)) or tuple(bits) != _E2M1:
+        return None
+    blocks = cfg.get("block_sizes")
+    if not isinstance(blocks, Mapping):
+        raise ValueError(f"num_bits {list(bits)}: kernelscope models E2M1 elements in ModelOpt's "
+                         f"{_FP4_BLOCKS} blocks only")
+    shape = {k: v for k, v in blocks.items() if k not in ("type", "scale_bits")}
+    scale_dtype = _SCALE_DTYPES.get(tuple(blocks.get("scale_bits") or ()))
+    strategy = T.MODELOPT_BLOCKS.get((scale_dtype, shape.get(-1))) if set(shape) == {-1} else None
+    if blocks.get("type") != "dynamic" or strategy is None or cfg.get("axis") is not None:
+        raise ValueError(f"block_sizes {dict(blocks)!r}: kernelscope models ModelOpt's E2M1 blocks as "
+                         f"{_FP4_BLOCKS} only")
+    scaling = (T.Scaling.STATIC if role == WEIGHT else
+               T.Scaling.LOCAL if strategy is T.Strategy.TENSOR_GROUP else T.Scaling.DYNAMIC)
+    return T.modelopt_fp4(scale_dtype, shape[-1], scaling)
+
+
 def _num_bits(cfg: Mapping[str, Any]) -> tuple[T.Kind, int]:
     bits = cfg.get("num_bits", 8)
     if isinstance(bits, (list, tuple)) and tuple(bits) == _FP8:
         return T.Kind.FLOAT, 8
     if isinstance(bits, int) and not isinstance(bits, bool) and 2 <= bits <= 8:
         return T.Kind.INT, bits
-    raise ValueError(f"num_bits {bits!r}: kernelscope models ModelOpt's INT (2 to 8 bits) and FP8 E4M3 "
-                     "(4, 3); its FP4 and FP6 elements take dynamic block scales that ModelOpt computes with "
-                     "CUDA kernels only")
+    raise ValueError(f"num_bits {bits!r}: kernelscope models ModelOpt's INT (2 to 8 bits), FP8 E4M3 (4, 3) "
+                     "and E2M1 (2, 1) in NVFP4 or MXFP4 blocks")
 
 
 def _structure(cfg: Mapping[str, Any], role: str) -> tuple[T.Strategy, T.Scaling]:
@@ -79,6 +105,9 @@ def args_of(cfg: Mapping[str, Any] | list | None, role: str) -> T.Args:
     if changed is not None:
         raise ValueError(f"{changed}: {cfg[changed]!r} is not modelled (kernelscope models "
                          f"{changed}: {_DEFAULTS[changed]!r})")
+    fp4 = _fp4(cfg, role)
+    if fp4 is not None:
+        return fp4
     kind, bits = _num_bits(cfg)
     strategy, scaling = _structure(cfg, role)
     if role == WEIGHT and scaling is T.Scaling.DYNAMIC:  # a weight's per-row abs-max is its channels'

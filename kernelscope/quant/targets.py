@@ -62,6 +62,13 @@ class Arithmetic(StrEnum):
     MODELOPT = "modelopt"  # float32: x · (qmax / amax), rounded, clamped, divided by the same multiplier
 
     @property
+    def fuses_part_of_a_group(self) -> bool:
+        """Whether the quantized layers of a fused group (:data:`FUSED`) share one NVFP4 weight scale
+        when the group is quantized only in part: ModelOpt's export fuses the quantized linears that
+        share an input, whichever they are; llm-compressor needs the whole group (it asserts otherwise)."""
+        return self is Arithmetic.MODELOPT
+
+    @property
     def calibration_attention(self) -> str | None:
         """How the library's calibration passes compute attention: llm-compressor forces eager attention
         (``calibration_forward_context``), which moves activation maxima by a few ulps against sdpa;
@@ -85,6 +92,9 @@ MX_ROUNDING_MANTISSA = {8: 1, 6: 3, 4: 1}
 the library uses E2M3's three for FP6 and E2M1's one otherwise (MXFP8 included)."""
 SCALE_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn, "uint8": torch.uint8}
 """``scale_dtype`` values: E4M3 block scales (NVFP4), E8M0 exponents as uint8 (MX)."""
+MODELOPT_BLOCKS = {("float8_e4m3fn", 16): Strategy.TENSOR_GROUP, ("uint8", 32): Strategy.GROUP}
+"""ModelOpt's FP4 block quantizers kernelscope computes, by (scale dtype, block): NVFP4 (E4M3 block scales
+under a global amax) and MXFP4 (E8M0 block scales)."""
 OBSERVERS = ("minmax", "static_minmax", "memoryless_minmax", "max")
 """Observers whose result, on one tensor, is its min and max (a weight's scales); of a sequence of
 calibration batches only ``static_minmax`` (and ModelOpt's ``max``) keep the min and max of them all."""
@@ -117,11 +127,11 @@ class Args:
         object.__setattr__(self, "arithmetic", Arithmetic(self.arithmetic))
         if self.narrow_range and (self.arithmetic is not Arithmetic.MODELOPT or self.kind is not Kind.INT):
             raise ValueError("a narrow range is modelled for ModelOpt's INT quantizers only")
-        if self.arithmetic is Arithmetic.MODELOPT and (self.group_size is not None or self.scale_dtype
-                                                       or (self.kind is Kind.FLOAT and self.num_bits != 8)):
-            raise ValueError("ModelOpt's arithmetic is modelled for INT and FP8 E4M3 per tensor, channel "
-                             "or token only")
         object.__setattr__(self, "strategy", Strategy(self.strategy))
+        if self.arithmetic is Arithmetic.MODELOPT and not self._modelopt_modelled:
+            raise ValueError("ModelOpt's arithmetic is modelled for INT and FP8 E4M3 per tensor, channel "
+                             "or token, NVFP4 (E2M1 in blocks of 16 under E4M3 scales) and MXFP4 (E2M1 in "
+                             "blocks of 32 under E8M0 scales) only")
         object.__setattr__(self, "scaling", Scaling(self.scaling))
         grouped = self.strategy in (Strategy.GROUP, Strategy.TENSOR_GROUP)
         if grouped != (self.group_size is not None) or (grouped and self.group_size < 1):
@@ -139,6 +149,14 @@ class Args:
         if self.observer is not None and self.observer not in OBSERVERS:
             raise ValueError(f"observer {self.observer!r} is not a min-max observer; kernelscope runs "
                              f"only {', '.join(OBSERVERS)}")
+
+    @property
+    def _modelopt_modelled(self) -> bool:
+        """A quantizer whose ModelOpt arithmetic kernelscope computes."""
+        if self.group_size is None:
+            return self.scale_dtype is None and (self.kind is Kind.INT or self.num_bits == 8)
+        block = MODELOPT_BLOCKS.get((self.scale_dtype, self.group_size))
+        return self.kind is Kind.FLOAT and self.num_bits == 4 and block is self.strategy
 
     @property
     def dynamic(self) -> bool:
@@ -302,6 +320,9 @@ def _modelopt(x: torch.Tensor, amax: torch.Tensor, args: Args,
     ``[-2^(N-1), qmax]`` (``[-qmax, qmax]`` with a narrow range) and divided by the multiplier
     (an abs-max ≤ 2⁻²⁴ quantizes to 0); FP8 as
     ``e4m3(clamp(x · 448/amax, ±448)) · fl(1 / (448/amax))`` (such an abs-max taken as 1)."""
+    if args.group_size is not None:
+        blocks = _modelopt_nvfp4 if args.strategy is Strategy.TENSOR_GROUP else _modelopt_mxfp4
+        return blocks(x, amax, args, kernel_scale)
     dtype, xf, a = x.dtype, x.float(), amax.float()
     tiny = a <= _TINY_AMAX
     if args.kind is Kind.FLOAT:
@@ -318,10 +339,62 @@ def _modelopt(x: torch.Tensor, amax: torch.Tensor, args: Args,
     return out.to(dtype), in_kernel(scaled, args, kernel_scale)
 
 
+_E2M1_BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+_E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+_E2M1_TIES = torch.tensor([0.75, 1.75, 3.5])
+"""The E2M1 magnitudes, the midpoints between them, and the midpoints whose upper neighbour is even."""
+
+
+def _e2m1_magnitude(scaled: torch.Tensor, ties_to_even: bool) -> torch.Tensor:
+    """``|scaled|`` (float32) on the E2M1 grid as ModelOpt's pure-torch code rounds it: the code is the
+    number of midpoints below it (so 6 above 5), a tie going down, or, with ``ties_to_even``, up at 0.75,
+    1.75 and 3.5 (NVFP4QTensor._cast_fp4; MXFP4QTensor's cast_fp4 keeps them down)."""
+    a = scaled.abs()
+    code = torch.bucketize(a, _E2M1_BOUNDS.to(a.device))
+    if ties_to_even:
+        code += torch.isin(a, _E2M1_TIES.to(a.device))
+    return _E2M1_VALUES.to(a.device)[code]
+
+
+def _modelopt_nvfp4(x: torch.Tensor, amax: torch.Tensor, args: Args,
+                    kernel_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ModelOpt's NVFP4 as its pure-torch code quantizes (NVFP4QTensor, what its checkpoint export
+    writes): ``s2 = amax / (6·448)`` in float32; each block of 16 scaled by
+    ``e4m3(clamp(bmax / (6·s2), 2⁻⁹, 448))·s2`` (a zero ratio taken as 1), float32 quotients rounded to
+    E2M1 ties to even, saturating at 6."""
+    g = args.group_size
+    blocks = x.unflatten(-1, (x.shape[-1] // g, g))  # (..., I/g, g)
+    second = amax.float() / (FLOAT_MAX[4] * FLOAT_MAX[8])
+    ratio = blocks.abs().amax(dim=-1).float() / (FLOAT_MAX[4] * second)  # (..., I/g)
+    ratio = torch.where(ratio == 0, torch.ones_like(ratio), ratio)
+    step = ratio.clamp(min=2.0**-9, max=FLOAT_MAX[8]).to(torch.float8_e4m3fn).float() * second
+    scaled = blocks / step.unsqueeze(-1)
+    q = _e2m1_magnitude(scaled, ties_to_even=True).copysign(scaled) + 0.0  # its zero code decodes to +0
+    out = q * step.unsqueeze(-1)
+    return out.flatten(-2).to(x.dtype), in_kernel(scaled, args, kernel_scale).flatten(-2)  # (..., I)
+
+
+def _modelopt_mxfp4(x: torch.Tensor, amax: torch.Tensor | None, args: Args,
+                    kernel_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ModelOpt's MXFP4 as its pure-torch code quantizes (MXFP4QTensor, what its export writes): each
+    block of 32 divided by ``2^ceil(max(log2(bmax / 6), -127))`` (float32 ``torch.log2``), rounded to E2M1
+    with ties toward zero, saturating at 6. ``amax`` is not used: every scale comes from its block."""
+    g = args.group_size
+    blocks = x.unflatten(-1, (x.shape[-1] // g, g))  # (..., I/g, g)
+    descale = blocks.float().abs().amax(dim=-1, keepdim=True) / FLOAT_MAX[4]  # (..., I/g, 1)
+    power = torch.exp2(torch.ceil(torch.maximum(torch.log2(descale), torch.tensor(-127.0))))
+    scaled = blocks / power
+    magnitude = _e2m1_magnitude(scaled, ties_to_even=False)
+    out = torch.where(scaled > 0, magnitude, -magnitude) * power  # a zero takes the sign bit, as it does
+    return out.flatten(-2).to(x.dtype), in_kernel(scaled, args, kernel_scale).flatten(-2)  # (..., I)
+
+
 def _abs_max(x: torch.Tensor, args: Args) -> torch.Tensor:
-    """ModelOpt's abs-max of each unit: the whole tensor, each row (a weight's output channel) or each
-    token (every axis but the last kept)."""
-    if args.strategy is Strategy.TENSOR:
+    """ModelOpt's abs-max of each unit: the whole tensor (NVFP4's global amax; MX blocks take none), each
+    row (a weight's output channel) or each token (every axis but the last kept)."""
+    if args.strategy is Strategy.GROUP:
+        return torch.ones(())  # not used: an MX block's scale is its own
+    if args.strategy in (Strategy.TENSOR, Strategy.TENSOR_GROUP):
         return x.abs().amax()
     return x.abs().amax(dim=-1, keepdim=True)  # (O, 1) | (..., T, 1)
 
@@ -393,20 +466,30 @@ FUSED = (("gate_proj", "up_proj"), ("q_proj", "k_proj", "v_proj"), ("q_a_proj", 
          ("w1", "w3"))
 """Layers of one module that vLLM runs as one matrix, so that llm-compressor (0.14,
 ``fuse_weight_observers``) gives their tensor-group (NVFP4) weights one global scale, from the min and
-max of all of them."""
+max of all of them; ModelOpt's checkpoint export does the same with their amax (``preprocess_linear_fusion``
+on the linears that share an input)."""
 
 
-def fused_groups(names: Iterable[str]) -> dict[str, tuple[str, ...]]:
-    """Each of ``names`` (module names) that belongs to a whole fused group among them -> that group."""
+def fused_groups(names: Iterable[str], part: bool = False) -> dict[str, tuple[str, ...]]:
+    """Each of ``names`` (module names) that belongs to a whole fused group among them -> that group;
+    with ``part``, to the two or more members of a fused group that are among them."""
     present = set(names)
     groups: dict[str, tuple[str, ...]] = {}
     for name in present:
         parent, _, own = name.rpartition(".")
         for fused in FUSED:
             members = tuple(f"{parent}.{n}" if parent else n for n in fused)
-            if own in fused and all(m in present for m in members):
-                groups[name] = members
+            found = tuple(m for m in members if m in present)
+            if own in fused and (found == members or (part and len(found) > 1)):
+                groups[name] = found
     return groups
+
+
+def split_fused_groups(quantized: Iterable[str], present: Iterable[str]) -> list[tuple[str, ...]]:
+    """The fused groups among the module names ``present`` that ``quantized`` covers only in part."""
+    covered = set(quantized)
+    return sorted({group for group in fused_groups(present).values()
+                   if any(m in covered for m in group) and not all(m in covered for m in group)})
 
 
 def quantize_weight(w: torch.Tensor, args: Args, joint: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -414,7 +497,8 @@ def quantize_weight(w: torch.Tensor, args: Args, joint: tuple[torch.Tensor, torc
     """A weight ``(O, I)`` fake-quantized with scales from its own min and max (a tensor-group global
     scale from ``joint``, the min and max of its fused group, where it has one), and its kernel mask."""
     if args.arithmetic is Arithmetic.MODELOPT:
-        return _modelopt(w, _abs_max(w, args), args)
+        amax = _abs_max(w, args) if joint is None else torch.max(joint[0].abs(), joint[1].abs())
+        return _modelopt(w, amax, args)
     global_scale = None
     if args.strategy is Strategy.TENSOR_GROUP:
         global_scale = global_scale_of(*(joint if joint is not None else torch.aminmax(w)))
@@ -426,7 +510,8 @@ def quantize_activation(x: torch.Tensor, args: Args, calibration: Calibration | 
                         kernel_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """An input activation, exactly as the module receives it, fake-quantized; and its kernel mask
     (``|x / s| <= kernel_scale·τ``, at 1 where it rounded to zero)."""
-    if args.scaling is Scaling.STATIC:
+    calibrated_amax = args.scaling is Scaling.LOCAL and args.arithmetic is Arithmetic.MODELOPT
+    if args.scaling is Scaling.STATIC or calibrated_amax:  # ModelOpt's NVFP4 blocks sit under an amax
         if calibration is None or calibration.scale is None:
             raise ValueError(f"the static {args.label} activation quantizer is not calibrated")
         return fake_quantize(x, calibration.scale, args, kernel_scale=kernel_scale)
@@ -566,19 +651,34 @@ def _mo(kind: Kind, bits: int, strategy: Strategy, scaling: Scaling = Scaling.ST
                 arithmetic=Arithmetic.MODELOPT)
 
 
+def modelopt_fp4(scale_dtype: str, block: int, scaling: Scaling) -> Args:
+    """A ModelOpt FP4 block quantizer (NVFP4: its amax max-calibrated; MX: none)."""
+    strategy = MODELOPT_BLOCKS[(scale_dtype, block)]
+    observer = "max" if strategy is Strategy.TENSOR_GROUP else None
+    return Args(4, Kind.FLOAT, strategy, block, scaling, scale_dtype, observer, Arithmetic.MODELOPT)
+
+
 _MODELOPT_CONFIGS: dict[str, tuple[Args, Args]] = {
     "INT8_DEFAULT_CFG": (_mo(Kind.INT, 8, Strategy.CHANNEL), _mo(Kind.INT, 8, Strategy.TENSOR)),
     "FP8_DEFAULT_CFG": (_mo(Kind.FLOAT, 8, Strategy.TENSOR), _mo(Kind.FLOAT, 8, Strategy.TENSOR)),
     "FP8_PER_CHANNEL_PER_TOKEN_CFG": (_mo(Kind.FLOAT, 8, Strategy.CHANNEL),
                                       _mo(Kind.FLOAT, 8, Strategy.TOKEN, Scaling.DYNAMIC)),
+    "NVFP4_DEFAULT_CFG": (modelopt_fp4("float8_e4m3fn", 16, Scaling.STATIC),
+                          modelopt_fp4("float8_e4m3fn", 16, Scaling.LOCAL)),
+    "MXFP4_DEFAULT_CFG": (modelopt_fp4("uint8", 32, Scaling.STATIC),
+                          modelopt_fp4("uint8", 32, Scaling.DYNAMIC)),
 }
-"""ModelOpt's ``mtq`` configs kernelscope computes exactly (their CPU arithmetic, checked against
-ModelOpt's own functions and ``mtq.quantize``): every Linear but ``lm_head`` quantized, weights from their
-own abs-max, static input abs-maxima calibrated by max over the calibration windows."""
+"""ModelOpt's ``mtq`` configs kernelscope computes exactly: every Linear but ``lm_head`` quantized, weights
+from their own abs-max, static input abs-maxima calibrated by max over the calibration windows. INT and
+FP8 in ModelOpt's CPU arithmetic (checked against its own functions and ``mtq.quantize``). NVFP4 and MXFP4,
+which ModelOpt fake-quantizes only in CUDA kernels, in the arithmetic of its pure-torch quantizers
+(``NVFP4QTensor``, ``MXFP4QTensor``: what its checkpoint export writes, fused q/k/v and gate/up weights
+under one NVFP4 amax as that export gives them); its CUDA kernels differ from them in blocks whose scale
+underflows (NVFP4) and in ties (MXFP4 rounds them to even there), see docs/deploy.md."""
 
 _AWQ = "it runs AWQ's search for per-channel scales, which kernelscope does not run"
-_CUDA_ONLY = ("ModelOpt fake-quantizes it with CUDA kernels only, so its arithmetic could not be checked "
-              "against ModelOpt here")
+_CUDA_ONLY = ("ModelOpt fake-quantizes it with CUDA kernels only, and kernelscope does not model its "
+              "pure-torch MXFP8 quantizer (MXFP8QTensor)")
 UNSUPPORTED = {
     f"{LLM_COMPRESSOR}:w4a16_asym": "its weights have an asymmetric zero point, which kernelscope does not "
                                     "model",
@@ -587,8 +687,6 @@ UNSUPPORTED = {
     f"{MODELOPT}:int4_awq_cfg": _AWQ,
     f"{MODELOPT}:int8_smoothquant_cfg": "its SmoothQuant calibration (alpha 1, per-tensor static inputs) is "
                                         "not modelled; kernelscope's w8a8-smoothquant is a different scheme",
-    f"{MODELOPT}:nvfp4_default_cfg": _CUDA_ONLY,
-    f"{MODELOPT}:mxfp4_default_cfg": _CUDA_ONLY + " (its scale rule is RCEIL: kernelscope's mxfp4-rceil)",
     f"{MODELOPT}:mxfp8_default_cfg": _CUDA_ONLY,
 }
 """Targets a library has that kernelscope refuses, with the reason."""

@@ -197,7 +197,8 @@ def _modelopt_mx(fmt: Format) -> tuple[dict[str, Any], tuple[str, ...]]:
     return cfg, ((f"{fmt.name}: ModelOpt fake-quantizes MX formats only with its CUDA extension "
                  "(tensor_quant_mx.cu); its MXFP4 export (MXFP4QTensor.quantize) rounds ties of the "
                  "elements toward zero and takes the scale's exponent from a float32 log2, which can "
-                 "round a quotient just above a power of two down to it"),)
+                 "round a quotient just above a power of two down to it; advise --scheme "
+                 "modelopt:MXFP4_DEFAULT_CFG measures that export's arithmetic"),)
 
 
 def _modelopt_absmax(fmt: Format, role: str, structure: str) -> dict[str, Any]:
@@ -232,8 +233,9 @@ def modelopt_cfg(fmt: Format, role: str) -> tuple[dict[str, Any], tuple[str, ...
         cfg = {"num_bits": [grid.exponent_bits, grid.mantissa_bits],
                "block_sizes": {-1: fmt.block_size, "type": "dynamic", "scale_bits": [4, 3]}}
         return cfg, (_nvfp4_block_note(fmt, MODEL_OPT),
-                     (f"{fmt.name}: ModelOpt fake-quantizes NVFP4 only with its CUDA extension, and forms "
-                      "the two-level scale in double precision (compute_scale_with_global)"))
+                     (f"{fmt.name}: ModelOpt fake-quantizes NVFP4 only in CUDA kernels, and its export "
+                      "(NVFP4QTensor) divides by the E4M3 block scale times amax / 2688, clamping that scale "
+                      "to 2^-9; advise --scheme modelopt:NVFP4_DEFAULT_CFG measures that arithmetic"))
     cfg = _modelopt_absmax(fmt, role, structure)
     if grid.is_int:
         how = (f"{fmt.name}: ModelOpt rounds x * (qmax / amax) and divides back by qmax / amax "
@@ -261,12 +263,16 @@ class ModelOptPreset:
 
 
 _MX = {"block_sizes": {-1: MX_BLOCK, "type": "dynamic", "scale_bits": [8, 0]}}
+_NV = {"effective_bits": 4.5, "block_sizes": {-1: 16, "type": "dynamic", "scale_bits": [4, 3]}}
+"""ModelOpt's NVFP4 blocks; ``effective_bits`` (4.5) is what its preset states for AutoQuantize's cost, not
+arithmetic."""
 MODELOPT_PRESETS = (
     ModelOptPreset("INT8_DEFAULT_CFG", {"num_bits": 8, "axis": 0}, {"num_bits": 8, "axis": None}, "max"),
     ModelOptPreset("FP8_DEFAULT_CFG", {"num_bits": [4, 3], "axis": None}, {"num_bits": [4, 3], "axis": None},
                    "max"),
     ModelOptPreset("FP8_PER_CHANNEL_PER_TOKEN_CFG", {"num_bits": [4, 3], "axis": 0},
                    {"num_bits": [4, 3], "axis": None, "type": "dynamic", "block_sizes": {-1: None}}, "max"),
+    ModelOptPreset("NVFP4_DEFAULT_CFG", {"num_bits": [2, 1], **_NV}, {"num_bits": [2, 1], **_NV}, "max"),
     ModelOptPreset("MXFP8_DEFAULT_CFG", {"num_bits": [4, 3], **_MX}, {"num_bits": [4, 3], **_MX}, None),
     ModelOptPreset("MXFP6_DEFAULT_CFG", {"num_bits": [3, 2], **_MX}, {"num_bits": [3, 2], **_MX}, None),
     ModelOptPreset("MXFP4_DEFAULT_CFG", {"num_bits": [2, 1], **_MX}, {"num_bits": [2, 1], **_MX}, None),
@@ -374,6 +380,9 @@ def _modelopt_target_cfg(args) -> dict[str, Any] | None:
     """A ModelOpt target's quantizer as ModelOpt's ``QuantizerAttributeConfig`` fields."""
     if args is None:
         return None
+    if args.group_size is not None:  # NVFP4 (E4M3 block scales) or MXFP4 (E8M0)
+        blocks = _NV if args.scale_dtype == "float8_e4m3fn" else _MX
+        return {"num_bits": [2, 1], **_copy(blocks)}
     cfg: dict[str, Any] = {"num_bits": [4, 3] if args.kind == "float" else args.num_bits,
                            "axis": 0 if args.strategy == "channel" else None}
     if args.strategy == "token":

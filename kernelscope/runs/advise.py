@@ -133,7 +133,7 @@ def estimate_losses(cells: list[Cell], rows: list[dict], field: str) -> list[flo
         elif b is not None:
             out.append(b[0] * cell.parameters / b[1])
         elif t is not None:
-            out.append(t[0] * cell.parameters / t[2])
+            out.append(t[0] * cell.parameters / t[1])
         else:
             out.append(0.0)
     return out

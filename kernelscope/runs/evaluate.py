@@ -272,8 +272,10 @@ def scheme_layers(net: nn.Module, schemes: Sequence[Scheme], selected: list[Line
     ignored_names = {layer.name for layer in ignored}
     covers = {scheme.name: [layer for layer in covered_layers(net, scheme, selected)
                             if layer.name not in ignored_names] for scheme in schemes}
+    present = [name for name, _ in net.named_modules()]
     for scheme in schemes:
         scheme.check_widths(covers[scheme.name])
+        scheme.check_fused(covers[scheme.name], present)
         recipe = scheme.target is not None and scheme.target.coverage is not None
         if recipe and not all(t.is_identity for t in transforms):
             raise KernelscopeError(f"{scheme.name} deploys in the model's own basis; give it without "

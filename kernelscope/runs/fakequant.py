@@ -89,7 +89,9 @@ class SchemeApplied:
         self.scheme = scheme
         self.calibration = dict(calibration or {})
         self.transforms = {name: t for name, t in (transforms or {}).items() if not t.is_identity}
-        self._fused = targets.fused_groups(layer.name for layer in layers)  # one global scale (NVFP4)
+        weights = scheme.target.weights if scheme.target is not None else None
+        part = weights is not None and weights.arithmetic.fuses_part_of_a_group
+        self._fused = targets.fused_groups((layer.name for layer in layers), part)  # one NVFP4 scale
         self._modules = {layer.name: layer.module for layer in layers}
         self.seq_len = seq_len  # splits flattened (B·T, I) inputs back into sequences
         self.kernel: torch.Tensor | None = None

@@ -9,6 +9,7 @@ A scheme says how every decoder Linear's activation and weight are treated durin
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from kernelscope.data.recipes import read_modelopt_config, read_recipe
@@ -20,6 +21,7 @@ from kernelscope.quant import (
     QuantizerConfig,
     check_alpha,
     qmax_for_bits,
+    targets,
 )
 from kernelscope.quant.formats import FORMATS
 from kernelscope.quant.modes import Mode
@@ -149,6 +151,21 @@ class Scheme:
                                else (f"the inputs of {bad[0]}", "it"))
                 raise KernelscopeError(f"{self.name} quantizes groups of {group} inputs, which do not divide "
                                        f"{which}; keep {them} in full precision with --ignore")
+
+    def check_fused(self, layers, present: Iterable[str]) -> None:
+        """Refuse a target that gives a fused group's NVFP4 weights one global scale where it quantizes
+        only part of the group (of the module names ``present``) and its library cannot."""
+        weights = self.target.weights if self.target is not None else None
+        if weights is None or weights.strategy is not targets.Strategy.TENSOR_GROUP:
+            return
+        if weights.arithmetic.fuses_part_of_a_group:
+            return
+        split = targets.split_fused_groups((layer.name for layer in layers), present)
+        if split:
+            raise KernelscopeError(f"{self.name} gives {', '.join(split[0])} one NVFP4 weight scale, as vLLM "
+                                   f"runs them as one matrix, and {self.target.library} stops with an "
+                                   "assertion when only part of them is quantized; quantize or --ignore the "
+                                   "whole group")
 
     def _describe_target(self) -> dict:
         act, w = self.target.input_activations, self.target.weights
