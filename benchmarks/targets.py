@@ -41,25 +41,37 @@ TARGETS = ",".join([*(f"llm-compressor:{n}" for n in LLM_COMPRESSOR), *(f"modelo
 PAPER = ("w8a8-per-token", "fp8", "nvfp4", "mxfp4", "mxfp4-rceil")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def demo_arguments(ap: argparse.ArgumentParser) -> None:
+    """The model, test text and calibration text of a demo measurement, and where to write it."""
     ap.add_argument("--model", default="demo")
     ap.add_argument("--dataset", default=str(DATA / "wikitext-2-raw" / "test.txt"))
     ap.add_argument("--calib-dataset", default=str(DATA / "wikitext-2" / "wiki.valid.tokens"))
     ap.add_argument("--nsamples", type=int, default=2)
     ap.add_argument("--calib-nsamples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=1024)
-    ap.add_argument("--targets", default=TARGETS)
     ap.add_argument("--out", type=Path, default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
+
+def demo_windows(args: argparse.Namespace):
+    """``(loaded model, test windows, calibration windows)``: the first windows of the test text, and
+    random ones (seed 0) of the calibration text, float32 on CPU."""
     loaded = ks.load_model(args.model, dtype="float32", device="cpu")
     text = ks.load_text(args.dataset)
     windows = ks.make_windows(ks.tokenize(loaded.tokenizer, text.text), args.seqlen, args.nsamples)
     calib_text = ks.load_text(args.calib_dataset, max_chars=20 * args.calib_nsamples * args.seqlen)
     calibration = ks.make_windows(ks.tokenize(loaded.tokenizer, calib_text.text), args.seqlen,
                                   args.calib_nsamples, selection="random", seed=0)
+    return loaded, windows, calibration
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    demo_arguments(ap)
+    ap.add_argument("--targets", default=TARGETS)
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    loaded, windows, calibration = demo_windows(args)
     targets = [parse_scheme(n) for n in args.targets.split(",") if n.strip()]
     schemes = [parse_scheme("fp"), *targets, *(parse_scheme(p) for p in PAPER)]
     result = evaluate(loaded, windows, schemes, calibration=calibration)

@@ -66,7 +66,7 @@ def test_perplexity_is_the_mtq_model_s(target, dtype):
 
 def test_what_modelopt_cannot_be_checked_on_is_refused_with_the_reason():
     for name, reason in (("W4A8_AWQ_BETA_CFG", "AWQ's search"), ("MXFP8_DEFAULT_CFG", "CUDA kernels only"),
-                         ("INT8_SMOOTHQUANT_CFG", "SmoothQuant calibration")):
+                         ("INT8_SMOOTHQUANT_CFG", "smoothquant algorithm")):
         with pytest.raises(ValueError, match=reason):
             T.get_target(f"ModelOpt:{name}")
     for name in ("NVFP4_DEFAULT_CFG", "MXFP4_DEFAULT_CFG"):  # their pure-torch arithmetic is computed

@@ -685,8 +685,10 @@ UNSUPPORTED = {
     f"{LLM_COMPRESSOR}:fp8_block": "its weights have 128x128 blocks, which kernelscope does not model",
     f"{MODELOPT}:w4a8_awq_beta_cfg": _AWQ,
     f"{MODELOPT}:int4_awq_cfg": _AWQ,
-    f"{MODELOPT}:int8_smoothquant_cfg": "its SmoothQuant calibration (alpha 1, per-tensor static inputs) is "
-                                        "not modelled; kernelscope's w8a8-smoothquant is a different scheme",
+    f"{MODELOPT}:int8_smoothquant_cfg": "it runs ModelOpt's smoothquant algorithm (per-channel input "
+                                        "scales folded into the weights, averaged again over the layers "
+                                        "that share an input when it exports), which kernelscope does not "
+                                        "run; its w8a8-smoothquant is a different scheme",
     f"{MODELOPT}:mxfp8_default_cfg": _CUDA_ONLY,
 }
 """Targets a library has that kernelscope refuses, with the reason."""
