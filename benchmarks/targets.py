@@ -34,8 +34,8 @@ from tests.oracles import library_model, modelopt_model, modelopt_on_cpu, window
 
 DATA = ROOT.parent / "shared" / "data"
 LLM_COMPRESSOR = ("W8A8", "FP8_DYNAMIC", "FP8", "NVFP4A16", "NVFP4", "MXFP4", "MXFP8")
-MODELOPT = ("INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG", "NVFP4_DEFAULT_CFG",
-            "MXFP4_DEFAULT_CFG")
+MODELOPT = ("INT8_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG", "FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG",
+            "NVFP4_DEFAULT_CFG", "MXFP4_DEFAULT_CFG")
 TARGETS = ",".join([*(f"llm-compressor:{n}" for n in LLM_COMPRESSOR), *(f"modelopt:{n}" for n in MODELOPT)])
 """The demo's widths (576, 1536) are not multiples of 128, so the W4A16/W4A8 presets do not apply to it."""
 PAPER = ("w8a8-per-token", "fp8", "nvfp4", "mxfp4", "mxfp4-rceil")

@@ -94,3 +94,4 @@ def test_targets_lists_every_target_and_every_refusal(capsys):
     code, stdout, _ = run_cli(capsys, "targets")
     assert code == 0 and f"{len(T.TARGETS)} deployment targets" in stdout
     assert "modelopt:w4a8_awq_beta_cfg is refused: it runs AWQ's search" in " ".join(stdout.split())
+    assert [r["scheme"] for r in rows if r["smoothquant_alpha"] == 1.0] == ["modelopt:INT8_SMOOTHQUANT_CFG"]

@@ -65,15 +65,15 @@ def test_perplexity_is_the_mtq_model_s(target, dtype):
 
 
 def test_what_modelopt_cannot_be_checked_on_is_refused_with_the_reason():
-    for name, reason in (("W4A8_AWQ_BETA_CFG", "AWQ's search"), ("MXFP8_DEFAULT_CFG", "CUDA kernels only"),
-                         ("INT8_SMOOTHQUANT_CFG", "smoothquant algorithm")):
+    for name, reason in (("W4A8_AWQ_BETA_CFG", "AWQ's search"), ("MXFP8_DEFAULT_CFG", "CUDA kernels only")):
         with pytest.raises(ValueError, match=reason):
             T.get_target(f"ModelOpt:{name}")
     for name in ("NVFP4_DEFAULT_CFG", "MXFP4_DEFAULT_CFG"):  # their pure-torch arithmetic is computed
         assert T.get_target(f"ModelOpt:{name}").label == f"modelopt:{name}"
 
 
-@pytest.mark.parametrize("name", ["INT8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG"])
+@pytest.mark.parametrize("name", ["INT8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG",
+                                  "INT8_SMOOTHQUANT_CFG"])
 def test_the_exported_config_applied_by_modelopt_is_the_plan_measured(name):
     """advise's ModelOpt file, loaded as written and applied by ``mtq.quantize``, gives the model whose
     perplexity kernelscope measured for the plan: window by window, to the bit."""
@@ -89,8 +89,52 @@ def test_the_exported_config_applied_by_modelopt_is_the_plan_measured(name):
     plan = result.summary["plan"]
     assert plan["kept_layers"] > 0  # the tolerance is tight enough to keep something
     config = yaml.safe_load(result.files[exports.MODELOPT])
-    quantized = mtq.quantize(copy.deepcopy(model), config,
-                             forward_loop=lambda m: [m(input_ids=w[None]) for w in calib.tokens])
-    theirs = window_nll(quantized, check)
+    theirs = window_nll(modelopt_model(model, None, calib, config=config), check)
     ours = evaluate(model, check, [scheme], ignore=plan["kept_modules"], calibration=calib).table
     assert ours["window_nll"][0].to_list() == theirs
+
+
+def test_smoothquant_s_export_gives_the_layers_that_share_an_input_one_pre_quant_scale():
+    """ModelOpt's export averages the pre_quant_scale buffers of q/k/v (and gate/up), which at alpha 1 are
+    alike but whose float32 mean need not be; the target follows the export, not mtq.quantize's model."""
+    model = wide_llama(torch.float32)
+    wins, calib = windows(1), windows(2, n=2)
+    ours = evaluate(model, wins, [parse_scheme("modelopt:INT8_SMOOTHQUANT_CFG")],
+                    calibration=calib).table.row(0, named=True)["window_nll"]
+    assert ours == window_nll(modelopt_model(model, "INT8_SMOOTHQUANT_CFG", calib), wins)
+    unfused = mtq.quantize(copy.deepcopy(model), copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG),
+                           forward_loop=lambda m: [m(input_ids=w[None]) for w in calib.tokens])
+    assert ours != window_nll(unfused, wins)
+
+
+def test_smoothquant_s_inputs_are_smoothed_then_quantized_under_the_amax_modelopt_computes():
+    """Each layer's smoothed input and its static amax are the mtq model's own: its pre_quant_scale
+    buffer times the input, and the input quantizer's amax, on a bfloat16 model."""
+    from kernelscope.models import select_linear_layers
+    from kernelscope.runs.transforming import TransformBinder
+
+    model = wide_llama(torch.bfloat16)
+    calib = windows(2, n=2)
+    scheme = parse_scheme("modelopt:INT8_SMOOTHQUANT_CFG")
+    layers = select_linear_layers(model)
+    bound = TransformBinder(model, layers, calib).bind(scheme.transform)
+    theirs = modelopt_model(model, "INT8_SMOOTHQUANT_CFG", calib)
+    for layer in layers:
+        quantizer = theirs.get_submodule(layer.name).input_quantizer
+        step = bound.layers[layer.name].steps[-1]
+        assert torch.equal(step.input_amax, quantizer.amax), layer.name
+        x = torch.randn(3, layer.in_features, dtype=torch.bfloat16)
+        assert torch.equal(bound.layers[layer.name].activation(x), x * quantizer.pre_quant_scale)
+        assert torch.equal(bound.layers[layer.name].weight(layer.module.weight),
+                           theirs.get_submodule(layer.name).weight), layer.name
+
+
+def test_what_smoothquant_s_target_cannot_take_is_refused():
+    scheme = parse_scheme("modelopt:INT8_SMOOTHQUANT_CFG")
+    assert "smooths each layer's input first" in scheme.kernel_refusal([], "profile")
+    from kernelscope.errors import KernelscopeError
+    from kernelscope.quant.transforms import parse_transform
+
+    with pytest.raises(KernelscopeError, match="deploys in the model's own basis"):
+        evaluate(wide_llama(torch.float32), windows(1), [scheme], calibration=windows(2, n=2),
+                 transforms=[parse_transform("hadamard")])

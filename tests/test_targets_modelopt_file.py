@@ -32,7 +32,7 @@ mtq = pytest.importorskip("modelopt.torch.quantization")
 from modelopt.torch.quantization import tensor_quant  # noqa: E402
 
 PRESETS = ["INT8_DEFAULT_CFG", "FP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG", "NVFP4_DEFAULT_CFG",
-           "MXFP4_DEFAULT_CFG"]
+           "MXFP4_DEFAULT_CFG", "INT8_SMOOTHQUANT_CFG"]
 
 
 def plain(value):
@@ -65,7 +65,8 @@ def mtq_nll(model, body, calib, wins) -> list[float]:
 def test_modelopt_s_own_presets_as_files_are_its_named_targets(name, tmp_path):
     target = parse_scheme(f"modelopt:@{write(tmp_path, preset(name))}").target
     named = T.get_target(f"modelopt:{name}")
-    assert (target.weights, target.input_activations) == (named.weights, named.input_activations)
+    assert (target.weights, target.input_activations, target.smoothquant_alpha) == (
+        named.weights, named.input_activations, named.smoothquant_alpha)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -144,7 +145,12 @@ MXFP4_STATIC = {"quantizer_name": "*weight_quantizer",
                 "cfg": {"num_bits": [2, 1], "block_sizes": {-1: 32, "type": "static", "scale_bits": [8, 0]}}}
 REFUSED = {
     "no leading off": (_with("INT8_DEFAULT_CFG", 0), "does not begin by turning every quantizer off"),
-    "smoothquant": (preset("INT8_DEFAULT_CFG") | {"algorithm": "smoothquant"}, "algorithm 'smoothquant'"),
+    "smoothquant": (preset("INT8_DEFAULT_CFG") | {"algorithm": {"method": "smoothquant", "alpha": 0.5}},
+                    "smoothquant alpha 0.5 is not modelled"),
+    "fp8 smoothquant": (preset("FP8_DEFAULT_CFG") | {"algorithm": "smoothquant"},
+                        "smoothquant with quantizers other than 8-bit INT"),
+    "awq settings": (preset("INT8_DEFAULT_CFG") | {"algorithm": {"method": "max", "alpha": 1.0}},
+                     "algorithm settings"),
     "awq": (preset("INT8_DEFAULT_CFG") | {"algorithm": {"method": "awq_lite"}}, "algorithm 'awq_lite'"),
     "nvfp4": (_with("INT8_DEFAULT_CFG", 1, NVFP4_32), "E2M1 blocks as NVFP4"),
     "static mx": (_with("INT8_DEFAULT_CFG", 1, MXFP4_STATIC), "E2M1 blocks as NVFP4"),

@@ -491,6 +491,8 @@ def list_targets(
     for r in rows:
         if r["refused"] is None:
             acts = (r["input_activations"] or "fp") + (" (calibrated)" if r["calibrated"] else "")
+            if r["smoothquant_alpha"] is not None:
+                acts += f", after its smoothquant (alpha {r['smoothquant_alpha']:g})"
             weights = r["weights"] or "fp"
             table.add_row(escape(r["scheme"]), escape(weights), escape(acts), escape(r["checked"]))
     show_table(table)

@@ -140,18 +140,36 @@ class ModelOptCoverage(Reach):
         return True
 
 
-_ALGORITHMS = (None, "max")
+_ALGORITHMS = (None, "max", "smoothquant")
+_SMOOTHQUANT_ALPHA = 1.0
+"""The one α of ModelOpt's smoothquant kernelscope models (its default, INT8_SMOOTHQUANT_CFG's)."""
 
 
-def _algorithm(value: Any) -> str | None:
-    """The calibration algorithm's name; ValueError for any that is not max calibration (or none)."""
+def _algorithm(value: Any) -> tuple[str | None, float | None]:
+    """The calibration algorithm's name and, for smoothquant, its α; ValueError for any that is not max
+    calibration (or none) or smoothquant at α 1."""
     method = value.get("method") if isinstance(value, Mapping) else value
-    if isinstance(value, Mapping) and set(value) - {"method"}:
+    settings = set(value) - {"method", "alpha"} if isinstance(value, Mapping) else set()
+    if settings or (isinstance(value, Mapping) and "alpha" in value and method != "smoothquant"):
         raise ValueError(f"algorithm settings {sorted(set(value) - {'method'})} are not modelled")
     if method not in _ALGORITHMS:
-        raise ValueError(f"algorithm {method!r} is not round-to-nearest with max calibration; kernelscope "
-                         "does not run ModelOpt's other calibration algorithms")
-    return method
+        raise ValueError(f"algorithm {method!r} is not round-to-nearest with max calibration or smoothquant; "
+                         "kernelscope does not run ModelOpt's other calibration algorithms")
+    if method != "smoothquant":
+        return method, None
+    alpha = value.get("alpha", _SMOOTHQUANT_ALPHA) if isinstance(value, Mapping) else _SMOOTHQUANT_ALPHA
+    if alpha != _SMOOTHQUANT_ALPHA:
+        raise ValueError(f"smoothquant alpha {alpha!r} is not modelled (kernelscope models alpha "
+                         f"{_SMOOTHQUANT_ALPHA:g}, ModelOpt's default)")
+    return method, float(alpha)
+
+
+def _smoothable(weights: T.Args | None, inputs: T.Args | None) -> bool:
+    """Whether ModelOpt's smoothquant smooths layers so quantized: 8-bit INT weights and a static 8-bit
+    INT input scale per tensor (it skips any other layer, which kernelscope does not model)."""
+    return (weights is not None and inputs is not None and weights.kind is T.Kind.INT
+            and weights.num_bits == 8 and inputs.kind is T.Kind.INT and inputs.num_bits == 8
+            and inputs.strategy is T.Strategy.TENSOR and inputs.scaling is T.Scaling.STATIC)
 
 
 def _role_args(found: tuple[Entry, ...], role: str) -> T.Args | None:
@@ -181,7 +199,7 @@ def target_of(body: Any, name: str) -> T.Target:
     unknown = sorted(set(body) - {"quant_cfg", "algorithm"})
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r} (a QuantizeConfig has quant_cfg and algorithm)")
-    algorithm = _algorithm(body.get("algorithm", "max"))
+    algorithm, alpha = _algorithm(body.get("algorithm", "max"))
     found = entries(body["quant_cfg"])
     if not found or found[0] != Entry("*", None, None, False):
         raise ValueError("its quant_cfg does not begin by turning every quantizer off ({quantizer_name: '*', "
@@ -198,5 +216,8 @@ def target_of(body: Any, name: str) -> T.Target:
     if algorithm is None and inputs is not None and inputs.scaling is T.Scaling.STATIC:
         raise ValueError("algorithm null leaves its static input scales uncalibrated (ModelOpt would then "
                          "take each batch's abs-max); use algorithm max")
+    if alpha is not None and not _smoothable(weights, inputs):
+        raise ValueError("smoothquant with quantizers other than 8-bit INT weights and a static 8-bit INT "
+                         "input scale per tensor is not modelled (ModelOpt skips smoothing such layers)")
     return T.Target(T.MODELOPT, name, T.MODELOPT_CHECKED, weights, inputs,
-                    ModelOptCoverage(found, weights, inputs))
+                    ModelOptCoverage(found, weights, inputs), smoothquant_alpha=alpha)

@@ -576,6 +576,7 @@ class Target:
     input_activations: Args | None
     coverage: Covers | None = None
     shipped: Covers | None = None
+    smoothquant_alpha: float | None = None  # ModelOpt's smoothquant before quantizing, at this α
 
     @property
     def label(self) -> str:
@@ -663,6 +664,7 @@ _MODELOPT_CONFIGS: dict[str, tuple[Args, Args]] = {
     "FP8_DEFAULT_CFG": (_mo(Kind.FLOAT, 8, Strategy.TENSOR), _mo(Kind.FLOAT, 8, Strategy.TENSOR)),
     "FP8_PER_CHANNEL_PER_TOKEN_CFG": (_mo(Kind.FLOAT, 8, Strategy.CHANNEL),
                                       _mo(Kind.FLOAT, 8, Strategy.TOKEN, Scaling.DYNAMIC)),
+    "INT8_SMOOTHQUANT_CFG": (_mo(Kind.INT, 8, Strategy.CHANNEL), _mo(Kind.INT, 8, Strategy.TENSOR)),
     "NVFP4_DEFAULT_CFG": (modelopt_fp4("float8_e4m3fn", 16, Scaling.STATIC),
                           modelopt_fp4("float8_e4m3fn", 16, Scaling.LOCAL)),
     "MXFP4_DEFAULT_CFG": (modelopt_fp4("uint8", 32, Scaling.STATIC),
@@ -674,7 +676,11 @@ FP8 in ModelOpt's CPU arithmetic (checked against its own functions and ``mtq.qu
 which ModelOpt fake-quantizes only in CUDA kernels, in the arithmetic of its pure-torch quantizers
 (``NVFP4QTensor``, ``MXFP4QTensor``: what its checkpoint export writes, fused q/k/v and gate/up weights
 under one NVFP4 amax as that export gives them); its CUDA kernels differ from them in blocks whose scale
-underflows (NVFP4) and in ties (MXFP4 rounds them to even there), see docs/deploy.md."""
+underflows (NVFP4) and in ties (MXFP4 rounds them to even there), see docs/deploy.md.
+INT8_SMOOTHQUANT_CFG is INT8_DEFAULT_CFG's quantizers after ModelOpt's smoothquant (α 1,
+:data:`~kernelscope.quant.transforms.MODELOPT_SMOOTHQUANT`)."""
+MODELOPT_SMOOTHQUANT_ALPHA = {"INT8_SMOOTHQUANT_CFG": 1.0}
+"""ModelOpt's configs whose algorithm is its smoothquant, and their α."""
 
 _AWQ = "it runs AWQ's search for per-channel scales, which kernelscope does not run"
 _CUDA_ONLY = ("ModelOpt fake-quantizes it with CUDA kernels only, and kernelscope does not model its "
@@ -685,10 +691,6 @@ UNSUPPORTED = {
     f"{LLM_COMPRESSOR}:fp8_block": "its weights have 128x128 blocks, which kernelscope does not model",
     f"{MODELOPT}:w4a8_awq_beta_cfg": _AWQ,
     f"{MODELOPT}:int4_awq_cfg": _AWQ,
-    f"{MODELOPT}:int8_smoothquant_cfg": "it runs ModelOpt's smoothquant algorithm (per-channel input "
-                                        "scales folded into the weights, averaged again over the layers "
-                                        "that share an input when it exports), which kernelscope does not "
-                                        "run; its w8a8-smoothquant is a different scheme",
     f"{MODELOPT}:mxfp8_default_cfg": _CUDA_ONLY,
 }
 """Targets a library has that kernelscope refuses, with the reason."""
@@ -697,7 +699,8 @@ TARGETS: dict[str, Target] = {
     **{f"{LLM_COMPRESSOR}:{name}".lower(): Target(LLM_COMPRESSOR, name, CHECKED, w, a)
        for name, (w, a) in _PRESETS.items()},
     **{f"{MODELOPT}:{name}".lower(): Target(MODELOPT, name, MODELOPT_CHECKED, w, a,
-                                            shipped=quant_cfg.shipped(w is not None, a is not None))
+                                            shipped=quant_cfg.shipped(w is not None, a is not None),
+                                            smoothquant_alpha=MODELOPT_SMOOTHQUANT_ALPHA.get(name))
        for name, (w, a) in _MODELOPT_CONFIGS.items()},
 }
 """``library:NAME`` in lower case -> :class:`Target`."""
@@ -778,8 +781,9 @@ def target_rows() -> list[dict]:
     rows = [{"scheme": t.label, "library": t.library, "checked": t.checked,
              "weights": t.weights.label if t.weights else None,
              "input_activations": t.input_activations.label if t.input_activations else None,
-             "calibrated": t.needs_calibration, "refused": None} for t in TARGETS.values()]
+             "calibrated": t.needs_calibration,
+             "smoothquant_alpha": t.smoothquant_alpha, "refused": None} for t in TARGETS.values()]
     rows += [{"scheme": key, "library": key.partition(":")[0], "checked": None, "weights": None,
-              "input_activations": None, "calibrated": None, "refused": why}
+              "input_activations": None, "calibrated": None, "smoothquant_alpha": None, "refused": why}
              for key, why in UNSUPPORTED.items()]
     return rows

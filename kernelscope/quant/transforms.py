@@ -149,6 +149,9 @@ class Step:
     """
 
     label: str
+    input_amax: torch.Tensor | None = None
+    """The input abs-max a step's library calibrates with it (ModelOpt's smoothquant): a static input
+    quantizer after the step takes this instead of what it observes."""
 
     def activation(self, x: torch.Tensor) -> torch.Tensor:
         """``x·A``."""
@@ -222,6 +225,31 @@ class Smoothing(Step):
         return y * self.factors
 
 
+class ModelOptSmoothing(Step):
+    """ModelOpt's smoothquant on one layer, as its checkpoint export leaves it: the input times its
+    ``pre_quant_scale`` buffer (the factors ``s`` in the layer's dtype), the weight times ``1 / s`` in
+    float32 and rounded to the layer's dtype, then, where the layers that share the input were given
+    the mean of their buffers, times ``old / new`` in float32 and rounded again."""
+
+    def __init__(self, factors: torch.Tensor, buffer: torch.Tensor, shared: torch.Tensor,
+                 dtype: torch.dtype, input_amax: torch.Tensor, alpha: float) -> None:
+        self.factors, self.buffer, self.shared, self.dtype = factors, buffer, shared, dtype
+        self.input_amax = input_amax
+        self.label = f"modelopt-smoothquant:{_number(alpha)}"
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.shared.to(x.dtype)  # (..., I) · (I,)
+
+    def weight(self, w: torch.Tensor) -> torch.Tensor:
+        smoothed = (w * (1.0 / self.factors)).to(self.dtype).float()  # columns times 1 / s
+        if torch.equal(self.shared, self.buffer):
+            return smoothed
+        return smoothed * self.buffer.float() / self.shared.float()
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y / self.shared.to(y.dtype)
+
+
 @dataclass(frozen=True)
 class LayerTransform:
     """A transform bound to one layer of ``width`` input channels: its steps, applied in order.
@@ -273,10 +301,14 @@ class LayerTransform:
 
 class ChannelMaxima(NamedTuple):
     """What a calibrated step is bound with: ``activation`` = max over calibration tokens of |x_j|
-    (I,), ``weight`` = max over output channels of |W_oj| (I,), both in the basis the step sees."""
+    (I,), ``weight`` = max over output channels of |W_oj| (I,), both in the basis the step sees; the
+    layer's ``dtype``; and ``shared``, how many bound layers of its fused group (q/k/v, gate/up) take
+    the same input, itself included."""
 
     activation: torch.Tensor
     weight: torch.Tensor
+    dtype: torch.dtype = torch.float32
+    shared: int = 1
 
 
 def input_channel_maxima(x: torch.Tensor) -> torch.Tensor:
@@ -363,6 +395,37 @@ def _bind_smoothing(alpha: Value | None, width: int, seed: int | None, stats: Ch
     factors = smoothing_factors(stats.activation.to(stats.weight.device), stats.weight, float(alpha))
     return Smoothing(factors, float(alpha))
 
+
+_TINY_ACTIVATION = 1.0 / (1 << 31)
+"""ModelOpt's smoothquant resets the factor of a channel whose abs-max is at most this to 1, but only
+when some factor is that small itself (as it reads)."""
+
+
+def _bind_modelopt_smoothing(alpha: Value | None, width: int, seed: int | None,
+                             stats: ChannelMaxima | None) -> Step:
+    """ModelOpt's smoothquant factors ``max|W_:j|^(1-α) / max|X_j|^α`` (the weight's column maxima in its
+    dtype, the rest in float32), clamped to [1e-4, 1e4]; its export's mean of the buffers of the layers
+    that share the input (all alike at α = 1, the only α modelled)."""
+    if stats is None or float(alpha) != 1.0:
+        raise ValueError("ModelOpt's smoothquant is modelled at alpha 1, on calibration statistics")
+    act = stats.activation.to(stats.weight.device)
+    factors = (stats.weight.to(stats.dtype).pow(1 - float(alpha)) / act.pow(float(alpha))).squeeze()
+    if factors.min() <= _TINY_ACTIVATION:
+        factors[act <= _TINY_ACTIVATION] = 1
+    factors = factors.clamp(min=1e-4, max=1e4)
+    buffer = factors.to(stats.dtype)
+    shared = torch.mean(torch.stack([buffer] * stats.shared), dim=0) if stats.shared > 1 else buffer
+    input_amax = (act.to(stats.dtype) * factors).amax().to(stats.dtype)
+    return ModelOptSmoothing(factors, buffer, shared, stats.dtype, input_amax, float(alpha))
+
+
+MODELOPT_SMOOTHQUANT = TransformEntry(
+    name="modelopt-smoothquant", metavar="α", summary="ModelOpt's smoothquant (INT8_SMOOTHQUANT_CFG)",
+    takes="the migration strength (1 only)", default_text="1", calibrated=True, seeded=False,
+    parse_value=_parse_alpha, default=1.0, check=lambda alpha, width: None, bind=_bind_modelopt_smoothing,
+    deployed_by="ModelOpt's INT8_SMOOTHQUANT_CFG")
+"""The smoothing of ModelOpt's INT8_SMOOTHQUANT_CFG target: a deployment target's own step, not one a
+user names with --transform (so not in :data:`TRANSFORMS`)."""
 
 SMOOTHQUANT_ALPHA = 0.5
 """SmoothQuant's default migration strength."""

@@ -297,7 +297,7 @@ class Export:
     reason: str | None = None
     notes: tuple[str, ...] = ()
     preset: str | None = None
-    algorithm: str | None = None
+    algorithm: str | dict[str, Any] | None = None
     account: tuple[str, ...] = ()
 
     @property
@@ -393,12 +393,15 @@ def _modelopt_target_cfg(args) -> dict[str, Any] | None:
 def _target_deployment(scheme, target) -> Deployment:
     """A scheme that computes a library's own arithmetic: that library's arguments, exactly."""
     if target.library != LLM_COMPRESSOR:
-        own = Export(MODEL_OPT, _modelopt_target_cfg(target.weights),
-                     _modelopt_target_cfg(target.input_activations),
-                     account=(f"{scheme.name}: ModelOpt's own configuration",))
+        own = _with_preset(Export(MODEL_OPT, _modelopt_target_cfg(target.weights),
+                                  _modelopt_target_cfg(target.input_activations),
+                                  account=(f"{scheme.name}: ModelOpt's own configuration",)))
+        if target.smoothquant_alpha is not None:
+            own = replace(own, preset=target.name,
+                          algorithm={"method": "smoothquant", "alpha": target.smoothquant_alpha})
         other = Export(LLM_COMPRESSOR, reason=f"{scheme.name} is ModelOpt's own arithmetic, which "
                                               "compressed-tensors' is not")
-        return Deployment(other, _with_preset(own))
+        return Deployment(other, own)
     account = tuple(f"{_role(role)}: " + (f"{target.label}'s {args.label}" if args else "full precision")
                     for role, args in ((WEIGHTS, target.weights), (ACTIVATIONS, target.input_activations)))
     export = Export(LLM_COMPRESSOR, target.weights and target.weights.as_dict(),
@@ -415,13 +418,13 @@ def deployment(scheme, transform=None) -> Deployment:
     if not scheme.mode.deployable:
         return _everywhere(f"{scheme.name} is a measurement, not a quantizer a tool deploys")
     basis = scheme.transform if transform is None else transform
+    if scheme.target is not None and basis == scheme.transform:  # a library's own (smoothquant)
+        return _target_deployment(scheme, scheme.target)
     if not basis.is_identity:
         return _everywhere(f"{scheme.name} quantizes in the {basis.label} basis, which kernelscope fits to "
                            "every Linear on its own; llm-compressor's SmoothQuant and rotation modifiers "
                            "and ModelOpt's smoothquant algorithm transform differently, so no file is "
                            "written")
-    if scheme.target is not None:
-        return _target_deployment(scheme, scheme.target)
     weights = scheme.weight_quantizer
     if weights is None:
         return _everywhere(f"{scheme.name} leaves the weights in full precision, which no "

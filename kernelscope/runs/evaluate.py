@@ -243,8 +243,9 @@ def calibrate_target(model: nn.Module, scheme: Scheme, layers: Sequence[LinearLa
                      transform: ModelTransform, windows: Windows | None, *, batch_size: int = 1
                      ) -> tuple[dict[str, targets.Calibration], dict[str, Any]]:
     """The static scales of ``scheme``'s target on each layer, from the min and max of the layer's input
-    (in ``transform``'s basis) over the calibration ``windows``, the model in full precision; and what the
-    summary records of them. Nothing for a scheme without static scales."""
+    (in ``transform``'s basis) over the calibration ``windows``, the model in full precision, or the
+    abs-max the transform's last step calibrated with it (ModelOpt's smoothquant); and what the summary
+    records of them. Nothing for a scheme without static scales."""
     if not scheme.needs_calibration:
         return {}, {}
     if windows is None:
@@ -255,6 +256,9 @@ def calibrate_target(model: nn.Module, scheme: Scheme, layers: Sequence[LinearLa
         ranges = calibration_ranges(model, layers, windows, transform.layers, batch_size=batch_size)
     dtypes = {layer.name: layer.module.weight.dtype for layer in layers}
     scales = {name: targets.calibrate(lo, hi, args, dtypes[name]) for name, (lo, hi) in ranges.items()}
+    for name, bound in transform.layers.items():  # a step that calibrates the amax itself (smoothquant)
+        if name in scales and bound.steps and bound.steps[-1].input_amax is not None:
+            scales[name] = targets.Calibration(bound.steps[-1].input_amax)
     key = "amax" if args.arithmetic is targets.Arithmetic.MODELOPT else "scale"
     facts = {name: {"min": float(lo), "max": float(hi),
                     key: None if scales[name].scale is None else float(scales[name].scale.float().max()),
@@ -276,8 +280,9 @@ def scheme_layers(net: nn.Module, schemes: Sequence[Scheme], selected: list[Line
     for scheme in schemes:
         scheme.check_widths(covers[scheme.name])
         scheme.check_fused(covers[scheme.name], present)
-        recipe = scheme.target is not None and scheme.target.coverage is not None
-        if recipe and not all(t.is_identity for t in transforms):
+        own_basis = scheme.target is not None and (scheme.target.coverage is not None
+                                                   or not scheme.transform.is_identity)
+        if own_basis and not all(t.is_identity for t in transforms):
             raise KernelscopeError(f"{scheme.name} deploys in the model's own basis; give it without "
                                    "--transform")
     return covers

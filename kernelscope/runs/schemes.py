@@ -26,7 +26,14 @@ from kernelscope.quant import (
 from kernelscope.quant.formats import FORMATS
 from kernelscope.quant.modes import Mode
 from kernelscope.quant.targets import LLM_COMPRESSOR, MODELOPT, TARGETS, Target, get_target
-from kernelscope.quant.transforms import IDENTITY, SMOOTHQUANT_ALPHA, TRANSFORMS, TransformSpec, TransformStep
+from kernelscope.quant.transforms import (
+    IDENTITY,
+    MODELOPT_SMOOTHQUANT,
+    SMOOTHQUANT_ALPHA,
+    TRANSFORMS,
+    TransformSpec,
+    TransformStep,
+)
 
 _REMOVE = "remove-kernel-"
 
@@ -136,6 +143,9 @@ class Scheme:
             return f"{name} leaves activations in full precision: it has no activation kernel to {command}"
         if not all(t.is_identity for t in transforms):
             return f"{name} deploys in the model's own basis; {command} it without --transform"
+        if not self.transform.is_identity:
+            return (f"{name} smooths each layer's input first ({self.transform.label}), which {command} "
+                    "does not apply; measure it with eval")
         return None
 
     def check_widths(self, layers) -> None:
@@ -202,7 +212,9 @@ def _target_scheme(text: str) -> Scheme:
         target = readers[library.lower()](path)
     else:
         target = get_target(text)
-    return Scheme(target.label, Mode.FAKE_QUANT, target=target)
+    own = IDENTITY if target.smoothquant_alpha is None else TransformSpec(
+        (TransformStep(MODELOPT_SMOOTHQUANT, target.smoothquant_alpha),))
+    return Scheme(target.label, Mode.FAKE_QUANT, target=target, transform=own)
 
 
 def parse_scheme(

@@ -19,6 +19,7 @@ from kernelscope.capture import LinearInputCapture
 from kernelscope.data import Windows
 from kernelscope.errors import KernelscopeError
 from kernelscope.models import LinearLayer
+from kernelscope.quant import targets
 from kernelscope.quant.transforms import (
     IDENTITY,
     ChannelMaxima,
@@ -117,9 +118,11 @@ class TransformBinder:
         if key not in self._maxima:
             act = calibration_maxima(self.model, self.layers, self.calibration, bound,
                                      batch_size=self.batch_size)
+            fused = targets.fused_groups((layer.name for layer in self.layers), part=True)
             self._maxima[key] = {
                 layer.name: ChannelMaxima(act[layer.name], weight_column_maxima(
-                    bound[layer.name].weight(weight_out_in(layer.module).detach())))
+                    bound[layer.name].weight(weight_out_in(layer.module).detach())),
+                    layer.module.weight.dtype, len(fused.get(layer.name, (layer.name,))))
                 for layer in self.layers}
             self.calibrated = True
         return self._maxima[key]
