@@ -15,8 +15,9 @@ source, as read in nvidia-modelopt 0.47.0 (float32 division correctly rounded, c
   ceiling of ``log2(bmax / 6)`` (bmax / 6 in float32), clamped to ±127, and E2M1 ties round to even.
 
 For each: how many weight elements the two arithmetics give differently, how many of them differ in
-being zero, and each window's perplexity with every Linear but lm_head quantized both ways (activation
-amax calibrated as ``benchmarks/targets.py`` does). It also checks kernelscope's own ``mxfp4_rceil``
+being zero, and the perplexity with every Linear but lm_head quantized with the GPU kernels' rules on
+neither, the weights, the activations or both (activation amax calibrated as ``benchmarks/targets.py``
+does). It also checks kernelscope's own ``mxfp4_rceil``
 format against the MX kernel's rules, element for element, on the same weights.
 """
 
@@ -98,19 +99,35 @@ def weight_rows(model: torch.nn.Module) -> list[str]:
     return rows
 
 
-def perplexities(loaded, windows, calibration) -> dict[str, tuple[float, float]]:
-    """Per target: the perplexity in the pure-torch arithmetic and in the GPU kernels' rules."""
+ROLES = {"neither": (), "weights": (True,), "activations": (False,), "both": (True, False)}
+"""Which quantizers take the GPU kernels' rules: weights (static), activations, both."""
+
+
+def _on(kernel, pure, weights: tuple[bool, ...]):
+    """``kernel`` for the quantizers ``weights`` names (True: a weight's), ``pure`` for the others."""
+    def quantize(x, amax, args, kernel_scale=1.0):
+        chosen = kernel if (args.scaling is targets.Scaling.STATIC) in weights else pure
+        return chosen(x, amax, args, kernel_scale)
+    return quantize
+
+
+def perplexities(loaded, windows, calibration) -> dict[str, dict[str, float]]:
+    """Per target, the perplexity with the GPU kernels' rules on neither, the weights, the
+    activations, or both."""
     schemes = [parse_scheme(n) for n in NAMES]
-    pure = evaluate(loaded, windows, schemes, calibration=calibration).table
     own = {attr: getattr(targets, attr) for attr, _ in KERNELS.values()}
+    out: dict[str, dict[str, float]] = {n: {} for n in NAMES}
     try:
-        for attr, kernel in KERNELS.values():
-            setattr(targets, attr, kernel)
-        gpu = evaluate(loaded, windows, schemes, calibration=calibration).table
+        for role, weights in ROLES.items():
+            for attr, kernel in KERNELS.values():
+                setattr(targets, attr, _on(kernel, own[attr], weights))
+            table = evaluate(loaded, windows, schemes, calibration=calibration).table
+            for i, n in enumerate(NAMES):
+                out[n][role] = table["perplexity"][i]
     finally:
         for attr, function in own.items():
             setattr(targets, attr, function)
-    return {n: (pure["perplexity"][i], gpu["perplexity"][i]) for i, n in enumerate(NAMES)}
+    return out
 
 
 def main() -> None:
@@ -125,10 +142,11 @@ def main() -> None:
              f"torch {torch.__version__}, {platform.machine()}", "",
              "| target | weight elements | differing values | differing in the kernel |", "|---|---|---|---|",
              *weight_rows(loaded.model), "",
-             "| target | perplexity, ModelOpt's pure-torch quantizers | perplexity, its GPU kernels' rules |",
-             "|---|---|---|"]
-    lines += [f"| {n} | {pure:.4f} | {gpu:.4f} |" for n, (pure, gpu) in
-              perplexities(loaded, windows, calibration).items()]
+             "perplexity, the GPU kernels' rules on the quantizers named, the pure-torch ones elsewhere:",
+             "",
+             "| target | neither (the target) | weights | activations | both |", "|---|---|---|---|---|"]
+    lines += ["| " + " | ".join([n, *(f"{p[r]:.4f}" for r in ROLES)]) + " |"
+              for n, p in perplexities(loaded, windows, calibration).items()]
     report = "\n".join(lines) + "\n"
     print(report, end="")
     if args.out is not None:

@@ -245,10 +245,11 @@ def test_what_was_not_evaluated_names_each_cheaper_target_and_transform_untried(
                  deployable="approximate")
     s = advice([best], settings={"groups": ["block"]})
     untried = [D.plain(line) for line in D.untried(s, D.offers(s), D.offers(s)[0])]
-    tried = {(t.weights, t.input_activations) for key, t in TARGETS.items() if key == "w8a8-per-token"}
+    tried = {(t.weights, t.input_activations, t.smoothquant_alpha) for key, t in TARGETS.items()
+             if key == "w8a8-per-token"}
     cheaper: dict[tuple, object] = {}  # one target of each arithmetic not tried, the first named
     for t in TARGETS.values():
-        arithmetic = (t.weights, t.input_activations)
+        arithmetic = (t.weights, t.input_activations, t.smoothquant_alpha)  # smoothing makes another
         if t.input_activations is not None and t.weight_bits < 16.0 and arithmetic not in tried:
             cheaper.setdefault(arithmetic, t)
     head = untried[0]
@@ -395,3 +396,12 @@ def test_the_commands_repeat_the_runs_model_text_and_windows():
     assert D.next_command(s, "eval") == ("kernelscope eval org/m -d 'my text.txt' -s 2 -n 1 --windows random "
                                          "--seed 3 --scheme fp,w8a8-per-token,w8a8-crossquant -o runs/eval")
     assert D.source_of([{"model": {}}, s]) is s and D.source_of([]) == {}
+
+
+def test_a_scheme_s_own_smoothing_is_not_given_back_as_a_transform():
+    """The commands the report writes name a run's basis without the scheme's own step: SmoothQuant's
+    migration strength as --smooth-alpha, a target's own smoothing (ModelOpt's) not at all."""
+    assert D.own_basis("w8a8-smoothquant", "smoothquant:0.5+hadamard") == ("hadamard",
+                                                                           ["--smooth-alpha", "0.5"])
+    assert D.own_basis("modelopt:INT8_SMOOTHQUANT_CFG", "modelopt-smoothquant:1") == ("none", [])
+    assert D.own_basis("fp8", "hadamard:64") == ("hadamard:64", [])

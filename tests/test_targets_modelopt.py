@@ -138,3 +138,29 @@ def test_what_smoothquant_s_target_cannot_take_is_refused():
     with pytest.raises(KernelscopeError, match="deploys in the model's own basis"):
         evaluate(wide_llama(torch.float32), windows(1), [scheme], calibration=windows(2, n=2),
                  transforms=[parse_transform("hadamard")])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_smoothquant_s_factors_at_their_edges_are_modelopt_s(dtype):
+    """A channel never seen (abs-max 0: factor 1e4), one so small its factor clamps to 1e4 and one so
+    large it clamps to 1e-4: the buffer, the smoothed weight and the input amax are mtq.quantize's."""
+    from torch import nn
+
+    from kernelscope.quant.transforms import MODELOPT_SMOOTHQUANT, ChannelMaxima
+
+    torch.manual_seed(0)
+    linear = nn.Linear(32, 8, bias=False).to(dtype)
+    x = torch.randn(4, 6, 32).to(dtype)
+    x[..., 0], x[..., 1], x[..., 2] = 0.0, x[..., 1] * 1e-7, x[..., 2] * 1e5
+    model = mtq.quantize(copy.deepcopy(nn.Sequential(linear)), copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG),
+                         forward_loop=lambda m: m(x))
+    theirs = model[0]
+    stats = ChannelMaxima(x.abs().reshape(-1, 32).amax(0).float(), linear.weight.abs().amax(0).float(), dtype)
+    step = MODELOPT_SMOOTHQUANT.bind(1.0, 32, None, stats)
+    assert torch.equal(step.buffer, theirs.input_quantizer.pre_quant_scale)
+    assert step.buffer[0] == 1e4 and step.factors[1] == 1e4 and step.factors[2] == 1e-4
+    assert torch.equal(step.weight(linear.weight.float()).to(dtype), theirs.weight)
+    assert torch.equal(step.input_amax, theirs.input_quantizer.amax)
+    huge = ChannelMaxima(stats.activation.clone().fill_(2.0**31), stats.weight, dtype)
+    with pytest.raises(ValueError, match="2\\^31 or more"):
+        MODELOPT_SMOOTHQUANT.bind(1.0, 32, None, huge)

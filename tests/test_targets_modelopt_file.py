@@ -177,6 +177,9 @@ REFUSED = {
                                                          "cfg": {"num_bits": 4, "axis": 0}}),
                            "2 configurations"),
     "uncalibrated": (preset("INT8_DEFAULT_CFG") | {"algorithm": None}, "uncalibrated"),
+    "uncalibrated nvfp4": (preset("NVFP4_DEFAULT_CFG") | {"algorithm": None}, "NVFP4 input amax"),
+    "nvfp4 beside fp8": (_with("FP8_DEFAULT_CFG", 1, preset("NVFP4_DEFAULT_CFG")["quant_cfg"][1]),
+                         "W4A8_NVFP4_FP8"),
     "imports": ({"imports": {"fp8": "configs/numerics/fp8"}, "quant_cfg": []}, "$import"),
     "per-row blocks as JSON keys": (_with("FP8_PER_CHANNEL_PER_TOKEN_CFG", 2, {
         "quantizer_name": "*input_quantizer",
@@ -289,3 +292,18 @@ def test_llm_compressor_s_nvfp4_on_part_of_a_fused_group_is_refused():
                      ignore=["model.layers.1.mlp.up_proj"])
     evaluate(model, windows(5), [parse_scheme("llm-compressor:NVFP4A16")],
              ignore=["model.layers.1.mlp.up_proj", "model.layers.1.mlp.gate_proj"])
+
+
+def test_smoothquant_on_part_of_a_fused_group_is_refused(tmp_path):
+    """ModelOpt's export averages the smoothing of the quantized members of a group only; a config that
+    leaves one out is refused, and the same group left whole by --ignore is not."""
+    body = preset("INT8_SMOOTHQUANT_CFG")
+    body["quant_cfg"].append({"quantizer_name": "model.layers.0.self_attn.v_proj.*", "enable": False})
+    model, wins, calib = wide_llama(torch.float32), windows(5), windows(6, n=2)
+    with pytest.raises(KernelscopeError, match=r"quantizes only part of model\.layers\.0\.self_attn\.q_proj"):
+        evaluate(model, wins, [parse_scheme(f"modelopt:@{write(tmp_path, body)}")], calibration=calib)
+    ignored = evaluate(model, wins, [parse_scheme("modelopt:INT8_SMOOTHQUANT_CFG")], calibration=calib,
+                       ignore=["model.layers.0.self_attn.v_proj"]).table.row(0, named=True)["window_nll"]
+    without = preset("INT8_SMOOTHQUANT_CFG")
+    without["quant_cfg"].append({"quantizer_name": "model.layers.0.self_attn.v_proj.*", "enable": False})
+    assert ignored == mtq_nll(model, without, calib, wins)  # the export merges q and k only; so does --ignore

@@ -150,8 +150,10 @@ def _algorithm(value: Any) -> tuple[str | None, float | None]:
     calibration (or none) or smoothquant at α 1."""
     method = value.get("method") if isinstance(value, Mapping) else value
     settings = set(value) - {"method", "alpha"} if isinstance(value, Mapping) else set()
-    if settings or (isinstance(value, Mapping) and "alpha" in value and method != "smoothquant"):
-        raise ValueError(f"algorithm settings {sorted(set(value) - {'method'})} are not modelled")
+    if isinstance(value, Mapping) and "alpha" in value and method != "smoothquant":
+        settings.add("alpha")
+    if settings:
+        raise ValueError(f"algorithm settings {sorted(settings)} are not modelled")
     if method not in _ALGORITHMS:
         raise ValueError(f"algorithm {method!r} is not round-to-nearest with max calibration or smoothquant; "
                          "kernelscope does not run ModelOpt's other calibration algorithms")
@@ -162,6 +164,12 @@ def _algorithm(value: Any) -> tuple[str | None, float | None]:
         raise ValueError(f"smoothquant alpha {alpha!r} is not modelled (kernelscope models alpha "
                          f"{_SMOOTHQUANT_ALPHA:g}, ModelOpt's default)")
     return method, float(alpha)
+
+
+def _nvfp4_beside_fp8(weights: T.Args | None, inputs: T.Args | None) -> bool:
+    """NVFP4 weights with per-tensor FP8 inputs: ModelOpt's W4A8_NVFP4_FP8 export format."""
+    return (weights is not None and inputs is not None and weights.strategy is T.Strategy.TENSOR_GROUP
+            and inputs.kind is T.Kind.FLOAT and inputs.num_bits == 8 and inputs.strategy is T.Strategy.TENSOR)
 
 
 def _smoothable(weights: T.Args | None, inputs: T.Args | None) -> bool:
@@ -213,9 +221,12 @@ def target_of(body: Any, name: str) -> T.Target:
     weights, inputs = _role_args(found, WEIGHT), _role_args(found, INPUT)
     if weights is None and inputs is None:
         raise ValueError("it quantizes neither weights nor input activations")
-    if algorithm is None and inputs is not None and inputs.scaling is T.Scaling.STATIC:
-        raise ValueError("algorithm null leaves its static input scales uncalibrated (ModelOpt would then "
-                         "take each batch's abs-max); use algorithm max")
+    if algorithm is None and inputs is not None and inputs.scaling is not T.Scaling.DYNAMIC:
+        raise ValueError("algorithm null leaves its static input scales (or NVFP4 input amax) uncalibrated "
+                         "(ModelOpt would then take each batch's abs-max); use algorithm max")
+    if _nvfp4_beside_fp8(weights, inputs):
+        raise ValueError("ModelOpt exports NVFP4 weights beside per-tensor FP8 inputs as W4A8_NVFP4_FP8, "
+                         "whose weights take a second scale of amax / 448, which is not modelled")
     if alpha is not None and not _smoothable(weights, inputs):
         raise ValueError("smoothquant with quantizers other than 8-bit INT weights and a static 8-bit INT "
                          "input scale per tensor is not modelled (ModelOpt skips smoothing such layers)")

@@ -583,6 +583,12 @@ class Target:
         return f"{self.library}:{self.name}"
 
     @property
+    def computes(self) -> tuple:
+        """What decides the target's arithmetic: its quantizers and its smoothing (two names with the
+        same are one scheme)."""
+        return self.weights, self.input_activations, self.smoothquant_alpha
+
+    @property
     def needs_calibration(self) -> bool:
         """True when an activation scale is calibrated on calibration windows before evaluation."""
         act = self.input_activations

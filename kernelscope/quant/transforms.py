@@ -396,22 +396,22 @@ def _bind_smoothing(alpha: Value | None, width: int, seed: int | None, stats: Ch
     return Smoothing(factors, float(alpha))
 
 
-_TINY_ACTIVATION = 1.0 / (1 << 31)
-"""ModelOpt's smoothquant resets the factor of a channel whose abs-max is at most this to 1, but only
-when some factor is that small itself (as it reads)."""
+_TINY_FACTOR = 1.0 / (1 << 31)
+"""A smoothing factor at most this sends ModelOpt's smoothquant down a branch that fails (0.47.0)."""
 
 
 def _bind_modelopt_smoothing(alpha: Value | None, width: int, seed: int | None,
                              stats: ChannelMaxima | None) -> Step:
     """ModelOpt's smoothquant factors ``max|W_:j|^(1-α) / max|X_j|^α`` (the weight's column maxima in its
-    dtype, the rest in float32), clamped to [1e-4, 1e4]; its export's mean of the buffers of the layers
-    that share the input (all alike at α = 1, the only α modelled)."""
+    dtype, the rest in float32; a channel of abs-max 0 gets 1e4), clamped to [1e-4, 1e4]; its export's
+    mean of the buffers of the layers that share the input (all alike at α = 1, the only α modelled)."""
     if stats is None or float(alpha) != 1.0:
         raise ValueError("ModelOpt's smoothquant is modelled at alpha 1, on calibration statistics")
     act = stats.activation.to(stats.weight.device)
     factors = (stats.weight.to(stats.dtype).pow(1 - float(alpha)) / act.pow(float(alpha))).squeeze()
-    if factors.min() <= _TINY_ACTIVATION:
-        factors[act <= _TINY_ACTIVATION] = 1
+    if factors.min() <= _TINY_FACTOR:
+        raise ValueError("an input channel's abs-max of 2^31 or more makes a smoothing factor of 2^-31 or "
+                         "less, where ModelOpt's smoothquant (0.47.0) fails; not modelled")
     factors = factors.clamp(min=1e-4, max=1e4)
     buffer = factors.to(stats.dtype)
     shared = torch.mean(torch.stack([buffer] * stats.shared), dim=0) if stats.shared > 1 else buffer

@@ -535,8 +535,11 @@ def better(diagnostic: dict, best: dict | None) -> bool:
 
 def own_basis(scheme: str, transform: str) -> tuple[str, list[str]]:
     """The ``--transform`` that gives ``scheme`` a run's basis, and the options its own transform
-    needs: a ``*-smoothquant`` scheme smooths by itself (its migration strength as ``--smooth-alpha``)."""
+    needs: a ``*-smoothquant`` scheme smooths by itself (its migration strength as ``--smooth-alpha``),
+    and so does a target whose first step is none a user names (ModelOpt's smoothquant)."""
     steps = [] if transform in ("", NONE) else transform.split(COMPOSE)
+    if steps and steps[0].partition(":")[0] not in TRANSFORMS:
+        steps.pop(0)
     extra: list[str] = []
     if scheme.endswith("-smoothquant") and steps and steps[0].startswith("smoothquant"):
         strength = steps.pop(0).partition(":")[2]
@@ -614,10 +617,10 @@ def fewer_bits(summary: dict, ranked: list[dict], best: dict) -> list[Piece] | N
     if mine is None:
         return None
     tried = {str(o.get("scheme", "")).lower() for o in ranked}
-    seen = {(t.weights, t.input_activations) for key, t in TARGETS.items() if key in tried}
+    seen = {t.computes for key, t in TARGETS.items() if key in tried}
     found = []
     for t in sorted(TARGETS.values(), key=lambda t: -t.weight_bits):  # the nearest first
-        arithmetic = (t.weights, t.input_activations)  # one name of two for the same scheme
+        arithmetic = t.computes  # one name of two for the same scheme
         if t.quantizes_activations and arithmetic not in seen and t.weight_bits < mine - 1e-9:
             seen.add(arithmetic)
             found.append((t.weight_bits, t))

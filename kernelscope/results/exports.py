@@ -396,8 +396,8 @@ def _target_deployment(scheme, target) -> Deployment:
         own = _with_preset(Export(MODEL_OPT, _modelopt_target_cfg(target.weights),
                                   _modelopt_target_cfg(target.input_activations),
                                   account=(f"{scheme.name}: ModelOpt's own configuration",)))
-        if target.smoothquant_alpha is not None:
-            own = replace(own, preset=target.name,
+        if target.smoothquant_alpha is not None:  # a preset by the target's name; a user's file is none
+            own = replace(own, preset=target.name if target.coverage is None else None,
                           algorithm={"method": "smoothquant", "alpha": target.smoothquant_alpha})
         other = Export(LLM_COMPRESSOR, reason=f"{scheme.name} is ModelOpt's own arithmetic, which "
                                               "compressed-tensors' is not")

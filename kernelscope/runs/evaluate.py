@@ -279,7 +279,7 @@ def scheme_layers(net: nn.Module, schemes: Sequence[Scheme], selected: list[Line
     present = [name for name, _ in net.named_modules()]
     for scheme in schemes:
         scheme.check_widths(covers[scheme.name])
-        scheme.check_fused(covers[scheme.name], present)
+        scheme.check_fused(covers[scheme.name], present, [layer.name for layer in selected])
         own_basis = scheme.target is not None and (scheme.target.coverage is not None
                                                    or not scheme.transform.is_identity)
         if own_basis and not all(t.is_identity for t in transforms):

@@ -162,9 +162,17 @@ class Scheme:
                 raise KernelscopeError(f"{self.name} quantizes groups of {group} inputs, which do not divide "
                                        f"{which}; keep {them} in full precision with --ignore")
 
-    def check_fused(self, layers, present: Iterable[str]) -> None:
+    def check_fused(self, layers, present: Iterable[str], selected: Iterable[str]) -> None:
         """Refuse a target that gives a fused group's NVFP4 weights one global scale where it quantizes
-        only part of the group (of the module names ``present``) and its library cannot."""
+        only part of the group (of the module names ``present``) and its library cannot; and ModelOpt's
+        smoothquant where its ``layers`` leave out part of a fused group of the ``selected`` (whose mean
+        pre_quant_scale its export takes over the quantized members, which is not modelled)."""
+        if self.target is not None and self.target.smoothquant_alpha is not None:
+            split = targets.split_fused_groups((layer.name for layer in layers), selected)
+            if split:
+                raise KernelscopeError(f"{self.name} quantizes only part of {', '.join(split[0])}, whose "
+                                       "smoothing ModelOpt's export merges over the quantized ones, which is "
+                                       "not modelled; quantize or --ignore the whole group")
         weights = self.target.weights if self.target is not None else None
         if weights is None or weights.strategy is not targets.Strategy.TENSOR_GROUP:
             return
