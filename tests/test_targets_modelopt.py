@@ -146,7 +146,12 @@ def test_smoothquant_s_factors_at_their_edges_are_modelopt_s(dtype):
     large it clamps to 1e-4: the buffer, the smoothed weight and the input amax are mtq.quantize's."""
     from torch import nn
 
-    from kernelscope.quant.transforms import MODELOPT_SMOOTHQUANT, ChannelMaxima
+    from kernelscope.quant.transforms import (
+        MODELOPT_SMOOTHQUANT,
+        ChannelMaxima,
+        input_channel_maxima,
+        weight_column_maxima,
+    )
 
     torch.manual_seed(0)
     linear = nn.Linear(32, 8, bias=False).to(dtype)
@@ -155,7 +160,7 @@ def test_smoothquant_s_factors_at_their_edges_are_modelopt_s(dtype):
     model = mtq.quantize(copy.deepcopy(nn.Sequential(linear)), copy.deepcopy(mtq.INT8_SMOOTHQUANT_CFG),
                          forward_loop=lambda m: m(x))
     theirs = model[0]
-    stats = ChannelMaxima(x.abs().reshape(-1, 32).amax(0).float(), linear.weight.abs().amax(0).float(), dtype)
+    stats = ChannelMaxima(input_channel_maxima(x), weight_column_maxima(linear.weight), dtype)
     step = MODELOPT_SMOOTHQUANT.bind(1.0, 32, None, stats)
     assert torch.equal(step.buffer, theirs.input_quantizer.pre_quant_scale)
     assert step.buffer[0] == 1e4 and step.factors[1] == 1e4 and step.factors[2] == 1e-4

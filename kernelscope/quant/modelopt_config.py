@@ -20,6 +20,7 @@ from kernelscope.quant.quant_cfg import (
     entries,
     state,
 )
+from kernelscope.quant.transforms import MODELOPT_SMOOTHQUANT
 
 _IGNORED = {"effective_bits", "trt_high_precision_dtype", "pass_through_bwd"}
 """Attributes that change neither a fake-quantized value nor a scale (a cost hint, an export dtype, the
@@ -141,7 +142,7 @@ class ModelOptCoverage(Reach):
 
 
 _ALGORITHMS = (None, "max", "smoothquant")
-_SMOOTHQUANT_ALPHA = 1.0
+_SMOOTHQUANT_ALPHA = MODELOPT_SMOOTHQUANT.default
 """The one α of ModelOpt's smoothquant kernelscope models (its default, INT8_SMOOTHQUANT_CFG's)."""
 
 

@@ -38,6 +38,7 @@ import torch
 
 from kernelscope.quant import quant_cfg
 from kernelscope.quant.formats import E2M1, E2M3, E4M3, FULL_PRECISION_BITS, stored_bits
+from kernelscope.quant.transforms import MODELOPT_SMOOTHQUANT
 
 
 class Kind(StrEnum):
@@ -685,7 +686,7 @@ under one NVFP4 amax as that export gives them); its CUDA kernels differ from th
 underflows (NVFP4) and in ties (MXFP4 rounds them to even there), see docs/deploy.md.
 INT8_SMOOTHQUANT_CFG is INT8_DEFAULT_CFG's quantizers after ModelOpt's smoothquant (α 1,
 :data:`~kernelscope.quant.transforms.MODELOPT_SMOOTHQUANT`)."""
-MODELOPT_SMOOTHQUANT_ALPHA = {"INT8_SMOOTHQUANT_CFG": 1.0}
+MODELOPT_SMOOTHQUANT_ALPHA = {"INT8_SMOOTHQUANT_CFG": MODELOPT_SMOOTHQUANT.default}
 """ModelOpt's configs whose algorithm is its smoothquant, and their α."""
 
 _AWQ = "it runs AWQ's search for per-channel scales, which kernelscope does not run"

@@ -405,7 +405,7 @@ def _bind_modelopt_smoothing(alpha: Value | None, width: int, seed: int | None,
     """ModelOpt's smoothquant factors ``max|W_:j|^(1-α) / max|X_j|^α`` (the weight's column maxima in its
     dtype, the rest in float32; a channel of abs-max 0 gets 1e4), clamped to [1e-4, 1e4]; its export's
     mean of the buffers of the layers that share the input (all alike at α = 1, the only α modelled)."""
-    if stats is None or float(alpha) != 1.0:
+    if stats is None or float(alpha) != MODELOPT_SMOOTHQUANT.default:
         raise ValueError("ModelOpt's smoothquant is modelled at alpha 1, on calibration statistics")
     act = stats.activation.to(stats.weight.device)
     factors = (stats.weight.to(stats.dtype).pow(1 - float(alpha)) / act.pow(float(alpha))).squeeze()
@@ -425,7 +425,8 @@ MODELOPT_SMOOTHQUANT = TransformEntry(
     parse_value=_parse_alpha, default=1.0, check=lambda alpha, width: None, bind=_bind_modelopt_smoothing,
     deployed_by="ModelOpt's INT8_SMOOTHQUANT_CFG")
 """The smoothing of ModelOpt's INT8_SMOOTHQUANT_CFG target: a deployment target's own step, not one a
-user names with --transform (so not in :data:`TRANSFORMS`)."""
+user names with --transform (so not in :data:`TRANSFORMS`). Its default α, ModelOpt's, is the only one
+modelled."""
 
 SMOOTHQUANT_ALPHA = 0.5
 """SmoothQuant's default migration strength."""
